@@ -1,0 +1,32 @@
+# Two commands matter: `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test up proto lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Start the mesh, run the pipeline on sklearn:breast_cancer, print metrics and decision, stop.
+run: $(STAMP)
+	$(BIN)/mlmesh run --start-mesh --source sklearn:breast_cancer --min accuracy=0.95
+
+## Run the whole test suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## Start the five services until Ctrl-C.
+up: $(STAMP)
+	$(BIN)/mlmesh up
+
+## Regenerate the gRPC stubs after editing proto/**/*.proto.
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

@@ -1,0 +1,1 @@
+"""evaluator: scores a model on the held-out split and decides PROMOTE or RETRAIN."""

@@ -1,0 +1,144 @@
+"""Metrics and the promotion decision."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn import metrics
+from sklearn.base import is_classifier
+
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+
+CLASSIFICATION_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "log_loss")
+REGRESSION_METRICS = ("r2", "mae", "rmse")
+ALL_METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
+
+
+@dataclass
+class Evaluation:
+    task: str
+    metrics: dict[str, float]
+    confusion_matrix: list[list[int]] = field(default_factory=list)
+    roc_curves: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    predictions: dict[str, list[float]] = field(default_factory=dict)
+
+
+def check_threshold_names(minimums: dict[str, float], maximums: dict[str, float]) -> None:
+    for kind, thresholds in (("minimums", minimums), ("maximums", maximums)):
+        for name, value in thresholds.items():
+            if name not in ALL_METRICS:
+                raise InvalidArgument(
+                    f"{kind} names unknown metric {name!r}; known metrics: {', '.join(ALL_METRICS)}"
+                )
+            if not math.isfinite(value):
+                raise InvalidArgument(f"{kind}[{name!r}] must be a finite number, got {value}")
+
+
+def _scores(model: Any, x: np.ndarray) -> np.ndarray | None:
+    if hasattr(model, "predict_proba"):
+        try:
+            return model.predict_proba(x)
+        except AttributeError:  # e.g. SGDClassifier with a loss that has no probabilities
+            return None
+    return None
+
+
+def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
+    expected = getattr(model, "n_features_in_", x.shape[1])
+    if x.ndim != 2 or x.shape[1] != expected:
+        raise FailedPrecondition(
+            f"the model expects {expected} features but x_test has shape {x.shape}; "
+            "evaluate with the x_test from the same features run that trained the model"
+        )
+    if len(x) != len(y):
+        raise FailedPrecondition(f"x_test has {len(x)} rows but y_test has {len(y)}")
+    if len(y) == 0:
+        raise FailedPrecondition("the test split is empty")
+    predicted = model.predict(x)
+    if not is_classifier(model):
+        return Evaluation(
+            task="regression",
+            metrics={
+                "r2": float(metrics.r2_score(y, predicted)),
+                "mae": float(metrics.mean_absolute_error(y, predicted)),
+                "rmse": float(np.sqrt(metrics.mean_squared_error(y, predicted))),
+            },
+            predictions={"true": y.tolist(), "predicted": predicted.tolist()},
+        )
+
+    labels = model.classes_
+    result = Evaluation(
+        task="classification",
+        metrics={
+            "accuracy": float(metrics.accuracy_score(y, predicted)),
+            "precision_macro": float(metrics.precision_score(y, predicted, average="macro", labels=labels, zero_division=0)),
+            "recall_macro": float(metrics.recall_score(y, predicted, average="macro", labels=labels, zero_division=0)),
+            "f1_macro": float(metrics.f1_score(y, predicted, average="macro", labels=labels, zero_division=0)),
+        },
+        confusion_matrix=metrics.confusion_matrix(y, predicted, labels=labels).tolist(),
+    )
+    proba = _scores(model, x)
+    if proba is None:
+        result.notes.append("the model gives no class probabilities, so roc_auc and log_loss are not reported")
+        return result
+    result.metrics["log_loss"] = float(metrics.log_loss(y, proba, labels=labels))
+    present = np.unique(y)
+    if len(present) < 2:
+        result.notes.append("the test split holds a single class, so roc_auc is undefined")
+        return result
+    if len(labels) == 2:
+        result.metrics["roc_auc"] = float(metrics.roc_auc_score(y, proba[:, 1]))
+        fpr, tpr, _ = metrics.roc_curve(y, proba[:, 1], pos_label=labels[1])
+        result.roc_curves.append({"class": int(labels[1]), "fpr": fpr.tolist(), "tpr": tpr.tolist()})
+    else:
+        if len(present) < len(labels):
+            result.notes.append("some classes are absent from the test split; roc_auc is not reported")
+        else:
+            result.metrics["roc_auc"] = float(
+                metrics.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels)
+            )
+        for index, label in enumerate(labels):
+            positives = y == label
+            if positives.any() and not positives.all():
+                fpr, tpr, _ = metrics.roc_curve(positives, proba[:, index])
+                result.roc_curves.append({"class": int(label), "fpr": fpr.tolist(), "tpr": tpr.tolist()})
+    return result
+
+
+def decide(evaluation: Evaluation, minimums: dict[str, float], maximums: dict[str, float]) -> tuple[bool, list[str]]:
+    """PROMOTE (True) only if every threshold that applies is met; reasons say why."""
+    own = CLASSIFICATION_METRICS if evaluation.task == "classification" else REGRESSION_METRICS
+    for name in [*minimums, *maximums]:
+        if name not in own:
+            raise InvalidArgument(
+                f"threshold on {name!r} does not apply to a {evaluation.task} model; "
+                f"use one of {', '.join(own)}"
+            )
+    reasons, passed = [], True
+    for name, bound in sorted(minimums.items()):
+        value = evaluation.metrics.get(name)
+        if value is None:
+            passed = False
+            reasons.append(f"{name} could not be computed, so minimum {bound:g} is not met")
+        elif value >= bound:
+            reasons.append(f"{name} {value:.4f} meets minimum {bound:g}")
+        else:
+            passed = False
+            reasons.append(f"{name} {value:.4f} is below minimum {bound:g}")
+    for name, bound in sorted(maximums.items()):
+        value = evaluation.metrics.get(name)
+        if value is None:
+            passed = False
+            reasons.append(f"{name} could not be computed, so maximum {bound:g} is not met")
+        elif value <= bound:
+            reasons.append(f"{name} {value:.4f} meets maximum {bound:g}")
+        else:
+            passed = False
+            reasons.append(f"{name} {value:.4f} is above maximum {bound:g}")
+    if not reasons:
+        reasons.append("no thresholds were given, so nothing blocks promotion")
+    return passed, reasons

@@ -1,0 +1,1 @@
+"""features: fits scaling, polynomial expansion and selection on the train split."""

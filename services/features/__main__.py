@@ -1,0 +1,4 @@
+from services.features.service import SPEC
+from services.runtime.server import serve
+
+serve(SPEC)

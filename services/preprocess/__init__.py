@@ -1,0 +1,1 @@
+"""preprocess: de-duplicates, splits, imputes and label-encodes a dataset."""

@@ -1,0 +1,223 @@
+"""The `mlmesh` command: run the mesh locally, check it, run the pipeline, walk lineage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+
+from mlmesh.evaluator.v1 import evaluator_pb2
+from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, StageCallError, check_health
+from services.runtime.errors import StageError
+from services.runtime.launcher import LocalMesh, MeshStartError
+from services.runtime.settings import STAGES, Settings, SettingsError
+from services.runtime.store import ArtifactStore
+
+
+def _key_values(pairs: list[str], convert: Any, flag: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"{flag} expects NAME=VALUE, got {pair!r}")
+        try:
+            out[name] = convert(value)
+        except ValueError:
+            raise SystemExit(f"{flag} {name}: {value!r} is not valid") from None
+    return out
+
+
+# ---- up -------------------------------------------------------------------------------
+async def _up(settings: Settings, args: argparse.Namespace) -> int:
+    mesh = LocalMesh(settings, log_dir=args.log_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await mesh.start()
+    except MeshStartError as exc:
+        print(f"mlmesh up: {exc}", file=sys.stderr)
+        return 1
+    for stage in STAGES:
+        print(f"{stage:<11} {settings.addresses[stage]:<22} SERVING")
+    print(f"artifacts   {settings.artifact_root}")
+    print("mesh is up; Ctrl-C or SIGTERM stops it", flush=True)
+    exit_code = 0
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        except TimeoutError:
+            dead = mesh.dead_stages()
+            if dead:
+                print(f"mlmesh up: stage(s) exited unexpectedly: {dead}; stopping the mesh", file=sys.stderr)
+                exit_code = 1
+                break
+    codes = mesh.stop()
+    print(f"mesh stopped ({', '.join(f'{s}={c}' for s, c in codes.items())})", flush=True)
+    return exit_code
+
+
+# ---- status ---------------------------------------------------------------------------
+async def _status(settings: Settings, args: argparse.Namespace) -> int:
+    results = await asyncio.gather(*(check_health(settings.addresses[s], timeout=args.timeout) for s in STAGES))
+    for stage, status in zip(STAGES, results, strict=True):
+        print(f"{stage:<11} {settings.addresses[stage]:<22} {status}")
+    return 0 if all(r == "SERVING" for r in results) else 1
+
+
+# ---- lineage --------------------------------------------------------------------------
+def _lineage(settings: Settings, args: argparse.Namespace) -> int:
+    store = ArtifactStore(settings.artifact_root)
+    try:
+        digest = store.find_digest(args.artifact)
+        chain = store.lineage(digest)
+    except StageError as exc:
+        print(f"mlmesh lineage: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(chain, indent=2, sort_keys=True))
+        return 0
+    for manifest in chain:
+        artifact = manifest["artifact"]
+        print(f"{artifact['sha256'][:12]}  {manifest['output']:<15} from {manifest['stage']} {manifest['stage_version']}"
+              f"  at {manifest['created_at']} ({manifest['duration_seconds']:.3f}s)")
+        print(f"    uri     {artifact['uri']}")
+        if manifest["params"]:
+            print(f"    params  {json.dumps(manifest['params'], sort_keys=True)}")
+        for name, ref in sorted(manifest["inputs"].items()):
+            print(f"    input   {name} <- {ref['sha256'][:12]}")
+    return 0
+
+
+# ---- run ------------------------------------------------------------------------------
+def _summary(run: PipelineRun) -> dict[str, Any]:
+    def as_dict(message: Any) -> dict[str, Any]:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+    evaluation = run.evaluate
+    return {
+        "decision": evaluator_pb2.Decision.Name(evaluation.decision).removeprefix("DECISION_"),
+        "reasons": list(evaluation.reasons),
+        "metrics": dict(sorted(evaluation.metrics.items())),
+        "model": as_dict(run.train.model),
+        "metrics_report": as_dict(evaluation.metrics_report),
+        "stages": [as_dict(info) for info in run.stages],
+        "seconds": run.seconds,
+    }
+
+
+def _print_run(run: PipelineRun) -> None:
+    summary = _summary(run)
+    print(f"{'stage':<11} {'cache':<6} {'seconds':>8}")
+    for info in run.stages:
+        print(f"{info.stage:<11} {'hit' if info.cache_hit else 'miss':<6} {info.seconds:>8.3f}")
+    print(f"\nrows: {run.preprocess.rows_in} in, {run.preprocess.train_rows} train, {run.preprocess.test_rows} test")
+    print("metrics (held-out test split):")
+    for name, value in summary["metrics"].items():
+        print(f"  {name:<16} {value:.4f}")
+    print(f"decision: {summary['decision']}")
+    for reason in summary["reasons"]:
+        print(f"  - {reason}")
+    print(f"model:   {run.train.model.uri}")
+    print(f"report:  {run.evaluate.metrics_report.uri}")
+    print(f"total:   {run.seconds:.2f}s")
+
+
+def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
+    minimums = _key_values(args.min, float, "--min")
+    if not minimums and not args.max:
+        minimums = {"accuracy": 0.9} if not args.source.startswith(("sklearn:diabetes", "synthetic:regression")) else {"r2": 0.3}
+    return PipelineConfig(
+        source=args.source,
+        target_column=args.target,
+        model=args.model,
+        hyperparameters=_key_values(args.hp, str, "--hp"),
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        minimums=minimums,
+        maximums=_key_values(args.max, float, "--max"),
+        force_recompute=args.force,
+    )
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    config = pipeline_config(args)
+    mesh = None
+    if args.start_mesh:
+        mesh = LocalMesh(settings, log_dir=Path(settings.artifact_root) / "logs" if "://" not in settings.artifact_root else None)
+        await mesh.start()
+    try:
+        async with MeshClient(settings) as client:
+            def progress(event: Any) -> None:
+                if not args.json:
+                    print(f"  trainer: {event.fraction_done:5.0%} {event.message}", flush=True)
+
+            run = await client.run_pipeline(config, progress)
+    except StageCallError as exc:
+        print(f"mlmesh run: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if mesh is not None:
+            mesh.stop()
+    if args.json:
+        print(json.dumps(_summary(run), indent=2, sort_keys=True))
+    else:
+        _print_run(run)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlmesh", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start the five services locally until Ctrl-C or SIGTERM")
+    up.add_argument("--log-dir", type=Path, help="write each stage's log to DIR/<stage>.log")
+
+    status = commands.add_parser("status", help="gRPC health of each service")
+    status.add_argument("--timeout", type=float, default=2.0)
+
+    lineage = commands.add_parser("lineage", help="the chain of an artifact back to its source")
+    lineage.add_argument("artifact", help="sha256, a 6+ digit prefix of one, or an artifact URI")
+    lineage.add_argument("--json", action="store_true")
+
+    run = commands.add_parser("run", help="run the pipeline against the mesh")
+    run.add_argument("--start-mesh", action="store_true", help="start the mesh for this run and stop it after")
+    run.add_argument("--source", default="sklearn:breast_cancer")
+    run.add_argument("--target", default="", help="target column (required for files)")
+    run.add_argument("--model", default="logistic_regression")
+    run.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="hyperparameter, repeatable")
+    run.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE", help="lowest acceptable value")
+    run.add_argument("--max", action="append", default=[], metavar="METRIC=VALUE", help="highest acceptable value")
+    run.add_argument("--test-fraction", type=float, default=0.2)
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--force", action="store_true", help="recompute every stage")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"mlmesh: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "lineage":
+        return _lineage(settings, args)
+    handler = {"up": _up, "status": _status, "run": _run}[args.command]
+    try:
+        return asyncio.run(handler(settings, args))
+    except MeshStartError as exc:
+        print(f"mlmesh: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""A small async client for the mesh: one channel per stage, deadlines on every call.
+
+Tests, benchmarks, the CLI and the Flyte tasks all use it, so the rules live
+in one place: retry UNAVAILABLE through the channel's service config only,
+never retry anything else, and turn failures into errors that name the stage
+and its address.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
+from mlmesh.features.v1 import features_pb2, features_pb2_grpc
+from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
+from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
+from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.runtime.settings import STAGES, Settings
+
+STUBS = {
+    "loader": loader_pb2_grpc.LoaderServiceStub,
+    "preprocess": preprocess_pb2_grpc.PreprocessServiceStub,
+    "features": features_pb2_grpc.FeaturesServiceStub,
+    "trainer": trainer_pb2_grpc.TrainerServiceStub,
+    "evaluator": evaluator_pb2_grpc.EvaluatorServiceStub,
+}
+
+# Transient failures (a restarting service) are retried by gRPC itself, with backoff.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "3s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+RECOVERABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class StageCallError(Exception):
+    """A stage call failed; says which stage, where, and what the stage said."""
+
+    def __init__(self, stage: str, address: str, code: grpc.StatusCode, details: str):
+        self.stage, self.address, self.code, self.details = stage, address, code, details
+        super().__init__(f"{stage} at {address} failed with {code.name}: {details}")
+
+    @property
+    def recoverable(self) -> bool:
+        return self.code in RECOVERABLE_CODES
+
+
+def _explain(stage: str, address: str, error: grpc.aio.AioRpcError) -> StageCallError:
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        details = f"the {stage} service is not reachable ({details}); is it running?"
+    return StageCallError(stage, address, error.code(), details)
+
+
+def channel_options(settings: Settings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", RETRY_SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+
+
+@dataclass
+class PipelineConfig:
+    source: str = "sklearn:breast_cancer"
+    target_column: str = ""
+    model: str = "logistic_regression"
+    hyperparameters: dict[str, str] = field(default_factory=dict)
+    test_fraction: float = 0.2
+    seed: int = 42
+    impute_strategy: int = preprocess_pb2.IMPUTE_STRATEGY_MEDIAN
+    scaling: int = features_pb2.SCALING_STANDARD
+    polynomial_degree: int = 0
+    select_k_best: int = 0
+    minimums: dict[str, float] = field(default_factory=dict)
+    maximums: dict[str, float] = field(default_factory=dict)
+    force_recompute: bool = False
+
+
+@dataclass
+class PipelineRun:
+    load: loader_pb2.LoadResponse
+    preprocess: preprocess_pb2.PreprocessResponse
+    features: features_pb2.BuildFeaturesResponse
+    train: trainer_pb2.TrainResult
+    evaluate: evaluator_pb2.EvaluateResponse
+    seconds: float
+
+    @property
+    def stages(self) -> list[Any]:
+        return [self.load.stage, self.preprocess.stage, self.features.stage, self.train.stage, self.evaluate.stage]
+
+
+class MeshClient:
+    def __init__(self, settings: Settings | None = None, addresses: dict[str, str] | None = None):
+        self.settings = settings or Settings.from_env()
+        self.addresses = {**self.settings.addresses, **(addresses or {})}
+        self.timeout = self.settings.rpc_timeout_seconds
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def channel(self, stage: str) -> grpc.aio.Channel:
+        if stage not in self._channels:
+            self._channels[stage] = grpc.aio.insecure_channel(
+                self.addresses[stage], options=channel_options(self.settings)
+            )
+        return self._channels[stage]
+
+    def stub(self, stage: str) -> Any:
+        return STUBS[stage](self.channel(stage))
+
+    async def _unary(self, stage: str, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub(stage), method)(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise _explain(stage, self.addresses[stage], error) from None
+
+    # ---- one call per stage ---------------------------------------------------------
+    async def load(self, request: loader_pb2.LoadRequest) -> loader_pb2.LoadResponse:
+        return await self._unary("loader", "Load", request)
+
+    async def preprocess(self, request: preprocess_pb2.PreprocessRequest) -> preprocess_pb2.PreprocessResponse:
+        return await self._unary("preprocess", "Preprocess", request)
+
+    async def build_features(self, request: features_pb2.BuildFeaturesRequest) -> features_pb2.BuildFeaturesResponse:
+        return await self._unary("features", "BuildFeatures", request)
+
+    async def train(
+        self,
+        request: trainer_pb2.TrainRequest,
+        on_progress: Callable[[trainer_pb2.TrainProgress], None] | None = None,
+    ) -> trainer_pb2.TrainResult:
+        address = self.addresses["trainer"]
+        try:
+            async for event in self.stub("trainer").Train(request, timeout=self.timeout):
+                if event.HasField("progress"):
+                    if on_progress is not None:
+                        on_progress(event.progress)
+                elif event.HasField("result"):
+                    return event.result
+        except grpc.aio.AioRpcError as error:
+            raise _explain("trainer", address, error) from None
+        raise StageCallError("trainer", address, grpc.StatusCode.INTERNAL, "stream ended without a result")
+
+    async def evaluate(self, request: evaluator_pb2.EvaluateRequest) -> evaluator_pb2.EvaluateResponse:
+        return await self._unary("evaluator", "Evaluate", request)
+
+    # ---- the whole pipeline -----------------------------------------------------------
+    async def run_pipeline(
+        self,
+        config: PipelineConfig,
+        on_progress: Callable[[trainer_pb2.TrainProgress], None] | None = None,
+    ) -> PipelineRun:
+        started = time.perf_counter()
+        force = config.force_recompute
+        loaded = await self.load(
+            loader_pb2.LoadRequest(source=config.source, target_column=config.target_column, force_recompute=force)
+        )
+        prepared = await self.preprocess(
+            preprocess_pb2.PreprocessRequest(
+                dataset=loaded.dataset, impute_strategy=config.impute_strategy,
+                test_fraction=config.test_fraction, seed=config.seed, force_recompute=force,
+            )
+        )
+        features = await self.build_features(
+            features_pb2.BuildFeaturesRequest(
+                train=prepared.train, test=prepared.test, scaling=config.scaling,
+                polynomial_degree=config.polynomial_degree, select_k_best=config.select_k_best,
+                force_recompute=force,
+            )
+        )
+        trained = await self.train(
+            trainer_pb2.TrainRequest(
+                x_train=features.x_train, y_train=features.y_train, model=config.model,
+                hyperparameters=config.hyperparameters, seed=config.seed, force_recompute=force,
+            ),
+            on_progress,
+        )
+        evaluated = await self.evaluate(
+            evaluator_pb2.EvaluateRequest(
+                model=trained.model, x_test=features.x_test, y_test=features.y_test,
+                minimums=config.minimums, maximums=config.maximums,
+                class_names=prepared.class_names, force_recompute=force,
+            )
+        )
+        return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started)
+
+
+async def check_health(address: str, service: str = "", timeout: float = 2.0) -> str:
+    """The serving status name of `service` at `address`, or why it could not be asked."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            return f"UNREACHABLE ({error.code().name})"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+__all__ = ["STAGES", "MeshClient", "PipelineConfig", "PipelineRun", "StageCallError", "check_health"]

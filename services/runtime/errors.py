@@ -1,0 +1,57 @@
+"""Domain errors raised by stage code, and the one place they become gRPC statuses.
+
+Stage code raises, for example, `InvalidArgument("test_fraction must be in (0, 1)")`;
+the server interceptor turns it into the matching status with that message.
+Anything that is not a StageError is a bug: the caller gets INTERNAL with a
+generic message and an incident id, and the traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class StageError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(StageError):
+    """The request itself is wrong; the caller must change it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(StageError):
+    """A referenced artifact or source does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(StageError):
+    """The request is well formed but the data cannot be used as asked."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DataLoss(StageError):
+    """Stored bytes do not match their digest, or cannot be decoded."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class ResourceExhausted(StageError):
+    """The request would need more memory or compute than this service allows."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(StageError):
+    """A dependency (such as the artifact store) is unreachable; retrying may help."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Cancelled(StageError):
+    """Every caller waiting for this computation went away."""
+
+    code = grpc.StatusCode.CANCELLED

@@ -1,0 +1,147 @@
+"""Encoding of the artifact formats, made byte-for-byte deterministic.
+
+Same inputs and seed must give the same digests, so every encoder here avoids
+timestamps, memory addresses and unordered iteration.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import skops.io as sio
+
+from services.runtime.errors import DataLoss
+
+PARQUET = "application/vnd.apache.parquet"
+NPY = "application/x-npy"
+SKOPS = "application/vnd.skops"
+JSON = "application/json"
+HTML = "text/html"
+
+# Metadata key inside Parquet files; holds target column, task kind, class names.
+_PARQUET_META_KEY = b"mlmesh"
+
+# Types that skops does not trust by default but our stages legitimately store.
+# Loading anything else is refused, so a tampered model file cannot run code.
+TRUSTED_MODEL_TYPES: tuple[str, ...] = (
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.feature_selection._univariate_selection.f_classif",
+    "sklearn.feature_selection._univariate_selection.f_regression",
+    "sklearn.tree._tree.Tree",
+)
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+# ---- Parquet ----------------------------------------------------------------------------
+def frame_to_parquet(frame: pd.DataFrame, metadata: dict[str, Any]) -> bytes:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    merged = dict(table.schema.metadata or {})
+    merged[_PARQUET_META_KEY] = json.dumps(metadata, sort_keys=True).encode()
+    table = table.replace_schema_metadata(merged)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def parquet_to_frame(data: bytes, what: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise DataLoss(f"{what} is not a readable Parquet file: {exc}") from exc
+    raw = (table.schema.metadata or {}).get(_PARQUET_META_KEY)
+    metadata = json.loads(raw) if raw else {}
+    return table.to_pandas(), metadata
+
+
+# ---- NumPy ------------------------------------------------------------------------------
+def array_to_npy(array: np.ndarray) -> bytes:
+    sink = io.BytesIO()
+    np.save(sink, np.ascontiguousarray(array), allow_pickle=False)
+    return sink.getvalue()
+
+
+def npy_to_array(data: bytes, what: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataLoss(f"{what} is not a readable .npy array: {exc}") from exc
+
+
+# ---- skops ------------------------------------------------------------------------------
+def model_to_skops(obj: Any) -> bytes:
+    """skops, rewritten so that equal models give equal bytes.
+
+    skops names array entries after id() of the object and stamps the current
+    time on each zip entry. Both are replaced: ids by their order of first
+    appearance in schema.json, times by a fixed epoch.
+    """
+    original = zipfile.ZipFile(io.BytesIO(sio.dumps(obj)))
+    schema = json.loads(original.read("schema.json"))
+    renumbered: dict[int, int] = {}
+
+    def new_id(old: int) -> int:
+        return renumbered.setdefault(old, len(renumbered))
+
+    files: dict[str, bytes] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "__id__" in node:
+                node["__id__"] = new_id(node["__id__"])
+            if isinstance(node.get("file"), str):
+                name = f"{node['__id__'] if '__id__' in node else len(files)}.npy"
+                files[name] = original.read(node["file"])
+                node["file"] = name
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as out:
+        entries = {"schema.json": json.dumps(schema, indent=2).encode(), **files}
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            out.writestr(info, entries[name])
+    return sink.getvalue()
+
+
+def skops_to_model(data: bytes, what: str) -> Any:
+    """Load a model only if every type in it is trusted; never via pickle."""
+    try:
+        untrusted = set(sio.get_untrusted_types(data=data))
+    except (zipfile.BadZipFile, ValueError, KeyError) as exc:
+        raise DataLoss(f"{what} is not a readable .skops file: {exc}") from exc
+    refused = sorted(untrusted - set(TRUSTED_MODEL_TYPES))
+    if refused:
+        raise DataLoss(
+            f"{what} contains types outside the allow-list and was not loaded: {', '.join(refused)}"
+        )
+    try:
+        return sio.loads(data, trusted=sorted(untrusted))
+    except Exception as exc:  # skops raises a variety of types on malformed content
+        raise DataLoss(f"{what} could not be decoded by skops: {exc}") from exc
+
+
+# ---- JSON -------------------------------------------------------------------------------
+def to_json_bytes(document: Any) -> bytes:
+    return (json.dumps(document, sort_keys=True, indent=2) + "\n").encode()
+
+
+def json_bytes_to_doc(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise DataLoss(f"{what} is not valid JSON: {exc}") from exc

@@ -1,0 +1,118 @@
+"""The one place where stage errors become gRPC statuses, plus one log line per RPC."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from services.runtime.errors import StageError
+from services.runtime.stage import RpcRecord, current_rpc
+
+log = logging.getLogger("mlmesh.rpc")
+
+
+class _Outcome:
+    def __init__(self) -> None:
+        self.code = grpc.StatusCode.OK
+
+
+async def _map_error(exc: BaseException, method: str, context: grpc.aio.ServicerContext, outcome: _Outcome) -> None:
+    if isinstance(exc, StageError):
+        outcome.code = exc.code
+        await context.abort(exc.code, str(exc))
+    # Not a domain error: a bug or an unexpected environment problem. The caller
+    # gets an incident id to quote; the traceback stays in our log.
+    incident = secrets.token_hex(4)
+    outcome.code = grpc.StatusCode.INTERNAL
+    log.error("incident=%s unhandled error in %s", incident, method, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error while handling {method} (incident {incident}); the service log has details",
+    )
+
+
+def _log(method: str, outcome: _Outcome, started: float, record: RpcRecord) -> None:
+    cache = "-" if record.cache_hit is None else str(record.cache_hit).lower()
+    log.info(
+        "rpc method=%s status=%s duration_ms=%.1f cache_hit=%s",
+        method,
+        outcome.code.name,
+        (time.perf_counter() - started) * 1000,
+        cache,
+    )
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
+        # Each RPC runs in its own task and context, so this never leaks between calls.
+        current_rpc.set(record)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            outcome.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status just below
+            await _map_error(exc, method, context, outcome)
+        finally:
+            _log(method, outcome, started, record)
+
+    return handler
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
+        # Each RPC runs in its own task and context, so this never leaks between calls.
+        current_rpc.set(record)
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            outcome.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status just below
+            await _map_error(exc, method, context, outcome)
+        finally:
+            _log(method, outcome, started, record)
+
+    return handler
+
+
+class StageInterceptor(grpc.aio.ServerInterceptor):
+    """Applies error mapping and logging to the stage's own methods.
+
+    Health and reflection pass through untouched: they are not ours to log,
+    and probes would drown the log.
+    """
+
+    def __init__(self, service_name: str):
+        self._prefix = f"/{service_name}/"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self._prefix):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,142 @@
+"""The one server skeleton every stage runs on.
+
+`start_stage` builds a grpc.aio server for a stage: health (NOT_SERVING until
+the stage can serve), reflection, the error/logging interceptor and explicit
+message limits. `serve` adds the process lifecycle: uvloop, SIGTERM/SIGINT,
+graceful shutdown. Tests call `start_stage` with port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.runtime.errors import StageError
+from services.runtime.interceptor import StageInterceptor
+from services.runtime.settings import Settings, SettingsError
+from services.runtime.stage import StageRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything the skeleton needs to know about one stage."""
+
+    name: str
+    version: str
+    service_name: str  # full proto name, e.g. mlmesh.loader.v1.LoaderService
+    add_servicer: Callable[[Any, grpc.aio.Server], None]
+    make_servicer: Callable[[StageRuntime], Any]
+
+
+@dataclass
+class RunningStage:
+    spec: StageSpec
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    runtime: StageRuntime
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.runtime.close()
+
+
+def _check_store_writable(runtime: StageRuntime) -> None:
+    # Ready means able to serve: the store must accept a write before we say SERVING.
+    runtime.store.write_doc(("health", f"{runtime.name}.json"), {"stage": runtime.name})
+
+
+async def start_stage(spec: StageSpec, settings: Settings, port: int | None = None) -> RunningStage:
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(
+        interceptors=[StageInterceptor(spec.service_name)],
+        options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    runtime = StageRuntime(spec.name, spec.version, settings)
+    spec.add_servicer(spec.make_servicer(runtime), server)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", spec.service_name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (spec.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    wanted = settings.ports[spec.name] if port is None else port
+    bound = server.add_insecure_port(f"{settings.bind_host}:{wanted}")
+    if bound == 0:
+        raise OSError(f"{spec.name}: cannot bind {settings.bind_host}:{wanted}; is the port in use?")
+    await server.start()
+
+    await runtime.to_thread(_check_store_writable, runtime)
+    for service in ("", spec.service_name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return RunningStage(spec, server, bound, health_servicer, runtime)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _serve(spec: StageSpec, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stage = await start_stage(spec, settings)
+    log.info(
+        "%s %s serving %s on %s:%d (artifacts: %s)",
+        spec.name, spec.version, spec.service_name, settings.bind_host, stage.port, settings.artifact_root,
+    )
+    await stop.wait()
+    log.info("%s stopping: draining for up to %.1fs", spec.name, settings.grace_seconds)
+    await stage.stop(settings.grace_seconds)
+    log.info("%s stopped", spec.name)
+
+
+def serve(spec: StageSpec) -> None:
+    """Process entry point of a stage: `python -m services.<stage>`."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"{spec.name}: invalid configuration: {exc}")
+    configure_logging(settings.log_level)
+    try:
+        import uvloop
+    except ImportError:  # uvloop has no Windows build; the default loop works too
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(_serve(spec, settings))
+    except (OSError, StageError) as exc:
+        sys.exit(f"{spec.name}: cannot start: {exc}")
+    with contextlib.suppress(Exception):
+        logging.shutdown()

@@ -1,0 +1,266 @@
+"""What every stage shares: the store, the memo, the worker threads, lineage.
+
+A stage servicer turns its request into a `Job` (validated inputs and
+canonical parameters) and hands `StageRuntime.execute` a function that does
+the work. The runtime then:
+
+- derives the cache key from stage name and version, library versions,
+  input digests and parameters;
+- serves a stored response when the key was seen and its outputs still exist;
+- makes identical concurrent requests share one computation;
+- runs the work on a worker thread, so the event loop keeps answering
+  health checks;
+- writes a manifest for each output, which is what `mlmesh lineage` walks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import version as package_version
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
+from services.runtime.errors import Cancelled, InvalidArgument
+from services.runtime.settings import Settings
+from services.runtime.store import ArtifactStore, canonical_json, ref_to_dict, sha256_hex
+
+log = logging.getLogger(__name__)
+
+ResultT = TypeVar("ResultT", bound=Message)
+
+# Outputs depend on these libraries' numerics and file formats, so their
+# versions are part of every cache key: upgrading one never serves stale results.
+_FINGERPRINT_PACKAGES = ("numpy", "scikit-learn", "pandas", "pyarrow", "skops")
+ENVIRONMENT_FINGERPRINT = {name: package_version(name) for name in _FINGERPRINT_PACKAGES}
+
+
+@dataclass
+class RpcRecord:
+    """Filled in by the handler, read by the interceptor for the per-RPC log line."""
+
+    cache_hit: bool | None = None
+
+
+current_rpc: contextvars.ContextVar[RpcRecord | None] = contextvars.ContextVar(
+    "current_rpc", default=None
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated request: what goes into the cache key and the manifests."""
+
+    inputs: dict[str, ArtifactRef]
+    params: dict[str, Any]
+    force_recompute: bool = False
+
+
+@dataclass
+class Run:
+    """Handed to the work function on its worker thread."""
+
+    store: ArtifactStore
+    settings: Settings
+    cancelled: threading.Event
+    progress: Callable[[float, str], None]
+    outputs: dict[str, ArtifactRef] = field(default_factory=dict)
+
+    def put(self, name: str, data: bytes, media_type: str) -> ArtifactRef:
+        ref = self.store.put(data, media_type)
+        self.outputs[name] = ref
+        return ref
+
+    def read(self, ref: ArtifactRef, field_name: str) -> bytes:
+        return self.store.get(ref, field_name)
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled("every caller cancelled this request; the computation stopped")
+
+
+class _Flight:
+    """One in-progress computation and the callers waiting on it."""
+
+    def __init__(self, task: asyncio.Task, cancelled: threading.Event):
+        self.task = task
+        self.cancelled = cancelled
+        self.waiters = 0
+        self.listeners: list[Callable[[float, str], None]] = []
+
+
+class StageRuntime:
+    def __init__(self, name: str, version: str, settings: Settings, store: ArtifactStore | None = None):
+        self.name = name
+        self.version = version
+        self.settings = settings
+        self.store = store or ArtifactStore(settings.artifact_root)
+        self.executor = ThreadPoolExecutor(
+            max_workers=settings.worker_threads, thread_name_prefix=f"{name}-work"
+        )
+        self._flights: dict[str, _Flight] = {}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def to_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking work on this stage's workers, keeping the loop free."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, contextvars.copy_context().run, fn, *args
+        )
+
+    def cache_key(self, job: Job) -> str:
+        body = {
+            "stage": self.name,
+            "version": self.version,
+            "environment": ENVIRONMENT_FINGERPRINT,
+            "inputs": {name: ref.sha256 for name, ref in job.inputs.items()},
+            "params": job.params,
+        }
+        return sha256_hex(canonical_json(body))
+
+    def check_inputs(self, job: Job) -> None:
+        for name, ref in job.inputs.items():
+            self.store.check_ref(ref, name)
+            self.store.resolve(ref.uri)
+
+    async def execute(
+        self,
+        job: Job,
+        work: Callable[[Run], ResultT],
+        result_type: type[ResultT],
+        on_progress: Callable[[float, str], None] | None = None,
+    ) -> ResultT:
+        """Serve `job` from the memo or compute it once; fills in `result.stage`."""
+        started = time.perf_counter()
+        self.check_inputs(job)
+        key = self.cache_key(job)
+        record = current_rpc.get()
+
+        result, cache_hit = None, False
+        if not job.force_recompute:
+            result = await self.to_thread(self._recall, key, result_type)
+            cache_hit = result is not None
+        if result is None:
+            result, cache_hit = await self._compute_once(key, job, work, result_type, on_progress)
+
+        result.stage.CopyFrom(
+            StageInfo(
+                stage=self.name,
+                version=self.version,
+                cache_hit=cache_hit,
+                cache_key=key,
+                seconds=time.perf_counter() - started,
+            )
+        )
+        if record is not None:
+            record.cache_hit = cache_hit
+        return result
+
+    # ---- memo ---------------------------------------------------------------------------
+    def _memo_parts(self, key: str) -> tuple[str, ...]:
+        return ("memo", self.name, f"{key}.json")
+
+    def _recall(self, key: str, result_type: type[ResultT]) -> ResultT | None:
+        entry = self.store.read_doc(self._memo_parts(key))
+        if entry is None:
+            return None
+        outputs = [ArtifactRef(**ref) for ref in entry.get("outputs", {}).values()]
+        if not all(self.store.exists(ref) for ref in outputs):
+            log.warning("memo entry %s lists outputs that are gone; recomputing", key[:12])
+            return None
+        result = result_type()
+        json_format.ParseDict(entry["result"], result, ignore_unknown_fields=True)
+        return result
+
+    async def _compute_once(
+        self,
+        key: str,
+        job: Job,
+        work: Callable[[Run], ResultT],
+        result_type: type[ResultT],
+        on_progress: Callable[[float, str], None] | None,
+    ) -> tuple[ResultT, bool]:
+        flight = self._flights.get(key)
+        joined = flight is not None
+        if flight is None:
+            cancelled = threading.Event()
+            loop = asyncio.get_running_loop()
+            task = asyncio.ensure_future(self._compute(key, job, work, cancelled, loop))
+            flight = self._flights[key] = _Flight(task, cancelled)
+            task.add_done_callback(lambda _t: self._flights.pop(key, None))
+        if on_progress is not None:
+            flight.listeners.append(on_progress)
+        flight.waiters += 1
+        try:
+            payload = await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            # When the last caller leaves, tell the worker to stop at its next checkpoint.
+            flight.waiters -= 1
+            if flight.waiters == 0:
+                flight.cancelled.set()
+            raise
+        flight.waiters -= 1
+        result = result_type()
+        result.ParseFromString(payload)
+        # A caller that joined someone else's computation did not compute: a hit.
+        return result, joined
+
+    async def _compute(
+        self,
+        key: str,
+        job: Job,
+        work: Callable[[Run], Message],
+        cancelled: threading.Event,
+        loop: asyncio.AbstractEventLoop,
+    ) -> bytes:
+        def progress(fraction: float, message: str) -> None:
+            flight = self._flights.get(key)
+            for listener in list(flight.listeners if flight else []):
+                loop.call_soon_threadsafe(listener, fraction, message)
+
+        run = Run(store=self.store, settings=self.settings, cancelled=cancelled, progress=progress)
+        created = datetime.now(UTC)
+        started = time.perf_counter()
+        result = await self.to_thread(work, run)
+        seconds = time.perf_counter() - started
+        result.ClearField("stage")
+        await self.to_thread(self._remember, key, job, run, result, created, seconds)
+        return result.SerializeToString()
+
+    def _remember(self, key: str, job: Job, run: Run, result: Message, created: datetime, seconds: float) -> None:
+        manifest_base = {
+            "stage": self.name,
+            "stage_version": self.version,
+            "environment": ENVIRONMENT_FINGERPRINT,
+            "cache_key": key,
+            "inputs": {name: ref_to_dict(ref) for name, ref in job.inputs.items()},
+            "params": job.params,
+            "created_at": created.isoformat(),
+            "duration_seconds": round(seconds, 6),
+        }
+        for name, ref in run.outputs.items():
+            self.store.write_manifest(ref.sha256, {**manifest_base, "output": name, "artifact": ref_to_dict(ref)})
+        entry = {
+            "stage": self.name,
+            "cache_key": key,
+            "outputs": {name: ref_to_dict(ref) for name, ref in run.outputs.items()},
+            "result": json_format.MessageToDict(result, preserving_proto_field_name=True),
+        }
+        self.store.write_doc(self._memo_parts(key), entry)
+
+
+def require(condition: bool, message: str) -> None:
+    """Shorthand for request validation."""
+    if not condition:
+        raise InvalidArgument(message)

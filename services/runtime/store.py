@@ -1,0 +1,252 @@
+"""The shared, content-addressed artifact store.
+
+Layout under the root (a local folder or any fsspec URL such as s3://bucket/mlmesh):
+
+    objects/<aa>/<sha256><suffix>   immutable artifact bytes, named by their digest
+    manifests/<sha256>.json         who produced an artifact, from what, with which parameters
+    memo/<stage>/<cache key>.json   a stage's stored response for one cache key
+
+Writes are atomic (temporary file + rename locally; object stores publish a
+put whole), and every read re-hashes the bytes against the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from mlmesh.common.v1.common_pb2 import ArtifactRef
+from services.runtime.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+# Suffixes make the object folder readable by people and tools; the digest is the identity.
+SUFFIXES = {
+    "application/vnd.apache.parquet": ".parquet",
+    "application/x-npy": ".npy",
+    "application/vnd.skops": ".skops",
+    "application/json": ".json",
+    "text/html": ".html",
+}
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    """JSON with sorted keys and no insignificant whitespace: equal values, equal bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def ref_to_dict(ref: ArtifactRef) -> dict[str, Any]:
+    return {
+        "uri": ref.uri,
+        "sha256": ref.sha256,
+        "size_bytes": ref.size_bytes,
+        "media_type": ref.media_type,
+    }
+
+
+def ref_from_dict(data: dict[str, Any]) -> ArtifactRef:
+    return ArtifactRef(
+        uri=data["uri"],
+        sha256=data["sha256"],
+        size_bytes=int(data.get("size_bytes", 0)),
+        media_type=data.get("media_type", ""),
+    )
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    ref: ArtifactRef
+    data: bytes
+
+
+class ArtifactStore:
+    def __init__(self, root: str):
+        self.root_url = root
+        self.fs, root_path = fsspec.core.url_to_fs(root)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root_path = posixpath.normpath(
+            os.path.realpath(root_path) if self.is_local else root_path
+        )
+
+    # ---- paths and URIs -------------------------------------------------------------
+    def _object_path(self, digest: str, media_type: str) -> str:
+        suffix = SUFFIXES.get(media_type, "")
+        return f"{self.root_path}/objects/{digest[:2]}/{digest}{suffix}"
+
+    def _uri(self, path: str) -> str:
+        return f"file://{path}" if self.is_local else self.fs.unstrip_protocol(path)
+
+    def resolve(self, uri: str) -> str:
+        """Map a ref's URI to a path inside this store, refusing anything outside it."""
+        if not uri:
+            raise InvalidArgument("artifact ref has an empty uri")
+        protocol, path = fsspec.core.split_protocol(uri)
+        if self.is_local:
+            if protocol not in (None, "file", "local"):
+                raise InvalidArgument(
+                    f"artifact uri {uri!r} uses scheme {protocol!r}, but the store is the "
+                    f"local folder {self.root_path}; pass a ref this store produced"
+                )
+            path = os.path.realpath(path)
+        else:
+            own = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+            if protocol not in own:
+                raise InvalidArgument(
+                    f"artifact uri {uri!r} is not in the store {self.root_url}; "
+                    "pass a ref this store produced"
+                )
+            path = posixpath.normpath(self.fs._strip_protocol(uri))
+        objects = f"{self.root_path}/objects/"
+        if not path.startswith(objects):
+            raise InvalidArgument(
+                f"artifact uri {uri!r} points outside the store's objects folder {objects}"
+            )
+        return path
+
+    @staticmethod
+    def check_ref(ref: ArtifactRef, field: str) -> None:
+        """Validate a ref's shape before touching storage."""
+        if not ref.uri:
+            raise InvalidArgument(f"{field}.uri is required: pass the ref a previous stage returned")
+        if not _SHA256_HEX.match(ref.sha256):
+            raise InvalidArgument(
+                f"{field}.sha256 must be 64 lowercase hex characters, got {ref.sha256!r}"
+            )
+
+    # ---- objects --------------------------------------------------------------------
+    def put(self, data: bytes, media_type: str) -> ArtifactRef:
+        digest = sha256_hex(data)
+        path = self._object_path(digest, media_type)
+        # Content addressing makes a rewrite of identical bytes a no-op, but a damaged
+        # copy (wrong digest) is replaced rather than trusted.
+        if not self._exists_intact(path, digest):
+            self._write_atomic(path, data)
+        return ArtifactRef(
+            uri=self._uri(path), sha256=digest, size_bytes=len(data), media_type=media_type
+        )
+
+    def get(self, ref: ArtifactRef, field: str = "artifact") -> bytes:
+        self.check_ref(ref, field)
+        path = self.resolve(ref.uri)
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise NotFound(
+                f"{field} {ref.uri} is not in the artifact store; it was deleted or never "
+                "written. Rerun the stage that produced it with force_recompute=true"
+            ) from None
+        except OSError as exc:
+            raise Unavailable(f"artifact store unreadable at {ref.uri}: {exc}") from exc
+        actual = sha256_hex(data)
+        if actual != ref.sha256:
+            raise DataLoss(
+                f"{field} {ref.uri} is corrupt or was replaced: expected sha256 {ref.sha256}, "
+                f"found {actual}. Rerun the stage that produced it with force_recompute=true"
+            )
+        return data
+
+    def exists(self, ref: ArtifactRef) -> bool:
+        """Cheap presence check (size only) used before serving a memoized response."""
+        try:
+            path = self.resolve(ref.uri)
+            return self.fs.size(path) == ref.size_bytes
+        except (FileNotFoundError, InvalidArgument):
+            return False
+
+    def _exists_intact(self, path: str, digest: str) -> bool:
+        try:
+            return sha256_hex(self.fs.cat_file(path)) == digest
+        except FileNotFoundError:
+            return False
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        if not self.is_local:
+            # Object stores make a single put visible all at once.
+            self.fs.pipe_file(path, data)
+            return
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    # ---- small JSON documents (manifests, memo entries) ------------------------------
+    def _doc_path(self, *parts: str) -> str:
+        return "/".join([self.root_path, *parts])
+
+    def write_doc(self, parts: tuple[str, ...], doc: dict[str, Any]) -> None:
+        body = json.dumps(doc, sort_keys=True, indent=2).encode()
+        self._write_atomic(self._doc_path(*parts), body)
+
+    def read_doc(self, parts: tuple[str, ...]) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self._doc_path(*parts)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a damaged document is treated as absent and rewritten
+
+    def manifest(self, digest: str) -> dict[str, Any] | None:
+        return self.read_doc(("manifests", f"{digest}.json"))
+
+    def write_manifest(self, digest: str, manifest: dict[str, Any]) -> None:
+        # The first producer of a given content stays on record; identical bytes
+        # produced later add nothing to its history.
+        if self.manifest(digest) is None:
+            self.write_doc(("manifests", f"{digest}.json"), manifest)
+
+    def find_digest(self, artifact: str) -> str:
+        """Accept a sha256, a unique prefix of one, or an artifact URI."""
+        candidate = artifact.strip().lower()
+        if "/" in candidate:
+            candidate = posixpath.basename(candidate).split(".")[0]
+        if _SHA256_HEX.match(candidate):
+            return candidate
+        if len(candidate) >= 6 and re.fullmatch(r"[0-9a-f]+", candidate):
+            pattern = self._doc_path("manifests", f"{candidate}*.json")
+            matches = self.fs.glob(pattern)
+            if len(matches) == 1:
+                return posixpath.basename(matches[0]).removesuffix(".json")
+            if len(matches) > 1:
+                raise InvalidArgument(f"artifact prefix {artifact!r} is ambiguous; give more digits")
+        raise NotFound(f"no artifact matches {artifact!r}; pass a sha256, a prefix of 6+ hex digits or a URI")
+
+    def lineage(self, digest: str) -> list[dict[str, Any]]:
+        """The manifests from an artifact back to its source, breadth first, each once."""
+        chain: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        queue = [digest]
+        while queue:
+            current = queue.pop(0)
+            if current in seen:
+                continue
+            seen.add(current)
+            manifest = self.manifest(current)
+            if manifest is None:
+                if current == digest:
+                    raise NotFound(f"no manifest for artifact {digest}; it was not produced by a stage")
+                continue
+            chain.append(manifest)
+            queue.extend(ref["sha256"] for ref in manifest.get("inputs", {}).values())
+        return chain

@@ -1,0 +1,1 @@
+"""trainer: fits a scikit-learn model with validated hyperparameters."""

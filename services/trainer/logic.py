@@ -1,0 +1,137 @@
+"""Model catalogue, hyperparameter validation and a fit that reports progress."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.ensemble import (
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge, SGDClassifier
+from sklearn.utils._param_validation import InvalidParameterError
+
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+
+# name -> (estimator class, defaults we choose over scikit-learn's)
+MODELS: dict[str, dict[str, tuple[type[BaseEstimator], dict[str, Any]]]] = {
+    "classification": {
+        "logistic_regression": (LogisticRegression, {"max_iter": 1000}),
+        "random_forest": (RandomForestClassifier, {}),
+        "hist_gradient_boosting": (HistGradientBoostingClassifier, {}),
+        # log_loss gives probabilities, which ROC AUC and log loss need.
+        "sgd": (SGDClassifier, {"loss": "log_loss"}),
+    },
+    "regression": {
+        "ridge": (Ridge, {}),
+        "random_forest": (RandomForestRegressor, {}),
+        "hist_gradient_boosting": (HistGradientBoostingRegressor, {}),
+    },
+}
+
+# Estimators grown in steps with warm_start: parameter that counts the steps.
+_INCREMENTAL = {
+    RandomForestClassifier: "n_estimators",
+    RandomForestRegressor: "n_estimators",
+    HistGradientBoostingClassifier: "max_iter",
+    HistGradientBoostingRegressor: "max_iter",
+}
+PROGRESS_STEPS = 10
+
+
+def all_model_names() -> list[str]:
+    return sorted({name for catalogue in MODELS.values() for name in catalogue})
+
+
+def parse_value(raw: str) -> Any:
+    """A JSON literal keeps its type (200 -> int, 0.5 -> float); anything else is a string."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def literal(value: Any) -> str:
+    try:
+        return json.dumps(value, sort_keys=True)
+    except TypeError:
+        return json.dumps(repr(value))
+
+
+def build_estimator(task: str, model: str, hyperparameters: dict[str, str], seed: int) -> BaseEstimator:
+    catalogue = MODELS[task]
+    if model not in catalogue:
+        other = "regression" if task == "classification" else "classification"
+        hint = f" ({model} is a {other} model)" if model in MODELS[other] else ""
+        raise InvalidArgument(
+            f"model {model!r} is not available for {task}{hint}; choose one of {', '.join(sorted(catalogue))}"
+        )
+    cls, defaults = catalogue[model]
+    estimator = cls(**defaults)
+    valid = estimator.get_params(deep=False)
+    params = {}
+    for name, raw in sorted(hyperparameters.items()):
+        if name == "random_state":
+            raise InvalidArgument("hyperparameter 'random_state' is set through the request's seed field")
+        if name not in valid:
+            raise InvalidArgument(
+                f"unknown hyperparameter {name!r} for {model}; valid names: {', '.join(sorted(valid))}"
+            )
+        params[name] = parse_value(raw)
+    if "random_state" in valid:
+        params["random_state"] = seed
+    estimator.set_params(**params)
+    try:
+        estimator._validate_params()  # scikit-learn's own constraint table
+    except InvalidParameterError as exc:
+        raise InvalidArgument(f"invalid hyperparameter for {model}: {exc}") from None
+    return estimator
+
+
+def task_of_target(y: np.ndarray) -> str:
+    return "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+
+
+def fit(
+    estimator: BaseEstimator,
+    x: np.ndarray,
+    y: np.ndarray,
+    progress: Callable[[float, str], None],
+    check_cancelled: Callable[[], None],
+) -> list[str]:
+    """Fit in steps where the estimator allows it; returns warnings worth reporting."""
+    if x.shape[0] != y.shape[0]:
+        raise FailedPrecondition(
+            f"x_train has {x.shape[0]} rows but y_train has {y.shape[0]}; pass both from one features run"
+        )
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise FailedPrecondition(f"x_train must be a 2-D matrix with features, got shape {x.shape}")
+    counter = _INCREMENTAL.get(type(estimator))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        if counter is None:
+            progress(0.0, f"fitting {type(estimator).__name__} on {x.shape[0]} rows")
+            estimator.fit(x, y)
+        else:
+            total = estimator.get_params()[counter]
+            warm_start = estimator.get_params()["warm_start"]
+            estimator.set_params(warm_start=True)
+            done = 0
+            step = max(1, -(-total // PROGRESS_STEPS))
+            while done < total:
+                check_cancelled()
+                done = min(total, done + step)
+                estimator.set_params(**{counter: done})
+                estimator.fit(x, y)
+                progress(done / total, f"{counter} {done}/{total}")
+            estimator.set_params(warm_start=warm_start)
+    progress(1.0, "fit complete")
+    return sorted({str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)})

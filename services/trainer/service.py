@@ -1,0 +1,97 @@
+"""TrainerService: the gRPC face of the trainer; streams progress, then the result."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
+from services.runtime.server import StageSpec
+from services.runtime.stage import Job, Run, StageRuntime, require
+from services.runtime.tasks import task_kind_value
+from services.trainer import logic
+
+log = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, runtime: StageRuntime):
+        self.runtime = runtime
+
+    async def Train(self, request: trainer_pb2.TrainRequest, context) -> AsyncIterator[trainer_pb2.TrainResponse]:
+        require(request.HasField("x_train"), "x_train is required: pass the ref the features stage returned")
+        require(request.HasField("y_train"), "y_train is required: pass the ref the features stage returned")
+        require(
+            request.model in logic.all_model_names(),
+            f"model {request.model!r} is unknown; choose one of {', '.join(logic.all_model_names())}",
+        )
+        require(0 <= request.seed < 2**32, f"seed must be in [0, 2^32), got {request.seed}")
+        hyperparameters = dict(request.hyperparameters)
+        # Catch a bad name or value before any data is read; the task is not known yet,
+        # so check against every catalogue that has this model.
+        for task in ("classification", "regression"):
+            if request.model in logic.MODELS[task]:
+                logic.build_estimator(task, request.model, hyperparameters, request.seed)
+        job = Job(
+            inputs={"x_train": request.x_train, "y_train": request.y_train},
+            params={
+                "model": request.model,
+                "hyperparameters": {k: logic.parse_value(v) for k, v in hyperparameters.items()},
+                "seed": request.seed,
+            },
+            force_recompute=request.force_recompute,
+        )
+
+        def work(run: Run) -> trainer_pb2.TrainResult:
+            x = npy_to_array(run.read(request.x_train, "x_train"), "x_train")
+            y = npy_to_array(run.read(request.y_train, "y_train"), "y_train")
+            task = logic.task_of_target(y)
+            estimator = logic.build_estimator(task, request.model, hyperparameters, request.seed)
+            fit_warnings = logic.fit(estimator, x, y, run.progress, run.check_cancelled)
+            for warning in fit_warnings:
+                run.progress(1.0, f"warning: {warning}")
+                log.warning("%s: %s", request.model, warning)
+            return trainer_pb2.TrainResult(
+                model=run.put("model", model_to_skops(estimator), SKOPS),
+                task_kind=task_kind_value(task),
+                effective_hyperparameters={
+                    name: logic.literal(value) for name, value in estimator.get_params(deep=False).items()
+                },
+                train_score=float(estimator.score(x, y)),
+            )
+
+        events: asyncio.Queue[trainer_pb2.TrainProgress] = asyncio.Queue()
+
+        def on_progress(fraction: float, message: str) -> None:
+            events.put_nowait(trainer_pb2.TrainProgress(fraction_done=fraction, message=message))
+
+        training = asyncio.ensure_future(
+            self.runtime.execute(job, work, trainer_pb2.TrainResult, on_progress=on_progress)
+        )
+        try:
+            while not training.done():
+                waiter = asyncio.ensure_future(events.get())
+                await asyncio.wait({training, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
+                    yield trainer_pb2.TrainResponse(progress=waiter.result())
+                else:
+                    waiter.cancel()
+            while not events.empty():
+                yield trainer_pb2.TrainResponse(progress=events.get_nowait())
+            yield trainer_pb2.TrainResponse(result=training.result())
+        finally:
+            if not training.done():
+                training.cancel()  # the caller went away; release our claim on the work
+
+
+SPEC = StageSpec(
+    name="trainer",
+    version=VERSION,
+    service_name=trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
+    add_servicer=trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
+    make_servicer=TrainerServicer,
+)
