@@ -86,9 +86,16 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
     )
 
     wanted = settings.ports[spec.name] if port is None else port
-    bound = server.add_insecure_port(f"{settings.bind_host}:{wanted}")
+    try:
+        bound = server.add_insecure_port(f"{settings.bind_host}:{wanted}")
+    except RuntimeError:  # grpcio reports a failed bind this way
+        bound = 0
     if bound == 0:
-        raise OSError(f"{spec.name}: cannot bind {settings.bind_host}:{wanted}; is the port in use?")
+        runtime.close()
+        raise OSError(
+            f"cannot bind {settings.bind_host}:{wanted}; is the port in use? "
+            f"Set MLMESH_{spec.name.upper()}_PORT or MLMESH_BIND_HOST"
+        )
     await server.start()
 
     await runtime.to_thread(_check_store_writable, runtime)

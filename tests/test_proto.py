@@ -1,0 +1,43 @@
+"""The committed stubs match the .proto files, and the protos pass buf lint and format."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO = ROOT / "proto"
+BUF = ROOT / "node_modules" / ".bin" / "buf"
+
+
+def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(PROTO / "generate.py"), "--out", str(tmp_path)], check=True)
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*") if p.is_file())
+    committed = sorted(
+        p.relative_to(PROTO) for p in (PROTO / "mlmesh").rglob("*.py*") if p.is_file() and "__pycache__" not in p.parts
+    )
+    assert generated == committed, "stub files differ; run `make proto` and commit the result"
+    drifted = [str(p) for p in generated if not filecmp.cmp(tmp_path / p, PROTO / p, shallow=False)]
+    assert not drifted, f"stubs drifted from the .proto files: {drifted}; run `make proto`"
+
+
+def _buf() -> str:
+    path = shutil.which("buf") or (str(BUF) if BUF.exists() else None)
+    if path is None:
+        pytest.fail("buf is not installed; `make test` installs it with npm (package.json)")
+    return path
+
+
+def test_buf_lint_passes() -> None:
+    result = subprocess.run([_buf(), "lint"], cwd=PROTO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_buf_format_is_clean() -> None:
+    result = subprocess.run([_buf(), "format", "--diff", "--exit-code"], cwd=PROTO, capture_output=True, text=True)
+    assert result.returncode == 0, "run `buf format -w proto`:\n" + result.stdout
