@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,12 +10,10 @@ import pytest
 import pytest_asyncio
 
 from services.runtime.client import MeshClient
-from services.runtime.server import RunningStage, StageSpec, start_stage
+from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
 
-
-def stage_spec(name: str) -> StageSpec:
-    return importlib.import_module(f"services.{name}.service").SPEC
+__all__ = ["expect_error", "stage_spec"]
 
 
 @pytest.fixture

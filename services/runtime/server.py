@@ -147,3 +147,10 @@ def serve(spec: StageSpec) -> None:
         sys.exit(f"{spec.name}: cannot start: {exc}")
     with contextlib.suppress(Exception):
         logging.shutdown()
+
+
+def stage_spec(name: str) -> StageSpec:
+    """The StageSpec of a stage by name, e.g. stage_spec("loader")."""
+    import importlib
+
+    return importlib.import_module(f"services.{name}.service").SPEC
