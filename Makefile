@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 
-## Start the mesh, run the pipeline on sklearn:breast_cancer, print metrics and decision, stop.
+## Start the mesh, run the Flyte workflow on sklearn:breast_cancer (metrics, decision), stop the mesh.
 run: $(STAMP)
-	$(BIN)/mlmesh run --start-mesh --source sklearn:breast_cancer --min accuracy=0.95
+	$(BIN)/mlmesh with-mesh --log-dir artifacts/logs -- $(BIN)/pyflyte run workflow/pipeline.py training_pipeline
 
 ## Run the whole test suite.
 test: $(STAMP)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-from services.evaluator import logic
-from services.runtime.formats import JSON, npy_to_array, skops_to_model, to_json_bytes
+import asyncio
+
+from services.evaluator import logic, registry
+from services.evaluator.report import render_html
+from services.runtime.errors import FailedPrecondition
+from services.runtime.formats import HTML, JSON, json_bytes_to_doc, npy_to_array, skops_to_model, to_json_bytes
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
+from services.runtime.store import ref_from_dict, ref_to_dict
 from services.runtime.tasks import task_kind_value
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1: adds the HTML report
 
 
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     def __init__(self, runtime: StageRuntime):
         self.runtime = runtime
+        self._registry_lock = asyncio.Lock()  # one registry writer per process
 
     async def Evaluate(self, request: evaluator_pb2.EvaluateRequest, context) -> evaluator_pb2.EvaluateResponse:
         for name in ("model", "x_test", "y_test"):
@@ -50,6 +56,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             }
             return evaluator_pb2.EvaluateResponse(
                 metrics_report=run.put("metrics_report", to_json_bytes(report), JSON),
+                html_report=run.put("html_report", render_html(report).encode(), HTML),
                 metrics=evaluation.metrics,
                 decision=decision,
                 reasons=[*reasons, *evaluation.notes],
@@ -60,6 +67,46 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             )
 
         return await self.runtime.execute(job, work, evaluator_pb2.EvaluateResponse)
+
+    async def RegisterModel(
+        self, request: evaluator_pb2.RegisterModelRequest, context
+    ) -> evaluator_pb2.RegisterModelResponse:
+        registry.check_name(request.name)
+        for name in ("model", "metrics_report"):
+            require(request.HasField(name), f"{name} is required: pass the refs the trainer and evaluator returned")
+        store = self.runtime.store
+
+        def check_promoted() -> dict:
+            store.get(request.model, "model")  # present and intact
+            report = json_bytes_to_doc(store.get(request.metrics_report, "metrics_report"), "metrics_report")
+            if report.get("decision") != "PROMOTE":
+                raise FailedPrecondition(
+                    f"the metrics report says {report.get('decision')!r}, not PROMOTE; only promoted models "
+                    "are registered"
+                )
+            return report
+
+        report = await self.runtime.to_thread(check_promoted)
+        entry = {
+            "model": ref_to_dict(request.model),
+            "metrics_report": ref_to_dict(request.metrics_report),
+            "metrics": report["metrics"],
+            "lineage": {name: ref_to_dict(ref) for name, ref in sorted(request.lineage.items())},
+        }
+        async with self._registry_lock:
+            version, existed = await self.runtime.to_thread(registry.register, store, request.name, entry)
+        return evaluator_pb2.RegisterModelResponse(
+            model_version=evaluator_pb2.ModelVersion(
+                name=version["name"],
+                version=version["version"],
+                model=ref_from_dict(version["model"]),
+                metrics_report=ref_from_dict(version["metrics_report"]),
+                metrics=version["metrics"],
+                lineage={name: ref_from_dict(ref) for name, ref in version["lineage"].items()},
+                registered_at=version["registered_at"],
+            ),
+            already_registered=existed,
+        )
 
 
 SPEC = StageSpec(

@@ -96,6 +96,39 @@ def _lineage(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- models ---------------------------------------------------------------------------
+def _models(settings: Settings, args: argparse.Namespace) -> int:
+    from services.evaluator.registry import list_models
+
+    documents = list_models(ArtifactStore(settings.artifact_root))
+    if args.json:
+        print(json.dumps(documents, indent=2, sort_keys=True))
+        return 0
+    if not documents:
+        print(f"no registered models in {settings.artifact_root}")
+    for document in documents:
+        print(document["name"])
+        for version in document["versions"]:
+            metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(version["metrics"].items()))
+            print(f"  v{version['version']:<3} {version['registered_at']}  {version['model']['sha256'][:12]}  {metrics}")
+    return 0
+
+
+# ---- with-mesh ------------------------------------------------------------------------
+async def _with_mesh(settings: Settings, args: argparse.Namespace) -> int:
+    command = [c for c in args.cmd if c != "--"]
+    if not command:
+        print("mlmesh with-mesh: give a command after --", file=sys.stderr)
+        return 2
+    mesh = LocalMesh(settings, log_dir=args.log_dir)
+    await mesh.start()
+    try:
+        process = await asyncio.create_subprocess_exec(*command)
+        return await process.wait()
+    finally:
+        mesh.stop()
+
+
 # ---- run ------------------------------------------------------------------------------
 def _summary(run: PipelineRun) -> dict[str, Any]:
     def as_dict(message: Any) -> dict[str, Any]:
@@ -187,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("artifact", help="sha256, a 6+ digit prefix of one, or an artifact URI")
     lineage.add_argument("--json", action="store_true")
 
+    models = commands.add_parser("models", help="the model registry: names, versions, metrics")
+    models.add_argument("--json", action="store_true")
+
+    with_mesh = commands.add_parser("with-mesh", help="start the mesh, run a command, stop the mesh")
+    with_mesh.add_argument("--log-dir", type=Path, help="write each stage's log to DIR/<stage>.log")
+    with_mesh.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
     run = commands.add_parser("run", help="run the pipeline against the mesh")
     run.add_argument("--start-mesh", action="store_true", help="start the mesh for this run and stop it after")
     run.add_argument("--source", default="sklearn:breast_cancer")
@@ -211,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "lineage":
         return _lineage(settings, args)
-    handler = {"up": _up, "status": _status, "run": _run}[args.command]
+    if args.command == "models":
+        return _models(settings, args)
+    handler = {"up": _up, "status": _status, "run": _run, "with-mesh": _with_mesh}[args.command]
     try:
         return asyncio.run(handler(settings, args))
     except MeshStartError as exc:

@@ -176,6 +176,9 @@ class MeshClient:
     async def evaluate(self, request: evaluator_pb2.EvaluateRequest) -> evaluator_pb2.EvaluateResponse:
         return await self._unary("evaluator", "Evaluate", request)
 
+    async def register_model(self, request: evaluator_pb2.RegisterModelRequest) -> evaluator_pb2.RegisterModelResponse:
+        return await self._unary("evaluator", "RegisterModel", request)
+
     # ---- the whole pipeline -----------------------------------------------------------
     async def run_pipeline(
         self,

@@ -56,7 +56,7 @@ class ConfusionMatrixRow(_message.Message):
     def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("metrics_report", "stage", "metrics", "decision", "reasons", "confusion_matrix", "task_kind")
+    __slots__ = ("metrics_report", "stage", "metrics", "decision", "reasons", "confusion_matrix", "task_kind", "html_report")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class EvaluateResponse(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     CONFUSION_MATRIX_FIELD_NUMBER: _ClassVar[int]
     TASK_KIND_FIELD_NUMBER: _ClassVar[int]
+    HTML_REPORT_FIELD_NUMBER: _ClassVar[int]
     metrics_report: _common_pb2.ArtifactRef
     stage: _common_pb2.StageInfo
     metrics: _containers.ScalarMap[str, float]
@@ -78,4 +79,64 @@ class EvaluateResponse(_message.Message):
     reasons: _containers.RepeatedScalarFieldContainer[str]
     confusion_matrix: _containers.RepeatedCompositeFieldContainer[ConfusionMatrixRow]
     task_kind: _common_pb2.TaskKind
-    def __init__(self, metrics_report: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., stage: _Optional[_Union[_common_pb2.StageInfo, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., decision: _Optional[_Union[Decision, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., confusion_matrix: _Optional[_Iterable[_Union[ConfusionMatrixRow, _Mapping]]] = ..., task_kind: _Optional[_Union[_common_pb2.TaskKind, str]] = ...) -> None: ...
+    html_report: _common_pb2.ArtifactRef
+    def __init__(self, metrics_report: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., stage: _Optional[_Union[_common_pb2.StageInfo, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., decision: _Optional[_Union[Decision, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., confusion_matrix: _Optional[_Iterable[_Union[ConfusionMatrixRow, _Mapping]]] = ..., task_kind: _Optional[_Union[_common_pb2.TaskKind, str]] = ..., html_report: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
+
+class RegisterModelRequest(_message.Message):
+    __slots__ = ("name", "model", "metrics_report", "lineage")
+    class LineageEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.ArtifactRef
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METRICS_REPORT_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: _common_pb2.ArtifactRef
+    metrics_report: _common_pb2.ArtifactRef
+    lineage: _containers.MessageMap[str, _common_pb2.ArtifactRef]
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., metrics_report: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., lineage: _Optional[_Mapping[str, _common_pb2.ArtifactRef]] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("name", "version", "model", "metrics_report", "metrics", "lineage", "registered_at")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LineageEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.ArtifactRef
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METRICS_REPORT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    model: _common_pb2.ArtifactRef
+    metrics_report: _common_pb2.ArtifactRef
+    metrics: _containers.ScalarMap[str, float]
+    lineage: _containers.MessageMap[str, _common_pb2.ArtifactRef]
+    registered_at: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., metrics_report: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., lineage: _Optional[_Mapping[str, _common_pb2.ArtifactRef]] = ..., registered_at: _Optional[str] = ...) -> None: ...
+
+class RegisterModelResponse(_message.Message):
+    __slots__ = ("model_version", "already_registered")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    model_version: ModelVersion
+    already_registered: bool
+    def __init__(self, model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., already_registered: _Optional[bool] = ...) -> None: ...

@@ -40,6 +40,11 @@ class EvaluatorServiceStub:
                 request_serializer=mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.RegisterModel = channel.unary_unary(
+                '/mlmesh.evaluator.v1.EvaluatorService/RegisterModel',
+                request_serializer=mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.RegisterModelRequest.SerializeToString,
+                response_deserializer=mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.RegisterModelResponse.FromString,
+                _registered_method=True)
 
 
 class EvaluatorServiceServicer:
@@ -52,6 +57,14 @@ class EvaluatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterModel(self, request, context):
+        """Records a promoted model in the versioned registry kept in the artifact store.
+        Registering the same model under the same name again returns the existing version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvaluatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_EvaluatorServiceServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.EvaluateRequest.FromString,
                     response_serializer=mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'RegisterModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterModel,
+                    request_deserializer=mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.RegisterModelRequest.FromString,
+                    response_serializer=mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.RegisterModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +107,33 @@ class EvaluatorService:
             '/mlmesh.evaluator.v1.EvaluatorService/Evaluate',
             mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.EvaluateRequest.SerializeToString,
             mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.evaluator.v1.EvaluatorService/RegisterModel',
+            mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.RegisterModelRequest.SerializeToString,
+            mlmesh_dot_evaluator_dot_v1_dot_evaluator__pb2.RegisterModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

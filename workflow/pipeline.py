@@ -1,0 +1,360 @@
+"""The thin Flyte workflow: five tasks, one RPC each, passing artifact references.
+
+    pyflyte run workflow/pipeline.py training_pipeline
+    pyflyte run workflow/pipeline.py sweep_pipeline
+    pyflyte run --remote workflow/pipeline.py training_pipeline   # on a Flyte cluster
+
+Nothing heavier than a reference, a metric or a reason ever passes through
+Flyte: datasets, matrices and models stay in the artifact store. The services
+are found through the same MLMESH_*_ADDRESS variables as the `mlmesh` CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TypeVar
+
+from flytekit import Cache, CronSchedule, Deck, ImageSpec, LaunchPlan, dynamic, task, workflow
+from flytekit.exceptions.user import FlyteRecoverableException
+
+from mlmesh.common.v1 import common_pb2
+from mlmesh.evaluator.v1 import evaluator_pb2
+from mlmesh.features.v1 import features_pb2
+from mlmesh.loader.v1 import loader_pb2
+from mlmesh.preprocess.v1 import preprocess_pb2
+from mlmesh.trainer.v1 import trainer_pb2
+from services.evaluator.service import VERSION as EVALUATOR_VERSION
+from services.features.service import VERSION as FEATURES_VERSION
+from services.preprocess.service import VERSION as PREPROCESS_VERSION
+from services.runtime.client import MeshClient, StageCallError
+from services.runtime.settings import Settings
+from services.runtime.store import ArtifactStore
+from services.trainer.service import VERSION as TRAINER_VERSION
+
+T = TypeVar("T")
+
+# The image the tasks run in on a cluster: the project with its workflow extra,
+# built for Axion (linux/arm64). Locally, tasks run in this Python process.
+PIPELINE_IMAGE = ImageSpec(
+    name="mlmesh-pipeline",
+    python_version="3.12",
+    platform="linux/arm64",
+    base_image=os.environ.get("MLMESH_PIPELINE_BASE_IMAGE", "python:3.12-slim"),
+    registry=os.environ.get("MLMESH_IMAGE_REGISTRY") or None,
+    # The project itself, installed with its workflow extra (flytekit).
+    copy=["pyproject.toml", "README.md", "proto", "services", "workflow"],
+    commands=["pip install --no-cache-dir '/root[workflow]'"],
+    env={"PYTHONUNBUFFERED": "1"},
+)
+
+# Every task retries transient failures on a cluster and gives up after its timeout.
+_TASK_DEFAULTS = {"retries": 3, "timeout": timedelta(minutes=30), "container_image": PIPELINE_IMAGE}
+
+
+def _cache(stage_version: str) -> Cache:
+    # Flyte's key is the task's inputs, which are content digests, plus this
+    # version: a new stage version never reuses an old result.
+    return Cache(version=f"stage-{stage_version}-wf-1")
+
+
+# ---- typed references -------------------------------------------------------------------
+@dataclass
+class ArtifactRef:
+    uri: str = ""
+    sha256: str = ""
+    size_bytes: int = 0
+    media_type: str = ""
+
+    @classmethod
+    def of(cls, ref: common_pb2.ArtifactRef) -> ArtifactRef:
+        return cls(ref.uri, ref.sha256, ref.size_bytes, ref.media_type)
+
+    def proto(self) -> common_pb2.ArtifactRef:
+        return common_pb2.ArtifactRef(
+            uri=self.uri, sha256=self.sha256, size_bytes=self.size_bytes, media_type=self.media_type
+        )
+
+
+@dataclass
+class Dataset:
+    dataset: ArtifactRef
+    rows: int
+    task_kind: str
+
+
+@dataclass
+class Splits:
+    train: ArtifactRef
+    test: ArtifactRef
+    class_names: list[str]
+
+
+@dataclass
+class Features:
+    x_train: ArtifactRef
+    y_train: ArtifactRef
+    x_test: ArtifactRef
+    y_test: ArtifactRef
+    transformer: ArtifactRef
+
+
+@dataclass
+class TrainedModel:
+    model: ArtifactRef
+    model_name: str
+    effective_hyperparameters: dict[str, str]
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    decision: str
+    reasons: list[str]
+    metrics_report: ArtifactRef
+    html_report: ArtifactRef
+
+
+@dataclass
+class ModelCandidate:
+    model: str
+    hyperparameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    model: ArtifactRef
+    metrics: dict[str, float]
+    decision: str
+    reasons: list[str]
+    report: ArtifactRef
+    html_report: ArtifactRef
+    lineage: dict[str, ArtifactRef]
+    registered_as: str
+
+
+@dataclass
+class SweepResult:
+    metric: str
+    best_index: int
+    best: PipelineResult
+    candidates: list[ModelCandidate]
+    candidate_metrics: list[dict[str, float]]
+
+
+# ---- calling the services -----------------------------------------------------------------
+class StageFailed(Exception):
+    """A stage refused the request; retrying would not help."""
+
+
+def call(stage_call: Callable[[MeshClient], Awaitable[T]]) -> T:
+    """Run one RPC with a fresh client; map failures to Flyte's retry semantics."""
+
+    async def run() -> T:
+        async with MeshClient(Settings.from_env()) as client:
+            return await stage_call(client)
+
+    try:
+        return asyncio.run(run())
+    except StageCallError as error:
+        if error.recoverable:
+            raise FlyteRecoverableException(str(error)) from None
+        raise StageFailed(str(error)) from None
+
+
+_DECISIONS = {evaluator_pb2.DECISION_PROMOTE: "PROMOTE", evaluator_pb2.DECISION_RETRAIN: "RETRAIN"}
+_TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK_KIND_REGRESSION: "regression"}
+
+
+# ---- the five stage tasks ----------------------------------------------------------------
+# load is deliberately not cached by Flyte: its input is a source *name*, and a
+# file behind a name can change. The loader service memoizes by file content
+# instead, and answers a repeat in milliseconds.
+@task(retries=3, timeout=timedelta(minutes=30), container_image=PIPELINE_IMAGE)
+def load(source: str, target_column: str, recompute: bool) -> Dataset:
+    reply = call(lambda c: c.load(loader_pb2.LoadRequest(
+        source=source, target_column=target_column, force_recompute=recompute)))
+    return Dataset(ArtifactRef.of(reply.dataset), reply.rows, _TASKS[reply.task_kind])
+
+
+@task(cache=_cache(PREPROCESS_VERSION), **_TASK_DEFAULTS)
+def preprocess(dataset: Dataset, test_fraction: float, seed: int, impute_strategy: str) -> Splits:
+    strategy = preprocess_pb2.ImputeStrategy.Value(f"IMPUTE_STRATEGY_{impute_strategy.upper()}")
+    reply = call(lambda c: c.preprocess(preprocess_pb2.PreprocessRequest(
+        dataset=dataset.dataset.proto(), test_fraction=test_fraction, seed=seed, impute_strategy=strategy)))
+    return Splits(ArtifactRef.of(reply.train), ArtifactRef.of(reply.test), list(reply.class_names))
+
+
+@task(cache=_cache(FEATURES_VERSION), **_TASK_DEFAULTS)
+def build_features(splits: Splits, scaling: str, polynomial_degree: int, select_k_best: int) -> Features:
+    reply = call(lambda c: c.build_features(features_pb2.BuildFeaturesRequest(
+        train=splits.train.proto(), test=splits.test.proto(),
+        scaling=features_pb2.Scaling.Value(f"SCALING_{scaling.upper()}"),
+        polynomial_degree=polynomial_degree, select_k_best=select_k_best)))
+    return Features(*(ArtifactRef.of(getattr(reply, n)) for n in ("x_train", "y_train", "x_test", "y_test", "transformer")))
+
+
+@task(cache=_cache(TRAINER_VERSION), **_TASK_DEFAULTS)
+def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int) -> TrainedModel:
+    def progress(event: trainer_pb2.TrainProgress) -> None:
+        print(f"trainer: {event.fraction_done:.0%} {event.message}", flush=True)
+
+    result = call(lambda c: c.train(trainer_pb2.TrainRequest(
+        x_train=features.x_train.proto(), y_train=features.y_train.proto(), model=model,
+        hyperparameters=hyperparameters, seed=seed), progress))
+    return TrainedModel(ArtifactRef.of(result.model), model, dict(result.effective_hyperparameters))
+
+
+@task(cache=_cache(EVALUATOR_VERSION), enable_deck=True, **_TASK_DEFAULTS)
+def evaluate(
+    trained: TrainedModel, features: Features, splits: Splits,
+    minimums: dict[str, float], maximums: dict[str, float],
+) -> Evaluation:
+    reply = call(lambda c: c.evaluate(evaluator_pb2.EvaluateRequest(
+        model=trained.model.proto(), x_test=features.x_test.proto(), y_test=features.y_test.proto(),
+        minimums=minimums, maximums=maximums, class_names=splits.class_names)))
+    # The deck is the evaluator's own HTML report, read (and digest-checked) from the store.
+    html = ArtifactStore(Settings.from_env().artifact_root).get(reply.html_report, "html_report")
+    Deck("Evaluation", html.decode())
+    return Evaluation(
+        metrics=dict(reply.metrics), decision=_DECISIONS[reply.decision], reasons=list(reply.reasons),
+        metrics_report=ArtifactRef.of(reply.metrics_report), html_report=ArtifactRef.of(reply.html_report),
+    )
+
+
+def default_model_name(source: str, model: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", source.split("?")[0].split(":")[-1].rsplit("/", 1)[-1])
+    return f"{base.strip('._-') or 'dataset'}-{model}"[:128]
+
+
+@task(**_TASK_DEFAULTS)
+def promote(
+    registry_name: str, source: str, trained: TrainedModel, evaluation: Evaluation, dataset: Dataset,
+    splits: Splits, features: Features,
+) -> PipelineResult:
+    """Register the model when the decision is PROMOTE; always assemble the result."""
+    lineage = {
+        "dataset": dataset.dataset, "train": splits.train, "test": splits.test,
+        "x_train": features.x_train, "y_train": features.y_train, "x_test": features.x_test,
+        "y_test": features.y_test, "transformer": features.transformer, "model": trained.model,
+        "metrics_report": evaluation.metrics_report, "html_report": evaluation.html_report,
+    }
+    registered = ""
+    if evaluation.decision == "PROMOTE":
+        name = registry_name or default_model_name(source, trained.model_name)
+        reply = call(lambda c: c.register_model(evaluator_pb2.RegisterModelRequest(
+            name=name, model=trained.model.proto(), metrics_report=evaluation.metrics_report.proto(),
+            lineage={k: v.proto() for k, v in lineage.items()})))
+        registered = f"{reply.model_version.name} v{reply.model_version.version}"
+    return PipelineResult(
+        model=trained.model, metrics=evaluation.metrics, decision=evaluation.decision,
+        reasons=evaluation.reasons, report=evaluation.metrics_report, html_report=evaluation.html_report,
+        lineage=lineage, registered_as=registered,
+    )
+
+
+# ---- workflows -----------------------------------------------------------------------------
+@workflow
+def training_pipeline(
+    source: str = "sklearn:breast_cancer",
+    target_column: str = "",
+    model: str = "logistic_regression",
+    hyperparameters: dict[str, str] = {},  # noqa: B006 - Flyte defaults are literals
+    test_fraction: float = 0.2,
+    seed: int = 42,
+    impute_strategy: str = "median",
+    scaling: str = "standard",
+    polynomial_degree: int = 0,
+    select_k_best: int = 0,
+    minimums: dict[str, float] = {"accuracy": 0.95},  # noqa: B006
+    maximums: dict[str, float] = {},  # noqa: B006
+    registry_name: str = "",
+    recompute: bool = False,
+) -> PipelineResult:
+    dataset = load(source=source, target_column=target_column, recompute=recompute)
+    splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, impute_strategy=impute_strategy)
+    features = build_features(
+        splits=splits, scaling=scaling, polynomial_degree=polynomial_degree, select_k_best=select_k_best
+    )
+    trained = train(features=features, model=model, hyperparameters=hyperparameters, seed=seed)
+    evaluation = evaluate(trained=trained, features=features, splits=splits, minimums=minimums, maximums=maximums)
+    return promote(
+        registry_name=registry_name, source=source, trained=trained, evaluation=evaluation,
+        dataset=dataset, splits=splits, features=features,
+    )
+
+
+@task(**_TASK_DEFAULTS)
+def pick_best(metric: str, lower_is_better: bool, results: list[PipelineResult], candidates: list[ModelCandidate]) -> SweepResult:
+    scored = [r.metrics.get(metric) for r in results]
+    if all(s is None for s in scored):
+        raise StageFailed(f"no candidate reported metric {metric!r}; choose one the evaluator computes")
+    sign = -1.0 if lower_is_better else 1.0
+    best = max((i for i, s in enumerate(scored) if s is not None), key=lambda i: (sign * scored[i], -i))
+    return SweepResult(metric, best, results[best], candidates, [r.metrics for r in results])
+
+
+@dynamic(**_TASK_DEFAULTS)
+def train_candidates(
+    source: str, candidates: list[ModelCandidate], dataset: Dataset, splits: Splits, features: Features, seed: int,
+    minimums: dict[str, float], maximums: dict[str, float],
+) -> list[PipelineResult]:
+    # Feature engineering ran once, upstream; each candidate only trains and evaluates.
+    results = []
+    for candidate in candidates:
+        trained = train(features=features, model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed)
+        evaluation = evaluate(trained=trained, features=features, splits=splits, minimums=minimums, maximums=maximums)
+        results.append(promote(
+            registry_name="", source=source, trained=trained, evaluation=evaluation, dataset=dataset, splits=splits, features=features,
+        ))
+    return results
+
+
+DEFAULT_SWEEP = [
+    ModelCandidate("logistic_regression"),
+    ModelCandidate("random_forest", {"n_estimators": "200"}),
+    ModelCandidate("hist_gradient_boosting"),
+    ModelCandidate("sgd"),
+]
+
+
+@workflow
+def sweep_pipeline(
+    source: str = "sklearn:breast_cancer",
+    target_column: str = "",
+    candidates: list[ModelCandidate] = DEFAULT_SWEEP,
+    metric: str = "f1_macro",
+    lower_is_better: bool = False,
+    test_fraction: float = 0.2,
+    seed: int = 42,
+    minimums: dict[str, float] = {"accuracy": 0.9},  # noqa: B006
+    maximums: dict[str, float] = {},  # noqa: B006
+) -> SweepResult:
+    dataset = load(source=source, target_column=target_column, recompute=False)
+    splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, impute_strategy="median")
+    features = build_features(splits=splits, scaling="standard", polynomial_degree=0, select_k_best=0)
+    results = train_candidates(
+        source=source, candidates=candidates, dataset=dataset, splits=splits, features=features, seed=seed,
+        minimums=minimums, maximums=maximums,
+    )
+    return pick_best(metric=metric, lower_is_better=lower_is_better, results=results, candidates=candidates)
+
+
+# ---- launch plans ----------------------------------------------------------------------------
+demo_launch_plan = LaunchPlan.get_or_create(training_pipeline, name="training_pipeline_demo")
+
+# Fires only on a Flyte cluster: retrain every night at 03:00 UTC and promote if it still passes.
+nightly_retrain = LaunchPlan.get_or_create(
+    training_pipeline,
+    name="training_pipeline_nightly",
+    schedule=CronSchedule(schedule="0 3 * * *"),
+    default_inputs={"recompute": False},
+)
+
+
+if __name__ == "__main__":
+    print(training_pipeline())
