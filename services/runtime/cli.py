@@ -46,7 +46,7 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
         print(f"mlmesh up: {exc}", file=sys.stderr)
         return 1
     for stage in STAGES:
-        print(f"{stage:<11} {settings.addresses[stage]:<22} SERVING")
+        print(f"{stage:<11} {mesh.addresses[stage]:<22} SERVING")
     print(f"artifacts   {settings.artifact_root}")
     print("mesh is up; Ctrl-C or SIGTERM stops it", flush=True)
     exit_code = 0

@@ -31,7 +31,10 @@ class LocalMesh:
 
     @property
     def addresses(self) -> dict[str, str]:
-        return dict(self.settings.addresses)
+        # Where this launcher's own children listen; MLMESH_*_ADDRESS may point clients elsewhere.
+        host = self.settings.bind_host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+        return {stage: f"{host}:{self.settings.ports[stage]}" for stage in STAGES}
 
     def _spawn(self, stage: str) -> subprocess.Popen:
         output: IO[bytes] | None = None
