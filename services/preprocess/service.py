@@ -37,7 +37,8 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             math.isfinite(fraction) and 0 < fraction < 1,
             f"test_fraction must be between 0 and 1 (exclusive), got {request.test_fraction}",
         )
-        require(request.seed >= 0, f"seed must be non-negative, got {request.seed}")
+        # train_test_split takes seeds in [0, 2^32); a larger one is the caller's mistake.
+        require(0 <= request.seed < 2**32, f"seed must be in [0, 2^32), got {request.seed}")
         strategy = _STRATEGIES[request.impute_strategy]
         job = Job(
             inputs={"dataset": request.dataset},

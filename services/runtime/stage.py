@@ -191,7 +191,7 @@ class StageRuntime:
         result_type: type[ResultT],
         on_progress: Callable[[float, str], None] | None,
     ) -> tuple[ResultT, bool]:
-        flight = self._flights.get(key)
+        flight = None
         joined = flight is not None
         if flight is None:
             cancelled = threading.Event()

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.runtime.errors import InvalidArgument
 from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
@@ -32,10 +33,17 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         require(0 <= request.seed < 2**32, f"seed must be in [0, 2^32), got {request.seed}")
         hyperparameters = dict(request.hyperparameters)
         # Catch a bad name or value before any data is read; the task is not known yet,
-        # so check against every catalogue that has this model.
-        for task in ("classification", "regression"):
-            if request.model in logic.MODELS[task]:
+        # so the hyperparameters must suit at least one catalogue that has this model
+        # (class_weight suits only the classifier); `work` checks against the real task.
+        tasks = [task for task in ("classification", "regression") if request.model in logic.MODELS[task]]
+        rejections = []
+        for task in tasks:
+            try:
                 logic.build_estimator(task, request.model, hyperparameters, request.seed)
+            except InvalidArgument as exc:
+                rejections.append(exc)
+        if len(rejections) == len(tasks):
+            raise rejections[0]
         job = Job(
             inputs={"x_train": request.x_train, "y_train": request.y_train},
             params={
