@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -149,7 +150,8 @@ class StageRuntime:
 
         result, cache_hit = None, False
         if not job.force_recompute:
-            result = await self.to_thread(self._recall, key, result_type)
+            # Store bookkeeping stays off the work threads: a cache hit must not queue behind fits.
+            result = await asyncio.to_thread(self._recall, key, result_type)
             cache_hit = result is not None
         if result is None:
             result, cache_hit = await self._compute_once(key, job, work, result_type, on_progress)
@@ -191,14 +193,18 @@ class StageRuntime:
         result_type: type[ResultT],
         on_progress: Callable[[float, str], None] | None,
     ) -> tuple[ResultT, bool]:
-        flight = None
+        flight = self._flights.get(key)
+        if flight is not None and flight.cancelled.is_set():
+            # Every caller left that computation and it is stopping: a new caller
+            # must not inherit its cancellation, so start afresh.
+            flight = None
         joined = flight is not None
         if flight is None:
             cancelled = threading.Event()
             loop = asyncio.get_running_loop()
             task = asyncio.ensure_future(self._compute(key, job, work, cancelled, loop))
             flight = self._flights[key] = _Flight(task, cancelled)
-            task.add_done_callback(lambda _t: self._flights.pop(key, None))
+            task.add_done_callback(functools.partial(self._landed, key, flight))
         if on_progress is not None:
             flight.listeners.append(on_progress)
         flight.waiters += 1
@@ -216,6 +222,12 @@ class StageRuntime:
         # A caller that joined someone else's computation did not compute: a hit.
         return result, joined
 
+    def _landed(self, key: str, flight: _Flight, task: asyncio.Task) -> None:
+        if self._flights.get(key) is flight:  # not a newer flight for the same key
+            del self._flights[key]
+        if not task.cancelled() and flight.waiters == 0:
+            task.exception()  # nobody awaits an abandoned computation; its error is expected
+
     async def _compute(
         self,
         key: str,
@@ -226,7 +238,9 @@ class StageRuntime:
     ) -> bytes:
         def progress(fraction: float, message: str) -> None:
             flight = self._flights.get(key)
-            for listener in list(flight.listeners if flight else []):
+            if flight is None or flight.cancelled is not cancelled:
+                return  # abandoned; the listeners belong to a newer computation
+            for listener in list(flight.listeners):
                 loop.call_soon_threadsafe(listener, fraction, message)
 
         run = Run(store=self.store, settings=self.settings, cancelled=cancelled, progress=progress)
@@ -235,7 +249,7 @@ class StageRuntime:
         result = await self.to_thread(work, run)
         seconds = time.perf_counter() - started
         result.ClearField("stage")
-        await self.to_thread(self._remember, key, job, run, result, created, seconds)
+        await asyncio.to_thread(self._remember, key, job, run, result, created, seconds)
         return result.SerializeToString()
 
     def _remember(self, key: str, job: Job, run: Run, result: Message, created: datetime, seconds: float) -> None:

@@ -1,0 +1,274 @@
+"""Artifact encodings: deterministic bytes, safe model loading, metadata that survives."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import skops.io as sio
+from sklearn.datasets import load_diabetes, load_iris
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier, RandomForestRegressor
+from sklearn.feature_selection import SelectKBest, f_classif, f_regression
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, PolynomialFeatures, StandardScaler
+
+from services.runtime.errors import DataLoss
+from services.runtime.formats import (
+    array_to_npy,
+    frame_to_parquet,
+    json_bytes_to_doc,
+    model_to_skops,
+    npy_to_array,
+    parquet_to_frame,
+    skops_to_model,
+    to_json_bytes,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Fits a small forest and a pipeline and prints the digest of their skops encodings.
+_DIGEST_SCRIPT = """
+import hashlib
+from sklearn.datasets import load_iris
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.feature_selection import SelectKBest, f_classif
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from services.runtime.formats import model_to_skops
+
+x, y = load_iris(return_X_y=True)
+forest = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
+pipeline = Pipeline([("scale", StandardScaler()), ("select", SelectKBest(f_classif, k=2))]).fit(x, y)
+print(hashlib.sha256(model_to_skops(forest)).hexdigest(), hashlib.sha256(model_to_skops(pipeline)).hexdigest())
+"""
+
+
+def _iris() -> tuple[np.ndarray, np.ndarray]:
+    return load_iris(return_X_y=True)
+
+
+def _forest() -> RandomForestClassifier:
+    x, y = _iris()
+    return RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
+
+
+def _pipeline() -> Pipeline:
+    x, y = _iris()
+    return Pipeline([("scale", StandardScaler()), ("select", SelectKBest(f_classif, k=2))]).fit(x, y)
+
+
+def custom_double(x):
+    return x * 2
+
+
+class Custom:
+    def __init__(self) -> None:
+        self.weights = np.arange(3.0)
+
+
+# ---- skops: determinism ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make",
+    [
+        _forest,
+        _pipeline,
+        lambda: LogisticRegression(max_iter=500).fit(*_iris()),
+        lambda: HistGradientBoostingClassifier(max_iter=5, random_state=0).fit(*_iris()),
+    ],
+    ids=["forest", "pipeline", "logistic", "hist_gradient_boosting"],
+)
+def test_equal_models_give_identical_bytes(make) -> None:
+    first, second = make(), make()
+    assert first is not second
+    assert model_to_skops(first) == model_to_skops(second)
+
+
+def test_different_models_give_different_bytes() -> None:
+    x, y = _iris()
+    a = RandomForestClassifier(n_estimators=5, random_state=0).fit(x, y)
+    b = RandomForestClassifier(n_estimators=5, random_state=1).fit(x, y)
+    assert model_to_skops(a) != model_to_skops(b)
+
+
+def test_skops_zip_has_no_timestamps_or_object_ids() -> None:
+    data = model_to_skops(_forest())
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+        names = [info.filename for info in infos]
+        assert names == sorted(names) and "schema.json" in names
+        assert all(info.date_time == (1980, 1, 1, 0, 0, 0) for info in infos)
+        ids = sorted(int(n.removesuffix(".npy")) for n in names if n.endswith(".npy"))
+        assert ids and max(ids) < 10_000, "array entries still carry id()-based names"
+
+
+def test_skops_bytes_match_across_processes() -> None:
+    in_process = " ".join(hashlib.sha256(model_to_skops(m)).hexdigest() for m in (_forest(), _pipeline()))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _DIGEST_SCRIPT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        for seed in ("1", "2")
+    ]
+    outputs = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        outputs.append(out.strip())
+    assert outputs[0] == outputs[1] == in_process
+
+
+# ---- skops: safe loading ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make",
+    [
+        _forest,
+        _pipeline,
+        lambda: HistGradientBoostingClassifier(max_iter=5, random_state=0).fit(*_iris()),
+        lambda: RandomForestRegressor(n_estimators=3, random_state=0).fit(*load_diabetes(return_X_y=True)),
+        lambda: Pipeline([("poly", PolynomialFeatures(2)), ("select", SelectKBest(f_regression, k=3))]).fit(
+            *load_diabetes(return_X_y=True)
+        ),
+    ],
+    ids=["forest", "pipeline", "hist_gradient_boosting", "forest_regressor", "f_regression"],
+)
+def test_stage_models_round_trip(make) -> None:
+    model = make()
+    loaded = skops_to_model(model_to_skops(model), "model")
+    assert type(loaded) is type(model)
+    x = load_diabetes(return_X_y=True)[0] if "regress" in repr(model).lower() else _iris()[0]
+    if hasattr(model, "predict"):
+        np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+    else:
+        np.testing.assert_array_equal(loaded.transform(x), model.transform(x))
+
+
+@pytest.mark.parametrize(
+    ("make", "type_name"),
+    [
+        (lambda: FunctionTransformer(func=custom_double).fit(np.ones((3, 2))), "custom_double"),
+        (Custom, "Custom"),
+        (lambda: {"payload": Custom()}, "Custom"),
+    ],
+    ids=["function_transformer", "custom_class", "nested_custom_class"],
+)
+def test_untrusted_types_are_refused(make, type_name: str) -> None:
+    data = sio.dumps(make())
+    untrusted = sio.get_untrusted_types(data=data)
+    assert any(name.endswith(f".{type_name}") for name in untrusted), untrusted
+    with pytest.raises(DataLoss) as caught:
+        skops_to_model(data, "model")
+    message = str(caught.value)
+    assert "model" in message and "allow-list" in message and "not loaded" in message
+    for name in untrusted:
+        assert name in message
+
+
+def test_a_tampered_model_file_is_refused_before_any_code_runs() -> None:
+    """Swap a trusted estimator's type for a custom one inside a valid skops file."""
+    original = model_to_skops(LogisticRegression(max_iter=1000).fit(*_iris()))
+    with zipfile.ZipFile(io.BytesIO(original)) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    schema = json.loads(entries["schema.json"])
+    schema["__module__"], schema["__class__"] = "os", "system"
+    entries["schema.json"] = json.dumps(schema).encode()
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w") as archive:
+        for name, body in entries.items():
+            archive.writestr(name, body)
+    with pytest.raises(DataLoss, match=r"os\.system"):
+        skops_to_model(sink.getvalue(), "model")
+
+
+@pytest.mark.parametrize("data", [b"", b"not a zip at all", b"PK\x03\x04broken"])
+def test_unreadable_skops_is_data_loss(data: bytes) -> None:
+    with pytest.raises(DataLoss, match="transformer"):
+        skops_to_model(data, "transformer")
+
+
+# ---- Parquet -------------------------------------------------------------------------------
+def _frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "sepal length": [5.1, 4.9, np.nan],
+            "count": np.array([1, 2, 3], dtype="int64"),
+            "label": ["setosa", "versicolor", "virginica"],
+            "flag": [True, False, True],
+        }
+    )
+
+
+def test_parquet_round_trip_keeps_frame_and_metadata() -> None:
+    metadata = {"target_column": "label", "task_kind": "classification", "class_names": ["a", "b"], "nested": {"x": 1}}
+    frame, meta = parquet_to_frame(frame_to_parquet(_frame(), metadata), "dataset")
+    pd.testing.assert_frame_equal(frame, _frame())
+    assert meta == metadata
+
+
+def test_parquet_keeps_pandas_metadata_and_only_adds_ours() -> None:
+    import pyarrow.parquet as pq
+
+    data = frame_to_parquet(_frame(), {"target_column": "label"})
+    schema_meta = pq.read_schema(io.BytesIO(data)).metadata
+    assert json.loads(schema_meta[b"mlmesh"]) == {"target_column": "label"}
+    assert b"pandas" in schema_meta
+
+
+def test_parquet_without_our_metadata_reads_as_empty_metadata() -> None:
+    sink = io.BytesIO()
+    _frame().to_parquet(sink, index=False)
+    frame, meta = parquet_to_frame(sink.getvalue(), "dataset")
+    assert meta == {} and list(frame.columns) == list(_frame().columns)
+
+
+def test_parquet_bytes_are_deterministic() -> None:
+    metadata = {"b": 1, "a": 2}
+    assert frame_to_parquet(_frame(), metadata) == frame_to_parquet(_frame().copy(), dict(reversed(metadata.items())))
+
+
+@pytest.mark.parametrize("data", [b"", b"PAR1 definitely not parquet PAR1"])
+def test_unreadable_parquet_is_data_loss(data: bytes) -> None:
+    with pytest.raises(DataLoss, match="dataset is not a readable Parquet file"):
+        parquet_to_frame(data, "dataset")
+
+
+# ---- NumPy and JSON ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "array",
+    [np.arange(12, dtype=np.float64).reshape(3, 4), np.array([0, 1, 2], dtype=np.int64),
+     np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.arange(10.0)[::2]],
+    ids=["matrix", "labels", "fortran", "strided"],
+)
+def test_npy_round_trip_and_determinism(array: np.ndarray) -> None:
+    data = array_to_npy(array)
+    assert data == array_to_npy(array.copy())
+    back = npy_to_array(data, "x_train")
+    np.testing.assert_array_equal(back, array)
+    assert back.dtype == array.dtype and back.flags.c_contiguous
+
+
+def test_npy_with_pickled_objects_is_refused() -> None:
+    sink = io.BytesIO()
+    np.save(sink, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataLoss, match="x_test is not a readable .npy array"):
+        npy_to_array(sink.getvalue(), "x_test")
+    with pytest.raises(DataLoss):
+        npy_to_array(b"garbage", "x_test")
+
+
+def test_json_bytes_are_canonical_and_checked() -> None:
+    assert to_json_bytes({"b": 1, "a": [1, 2]}) == to_json_bytes({"a": [1, 2], "b": 1})
+    assert to_json_bytes({"b": 1}).endswith(b"\n")
+    assert json_bytes_to_doc(to_json_bytes({"a": 1}), "report") == {"a": 1}
+    with pytest.raises(DataLoss, match="metrics_report is not valid JSON"):
+        json_bytes_to_doc(b"{nope", "metrics_report")

@@ -1,0 +1,411 @@
+"""What every stage server promises, whatever its stage: health, reflection, shutdown,
+error hygiene, message limits, responsiveness under load and SIGTERM handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from services.runtime.server import stage_spec
+from tests.conftest import expect_error
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from mlmesh.common.v1.common_pb2 import ArtifactRef
+from mlmesh.evaluator.v1 import evaluator_pb2
+from mlmesh.features.v1 import features_pb2
+from mlmesh.loader.v1 import loader_pb2
+from mlmesh.preprocess.v1 import preprocess_pb2
+from mlmesh.trainer.v1 import trainer_pb2
+from services.runtime.client import MeshClient
+from services.runtime.server import RunningStage, start_stage
+from services.runtime.settings import STAGES, Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_status(address: str, service: str = "", timeout: float = 2.0) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
+    return reply.status
+
+
+async def assert_serving(stage: RunningStage) -> None:
+    for service in ("", stage.spec.service_name):
+        status = await health_status(stage.address, service)
+        assert status == SERVING, f"{stage.spec.name} {service!r}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+
+
+# ---- health ---------------------------------------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", STAGES)
+async def test_health_is_serving_for_server_and_service(mesh: dict[str, RunningStage], name: str) -> None:
+    stage = mesh[name]
+    assert stage.spec.service_name == f"mlmesh.{name}.v1.{name.capitalize()}Service"
+    await assert_serving(stage)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health_status(stage.address, "mlmesh.nope.v1.NopeService")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", STAGES)
+async def test_health_is_not_serving_until_the_store_accepts_a_write(
+    settings: Settings, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.runtime import server as server_module
+
+    gate = threading.Event()
+
+    def blocked_write(runtime) -> None:  # runs on a worker thread; the loop stays free
+        assert gate.wait(timeout=10), "test never released the store check"
+
+    monkeypatch.setattr(server_module, "_check_store_writable", blocked_write)
+    # Bind a port we know, so health can be asked while start_stage is still waiting.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    starting = asyncio.ensure_future(start_stage(stage_spec(name), settings, port=port))
+    try:
+        address, service = f"127.0.0.1:{port}", stage_spec(name).service_name
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                statuses = {await health_status(address, s, timeout=1) for s in ("", service)}
+                break
+            except grpc.aio.AioRpcError:
+                assert time.monotonic() < deadline, "server never came up"
+                await asyncio.sleep(0.02)
+        assert statuses == {NOT_SERVING}
+        assert not starting.done()
+    finally:
+        gate.set()
+        stage = await starting
+    await assert_serving(stage)
+    await stage.stop(0)
+
+
+# ---- reflection -----------------------------------------------------------------------------
+async def _reflect(address: str, request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(iter([request]), timeout=5)
+        responses = [response async for response in call]
+    assert len(responses) == 1
+    return responses[0]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", STAGES)
+async def test_reflection_lists_and_describes_the_stage(mesh: dict[str, RunningStage], name: str) -> None:
+    stage = mesh[name]
+    listed = await _reflect(stage.address, reflection_pb2.ServerReflectionRequest(list_services=""))
+    services = {s.name for s in listed.list_services_response.service}
+    assert services == {
+        stage.spec.service_name, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+    }
+
+    described = await _reflect(
+        stage.address, reflection_pb2.ServerReflectionRequest(file_containing_symbol=stage.spec.service_name)
+    )
+    protos = described.file_descriptor_response.file_descriptor_proto
+    assert protos, described
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw) for raw in protos]
+    declared = {f"{f.package}.{s.name}" for f in files for s in f.service}
+    assert stage.spec.service_name in declared
+
+
+# ---- graceful shutdown ---------------------------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", STAGES)
+async def test_stop_reports_not_serving_then_the_server_is_gone(settings: Settings, name: str) -> None:
+    stage = await start_stage(stage_spec(name), settings, port=0)
+    seen: list[int] = []
+    async with grpc.aio.insecure_channel(stage.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=stage.spec.service_name), timeout=10
+        )
+        seen.append((await watch.read()).status)
+        stopping = asyncio.ensure_future(stage.stop(0.5))
+        try:
+            seen.append((await watch.read()).status)
+        except grpc.aio.AioRpcError as error:
+            seen.append(error.code())
+        await stopping
+    assert seen == [SERVING, NOT_SERVING], seen
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await health_status(stage.address, timeout=1)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.asyncio
+async def test_a_taken_port_is_a_clear_start_error(settings: Settings) -> None:
+    first = await start_stage(stage_spec("loader"), settings, port=0)
+    try:
+        with pytest.raises(OSError, match=rf"cannot bind 127\.0\.0\.1:{first.port}.*MLMESH_LOADER_PORT"):
+            await start_stage(stage_spec("loader"), settings, port=first.port)
+        await assert_serving(first)
+    finally:
+        await first.stop(0)
+
+
+# ---- error hygiene -------------------------------------------------------------------------
+async def _pipeline_refs(client: MeshClient) -> dict[str, object]:
+    loaded = await client.load(loader_pb2.LoadRequest(source="sklearn:iris"))
+    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
+    features = await client.build_features(
+        features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test)
+    )
+    trained = await client.train(
+        trainer_pb2.TrainRequest(x_train=features.x_train, y_train=features.y_train, model="logistic_regression")
+    )
+    return {"loaded": loaded, "prepared": prepared, "features": features, "trained": trained}
+
+
+def _stage_call(client: MeshClient, stage: str, refs: dict[str, object]):
+    loaded, prepared, features, trained = refs["loaded"], refs["prepared"], refs["features"], refs["trained"]
+    if stage == "loader":
+        return client.load(loader_pb2.LoadRequest(source="sklearn:iris", force_recompute=True))
+    if stage == "preprocess":
+        return client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset, force_recompute=True))
+    if stage == "features":
+        return client.build_features(
+            features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test, force_recompute=True)
+        )
+    if stage == "trainer":
+        return client.train(
+            trainer_pb2.TrainRequest(
+                x_train=features.x_train, y_train=features.y_train, model="logistic_regression", force_recompute=True
+            )
+        )
+    return client.evaluate(
+        evaluator_pb2.EvaluateRequest(
+            model=trained.model, x_test=features.x_test, y_test=features.y_test, force_recompute=True
+        )
+    )
+
+
+# (stage, logic function to break): on the worker thread, and in the handler itself.
+BROKEN = [
+    ("loader", "load_dataset"),
+    ("loader", "parse_source"),
+    ("preprocess", "preprocess"),
+    ("features", "engineer"),
+    ("trainer", "fit"),
+    ("trainer", "build_estimator"),
+    ("evaluator", "evaluate"),
+    ("evaluator", "check_threshold_names"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("name", "function"), BROKEN)
+async def test_unexpected_exception_is_internal_with_incident_and_no_detail(
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    name: str,
+    function: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refs = await _pipeline_refs(client)
+    logic = sys.modules[f"services.{name}.logic"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret-internal-detail")
+
+    monkeypatch.setattr(logic, function, broken)
+    with caplog.at_level(logging.ERROR, logger="mlmesh.rpc"):
+        details = await expect_error(_stage_call(client, name, refs), grpc.StatusCode.INTERNAL, "incident")
+    assert "secret-internal-detail" not in details
+    assert "RuntimeError" not in details and "Traceback" not in details and ".py" not in details
+    incident = re.search(r"incident ([0-9a-f]{8})", details)
+    assert incident, details
+    assert mesh[name].spec.service_name in details
+
+    # The traceback, with the secret, is in the service log under the same incident id.
+    logged = [r for r in caplog.records if r.name == "mlmesh.rpc" and f"incident={incident.group(1)}" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    assert "secret-internal-detail" in str(logged[0].exc_info[1])
+
+    # The server is fine afterwards: healthy, and the real code path works again.
+    await assert_serving(mesh[name])
+    monkeypatch.undo()
+    response = await _stage_call(client, name, refs)
+    assert response.stage.stage == name and not response.stage.cache_hit
+
+
+def _bad_request(client: MeshClient, stage: str):
+    if stage == "loader":
+        return client.load(loader_pb2.LoadRequest(source="sklearn:nope")), "unknown sklearn dataset"
+    if stage == "preprocess":
+        return client.preprocess(preprocess_pb2.PreprocessRequest()), "dataset is required"
+    if stage == "features":
+        return client.build_features(features_pb2.BuildFeaturesRequest()), "train is required"
+    if stage == "trainer":
+        return client.train(trainer_pb2.TrainRequest(model="random_forest")), "x_train is required"
+    return client.evaluate(evaluator_pb2.EvaluateRequest()), "model is required"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", STAGES)
+async def test_bad_requests_are_invalid_argument_and_health_stays_serving(
+    client: MeshClient, mesh: dict[str, RunningStage], name: str
+) -> None:
+    for _ in range(3):
+        call, fragment = _bad_request(client, name)
+        await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, fragment)
+    await assert_serving(mesh[name])
+
+
+# ---- message size ---------------------------------------------------------------------------
+def _oversized(stage: str, size: int):
+    big = "x" * size
+    return {
+        "loader": ("unary", loader_pb2.LoadRequest(source=big)),
+        "preprocess": ("unary", preprocess_pb2.PreprocessRequest(dataset=ArtifactRef(uri=big))),
+        "features": ("unary", features_pb2.BuildFeaturesRequest(train=ArtifactRef(uri=big))),
+        "trainer": ("stream", trainer_pb2.TrainRequest(model=big)),
+        "evaluator": ("unary", evaluator_pb2.EvaluateRequest(class_names=[big])),
+    }[stage]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("name", STAGES)
+async def test_request_over_the_message_limit_is_resource_exhausted(
+    mesh: dict[str, RunningStage], settings: Settings, client: MeshClient, name: str
+) -> None:
+    stage = mesh[name]
+    kind, request = _oversized(name, settings.max_message_bytes + 1024)
+    assert request.ByteSize() > settings.max_message_bytes
+    method = "/" + stage.spec.service_name + "/" + {
+        "loader": "Load", "preprocess": "Preprocess", "features": "BuildFeatures",
+        "trainer": "Train", "evaluator": "Evaluate",
+    }[name]
+    # A raw channel without the client's own send limit, so the server is what refuses.
+    async with grpc.aio.insecure_channel(stage.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            if kind == "unary":
+                await channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString())(request, timeout=10)
+            else:
+                call = channel.unary_stream(method, request_serializer=lambda m: m.SerializeToString())(request, timeout=10)
+                async for _ in call:
+                    pass
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+    assert "larger than max" in (caught.value.details() or "")
+
+    await assert_serving(stage)
+    call, fragment = _bad_request(client, name)  # the stage still handles ordinary requests
+    await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, fragment)
+
+
+# ---- responsiveness under load -------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_health_answers_within_deadline_while_trainer_is_busy(
+    client: MeshClient, mesh: dict[str, RunningStage]
+) -> None:
+    loaded = await client.load(loader_pb2.LoadRequest(source="synthetic:classification?rows=20000&features=30"))
+    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
+    features = await client.build_features(
+        features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test)
+    )
+    trainer = mesh["trainer"]
+    training = asyncio.ensure_future(
+        client.train(
+            trainer_pb2.TrainRequest(
+                x_train=features.x_train, y_train=features.y_train,
+                model="random_forest", hyperparameters={"n_estimators": "300"},
+            )
+        )
+    )
+    try:
+        # Wait until the fit is really running on a worker thread.
+        deadline = time.monotonic() + 10
+        while not trainer.runtime._flights:
+            assert time.monotonic() < deadline and not training.done(), "training never started"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # past reading the inputs, into the forest
+
+        latencies: list[float] = []
+        async with grpc.aio.insecure_channel(trainer.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for i in range(20):
+                service = "" if i % 2 else trainer.spec.service_name
+                started = time.perf_counter()
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                latencies.append(time.perf_counter() - started)
+                assert reply.status == SERVING
+                await asyncio.sleep(0.02)
+        report = (
+            f"health latency under load over {len(latencies)} checks: "
+            f"max={max(latencies) * 1000:.1f}ms mean={sum(latencies) / len(latencies) * 1000:.1f}ms"
+        )
+        print(report)
+        assert not training.done(), f"training finished before the checks did, so there was no load; {report}"
+        assert all(latency < 1.0 for latency in latencies), report
+    finally:
+        training.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await training
+    # Cancelling the only caller stops the forest at its next checkpoint.
+    deadline = time.monotonic() + 20
+    while trainer.runtime._flights:
+        assert time.monotonic() < deadline, "the cancelled fit kept running"
+        await asyncio.sleep(0.05)
+
+
+# ---- the process: SIGTERM ------------------------------------------------------------------
+def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "MLMESH_LOADER_PORT": str(port),
+        "MLMESH_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+        "MLMESH_GRACE_SECONDS": "1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.loader"], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        status = None
+        while status != SERVING:
+            assert process.poll() is None, f"loader exited early:\n{process.stdout.read()}"
+            assert time.monotonic() < deadline, "loader never reported SERVING"
+            try:
+                status = asyncio.run(health_status(f"127.0.0.1:{port}", "mlmesh.loader.v1.LoaderService", timeout=1))
+            except grpc.aio.AioRpcError:
+                time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        output, _ = process.communicate(timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert elapsed < 5, f"took {elapsed:.1f}s to stop"
+    assert f"serving mlmesh.loader.v1.LoaderService on 127.0.0.1:{port}" in output
+    assert "loader stopping" in output and "loader stopped" in output, output
+    assert "Traceback" not in output

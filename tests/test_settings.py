@@ -1,0 +1,132 @@
+"""Settings from MLMESH_* variables: defaults, overrides, and errors that name the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.runtime.settings import DEFAULT_PORTS, STAGES, Settings, SettingsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env({})
+    assert settings.ports == {"loader": 50051, "preprocess": 50052, "features": 50053, "trainer": 50054, "evaluator": 50055}
+    assert DEFAULT_PORTS == settings.ports and list(settings.ports) == list(STAGES)
+    assert settings.addresses == {stage: f"localhost:{port}" for stage, port in settings.ports.items()}
+    assert settings.artifact_root == str(tmp_path.resolve() / "artifacts")
+    assert os.path.isabs(settings.artifact_root)
+    assert settings.bind_host == "127.0.0.1"
+    assert settings.log_level == "INFO"
+    assert settings.grace_seconds == 5.0
+    assert settings.max_message_bytes == 4 * 1024 * 1024
+    assert settings.max_concurrent_rpcs == 64
+    assert settings.worker_threads == min(4, os.cpu_count() or 1)
+    assert settings.max_dataset_bytes == 2 * 1024**3
+    assert settings.rpc_timeout_seconds == 600.0
+
+
+def test_empty_values_mean_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    env = {"MLMESH_LOADER_PORT": "", "MLMESH_LOG_LEVEL": "", "MLMESH_ARTIFACT_ROOT": "", "MLMESH_GRACE_SECONDS": ""}
+    assert Settings.from_env(env) == Settings.from_env({})
+
+
+def test_from_env_reads_the_process_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLMESH_TRAINER_PORT", "6004")
+    monkeypatch.setenv("MLMESH_ARTIFACT_ROOT", str(tmp_path))
+    settings = Settings.from_env()
+    assert settings.ports["trainer"] == 6004 and settings.artifact_root == str(tmp_path.resolve())
+
+
+def test_overrides(tmp_path: Path) -> None:
+    env = {
+        "MLMESH_ARTIFACT_ROOT": str(tmp_path / "store"),
+        "MLMESH_BIND_HOST": "0.0.0.0",
+        "MLMESH_LOADER_PORT": "6001",
+        "MLMESH_EVALUATOR_PORT": "0",
+        "MLMESH_FEATURES_ADDRESS": "features.internal:7000",
+        "MLMESH_LOG_LEVEL": "debug",
+        "MLMESH_GRACE_SECONDS": "2.5",
+        "MLMESH_MAX_MESSAGE_BYTES": "1048576",
+        "MLMESH_MAX_CONCURRENT_RPCS": "8",
+        "MLMESH_WORKER_THREADS": "3",
+        "MLMESH_MAX_DATASET_BYTES": "4096",
+        "MLMESH_RPC_TIMEOUT_SECONDS": "0.5",
+    }
+    settings = Settings.from_env(env)
+    assert settings.artifact_root == str((tmp_path / "store").resolve())
+    assert settings.bind_host == "0.0.0.0"
+    assert settings.ports == {**DEFAULT_PORTS, "loader": 6001, "evaluator": 0}
+    assert settings.addresses["loader"] == "localhost:6001"  # follows the overridden port
+    assert settings.addresses["features"] == "features.internal:7000"
+    assert settings.addresses["trainer"] == "localhost:50054"
+    assert settings.log_level == "DEBUG"
+    assert settings.grace_seconds == 2.5
+    assert settings.max_message_bytes == 1048576
+    assert settings.max_concurrent_rpcs == 8
+    assert settings.worker_threads == 3
+    assert settings.max_dataset_bytes == 4096
+    assert settings.rpc_timeout_seconds == 0.5
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("relative/store", "{cwd}/relative/store"),
+        ("file://{tmp}/via-uri", "{tmp}/via-uri"),
+        ("~/mlmesh-artifacts", "{home}/mlmesh-artifacts"),
+        ("s3://bucket/prefix/", "s3://bucket/prefix"),
+        ("gs://bucket", "gs://bucket"),
+        ("memory://mlmesh", "memory://mlmesh"),
+    ],
+)
+def test_artifact_root_forms(raw: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    values = {"tmp": str(tmp_path), "cwd": str(tmp_path.resolve()), "home": str((tmp_path / "home").resolve())}
+    settings = Settings.from_env({"MLMESH_ARTIFACT_ROOT": raw.format(**values)})
+    assert settings.artifact_root == expected.format(**values)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("MLMESH_LOADER_PORT", "abc", "is not an integer"),
+        ("MLMESH_TRAINER_PORT", "50054.0", "is not an integer"),
+        ("MLMESH_EVALUATOR_PORT", "-1", "must be at least 0"),
+        ("MLMESH_LOG_LEVEL", "LOUD", "must be DEBUG, INFO, WARNING or ERROR"),
+        ("MLMESH_LOG_LEVEL", "verbose", "must be DEBUG, INFO, WARNING or ERROR"),
+        ("MLMESH_GRACE_SECONDS", "soon", "is not a number"),
+        ("MLMESH_GRACE_SECONDS", "-1", "must be at least 0"),
+        ("MLMESH_MAX_MESSAGE_BYTES", "100", "must be at least 1024"),
+        ("MLMESH_MAX_MESSAGE_BYTES", "4MB", "is not an integer"),
+        ("MLMESH_MAX_CONCURRENT_RPCS", "0", "must be at least 1"),
+        ("MLMESH_WORKER_THREADS", "0", "must be at least 1"),
+        ("MLMESH_MAX_DATASET_BYTES", "1k", "is not an integer"),
+        ("MLMESH_RPC_TIMEOUT_SECONDS", "0", "must be at least 0.001"),
+    ],
+)
+def test_invalid_values_name_the_variable(name: str, value: str, fragment: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: value})
+    message = str(caught.value)
+    assert message.startswith(f"{name}="), message
+    assert value.upper() in message.upper() and fragment in message
+    assert isinstance(caught.value, ValueError)
+
+
+def test_a_stage_process_refuses_to_start_with_a_bad_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "MLMESH_LOADER_PORT": "abc", "MLMESH_ARTIFACT_ROOT": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.loader"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "loader: invalid configuration: MLMESH_LOADER_PORT='abc' is not an integer" in result.stderr
+    assert "Traceback" not in result.stderr
