@@ -130,3 +130,18 @@ def test_a_stage_process_refuses_to_start_with_a_bad_variable(tmp_path: Path) ->
     assert result.returncode == 1
     assert "loader: invalid configuration: MLMESH_LOADER_PORT='abc' is not an integer" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("MLMESH_LOADER_PORT", "70000", "MLMESH_LOADER_PORT=70000 must be at most 65535"),
+        ("MLMESH_GRACE_SECONDS", "nan", "MLMESH_GRACE_SECONDS='nan' must be a finite number"),
+        ("MLMESH_RPC_TIMEOUT_SECONDS", "inf", "MLMESH_RPC_TIMEOUT_SECONDS='inf' must be a finite number"),
+        ("MLMESH_LOG_LEVEL", "loud", "MLMESH_LOG_LEVEL='loud'"),
+    ],
+)
+def test_out_of_range_values_are_refused_as_typed(variable: str, value: str, fragment: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({variable: value})
+    assert fragment in str(caught.value)

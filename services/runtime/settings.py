@@ -6,6 +6,7 @@ a compose file or a pod spec stops the service at start-up instead of later.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ class SettingsError(ValueError):
     """A configuration variable is missing or malformed."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -30,6 +31,8 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise SettingsError(f"{name}={raw!r} is not an integer") from None
     if value < minimum:
         raise SettingsError(f"{name}={value} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}={value} must be at most {maximum}")
     return value
 
 
@@ -41,6 +44,8 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name}={raw!r} must be a finite number")
     if value < minimum:
         raise SettingsError(f"{name}={value} must be at least {minimum}")
     return value
@@ -74,17 +79,18 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         ports = {
-            stage: _int(env, f"MLMESH_{stage.upper()}_PORT", default, minimum=0)
+            stage: _int(env, f"MLMESH_{stage.upper()}_PORT", default, minimum=0, maximum=65535)
             for stage, default in DEFAULT_PORTS.items()
         }
         addresses = {
             stage: env.get(f"MLMESH_{stage.upper()}_ADDRESS") or f"localhost:{ports[stage]}"
             for stage in STAGES
         }
-        log_level = (env.get("MLMESH_LOG_LEVEL") or "INFO").upper()
+        raw_level = env.get("MLMESH_LOG_LEVEL") or "INFO"
+        log_level = raw_level.upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(
-                f"MLMESH_LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR"
+                f"MLMESH_LOG_LEVEL={raw_level!r} must be DEBUG, INFO, WARNING or ERROR"
             )
         return cls(
             artifact_root=_artifact_root(env),
