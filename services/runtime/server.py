@@ -98,7 +98,12 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         )
     await server.start()
 
-    await runtime.to_thread(_check_store_writable, runtime)
+    try:
+        await runtime.to_thread(_check_store_writable, runtime)
+    except Exception as exc:
+        await server.stop(None)
+        runtime.close()
+        raise OSError(f"artifact store {settings.artifact_root} is not writable: {exc}") from exc
     for service in ("", spec.service_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return RunningStage(spec, server, bound, health_servicer, runtime)
