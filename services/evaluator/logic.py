@@ -48,14 +48,31 @@ def _scores(model: Any, x: np.ndarray) -> np.ndarray | None:
 
 
 def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
-    expected = getattr(model, "n_features_in_", x.shape[1])
+    # Shape checks come first: a swapped or foreign ref must not surface as an internal error.
+    expected = getattr(model, "n_features_in_", x.shape[1] if x.ndim == 2 else None)
     if x.ndim != 2 or x.shape[1] != expected:
         raise FailedPrecondition(
             f"the model expects {expected} features but x_test has shape {x.shape}; "
             "evaluate with the x_test from the same features run that trained the model"
         )
+    if y.ndim != 1:
+        raise FailedPrecondition(
+            f"y_test must be a vector of targets, got shape {y.shape}; pass the y_test the features stage returned"
+        )
     if len(x) != len(y):
         raise FailedPrecondition(f"x_test has {len(x)} rows but y_test has {len(y)}")
+    if is_classifier(model):
+        if not np.issubdtype(y.dtype, np.integer):
+            raise FailedPrecondition(
+                f"the model is a classifier but y_test holds {y.dtype} values, not class labels; "
+                "evaluate with the y_test from the same features run that trained the model"
+            )
+        unknown = sorted(set(np.unique(y).tolist()) - set(np.asarray(model.classes_).tolist()))
+        if unknown:
+            raise FailedPrecondition(
+                f"y_test holds classes {unknown} the model was not trained on; "
+                "evaluate with the y_test from the same features run that trained the model"
+            )
     if len(y) == 0:
         raise FailedPrecondition("the test split is empty")
     predicted = model.predict(x)

@@ -94,6 +94,11 @@ def read_file_bytes(source: Source) -> bytes:
             return handle.read()
     except FileNotFoundError:
         raise NotFound(f"source file {source.name!r} does not exist") from None
+    except IsADirectoryError:
+        # e.g. a Spark or Dask "table.parquet" folder of part files
+        raise InvalidArgument(
+            f"source {source.name!r} is a directory; pass a single CSV or Parquet file"
+        ) from None
     except (ValueError, ImportError) as exc:
         # fsspec raises these for unknown protocols or missing optional backends.
         raise InvalidArgument(f"cannot open {source.name!r}: {exc}") from None

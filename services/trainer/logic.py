@@ -117,21 +117,29 @@ def fit(
     counter = _INCREMENTAL.get(type(estimator))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        if counter is None:
-            progress(0.0, f"fitting {type(estimator).__name__} on {x.shape[0]} rows")
-            estimator.fit(x, y)
-        else:
-            total = estimator.get_params()[counter]
-            warm_start = estimator.get_params()["warm_start"]
-            estimator.set_params(warm_start=True)
-            done = 0
-            step = max(1, -(-total // PROGRESS_STEPS))
-            while done < total:
-                check_cancelled()
-                done = min(total, done + step)
-                estimator.set_params(**{counter: done})
+        try:
+            if counter is None:
+                progress(0.0, f"fitting {type(estimator).__name__} on {x.shape[0]} rows")
                 estimator.fit(x, y)
-                progress(done / total, f"{counter} {done}/{total}")
-            estimator.set_params(warm_start=warm_start)
+            else:
+                total = estimator.get_params()[counter]
+                warm_start = estimator.get_params()["warm_start"]
+                estimator.set_params(warm_start=True)
+                done = 0
+                step = max(1, -(-total // PROGRESS_STEPS))
+                while done < total:
+                    check_cancelled()
+                    done = min(total, done + step)
+                    estimator.set_params(**{counter: done})
+                    estimator.fit(x, y)
+                    progress(done / total, f"{counter} {done}/{total}")
+                estimator.set_params(warm_start=warm_start)
+        except ValueError as exc:
+            # Each value passed _validate_params, so this is a combination scikit-learn
+            # refuses at fit time (penalty="l1" with the lbfgs solver, max_samples
+            # without bootstrap): the caller's to change, not an internal error.
+            raise InvalidArgument(
+                f"{type(estimator).__name__} cannot be fitted with these hyperparameters: {exc}"
+            ) from None
     progress(1.0, "fit complete")
     return sorted({str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)})

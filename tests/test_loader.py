@@ -1,0 +1,433 @@
+"""Loader stage: source parsing and validation (pure logic), then the real service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pandas as pd
+import pytest
+import pytest_asyncio
+
+from mlmesh.common.v1.common_pb2 import TaskKind
+from mlmesh.loader.v1 import loader_pb2
+from services.loader import logic
+from services.runtime.client import MeshClient, check_health
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.runtime.formats import parquet_to_frame
+from services.runtime.server import RunningStage, start_stage
+from services.runtime.settings import Settings
+from services.runtime.store import ArtifactStore
+from tests.conftest import expect_error, stage_spec
+
+BIG = 2 * 1024**3
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+FAILED, EXHAUSTED = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED
+SYNTH = "synthetic:classification?rows=500&features=8&classes=3&seed=1"
+
+
+def example_frame() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {
+            "height": rng.normal(170, 10, 40).round(2),
+            "weight": rng.normal(70, 5, 40).round(2),
+            "flag": [True, False] * 20,
+            "species": ["cat", "dog", "eel", "dog"] * 10,
+        }
+    )
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    frame.to_csv(path, index=False)
+    return path
+
+
+async def assert_serving(mesh: dict[str, RunningStage], stage: str = "loader") -> None:
+    assert await check_health(mesh[stage].address) == "SERVING"
+    assert await check_health(mesh[stage].address, mesh[stage].spec.service_name) == "SERVING"
+
+
+def load(source: str, target: str = "", task: int = 0, force: bool = False) -> loader_pb2.LoadRequest:
+    return loader_pb2.LoadRequest(source=source, target_column=target, task_kind=task, force_recompute=force)
+
+
+# ---- parse_source -------------------------------------------------------------------------
+def test_parse_source_sklearn_names() -> None:
+    for name in ("iris", "wine", "breast_cancer", "digits", "diabetes"):
+        assert logic.parse_source(f"sklearn:{name}") == logic.Source("sklearn", name)
+    assert logic.parse_source("  sklearn:iris \n") == logic.Source("sklearn", "iris")
+
+
+def test_parse_source_synthetic_defaults_and_typed_options() -> None:
+    source = logic.parse_source("synthetic:classification")
+    assert (source.kind, source.name) == ("synthetic", "classification")
+    assert source.options == {"rows": 1000, "features": 20, "classes": 2, "seed": 0}
+
+    source = logic.parse_source("synthetic:classification?rows=50&features=4&classes=3&seed=9")
+    assert source.options == {"rows": 50, "features": 4, "classes": 3, "seed": 9}
+    assert all(isinstance(v, int) for v in source.options.values())
+
+    source = logic.parse_source("synthetic:regression?noise=2.5&rows=10")
+    assert source.options == {"rows": 10, "features": 20, "noise": 2.5, "seed": 0}
+    assert isinstance(source.options["noise"], float)
+
+
+@pytest.mark.parametrize(
+    ("text", "fmt"),
+    [
+        ("data/train.csv", "csv"),
+        ("/abs/DATA.CSV", "csv"),
+        ("data/train.csv.gz", "csv"),
+        ("file:///tmp/x.parquet", "parquet"),
+        ("s3://bucket/key/table.pq", "parquet"),
+    ],
+)
+def test_parse_source_files_by_suffix(text: str, fmt: str) -> None:
+    source = logic.parse_source(text)
+    assert source == logic.Source("file", text, file_format=fmt)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("", ["source is required", "sklearn:breast_cancer"]),
+        ("   ", ["source is required"]),
+        ("sklearn:mnist", ["unknown sklearn dataset 'mnist'", "breast_cancer, diabetes, digits, iris, wine"]),
+        ("synthetic:clustering", ["unknown synthetic task 'clustering'"]),
+        ("synthetic:classification?colour=red", ["unknown option 'colour'", "rows, features, classes, seed"]),
+        ("synthetic:regression?classes=3", ["unknown option 'classes' for synthetic:regression"]),
+        ("synthetic:classification?rows=many", ["rows='many' is not a number"]),
+        ("data/train.txt", ["cannot tell the format of 'data/train.txt'"]),
+    ],
+)
+def test_parse_source_rejects(text: str, fragments: list[str]) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        logic.parse_source(text)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+# ---- task inference -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("values", "task"),
+    [
+        (["a", "b", "a"], logic.CLASSIFICATION),
+        ([True, False, True], logic.CLASSIFICATION),
+        ([0, 1, 2, 1, 0], logic.CLASSIFICATION),
+        ([0.0, 1.0, np.nan, 1.0], logic.CLASSIFICATION),
+        ([0.5, 1.25, 3.0], logic.REGRESSION),
+        (list(range(21)), logic.REGRESSION),  # more distinct integers than MAX_INFERRED_CLASSES
+        (list(range(20)), logic.CLASSIFICATION),
+    ],
+)
+def test_infer_task(values: list, task: str) -> None:
+    assert logic._infer_task(pd.Series(values)) == task
+
+
+# ---- load_dataset -------------------------------------------------------------------------
+def test_load_csv_plain_path_and_file_url_with_named_target(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "animals.csv", example_frame())
+    for text in (str(path), path.as_uri()):
+        frame, target, task = logic.load_dataset(logic.parse_source(text), "species", None, BIG)
+        assert (target, task) == ("species", logic.CLASSIFICATION)
+        assert list(frame.columns) == ["height", "weight", "flag", "species"]
+        assert len(frame) == 40
+        assert all(frame[c].dtype == np.float64 for c in ("height", "weight", "flag"))
+        assert frame["flag"].tolist()[:2] == [1.0, 0.0]
+        assert sorted(set(frame["species"])) == ["cat", "dog", "eel"]
+        np.testing.assert_allclose(frame["height"], example_frame()["height"])
+
+
+def test_load_parquet_with_regression_target(tmp_path: Path) -> None:
+    source = example_frame().drop(columns=["species"])
+    source["price"] = np.linspace(0.5, 99.5, 40)
+    path = tmp_path / "prices.parquet"
+    source.to_parquet(path)
+    frame, target, task = logic.load_dataset(logic.parse_source(path.as_uri()), "price", None, BIG)
+    assert (target, task) == ("price", logic.REGRESSION)
+    assert frame["price"].dtype == np.float64
+    np.testing.assert_allclose(frame["price"], source["price"])
+
+
+def test_numeric_text_columns_are_accepted_but_words_are_not(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.csv"
+    path.write_text("a,b,c,y\n1,x,1.5,0\n2,y,,1\n3,x,2.5,0\n4,z,3.5,1\n")
+    with pytest.raises(FailedPrecondition) as caught:
+        logic.load_dataset(logic.parse_source(str(path)), "y", None, BIG)
+    assert "['b']" in str(caught.value)
+    frame, _, task = logic.load_dataset(logic.parse_source(str(path)), "b", None, BIG)
+    assert task == logic.CLASSIFICATION
+    assert np.isnan(frame["c"][1]) and frame["c"][2] == 2.5
+
+
+def test_requested_regression_needs_a_numeric_target(tmp_path: Path) -> None:
+    frame = example_frame()
+    frame["legs"] = np.arange(40) % 3
+    path = write_csv(tmp_path / "animals.csv", frame)
+    for target in ("species", "flag"):  # text and booleans are not regression targets
+        with pytest.raises(FailedPrecondition, match=f"regression needs a numeric target, but '{target}'"):
+            logic.load_dataset(logic.parse_source(str(path)), target, logic.REGRESSION, BIG)
+    with pytest.raises(FailedPrecondition, match="'species'"):
+        logic.load_dataset(logic.parse_source(str(path)), "legs", None, BIG)  # species is a text feature
+    numeric = write_csv(tmp_path / "numeric.csv", frame.drop(columns=["species"]))
+    # An integral target is inferred as classes but can be forced to regression.
+    _, _, inferred = logic.load_dataset(logic.parse_source(str(numeric)), "legs", None, BIG)
+    frame_r, _, forced = logic.load_dataset(logic.parse_source(str(numeric)), "legs", logic.REGRESSION, BIG)
+    assert (inferred, forced) == (logic.CLASSIFICATION, logic.REGRESSION)
+    assert frame_r["legs"].dtype == np.float64
+
+
+def test_sklearn_sources_use_readable_labels() -> None:
+    frame, target, task = logic.load_dataset(logic.parse_source("sklearn:iris"), "", None, BIG)
+    assert (target, task, len(frame)) == ("target", logic.CLASSIFICATION, 150)
+    assert sorted(frame["target"].unique()) == ["setosa", "versicolor", "virginica"]
+    frame, target, task = logic.load_dataset(logic.parse_source("sklearn:diabetes"), "", None, BIG)
+    assert (task, len(frame), frame.shape[1]) == (logic.REGRESSION, 442, 11)
+
+
+def test_synthetic_is_seeded() -> None:
+    source = logic.parse_source(SYNTH)
+    first, _, task = logic.load_dataset(source, "", None, BIG)
+    again, _, _ = logic.load_dataset(source, "", None, BIG)
+    other, _, _ = logic.load_dataset(logic.parse_source(SYNTH.replace("seed=1", "seed=2")), "", None, BIG)
+    assert task == logic.CLASSIFICATION and first.shape == (500, 9)
+    assert sorted(first["target"].unique()) == [0, 1, 2]
+    pd.testing.assert_frame_equal(first, again)
+    assert not np.allclose(first.drop(columns="target"), other.drop(columns="target"))
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("synthetic:classification?classes=1", "classes=1"),
+        ("synthetic:classification?rows=0", "at least 1"),
+        ("synthetic:classification?features=1", "needs at least 2 features"),
+        ("synthetic:classification?features=2&classes=8", "cannot make that synthetic classification"),
+    ],
+)
+def test_synthetic_rejects_impossible_options(text: str, fragment: str) -> None:
+    with pytest.raises(InvalidArgument, match=fragment):
+        logic.load_dataset(logic.parse_source(text), "", None, BIG)
+
+
+def test_size_limit() -> None:
+    with pytest.raises(ResourceExhausted, match="MLMESH_MAX_DATASET_BYTES"):
+        logic.load_dataset(logic.parse_source("synthetic:regression?rows=100&features=10"), "", None, 8000)
+    logic._check_size(100, 9, 8000)  # exactly at the limit is allowed
+
+
+def test_missing_file_and_missing_target(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="does not exist"):
+        logic.load_dataset(logic.parse_source(str(tmp_path / "nope.csv")), "y", None, BIG)
+    path = write_csv(tmp_path / "animals.csv", example_frame())
+    with pytest.raises(InvalidArgument, match="'label' is not in the dataset") as caught:
+        logic.load_dataset(logic.parse_source(str(path)), "label", None, BIG)
+    assert "height, weight, flag, species" in str(caught.value)
+    with pytest.raises(InvalidArgument, match="target_column is required"):
+        logic.load_dataset(logic.parse_source(str(path)), "", None, BIG)
+
+
+# ---- the real service ---------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_load_sklearn_iris_writes_a_labelled_parquet(client: MeshClient, settings: Settings) -> None:
+    reply = await client.load(load("sklearn:iris"))
+    assert reply.rows == 150 and len(reply.feature_names) == 4
+    assert reply.target_column == "target" and reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
+    assert reply.dataset.media_type == "application/vnd.apache.parquet"
+    frame, meta = parquet_to_frame(ArtifactStore(settings.artifact_root).get(reply.dataset), "dataset")
+    assert meta == {"target_column": "target", "task_kind": "classification", "source": "sklearn:iris"}
+    assert list(frame.columns) == [*reply.feature_names, "target"]
+    assert frame["target"].value_counts().to_dict() == {"setosa": 50, "versicolor": 50, "virginica": 50}
+
+
+@pytest.mark.asyncio
+async def test_load_sklearn_diabetes_is_regression(client: MeshClient) -> None:
+    reply = await client.load(load("sklearn:diabetes"))
+    assert (reply.rows, len(reply.feature_names)) == (442, 10)
+    assert reply.task_kind == TaskKind.TASK_KIND_REGRESSION
+
+
+@pytest.mark.asyncio
+async def test_load_csv_by_path_and_file_url(client: MeshClient, settings: Settings, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "animals.csv", example_frame())
+    store = ArtifactStore(settings.artifact_root)
+    frames = []
+    for text in (str(path), path.as_uri()):
+        reply = await client.load(load(text, "species"))
+        assert reply.rows == 40 and list(reply.feature_names) == ["height", "weight", "flag"]
+        assert reply.target_column == "species" and reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
+        frames.append(parquet_to_frame(store.get(reply.dataset), "dataset")[0])
+    pd.testing.assert_frame_equal(frames[0], frames[1])
+
+
+@pytest.mark.asyncio
+async def test_load_parquet_and_explicit_task_kind(client: MeshClient, tmp_path: Path) -> None:
+    frame = example_frame().drop(columns=["species"])
+    frame["grade"] = np.arange(40) % 5
+    path = tmp_path / "grades.parquet"
+    frame.to_parquet(path)
+    inferred = await client.load(load(str(path), "grade"))
+    assert inferred.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
+    forced = await client.load(load(str(path), "grade", TaskKind.TASK_KIND_REGRESSION))
+    assert forced.task_kind == TaskKind.TASK_KIND_REGRESSION
+    assert forced.dataset.sha256 != inferred.dataset.sha256
+
+
+@pytest.mark.asyncio
+async def test_load_gzipped_csv_with_missing_labels(client: MeshClient, settings: Settings, tmp_path: Path) -> None:
+    frame = example_frame()
+    frame.loc[[4, 9], "species"] = None
+    path = tmp_path / "animals.csv.gz"
+    frame.to_csv(path, index=False, compression="gzip")
+    reply = await client.load(load(str(path), "species"))
+    assert reply.rows == 40 and reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
+    stored, _ = parquet_to_frame(ArtifactStore(settings.artifact_root).get(reply.dataset), "dataset")
+    assert stored["species"].isna().sum() == 2
+    assert sorted(stored["species"].dropna().unique()) == ["cat", "dog", "eel"]
+
+
+@pytest.mark.asyncio
+async def test_load_directory_is_an_invalid_argument(client: MeshClient, mesh, tmp_path: Path) -> None:
+    folder = tmp_path / "table.parquet"  # the shape Spark and Dask write
+    folder.mkdir()
+    pd.DataFrame({"a": [1.0, 2.0], "y": [0, 1]}).to_parquet(folder / "part-0.parquet")
+    await expect_error(client.load(load(str(folder), "y")), INVALID, "is a directory", "single CSV or Parquet file")
+    await assert_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_changed_file_is_not_served_from_cache(client: MeshClient, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "animals.csv", example_frame())
+    first = await client.load(load(str(path), "species"))
+    again = await client.load(load(str(path), "species"))
+    assert not first.stage.cache_hit and again.stage.cache_hit
+    assert again.dataset == first.dataset
+    write_csv(path, example_frame().iloc[:30])
+    changed = await client.load(load(str(path), "species"))
+    assert not changed.stage.cache_hit and changed.rows == 30
+    assert changed.dataset.sha256 != first.dataset.sha256
+
+
+@pytest.mark.asyncio
+async def test_synthetic_load_is_deterministic(client: MeshClient) -> None:
+    first = await client.load(load(SYNTH, force=True))
+    second = await client.load(load(SYNTH, force=True))
+    assert not first.stage.cache_hit and not second.stage.cache_hit
+    assert first.dataset.sha256 == second.dataset.sha256
+    assert first.rows == 500 and len(first.feature_names) == 8
+    other = await client.load(load(SYNTH.replace("seed=1", "seed=2"), force=True))
+    assert other.dataset.sha256 != first.dataset.sha256
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("source", "code", "fragments"),
+    [
+        ("", INVALID, ["source is required"]),
+        ("sklearn:mnist", INVALID, ["unknown sklearn dataset 'mnist'", "breast_cancer"]),
+        ("synthetic:classification?colour=red", INVALID, ["unknown option 'colour'"]),
+        ("synthetic:clustering", INVALID, ["unknown synthetic task 'clustering'"]),
+        ("synthetic:classification?classes=1", INVALID, ["classes=1"]),
+        ("data/table.xlsx", INVALID, ["cannot tell the format"]),
+        (
+            "synthetic:regression?rows=100000000&features=10",
+            EXHAUSTED,
+            ["100000000 rows x 10 features", "MLMESH_MAX_DATASET_BYTES"],
+        ),
+    ],
+)
+async def test_load_rejects_bad_sources(client: MeshClient, mesh, source, code, fragments) -> None:
+    await expect_error(client.load(load(source)), code, *fragments)
+    await assert_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_load_missing_file_is_not_found(client: MeshClient, mesh, tmp_path: Path) -> None:
+    missing = tmp_path / "absent.csv"
+    await expect_error(client.load(load(str(missing), "y")), NOT_FOUND, "absent.csv", "does not exist")
+    await assert_serving(mesh)
+    await expect_error(client.load(load(missing.as_uri(), "y")), NOT_FOUND, "does not exist")
+    await assert_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_load_file_errors(client: MeshClient, mesh, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "animals.csv", example_frame())
+    await expect_error(client.load(load(str(path), "label")), INVALID, "'label'", "not in the dataset")
+    await assert_serving(mesh)
+    await expect_error(client.load(load(str(path))), INVALID, "target_column is required")
+    await assert_serving(mesh)
+    # A text feature column cannot be used; the message names it.
+    await expect_error(
+        client.load(load(str(path), "height")), FAILED, "['species']", "not numeric"
+    )
+    await assert_serving(mesh)
+    await expect_error(client.load(load(str(path), "species", 9)), INVALID, "task_kind=9")
+    await assert_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_load_unusable_data(client: MeshClient, mesh, tmp_path: Path) -> None:
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("a,b,y\n")
+    await expect_error(client.load(load(str(header_only), "y")), FAILED, "has no rows")
+    await assert_serving(mesh)
+
+    single = tmp_path / "single.csv"
+    single.write_text("a,b,y\n1,2,yes\n3,4,yes\n5,6,yes\n")
+    await expect_error(client.load(load(str(single), "y")), FAILED, "at least two classes", "'y'", "yes")
+    await assert_serving(mesh)
+
+    only_target = tmp_path / "only_target.csv"
+    only_target.write_text("y\n1\n2\n")
+    await expect_error(client.load(load(str(only_target), "y")), FAILED, "no feature columns")
+    await assert_serving(mesh)
+
+    blank = tmp_path / "blank.csv"
+    blank.write_bytes(b"")
+    await expect_error(client.load(load(str(blank), "y")), FAILED, "cannot parse")
+    await assert_serving(mesh)
+
+    words = tmp_path / "words.parquet"
+    pd.DataFrame({"colour": ["red", "blue"], "size": ["S", "M"], "y": [0, 1]}).to_parquet(words)
+    await expect_error(client.load(load(str(words), "y")), FAILED, "['colour', 'size']")
+    await assert_serving(mesh)
+
+
+# ---- a loader with a small MLMESH_MAX_DATASET_BYTES ---------------------------------------
+@pytest_asyncio.fixture
+async def small_loader(artifact_root: Path) -> AsyncIterator[tuple[MeshClient, RunningStage]]:
+    settings = Settings.from_env(
+        {"MLMESH_ARTIFACT_ROOT": str(artifact_root), "MLMESH_MAX_DATASET_BYTES": "20000"}
+    )
+    stage = await start_stage(stage_spec("loader"), settings, port=0)
+    try:
+        async with MeshClient(settings, addresses={"loader": stage.address}) as mesh_client:
+            yield mesh_client, stage
+    finally:
+        await stage.stop(0.5)
+
+
+@pytest.mark.asyncio
+async def test_small_limit_refuses_large_datasets(small_loader, tmp_path: Path) -> None:
+    client, stage = small_loader
+    assert (await client.load(load("sklearn:iris"))).rows == 150  # 150 x 5 x 8 bytes fits
+    assert await check_health(stage.address) == "SERVING"
+
+    await expect_error(
+        client.load(load(SYNTH)), EXHAUSTED, "500 rows x 8 features", "MLMESH_MAX_DATASET_BYTES"
+    )
+    assert await check_health(stage.address) == "SERVING"
+    await expect_error(
+        client.load(load("sklearn:breast_cancer")), EXHAUSTED, "569 rows x 30 features"
+    )
+    assert await check_health(stage.address) == "SERVING"
+
+    big = tmp_path / "big.csv"
+    pd.DataFrame(np.random.default_rng(0).normal(size=(600, 5)), columns=list("abcde")).to_csv(big, index=False)
+    assert big.stat().st_size > 20000
+    await expect_error(client.load(load(str(big), "e")), EXHAUSTED, "source file is", "MLMESH_MAX_DATASET_BYTES")
+    assert await check_health(stage.address) == "SERVING"

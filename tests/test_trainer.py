@@ -1,0 +1,419 @@
+"""Trainer stage: catalogue, hyperparameters, stepped fit with progress; then the real service."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from tests.conftest import expect_error
+from sklearn.ensemble import (
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.linear_model import LogisticRegression, Ridge, SGDClassifier
+
+from mlmesh.common.v1.common_pb2 import TaskKind
+from mlmesh.features.v1 import features_pb2
+from mlmesh.loader.v1 import loader_pb2
+from mlmesh.preprocess.v1 import preprocess_pb2
+from mlmesh.trainer.v1 import trainer_pb2
+from services.runtime.client import MeshClient, check_health
+from services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
+from services.runtime.formats import npy_to_array, skops_to_model
+from services.runtime.settings import Settings
+from services.runtime.store import ArtifactStore
+from services.trainer import logic
+
+INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+CLASSIFICATION_SOURCE = "synthetic:classification?rows=300&features=6&classes=3&seed=1"
+REGRESSION_SOURCE = "synthetic:regression?rows=300&features=6&noise=5&seed=1"
+
+ESTIMATORS = {
+    ("classification", "logistic_regression"): LogisticRegression,
+    ("classification", "random_forest"): RandomForestClassifier,
+    ("classification", "hist_gradient_boosting"): HistGradientBoostingClassifier,
+    ("classification", "sgd"): SGDClassifier,
+    ("regression", "ridge"): Ridge,
+    ("regression", "random_forest"): RandomForestRegressor,
+    ("regression", "hist_gradient_boosting"): HistGradientBoostingRegressor,
+}
+
+
+# Fewer trees and boosting rounds keep the every-model tests quick; the defaults are
+# exercised by the progress tests.
+QUICK = {"random_forest": {"n_estimators": "20"}, "hist_gradient_boosting": {"max_iter": "20"}}
+
+
+def toy(task: str, rows: int = 120) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, 4))
+    if task == "classification":
+        return x, (x[:, 0] + x[:, 1] > 0).astype("int64")
+    return x, x @ np.array([1.0, -2.0, 0.5, 0.0]) + rng.normal(0, 0.1, rows)
+
+
+# ---- hyperparameter literals --------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("200", 200),
+        ("0.5", 0.5),
+        ("1e-3", 0.001),
+        ("-1", -1),
+        ("true", True),
+        ("false", False),
+        ("null", None),
+        ('"sqrt"', "sqrt"),
+        ("sqrt", "sqrt"),
+        ("[1, 2]", [1, 2]),
+        ('{"a": 1}', {"a": 1}),
+        ("", ""),
+    ],
+)
+def test_parse_value_keeps_json_types(raw: str, value) -> None:
+    parsed = logic.parse_value(raw)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_literal_round_trips() -> None:
+    for value in (200, 0.5, True, None, "sqrt", [1, 2], {"b": 1, "a": 2}):
+        assert logic.parse_value(logic.literal(value)) == value
+    assert logic.literal({"b": 1, "a": 2}) == '{"a": 2, "b": 1}'
+    assert logic.literal(np.float64) == logic.literal(repr(np.float64))  # not JSON: its repr as a string
+
+
+# ---- the catalogue ------------------------------------------------------------------------
+def test_all_model_names() -> None:
+    assert logic.all_model_names() == [
+        "hist_gradient_boosting", "logistic_regression", "random_forest", "ridge", "sgd"
+    ]
+
+
+@pytest.mark.parametrize(("task", "model"), list(ESTIMATORS))
+def test_build_estimator_uses_seed_and_our_defaults(task: str, model: str) -> None:
+    estimator = logic.build_estimator(task, model, {}, seed=17)
+    assert type(estimator) is ESTIMATORS[(task, model)]
+    assert estimator.get_params()["random_state"] == 17
+    if model == "logistic_regression":
+        assert estimator.max_iter == 1000
+    if model == "sgd":
+        assert estimator.loss == "log_loss"
+
+
+def test_build_estimator_types_hyperparameters() -> None:
+    forest = logic.build_estimator(
+        "classification", "random_forest",
+        {"n_estimators": "7", "max_features": "sqrt", "bootstrap": "false", "max_depth": "null",
+         "min_samples_leaf": "0.1", "class_weight": '"balanced"'},
+        seed=3,
+    )
+    assert forest.n_estimators == 7 and isinstance(forest.n_estimators, int)
+    assert forest.max_features == "sqrt" and forest.bootstrap is False and forest.max_depth is None
+    assert forest.min_samples_leaf == 0.1 and forest.class_weight == "balanced"
+    ridge = logic.build_estimator("regression", "ridge", {"alpha": "2"}, seed=0)
+    assert ridge.alpha == 2
+
+
+@pytest.mark.parametrize(
+    ("task", "model", "hyperparameters", "fragments"),
+    [
+        ("classification", "logistic_regression", {"C": "-1"}, ["'C' parameter", "Got -1"]),
+        ("classification", "random_forest", {"n_estimators": "many"}, ["'n_estimators'", "many"]),
+        ("classification", "random_forest", {"n_trees": "5"}, ["unknown hyperparameter 'n_trees'", "n_estimators"]),
+        ("classification", "sgd", {"random_state": "1"}, ["'random_state' is set through the request's seed"]),
+        ("regression", "logistic_regression", {}, ["not available for regression", "is a classification model"]),
+        ("classification", "ridge", {}, ["not available for classification", "is a regression model"]),
+        ("regression", "random_forest", {"criterion": "entropy"}, ["'criterion'", "RandomForestRegressor"]),
+    ],
+)
+def test_build_estimator_rejects(task, model, hyperparameters, fragments) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        logic.build_estimator(task, model, hyperparameters, seed=0)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+def test_task_of_target() -> None:
+    assert logic.task_of_target(np.array([0, 1, 2])) == "classification"
+    assert logic.task_of_target(np.array([0.0, 1.0])) == "regression"
+
+
+# ---- fitting ------------------------------------------------------------------------------
+def test_stepped_fit_reports_progress_and_restores_warm_start() -> None:
+    x, y = toy("classification")
+    estimator = logic.build_estimator("classification", "random_forest", {"n_estimators": "25"}, seed=0)
+    events: list[tuple[float, str]] = []
+    logic.fit(estimator, x, y, lambda f, m: events.append((f, m)), lambda: None)
+    steps = [f"n_estimators {n}/25" for n in (3, 6, 9, 12, 15, 18, 21, 24, 25)]
+    assert [m for _, m in events] == [*steps, "fit complete"]
+    fractions = [f for f, _ in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] == pytest.approx(3 / 25)
+    assert len(estimator.estimators_) == 25 and estimator.warm_start is False
+
+    # Growing in steps gives the same forest as one fit with the same seed.
+    whole = RandomForestClassifier(n_estimators=25, random_state=0).fit(x, y)
+    np.testing.assert_array_equal(whole.predict_proba(x), estimator.predict_proba(x))
+
+
+def test_single_shot_fit_reports_start_and_end() -> None:
+    x, y = toy("regression")
+    estimator = logic.build_estimator("regression", "ridge", {}, seed=0)
+    events: list[tuple[float, str]] = []
+    assert logic.fit(estimator, x, y, lambda f, m: events.append((f, m)), lambda: None) == []
+    assert events == [(0.0, "fitting Ridge on 120 rows"), (1.0, "fit complete")]
+    assert estimator.score(x, y) > 0.99
+
+
+def test_fit_returns_convergence_warnings() -> None:
+    x, y = toy("classification")
+    estimator = logic.build_estimator("classification", "logistic_regression", {"max_iter": "1"}, seed=0)
+    found = logic.fit(estimator, x, y, lambda f, m: None, lambda: None)
+    assert found and all(isinstance(w, str) and "converge" in w.lower() for w in found)
+
+
+def test_fit_stops_when_cancelled() -> None:
+    x, y = toy("classification")
+    estimator = logic.build_estimator("classification", "random_forest", {"n_estimators": "50"}, seed=0)
+    calls = []
+
+    def check_cancelled() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        logic.fit(estimator, x, y, lambda f, m: None, check_cancelled)
+    assert len(estimator.estimators_) == 10  # two steps of five done, the third refused
+
+
+@pytest.mark.parametrize(
+    ("model", "hyperparameters", "fragment"),
+    [
+        ("logistic_regression", {"penalty": "l1"}, "penalty"),
+        ("random_forest", {"bootstrap": "false", "max_samples": "0.5"}, "bootstrap"),
+        ("random_forest", {"bootstrap": "false", "oob_score": "true"}, "bootstrap"),
+    ],
+)
+def test_hyperparameter_combinations_refused_at_fit_are_invalid_arguments(model, hyperparameters, fragment) -> None:
+    x, y = toy("classification")
+    estimator = logic.build_estimator("classification", model, hyperparameters, seed=0)  # each value alone is fine
+    with pytest.raises(InvalidArgument, match="cannot be fitted with these hyperparameters") as caught:
+        logic.fit(estimator, x, y, lambda f, m: None, lambda: None)
+    assert fragment in str(caught.value)
+
+
+def test_fit_checks_shapes() -> None:
+    x, y = toy("classification")
+    estimator = logic.build_estimator("classification", "sgd", {}, seed=0)
+    with pytest.raises(FailedPrecondition, match="x_train has 120 rows but y_train has 100"):
+        logic.fit(estimator, x, y[:100], lambda f, m: None, lambda: None)
+    with pytest.raises(FailedPrecondition, match="2-D matrix"):
+        logic.fit(estimator, y.astype(float), y, lambda f, m: None, lambda: None)
+
+
+# ---- the real service ---------------------------------------------------------------------
+async def features_for(client: MeshClient, source: str, seed: int = 0, fraction: float = 0.2):
+    loaded = await client.load(loader_pb2.LoadRequest(source=source))
+    prepared = await client.preprocess(
+        preprocess_pb2.PreprocessRequest(dataset=loaded.dataset, seed=seed, test_fraction=fraction)
+    )
+    return await client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test))
+
+
+def train_request(built, model: str, hyperparameters: dict[str, str] | None = None, seed: int = 5, force: bool = False):
+    return trainer_pb2.TrainRequest(
+        x_train=built.x_train, y_train=built.y_train, model=model,
+        hyperparameters=hyperparameters or {}, seed=seed, force_recompute=force,
+    )
+
+
+async def assert_serving(mesh) -> None:
+    assert await check_health(mesh["trainer"].address) == "SERVING"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("task", "model"), list(ESTIMATORS))
+async def test_every_model_trains_deterministically(client: MeshClient, settings: Settings, task: str, model: str) -> None:
+    source = CLASSIFICATION_SOURCE if task == "classification" else REGRESSION_SOURCE
+    built = await features_for(client, source)
+    quick = QUICK.get(model, {})
+    first = await client.train(train_request(built, model, quick, force=True))
+    second = await client.train(train_request(built, model, quick, force=True))
+    assert not first.stage.cache_hit and not second.stage.cache_hit
+    assert first.model.sha256 == second.model.sha256
+    assert first.model.media_type == "application/vnd.skops"
+    expected_kind = TaskKind.TASK_KIND_CLASSIFICATION if task == "classification" else TaskKind.TASK_KIND_REGRESSION
+    assert first.task_kind == expected_kind
+    assert first.effective_hyperparameters["random_state"] == "5"
+
+    store = ArtifactStore(settings.artifact_root)
+    estimator = skops_to_model(store.get(first.model), "model")
+    assert type(estimator) is ESTIMATORS[(task, model)]
+    x = npy_to_array(store.get(built.x_train), "x_train")
+    y = npy_to_array(store.get(built.y_train), "y_train")
+    assert estimator.score(x, y) == pytest.approx(first.train_score)
+    assert first.train_score > (0.7 if task == "classification" else 0.8)
+
+    reseeded = await client.train(train_request(built, model, quick, seed=6))
+    assert reseeded.model.sha256 != first.model.sha256
+    assert reseeded.effective_hyperparameters["random_state"] == "6"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("model", "hyperparameters", "counter", "total", "done"),
+    [
+        ("random_forest", {}, "n_estimators", 100, list(range(10, 101, 10))),  # the default 100 trees
+        ("hist_gradient_boosting", {"max_iter": "25"}, "max_iter", 25, [3, 6, 9, 12, 15, 18, 21, 24, 25]),
+    ],
+)
+async def test_progress_is_streamed(client: MeshClient, model, hyperparameters, counter, total, done) -> None:
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    events: list[trainer_pb2.TrainProgress] = []
+    result = await client.train(train_request(built, model, hyperparameters), on_progress=events.append)
+    assert result.model.sha256 and not result.stage.cache_hit
+    assert [e.message for e in events] == [*(f"{counter} {n}/{total}" for n in done), "fit complete"]
+    assert [e.fraction_done for e in events] == pytest.approx([*(n / total for n in done), 1.0])
+
+
+@pytest.mark.asyncio
+async def test_single_shot_models_report_start_and_end(client: MeshClient) -> None:
+    built = await features_for(client, REGRESSION_SOURCE)
+    events: list[trainer_pb2.TrainProgress] = []
+    await client.train(train_request(built, "ridge"), on_progress=events.append)
+    assert [(e.fraction_done, e.message) for e in events] == [(0.0, "fitting Ridge on 240 rows"), (1.0, "fit complete")]
+
+
+@pytest.mark.asyncio
+async def test_convergence_warnings_are_streamed(client: MeshClient) -> None:
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    events: list[trainer_pb2.TrainProgress] = []
+    await client.train(train_request(built, "logistic_regression", {"max_iter": "1"}), on_progress=events.append)
+    assert any(e.message.startswith("warning: ") and "converge" in e.message.lower() for e in events)
+
+
+@pytest.mark.asyncio
+async def test_hyperparameters_are_json_literals(client: MeshClient, settings: Settings) -> None:
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    hyperparameters = {"n_estimators": "7", "max_features": "sqrt", "bootstrap": "false", "max_depth": "null"}
+    result = await client.train(train_request(built, "random_forest", hyperparameters))
+    effective = result.effective_hyperparameters
+    assert effective["n_estimators"] == "7" and effective["max_features"] == '"sqrt"'
+    assert effective["bootstrap"] == "false" and effective["max_depth"] == "null"
+    assert effective["criterion"] == '"gini"'  # untouched defaults are reported too
+    forest = skops_to_model(ArtifactStore(settings.artifact_root).get(result.model), "model")
+    assert len(forest.estimators_) == 7 and forest.bootstrap is False and forest.max_features == "sqrt"
+
+    # A quoted string and a bare one are the same value, so the same request.
+    quoted = await client.train(train_request(built, "random_forest", {**hyperparameters, "max_features": '"sqrt"'}))
+    assert quoted.stage.cache_hit and quoted.model == result.model
+
+    logistic = await client.train(train_request(built, "logistic_regression", {"C": "0.5", "fit_intercept": "true"}))
+    assert logistic.effective_hyperparameters["C"] == "0.5"
+    assert logistic.effective_hyperparameters["fit_intercept"] == "true"
+    assert logistic.effective_hyperparameters["max_iter"] == "1000"
+
+
+@pytest.mark.asyncio
+async def test_task_specific_hyperparameters_are_accepted(client: MeshClient, settings: Settings) -> None:
+    """Classifier-only values must not be refused because the regressor of that name lacks them."""
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    forest = await client.train(
+        train_request(built, "random_forest", {"criterion": "entropy", "class_weight": "balanced", "n_estimators": "5"})
+    )
+    assert forest.effective_hyperparameters["criterion"] == '"entropy"'
+    assert forest.effective_hyperparameters["class_weight"] == '"balanced"'
+    boosted = await client.train(train_request(built, "hist_gradient_boosting", {"class_weight": "balanced", "max_iter": "5"}))
+    assert boosted.effective_hyperparameters["class_weight"] == '"balanced"'
+
+    regression = await features_for(client, REGRESSION_SOURCE)
+    forest = await client.train(
+        train_request(regression, "random_forest", {"criterion": "absolute_error", "n_estimators": "3"})
+    )
+    assert forest.task_kind == TaskKind.TASK_KIND_REGRESSION
+    assert forest.effective_hyperparameters["criterion"] == '"absolute_error"'
+    boosted = await client.train(train_request(regression, "hist_gradient_boosting", {"loss": "absolute_error", "max_iter": "5"}))
+    assert boosted.effective_hyperparameters["loss"] == '"absolute_error"'
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("model", "hyperparameters", "seed", "fragments"),
+    [
+        ("xgboost", {}, 0, ["model 'xgboost' is unknown", "hist_gradient_boosting, logistic_regression"]),
+        ("", {}, 0, ["model '' is unknown"]),
+        ("random_forest", {"n_trees": "5"}, 0, ["unknown hyperparameter 'n_trees' for random_forest"]),
+        ("logistic_regression", {"C": "-1"}, 0, ["'C'", "LogisticRegression"]),
+        ("logistic_regression", {"penalty": "l3"}, 0, ["'penalty'"]),
+        ("random_forest", {"n_estimators": "many"}, 0, ["'n_estimators'"]),
+        ("sgd", {"random_state": "3"}, 0, ["'random_state' is set through the request's seed field"]),
+        ("ridge", {}, -1, ["seed must be in [0, 2^32), got -1"]),
+        ("ridge", {}, 2**32, ["seed must be in [0, 2^32)"]),
+    ],
+)
+async def test_bad_train_requests(client: MeshClient, mesh, model, hyperparameters, seed, fragments) -> None:
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    await expect_error(client.train(train_request(built, model, hyperparameters, seed=seed)), INVALID, *fragments)
+    await assert_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_hyperparameter_combinations_refused_at_fit(client: MeshClient, mesh) -> None:
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    await expect_error(
+        client.train(train_request(built, "logistic_regression", {"penalty": "l1"})),
+        INVALID, "LogisticRegression cannot be fitted with these hyperparameters", "l1",
+    )
+    await assert_serving(mesh)
+    await expect_error(
+        client.train(train_request(built, "random_forest", {"bootstrap": "false", "max_samples": "0.5"})),
+        INVALID, "RandomForestClassifier cannot be fitted", "bootstrap",
+    )
+    await assert_serving(mesh)
+    # Fixing the combination makes the same request valid.
+    fixed = await client.train(train_request(built, "logistic_regression", {"penalty": "l1", "solver": "saga"}))
+    assert fixed.effective_hyperparameters["solver"] == '"saga"'
+
+
+@pytest.mark.asyncio
+async def test_models_must_suit_the_task(client: MeshClient, mesh) -> None:
+    diabetes = await features_for(client, "sklearn:diabetes")
+    await expect_error(
+        client.train(train_request(diabetes, "logistic_regression")),
+        INVALID, "model 'logistic_regression' is not available for regression", "classification model",
+    )
+    await assert_serving(mesh)
+    await expect_error(
+        client.train(train_request(diabetes, "random_forest", {"criterion": "entropy"})),
+        INVALID, "'criterion'", "RandomForestRegressor",
+    )
+    await assert_serving(mesh)
+    classes = await features_for(client, CLASSIFICATION_SOURCE)
+    await expect_error(
+        client.train(train_request(classes, "ridge")), INVALID, "not available for classification", "regression model"
+    )
+    await assert_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_bad_training_data(client: MeshClient, mesh) -> None:
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    await expect_error(
+        client.train(trainer_pb2.TrainRequest(y_train=built.y_train, model="sgd")), INVALID, "x_train is required"
+    )
+    await assert_serving(mesh)
+    await expect_error(
+        client.train(trainer_pb2.TrainRequest(x_train=built.x_train, model="sgd")), INVALID, "y_train is required"
+    )
+    await assert_serving(mesh)
+
+    other = await features_for(client, CLASSIFICATION_SOURCE, fraction=0.5)
+    mixed = trainer_pb2.TrainRequest(x_train=built.x_train, y_train=other.y_train, model="sgd")
+    await expect_error(client.train(mixed), FAILED, "x_train has 240 rows but y_train has 150")
+    await assert_serving(mesh)
+
+    swapped = trainer_pb2.TrainRequest(x_train=built.y_train, y_train=built.y_train, model="sgd")
+    await expect_error(client.train(swapped), FAILED, "2-D matrix")
+    await assert_serving(mesh)
