@@ -130,6 +130,9 @@ def test_pyflyte_package_needs_no_backend(tmp_path: Path, flyte_env: dict[str, s
     output = tmp_path / "flyte-package.tgz"
     result = pyflyte(flyte_env, "--pkgs", "workflow", "package", "-o", str(output), "--force")
     assert result.returncode == 0, result.stdout + result.stderr
-    names = tarfile.open(output).getnames()
+    archive = tarfile.open(output)
+    names = archive.getnames()
+    train_spec = archive.extractfile(next(n for n in names if n.endswith("workflow.pipeline.train_1.pb"))).read()
+    assert b"mlmesh-pipeline:latest" in train_spec  # tasks name the pipeline image
     for expected in ("training_pipeline", "sweep_pipeline", "training_pipeline_nightly", "training_pipeline_demo"):
         assert any(expected in n for n in names), f"{expected} missing from {names}"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
-from flytekit import Cache, CronSchedule, Deck, ImageSpec, LaunchPlan, dynamic, task, workflow
+from flytekit import Cache, CronSchedule, Deck, LaunchPlan, dynamic, task, workflow
 from flytekit.exceptions.user import FlyteRecoverableException
 
 from mlmesh.common.v1 import common_pb2
@@ -38,19 +38,12 @@ from services.trainer.service import VERSION as TRAINER_VERSION
 
 T = TypeVar("T")
 
-# The image the tasks run in on a cluster: the project with its workflow extra,
-# built for Axion (linux/arm64). Locally, tasks run in this Python process.
-PIPELINE_IMAGE = ImageSpec(
-    name="mlmesh-pipeline",
-    python_version="3.12",
-    platform="linux/arm64",
-    base_image=os.environ.get("MLMESH_PIPELINE_BASE_IMAGE", "python:3.12-slim"),
-    registry=os.environ.get("MLMESH_IMAGE_REGISTRY") or None,
-    # The project itself, installed with its workflow extra (flytekit).
-    copy=["pyproject.toml", "README.md", "proto", "services", "workflow"],
-    commands=["pip install --no-cache-dir '/root[workflow]'"],
-    env={"PYTHONUNBUFFERED": "1"},
-)
+# The image the tasks run in on a cluster: the `pipeline` target of
+# deploy/Dockerfile (the project with flytekit), built for Axion with
+#   docker buildx build --platform linux/arm64 --target pipeline -f deploy/Dockerfile -t <registry>/mlmesh-pipeline:<tag> .
+# A plain image name, not an ImageSpec, so that `pyflyte package` and
+# `pyflyte run --remote` never try to build images on the machine they run on.
+PIPELINE_IMAGE = os.environ.get("MLMESH_PIPELINE_IMAGE", "mlmesh-pipeline:latest")
 
 # Every task retries transient failures on a cluster and gives up after its timeout.
 _TASK_DEFAULTS = {"retries": 3, "timeout": timedelta(minutes=30), "container_image": PIPELINE_IMAGE}
@@ -174,7 +167,7 @@ _TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK
 # load is deliberately not cached by Flyte: its input is a source *name*, and a
 # file behind a name can change. The loader service memoizes by file content
 # instead, and answers a repeat in milliseconds.
-@task(retries=3, timeout=timedelta(minutes=30), container_image=PIPELINE_IMAGE)
+@task(**_TASK_DEFAULTS)
 def load(source: str, target_column: str, recompute: bool) -> Dataset:
     reply = call(lambda c: c.load(loader_pb2.LoadRequest(
         source=source, target_column=target_column, force_recompute=recompute)))
