@@ -75,25 +75,31 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         events: asyncio.Queue[trainer_pb2.TrainProgress] = asyncio.Queue()
 
         def on_progress(fraction: float, message: str) -> None:
+            # Progress goes to the service log as well as to the caller's stream.
+            log.info("train %s: %.0f%% %s", request.model, fraction * 100, message)
             events.put_nowait(trainer_pb2.TrainProgress(fraction_done=fraction, message=message))
 
         training = asyncio.ensure_future(
             self.runtime.execute(job, work, trainer_pb2.TrainResult, on_progress=on_progress)
         )
+        next_event: asyncio.Future | None = None
         try:
             while not training.done():
-                waiter = asyncio.ensure_future(events.get())
-                await asyncio.wait({training, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                if waiter.done():
-                    yield trainer_pb2.TrainResponse(progress=waiter.result())
+                next_event = asyncio.ensure_future(events.get())
+                await asyncio.wait({training, next_event}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event.done():
+                    yield trainer_pb2.TrainResponse(progress=next_event.result())
                 else:
-                    waiter.cancel()
+                    next_event.cancel()
             while not events.empty():
                 yield trainer_pb2.TrainResponse(progress=events.get_nowait())
             yield trainer_pb2.TrainResponse(result=training.result())
         finally:
+            # The caller may have gone away: release our claim on the work and the queue.
+            if next_event is not None and not next_event.done():
+                next_event.cancel()
             if not training.done():
-                training.cancel()  # the caller went away; release our claim on the work
+                training.cancel()
 
 
 SPEC = StageSpec(
