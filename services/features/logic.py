@@ -13,6 +13,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MinMaxScaler, PolynomialFeatures, RobustScaler, StandardScaler
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.runtime.formats import human_bytes
 
 SCALERS = {"standard": StandardScaler, "minmax": MinMaxScaler, "robust": RobustScaler, "none": None}
 MAX_POLYNOMIAL_DEGREE = 4
@@ -41,7 +42,7 @@ def build_pipeline(task: str, n_features: int, scaling: str, degree: int, k_best
         if width * rows * 8 > max_cells:
             raise ResourceExhausted(
                 f"polynomial_degree={degree} on {n_features} features makes {width} columns "
-                f"({width * rows * 8 / 2**20:.0f} MiB for the train split); lower the degree "
+                f"({human_bytes(width * rows * 8)} for the train split); lower the degree "
                 "or select fewer input features"
             )
         steps.append(("polynomial", PolynomialFeatures(degree=degree, include_bias=False)))

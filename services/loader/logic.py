@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn import datasets
 
+from services.runtime.formats import human_bytes
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 CLASSIFICATION = "classification"
@@ -110,8 +111,8 @@ def _check_size(rows: int, features: int, max_bytes: int) -> None:
     needed = rows * (features + 1) * 8
     if needed > max_bytes:
         raise ResourceExhausted(
-            f"a dataset of {rows} rows x {features} features needs about {needed / 2**20:.0f} MiB, "
-            f"over this loader's limit of {max_bytes / 2**20:.0f} MiB (MLMESH_MAX_DATASET_BYTES)"
+            f"a dataset of {rows} rows x {features} features needs about {human_bytes(needed)}, "
+            f"over this loader's limit of {human_bytes(max_bytes)} (MLMESH_MAX_DATASET_BYTES)"
         )
 
 
@@ -163,8 +164,8 @@ def _read_file(source: Source, max_bytes: int) -> pd.DataFrame:
     data = read_file_bytes(source)
     if len(data) > max_bytes:
         raise ResourceExhausted(
-            f"source file is {len(data) / 2**20:.0f} MiB, over the limit of "
-            f"{max_bytes / 2**20:.0f} MiB (MLMESH_MAX_DATASET_BYTES)"
+            f"source file is {human_bytes(len(data))}, over the limit of "
+            f"{human_bytes(max_bytes)} (MLMESH_MAX_DATASET_BYTES)"
         )
     try:
         if source.file_format == "csv":
@@ -254,6 +255,10 @@ def load_dataset(
             )
         if not pd.api.types.is_numeric_dtype(target) or pd.api.types.is_bool_dtype(target):
             target = target.astype("string").astype(object)
+        elif bool(np.all(np.mod(target.dropna().to_numpy(dtype=float), 1) == 0)):
+            # Whole-number labels stay integers even when blanks made the column float,
+            # so classes are named "1", not "1.0".
+            target = target.astype("Int64")
 
     features = _numeric_features(frame, target_column)
     out = features.copy()

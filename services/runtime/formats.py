@@ -40,6 +40,16 @@ TRUSTED_MODEL_TYPES: tuple[str, ...] = (
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
+def human_bytes(count: float) -> str:
+    """A size for error messages: '512 bytes', '19.5 KiB', '2.0 GiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
+
+
+
 # ---- Parquet ----------------------------------------------------------------------------
 def frame_to_parquet(frame: pd.DataFrame, metadata: dict[str, Any]) -> bytes:
     table = pa.Table.from_pandas(frame, preserve_index=False)
