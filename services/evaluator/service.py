@@ -109,10 +109,4 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         )
 
 
-SPEC = StageSpec(
-    name="evaluator",
-    version=VERSION,
-    service_name=evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name,
-    add_servicer=evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server,
-    make_servicer=EvaluatorServicer,
-)
+SPEC = StageSpec.of("evaluator", VERSION, evaluator_pb2, evaluator_pb2_grpc, "EvaluatorService", EvaluatorServicer)

@@ -67,10 +67,4 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         return await self.runtime.execute(job, work, features_pb2.BuildFeaturesResponse)
 
 
-SPEC = StageSpec(
-    name="features",
-    version=VERSION,
-    service_name=features_pb2.DESCRIPTOR.services_by_name["FeaturesService"].full_name,
-    add_servicer=features_pb2_grpc.add_FeaturesServiceServicer_to_server,
-    make_servicer=FeaturesServicer,
-)
+SPEC = StageSpec.of("features", VERSION, features_pb2, features_pb2_grpc, "FeaturesService", FeaturesServicer)

@@ -48,10 +48,4 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
         return await self.runtime.execute(job, work, loader_pb2.LoadResponse)
 
 
-SPEC = StageSpec(
-    name="loader",
-    version=VERSION,
-    service_name=loader_pb2.DESCRIPTOR.services_by_name["LoaderService"].full_name,
-    add_servicer=loader_pb2_grpc.add_LoaderServiceServicer_to_server,
-    make_servicer=LoaderServicer,
-)
+SPEC = StageSpec.of("loader", VERSION, loader_pb2, loader_pb2_grpc, "LoaderService", LoaderServicer)

@@ -73,10 +73,4 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         return await self.runtime.execute(job, work, preprocess_pb2.PreprocessResponse)
 
 
-SPEC = StageSpec(
-    name="preprocess",
-    version=VERSION,
-    service_name=preprocess_pb2.DESCRIPTOR.services_by_name["PreprocessService"].full_name,
-    add_servicer=preprocess_pb2_grpc.add_PreprocessServiceServicer_to_server,
-    make_servicer=PreprocessServicer,
-)
+SPEC = StageSpec.of("preprocess", VERSION, preprocess_pb2, preprocess_pb2_grpc, "PreprocessService", PreprocessServicer)

@@ -39,6 +39,20 @@ class StageSpec:
     add_servicer: Callable[[Any, grpc.aio.Server], None]
     make_servicer: Callable[[StageRuntime], Any]
 
+    @classmethod
+    def of(
+        cls, name: str, version: str, pb2: Any, pb2_grpc: Any, service: str,
+        make_servicer: Callable[[StageRuntime], Any],
+    ) -> StageSpec:
+        """Build a spec from the generated modules, e.g. of("loader", "1.0.0", loader_pb2, loader_pb2_grpc, "LoaderService", ...)."""
+        return cls(
+            name=name,
+            version=version,
+            service_name=pb2.DESCRIPTOR.services_by_name[service].full_name,
+            add_servicer=getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+            make_servicer=make_servicer,
+        )
+
 
 @dataclass
 class RunningStage:

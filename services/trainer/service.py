@@ -102,10 +102,4 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 training.cancel()
 
 
-SPEC = StageSpec(
-    name="trainer",
-    version=VERSION,
-    service_name=trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
-    add_servicer=trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
-    make_servicer=TrainerServicer,
-)
+SPEC = StageSpec.of("trainer", VERSION, trainer_pb2, trainer_pb2_grpc, "TrainerService", TrainerServicer)
