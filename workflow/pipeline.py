@@ -28,13 +28,13 @@ from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
-from services.evaluator.service import VERSION as EVALUATOR_VERSION
-from services.features.service import VERSION as FEATURES_VERSION
-from services.preprocess.service import VERSION as PREPROCESS_VERSION
+from services.evaluator import VERSION as EVALUATOR_VERSION
+from services.features import VERSION as FEATURES_VERSION
+from services.preprocess import VERSION as PREPROCESS_VERSION
 from services.runtime.client import MeshClient, StageCallError
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from services.trainer.service import VERSION as TRAINER_VERSION
+from services.trainer import VERSION as TRAINER_VERSION
 
 T = TypeVar("T")
 

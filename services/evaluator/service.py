@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 import asyncio
 
-from services.evaluator import logic, registry
+from services.evaluator import VERSION, logic, registry
 from services.evaluator.report import render_html
 from services.runtime.errors import FailedPrecondition
 from services.runtime.formats import HTML, JSON, json_bytes_to_doc, npy_to_array, skops_to_model, to_json_bytes
@@ -13,8 +13,6 @@ from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.store import ref_from_dict, ref_to_dict
 from services.runtime.tasks import task_kind_value
-
-VERSION = "1.1.0"  # 1.1: adds the HTML report
 
 
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):

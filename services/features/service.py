@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
-from services.features import logic
+from services.features import VERSION, logic
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.formats import NPY, SKOPS, array_to_npy, model_to_skops, parquet_to_frame
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_value
-
-VERSION = "1.0.0"
 
 _SCALING = {
     features_pb2.SCALING_UNSPECIFIED: "standard",

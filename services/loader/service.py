@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
-from services.loader import logic
+from services.loader import VERSION, logic
 from services.runtime.formats import PARQUET, frame_to_parquet
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime
 from services.runtime.tasks import task_kind_name, task_kind_value
-
-VERSION = "1.0.0"
 
 
 class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):

@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
-from services.preprocess import logic
+from services.preprocess import VERSION, logic
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.formats import PARQUET, frame_to_parquet, parquet_to_frame
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_value
-
-VERSION = "1.0.0"
 DEFAULT_TEST_FRACTION = 0.2
 
 _STRATEGIES = {

@@ -12,11 +12,9 @@ from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_value
-from services.trainer import logic
+from services.trainer import VERSION, logic
 
 log = logging.getLogger(__name__)
-
-VERSION = "1.0.0"
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
