@@ -184,7 +184,9 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     config = pipeline_config(args)
     mesh = None
     if args.start_mesh:
-        mesh = LocalMesh(settings, log_dir=Path(settings.artifact_root) / "logs" if "://" not in settings.artifact_root else None)
+        # Stage logs go beside a local store; with an object store they stay on the terminal.
+        local_store = "://" not in settings.artifact_root
+        mesh = LocalMesh(settings, log_dir=Path(settings.artifact_root) / "logs" if local_store else None)
         await mesh.start()
     try:
         async with MeshClient(settings) as client:
