@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -47,39 +48,36 @@ def _log(method: str, outcome: _Outcome, started: float, record: RpcRecord) -> N
     )
 
 
+@contextlib.asynccontextmanager
+async def _rpc_scope(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Around one RPC: expose its record to the handler, map errors, log one line."""
+    started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
+    # Each RPC runs in its own task and context, so this never leaks between calls.
+    current_rpc.set(record)
+    try:
+        yield
+    except grpc.aio.AbortError:
+        outcome.code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to a status just below
+        await _map_error(exc, method, context, outcome)
+    finally:
+        _log(method, outcome, started, record)
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
-        # Each RPC runs in its own task and context, so this never leaks between calls.
-        current_rpc.set(record)
-        try:
+        async with _rpc_scope(method, context):
             return await behavior(request, context)
-        except grpc.aio.AbortError:
-            outcome.code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status just below
-            await _map_error(exc, method, context, outcome)
-        finally:
-            _log(method, outcome, started, record)
 
     return handler
 
 
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
-        # Each RPC runs in its own task and context, so this never leaks between calls.
-        current_rpc.set(record)
-        try:
+        async with _rpc_scope(method, context):
             async for response in behavior(request, context):
                 yield response
-        except grpc.aio.AbortError:
-            outcome.code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status just below
-            await _map_error(exc, method, context, outcome)
-        finally:
-            _log(method, outcome, started, record)
 
     return handler
 
