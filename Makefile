@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml package.json package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	npm install --no-audit --no-fund --loglevel=error  # npm ci trips over buf's per-platform optional packages
+	npm ci --no-audit --no-fund --loglevel=error  # the lock lists every platform's buf binary, so ci never rewrites it
 	touch $(STAMP)
 
 ## Start the mesh, run the Flyte workflow on sklearn:breast_cancer (metrics, decision), stop the mesh.

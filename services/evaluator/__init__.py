@@ -1,4 +1,4 @@
 """evaluator: scores a model on the held-out split and decides PROMOTE or RETRAIN."""
 
 # Part of every cache key: bump it whenever the stage's outputs change for the same inputs.
-VERSION = "1.1.0"  # 1.1: adds the HTML report
+VERSION = "2.0.0"  # 2.0: column roles, schema and profile; typed splits; encoders fitted on train; default thresholds by task kind

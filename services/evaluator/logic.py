@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn import metrics
 from sklearn.base import is_classifier
 
@@ -15,6 +16,15 @@ from services.runtime.errors import FailedPrecondition, InvalidArgument
 CLASSIFICATION_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "log_loss")
 REGRESSION_METRICS = ("r2", "mae", "rmse")
 ALL_METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
+# Applied when a request gives no thresholds at all, by the model's task kind, so the
+# CLI, the workflow, the sweep and grpcurl callers all get the same gate.
+DEFAULT_THRESHOLDS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
+    "classification": ({"accuracy": 0.9}, {}),
+    "regression": ({"r2": 0.3}, {}),
+}
+# Points drawn in the predicted-vs-true plot; more add bytes, not insight.
+MAX_PLOTTED_POINTS = 2000
+TOP_IMPORTANCES = 20
 
 
 @dataclass
@@ -25,6 +35,8 @@ class Evaluation:
     roc_curves: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     predictions: dict[str, list[float]] = field(default_factory=dict)
+    importances: list[tuple[str, float]] = field(default_factory=list)
+    importance_kind: str = ""
 
 
 def check_threshold_names(minimums: dict[str, float], maximums: dict[str, float]) -> None:
@@ -75,17 +87,27 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
             )
     if len(y) == 0:
         raise FailedPrecondition("the test split is empty")
+    names = getattr(model, "feature_names_in_", None)
+    if names is not None:
+        # The model was fitted with its feature names; predicting with them keeps scikit-learn quiet.
+        x = pd.DataFrame(x, columns=[str(n) for n in names], copy=False)
     predicted = model.predict(x)
+    importance_kind, importances = _importances(model, names, x.shape[1])
     if not is_classifier(model):
-        return Evaluation(
+        shown = np.unique(np.linspace(0, len(y) - 1, min(len(y), MAX_PLOTTED_POINTS)).astype(int))
+        result = Evaluation(
             task="regression",
             metrics={
                 "r2": float(metrics.r2_score(y, predicted)),
                 "mae": float(metrics.mean_absolute_error(y, predicted)),
                 "rmse": float(np.sqrt(metrics.mean_squared_error(y, predicted))),
             },
-            predictions={"true": y.tolist(), "predicted": predicted.tolist()},
+            predictions={"true": y[shown].tolist(), "predicted": predicted[shown].tolist()},
+            importances=importances, importance_kind=importance_kind,
         )
+        if len(shown) < len(y):
+            result.notes.append(f"the predicted-vs-true plot shows {len(shown)} of {len(y)} test rows, evenly spaced")
+        return result
 
     labels = model.classes_
     result = Evaluation(
@@ -97,6 +119,7 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
             "f1_macro": float(metrics.f1_score(y, predicted, average="macro", labels=labels, zero_division=0)),
         },
         confusion_matrix=metrics.confusion_matrix(y, predicted, labels=labels).tolist(),
+        importances=importances, importance_kind=importance_kind,
     )
     proba = _scores(model, x)
     if proba is None:
@@ -126,8 +149,35 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
     return result
 
 
+def _importances(model: Any, names: Any, width: int) -> tuple[str, list[tuple[str, float]]]:
+    """The model's own view of which inputs matter most: impurity importances or |coefficients|."""
+    labels = [str(n) for n in names] if names is not None else [f"x{i}" for i in range(width)]
+    if hasattr(model, "feature_importances_"):
+        kind, values = "impurity importance", np.asarray(model.feature_importances_, dtype=float)
+    elif hasattr(model, "coef_"):
+        coef = np.atleast_2d(np.asarray(model.coef_, dtype=float))
+        kind, values = "mean |coefficient| (on scaled inputs)", np.abs(coef).mean(axis=0)
+    else:
+        return "", []
+    if values.shape != (len(labels),):
+        return "", []
+    order = np.argsort(-values, kind="stable")[:TOP_IMPORTANCES]
+    return kind, [(labels[i], float(values[i])) for i in order]
+
+
+def effective_thresholds(
+    task: str, minimums: dict[str, float], maximums: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float], bool]:
+    """The caller's thresholds, or the task kind's defaults when there are none (third value True)."""
+    if minimums or maximums:
+        return minimums, maximums, False
+    default_minimums, default_maximums = DEFAULT_THRESHOLDS[task]
+    return dict(default_minimums), dict(default_maximums), True
+
+
 def decide(evaluation: Evaluation, minimums: dict[str, float], maximums: dict[str, float]) -> tuple[bool, list[str]]:
     """PROMOTE (True) only if every threshold that applies is met; reasons say why."""
+    minimums, maximums, defaulted = effective_thresholds(evaluation.task, minimums, maximums)
     own = CLASSIFICATION_METRICS if evaluation.task == "classification" else REGRESSION_METRICS
     for name in [*minimums, *maximums]:
         if name not in own:
@@ -156,6 +206,6 @@ def decide(evaluation: Evaluation, minimums: dict[str, float], maximums: dict[st
         else:
             passed = False
             reasons.append(f"{name} {value:.4f} is above maximum {bound:g}")
-    if not reasons:
-        reasons.append("no thresholds were given, so nothing blocks promotion")
+    if defaulted:
+        reasons.append(f"no thresholds were given, so the {evaluation.task} default applies; set minimums/maximums to choose")
     return passed, reasons

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 import asyncio
 
+from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.evaluator import VERSION, logic, registry
 from services.evaluator.report import render_html
 from services.runtime.errors import FailedPrecondition
@@ -13,6 +13,11 @@ from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.store import ref_from_dict, ref_to_dict
 from services.runtime.tasks import task_kind_value
+
+
+# Optional JSON artifacts from earlier stages that the HTML report shows.
+CONTEXT_REFS = ("profile", "split_report", "feature_schema")
+MAX_CLASS_NAMES = 100_000
 
 
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
@@ -26,8 +31,13 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         minimums, maximums = dict(request.minimums), dict(request.maximums)
         logic.check_threshold_names(minimums, maximums)
         class_names = list(request.class_names)
+        require(len(class_names) <= MAX_CLASS_NAMES, f"class_names has {len(class_names)} entries; at most {MAX_CLASS_NAMES}")
+        inputs = {"model": request.model, "x_test": request.x_test, "y_test": request.y_test}
+        for name in CONTEXT_REFS:
+            if request.HasField(name):
+                inputs[name] = getattr(request, name)
         job = Job(
-            inputs={"model": request.model, "x_test": request.x_test, "y_test": request.y_test},
+            inputs=inputs,
             params={"minimums": minimums, "maximums": maximums, "class_names": class_names},
             force_recompute=request.force_recompute,
         )
@@ -36,13 +46,20 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             model = skops_to_model(run.read(request.model, "model"), "model")
             x = npy_to_array(run.read(request.x_test, "x_test"), "x_test")
             y = npy_to_array(run.read(request.y_test, "y_test"), "y_test")
+            context = {
+                name: json_bytes_to_doc(run.read(getattr(request, name), name), name)
+                for name in CONTEXT_REFS if request.HasField(name)
+            }
             evaluation = logic.evaluate(model, x, y)
             promote, reasons = logic.decide(evaluation, minimums, maximums)
+            applied_minimums, applied_maximums, _ = logic.effective_thresholds(evaluation.task, minimums, maximums)
             decision = evaluator_pb2.DECISION_PROMOTE if promote else evaluator_pb2.DECISION_RETRAIN
             report = {
                 "task_kind": evaluation.task,
                 "metrics": evaluation.metrics,
-                "thresholds": {"minimums": minimums, "maximums": maximums},
+                "thresholds": {"minimums": applied_minimums, "maximums": applied_maximums},
+                "importances": {"kind": evaluation.importance_kind, "values": evaluation.importances},
+                **{name: doc for name, doc in context.items() if isinstance(doc, dict)},
                 "decision": evaluator_pb2.Decision.Name(decision).removeprefix("DECISION_"),
                 "reasons": reasons,
                 "notes": evaluation.notes,

@@ -1,22 +1,73 @@
-"""Feature engineering, fitted on the train split only (no leakage from test)."""
+"""Feature engineering, fitted on the train split only (no leakage from test).
+
+The fitted transformer is one scikit-learn Pipeline:
+
+    ColumnTransformer                       one branch per kind of column
+      numeric   numeric and boolean columns: SimpleImputer (+ missing indicators) -> scaler
+      one_hot   categorical, few levels: SimpleImputer("(missing)") -> OneHotEncoder (rare levels grouped)
+      target    categorical, many levels: SimpleImputer("(missing)") -> TargetEncoder (cross-fitted) -> scaler
+      ordinal   categorical, when asked: SimpleImputer("(missing)") -> OrdinalEncoder (codes, not scaled)
+      datetime  DatetimeParts -> scaler
+    -> PolynomialFeatures -> scaler      only with polynomial_degree > 1
+    -> SelectKBest                       only with select_k_best > 0
+
+It takes the loader's feature columns as a DataFrame, so the stored
+transformer applies to new rows of the same table as they are.
+"""
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import comb
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.compose import ColumnTransformer
 from sklearn.feature_selection import SelectKBest, f_classif, f_regression
+from sklearn.impute import SimpleImputer
+from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import MinMaxScaler, PolynomialFeatures, RobustScaler, StandardScaler
+from sklearn.preprocessing import (
+    MinMaxScaler,
+    OneHotEncoder,
+    OrdinalEncoder,
+    PolynomialFeatures,
+    RobustScaler,
+    StandardScaler,
+    TargetEncoder,
+)
 
+from services.features.encoders import DatetimeParts
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.runtime.formats import human_bytes
 
 SCALERS = {"standard": StandardScaler, "minmax": MinMaxScaler, "robust": RobustScaler, "none": None}
+IMPUTATIONS = ("median", "mean", "most_frequent")
+ENCODINGS = ("auto", "one_hot", "target", "ordinal")
 MAX_POLYNOMIAL_DEGREE = 4
+DEFAULT_MAX_ONE_HOT_LEVELS = 30
+DEFAULT_MIN_LEVEL_COUNT = 5
+# hist_gradient_boosting takes at most 255 categories per feature (its max_bins).
+MAX_ORDINAL_LEVELS = 255
+MISSING_LEVEL = "(missing)"
+# Levels listed per column in the feature schema; the count is always complete.
+LISTED_LEVELS = 100
+DATETIME_PARTS = 7
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    scaling: str = "standard"
+    polynomial_degree: int = 1
+    select_k_best: int = 0
+    imputation: str = "median"
+    missing_indicators: bool = False
+    categorical_encoding: str = "auto"
+    max_one_hot_levels: int = DEFAULT_MAX_ONE_HOT_LEVELS
+    min_level_count: int = DEFAULT_MIN_LEVEL_COUNT
+    seed: int = 0
 
 
 @dataclass
@@ -27,6 +78,9 @@ class Engineered:
     x_test: np.ndarray
     y_test: np.ndarray
     feature_names: list[str]
+    schema: dict[str, Any]
+    missing_values_imputed: int = 0
+    categorical_indices: list[int] = field(default_factory=list)
 
 
 def expanded_width(n_features: int, degree: int) -> int:
@@ -34,67 +88,186 @@ def expanded_width(n_features: int, degree: int) -> int:
     return comb(n_features + degree, degree) - 1
 
 
-def build_pipeline(task: str, n_features: int, scaling: str, degree: int, k_best: int, max_cells: int, rows: int) -> Pipeline:
-    steps: list[tuple[str, object]] = []
-    width = n_features
+def _scaler(options: FeatureOptions) -> Any:
+    cls = SCALERS[options.scaling]
+    return cls() if cls is not None else "passthrough"
+
+
+def _levels(train: pd.DataFrame, column: str) -> pd.Series:
+    return train[column].fillna(MISSING_LEVEL).value_counts()
+
+
+def _encoder_for(levels: int, options: FeatureOptions) -> str:
+    if options.categorical_encoding != "auto":
+        return options.categorical_encoding
+    return "one_hot" if levels <= options.max_one_hot_levels else "target"
+
+
+def _branches(
+    roles: dict[str, str], train: pd.DataFrame, task: str, options: FeatureOptions, n_classes: int
+) -> tuple[list[tuple[str, Any, list[str]]], list[dict[str, Any]], int]:
+    """The ColumnTransformer branches, the per-column entries of the schema, and the expected width."""
+    columns = [c for c in train.columns if c in roles]
+    groups: dict[str, list[str]] = {"numeric": [], "one_hot": [], "target": [], "ordinal": [], "datetime": []}
+    entries: list[dict[str, Any]] = []
+    width = 0
+    target_width = n_classes if task == "classification" and n_classes > 2 else 1
+    for column in columns:
+        role = roles[column]
+        entry: dict[str, Any] = {"name": column, "role": role, "missing_in_train": int(train[column].isna().sum())}
+        if role in ("numeric", "boolean"):
+            encoder = "numeric"
+            width += 2 if options.missing_indicators else 1
+        elif role == "datetime":
+            encoder = "datetime_parts"
+            width += DATETIME_PARTS
+        else:
+            levels = _levels(train, column)
+            encoder = _encoder_for(len(levels), options)
+            entry["levels_in_train"] = int(len(levels))
+            entry["levels"] = [[str(level), int(count)] for level, count in levels.head(LISTED_LEVELS).items()]
+            width += {"one_hot": min(len(levels), options.max_one_hot_levels) + 1, "target": target_width}.get(encoder, 1)
+        entry["encoder"] = encoder
+        groups["datetime" if encoder == "datetime_parts" else encoder].append(column)
+        entries.append(entry)
+
+    def categorical(encoder: Any) -> Pipeline:
+        return Pipeline([("fill", SimpleImputer(strategy="constant", fill_value=MISSING_LEVEL)), ("encode", encoder)])
+
+    min_count = options.min_level_count if options.min_level_count > 1 else None
+    branches: list[tuple[str, Any, list[str]]] = []
+    if groups["numeric"]:
+        imputer = SimpleImputer(strategy=options.imputation, add_indicator=options.missing_indicators,
+                                keep_empty_features=True)
+        branches.append(("numeric", Pipeline([("impute", imputer), ("scale", _scaler(options))]), groups["numeric"]))
+    if groups["one_hot"]:
+        one_hot = OneHotEncoder(handle_unknown="infrequent_if_exist", min_frequency=min_count,
+                                max_categories=options.max_one_hot_levels + 1, sparse_output=False, dtype=np.float64)
+        branches.append(("one_hot", categorical(one_hot), groups["one_hot"]))
+    if groups["target"]:
+        # Cross-fitting folds, seeded: train rows are encoded by the other folds' statistics.
+        folds = (KFold if task == "regression" else StratifiedKFold)(5, shuffle=True, random_state=options.seed)
+        target = TargetEncoder(target_type="continuous" if task == "regression" else "auto", cv=folds)
+        branches.append(("target", Pipeline([*categorical(target).steps, ("scale", _scaler(options))]), groups["target"]))
+    if groups["ordinal"]:
+        # Unseen levels become -1, which hist_gradient_boosting treats as missing.
+        ordinal = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1, min_frequency=min_count,
+                                 max_categories=MAX_ORDINAL_LEVELS, dtype=np.float64)
+        branches.append(("ordinal", categorical(ordinal), groups["ordinal"]))
+    if groups["datetime"]:
+        branches.append(("datetime", Pipeline([("parts", DatetimeParts()), ("scale", _scaler(options))]), groups["datetime"]))
+    return branches, entries, width
+
+
+def build_pipeline(branches: list[tuple[str, Any, list[str]]], task: str, options: FeatureOptions,
+                   width: int, rows: int, max_bytes: int) -> Pipeline:
+    columns = ColumnTransformer(branches, remainder="drop", verbose_feature_names_out=False)
+    steps: list[tuple[str, Any]] = [("columns", columns)]
+    if width * rows * 8 > max_bytes:
+        raise ResourceExhausted(
+            f"the encoded train split would have about {width} columns ({human_bytes(width * rows * 8)}), over "
+            f"this service's limit of {human_bytes(max_bytes)} (MLMESH_MAX_DATASET_BYTES); lower max_one_hot_levels "
+            "or leave out columns"
+        )
+    degree = options.polynomial_degree
     if degree > 1:
-        width = expanded_width(n_features, degree)
-        if width * rows * 8 > max_cells:
+        if any(name == "ordinal" for name, _, _ in branches):
+            raise InvalidArgument("polynomial_degree cannot be combined with ordinal categorical encoding")
+        expanded = expanded_width(width, degree)
+        if expanded * rows * 8 > max_bytes:
             raise ResourceExhausted(
-                f"polynomial_degree={degree} on {n_features} features makes {width} columns "
-                f"({human_bytes(width * rows * 8)} for the train split); lower the degree "
+                f"polynomial_degree={degree} on {width} features makes {expanded} columns "
+                f"({human_bytes(expanded * rows * 8)} for the train split); lower the degree "
                 "or select fewer input features"
             )
         steps.append(("polynomial", PolynomialFeatures(degree=degree, include_bias=False)))
-    if SCALERS[scaling] is not None:
-        steps.append(("scale", SCALERS[scaling]()))
-    if k_best:
-        if k_best > width:
-            raise InvalidArgument(
-                f"select_k_best={k_best} exceeds the {width} features available"
-                + (" after polynomial expansion" if degree > 1 else "")
-            )
+        steps.append(("rescale", _scaler(options)))
+    if options.select_k_best:
         score = f_classif if task == "classification" else f_regression
-        steps.append(("select", SelectKBest(score_func=score, k=k_best)))
-    if not steps:
-        steps.append(("identity", "passthrough"))
+        steps.append(("select", SelectKBest(score_func=score, k=options.select_k_best)))
     return Pipeline(steps)
 
 
-def split_xy(frame: pd.DataFrame, target_column: str, task: str, what: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def split_xy(frame: pd.DataFrame, target_column: str, task: str, what: str) -> tuple[pd.DataFrame, np.ndarray]:
     if target_column not in frame.columns:
         raise FailedPrecondition(f"{what} has no target column {target_column!r}")
-    features = [c for c in frame.columns if c != target_column]
-    x = frame[features].to_numpy(dtype="float64")
-    if np.isnan(x).any():
-        raise FailedPrecondition(f"{what} still has missing values; run it through preprocess first")
     dtype = "int64" if task == "classification" else "float64"
-    return x, frame[target_column].to_numpy(dtype=dtype), features
+    return frame.drop(columns=[target_column]), frame[target_column].to_numpy(dtype=dtype)
+
+
+def _names(pipeline: Pipeline) -> list[str]:
+    try:
+        return [str(n) for n in pipeline.get_feature_names_out()]
+    except ValueError:  # two branches produced the same name: prefix each with its branch
+        pipeline.named_steps["columns"].verbose_feature_names_out = True
+        return [str(n) for n in pipeline.get_feature_names_out()]
+
+
+def _categorical_indices(pipeline: Pipeline) -> list[int]:
+    """Positions of ordinal category codes in the output, after any selection."""
+    slices = pipeline.named_steps["columns"].output_indices_
+    mask = np.zeros(sum(s.stop - s.start for s in slices.values()), dtype=bool)
+    if "ordinal" in slices:
+        mask[slices["ordinal"]] = True
+    if "select" in pipeline.named_steps:
+        mask = mask[pipeline.named_steps["select"].get_support()]
+    return [int(i) for i in np.flatnonzero(mask)]
 
 
 def engineer(
-    train: pd.DataFrame, test: pd.DataFrame, target_column: str, task: str,
-    scaling: str, degree: int, k_best: int, max_bytes: int,
+    train: pd.DataFrame, test: pd.DataFrame, target_column: str, task: str, roles: dict[str, str],
+    class_names: list[str], options: FeatureOptions, max_bytes: int,
 ) -> Engineered:
-    x_train, y_train, names = split_xy(train, target_column, task, "train")
-    x_test, y_test, test_names = split_xy(test, target_column, task, "test")
-    if names != test_names:
+    x_train, y_train = split_xy(train, target_column, task, "train")
+    x_test, y_test = split_xy(test, target_column, task, "test")
+    if list(x_train.columns) != list(x_test.columns):
         raise FailedPrecondition("train and test have different feature columns; pass splits from the same preprocess run")
-    pipeline = build_pipeline(task, len(names), scaling, degree, k_best, max_bytes, len(x_train))
+    unknown = [c for c in x_train.columns if c not in roles]
+    if unknown:
+        raise FailedPrecondition("train has columns without a role; pass splits written by preprocess")
+    branches, entries, width = _branches(roles, x_train, task, options, len(class_names))
+    if options.select_k_best > width:
+        raise InvalidArgument(
+            f"select_k_best={options.select_k_best} exceeds the {width} features available"
+            + (" after polynomial expansion" if options.polynomial_degree > 1 else "")
+        )
+    pipeline = build_pipeline(branches, task, options, width, len(x_train), max_bytes)
     with warnings.catch_warnings():
-        # Constant columns make f_classif warn; they simply score lowest.
+        # Constant columns make f_classif warn; they simply score lowest. Rare levels make
+        # OneHotEncoder warn about unknown categories at transform time; they are grouped.
         warnings.simplefilter("ignore", category=(UserWarning, RuntimeWarning))
-        x_train_t = pipeline.fit_transform(x_train, y_train)
-    x_test_t = pipeline.transform(x_test)
-    try:
-        out_names = [str(n) for n in pipeline.get_feature_names_out(names)]
-    except (AttributeError, ValueError):
-        out_names = [f"f{i}" for i in range(x_train_t.shape[1])]
+        try:
+            x_train_t = pipeline.fit_transform(x_train, y_train)
+            x_test_t = pipeline.transform(x_test)
+        except ValueError as exc:
+            if options.select_k_best and "k should be" in str(exc):
+                raise InvalidArgument(f"select_k_best={options.select_k_best} exceeds the features available") from None
+            raise
+    names = _names(pipeline)
+    missing = int(x_train.isna().to_numpy().sum() + x_test.isna().to_numpy().sum())
+    categorical = _categorical_indices(pipeline)
+    schema = {
+        "target_column": target_column,
+        "task_kind": task,
+        "class_names": class_names,
+        "columns": entries,
+        "feature_names": names,
+        "categorical_feature_indices": categorical,
+        "options": {
+            "scaling": options.scaling, "polynomial_degree": options.polynomial_degree,
+            "select_k_best": options.select_k_best, "numeric_imputation": options.imputation,
+            "missing_indicators": options.missing_indicators, "categorical_encoding": options.categorical_encoding,
+            "max_one_hot_levels": options.max_one_hot_levels, "min_level_count": options.min_level_count,
+        },
+    }
     return Engineered(
         transformer=pipeline,
-        x_train=np.asarray(x_train_t, dtype="float64"),
+        x_train=np.ascontiguousarray(x_train_t, dtype="float64"),
         y_train=y_train,
-        x_test=np.asarray(x_test_t, dtype="float64"),
+        x_test=np.ascontiguousarray(x_test_t, dtype="float64"),
         y_test=y_test,
-        feature_names=out_names,
+        feature_names=names,
+        schema=schema,
+        missing_values_imputed=missing,
+        categorical_indices=categorical,
     )

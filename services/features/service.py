@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
 from services.features import VERSION, logic
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.formats import NPY, SKOPS, array_to_npy, model_to_skops, parquet_to_frame
+from services.runtime.formats import JSON, NPY, SKOPS, array_to_npy, model_to_skops, parquet_to_frame, to_json_bytes
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_value
@@ -17,6 +17,26 @@ _SCALING = {
     features_pb2.SCALING_ROBUST: "robust",
     features_pb2.SCALING_NONE: "none",
 }
+_IMPUTATION = {
+    features_pb2.NUMERIC_IMPUTATION_UNSPECIFIED: "median",
+    features_pb2.NUMERIC_IMPUTATION_MEDIAN: "median",
+    features_pb2.NUMERIC_IMPUTATION_MEAN: "mean",
+    features_pb2.NUMERIC_IMPUTATION_MOST_FREQUENT: "most_frequent",
+}
+_ENCODING = {
+    features_pb2.CATEGORICAL_ENCODING_UNSPECIFIED: "auto",
+    features_pb2.CATEGORICAL_ENCODING_ONE_HOT: "one_hot",
+    features_pb2.CATEGORICAL_ENCODING_TARGET: "target",
+    features_pb2.CATEGORICAL_ENCODING_ORDINAL: "ordinal",
+}
+MAX_ONE_HOT_LEVELS = 1_000
+MAX_MIN_LEVEL_COUNT = 1_000_000
+
+
+def _choice(table: dict[int, str], value: int, field: str, enum: str) -> str:
+    if value not in table:
+        raise InvalidArgument(f"{field}={value} is not a known {enum}")
+    return table[value]
 
 
 class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
@@ -26,19 +46,38 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     async def BuildFeatures(self, request: features_pb2.BuildFeaturesRequest, context) -> features_pb2.BuildFeaturesResponse:
         require(request.HasField("train"), "train is required: pass the train ref preprocess returned")
         require(request.HasField("test"), "test is required: pass the test ref preprocess returned")
-        if request.scaling not in _SCALING:
-            raise InvalidArgument(f"scaling={request.scaling} is not a known Scaling")
         degree = request.polynomial_degree
         require(
             0 <= degree <= logic.MAX_POLYNOMIAL_DEGREE,
             f"polynomial_degree must be between 0 and {logic.MAX_POLYNOMIAL_DEGREE}, got {degree}",
         )
         require(request.select_k_best >= 0, f"select_k_best must be 0 (keep all) or positive, got {request.select_k_best}")
-        scaling = _SCALING[request.scaling]
-        degree = degree if degree > 1 else 1
+        require(
+            0 <= request.max_one_hot_levels <= MAX_ONE_HOT_LEVELS,
+            f"max_one_hot_levels must be between 1 and {MAX_ONE_HOT_LEVELS} (0 for the default), "
+            f"got {request.max_one_hot_levels}",
+        )
+        require(
+            0 <= request.min_level_count <= MAX_MIN_LEVEL_COUNT,
+            f"min_level_count must be between 1 and {MAX_MIN_LEVEL_COUNT} (0 for the default), got {request.min_level_count}",
+        )
+        require(0 <= request.seed < 2**32, f"seed must be in [0, 2^32), got {request.seed}")
+        options = logic.FeatureOptions(
+            scaling=_choice(_SCALING, request.scaling, "scaling", "Scaling"),
+            polynomial_degree=degree if degree > 1 else 1,
+            select_k_best=request.select_k_best,
+            imputation=_choice(_IMPUTATION, request.numeric_imputation, "numeric_imputation", "NumericImputation"),
+            missing_indicators=request.missing_indicators,
+            categorical_encoding=_choice(
+                _ENCODING, request.categorical_encoding, "categorical_encoding", "CategoricalEncoding"
+            ),
+            max_one_hot_levels=request.max_one_hot_levels or logic.DEFAULT_MAX_ONE_HOT_LEVELS,
+            min_level_count=request.min_level_count or logic.DEFAULT_MIN_LEVEL_COUNT,
+            seed=request.seed,
+        )
         job = Job(
             inputs={"train": request.train, "test": request.test},
-            params={"scaling": scaling, "polynomial_degree": degree, "select_k_best": request.select_k_best},
+            params={name: getattr(options, name) for name in logic.FeatureOptions.__dataclass_fields__},
             force_recompute=request.force_recompute,
         )
         max_bytes = self.runtime.settings.max_dataset_bytes
@@ -46,11 +85,11 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         def work(run: Run) -> features_pb2.BuildFeaturesResponse:
             train, meta = parquet_to_frame(run.read(request.train, "train"), "train")
             test, test_meta = parquet_to_frame(run.read(request.test, "test"), "test")
-            if not meta.get("target_column") or meta.get("target_column") != test_meta.get("target_column"):
+            if not meta.get("target_column") or "roles" not in meta or meta.get("target_column") != test_meta.get("target_column"):
                 raise FailedPrecondition("train and test must both come from the same preprocess run")
             task = meta["task_kind"]
             result = logic.engineer(
-                train, test, meta["target_column"], task, scaling, degree, request.select_k_best, max_bytes
+                train, test, meta["target_column"], task, meta["roles"], meta.get("class_names", []), options, max_bytes
             )
             return features_pb2.BuildFeaturesResponse(
                 x_train=run.put("x_train", array_to_npy(result.x_train), NPY),
@@ -58,8 +97,10 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
                 x_test=run.put("x_test", array_to_npy(result.x_test), NPY),
                 y_test=run.put("y_test", array_to_npy(result.y_test), NPY),
                 transformer=run.put("transformer", model_to_skops(result.transformer), SKOPS),
+                feature_schema=run.put("feature_schema", to_json_bytes(result.schema), JSON),
                 feature_names=result.feature_names,
                 task_kind=task_kind_value(task),
+                missing_values_imputed=result.missing_values_imputed,
             )
 
         return await self.runtime.execute(job, work, features_pb2.BuildFeaturesResponse)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -12,11 +13,20 @@ import numpy as np
 import pandas as pd
 from sklearn import datasets
 
+from services.loader.profile import profile
+from services.loader.schema import (
+    CLASSIFICATION,
+    REGRESSION,
+    ColumnDecision,
+    TaskDecision,
+    canonical_target,
+    column_list,
+    decide_columns,
+    decide_task,
+    shown,
+)
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, bounded
 from services.runtime.formats import human_bytes
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-
-CLASSIFICATION = "classification"
-REGRESSION = "regression"
 
 SKLEARN_DATASETS = {
     "iris": (datasets.load_iris, CLASSIFICATION),
@@ -25,9 +35,6 @@ SKLEARN_DATASETS = {
     "digits": (datasets.load_digits, CLASSIFICATION),
     "diabetes": (datasets.load_diabetes, REGRESSION),
 }
-
-# A numeric target with at most this many distinct integer values is taken as class labels.
-MAX_INFERRED_CLASSES = 20
 
 _SYNTHETIC_DEFAULTS = {
     CLASSIFICATION: {"rows": 1000, "features": 20, "classes": 2, "seed": 0},
@@ -54,32 +61,32 @@ def parse_source(source: str) -> Source:
         name = source.removeprefix("sklearn:")
         if name not in SKLEARN_DATASETS:
             raise InvalidArgument(
-                f"unknown sklearn dataset {name!r}; choose one of {', '.join(sorted(SKLEARN_DATASETS))}"
+                f"unknown sklearn dataset {shown(name)}; choose one of {', '.join(sorted(SKLEARN_DATASETS))}"
             )
         return Source("sklearn", name)
     if source.startswith("synthetic:"):
         task, _, query = source.removeprefix("synthetic:").partition("?")
         if task not in _SYNTHETIC_DEFAULTS:
             raise InvalidArgument(
-                f"unknown synthetic task {task!r}; use synthetic:classification or synthetic:regression"
+                f"unknown synthetic task {shown(task)}; use synthetic:classification or synthetic:regression"
             )
         options: dict[str, float | int] = dict(_SYNTHETIC_DEFAULTS[task])
         for key, raw in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
             if key not in options:
                 raise InvalidArgument(
-                    f"unknown option {key!r} for synthetic:{task}; valid: {', '.join(options)}"
+                    f"unknown option {shown(key)} for synthetic:{task}; valid: {', '.join(options)}"
                 )
             try:
                 options[key] = float(raw) if key == "noise" else int(raw)
             except ValueError:
-                raise InvalidArgument(f"synthetic option {key}={raw!r} is not a number") from None
+                raise InvalidArgument(f"synthetic option {key}={shown(raw)} is not a number") from None
         return Source("synthetic", task, options)
     lowered = source.lower().split("?")[0]
     for suffix, fmt in ((".csv", "csv"), (".csv.gz", "csv"), (".parquet", "parquet"), (".pq", "parquet")):
         if lowered.endswith(suffix):
             return Source("file", source, file_format=fmt)
     raise InvalidArgument(
-        f"cannot tell the format of {source!r}: files must end in .csv, .csv.gz, .parquet or .pq; "
+        f"cannot tell the format of {shown(source)}: files must end in .csv, .csv.gz, .parquet or .pq; "
         "other sources start with sklearn: or synthetic:"
     )
 
@@ -89,22 +96,29 @@ def file_digest(source: Source) -> str:
     return hashlib.sha256(read_file_bytes(source)).hexdigest()
 
 
+def _absolute(name: str) -> str:
+    """The path a plain or file:// source resolves to here, for messages; URLs as given."""
+    if "://" in name and not name.startswith("file://"):
+        return name
+    return os.path.abspath(name.removeprefix("file://"))
+
+
 def read_file_bytes(source: Source) -> bytes:
     try:
         with fsspec.open(source.name, "rb") as handle:
             return handle.read()
     except FileNotFoundError:
-        raise NotFound(f"source file {source.name!r} does not exist") from None
+        raise NotFound(f"source file {shown(_absolute(source.name))} does not exist") from None
     except IsADirectoryError:
         # e.g. a Spark or Dask "table.parquet" folder of part files
         raise InvalidArgument(
-            f"source {source.name!r} is a directory; pass a single CSV or Parquet file"
+            f"source {shown(source.name)} is a directory; pass a single CSV or Parquet file"
         ) from None
     except (ValueError, ImportError) as exc:
         # fsspec raises these for unknown protocols or missing optional backends.
-        raise InvalidArgument(f"cannot open {source.name!r}: {exc}") from None
+        raise InvalidArgument(f"cannot open {shown(source.name)}: {bounded(exc)}") from None
     except PermissionError:
-        raise FailedPrecondition(f"source file {source.name!r} is not readable by the loader") from None
+        raise FailedPrecondition(f"source file {shown(source.name)} is not readable by the loader") from None
 
 
 def _check_size(rows: int, features: int, max_bytes: int) -> None:
@@ -170,49 +184,44 @@ def _read_file(source: Source, max_bytes: int) -> pd.DataFrame:
     try:
         if source.file_format == "csv":
             compression = "gzip" if source.name.lower().endswith(".gz") else None
-            return pd.read_csv(io.BytesIO(data), compression=compression)
+            # low_memory=False reads each column whole, so its type does not depend on chunking.
+            return pd.read_csv(io.BytesIO(data), compression=compression, low_memory=False)
         return pd.read_parquet(io.BytesIO(data))
     except (ValueError, pd.errors.ParserError, OSError) as exc:
-        raise FailedPrecondition(f"cannot parse {source.name!r} as {source.file_format}: {exc}") from None
+        raise FailedPrecondition(f"cannot parse {shown(source.name)} as {source.file_format}: {bounded(exc)}") from None
 
 
-def _infer_task(target: pd.Series) -> str:
-    if not pd.api.types.is_numeric_dtype(target) or pd.api.types.is_bool_dtype(target):
-        return CLASSIFICATION
-    values = target.dropna().to_numpy(dtype=float)
-    integral = bool(np.all(np.equal(np.mod(values, 1), 0)))
-    return CLASSIFICATION if integral and len(np.unique(values)) <= MAX_INFERRED_CLASSES else REGRESSION
+@dataclass
+class LoadedDataset:
+    frame: pd.DataFrame  # feature columns in canonical types, then the target
+    target_column: str
+    task: TaskDecision
+    columns: list[ColumnDecision]
+    warnings: list[str]
+    profile: dict
 
+    @property
+    def feature_names(self) -> list[str]:
+        return [c for c in self.frame.columns if c != self.target_column]
 
-def _numeric_features(frame: pd.DataFrame, target_column: str) -> pd.DataFrame:
-    features = frame.drop(columns=[target_column])
-    unusable = []
-    converted = {}
-    for column in features.columns:
-        series = features[column]
-        if pd.api.types.is_bool_dtype(series):
-            converted[column] = series.astype("float64")
-        elif pd.api.types.is_numeric_dtype(series):
-            converted[column] = series.astype("float64")
-        else:
-            numeric = pd.to_numeric(series, errors="coerce")
-            # Text that is numbers apart from blanks is accepted; anything else is not.
-            if numeric.notna().sum() == series.notna().sum():
-                converted[column] = numeric.astype("float64")
-            else:
-                unusable.append(str(column))
-    if unusable:
-        raise FailedPrecondition(
-            f"feature columns {unusable} are not numeric and cannot be used as they are; "
-            "encode them as numbers or remove them from the file"
-        )
-    return pd.DataFrame(converted, index=frame.index)
+    def schema(self) -> dict:
+        return {
+            "target_column": self.target_column,
+            "task_kind": self.task.kind,
+            "task_kind_reason": self.task.reason,
+            "task_kind_overridden": self.task.overridden,
+            "rows": len(self.frame),
+            "features": self.feature_names,
+            "roles": {c.name: c.role for c in self.columns},
+            "columns": [c.as_dict() for c in self.columns],
+        }
 
 
 def load_dataset(
-    source: Source, target_column: str, requested_task: str | None, max_bytes: int
-) -> tuple[pd.DataFrame, str, str]:
-    """Return (frame with float64 features + target, target column, task kind)."""
+    source: Source, target_column: str, requested_task: str | None, max_bytes: int,
+    roles: dict[str, str] | None = None,
+) -> LoadedDataset:
+    """Read the source, decide every column's role and the task, and profile the table."""
     if source.kind == "sklearn":
         frame, task = _sklearn(source)
         target_column = target_column or "target"
@@ -221,46 +230,50 @@ def load_dataset(
         target_column = target_column or "target"
     else:
         if not target_column:
-            raise InvalidArgument(f"target_column is required for file sources such as {source.name!r}")
+            raise InvalidArgument(f"target_column is required for file sources such as {shown(source.name)}")
         frame, task = _read_file(source, max_bytes), ""
 
     frame.columns = [str(c) for c in frame.columns]
+    if len(set(frame.columns)) != len(frame.columns):
+        raise FailedPrecondition("the dataset has two columns with the same name; rename one of them")
     if target_column not in frame.columns:
         raise InvalidArgument(
-            f"target column {target_column!r} is not in the dataset; its columns are: "
-            f"{', '.join(frame.columns[:50])}"
+            f"target column {shown(target_column)} is not in the dataset; its columns are: {column_list(frame.columns)}"
         )
     if len(frame) == 0:
-        raise FailedPrecondition(f"source {source.name!r} has no rows")
+        raise FailedPrecondition(f"source {shown(source.name)} has no rows")
     if len(frame.columns) < 2:
-        raise FailedPrecondition(f"source {source.name!r} has no feature columns besides the target")
+        raise FailedPrecondition(f"source {shown(source.name)} has no feature columns besides the target")
     _check_size(len(frame), len(frame.columns) - 1, max_bytes)
+    frame = frame.reset_index(drop=True)
 
-    target = frame[target_column]
-    if target.notna().sum() == 0:
-        raise FailedPrecondition(f"target column {target_column!r} has no values")
-    task = requested_task or task or _infer_task(target)
-    if task == REGRESSION:
-        if not pd.api.types.is_numeric_dtype(target) or pd.api.types.is_bool_dtype(target):
-            raise FailedPrecondition(
-                f"regression needs a numeric target, but {target_column!r} holds {target.dtype} values"
-            )
-        target = target.astype("float64")
+    raw_target = frame[target_column]
+    if raw_target.notna().sum() == 0:
+        raise FailedPrecondition(f"target column {shown(target_column)} has no values")
+    if requested_task:
+        decision = TaskDecision(requested_task, f"{requested_task}, as requested", True)
+    elif task:
+        decision = TaskDecision(task, f"{task}, as defined by {source.kind}:{source.name}", False)
     else:
+        decision = decide_task(raw_target, target_column)
+    target = canonical_target(raw_target, target_column, decision.kind)
+    if decision.kind == CLASSIFICATION:
         distinct = target.dropna().unique()
         if len(distinct) < 2:
             raise FailedPrecondition(
-                f"classification needs at least two classes, but target {target_column!r} has only "
-                f"{len(distinct)} ({', '.join(map(str, distinct[:1]))})"
+                f"classification needs at least two classes, but target {shown(target_column)} has "
+                f"{len(distinct)}"
             )
-        if not pd.api.types.is_numeric_dtype(target) or pd.api.types.is_bool_dtype(target):
-            target = target.astype("string").astype(object)
-        elif bool(np.all(np.mod(target.dropna().to_numpy(dtype=float), 1) == 0)):
-            # Whole-number labels stay integers even when blanks made the column float,
-            # so classes are named "1", not "1.0".
-            target = target.astype("Int64")
 
-    features = _numeric_features(frame, target_column)
+    features, columns, warnings = decide_columns(frame, target_column, roles or {})
+    if features.shape[1] == 0:
+        left_out = ", ".join(f"{shown(c.name)} ({c.role})" for c in columns[:10])
+        raise FailedPrecondition(
+            f"no column is usable as a feature: {left_out}; set roles with column_roles (--column NAME=ROLE)"
+        )
     out = features.copy()
     out[target_column] = target.to_numpy()
-    return out.reset_index(drop=True), target_column, task
+    return LoadedDataset(
+        frame=out, target_column=target_column, task=decision, columns=columns, warnings=warnings,
+        profile=profile(frame, features, target, target_column, columns),
+    )

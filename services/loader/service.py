@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from services.loader import VERSION, logic
-from services.runtime.formats import PARQUET, frame_to_parquet
+from services.runtime.formats import JSON, PARQUET, frame_to_parquet, to_json_bytes
+from services.runtime.roles import role_name, role_value
 from services.runtime.server import StageSpec
-from services.runtime.stage import Job, Run, StageRuntime
+from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_name, task_kind_value
+
+MAX_ROLE_OVERRIDES = 10_000
+MAX_COLUMN_NAME = 1_000
 
 
 class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
@@ -17,10 +21,19 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
     async def Load(self, request: loader_pb2.LoadRequest, context) -> loader_pb2.LoadResponse:
         source = logic.parse_source(request.source)
         requested_task = task_kind_name(request.task_kind, "task_kind")
+        require(
+            len(request.column_roles) <= MAX_ROLE_OVERRIDES,
+            f"column_roles has {len(request.column_roles)} entries; at most {MAX_ROLE_OVERRIDES} are accepted",
+        )
+        roles = {}
+        for name, value in request.column_roles.items():
+            require(0 < len(name) <= MAX_COLUMN_NAME, f"column_roles keys must be 1-{MAX_COLUMN_NAME} characters long")
+            roles[name] = role_name(value, f"column_roles[{logic.shown(name)}]")
         params = {
             "source": request.source.strip(),
             "target_column": request.target_column,
             "task_kind": requested_task,
+            "column_roles": dict(sorted(roles.items())),
         }
         if source.kind == "file":
             # Files change under the same name; their content is part of the key.
@@ -29,18 +42,36 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
         max_bytes = self.runtime.settings.max_dataset_bytes
 
         def work(run: Run) -> loader_pb2.LoadResponse:
-            frame, target_column, task = logic.load_dataset(
-                source, request.target_column, requested_task, max_bytes
-            )
-            features = [c for c in frame.columns if c != target_column]
-            metadata = {"target_column": target_column, "task_kind": task, "source": params["source"]}
-            dataset = run.put("dataset", frame_to_parquet(frame, metadata), PARQUET)
+            loaded = logic.load_dataset(source, request.target_column, requested_task, max_bytes, roles)
+            schema_doc = loaded.schema()
+            schema = run.put("schema", to_json_bytes(schema_doc), JSON)
+            profile = run.put("profile", to_json_bytes(loaded.profile), JSON)
+            metadata = {
+                "target_column": loaded.target_column,
+                "task_kind": loaded.task.kind,
+                "source": params["source"],
+                "roles": {name: role for name, role in schema_doc["roles"].items() if name in loaded.feature_names},
+                "schema_sha256": schema.sha256,
+            }
+            dataset = run.put("dataset", frame_to_parquet(loaded.frame, metadata), PARQUET)
             return loader_pb2.LoadResponse(
                 dataset=dataset,
-                rows=len(frame),
-                feature_names=features,
-                target_column=target_column,
-                task_kind=task_kind_value(task),
+                schema=schema,
+                profile=profile,
+                rows=len(loaded.frame),
+                feature_names=loaded.feature_names,
+                target_column=loaded.target_column,
+                task_kind=task_kind_value(loaded.task.kind),
+                task_kind_reason=loaded.task.reason,
+                columns=[
+                    loader_pb2.ColumnSummary(
+                        name=c.name, role=role_value(c.role), reason=c.reason, overridden=c.overridden,
+                        source_dtype=c.source_dtype, missing_ratio=c.missing_ratio,
+                        distinct_values=c.distinct_values,
+                    )
+                    for c in loaded.columns
+                ],
+                warnings=loaded.warnings,
             )
 
         return await self.runtime.execute(job, work, loader_pb2.LoadResponse)

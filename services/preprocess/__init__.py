@@ -1,4 +1,4 @@
-"""preprocess: de-duplicates, splits, imputes and label-encodes a dataset."""
+"""preprocess: drops unusable rows (counted by reason), label-encodes and splits a dataset."""
 
 # Part of every cache key: bump it whenever the stage's outputs change for the same inputs.
-VERSION = "1.0.0"
+VERSION = "2.0.0"  # 2.0: column roles, schema and profile; typed splits; encoders fitted on train; default thresholds by task kind

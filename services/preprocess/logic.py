@@ -1,4 +1,8 @@
-"""Cleaning and splitting. Imputation statistics come from the train split only."""
+"""Cleaning and splitting. Every dropped row is counted by reason; nothing is dropped silently.
+
+Missing feature values are kept: the features stage fills them in from train
+statistics, inside the fitted transformer, so the same rule applies to new data.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.impute import SimpleImputer
 from sklearn.model_selection import train_test_split
 
 from services.runtime.errors import FailedPrecondition
-
-IMPUTE_STRATEGIES = ("mean", "median", "most_frequent", "drop_rows")
 
 
 @dataclass
@@ -19,58 +20,96 @@ class Prepared:
     train: pd.DataFrame
     test: pd.DataFrame
     rows_in: int
-    duplicate_rows_removed: int
+    missing_target_rows_removed: int
+    invalid_target_rows_removed: int
     incomplete_rows_removed: int
-    missing_values_imputed: int
+    duplicate_rows_found: int
+    duplicate_rows_removed: int
     class_names: list[str]
+
+    def report(self, target_column: str, test_fraction: float, seed: int) -> dict:
+        def balance(part: pd.DataFrame) -> dict[str, int]:
+            counts = np.bincount(part[target_column].to_numpy(dtype="int64"), minlength=len(self.class_names))
+            return {name: int(n) for name, n in zip(self.class_names, counts, strict=True)}
+
+        report = {
+            "rows_in": self.rows_in,
+            "rows_dropped": {
+                "missing_target": self.missing_target_rows_removed,
+                "invalid_target": self.invalid_target_rows_removed,
+                "incomplete": self.incomplete_rows_removed,
+                "duplicate": self.duplicate_rows_removed,
+            },
+            "duplicate_rows_found": self.duplicate_rows_found,
+            "rows_out": len(self.train) + len(self.test),
+            "train_rows": len(self.train),
+            "test_rows": len(self.test),
+            "test_fraction": test_fraction,
+            "seed": seed,
+            "class_names": self.class_names,
+        }
+        if self.class_names:
+            report["class_balance"] = {"train": balance(self.train), "test": balance(self.test)}
+        return report
+
+
+def _sort_key(value: object) -> tuple[str, object]:
+    return (str(type(value)), value)
 
 
 def preprocess(
     frame: pd.DataFrame,
     target_column: str,
     task: str,
-    impute_strategy: str,
     test_fraction: float,
     seed: int,
+    drop_duplicates: bool = False,
+    drop_incomplete: bool = False,
 ) -> Prepared:
     if target_column not in frame.columns:
-        raise FailedPrecondition(
-            f"dataset has no target column {target_column!r}; pass a dataset written by the loader"
-        )
+        raise FailedPrecondition("the dataset has no target column; pass a dataset written by the loader")
     rows_in = len(frame)
     features = [c for c in frame.columns if c != target_column]
+    target = frame[target_column]
 
-    frame = frame[frame[target_column].notna()]
-    incomplete = rows_in - len(frame)
-    if impute_strategy == "drop_rows":
+    missing_target = target.isna().to_numpy()
+    invalid_target = np.zeros(rows_in, dtype=bool)
+    if task == "regression":
+        values = target.to_numpy(dtype="float64", na_value=np.nan)
+        invalid_target = ~missing_target & ~np.isfinite(values)
+    frame = frame[~missing_target & ~invalid_target]
+    incomplete = 0
+    if drop_incomplete:
         before = len(frame)
         frame = frame.dropna(subset=features)
-        incomplete += before - len(frame)
-    before = len(frame)
-    frame = frame.drop_duplicates().reset_index(drop=True)
-    duplicates = before - len(frame)
+        incomplete = before - len(frame)
+    repeated = frame.duplicated().to_numpy()
+    duplicates_found = int(repeated.sum())
+    if drop_duplicates:
+        frame = frame[~repeated]
+    frame = frame.reset_index(drop=True)
     if len(frame) < 2:
         raise FailedPrecondition(
-            f"only {len(frame)} usable rows remain after removing rows without a target"
-            + (" or with missing features" if impute_strategy == "drop_rows" else "")
-            + " and duplicates; at least 2 are needed for a split"
+            f"only {len(frame)} usable rows remain of {rows_in} (missing target: {int(missing_target.sum())}, "
+            f"invalid target: {int(invalid_target.sum())}, incomplete: {incomplete}, "
+            f"duplicates dropped: {duplicates_found if drop_duplicates else 0}); at least 2 are needed for a split"
         )
 
-    target = frame[target_column]
     class_names: list[str] = []
+    stratify = None
     if task == "classification":
-        classes = np.array(sorted(target.unique(), key=lambda v: (str(type(v)), v)), dtype=object)
+        classes = np.array(sorted(frame[target_column].unique(), key=_sort_key), dtype=object)
         class_names = [str(c) for c in classes]
         codes = {value: index for index, value in enumerate(classes)}
-        y = target.map(codes).astype("int64").to_numpy()
-        counts = np.bincount(y, minlength=len(classes))
+        y = frame[target_column].map(codes).astype("int64").to_numpy()
         if len(classes) < 2:
             raise FailedPrecondition("classification needs at least two classes after cleaning")
-        rare = [class_names[i] for i, n in enumerate(counts) if n < 2]
+        counts = np.bincount(y, minlength=len(classes))
+        rare = [class_names[i][:40] for i, n in enumerate(counts) if n < 2][:10]
         if rare:
             raise FailedPrecondition(
                 f"classes {rare} have fewer than 2 rows; a stratified split needs at least 2 per class. "
-                "Add data or remove those rows"
+                "Add data, remove those rows, or train a regression (task_kind)"
             )
         test_rows = int(np.ceil(test_fraction * len(frame)))
         if test_rows < len(classes) or len(frame) - test_rows < len(classes):
@@ -78,37 +117,25 @@ def preprocess(
                 f"test_fraction={test_fraction} on {len(frame)} rows cannot hold all {len(classes)} "
                 "classes in both splits; use a fraction closer to 0.5 or more data"
             )
+        frame = frame.assign(**{target_column: y})
         stratify = y
     else:
-        y = target.to_numpy(dtype="float64")
-        stratify = None
+        frame = frame.assign(**{target_column: frame[target_column].to_numpy(dtype="float64")})
 
-    x = frame[features].to_numpy(dtype="float64")
     try:
-        x_train, x_test, y_train, y_test = train_test_split(
-            x, y, test_size=test_fraction, random_state=seed, stratify=stratify
+        train_index, test_index = train_test_split(
+            np.arange(len(frame)), test_size=test_fraction, random_state=seed, stratify=stratify
         )
     except ValueError as exc:
         raise FailedPrecondition(f"cannot split the dataset: {exc}") from None
-
-    missing = int(np.isnan(x_train).sum() + np.isnan(x_test).sum())
-    if impute_strategy != "drop_rows" and missing:
-        # Fit on train only: the test split must not leak into the statistics.
-        imputer = SimpleImputer(strategy=impute_strategy, keep_empty_features=True)
-        x_train = imputer.fit_transform(x_train)
-        x_test = imputer.transform(x_test)
-
-    def as_frame(x_part: np.ndarray, y_part: np.ndarray) -> pd.DataFrame:
-        part = pd.DataFrame(x_part, columns=features)
-        part[target_column] = y_part
-        return part
-
     return Prepared(
-        train=as_frame(x_train, y_train),
-        test=as_frame(x_test, y_test),
+        train=frame.iloc[train_index].reset_index(drop=True),
+        test=frame.iloc[test_index].reset_index(drop=True),
         rows_in=rows_in,
-        duplicate_rows_removed=duplicates,
+        missing_target_rows_removed=int(missing_target.sum()),
+        invalid_target_rows_removed=int(invalid_target.sum()),
         incomplete_rows_removed=incomplete,
-        missing_values_imputed=missing if impute_strategy != "drop_rows" else 0,
+        duplicate_rows_found=duplicates_found,
+        duplicate_rows_removed=duplicates_found if drop_duplicates else 0,
         class_names=class_names,
     )

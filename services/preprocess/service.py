@@ -6,20 +6,13 @@ import math
 
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.preprocess import VERSION, logic
-from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.formats import PARQUET, frame_to_parquet, parquet_to_frame
+from services.runtime.errors import FailedPrecondition
+from services.runtime.formats import JSON, PARQUET, frame_to_parquet, parquet_to_frame, to_json_bytes
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_value
-DEFAULT_TEST_FRACTION = 0.2
 
-_STRATEGIES = {
-    preprocess_pb2.IMPUTE_STRATEGY_UNSPECIFIED: "median",
-    preprocess_pb2.IMPUTE_STRATEGY_MEAN: "mean",
-    preprocess_pb2.IMPUTE_STRATEGY_MEDIAN: "median",
-    preprocess_pb2.IMPUTE_STRATEGY_MOST_FREQUENT: "most_frequent",
-    preprocess_pb2.IMPUTE_STRATEGY_DROP_ROWS: "drop_rows",
-}
+DEFAULT_TEST_FRACTION = 0.2
 
 
 class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
@@ -28,8 +21,6 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
 
     async def Preprocess(self, request: preprocess_pb2.PreprocessRequest, context) -> preprocess_pb2.PreprocessResponse:
         require(request.HasField("dataset"), "dataset is required: pass the ref the loader returned")
-        if request.impute_strategy not in _STRATEGIES:
-            raise InvalidArgument(f"impute_strategy={request.impute_strategy} is not a known ImputeStrategy")
         fraction = request.test_fraction or DEFAULT_TEST_FRACTION
         require(
             math.isfinite(fraction) and 0 < fraction < 1,
@@ -37,33 +28,43 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         )
         # train_test_split takes seeds in [0, 2^32); a larger one is the caller's mistake.
         require(0 <= request.seed < 2**32, f"seed must be in [0, 2^32), got {request.seed}")
-        strategy = _STRATEGIES[request.impute_strategy]
         job = Job(
             inputs={"dataset": request.dataset},
-            params={"impute_strategy": strategy, "test_fraction": fraction, "seed": request.seed},
+            params={
+                "test_fraction": fraction,
+                "seed": request.seed,
+                "drop_duplicate_rows": request.drop_duplicate_rows,
+                "drop_incomplete_rows": request.drop_incomplete_rows,
+            },
             force_recompute=request.force_recompute,
         )
 
         def work(run: Run) -> preprocess_pb2.PreprocessResponse:
             frame, meta = parquet_to_frame(run.read(request.dataset, "dataset"), "dataset")
-            if "target_column" not in meta or "task_kind" not in meta:
+            if "target_column" not in meta or "task_kind" not in meta or "roles" not in meta:
                 raise FailedPrecondition("dataset lacks mlmesh metadata; pass a dataset written by the loader")
+            target_column = meta["target_column"]
             prepared = logic.preprocess(
-                frame, meta["target_column"], meta["task_kind"], strategy, fraction, request.seed
+                frame, target_column, meta["task_kind"], fraction, request.seed,
+                drop_duplicates=request.drop_duplicate_rows, drop_incomplete=request.drop_incomplete_rows,
             )
             out_meta = {**meta, "class_names": prepared.class_names}
             train = run.put("train", frame_to_parquet(prepared.train, out_meta), PARQUET)
             test = run.put("test", frame_to_parquet(prepared.test, out_meta), PARQUET)
+            report = prepared.report(target_column, fraction, request.seed)
             return preprocess_pb2.PreprocessResponse(
                 train=train,
                 test=test,
+                split_report=run.put("split_report", to_json_bytes(report), JSON),
                 rows_in=prepared.rows_in,
-                duplicate_rows_removed=prepared.duplicate_rows_removed,
+                missing_target_rows_removed=prepared.missing_target_rows_removed,
+                invalid_target_rows_removed=prepared.invalid_target_rows_removed,
                 incomplete_rows_removed=prepared.incomplete_rows_removed,
-                rows_out=len(prepared.train) + len(prepared.test),
+                duplicate_rows_found=prepared.duplicate_rows_found,
+                duplicate_rows_removed=prepared.duplicate_rows_removed,
+                rows_out=report["rows_out"],
                 train_rows=len(prepared.train),
                 test_rows=len(prepared.test),
-                missing_values_imputed=prepared.missing_values_imputed,
                 class_names=prepared.class_names,
                 task_kind=task_kind_value(meta["task_kind"]),
             )

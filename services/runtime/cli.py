@@ -13,11 +13,21 @@ from typing import Any
 from google.protobuf import json_format
 
 from mlmesh.evaluator.v1 import evaluator_pb2
-from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, StageCallError, check_health
+from services.runtime.client import (
+    CHOICES,
+    ConfigError,
+    MeshClient,
+    PipelineConfig,
+    PipelineRun,
+    StageCallError,
+    check_health,
+)
 from services.runtime.errors import StageError
 from services.runtime.launcher import LocalMesh, MeshStartError
+from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
 from services.runtime.settings import STAGES, Settings, SettingsError
 from services.runtime.store import ArtifactStore
+from services.runtime.tasks import task_kind_name
 
 
 def _key_values(pairs: list[str], convert: Any, flag: str) -> dict[str, Any]:
@@ -130,58 +140,124 @@ async def _with_mesh(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---- run ------------------------------------------------------------------------------
-def _summary(run: PipelineRun) -> dict[str, Any]:
-    def as_dict(message: Any) -> dict[str, Any]:
-        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+def _as_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
-    evaluation = run.evaluate
+
+def _local_path(uri: str) -> str:
+    """A file:// artifact as a path a person can open; other URIs as they are."""
+    return uri.removeprefix("file://") if uri.startswith("file://") else uri
+
+
+def _rows_dropped(prepared: Any) -> dict[str, int]:
+    return {
+        "missing_target": prepared.missing_target_rows_removed,
+        "invalid_target": prepared.invalid_target_rows_removed,
+        "incomplete": prepared.incomplete_rows_removed,
+        "duplicate": prepared.duplicate_rows_removed,
+    }
+
+
+def _summary(run: PipelineRun) -> dict[str, Any]:
+    evaluation, loaded, prepared = run.evaluate, run.load, run.preprocess
     return {
         "decision": evaluator_pb2.Decision.Name(evaluation.decision).removeprefix("DECISION_"),
         "reasons": list(evaluation.reasons),
         "metrics": dict(sorted(evaluation.metrics.items())),
-        "model": as_dict(run.train.model),
-        "metrics_report": as_dict(evaluation.metrics_report),
-        "stages": [as_dict(info) for info in run.stages],
+        "task_kind": task_kind_name(loaded.task_kind, "task_kind"),
+        "task_kind_reason": loaded.task_kind_reason,
+        "target_column": loaded.target_column,
+        "columns": [
+            {**_as_dict(c), "role": role_name(c.role, c.name)} for c in loaded.columns
+        ],
+        "warnings": list(loaded.warnings),
+        "rows": {
+            "in": prepared.rows_in, "train": prepared.train_rows, "test": prepared.test_rows,
+            "dropped": _rows_dropped(prepared), "duplicates_found": prepared.duplicate_rows_found,
+        },
+        "class_names": list(prepared.class_names),
+        "feature_names": list(run.features.feature_names),
+        "model": _as_dict(run.train.model),
+        "metrics_report": _as_dict(evaluation.metrics_report),
+        "html_report": _as_dict(evaluation.html_report),
+        "artifacts": {
+            name: _as_dict(ref) for name, ref in (
+                ("dataset", loaded.dataset), ("schema", loaded.schema), ("profile", loaded.profile),
+                ("split_report", prepared.split_report), ("feature_schema", run.features.feature_schema),
+                ("transformer", run.features.transformer),
+            )
+        },
+        "stages": [_as_dict(info) for info in run.stages],
         "seconds": run.seconds,
     }
 
 
 def _print_run(run: PipelineRun) -> None:
     summary = _summary(run)
-    print(f"{'stage':<11} {'cache':<6} {'seconds':>8}")
+    loaded, prepared = run.load, run.preprocess
+    print(f"target:  {loaded.target_column} -> {summary['task_kind']} ({loaded.task_kind_reason})")
+    used = [c for c in summary["columns"] if c["role"] in FEATURE_ROLES]
+    left_out = [c for c in summary["columns"] if c["role"] not in FEATURE_ROLES]
+    print(f"columns: {len(used)} used, {len(left_out)} left out")
+    for column in used + left_out:
+        mark = "*" if column.get("overridden") else " "
+        print(f"  {column['name'][:28]:<28} {column['role']:<11}{mark} {column['reason']}")
+    for warning in summary["warnings"]:
+        print(f"  warning: {warning}")
+    dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["rows"]["dropped"].items())
+    print(f"rows:    {prepared.rows_in} in; dropped: {dropped}; {prepared.train_rows} train, {prepared.test_rows} test"
+          f" (exact repeats found: {prepared.duplicate_rows_found})")
+    if prepared.class_names:
+        shown = ", ".join(prepared.class_names[:20]) + (" ..." if len(prepared.class_names) > 20 else "")
+        print(f"classes: {shown}")
+    print(f"inputs:  {len(run.features.feature_names)} model inputs from {len(used)} columns")
+    print(f"\n{'stage':<11} {'cache':<6} {'seconds':>8}")
     for info in run.stages:
         print(f"{info.stage:<11} {'hit' if info.cache_hit else 'miss':<6} {info.seconds:>8.3f}")
-    print(f"\nrows: {run.preprocess.rows_in} in, {run.preprocess.train_rows} train, {run.preprocess.test_rows} test")
-    print("metrics (held-out test split):")
+    print("\nmetrics (held-out test split):")
     for name, value in summary["metrics"].items():
         print(f"  {name:<16} {value:.4f}")
     print(f"decision: {summary['decision']}")
     for reason in summary["reasons"]:
         print(f"  - {reason}")
     print(f"model:   {run.train.model.uri}")
-    print(f"report:  {run.evaluate.metrics_report.uri}")
+    print(f"report:  {_local_path(run.evaluate.html_report.uri)}")
     print(f"total:   {run.seconds:.2f}s")
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
-    minimums = _key_values(args.min, float, "--min")
-    if not minimums and not args.max:
-        minimums = {"accuracy": 0.9} if not args.source.startswith(("sklearn:diabetes", "synthetic:regression")) else {"r2": 0.3}
     return PipelineConfig(
         source=args.source,
         target_column=args.target,
+        task_kind=args.task,
+        column_roles=_key_values(args.column, str, "--column"),
         model=args.model,
         hyperparameters=_key_values(args.hp, str, "--hp"),
         test_fraction=args.test_fraction,
         seed=args.seed,
-        minimums=minimums,
+        drop_duplicates=args.drop_duplicates,
+        drop_incomplete_rows=args.drop_incomplete_rows,
+        numeric_imputation=args.impute,
+        missing_indicators=args.missing_indicators,
+        categorical_encoding=args.categorical_encoding,
+        scaling=args.scaling,
+        polynomial_degree=args.polynomial_degree,
+        select_k_best=args.select_k_best,
+        # With neither, the evaluator applies the task kind's default thresholds.
+        minimums=_key_values(args.min, float, "--min"),
         maximums=_key_values(args.max, float, "--max"),
         force_recompute=args.force,
     )
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
-    config = pipeline_config(args)
+    try:
+        config = pipeline_config(args)
+        for name in config.column_roles.values():
+            parse_role(name, "--column")
+    except StageError as exc:
+        print(f"mlmesh run: {exc}", file=sys.stderr)
+        return 2
     mesh = None
     if args.start_mesh:
         # Stage logs go beside a local store; with an object store they stay on the terminal.
@@ -195,7 +271,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
                     print(f"  trainer: {event.fraction_done:5.0%} {event.message}", flush=True)
 
             run = await client.run_pipeline(config, progress)
-    except StageCallError as exc:
+    except (StageCallError, ConfigError) as exc:
         print(f"mlmesh run: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -231,14 +307,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the pipeline against the mesh")
     run.add_argument("--start-mesh", action="store_true", help="start the mesh for this run and stop it after")
-    run.add_argument("--source", default="sklearn:breast_cancer")
+    run.add_argument("--source", default="sklearn:breast_cancer",
+                     help="sklearn:NAME, synthetic:..., or a CSV/Parquet path or URL (default: %(default)s)")
     run.add_argument("--target", default="", help="target column (required for files)")
-    run.add_argument("--model", default="logistic_regression")
+    run.add_argument("--task", default="", choices=CHOICES["task_kind"][1:],
+                     help="classification or regression (default: inferred from the target)")
+    run.add_argument("--column", action="append", default=[], metavar="NAME=ROLE",
+                     help=f"set a column's role, repeatable; roles: {', '.join(ROLES)}")
+    run.add_argument("--model", default="logistic_regression", help="default: %(default)s")
     run.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="hyperparameter, repeatable")
-    run.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE", help="lowest acceptable value")
+    run.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE",
+                     help="lowest acceptable value, repeatable (default: accuracy=0.9 or r2=0.3 by task kind)")
     run.add_argument("--max", action="append", default=[], metavar="METRIC=VALUE", help="highest acceptable value")
-    run.add_argument("--test-fraction", type=float, default=0.2)
-    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--test-fraction", type=float, default=0.2, help="default: %(default)s")
+    run.add_argument("--seed", type=int, default=42, help="default: %(default)s")
+    run.add_argument("--drop-duplicates", action="store_true", help="drop rows that repeat an earlier row exactly")
+    run.add_argument("--drop-incomplete-rows", action="store_true",
+                     help="drop rows with a missing feature instead of imputing it")
+    run.add_argument("--impute", default="median", choices=CHOICES["numeric_imputation"],
+                     help="how missing numbers are filled in (default: %(default)s)")
+    run.add_argument("--missing-indicators", action="store_true", help="add a 0/1 column per numeric column with gaps")
+    run.add_argument("--categorical-encoding", default="auto", choices=CHOICES["categorical_encoding"],
+                     help="auto: one-hot for few levels, target encoding for many, native categories for "
+                          "hist_gradient_boosting (default: %(default)s)")
+    run.add_argument("--scaling", default="standard", choices=CHOICES["scaling"], help="default: %(default)s")
+    run.add_argument("--polynomial-degree", type=int, default=0, help="default: %(default)s (none)")
+    run.add_argument("--select-k-best", type=int, default=0, help="default: %(default)s (keep all)")
     run.add_argument("--force", action="store_true", help="recompute every stage")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser

@@ -9,6 +9,7 @@ and its address.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,12 +18,16 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.runtime.errors import InvalidArgument
+from services.runtime.roles import parse_role, role_value
 from services.runtime.settings import STAGES, Settings
+from services.runtime.tasks import task_kind_value
 
 STUBS = {
     "loader": loader_pb2_grpc.LoaderServiceStub,
@@ -83,19 +88,123 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
 
 @dataclass
 class PipelineConfig:
+    """Every option of one pipeline run, in the words people type (CLI flags, pyflyte inputs)."""
+
     source: str = "sklearn:breast_cancer"
     target_column: str = ""
+    task_kind: str = ""  # "", "classification" or "regression"
+    column_roles: dict[str, str] = field(default_factory=dict)  # column -> role name
     model: str = "logistic_regression"
     hyperparameters: dict[str, str] = field(default_factory=dict)
     test_fraction: float = 0.2
     seed: int = 42
-    impute_strategy: int = preprocess_pb2.IMPUTE_STRATEGY_MEDIAN
-    scaling: int = features_pb2.SCALING_STANDARD
+    drop_duplicates: bool = False
+    drop_incomplete_rows: bool = False
+    numeric_imputation: str = "median"
+    missing_indicators: bool = False
+    categorical_encoding: str = "auto"
+    scaling: str = "standard"
     polynomial_degree: int = 0
     select_k_best: int = 0
     minimums: dict[str, float] = field(default_factory=dict)
     maximums: dict[str, float] = field(default_factory=dict)
     force_recompute: bool = False
+
+
+# The choices each option takes; the CLI and the workflow both check against these.
+CHOICES = {
+    "task_kind": ("", "classification", "regression"),
+    "numeric_imputation": ("median", "mean", "most_frequent"),
+    "categorical_encoding": ("auto", "one_hot", "target", "ordinal"),
+    "scaling": ("standard", "minmax", "robust", "none"),
+}
+
+
+class ConfigError(ValueError):
+    """An option a person typed is not one of its choices; the message says which are."""
+
+
+def checked(option: str, value: str) -> str:
+    if value not in CHOICES[option]:
+        raise ConfigError(f"{option} {value[:40]!r} is not one of: {', '.join(c or '(infer)' for c in CHOICES[option])}")
+    return value
+
+
+def resolve_source(source: str) -> str:
+    """A relative file path means the caller's working directory, not the service's."""
+    text = source.strip()
+    if not text or text.startswith(("sklearn:", "synthetic:")) or "://" in text:
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def categorical_encoding_for(model: str, requested: str) -> str:
+    """'auto' uses hist_gradient_boosting's native categorical support (ordinal codes) where it fits."""
+    if requested == "auto" and model == "hist_gradient_boosting":
+        return "ordinal"
+    return requested
+
+
+def _role_values(roles: dict[str, str]) -> dict[str, int]:
+    try:
+        return {name: role_value(parse_role(role, f"role of {name[:40]!r}")) for name, role in roles.items()}
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from None
+
+
+# ---- requests, built in one place for the CLI, the tests and the Flyte tasks ----------------
+def load_request(config: PipelineConfig) -> loader_pb2.LoadRequest:
+    return loader_pb2.LoadRequest(
+        source=resolve_source(config.source), target_column=config.target_column,
+        task_kind=task_kind_value(checked("task_kind", config.task_kind)) if config.task_kind else 0,
+        column_roles=_role_values(config.column_roles),
+        force_recompute=config.force_recompute,
+    )
+
+
+def preprocess_request(config: PipelineConfig, dataset: ArtifactRef) -> preprocess_pb2.PreprocessRequest:
+    return preprocess_pb2.PreprocessRequest(
+        dataset=dataset, test_fraction=config.test_fraction, seed=config.seed,
+        drop_duplicate_rows=config.drop_duplicates, drop_incomplete_rows=config.drop_incomplete_rows,
+        force_recompute=config.force_recompute,
+    )
+
+
+def features_request(config: PipelineConfig, train: ArtifactRef, test: ArtifactRef, model: str = "") -> features_pb2.BuildFeaturesRequest:
+    encoding = categorical_encoding_for(model, checked("categorical_encoding", config.categorical_encoding))
+    return features_pb2.BuildFeaturesRequest(
+        train=train, test=test,
+        scaling=features_pb2.Scaling.Value(f"SCALING_{checked('scaling', config.scaling).upper()}"),
+        numeric_imputation=features_pb2.NumericImputation.Value(
+            f"NUMERIC_IMPUTATION_{checked('numeric_imputation', config.numeric_imputation).upper()}"),
+        categorical_encoding=features_pb2.CategoricalEncoding.Value(
+            "CATEGORICAL_ENCODING_UNSPECIFIED" if encoding == "auto" else f"CATEGORICAL_ENCODING_{encoding.upper()}"),
+        missing_indicators=config.missing_indicators,
+        polynomial_degree=config.polynomial_degree, select_k_best=config.select_k_best,
+        seed=config.seed, force_recompute=config.force_recompute,
+    )
+
+
+def train_request(config: PipelineConfig, features: features_pb2.BuildFeaturesResponse, model: str = "",
+                  hyperparameters: dict[str, str] | None = None) -> trainer_pb2.TrainRequest:
+    return trainer_pb2.TrainRequest(
+        x_train=features.x_train, y_train=features.y_train, feature_schema=features.feature_schema,
+        model=model or config.model,
+        hyperparameters=config.hyperparameters if hyperparameters is None else hyperparameters,
+        seed=config.seed, force_recompute=config.force_recompute,
+    )
+
+
+def evaluate_request(
+    config: PipelineConfig, model: ArtifactRef, features: features_pb2.BuildFeaturesResponse,
+    prepared: preprocess_pb2.PreprocessResponse, profile: ArtifactRef | None,
+) -> evaluator_pb2.EvaluateRequest:
+    return evaluator_pb2.EvaluateRequest(
+        model=model, x_test=features.x_test, y_test=features.y_test,
+        minimums=config.minimums, maximums=config.maximums, class_names=prepared.class_names,
+        profile=profile, split_report=prepared.split_report, feature_schema=features.feature_schema,
+        force_recompute=config.force_recompute,
+    )
 
 
 @dataclass
@@ -186,37 +295,11 @@ class MeshClient:
         on_progress: Callable[[trainer_pb2.TrainProgress], None] | None = None,
     ) -> PipelineRun:
         started = time.perf_counter()
-        force = config.force_recompute
-        loaded = await self.load(
-            loader_pb2.LoadRequest(source=config.source, target_column=config.target_column, force_recompute=force)
-        )
-        prepared = await self.preprocess(
-            preprocess_pb2.PreprocessRequest(
-                dataset=loaded.dataset, impute_strategy=config.impute_strategy,
-                test_fraction=config.test_fraction, seed=config.seed, force_recompute=force,
-            )
-        )
-        features = await self.build_features(
-            features_pb2.BuildFeaturesRequest(
-                train=prepared.train, test=prepared.test, scaling=config.scaling,
-                polynomial_degree=config.polynomial_degree, select_k_best=config.select_k_best,
-                force_recompute=force,
-            )
-        )
-        trained = await self.train(
-            trainer_pb2.TrainRequest(
-                x_train=features.x_train, y_train=features.y_train, model=config.model,
-                hyperparameters=config.hyperparameters, seed=config.seed, force_recompute=force,
-            ),
-            on_progress,
-        )
-        evaluated = await self.evaluate(
-            evaluator_pb2.EvaluateRequest(
-                model=trained.model, x_test=features.x_test, y_test=features.y_test,
-                minimums=config.minimums, maximums=config.maximums,
-                class_names=prepared.class_names, force_recompute=force,
-            )
-        )
+        loaded = await self.load(load_request(config))
+        prepared = await self.preprocess(preprocess_request(config, loaded.dataset))
+        features = await self.build_features(features_request(config, prepared.train, prepared.test, config.model))
+        trained = await self.train(train_request(config, features), on_progress)
+        evaluated = await self.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile))
         return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started)
 
 
@@ -232,4 +315,4 @@ async def check_health(address: str, service: str = "", timeout: float = 2.0) ->
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-__all__ = ["STAGES", "MeshClient", "PipelineConfig", "PipelineRun", "StageCallError", "check_health"]
+__all__ = ["STAGES", "ConfigError", "MeshClient", "PipelineConfig", "PipelineRun", "StageCallError", "check_health"]

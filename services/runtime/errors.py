@@ -11,6 +11,15 @@ from __future__ import annotations
 import grpc
 
 
+MAX_DETAIL = 200
+
+
+def bounded(detail: object, limit: int = MAX_DETAIL) -> str:
+    """A library's error text, cut to a length fit for a status message."""
+    text = " ".join(str(detail).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class StageError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 

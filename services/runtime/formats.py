@@ -31,6 +31,10 @@ _PARQUET_META_KEY = b"mlmesh"
 # Types that skops does not trust by default but our stages legitimately store.
 # Loading anything else is refused, so a tampered model file cannot run code.
 TRUSTED_MODEL_TYPES: tuple[str, ...] = (
+    "numpy.dtype",  # the dtype parameter of the encoders
+    "services.features.encoders.DatetimeParts",
+    "sklearn.model_selection._split.KFold",  # TargetEncoder's seeded cross-fitting folds
+    "sklearn.model_selection._split.StratifiedKFold",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.feature_selection._univariate_selection.f_classif",
     "sklearn.feature_selection._univariate_selection.f_regression",

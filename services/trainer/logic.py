@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.ensemble import (
     HistGradientBoostingClassifier,
@@ -96,6 +98,43 @@ def build_estimator(task: str, model: str, hyperparameters: dict[str, str], seed
     return estimator
 
 
+@dataclass
+class FeatureColumns:
+    """What the features stage says about the matrix: column names, and which are category codes."""
+
+    names: list[str] = field(default_factory=list)
+    categorical: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_schema(cls, schema: Any, x: np.ndarray) -> FeatureColumns:
+        if not isinstance(schema, dict) or not isinstance(schema.get("feature_names"), list):
+            raise FailedPrecondition("feature_schema is not a features stage schema; pass the feature_schema ref it returned")
+        names = [str(n) for n in schema["feature_names"]]
+        width = x.shape[1] if x.ndim == 2 else -1
+        if len(names) != width or len(set(names)) != len(names):
+            raise FailedPrecondition(
+                f"feature_schema names {len(names)} features but x_train has {width} columns; "
+                "pass both from one features run"
+            )
+        categorical = schema.get("categorical_feature_indices") or []
+        if not all(isinstance(i, int) and 0 <= i < width for i in categorical):
+            raise FailedPrecondition("feature_schema lists categorical columns outside x_train")
+        return cls(names, sorted(set(categorical)))
+
+    def frame(self, x: np.ndarray) -> Any:
+        """x with its column names, so the fitted model records them (feature_names_in_)."""
+        if not self.names:
+            return x
+        return pd.DataFrame(x, columns=self.names, copy=False)
+
+    def apply_categorical(self, estimator: BaseEstimator) -> None:
+        """Category codes become native categorical features where the estimator has them."""
+        if self.categorical and "categorical_features" in estimator.get_params(deep=False):
+            mask = np.zeros(len(self.names), dtype=bool)
+            mask[self.categorical] = True
+            estimator.set_params(categorical_features=mask)
+
+
 def task_of_target(y: np.ndarray) -> str:
     return "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
 
@@ -108,12 +147,14 @@ def fit(
     check_cancelled: Callable[[], None],
 ) -> list[str]:
     """Fit in steps where the estimator allows it; returns warnings worth reporting."""
+    if y.ndim != 1:
+        raise FailedPrecondition(f"y_train must be a vector of targets, got shape {y.shape}")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise FailedPrecondition(f"x_train must be a 2-D matrix with features, got shape {x.shape}")
     if x.shape[0] != y.shape[0]:
         raise FailedPrecondition(
             f"x_train has {x.shape[0]} rows but y_train has {y.shape[0]}; pass both from one features run"
         )
-    if x.ndim != 2 or x.shape[1] == 0:
-        raise FailedPrecondition(f"x_train must be a 2-D matrix with features, got shape {x.shape}")
     counter = _INCREMENTAL.get(type(estimator))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.runtime.errors import InvalidArgument
-from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
+from services.runtime.formats import SKOPS, json_bytes_to_doc, model_to_skops, npy_to_array
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_value
@@ -42,8 +42,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 rejections.append(exc)
         if len(rejections) == len(tasks):
             raise rejections[0]
+        inputs = {"x_train": request.x_train, "y_train": request.y_train}
+        if request.HasField("feature_schema"):
+            inputs["feature_schema"] = request.feature_schema
         job = Job(
-            inputs={"x_train": request.x_train, "y_train": request.y_train},
+            inputs=inputs,
             params={
                 "model": request.model,
                 "hyperparameters": {k: logic.parse_value(v) for k, v in hyperparameters.items()},
@@ -55,9 +58,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         def work(run: Run) -> trainer_pb2.TrainResult:
             x = npy_to_array(run.read(request.x_train, "x_train"), "x_train")
             y = npy_to_array(run.read(request.y_train, "y_train"), "y_train")
+            columns = logic.FeatureColumns()
+            if request.HasField("feature_schema"):
+                schema = json_bytes_to_doc(run.read(request.feature_schema, "feature_schema"), "feature_schema")
+                columns = logic.FeatureColumns.from_schema(schema, x)
             task = logic.task_of_target(y)
             estimator = logic.build_estimator(task, request.model, hyperparameters, request.seed)
-            fit_warnings = logic.fit(estimator, x, y, run.progress, run.check_cancelled)
+            columns.apply_categorical(estimator)
+            fit_warnings = logic.fit(estimator, columns.frame(x), y, run.progress, run.check_cancelled)
             for warning in fit_warnings:
                 run.progress(1.0, f"warning: {warning}")
                 log.warning("%s: %s", request.model, warning)
@@ -67,7 +75,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 effective_hyperparameters={
                     name: logic.literal(value) for name, value in estimator.get_params(deep=False).items()
                 },
-                train_score=float(estimator.score(x, y)),
+                train_score=float(estimator.score(columns.frame(x), y)),
             )
 
         events: asyncio.Queue[trainer_pb2.TrainProgress] = asyncio.Queue()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmlmesh/common/v1/common.proto\x12\x10mlmesh.common.v1\"R\n\x0b\x41rtifactRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"b\n\tStageInfo\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x11\n\tcache_key\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01*]\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_KIND_CLASSIFICATION\x10\x01\x12\x18\n\x14TASK_KIND_REGRESSION\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmlmesh/common/v1/common.proto\x12\x10mlmesh.common.v1\"R\n\x0b\x41rtifactRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x12\n\nmedia_type\x18\x04 \x01(\t\"b\n\tStageInfo\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x11\n\tcache_key\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01*]\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_KIND_CLASSIFICATION\x10\x01\x12\x18\n\x14TASK_KIND_REGRESSION\x10\x02*\xf6\x01\n\nColumnRole\x12\x1b\n\x17\x43OLUMN_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43OLUMN_ROLE_NUMERIC\x10\x01\x12\x17\n\x13\x43OLUMN_ROLE_BOOLEAN\x10\x02\x12\x1b\n\x17\x43OLUMN_ROLE_CATEGORICAL\x10\x03\x12\x18\n\x14\x43OLUMN_ROLE_DATETIME\x10\x04\x12\x1a\n\x16\x43OLUMN_ROLE_IDENTIFIER\x10\x05\x12\x14\n\x10\x43OLUMN_ROLE_TEXT\x10\x06\x12\x18\n\x14\x43OLUMN_ROLE_CONSTANT\x10\x07\x12\x16\n\x12\x43OLUMN_ROLE_IGNORE\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKKIND']._serialized_start=235
   _globals['_TASKKIND']._serialized_end=328
+  _globals['_COLUMNROLE']._serialized_start=331
+  _globals['_COLUMNROLE']._serialized_end=577
   _globals['_ARTIFACTREF']._serialized_start=51
   _globals['_ARTIFACTREF']._serialized_end=133
   _globals['_STAGEINFO']._serialized_start=135

@@ -10,9 +10,30 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     TASK_KIND_CLASSIFICATION: _ClassVar[TaskKind]
     TASK_KIND_REGRESSION: _ClassVar[TaskKind]
+
+class ColumnRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COLUMN_ROLE_UNSPECIFIED: _ClassVar[ColumnRole]
+    COLUMN_ROLE_NUMERIC: _ClassVar[ColumnRole]
+    COLUMN_ROLE_BOOLEAN: _ClassVar[ColumnRole]
+    COLUMN_ROLE_CATEGORICAL: _ClassVar[ColumnRole]
+    COLUMN_ROLE_DATETIME: _ClassVar[ColumnRole]
+    COLUMN_ROLE_IDENTIFIER: _ClassVar[ColumnRole]
+    COLUMN_ROLE_TEXT: _ClassVar[ColumnRole]
+    COLUMN_ROLE_CONSTANT: _ClassVar[ColumnRole]
+    COLUMN_ROLE_IGNORE: _ClassVar[ColumnRole]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_CLASSIFICATION: TaskKind
 TASK_KIND_REGRESSION: TaskKind
+COLUMN_ROLE_UNSPECIFIED: ColumnRole
+COLUMN_ROLE_NUMERIC: ColumnRole
+COLUMN_ROLE_BOOLEAN: ColumnRole
+COLUMN_ROLE_CATEGORICAL: ColumnRole
+COLUMN_ROLE_DATETIME: ColumnRole
+COLUMN_ROLE_IDENTIFIER: ColumnRole
+COLUMN_ROLE_TEXT: ColumnRole
+COLUMN_ROLE_CONSTANT: ColumnRole
+COLUMN_ROLE_IGNORE: ColumnRole
 
 class ArtifactRef(_message.Message):
     __slots__ = ("uri", "sha256", "size_bytes", "media_type")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mlmesh.common.v1 import common_pb2 as mlmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#mlmesh/evaluator/v1/evaluator.proto\x12\x13mlmesh.evaluator.v1\x1a\x1dmlmesh/common/v1/common.proto\"\xb9\x03\n\x0f\x45valuateRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\x06x_test\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\x06y_test\x18\x03 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x44\n\x08minimums\x18\x04 \x03(\x0b\x32\x32.mlmesh.evaluator.v1.EvaluateRequest.MinimumsEntry\x12\x44\n\x08maximums\x18\x05 \x03(\x0b\x32\x32.mlmesh.evaluator.v1.EvaluateRequest.MaximumsEntry\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12\x17\n\x0f\x66orce_recompute\x18\x07 \x01(\x08\x1a/\n\rMinimumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rMaximumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"$\n\x12\x43onfusionMatrixRow\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\x03\"\xd2\x03\n\x10\x45valuateResponse\x12\x35\n\x0emetrics_report\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x02 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12\x43\n\x07metrics\x18\x03 \x03(\x0b\x32\x32.mlmesh.evaluator.v1.EvaluateResponse.MetricsEntry\x12/\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x1d.mlmesh.evaluator.v1.Decision\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x41\n\x10\x63onfusion_matrix\x18\x06 \x03(\x0b\x32\'.mlmesh.evaluator.v1.ConfusionMatrixRow\x12-\n\ttask_kind\x18\x07 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12\x32\n\x0bhtml_report\x18\x08 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x02\n\x14RegisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x35\n\x0emetrics_report\x18\x03 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12G\n\x07lineage\x18\x04 \x03(\x0b\x32\x36.mlmesh.evaluator.v1.RegisterModelRequest.LineageEntry\x1aM\n\x0cLineageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef:\x02\x38\x01\"\xaa\x03\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x35\n\x0emetrics_report\x18\x04 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12?\n\x07metrics\x18\x05 \x03(\x0b\x32..mlmesh.evaluator.v1.ModelVersion.MetricsEntry\x12?\n\x07lineage\x18\x06 \x03(\x0b\x32..mlmesh.evaluator.v1.ModelVersion.LineageEntry\x12\x15\n\rregistered_at\x18\x07 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aM\n\x0cLineageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef:\x02\x38\x01\"m\n\x15RegisterModelResponse\x12\x38\n\rmodel_version\x18\x01 \x01(\x0b\x32!.mlmesh.evaluator.v1.ModelVersion\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08*P\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_PROMOTE\x10\x01\x12\x14\n\x10\x44\x45\x43ISION_RETRAIN\x10\x02\x32\xd3\x01\n\x10\x45valuatorService\x12W\n\x08\x45valuate\x12$.mlmesh.evaluator.v1.EvaluateRequest\x1a%.mlmesh.evaluator.v1.EvaluateResponse\x12\x66\n\rRegisterModel\x12).mlmesh.evaluator.v1.RegisterModelRequest\x1a*.mlmesh.evaluator.v1.RegisterModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#mlmesh/evaluator/v1/evaluator.proto\x12\x13mlmesh.evaluator.v1\x1a\x1dmlmesh/common/v1/common.proto\"\xd5\x04\n\x0f\x45valuateRequest\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\x06x_test\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\x06y_test\x18\x03 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x44\n\x08minimums\x18\x04 \x03(\x0b\x32\x32.mlmesh.evaluator.v1.EvaluateRequest.MinimumsEntry\x12\x44\n\x08maximums\x18\x05 \x03(\x0b\x32\x32.mlmesh.evaluator.v1.EvaluateRequest.MaximumsEntry\x12\x13\n\x0b\x63lass_names\x18\x06 \x03(\t\x12\x17\n\x0f\x66orce_recompute\x18\x07 \x01(\x08\x12.\n\x07profile\x18\x08 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x33\n\x0csplit_report\x18\t \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x35\n\x0e\x66\x65\x61ture_schema\x18\n \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x1a/\n\rMinimumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rMaximumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"$\n\x12\x43onfusionMatrixRow\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\x03\"\xd2\x03\n\x10\x45valuateResponse\x12\x35\n\x0emetrics_report\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x02 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12\x43\n\x07metrics\x18\x03 \x03(\x0b\x32\x32.mlmesh.evaluator.v1.EvaluateResponse.MetricsEntry\x12/\n\x08\x64\x65\x63ision\x18\x04 \x01(\x0e\x32\x1d.mlmesh.evaluator.v1.Decision\x12\x0f\n\x07reasons\x18\x05 \x03(\t\x12\x41\n\x10\x63onfusion_matrix\x18\x06 \x03(\x0b\x32\'.mlmesh.evaluator.v1.ConfusionMatrixRow\x12-\n\ttask_kind\x18\x07 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12\x32\n\x0bhtml_report\x18\x08 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x02\n\x14RegisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x35\n\x0emetrics_report\x18\x03 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12G\n\x07lineage\x18\x04 \x03(\x0b\x32\x36.mlmesh.evaluator.v1.RegisterModelRequest.LineageEntry\x1aM\n\x0cLineageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef:\x02\x38\x01\"\xaa\x03\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x35\n\x0emetrics_report\x18\x04 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12?\n\x07metrics\x18\x05 \x03(\x0b\x32..mlmesh.evaluator.v1.ModelVersion.MetricsEntry\x12?\n\x07lineage\x18\x06 \x03(\x0b\x32..mlmesh.evaluator.v1.ModelVersion.LineageEntry\x12\x15\n\rregistered_at\x18\x07 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1aM\n\x0cLineageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef:\x02\x38\x01\"m\n\x15RegisterModelResponse\x12\x38\n\rmodel_version\x18\x01 \x01(\x0b\x32!.mlmesh.evaluator.v1.ModelVersion\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08*P\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x44\x45\x43ISION_PROMOTE\x10\x01\x12\x14\n\x10\x44\x45\x43ISION_RETRAIN\x10\x02\x32\xd3\x01\n\x10\x45valuatorService\x12W\n\x08\x45valuate\x12$.mlmesh.evaluator.v1.EvaluateRequest\x1a%.mlmesh.evaluator.v1.EvaluateResponse\x12\x66\n\rRegisterModel\x12).mlmesh.evaluator.v1.RegisterModelRequest\x1a*.mlmesh.evaluator.v1.RegisterModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,32 +44,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELVERSION_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_MODELVERSION_LINEAGEENTRY']._loaded_options = None
   _globals['_MODELVERSION_LINEAGEENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=1874
-  _globals['_DECISION']._serialized_end=1954
+  _globals['_DECISION']._serialized_start=2030
+  _globals['_DECISION']._serialized_end=2110
   _globals['_EVALUATEREQUEST']._serialized_start=92
-  _globals['_EVALUATEREQUEST']._serialized_end=533
-  _globals['_EVALUATEREQUEST_MINIMUMSENTRY']._serialized_start=437
-  _globals['_EVALUATEREQUEST_MINIMUMSENTRY']._serialized_end=484
-  _globals['_EVALUATEREQUEST_MAXIMUMSENTRY']._serialized_start=486
-  _globals['_EVALUATEREQUEST_MAXIMUMSENTRY']._serialized_end=533
-  _globals['_CONFUSIONMATRIXROW']._serialized_start=535
-  _globals['_CONFUSIONMATRIXROW']._serialized_end=571
-  _globals['_EVALUATERESPONSE']._serialized_start=574
-  _globals['_EVALUATERESPONSE']._serialized_end=1040
-  _globals['_EVALUATERESPONSE_METRICSENTRY']._serialized_start=994
-  _globals['_EVALUATERESPONSE_METRICSENTRY']._serialized_end=1040
-  _globals['_REGISTERMODELREQUEST']._serialized_start=1043
-  _globals['_REGISTERMODELREQUEST']._serialized_end=1332
-  _globals['_REGISTERMODELREQUEST_LINEAGEENTRY']._serialized_start=1255
-  _globals['_REGISTERMODELREQUEST_LINEAGEENTRY']._serialized_end=1332
-  _globals['_MODELVERSION']._serialized_start=1335
-  _globals['_MODELVERSION']._serialized_end=1761
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=994
-  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1040
-  _globals['_MODELVERSION_LINEAGEENTRY']._serialized_start=1255
-  _globals['_MODELVERSION_LINEAGEENTRY']._serialized_end=1332
-  _globals['_REGISTERMODELRESPONSE']._serialized_start=1763
-  _globals['_REGISTERMODELRESPONSE']._serialized_end=1872
-  _globals['_EVALUATORSERVICE']._serialized_start=1957
-  _globals['_EVALUATORSERVICE']._serialized_end=2168
+  _globals['_EVALUATEREQUEST']._serialized_end=689
+  _globals['_EVALUATEREQUEST_MINIMUMSENTRY']._serialized_start=593
+  _globals['_EVALUATEREQUEST_MINIMUMSENTRY']._serialized_end=640
+  _globals['_EVALUATEREQUEST_MAXIMUMSENTRY']._serialized_start=642
+  _globals['_EVALUATEREQUEST_MAXIMUMSENTRY']._serialized_end=689
+  _globals['_CONFUSIONMATRIXROW']._serialized_start=691
+  _globals['_CONFUSIONMATRIXROW']._serialized_end=727
+  _globals['_EVALUATERESPONSE']._serialized_start=730
+  _globals['_EVALUATERESPONSE']._serialized_end=1196
+  _globals['_EVALUATERESPONSE_METRICSENTRY']._serialized_start=1150
+  _globals['_EVALUATERESPONSE_METRICSENTRY']._serialized_end=1196
+  _globals['_REGISTERMODELREQUEST']._serialized_start=1199
+  _globals['_REGISTERMODELREQUEST']._serialized_end=1488
+  _globals['_REGISTERMODELREQUEST_LINEAGEENTRY']._serialized_start=1411
+  _globals['_REGISTERMODELREQUEST_LINEAGEENTRY']._serialized_end=1488
+  _globals['_MODELVERSION']._serialized_start=1491
+  _globals['_MODELVERSION']._serialized_end=1917
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_start=1150
+  _globals['_MODELVERSION_METRICSENTRY']._serialized_end=1196
+  _globals['_MODELVERSION_LINEAGEENTRY']._serialized_start=1411
+  _globals['_MODELVERSION_LINEAGEENTRY']._serialized_end=1488
+  _globals['_REGISTERMODELRESPONSE']._serialized_start=1919
+  _globals['_REGISTERMODELRESPONSE']._serialized_end=2028
+  _globals['_EVALUATORSERVICE']._serialized_start=2113
+  _globals['_EVALUATORSERVICE']._serialized_end=2324
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ DECISION_PROMOTE: Decision
 DECISION_RETRAIN: Decision
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("model", "x_test", "y_test", "minimums", "maximums", "class_names", "force_recompute")
+    __slots__ = ("model", "x_test", "y_test", "minimums", "maximums", "class_names", "force_recompute", "profile", "split_report", "feature_schema")
     class MinimumsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,9 @@ class EvaluateRequest(_message.Message):
     MAXIMUMS_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     FORCE_RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_REPORT_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ArtifactRef
     x_test: _common_pb2.ArtifactRef
     y_test: _common_pb2.ArtifactRef
@@ -47,7 +50,10 @@ class EvaluateRequest(_message.Message):
     maximums: _containers.ScalarMap[str, float]
     class_names: _containers.RepeatedScalarFieldContainer[str]
     force_recompute: bool
-    def __init__(self, model: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., x_test: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., y_test: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., minimums: _Optional[_Mapping[str, float]] = ..., maximums: _Optional[_Mapping[str, float]] = ..., class_names: _Optional[_Iterable[str]] = ..., force_recompute: _Optional[bool] = ...) -> None: ...
+    profile: _common_pb2.ArtifactRef
+    split_report: _common_pb2.ArtifactRef
+    feature_schema: _common_pb2.ArtifactRef
+    def __init__(self, model: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., x_test: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., y_test: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., minimums: _Optional[_Mapping[str, float]] = ..., maximums: _Optional[_Mapping[str, float]] = ..., class_names: _Optional[_Iterable[str]] = ..., force_recompute: _Optional[bool] = ..., profile: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., split_report: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., feature_schema: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
 
 class ConfusionMatrixRow(_message.Message):
     __slots__ = ("counts",)

@@ -25,19 +25,23 @@ _sym_db = _symbol_database.Default()
 from mlmesh.common.v1 import common_pb2 as mlmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!mlmesh/features/v1/features.proto\x12\x12mlmesh.features.v1\x1a\x1dmlmesh/common/v1/common.proto\"\xea\x01\n\x14\x42uildFeaturesRequest\x12,\n\x05train\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12+\n\x04test\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12,\n\x07scaling\x18\x03 \x01(\x0e\x32\x1b.mlmesh.features.v1.Scaling\x12\x19\n\x11polynomial_degree\x18\x04 \x01(\x05\x12\x15\n\rselect_k_best\x18\x05 \x01(\x05\x12\x17\n\x0f\x66orce_recompute\x18\x06 \x01(\x08\"\xfb\x02\n\x15\x42uildFeaturesResponse\x12.\n\x07x_train\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12.\n\x07y_train\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\x06x_test\x18\x03 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\x06y_test\x18\x04 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x32\n\x0btransformer\x18\x05 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x06 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12\x15\n\rfeature_names\x18\x07 \x03(\t\x12-\n\ttask_kind\x18\x08 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind*r\n\x07Scaling\x12\x17\n\x13SCALING_UNSPECIFIED\x10\x00\x12\x14\n\x10SCALING_STANDARD\x10\x01\x12\x12\n\x0eSCALING_MINMAX\x10\x02\x12\x12\n\x0eSCALING_ROBUST\x10\x03\x12\x10\n\x0cSCALING_NONE\x10\x04\x32w\n\x0f\x46\x65\x61turesService\x12\x64\n\rBuildFeatures\x12(.mlmesh.features.v1.BuildFeaturesRequest\x1a).mlmesh.features.v1.BuildFeaturesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!mlmesh/features/v1/features.proto\x12\x12mlmesh.features.v1\x1a\x1dmlmesh/common/v1/common.proto\"\xd3\x03\n\x14\x42uildFeaturesRequest\x12,\n\x05train\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12+\n\x04test\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12,\n\x07scaling\x18\x03 \x01(\x0e\x32\x1b.mlmesh.features.v1.Scaling\x12\x19\n\x11polynomial_degree\x18\x04 \x01(\x05\x12\x15\n\rselect_k_best\x18\x05 \x01(\x05\x12\x17\n\x0f\x66orce_recompute\x18\x06 \x01(\x08\x12\x41\n\x12numeric_imputation\x18\x07 \x01(\x0e\x32%.mlmesh.features.v1.NumericImputation\x12\x1a\n\x12missing_indicators\x18\x08 \x01(\x08\x12\x45\n\x14\x63\x61tegorical_encoding\x18\t \x01(\x0e\x32\'.mlmesh.features.v1.CategoricalEncoding\x12\x1a\n\x12max_one_hot_levels\x18\n \x01(\x05\x12\x17\n\x0fmin_level_count\x18\x0b \x01(\x05\x12\x0c\n\x04seed\x18\x0c \x01(\x03\"\xd2\x03\n\x15\x42uildFeaturesResponse\x12.\n\x07x_train\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12.\n\x07y_train\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\x06x_test\x18\x03 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\x06y_test\x18\x04 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x32\n\x0btransformer\x18\x05 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x06 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12\x15\n\rfeature_names\x18\x07 \x03(\t\x12-\n\ttask_kind\x18\x08 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12\x35\n\x0e\x66\x65\x61ture_schema\x18\t \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x1e\n\x16missing_values_imputed\x18\n \x01(\x03*r\n\x07Scaling\x12\x17\n\x13SCALING_UNSPECIFIED\x10\x00\x12\x14\n\x10SCALING_STANDARD\x10\x01\x12\x12\n\x0eSCALING_MINMAX\x10\x02\x12\x12\n\x0eSCALING_ROBUST\x10\x03\x12\x10\n\x0cSCALING_NONE\x10\x04*\x99\x01\n\x11NumericImputation\x12\"\n\x1eNUMERIC_IMPUTATION_UNSPECIFIED\x10\x00\x12\x1d\n\x19NUMERIC_IMPUTATION_MEDIAN\x10\x01\x12\x1b\n\x17NUMERIC_IMPUTATION_MEAN\x10\x02\x12$\n NUMERIC_IMPUTATION_MOST_FREQUENT\x10\x03*\xa0\x01\n\x13\x43\x61tegoricalEncoding\x12$\n CATEGORICAL_ENCODING_UNSPECIFIED\x10\x00\x12 \n\x1c\x43\x41TEGORICAL_ENCODING_ONE_HOT\x10\x01\x12\x1f\n\x1b\x43\x41TEGORICAL_ENCODING_TARGET\x10\x02\x12 \n\x1c\x43\x41TEGORICAL_ENCODING_ORDINAL\x10\x03\x32w\n\x0f\x46\x65\x61turesService\x12\x64\n\rBuildFeatures\x12(.mlmesh.features.v1.BuildFeaturesRequest\x1a).mlmesh.features.v1.BuildFeaturesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlmesh.features.v1.features_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCALING']._serialized_start=707
-  _globals['_SCALING']._serialized_end=821
+  _globals['_SCALING']._serialized_start=1027
+  _globals['_SCALING']._serialized_end=1141
+  _globals['_NUMERICIMPUTATION']._serialized_start=1144
+  _globals['_NUMERICIMPUTATION']._serialized_end=1297
+  _globals['_CATEGORICALENCODING']._serialized_start=1300
+  _globals['_CATEGORICALENCODING']._serialized_end=1460
   _globals['_BUILDFEATURESREQUEST']._serialized_start=89
-  _globals['_BUILDFEATURESREQUEST']._serialized_end=323
-  _globals['_BUILDFEATURESRESPONSE']._serialized_start=326
-  _globals['_BUILDFEATURESRESPONSE']._serialized_end=705
-  _globals['_FEATURESSERVICE']._serialized_start=823
-  _globals['_FEATURESSERVICE']._serialized_end=942
+  _globals['_BUILDFEATURESREQUEST']._serialized_end=556
+  _globals['_BUILDFEATURESRESPONSE']._serialized_start=559
+  _globals['_BUILDFEATURESRESPONSE']._serialized_end=1025
+  _globals['_FEATURESSERVICE']._serialized_start=1462
+  _globals['_FEATURESSERVICE']._serialized_end=1581
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class FeaturesServiceStub:
-    """Fits feature transformations on the train split and applies them to both splits.
+    """Fits the column encoders and feature transformations on the train split and
+    applies them to both splits.
     """
 
     def __init__(self, channel):
@@ -43,7 +44,8 @@ class FeaturesServiceStub:
 
 
 class FeaturesServiceServicer:
-    """Fits feature transformations on the train split and applies them to both splits.
+    """Fits the column encoders and feature transformations on the train split and
+    applies them to both splits.
     """
 
     def BuildFeatures(self, request, context):
@@ -69,7 +71,8 @@ def add_FeaturesServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class FeaturesService:
-    """Fits feature transformations on the train split and applies them to both splits.
+    """Fits the column encoders and feature transformations on the train split and
+    applies them to both splits.
     """
 
     @staticmethod

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class LoaderServiceStub:
-    """Reads a dataset from a source, validates it and stores it as Parquet.
+    """Reads a dataset from a source, decides what each column is for, profiles it
+    and stores it as Parquet.
     """
 
     def __init__(self, channel):
@@ -43,7 +44,8 @@ class LoaderServiceStub:
 
 
 class LoaderServiceServicer:
-    """Reads a dataset from a source, validates it and stores it as Parquet.
+    """Reads a dataset from a source, decides what each column is for, profiles it
+    and stores it as Parquet.
     """
 
     def Load(self, request, context):
@@ -69,7 +71,8 @@ def add_LoaderServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class LoaderService:
-    """Reads a dataset from a source, validates it and stores it as Parquet.
+    """Reads a dataset from a source, decides what each column is for, profiles it
+    and stores it as Parquet.
     """
 
     @staticmethod

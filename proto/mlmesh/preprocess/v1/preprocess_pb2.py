@@ -25,19 +25,17 @@ _sym_db = _symbol_database.Default()
 from mlmesh.common.v1 import common_pb2 as mlmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlmesh/preprocess/v1/preprocess.proto\x12\x14mlmesh.preprocess.v1\x1a\x1dmlmesh/common/v1/common.proto\"\xc0\x01\n\x11PreprocessRequest\x12.\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12=\n\x0fimpute_strategy\x18\x02 \x01(\x0e\x32$.mlmesh.preprocess.v1.ImputeStrategy\x12\x15\n\rtest_fraction\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x17\n\x0f\x66orce_recompute\x18\x05 \x01(\x08\"\x8a\x03\n\x12PreprocessResponse\x12,\n\x05train\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12+\n\x04test\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x03 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12\x0f\n\x07rows_in\x18\x04 \x01(\x03\x12\x1e\n\x16\x64uplicate_rows_removed\x18\x05 \x01(\x03\x12\x1f\n\x17incomplete_rows_removed\x18\x06 \x01(\x03\x12\x10\n\x08rows_out\x18\x07 \x01(\x03\x12\x12\n\ntrain_rows\x18\x08 \x01(\x03\x12\x11\n\ttest_rows\x18\t \x01(\x03\x12\x1e\n\x16missing_values_imputed\x18\n \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x0b \x03(\t\x12-\n\ttask_kind\x18\x0c \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind*\xa9\x01\n\x0eImputeStrategy\x12\x1f\n\x1bIMPUTE_STRATEGY_UNSPECIFIED\x10\x00\x12\x18\n\x14IMPUTE_STRATEGY_MEAN\x10\x01\x12\x1a\n\x16IMPUTE_STRATEGY_MEDIAN\x10\x02\x12!\n\x1dIMPUTE_STRATEGY_MOST_FREQUENT\x10\x03\x12\x1d\n\x19IMPUTE_STRATEGY_DROP_ROWS\x10\x04\x32t\n\x11PreprocessService\x12_\n\nPreprocess\x12\'.mlmesh.preprocess.v1.PreprocessRequest\x1a(.mlmesh.preprocess.v1.PreprocessResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%mlmesh/preprocess/v1/preprocess.proto\x12\x14mlmesh.preprocess.v1\x1a\x1dmlmesh/common/v1/common.proto\"\xd3\x01\n\x11PreprocessRequest\x12.\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x15\n\rtest_fraction\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x17\n\x0f\x66orce_recompute\x18\x05 \x01(\x08\x12\x1b\n\x13\x64rop_duplicate_rows\x18\x06 \x01(\x08\x12\x1c\n\x14\x64rop_incomplete_rows\x18\x07 \x01(\x08J\x04\x08\x02\x10\x03R\x0fimpute_strategy\"\xab\x04\n\x12PreprocessResponse\x12,\n\x05train\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12+\n\x04test\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x03 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12\x0f\n\x07rows_in\x18\x04 \x01(\x03\x12\x1e\n\x16\x64uplicate_rows_removed\x18\x05 \x01(\x03\x12\x10\n\x08rows_out\x18\x07 \x01(\x03\x12\x12\n\ntrain_rows\x18\x08 \x01(\x03\x12\x11\n\ttest_rows\x18\t \x01(\x03\x12\x13\n\x0b\x63lass_names\x18\x0b \x03(\t\x12-\n\ttask_kind\x18\x0c \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12#\n\x1bmissing_target_rows_removed\x18\r \x01(\x03\x12#\n\x1binvalid_target_rows_removed\x18\x0e \x01(\x03\x12\x1f\n\x17incomplete_rows_removed\x18\x0f \x01(\x03\x12\x1c\n\x14\x64uplicate_rows_found\x18\x10 \x01(\x03\x12\x33\n\x0csplit_report\x18\x11 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRefJ\x04\x08\x06\x10\x07J\x04\x08\n\x10\x0bR\x16missing_values_imputed2t\n\x11PreprocessService\x12_\n\nPreprocess\x12\'.mlmesh.preprocess.v1.PreprocessRequest\x1a(.mlmesh.preprocess.v1.PreprocessResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlmesh.preprocess.v1.preprocess_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IMPUTESTRATEGY']._serialized_start=687
-  _globals['_IMPUTESTRATEGY']._serialized_end=856
   _globals['_PREPROCESSREQUEST']._serialized_start=95
-  _globals['_PREPROCESSREQUEST']._serialized_end=287
-  _globals['_PREPROCESSRESPONSE']._serialized_start=290
-  _globals['_PREPROCESSRESPONSE']._serialized_end=684
-  _globals['_PREPROCESSSERVICE']._serialized_start=858
-  _globals['_PREPROCESSSERVICE']._serialized_end=974
+  _globals['_PREPROCESSREQUEST']._serialized_end=306
+  _globals['_PREPROCESSRESPONSE']._serialized_start=309
+  _globals['_PREPROCESSRESPONSE']._serialized_end=864
+  _globals['_PREPROCESSSERVICE']._serialized_start=866
+  _globals['_PREPROCESSSERVICE']._serialized_end=982
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class PreprocessServiceStub:
-    """Cleans a dataset and splits it into train and test sets.
+    """Cleans a dataset and splits it into train and test sets. Every dropped row is
+    counted by reason. Missing feature values are left for the features stage,
+    which fills them from the train split.
     """
 
     def __init__(self, channel):
@@ -43,7 +45,9 @@ class PreprocessServiceStub:
 
 
 class PreprocessServiceServicer:
-    """Cleans a dataset and splits it into train and test sets.
+    """Cleans a dataset and splits it into train and test sets. Every dropped row is
+    counted by reason. Missing feature values are left for the features stage,
+    which fills them from the train split.
     """
 
     def Preprocess(self, request, context):
@@ -69,7 +73,9 @@ def add_PreprocessServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PreprocessService:
-    """Cleans a dataset and splits it into train and test sets.
+    """Cleans a dataset and splits it into train and test sets. Every dropped row is
+    counted by reason. Missing feature values are left for the features stage,
+    which fills them from the train split.
     """
 
     @staticmethod

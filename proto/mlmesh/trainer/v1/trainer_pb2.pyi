@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainRequest(_message.Message):
-    __slots__ = ("x_train", "y_train", "model", "hyperparameters", "seed", "force_recompute")
+    __slots__ = ("x_train", "y_train", "model", "hyperparameters", "seed", "force_recompute", "feature_schema")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -22,13 +22,15 @@ class TrainRequest(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     FORCE_RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     x_train: _common_pb2.ArtifactRef
     y_train: _common_pb2.ArtifactRef
     model: str
     hyperparameters: _containers.ScalarMap[str, str]
     seed: int
     force_recompute: bool
-    def __init__(self, x_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., y_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., model: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ..., force_recompute: _Optional[bool] = ...) -> None: ...
+    feature_schema: _common_pb2.ArtifactRef
+    def __init__(self, x_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., y_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., model: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ..., force_recompute: _Optional[bool] = ..., feature_schema: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("fraction_done", "message")
