@@ -12,8 +12,10 @@ are found through the same MLMESH_*_ADDRESS variables as the `mlmesh` CLI.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,18 +27,33 @@ from flytekit.exceptions.user import FlyteRecoverableException
 from mlmesh.common.v1 import common_pb2
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
-from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.evaluator import VERSION as EVALUATOR_VERSION
 from services.features import VERSION as FEATURES_VERSION
 from services.preprocess import VERSION as PREPROCESS_VERSION
-from services.runtime.client import MeshClient, StageCallError
+from services.evaluator.report import profile_page
+from services.runtime.client import (
+    ConfigError,
+    MeshClient,
+    PipelineConfig,
+    StageCallError,
+    evaluate_request,
+    features_request,
+    load_request,
+    preprocess_request,
+    train_request,
+)
+from services.runtime.roles import role_name
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 from services.trainer import VERSION as TRAINER_VERSION
 
 T = TypeVar("T")
+
+# pyflyte declares every bool input twice (--x/--no_x and --x/--no-x), and click
+# warns about the repeated --x on every run. The flags work; the warning is noise.
+warnings.filterwarnings("ignore", message=r"The parameter --\w+ is used more than once", category=UserWarning)
 
 # The image the tasks run in on a cluster: the `pipeline` target of
 # deploy/Dockerfile (the project with flytekit), built for Axion with
@@ -78,6 +95,11 @@ class Dataset:
     dataset: ArtifactRef
     rows: int
     task_kind: str
+    task_kind_reason: str
+    # Every column's role and why; the profile's per-column statistics.
+    schema: ArtifactRef
+    profile: ArtifactRef
+    roles: dict[str, str]
 
 
 @dataclass
@@ -85,6 +107,8 @@ class Splits:
     train: ArtifactRef
     test: ArtifactRef
     class_names: list[str]
+    split_report: ArtifactRef
+    rows_dropped: dict[str, int]
 
 
 @dataclass
@@ -94,6 +118,7 @@ class Features:
     x_test: ArtifactRef
     y_test: ArtifactRef
     transformer: ArtifactRef
+    feature_schema: ArtifactRef
 
 
 @dataclass
@@ -121,9 +146,11 @@ class ModelCandidate:
 @dataclass
 class PipelineResult:
     model: ArtifactRef
+    task_kind: str
     metrics: dict[str, float]
     decision: str
     reasons: list[str]
+    rows_dropped: dict[str, int]
     report: ArtifactRef
     html_report: ArtifactRef
     lineage: dict[str, ArtifactRef]
@@ -157,6 +184,13 @@ def call(stage_call: Callable[[MeshClient], Awaitable[T]]) -> T:
         if error.recoverable:
             raise FlyteRecoverableException(str(error)) from None
         raise StageFailed(str(error)) from None
+    except ConfigError as error:  # an input that is not one of its choices
+        raise StageFailed(str(error)) from None
+
+
+def _stored_page(ref: ArtifactRef, what: str) -> bytes:
+    """An artifact's bytes from the store, digest-checked (for decks)."""
+    return ArtifactStore(Settings.from_env().artifact_root).get(ref.proto(), what)
 
 
 _DECISIONS = {evaluator_pb2.DECISION_PROMOTE: "PROMOTE", evaluator_pb2.DECISION_RETRAIN: "RETRAIN"}
@@ -164,31 +198,64 @@ _TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK
 
 
 # ---- the five stage tasks ----------------------------------------------------------------
+# Each task builds its request with the same helpers the mlmesh CLI uses
+# (services/runtime/client.py), so both entry points mean the same by each option.
+#
 # load is deliberately not cached by Flyte: its input is a source *name*, and a
 # file behind a name can change. The loader service memoizes by file content
 # instead, and answers a repeat in milliseconds.
-@task(**_TASK_DEFAULTS)
-def load(source: str, target_column: str, recompute: bool) -> Dataset:
-    reply = call(lambda c: c.load(loader_pb2.LoadRequest(
-        source=source, target_column=target_column, force_recompute=recompute)))
-    return Dataset(ArtifactRef.of(reply.dataset), reply.rows, _TASKS[reply.task_kind])
+@task(enable_deck=True, **_TASK_DEFAULTS)
+def load(source: str, target_column: str, task_kind: str, column_roles: dict[str, str], recompute: bool) -> Dataset:
+    config = PipelineConfig(source=source, target_column=target_column, task_kind=task_kind,
+                            column_roles=column_roles, force_recompute=recompute)
+    reply = call(lambda c: c.load(load_request(config)))
+    dataset = Dataset(
+        dataset=ArtifactRef.of(reply.dataset), rows=reply.rows, task_kind=_TASKS[reply.task_kind],
+        task_kind_reason=reply.task_kind_reason, schema=ArtifactRef.of(reply.schema),
+        profile=ArtifactRef.of(reply.profile),
+        roles={c.name: role_name(c.role, c.name) for c in reply.columns},
+    )
+    # Flyte's view of the data going in: the loader's profile, with a histogram per column.
+    profile = json.loads(_stored_page(dataset.profile, "profile"))
+    Deck("Data profile", profile_page(profile))
+    return dataset
 
 
 @task(cache=_cache(PREPROCESS_VERSION), **_TASK_DEFAULTS)
-def preprocess(dataset: Dataset, test_fraction: float, seed: int, impute_strategy: str) -> Splits:
-    strategy = preprocess_pb2.ImputeStrategy.Value(f"IMPUTE_STRATEGY_{impute_strategy.upper()}")
-    reply = call(lambda c: c.preprocess(preprocess_pb2.PreprocessRequest(
-        dataset=dataset.dataset.proto(), test_fraction=test_fraction, seed=seed, impute_strategy=strategy)))
-    return Splits(ArtifactRef.of(reply.train), ArtifactRef.of(reply.test), list(reply.class_names))
+def preprocess(dataset: Dataset, test_fraction: float, seed: int, drop_duplicates: bool, drop_incomplete_rows: bool) -> Splits:
+    config = PipelineConfig(test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
+                            drop_incomplete_rows=drop_incomplete_rows)
+    reply = call(lambda c: c.preprocess(preprocess_request(config, dataset.dataset.proto())))
+    return Splits(
+        train=ArtifactRef.of(reply.train), test=ArtifactRef.of(reply.test), class_names=list(reply.class_names),
+        split_report=ArtifactRef.of(reply.split_report),
+        rows_dropped={
+            "missing_target": reply.missing_target_rows_removed, "invalid_target": reply.invalid_target_rows_removed,
+            "incomplete": reply.incomplete_rows_removed, "duplicate": reply.duplicate_rows_removed,
+        },
+    )
 
 
 @task(cache=_cache(FEATURES_VERSION), **_TASK_DEFAULTS)
-def build_features(splits: Splits, scaling: str, polynomial_degree: int, select_k_best: int) -> Features:
-    reply = call(lambda c: c.build_features(features_pb2.BuildFeaturesRequest(
-        train=splits.train.proto(), test=splits.test.proto(),
-        scaling=features_pb2.Scaling.Value(f"SCALING_{scaling.upper()}"),
-        polynomial_degree=polynomial_degree, select_k_best=select_k_best)))
-    return Features(*(ArtifactRef.of(getattr(reply, n)) for n in ("x_train", "y_train", "x_test", "y_test", "transformer")))
+def build_features(
+    splits: Splits, model: str, seed: int, numeric_imputation: str, missing_indicators: bool,
+    categorical_encoding: str, scaling: str, polynomial_degree: int, select_k_best: int,
+) -> Features:
+    config = PipelineConfig(
+        seed=seed, numeric_imputation=numeric_imputation, missing_indicators=missing_indicators,
+        categorical_encoding=categorical_encoding, scaling=scaling, polynomial_degree=polynomial_degree,
+        select_k_best=select_k_best,
+    )
+    reply = call(lambda c: c.build_features(features_request(config, splits.train.proto(), splits.test.proto(), model)))
+    return Features(*(ArtifactRef.of(getattr(reply, n)) for n in (
+        "x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")))
+
+
+def _features_reply(features: Features) -> features_pb2.BuildFeaturesResponse:
+    return features_pb2.BuildFeaturesResponse(**{
+        name: getattr(features, name).proto()
+        for name in ("x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")
+    })
 
 
 @task(cache=_cache(TRAINER_VERSION), **_TASK_DEFAULTS)
@@ -196,23 +263,23 @@ def train(features: Features, model: str, hyperparameters: dict[str, str], seed:
     def progress(event: trainer_pb2.TrainProgress) -> None:
         print(f"trainer: {event.fraction_done:.0%} {event.message}", flush=True)
 
-    result = call(lambda c: c.train(trainer_pb2.TrainRequest(
-        x_train=features.x_train.proto(), y_train=features.y_train.proto(), model=model,
-        hyperparameters=hyperparameters, seed=seed), progress))
+    config = PipelineConfig(model=model, hyperparameters=hyperparameters, seed=seed)
+    result = call(lambda c: c.train(train_request(config, _features_reply(features)), progress))
     return TrainedModel(ArtifactRef.of(result.model), model, dict(result.effective_hyperparameters))
 
 
 @task(cache=_cache(EVALUATOR_VERSION), enable_deck=True, **_TASK_DEFAULTS)
 def evaluate(
-    trained: TrainedModel, features: Features, splits: Splits,
+    trained: TrainedModel, features: Features, splits: Splits, dataset: Dataset,
     minimums: dict[str, float], maximums: dict[str, float],
 ) -> Evaluation:
-    reply = call(lambda c: c.evaluate(evaluator_pb2.EvaluateRequest(
-        model=trained.model.proto(), x_test=features.x_test.proto(), y_test=features.y_test.proto(),
-        minimums=minimums, maximums=maximums, class_names=splits.class_names)))
+    config = PipelineConfig(minimums=minimums, maximums=maximums)
+    prepared = preprocess_pb2.PreprocessResponse(
+        class_names=splits.class_names, split_report=splits.split_report.proto())
+    reply = call(lambda c: c.evaluate(evaluate_request(
+        config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto())))
     # The deck is the evaluator's own HTML report, read (and digest-checked) from the store.
-    html = ArtifactStore(Settings.from_env().artifact_root).get(reply.html_report, "html_report")
-    Deck("Evaluation", html.decode())
+    Deck("Evaluation", _stored_page(ArtifactRef.of(reply.html_report), "html_report").decode())
     return Evaluation(
         metrics=dict(reply.metrics), decision=_DECISIONS[reply.decision], reasons=list(reply.reasons),
         metrics_report=ArtifactRef.of(reply.metrics_report), html_report=ArtifactRef.of(reply.html_report),
@@ -231,10 +298,11 @@ def promote(
 ) -> PipelineResult:
     """Register the model when the decision is PROMOTE; always assemble the result."""
     lineage = {
-        "dataset": dataset.dataset, "train": splits.train, "test": splits.test,
+        "dataset": dataset.dataset, "schema": dataset.schema, "profile": dataset.profile,
+        "train": splits.train, "test": splits.test, "split_report": splits.split_report,
         "x_train": features.x_train, "y_train": features.y_train, "x_test": features.x_test,
-        "y_test": features.y_test, "transformer": features.transformer, "model": trained.model,
-        "metrics_report": evaluation.metrics_report, "html_report": evaluation.html_report,
+        "y_test": features.y_test, "transformer": features.transformer, "feature_schema": features.feature_schema,
+        "model": trained.model, "metrics_report": evaluation.metrics_report, "html_report": evaluation.html_report,
     }
     registered = ""
     if evaluation.decision == "PROMOTE":
@@ -244,37 +312,50 @@ def promote(
             lineage={k: v.proto() for k, v in lineage.items()})))
         registered = f"{reply.model_version.name} v{reply.model_version.version}"
     return PipelineResult(
-        model=trained.model, metrics=evaluation.metrics, decision=evaluation.decision,
-        reasons=evaluation.reasons, report=evaluation.metrics_report, html_report=evaluation.html_report,
-        lineage=lineage, registered_as=registered,
+        model=trained.model, task_kind=dataset.task_kind, metrics=evaluation.metrics, decision=evaluation.decision,
+        reasons=evaluation.reasons, rows_dropped=splits.rows_dropped, report=evaluation.metrics_report,
+        html_report=evaluation.html_report, lineage=lineage, registered_as=registered,
     )
 
 
 # ---- workflows -----------------------------------------------------------------------------
+# Empty minimums and maximums mean the evaluator's defaults for the task kind
+# (accuracy >= 0.9 for classification, r2 >= 0.3 for regression), as in the CLI.
 @workflow
 def training_pipeline(
     source: str = "sklearn:breast_cancer",
     target_column: str = "",
+    task_kind: str = "",
+    column_roles: dict[str, str] = {},  # noqa: B006 - Flyte defaults are literals
     model: str = "logistic_regression",
-    hyperparameters: dict[str, str] = {},  # noqa: B006 - Flyte defaults are literals
+    hyperparameters: dict[str, str] = {},  # noqa: B006
     test_fraction: float = 0.2,
     seed: int = 42,
-    impute_strategy: str = "median",
+    drop_duplicates: bool = False,
+    drop_incomplete_rows: bool = False,
+    numeric_imputation: str = "median",
+    missing_indicators: bool = False,
+    categorical_encoding: str = "auto",
     scaling: str = "standard",
     polynomial_degree: int = 0,
     select_k_best: int = 0,
-    minimums: dict[str, float] = {"accuracy": 0.95},  # noqa: B006
+    minimums: dict[str, float] = {},  # noqa: B006
     maximums: dict[str, float] = {},  # noqa: B006
     registry_name: str = "",
     recompute: bool = False,
 ) -> PipelineResult:
-    dataset = load(source=source, target_column=target_column, recompute=recompute)
-    splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, impute_strategy=impute_strategy)
+    dataset = load(source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles,
+                   recompute=recompute)
+    splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
+                        drop_incomplete_rows=drop_incomplete_rows)
     features = build_features(
-        splits=splits, scaling=scaling, polynomial_degree=polynomial_degree, select_k_best=select_k_best
+        splits=splits, model=model, seed=seed, numeric_imputation=numeric_imputation,
+        missing_indicators=missing_indicators, categorical_encoding=categorical_encoding, scaling=scaling,
+        polynomial_degree=polynomial_degree, select_k_best=select_k_best,
     )
     trained = train(features=features, model=model, hyperparameters=hyperparameters, seed=seed)
-    evaluation = evaluate(trained=trained, features=features, splits=splits, minimums=minimums, maximums=maximums)
+    evaluation = evaluate(trained=trained, features=features, splits=splits, dataset=dataset,
+                          minimums=minimums, maximums=maximums)
     return promote(
         registry_name=registry_name, source=source, trained=trained, evaluation=evaluation,
         dataset=dataset, splits=splits, features=features,
@@ -300,7 +381,8 @@ def train_candidates(
     results = []
     for candidate in candidates:
         trained = train(features=features, model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed)
-        evaluation = evaluate(trained=trained, features=features, splits=splits, minimums=minimums, maximums=maximums)
+        evaluation = evaluate(trained=trained, features=features, splits=splits, dataset=dataset,
+                              minimums=minimums, maximums=maximums)
         results.append(promote(
             registry_name="", source=source, trained=trained, evaluation=evaluation, dataset=dataset, splits=splits, features=features,
         ))
@@ -319,17 +401,26 @@ DEFAULT_SWEEP = [
 def sweep_pipeline(
     source: str = "sklearn:breast_cancer",
     target_column: str = "",
+    task_kind: str = "",
+    column_roles: dict[str, str] = {},  # noqa: B006
     candidates: list[ModelCandidate] = DEFAULT_SWEEP,
     metric: str = "f1_macro",
     lower_is_better: bool = False,
     test_fraction: float = 0.2,
     seed: int = 42,
-    minimums: dict[str, float] = {"accuracy": 0.9},  # noqa: B006
+    drop_duplicates: bool = False,
+    minimums: dict[str, float] = {},  # noqa: B006
     maximums: dict[str, float] = {},  # noqa: B006
 ) -> SweepResult:
-    dataset = load(source=source, target_column=target_column, recompute=False)
-    splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, impute_strategy="median")
-    features = build_features(splits=splits, scaling="standard", polynomial_degree=0, select_k_best=0)
+    dataset = load(source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles,
+                   recompute=False)
+    splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
+                        drop_incomplete_rows=False)
+    # One feature build serves every candidate, so categorical columns get the general encoding.
+    features = build_features(
+        splits=splits, model="", seed=seed, numeric_imputation="median", missing_indicators=False,
+        categorical_encoding="auto", scaling="standard", polynomial_degree=0, select_k_best=0,
+    )
     results = train_candidates(
         source=source, candidates=candidates, dataset=dataset, splits=splits, features=features, seed=seed,
         minimums=minimums, maximums=maximums,

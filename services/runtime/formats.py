@@ -35,6 +35,11 @@ TRUSTED_MODEL_TYPES: tuple[str, ...] = (
     "services.features.encoders.DatetimeParts",
     "sklearn.model_selection._split.KFold",  # TargetEncoder's seeded cross-fitting folds
     "sklearn.model_selection._split.StratifiedKFold",
+    # hist_gradient_boosting with native categorical features keeps a
+    # partial(check_array, ...) as its input check. A partial can only call a
+    # callable that is itself on this list, and check_array only validates.
+    "functools.partial",
+    "sklearn.utils.validation.check_array",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.feature_selection._univariate_selection.f_classif",
     "sklearn.feature_selection._univariate_selection.f_regression",
