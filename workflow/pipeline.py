@@ -265,7 +265,7 @@ def train(features: Features, model: str, hyperparameters: dict[str, str], seed:
 
     config = PipelineConfig(model=model, hyperparameters=hyperparameters, seed=seed)
     result = call(lambda c: c.train(train_request(config, _features_reply(features)), progress))
-    return TrainedModel(ArtifactRef.of(result.model), model, dict(result.effective_hyperparameters))
+    return TrainedModel(ArtifactRef.of(result.model), result.model_name, dict(result.effective_hyperparameters))
 
 
 @task(cache=_cache(EVALUATOR_VERSION), enable_deck=True, **_TASK_DEFAULTS)
@@ -327,7 +327,7 @@ def training_pipeline(
     target_column: str = "",
     task_kind: str = "",
     column_roles: dict[str, str] = {},  # noqa: B006 - Flyte defaults are literals
-    model: str = "logistic_regression",
+    model: str = "",  # "": logistic_regression for classification, ridge for regression
     hyperparameters: dict[str, str] = {},  # noqa: B006
     test_fraction: float = 0.2,
     seed: int = 42,

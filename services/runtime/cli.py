@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="classification or regression (default: inferred from the target)")
     run.add_argument("--column", action="append", default=[], metavar="NAME=ROLE",
                      help=f"set a column's role, repeatable; roles: {', '.join(ROLES)}")
-    run.add_argument("--model", default="logistic_regression", help="default: %(default)s")
+    run.add_argument("--model", default="",
+                     help="default: logistic_regression for classification, ridge for regression")
     run.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="hyperparameter, repeatable")
     run.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE",
                      help="lowest acceptable value, repeatable (default: accuracy=0.9 or r2=0.3 by task kind)")

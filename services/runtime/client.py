@@ -94,7 +94,7 @@ class PipelineConfig:
     target_column: str = ""
     task_kind: str = ""  # "", "classification" or "regression"
     column_roles: dict[str, str] = field(default_factory=dict)  # column -> role name
-    model: str = "logistic_regression"
+    model: str = ""  # "" trains the task kind's default: logistic_regression or ridge
     hyperparameters: dict[str, str] = field(default_factory=dict)
     test_fraction: float = 0.2
     seed: int = 42

@@ -39,6 +39,9 @@ MODELS: dict[str, dict[str, tuple[type[BaseEstimator], dict[str, Any]]]] = {
     },
 }
 
+# The model trained when a request names none.
+DEFAULT_MODELS = {"classification": "logistic_regression", "regression": "ridge"}
+
 # Estimators grown in steps with warm_start: parameter that counts the steps.
 _INCREMENTAL = {
     RandomForestClassifier: "n_estimators",

@@ -25,11 +25,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         require(request.HasField("x_train"), "x_train is required: pass the ref the features stage returned")
         require(request.HasField("y_train"), "y_train is required: pass the ref the features stage returned")
         require(
-            request.model in logic.all_model_names(),
-            f"model {request.model!r} is unknown; choose one of {', '.join(logic.all_model_names())}",
+            request.model == "" or request.model in logic.all_model_names(),
+            f"model {request.model[:60]!r} is unknown; choose one of {', '.join(logic.all_model_names())}, "
+            "or leave it empty for the task kind's default",
         )
         require(0 <= request.seed < 2**32, f"seed must be in [0, 2^32), got {request.seed}")
         hyperparameters = dict(request.hyperparameters)
+        require(
+            request.model != "" or not hyperparameters,
+            "hyperparameters need a model: name one (the default model depends on the task kind)",
+        )
         # Catch a bad name or value before any data is read; the task is not known yet,
         # so the hyperparameters must suit at least one catalogue that has this model
         # (class_weight suits only the classifier); `work` checks against the real task.
@@ -40,7 +45,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 logic.build_estimator(task, request.model, hyperparameters, request.seed)
             except InvalidArgument as exc:
                 rejections.append(exc)
-        if len(rejections) == len(tasks):
+        if tasks and len(rejections) == len(tasks):
             raise rejections[0]
         inputs = {"x_train": request.x_train, "y_train": request.y_train}
         if request.HasField("feature_schema"):
@@ -63,14 +68,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 schema = json_bytes_to_doc(run.read(request.feature_schema, "feature_schema"), "feature_schema")
                 columns = logic.FeatureColumns.from_schema(schema, x)
             task = logic.task_of_target(y)
-            estimator = logic.build_estimator(task, request.model, hyperparameters, request.seed)
+            model = request.model or logic.DEFAULT_MODELS[task]
+            estimator = logic.build_estimator(task, model, hyperparameters, request.seed)
             columns.apply_categorical(estimator)
             fit_warnings = logic.fit(estimator, columns.frame(x), y, run.progress, run.check_cancelled)
             for warning in fit_warnings:
                 run.progress(1.0, f"warning: {warning}")
-                log.warning("%s: %s", request.model, warning)
+                log.warning("%s: %s", model, warning)
             return trainer_pb2.TrainResult(
                 model=run.put("model", model_to_skops(estimator), SKOPS),
+                model_name=model,
                 task_kind=task_kind_value(task),
                 effective_hyperparameters={
                     name: logic.literal(value) for name, value in estimator.get_params(deep=False).items()
@@ -82,7 +89,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
         def on_progress(fraction: float, message: str) -> None:
             # Progress goes to the service log as well as to the caller's stream.
-            log.info("train %s: %.0f%% %s", request.model, fraction * 100, message)
+            log.info("train %s: %.0f%% %s", request.model or "default model", fraction * 100, message)
             events.put_nowait(trainer_pb2.TrainProgress(fraction_done=fraction, message=message))
 
         training = asyncio.ensure_future(

@@ -41,7 +41,7 @@ class TrainProgress(_message.Message):
     def __init__(self, fraction_done: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("model", "stage", "task_kind", "effective_hyperparameters", "train_score")
+    __slots__ = ("model", "stage", "task_kind", "effective_hyperparameters", "train_score", "model_name")
     class EffectiveHyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,12 +54,14 @@ class TrainResult(_message.Message):
     TASK_KIND_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ArtifactRef
     stage: _common_pb2.StageInfo
     task_kind: _common_pb2.TaskKind
     effective_hyperparameters: _containers.ScalarMap[str, str]
     train_score: float
-    def __init__(self, model: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., stage: _Optional[_Union[_common_pb2.StageInfo, _Mapping]] = ..., task_kind: _Optional[_Union[_common_pb2.TaskKind, str]] = ..., effective_hyperparameters: _Optional[_Mapping[str, str]] = ..., train_score: _Optional[float] = ...) -> None: ...
+    model_name: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., stage: _Optional[_Union[_common_pb2.StageInfo, _Mapping]] = ..., task_kind: _Optional[_Union[_common_pb2.TaskKind, str]] = ..., effective_hyperparameters: _Optional[_Mapping[str, str]] = ..., train_score: _Optional[float] = ..., model_name: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("progress", "result")
