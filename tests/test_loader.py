@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import pytest_asyncio
 
-from mlmesh.common.v1.common_pb2 import TaskKind
+from mlmesh.common.v1.common_pb2 import ColumnRole, TaskKind
 from mlmesh.loader.v1 import loader_pb2
 from services.loader import logic
 from services.runtime.client import MeshClient, check_health
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from services.runtime.formats import parquet_to_frame
+from services.runtime.formats import json_bytes_to_doc, parquet_to_frame
 from services.runtime.server import RunningStage, start_stage
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
@@ -112,27 +112,37 @@ def test_parse_source_rejects(text: str, fragments: list[str]) -> None:
 
 # ---- task inference -----------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("values", "task"),
+    ("values", "task", "reason"),
     [
-        (["a", "b", "a"], logic.CLASSIFICATION),
-        ([True, False, True], logic.CLASSIFICATION),
-        ([0, 1, 2, 1, 0], logic.CLASSIFICATION),
-        ([0.0, 1.0, np.nan, 1.0], logic.CLASSIFICATION),
-        ([0.5, 1.25, 3.0], logic.REGRESSION),
-        (list(range(21)), logic.REGRESSION),  # more distinct integers than MAX_INFERRED_CLASSES
-        (list(range(20)), logic.CLASSIFICATION),
+        (["a", "b", "a"], logic.CLASSIFICATION, "target 'y' holds text labels; pass task_kind (--task regression)"),
+        ([True, False, True], logic.CLASSIFICATION, "target 'y' holds labels"),
+        ([0, 1, 1, 0], logic.CLASSIFICATION, "target 'y' holds two distinct values; pass task_kind (--task regression)"),
+        ([0.0, 1.0, np.nan, 1.0], logic.CLASSIFICATION, "target 'y' holds two distinct values"),
+        ([0.5, 1.25, 3.0], logic.REGRESSION, "target 'y' holds fractional numbers"),
+        # more distinct whole numbers than MAX_INFERRED_CLASSES
+        (list(range(21)) * 10, logic.REGRESSION, "21 distinct whole numbers, more than 20 classes; pass task_kind (--task classification)"),
+        # few distinct values, but some held by fewer than 10 rows: a count, not labels
+        (list(range(20)), logic.REGRESSION, "20 distinct whole numbers and some have fewer than 10 rows, like a count"),
+        ([0, 1, 2] * 10, logic.CLASSIFICATION, "3 distinct whole numbers, each with at least 10 rows"),
     ],
 )
-def test_infer_task(values: list, task: str) -> None:
-    assert logic._infer_task(pd.Series(values)) == task
+def test_decide_task(values: list, task: str, reason: str) -> None:
+    decision = logic.decide_task(pd.Series(values), "y")
+    assert (decision.kind, decision.overridden) == (task, False)
+    assert reason in decision.reason
 
 
 # ---- load_dataset -------------------------------------------------------------------------
 def test_load_csv_plain_path_and_file_url_with_named_target(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "animals.csv", example_frame())
     for text in (str(path), path.as_uri()):
-        frame, target, task = logic.load_dataset(logic.parse_source(text), "species", None, BIG)
+        loaded = logic.load_dataset(logic.parse_source(text), "species", None, BIG)
+        frame, target, task = loaded.frame, loaded.target_column, loaded.task.kind
         assert (target, task) == ("species", logic.CLASSIFICATION)
+        assert [(c.name, c.role) for c in loaded.columns] == [
+            ("height", "numeric"), ("weight", "numeric"), ("flag", "boolean")
+        ]
+        assert loaded.feature_names == ["height", "weight", "flag"] and loaded.warnings == []
         assert list(frame.columns) == ["height", "weight", "flag", "species"]
         assert len(frame) == 40
         assert all(frame[c].dtype == np.float64 for c in ("height", "weight", "flag"))
@@ -146,21 +156,23 @@ def test_load_parquet_with_regression_target(tmp_path: Path) -> None:
     source["price"] = np.linspace(0.5, 99.5, 40)
     path = tmp_path / "prices.parquet"
     source.to_parquet(path)
-    frame, target, task = logic.load_dataset(logic.parse_source(path.as_uri()), "price", None, BIG)
-    assert (target, task) == ("price", logic.REGRESSION)
+    loaded = logic.load_dataset(logic.parse_source(path.as_uri()), "price", None, BIG)
+    frame = loaded.frame
+    assert (loaded.target_column, loaded.task.kind) == ("price", logic.REGRESSION)
+    assert loaded.task.reason == "target 'price' holds fractional numbers"
     assert frame["price"].dtype == np.float64
     np.testing.assert_allclose(frame["price"], source["price"])
 
 
-def test_numeric_text_columns_are_accepted_but_words_are_not(tmp_path: Path) -> None:
+def test_numbers_are_numeric_and_words_are_categorical(tmp_path: Path) -> None:
     path = tmp_path / "mixed.csv"
     path.write_text("a,b,c,y\n1,x,1.5,0\n2,y,,1\n3,x,2.5,0\n4,z,3.5,1\n")
-    with pytest.raises(FailedPrecondition) as caught:
-        logic.load_dataset(logic.parse_source(str(path)), "y", None, BIG)
-    assert "['b']" in str(caught.value)
-    frame, _, task = logic.load_dataset(logic.parse_source(str(path)), "b", None, BIG)
-    assert task == logic.CLASSIFICATION
-    assert np.isnan(frame["c"][1]) and frame["c"][2] == 2.5
+    loaded = logic.load_dataset(logic.parse_source(str(path)), "y", None, BIG)
+    assert {c.name: c.role for c in loaded.columns} == {"a": "numeric", "b": "categorical", "c": "numeric"}
+    assert loaded.frame["b"].tolist() == ["x", "y", "x", "z"]
+    assert np.isnan(loaded.frame["c"][1]) and loaded.frame["c"][2] == 2.5
+    by_words = logic.load_dataset(logic.parse_source(str(path)), "b", None, BIG)
+    assert by_words.task.kind == logic.CLASSIFICATION and by_words.feature_names == ["a", "c", "y"]
 
 
 def test_requested_regression_needs_a_numeric_target(tmp_path: Path) -> None:
@@ -170,29 +182,31 @@ def test_requested_regression_needs_a_numeric_target(tmp_path: Path) -> None:
     for target in ("species", "flag"):  # text and booleans are not regression targets
         with pytest.raises(FailedPrecondition, match=f"regression needs a numeric target, but '{target}'"):
             logic.load_dataset(logic.parse_source(str(path)), target, logic.REGRESSION, BIG)
-    with pytest.raises(FailedPrecondition, match="'species'"):
-        logic.load_dataset(logic.parse_source(str(path)), "legs", None, BIG)  # species is a text feature
-    numeric = write_csv(tmp_path / "numeric.csv", frame.drop(columns=["species"]))
-    # An integral target is inferred as classes but can be forced to regression.
-    _, _, inferred = logic.load_dataset(logic.parse_source(str(numeric)), "legs", None, BIG)
-    frame_r, _, forced = logic.load_dataset(logic.parse_source(str(numeric)), "legs", logic.REGRESSION, BIG)
-    assert (inferred, forced) == (logic.CLASSIFICATION, logic.REGRESSION)
-    assert frame_r["legs"].dtype == np.float64
+    # Three whole numbers, each on 13 or more rows, are inferred as classes but can be forced to regression.
+    inferred = logic.load_dataset(logic.parse_source(str(path)), "legs", None, BIG)
+    forced = logic.load_dataset(logic.parse_source(str(path)), "legs", logic.REGRESSION, BIG)
+    assert (inferred.task.kind, forced.task.kind) == (logic.CLASSIFICATION, logic.REGRESSION)
+    assert forced.task == logic.TaskDecision(logic.REGRESSION, "regression, as requested", True)
+    assert pd.api.types.is_integer_dtype(inferred.frame["legs"]) and forced.frame["legs"].dtype == np.float64
+    assert "species" in inferred.feature_names  # a text feature is categorical, not refused
 
 
 def test_sklearn_sources_use_readable_labels() -> None:
-    frame, target, task = logic.load_dataset(logic.parse_source("sklearn:iris"), "", None, BIG)
-    assert (target, task, len(frame)) == ("target", logic.CLASSIFICATION, 150)
-    assert sorted(frame["target"].unique()) == ["setosa", "versicolor", "virginica"]
-    frame, target, task = logic.load_dataset(logic.parse_source("sklearn:diabetes"), "", None, BIG)
-    assert (task, len(frame), frame.shape[1]) == (logic.REGRESSION, 442, 11)
+    iris = logic.load_dataset(logic.parse_source("sklearn:iris"), "", None, BIG)
+    assert (iris.target_column, iris.task.kind, len(iris.frame)) == ("target", logic.CLASSIFICATION, 150)
+    assert iris.task.reason == "classification, as defined by sklearn:iris"
+    assert sorted(iris.frame["target"].unique()) == ["setosa", "versicolor", "virginica"]
+    diabetes = logic.load_dataset(logic.parse_source("sklearn:diabetes"), "", None, BIG)
+    assert (diabetes.task.kind, len(diabetes.frame), diabetes.frame.shape[1]) == (logic.REGRESSION, 442, 11)
+    assert {c.role for c in diabetes.columns} == {"numeric"}
 
 
 def test_synthetic_is_seeded() -> None:
     source = logic.parse_source(SYNTH)
-    first, _, task = logic.load_dataset(source, "", None, BIG)
-    again, _, _ = logic.load_dataset(source, "", None, BIG)
-    other, _, _ = logic.load_dataset(logic.parse_source(SYNTH.replace("seed=1", "seed=2")), "", None, BIG)
+    loaded = logic.load_dataset(source, "", None, BIG)
+    first, task = loaded.frame, loaded.task.kind
+    again = logic.load_dataset(source, "", None, BIG).frame
+    other = logic.load_dataset(logic.parse_source(SYNTH.replace("seed=1", "seed=2")), "", None, BIG).frame
     assert task == logic.CLASSIFICATION and first.shape == (500, 9)
     assert sorted(first["target"].unique()) == [0, 1, 2]
     pd.testing.assert_frame_equal(first, again)
@@ -219,13 +233,19 @@ def test_size_limit() -> None:
     logic._check_size(100, 9, 8000)  # exactly at the limit is allowed
 
 
-def test_missing_file_and_missing_target(tmp_path: Path) -> None:
-    with pytest.raises(NotFound, match="does not exist"):
+def test_missing_file_and_missing_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(NotFound) as caught:
         logic.load_dataset(logic.parse_source(str(tmp_path / "nope.csv")), "y", None, BIG)
+    assert str(caught.value) == f"source file {str(tmp_path / 'nope.csv')!r} does not exist"
+    # A relative path is named as the absolute path the loader looked at.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NotFound) as caught:
+        logic.load_dataset(logic.parse_source("data/nope.csv"), "y", None, BIG)
+    assert str(caught.value) == f"source file {str(tmp_path / 'data' / 'nope.csv')!r} does not exist"
     path = write_csv(tmp_path / "animals.csv", example_frame())
     with pytest.raises(InvalidArgument, match="'label' is not in the dataset") as caught:
         logic.load_dataset(logic.parse_source(str(path)), "label", None, BIG)
-    assert "height, weight, flag, species" in str(caught.value)
+    assert "its columns are: 'height', 'weight', 'flag', 'species'" in str(caught.value)
     with pytest.raises(InvalidArgument, match="target_column is required"):
         logic.load_dataset(logic.parse_source(str(path)), "", None, BIG)
 
@@ -237,10 +257,25 @@ async def test_load_sklearn_iris_writes_a_labelled_parquet(client: MeshClient, s
     assert reply.rows == 150 and len(reply.feature_names) == 4
     assert reply.target_column == "target" and reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
     assert reply.dataset.media_type == "application/vnd.apache.parquet"
-    frame, meta = parquet_to_frame(ArtifactStore(settings.artifact_root).get(reply.dataset), "dataset")
-    assert meta == {"target_column": "target", "task_kind": "classification", "source": "sklearn:iris"}
+    store = ArtifactStore(settings.artifact_root)
+    frame, meta = parquet_to_frame(store.get(reply.dataset), "dataset")
+    assert meta == {
+        "target_column": "target", "task_kind": "classification", "source": "sklearn:iris",
+        "roles": {name: "numeric" for name in reply.feature_names}, "schema_sha256": reply.schema.sha256,
+    }
     assert list(frame.columns) == [*reply.feature_names, "target"]
     assert frame["target"].value_counts().to_dict() == {"setosa": 50, "versicolor": 50, "virginica": 50}
+    assert reply.task_kind_reason == "classification, as defined by sklearn:iris"
+    assert [(c.name, c.role, c.overridden) for c in reply.columns] == [
+        (name, ColumnRole.COLUMN_ROLE_NUMERIC, False) for name in reply.feature_names
+    ]
+    schema = json_bytes_to_doc(store.get(reply.schema), "schema")
+    assert (schema["rows"], schema["features"], schema["task_kind"]) == (150, list(reply.feature_names), "classification")
+    profile = json_bytes_to_doc(store.get(reply.profile), "profile")
+    assert profile["rows"] == 150 and [c["name"] for c in profile["columns"]] == list(reply.feature_names)
+    assert profile["target"]["top"] == [["setosa", 50], ["versicolor", 50], ["virginica", 50]]
+    sepal = profile["columns"][0]
+    assert sepal["min"] == 4.3 and sepal["max"] == 7.9 and sum(sepal["histogram"]["counts"]) == 150
 
 
 @pytest.mark.asyncio
@@ -266,13 +301,18 @@ async def test_load_csv_by_path_and_file_url(client: MeshClient, settings: Setti
 @pytest.mark.asyncio
 async def test_load_parquet_and_explicit_task_kind(client: MeshClient, tmp_path: Path) -> None:
     frame = example_frame().drop(columns=["species"])
-    frame["grade"] = np.arange(40) % 5
+    frame["grade"] = np.arange(40) % 5  # five whole numbers, 8 rows each: too thin to be taken as classes
     path = tmp_path / "grades.parquet"
     frame.to_parquet(path)
     inferred = await client.load(load(str(path), "grade"))
-    assert inferred.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
-    forced = await client.load(load(str(path), "grade", TaskKind.TASK_KIND_REGRESSION))
-    assert forced.task_kind == TaskKind.TASK_KIND_REGRESSION
+    assert inferred.task_kind == TaskKind.TASK_KIND_REGRESSION
+    assert inferred.task_kind_reason == (
+        "target 'grade' holds 5 distinct whole numbers and some have fewer than 10 rows, like a count; "
+        "pass task_kind (--task classification) if they are class labels"
+    )
+    forced = await client.load(load(str(path), "grade", TaskKind.TASK_KIND_CLASSIFICATION))
+    assert forced.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
+    assert forced.task_kind_reason == "classification, as requested"
     assert forced.dataset.sha256 != inferred.dataset.sha256
 
 
@@ -347,9 +387,9 @@ async def test_load_rejects_bad_sources(client: MeshClient, mesh, source, code, 
 @pytest.mark.asyncio
 async def test_load_missing_file_is_not_found(client: MeshClient, mesh, tmp_path: Path) -> None:
     missing = tmp_path / "absent.csv"
-    await expect_error(client.load(load(str(missing), "y")), NOT_FOUND, "absent.csv", "does not exist")
+    await expect_error(client.load(load(str(missing), "y")), NOT_FOUND, f"source file {str(missing)!r} does not exist")
     await assert_serving(mesh)
-    await expect_error(client.load(load(missing.as_uri(), "y")), NOT_FOUND, "does not exist")
+    await expect_error(client.load(load(missing.as_uri(), "y")), NOT_FOUND, f"source file {str(missing)!r} does not exist")
     await assert_serving(mesh)
 
 
@@ -360,10 +400,16 @@ async def test_load_file_errors(client: MeshClient, mesh, tmp_path: Path) -> Non
     await assert_serving(mesh)
     await expect_error(client.load(load(str(path))), INVALID, "target_column is required")
     await assert_serving(mesh)
-    # A text feature column cannot be used; the message names it.
-    await expect_error(
-        client.load(load(str(path), "height")), FAILED, "['species']", "not numeric"
+    # A column of words declared numeric is refused; the message names the column, not its values.
+    declared = loader_pb2.LoadRequest(
+        source=str(path), target_column="height", column_roles={"species": ColumnRole.COLUMN_ROLE_NUMERIC}
     )
+    details = await expect_error(
+        client.load(declared), FAILED,
+        "column 'species' was declared numeric, but 40 of its values are not numbers; "
+        "declare it categorical or fix the values",
+    )
+    assert not any(word in details for word in ("'cat'", "dog", "eel"))
     await assert_serving(mesh)
     await expect_error(client.load(load(str(path), "species", 9)), INVALID, "task_kind=9")
     await assert_serving(mesh)
@@ -378,7 +424,9 @@ async def test_load_unusable_data(client: MeshClient, mesh, tmp_path: Path) -> N
 
     single = tmp_path / "single.csv"
     single.write_text("a,b,y\n1,2,yes\n3,4,yes\n5,6,yes\n")
-    await expect_error(client.load(load(str(single), "y")), FAILED, "at least two classes", "'y'", "yes")
+    await expect_error(
+        client.load(load(str(single), "y")), FAILED, "classification needs at least two classes, but target 'y' has 1"
+    )
     await assert_serving(mesh)
 
     only_target = tmp_path / "only_target.csv"
@@ -391,9 +439,21 @@ async def test_load_unusable_data(client: MeshClient, mesh, tmp_path: Path) -> N
     await expect_error(client.load(load(str(blank), "y")), FAILED, "cannot parse")
     await assert_serving(mesh)
 
+    # Short columns of words are categorical features now, not refused.
     words = tmp_path / "words.parquet"
     pd.DataFrame({"colour": ["red", "blue"], "size": ["S", "M"], "y": [0, 1]}).to_parquet(words)
-    await expect_error(client.load(load(str(words), "y")), FAILED, "['colour', 'size']")
+    reply = await client.load(load(str(words), "y"))
+    assert list(reply.feature_names) == ["colour", "size"]
+    assert [c.role for c in reply.columns] == [ColumnRole.COLUMN_ROLE_CATEGORICAL] * 2
+
+    # A table whose every other column is a key or a constant has nothing to learn from.
+    nothing = tmp_path / "nothing.parquet"
+    pd.DataFrame({"name": [f"n{i}" for i in range(30)], "unit": ["kg"] * 30, "y": [0, 1] * 15}).to_parquet(nothing)
+    await expect_error(
+        client.load(load(str(nothing), "y")), FAILED,
+        "no column is usable as a feature: 'name' (identifier), 'unit' (constant); "
+        "set roles with column_roles (--column NAME=ROLE)",
+    )
     await assert_serving(mesh)
 
 

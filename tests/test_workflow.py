@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -63,9 +64,15 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     assert "registered_as='breast_cancer-logistic_regression v1'" in first.stdout
 
     decks = list(Path(flyte_env["TMPDIR"]).rglob("deck.html"))
-    assert decks, "the evaluate task wrote no deck"
+    assert len(decks) >= 2, "the load and evaluate tasks wrote no decks"
     deck = "\n".join(d.read_text() for d in decks)
     assert 'class="roc"' in deck and "confusion-matrix" in deck and "<td>accuracy</td>" in deck
+    # The load task's deck is the data profile, with a histogram per numeric column.
+    assert "<h2>Data profile</h2>" in deck and 'class="histogram"' in deck and "mean radius" in deck
+    # Class names survive from source to report.
+    assert "<th>malignant</th>" in deck and "<th>benign</th>" in deck
+    assert "task_kind='classification'" in first.stdout
+    assert "rows_dropped={'missing_target': 0, 'invalid_target': 0, 'incomplete': 0, 'duplicate': 0}" in first.stdout
 
     before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
     second = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
@@ -100,30 +107,78 @@ def test_stopped_service_is_named_with_its_address(flyte_env: dict[str, str]) ->
     assert "grpc/_channel.py" not in output and "_cython" not in output
 
 
-def test_sweep_picks_the_candidate_that_is_really_best(flyte_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in flyte_env.items():
-        monkeypatch.setenv(name, value)
-    for stage in STAGES:
-        monkeypatch.setenv(f"MLMESH_{stage.upper()}_ADDRESS", f"127.0.0.1:{flyte_env[f'MLMESH_{stage.upper()}_PORT']}")
-    from workflow.pipeline import ModelCandidate, sweep_pipeline
+def _sweep_result(stdout: str) -> tuple[str, int, list[dict[str, float]]]:
+    match = re.search(r"SweepResult\(metric='(\w+)', best_index=(\d+), .*candidate_metrics=(\[.*?\])\)\s*$", stdout, re.S)
+    assert match, stdout[-2000:]
+    return match.group(1), int(match.group(2)), ast.literal_eval(match.group(3))
 
+
+def test_readme_sweep_command_picks_the_best_default_candidate(flyte_env: dict[str, str]) -> None:
+    result = pyflyte(flyte_env, "run", "workflow/pipeline.py", "sweep_pipeline", "--metric", "f1_macro")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metric, best, scores = _sweep_result(result.stdout)
+    assert metric == "f1_macro" and len(scores) == 4  # the four default classification candidates
+    assert scores[best]["f1_macro"] == max(s["f1_macro"] for s in scores)
+
+
+def test_sweep_picks_the_candidate_that_is_really_best(flyte_env: dict[str, str]) -> None:
     features_calls = len(rpc_lines(flyte_env, "features"))
-    candidates = [
-        ModelCandidate("random_forest", {"n_estimators": "1", "max_depth": "1"}),  # a stump: weak
-        ModelCandidate("logistic_regression", {"C": "1.0"}),
-        ModelCandidate("sgd", {"max_iter": "5", "tol": "null"}),
-    ]
-    result = sweep_pipeline(source="sklearn:wine", candidates=candidates, metric="f1_macro", seed=3, minimums={})
-    scores = [m["f1_macro"] for m in result.candidate_metrics]
-    assert len(scores) == 3
-    assert result.best_index == scores.index(max(scores))
-    assert result.best.metrics["f1_macro"] == max(scores)
-    assert scores[0] < max(scores)  # the stump really is worse
+    candidates = json.dumps([
+        {"model": "random_forest", "hyperparameters": {"n_estimators": "1", "max_depth": "1"}},  # a stump: weak
+        {"model": "logistic_regression", "hyperparameters": {"C": "1.0"}},
+        {"model": "sgd", "hyperparameters": {"max_iter": "5", "tol": "null"}},
+    ])
+    args = ["run", "workflow/pipeline.py", "sweep_pipeline", "--source", "sklearn:wine", "--candidates", candidates,
+            "--seed", "3"]
+    result = pyflyte(flyte_env, *args, "--metric", "f1_macro")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metric, best, scores = _sweep_result(result.stdout)
+    f1 = [m["f1_macro"] for m in scores]
+    assert metric == "f1_macro" and len(f1) == 3
+    assert best == f1.index(max(f1)) and f1[0] < max(f1)  # the stump really is worse
     assert len(rpc_lines(flyte_env, "features")) - features_calls == 1, "features ran more than once"
 
-    lowest_loss = sweep_pipeline(source="sklearn:wine", candidates=candidates, metric="log_loss", lower_is_better=True, seed=3, minimums={})
-    losses = [m["log_loss"] for m in lowest_loss.candidate_metrics]
-    assert lowest_loss.best_index == losses.index(min(losses))
+    # log_loss is minimised without being told.
+    lowest = pyflyte(flyte_env, *args, "--metric", "log_loss")
+    assert lowest.returncode == 0, lowest.stdout + lowest.stderr
+    metric, best, scores = _sweep_result(lowest.stdout)
+    losses = [m["log_loss"] for m in scores]
+    assert metric == "log_loss" and best == losses.index(min(losses))
+
+
+def test_regression_sweep_defaults_follow_the_task_kind(flyte_env: dict[str, str]) -> None:
+    result = pyflyte(flyte_env, "run", "workflow/pipeline.py", "sweep_pipeline", "--source", "sklearn:diabetes")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metric, best, scores = _sweep_result(result.stdout)
+    assert metric == "r2" and len(scores) == 3  # ridge, random_forest, hist_gradient_boosting
+    assert all("accuracy" not in s for s in scores)
+    assert "r2 " in result.stdout and "the regression default applies" in result.stdout
+
+
+def test_roles_task_kind_and_deduplication_from_pyflyte(flyte_env: dict[str, str], tmp_path: Path) -> None:
+    rows = ["zip,row_id,size,label"]
+    for i in range(240):
+        rows.append(f"{[1001, 2002, 3003][i % 3]},{i},{(i * 7) % 241},{(i % 3) + (i % 2)}")  # all distinct
+    rows += rows[1:41]  # forty exact repeats of earlier rows
+    table = tmp_path / "zips.csv"
+    table.write_text("\n".join(rows) + "\n")
+    base = ["run", "workflow/pipeline.py", "training_pipeline", "--source", str(table), "--target_column", "label"]
+    kept = pyflyte(flyte_env, *base, "--column_roles", '{"zip": "categorical", "row_id": "ignore"}',
+                   "--task_kind", "regression")
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert "task_kind='regression'" in kept.stdout and "'duplicate': 0" in kept.stdout
+    deduplicated = pyflyte(flyte_env, *base, "--column_roles", '{"zip": "categorical", "row_id": "ignore"}',
+                           "--task_kind", "regression", "--drop_duplicates")
+    assert deduplicated.returncode == 0, deduplicated.stdout + deduplicated.stderr
+    assert "'duplicate': 40" in deduplicated.stdout
+    schema_ref = re.search(r"'schema': ArtifactRef\(uri='file://([^']+)'", deduplicated.stdout).group(1)
+    roles = {c["name"]: (c["role"], c["overridden"]) for c in json.loads(Path(schema_ref).read_text())["columns"]}
+    assert roles["zip"] == ("categorical", True) and roles["row_id"] == ("ignore", True)
+    assert roles["size"] == ("numeric", False)
+
+    wrong = pyflyte(flyte_env, *base, "--column_roles", '{"zip": "postcode"}')
+    assert wrong.returncode != 0
+    assert "unknown role 'postcode'" in re.sub(r"\s+", " ", wrong.stdout + wrong.stderr)
 
 
 def test_pyflyte_package_needs_no_backend(tmp_path: Path, flyte_env: dict[str, str]) -> None:

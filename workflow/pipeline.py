@@ -362,14 +362,37 @@ def training_pipeline(
     )
 
 
+# What a sweep tries, and by which metric it picks, when the caller does not say.
+DEFAULT_CANDIDATES = {
+    "classification": [
+        ModelCandidate("logistic_regression"),
+        ModelCandidate("random_forest", {"n_estimators": "200"}),
+        ModelCandidate("hist_gradient_boosting"),
+        ModelCandidate("sgd"),
+    ],
+    "regression": [
+        ModelCandidate("ridge"),
+        ModelCandidate("random_forest", {"n_estimators": "200"}),
+        ModelCandidate("hist_gradient_boosting"),
+    ],
+}
+DEFAULT_METRICS = {"classification": "f1_macro", "regression": "r2"}
+LOWER_IS_BETTER = frozenset({"log_loss", "mae", "rmse"})
+
+
+def _candidates(candidates: list[ModelCandidate], task_kind: str) -> list[ModelCandidate]:
+    return candidates or DEFAULT_CANDIDATES[task_kind]
+
+
 @task(**_TASK_DEFAULTS)
-def pick_best(metric: str, lower_is_better: bool, results: list[PipelineResult], candidates: list[ModelCandidate]) -> SweepResult:
+def pick_best(metric: str, dataset: Dataset, results: list[PipelineResult], candidates: list[ModelCandidate]) -> SweepResult:
+    metric = metric or DEFAULT_METRICS[dataset.task_kind]
     scored = [r.metrics.get(metric) for r in results]
     if all(s is None for s in scored):
-        raise StageFailed(f"no candidate reported metric {metric!r}; choose one the evaluator computes")
-    sign = -1.0 if lower_is_better else 1.0
+        raise StageFailed(f"no candidate reported metric {metric[:40]!r}; choose one the evaluator computes")
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     best = max((i for i, s in enumerate(scored) if s is not None), key=lambda i: (sign * scored[i], -i))
-    return SweepResult(metric, best, results[best], candidates, [r.metrics for r in results])
+    return SweepResult(metric, best, results[best], _candidates(candidates, dataset.task_kind), [r.metrics for r in results])
 
 
 @dynamic(**_TASK_DEFAULTS)
@@ -379,7 +402,7 @@ def train_candidates(
 ) -> list[PipelineResult]:
     # Feature engineering ran once, upstream; each candidate only trains and evaluates.
     results = []
-    for candidate in candidates:
+    for candidate in _candidates(candidates, dataset.task_kind):
         trained = train(features=features, model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed)
         evaluation = evaluate(trained=trained, features=features, splits=splits, dataset=dataset,
                               minimums=minimums, maximums=maximums)
@@ -389,23 +412,17 @@ def train_candidates(
     return results
 
 
-DEFAULT_SWEEP = [
-    ModelCandidate("logistic_regression"),
-    ModelCandidate("random_forest", {"n_estimators": "200"}),
-    ModelCandidate("hist_gradient_boosting"),
-    ModelCandidate("sgd"),
-]
-
-
 @workflow
 def sweep_pipeline(
     source: str = "sklearn:breast_cancer",
     target_column: str = "",
     task_kind: str = "",
     column_roles: dict[str, str] = {},  # noqa: B006
-    candidates: list[ModelCandidate] = DEFAULT_SWEEP,
-    metric: str = "f1_macro",
-    lower_is_better: bool = False,
+    # Empty: the task kind's default candidates (see DEFAULT_CANDIDATES), e.g.
+    # --candidates '[{"model": "ridge"}, {"model": "random_forest", "hyperparameters": {"max_depth": "8"}}]'
+    candidates: list[ModelCandidate] = [],  # noqa: B006
+    # Empty: f1_macro for classification, r2 for regression. log_loss, mae and rmse are minimised.
+    metric: str = "",
     test_fraction: float = 0.2,
     seed: int = 42,
     drop_duplicates: bool = False,
@@ -425,7 +442,7 @@ def sweep_pipeline(
         source=source, candidates=candidates, dataset=dataset, splits=splits, features=features, seed=seed,
         minimums=minimums, maximums=maximums,
     )
-    return pick_best(metric=metric, lower_is_better=lower_is_better, results=results, candidates=candidates)
+    return pick_best(metric=metric, dataset=dataset, results=results, candidates=candidates)
 
 
 # ---- launch plans ----------------------------------------------------------------------------

@@ -86,7 +86,9 @@ def _number(value: Any) -> str:
 
 def _bars(counts: list[Any], width: int = 120, height: int = 28) -> str:
     """A histogram as a row of bars."""
-    values = [c for c in counts if isinstance(c, (int, float))]
+    if not isinstance(counts, list):
+        return ""
+    values = [c for c in counts if isinstance(c, (int, float)) and not isinstance(c, bool) and c >= 0]
     if not values or len(values) != len(counts):
         return ""
     peak = max(values) or 1
@@ -101,7 +103,8 @@ def _bars(counts: list[Any], width: int = 120, height: int = 28) -> str:
 
 def _column_summary(column: dict[str, Any]) -> str:
     if "top" in column and isinstance(column["top"], list):
-        levels = [f"{escape(str(level))} ({count})" for level, count in column["top"][:5] if isinstance(count, int)]
+        pairs = [pair for pair in column["top"][:5] if isinstance(pair, list) and len(pair) == 2]
+        levels = [f"{escape(str(level))} ({count})" for level, count in pairs if isinstance(count, int)]
         return "top: " + ", ".join(levels)
     if "min" in column:
         text = f"{_number(column['min'])} to {_number(column.get('max'))}"
@@ -141,7 +144,7 @@ def profile_page(profile: dict[str, Any]) -> str:
 
 def _split_section(split: dict[str, Any]) -> str:
     dropped = split.get("rows_dropped") if isinstance(split.get("rows_dropped"), dict) else {}
-    reasons = ", ".join(f"{escape(str(k).replace('_', ' '))}: {v}" for k, v in dropped.items()) or "none"
+    reasons = ", ".join(f"{escape(str(k).replace('_', ' '))}: {escape(str(v))}" for k, v in dropped.items()) or "none"
     parts = [
         "<h2>Rows</h2>",
         f"<p>{escape(str(split.get('rows_in', '')))} rows in; dropped by reason: {reasons}; "
@@ -153,7 +156,7 @@ def _split_section(split: dict[str, Any]) -> str:
     if isinstance(balance, dict) and isinstance(balance.get("train"), dict):
         test = balance.get("test") if isinstance(balance.get("test"), dict) else {}
         rows = "".join(
-            f"<tr><th>{escape(str(name))}</th><td>{count}</td><td>{test.get(name, '')}</td></tr>"
+            f"<tr><th>{escape(str(name))}</th><td>{escape(str(count))}</td><td>{escape(str(test.get(name, '')))}</td></tr>"
             for name, count in balance["train"].items()
         )
         parts.append(f'<table class="class-balance"><tr><th>class</th><th>train</th><th>test</th></tr>{rows}</table>')

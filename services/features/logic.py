@@ -55,6 +55,7 @@ MISSING_LEVEL = "(missing)"
 # Levels listed per column in the feature schema; the count is always complete.
 LISTED_LEVELS = 100
 DATETIME_PARTS = 7
+TARGET_ENCODING_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,13 @@ def _encoder_for(levels: int, options: FeatureOptions) -> str:
 
 
 def _branches(
-    roles: dict[str, str], train: pd.DataFrame, task: str, options: FeatureOptions, n_classes: int
+    roles: dict[str, str], train: pd.DataFrame, task: str, options: FeatureOptions, n_classes: int,
+    max_fold_rows: int,
 ) -> tuple[list[tuple[str, Any, list[str]]], list[dict[str, Any]], int]:
-    """The ColumnTransformer branches, the per-column entries of the schema, and the expected width."""
+    """The ColumnTransformer branches, the per-column entries of the schema, and the expected width.
+
+    max_fold_rows: train rows (regression) or rows of the largest class (classification), which
+    bounds the number of cross-fitting folds the target encoder can use."""
     columns = [c for c in train.columns if c in roles]
     groups: dict[str, list[str]] = {"numeric": [], "one_hot": [], "target": [], "ordinal": [], "datetime": []}
     entries: list[dict[str, Any]] = []
@@ -132,7 +137,9 @@ def _branches(
         entries.append(entry)
 
     def categorical(encoder: Any) -> Pipeline:
-        return Pipeline([("fill", SimpleImputer(strategy="constant", fill_value=MISSING_LEVEL)), ("encode", encoder)])
+        # keep_empty_features: a column with no value in train is one level, "(missing)", not dropped.
+        fill = SimpleImputer(strategy="constant", fill_value=MISSING_LEVEL, keep_empty_features=True)
+        return Pipeline([("fill", fill), ("encode", encoder)])
 
     min_count = options.min_level_count if options.min_level_count > 1 else None
     branches: list[tuple[str, Any, list[str]]] = []
@@ -145,8 +152,16 @@ def _branches(
                                 max_categories=options.max_one_hot_levels + 1, sparse_output=False, dtype=np.float64)
         branches.append(("one_hot", categorical(one_hot), groups["one_hot"]))
     if groups["target"]:
+        if max_fold_rows < TARGET_ENCODING_FOLDS:
+            raise FailedPrecondition(
+                f"target encoding of {', '.join(repr(c[:40]) for c in groups['target'][:5])} cross-fits over "
+                f"{TARGET_ENCODING_FOLDS} folds and needs at least {TARGET_ENCODING_FOLDS} train rows"
+                + (" in some class" if task == "classification" else "")
+                + "; use one_hot or ordinal encoding, or more data"
+            )
         # Cross-fitting folds, seeded: train rows are encoded by the other folds' statistics.
-        folds = (KFold if task == "regression" else StratifiedKFold)(5, shuffle=True, random_state=options.seed)
+        folds = (KFold if task == "regression" else StratifiedKFold)(
+            TARGET_ENCODING_FOLDS, shuffle=True, random_state=options.seed)
         target = TargetEncoder(target_type="continuous" if task == "regression" else "auto", cv=folds)
         branches.append(("target", Pipeline([*categorical(target).steps, ("scale", _scaler(options))]), groups["target"]))
     if groups["ordinal"]:
@@ -209,6 +224,9 @@ def _categorical_indices(pipeline: Pipeline) -> list[int]:
     mask = np.zeros(sum(s.stop - s.start for s in slices.values()), dtype=bool)
     if "ordinal" in slices:
         mask[slices["ordinal"]] = True
+    if "polynomial" in pipeline.named_steps:
+        # Products of columns are no category codes (and ordinal codes are refused with a polynomial).
+        mask = np.zeros(pipeline.named_steps["polynomial"].n_output_features_, dtype=bool)
     if "select" in pipeline.named_steps:
         mask = mask[pipeline.named_steps["select"].get_support()]
     return [int(i) for i in np.flatnonzero(mask)]
@@ -225,24 +243,29 @@ def engineer(
     unknown = [c for c in x_train.columns if c not in roles]
     if unknown:
         raise FailedPrecondition("train has columns without a role; pass splits written by preprocess")
-    branches, entries, width = _branches(roles, x_train, task, options, len(class_names))
-    if options.select_k_best > width:
+    max_fold_rows = int(np.bincount(y_train).max()) if task == "classification" and len(y_train) else len(y_train)
+    branches, entries, width = _branches(roles, x_train, task, options, len(class_names), max_fold_rows)
+    after = " after polynomial expansion" if options.polynomial_degree > 1 else ""
+    # `width` is an upper bound (rare levels may be grouped); the exact check follows the fit.
+    available = expanded_width(width, options.polynomial_degree) if options.polynomial_degree > 1 else width
+    if options.select_k_best > available:
         raise InvalidArgument(
-            f"select_k_best={options.select_k_best} exceeds the {width} features available"
-            + (" after polynomial expansion" if options.polynomial_degree > 1 else "")
+            f"select_k_best={options.select_k_best} exceeds the {available} features available{after}"
         )
     pipeline = build_pipeline(branches, task, options, width, len(x_train), max_bytes)
     with warnings.catch_warnings():
         # Constant columns make f_classif warn; they simply score lowest. Rare levels make
         # OneHotEncoder warn about unknown categories at transform time; they are grouped.
         warnings.simplefilter("ignore", category=(UserWarning, RuntimeWarning))
-        try:
-            x_train_t = pipeline.fit_transform(x_train, y_train)
-            x_test_t = pipeline.transform(x_test)
-        except ValueError as exc:
-            if options.select_k_best and "k should be" in str(exc):
-                raise InvalidArgument(f"select_k_best={options.select_k_best} exceeds the features available") from None
-            raise
+        x_train_t = pipeline.fit_transform(x_train, y_train)
+        x_test_t = pipeline.transform(x_test)
+    if options.select_k_best:
+        # SelectKBest only warns, and keeps every column, when k is larger than its input.
+        produced = int(pipeline.named_steps["select"].n_features_in_)
+        if options.select_k_best > produced:
+            raise InvalidArgument(
+                f"select_k_best={options.select_k_best} exceeds the {produced} features available{after}"
+            )
     names = _names(pipeline)
     missing = int(x_train.isna().to_numpy().sum() + x_test.isna().to_numpy().sum())
     categorical = _categorical_indices(pipeline)

@@ -96,6 +96,9 @@ def file_digest(source: Source) -> str:
     return hashlib.sha256(read_file_bytes(source)).hexdigest()
 
 
+MAX_SHOWN_PATH = 1_000
+
+
 def _absolute(name: str) -> str:
     """The path a plain or file:// source resolves to here, for messages; URLs as given."""
     if "://" in name and not name.startswith("file://"):
@@ -103,22 +106,28 @@ def _absolute(name: str) -> str:
     return os.path.abspath(name.removeprefix("file://"))
 
 
+def _shown_path(name: str) -> str:
+    """A file's absolute path for messages, quoted; a very long one keeps its end, where the file name is."""
+    path = _absolute(name)
+    return repr(path if len(path) <= MAX_SHOWN_PATH else "..." + path[-MAX_SHOWN_PATH:])
+
+
 def read_file_bytes(source: Source) -> bytes:
     try:
         with fsspec.open(source.name, "rb") as handle:
             return handle.read()
     except FileNotFoundError:
-        raise NotFound(f"source file {shown(_absolute(source.name))} does not exist") from None
+        raise NotFound(f"source file {_shown_path(source.name)} does not exist") from None
     except IsADirectoryError:
         # e.g. a Spark or Dask "table.parquet" folder of part files
         raise InvalidArgument(
-            f"source {shown(source.name)} is a directory; pass a single CSV or Parquet file"
+            f"source {_shown_path(source.name)} is a directory; pass a single CSV or Parquet file"
         ) from None
     except (ValueError, ImportError) as exc:
         # fsspec raises these for unknown protocols or missing optional backends.
         raise InvalidArgument(f"cannot open {shown(source.name)}: {bounded(exc)}") from None
     except PermissionError:
-        raise FailedPrecondition(f"source file {shown(source.name)} is not readable by the loader") from None
+        raise FailedPrecondition(f"source file {_shown_path(source.name)} is not readable by the loader") from None
 
 
 def _check_size(rows: int, features: int, max_bytes: int) -> None:

@@ -322,7 +322,8 @@ def decide_columns(
             reason, overridden = reason or unusable, False
         if role in FEATURE_ROLES:
             features[name] = values
-            if infinite and role == "numeric":
+            # Also when declared categorical or boolean, unless the text "inf" was kept as a level.
+            if infinite and int(values.isna().sum()) > int(raw.isna().sum()):
                 warnings.append(f"column {shown(name)}: {infinite} infinite value(s) treated as missing")
         decisions.append(ColumnDecision(
             name=name, role=role, reason=reason, overridden=overridden, source_dtype=str(raw.dtype),
@@ -349,6 +350,8 @@ def decide_task(target: pd.Series, name: str) -> TaskDecision:
     if numbers is None:
         return TaskDecision(CLASSIFICATION, f"target {shown(name)} holds text labels; {how}", False)
     numbers = numbers[np.isfinite(numbers)]
+    if numbers.empty:
+        raise FailedPrecondition(f"target column {shown(name)} has no finite values")
     if not bool(np.all(np.mod(numbers, 1) == 0)):
         return TaskDecision(REGRESSION, f"target {shown(name)} holds fractional numbers", False)
     counts = numbers.value_counts()
