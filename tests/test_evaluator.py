@@ -6,6 +6,7 @@ import math
 
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn import metrics
 from sklearn.datasets import load_breast_cancer, load_iris
@@ -19,6 +20,7 @@ from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from services.evaluator import logic
 from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, check_health
+from services.runtime.client import evaluate_request as client_evaluate_request
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.formats import json_bytes_to_doc, npy_to_array, skops_to_model
 from services.runtime.settings import Settings
@@ -193,7 +195,35 @@ def test_decide_on_regression_maximums() -> None:
     assert logic.decide(evaluation, {"r2": 0.4}, {"rmse": 49.5}) == (
         False, ["r2 0.5000 meets minimum 0.4", "rmse 50.0000 is above maximum 49.5"]
     )
-    assert logic.decide(evaluation, {}, {}) == (True, ["no thresholds were given, so nothing blocks promotion"])
+    # With no thresholds at all, a regression is judged by the regression default, r2 >= 0.3.
+    assert logic.decide(evaluation, {}, {}) == (
+        True,
+        ["r2 0.5000 meets minimum 0.3",
+         "no thresholds were given, so the regression default applies; set minimums/maximums to choose"],
+    )
+
+
+def test_default_thresholds_follow_the_task_kind() -> None:
+    assert logic.effective_thresholds("classification", {}, {}) == ({"accuracy": 0.9}, {}, True)
+    assert logic.effective_thresholds("regression", {}, {}) == ({"r2": 0.3}, {}, True)
+    # Any threshold given replaces the defaults entirely.
+    assert logic.effective_thresholds("regression", {}, {"rmse": 5.0}) == ({}, {"rmse": 5.0}, False)
+
+    weak_regression = logic.Evaluation(task="regression", metrics={"r2": 0.1, "mae": 1.0, "rmse": 2.0})
+    passed, reasons = logic.decide(weak_regression, {}, {})
+    assert not passed
+    assert reasons == [
+        "r2 0.1000 is below minimum 0.3",
+        "no thresholds were given, so the regression default applies; set minimums/maximums to choose",
+    ]
+    assert not any("accuracy" in reason for reason in reasons)  # a regression is never judged on accuracy
+
+    passed, reasons = logic.decide(classified(accuracy=0.85, f1_macro=0.99), {}, {})
+    assert not passed
+    assert reasons == [
+        "accuracy 0.8500 is below minimum 0.9",
+        "no thresholds were given, so the classification default applies; set minimums/maximums to choose",
+    ]
 
 
 def test_thresholds_must_suit_the_task() -> None:
@@ -234,7 +264,9 @@ def stored(settings: Settings, run: PipelineRun):
     x = npy_to_array(store.get(run.features.x_test), "x_test")
     y = npy_to_array(store.get(run.features.y_test), "y_test")
     report = json_bytes_to_doc(store.get(run.evaluate.metrics_report), "metrics_report")
-    return model, x, y, report
+    # The trainer fits on named columns (the feature schema's names); predict with the same names.
+    assert list(model.feature_names_in_) == list(run.features.feature_names)
+    return model, pd.DataFrame(x, columns=model.feature_names_in_), y, report
 
 
 @pytest.mark.asyncio
@@ -273,8 +305,13 @@ async def test_iris_roc_auc_is_one_vs_rest(client: MeshClient, settings: Setting
     assert sum(sum(row.counts) for row in run.evaluate.confusion_matrix) == 30
     assert report["class_names"] == ["setosa", "versicolor", "virginica"]
     assert [curve["class"] for curve in report["roc_curves"]] == [0, 1, 2]
-    assert run.evaluate.decision == PROMOTE
-    assert list(run.evaluate.reasons) == ["no thresholds were given, so nothing blocks promotion"]
+    accuracy = run.evaluate.metrics["accuracy"]
+    assert accuracy >= 0.9 and run.evaluate.decision == PROMOTE
+    assert list(run.evaluate.reasons) == [
+        f"accuracy {accuracy:.4f} meets minimum 0.9",
+        "no thresholds were given, so the classification default applies; set minimums/maximums to choose",
+    ]
+    assert report["thresholds"] == {"minimums": {"accuracy": 0.9}, "maximums": {}}
 
 
 @pytest.mark.asyncio
@@ -295,6 +332,7 @@ async def test_diabetes_ridge_regression_metrics(client: MeshClient, settings: S
     )
     assert 0.2 < reply.metrics["r2"] < 1 and reply.metrics["mae"] < reply.metrics["rmse"] < 80
     assert reply.decision == PROMOTE
+    assert report["thresholds"] == {"minimums": {"r2": 0.2}, "maximums": {"rmse": 80}}
     assert report["predictions"]["predicted"] == pytest.approx(predicted.tolist())
     assert report["test_rows"] == len(y) == 89
 
@@ -302,7 +340,13 @@ async def test_diabetes_ridge_regression_metrics(client: MeshClient, settings: S
 @pytest.mark.asyncio
 async def test_decisions_follow_thresholds(client: MeshClient) -> None:
     run = await client.run_pipeline(PipelineConfig(source="sklearn:diabetes", model="ridge"))
-    rmse, mae = run.evaluate.metrics["rmse"], run.evaluate.metrics["mae"]
+    rmse, mae, r2 = run.evaluate.metrics["rmse"], run.evaluate.metrics["mae"], run.evaluate.metrics["r2"]
+    # No thresholds: the regression default (r2 >= 0.3) decides, never accuracy.
+    assert r2 >= 0.3 and run.evaluate.decision == PROMOTE
+    assert list(run.evaluate.reasons) == [
+        f"r2 {r2:.4f} meets minimum 0.3",
+        "no thresholds were given, so the regression default applies; set minimums/maximums to choose",
+    ]
 
     lenient = await client.evaluate(evaluate_request(run, maximums={"rmse": rmse + 1, "mae": mae}))
     assert lenient.decision == PROMOTE
@@ -337,11 +381,20 @@ async def test_classifier_maximums_and_missing_metrics(client: MeshClient) -> No
 
 @pytest.mark.asyncio
 async def test_report_is_deterministic(client: MeshClient) -> None:
-    run = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE, minimums={"f1_macro": 0.6}))
-    again = await client.evaluate(evaluate_request(run, minimums={"f1_macro": 0.6}, force_recompute=True))
+    config = PipelineConfig(source=BINARY_SOURCE, minimums={"f1_macro": 0.6})
+    run = await client.run_pipeline(config)
+    config.force_recompute = True
+    # The same request the pipeline sent, with the profile, split report and feature schema refs.
+    same = client_evaluate_request(config, run.train.model, run.features, run.preprocess, run.load.profile)
+    again = await client.evaluate(same)
     assert not again.stage.cache_hit
     assert again.metrics_report.sha256 == run.evaluate.metrics_report.sha256
+    assert again.html_report.sha256 == run.evaluate.html_report.sha256
     assert dict(again.metrics) == dict(run.evaluate.metrics)
+    # Without those refs the report has fewer sections, so it is another report.
+    bare = await client.evaluate(evaluate_request(run, minimums={"f1_macro": 0.6}))
+    assert bare.metrics_report.sha256 != run.evaluate.metrics_report.sha256
+    assert dict(bare.metrics) == dict(run.evaluate.metrics)
 
 
 @pytest.mark.asyncio

@@ -17,7 +17,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from services.features import logic
 from services.runtime.client import MeshClient, check_health
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.runtime.formats import npy_to_array, parquet_to_frame, skops_to_model
+from services.runtime.formats import json_bytes_to_doc, npy_to_array, parquet_to_frame, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 
@@ -37,16 +37,28 @@ def splits(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, test
 
 
+NUMERIC = {"a": "numeric", "b": "numeric", "c": "numeric"}
+
+
+def options(scaling: str = "standard", degree: int = 1, k: int = 0, **more) -> logic.FeatureOptions:
+    return logic.FeatureOptions(scaling=scaling, polynomial_degree=degree, select_k_best=k, **more)
+
+
 def engineer(scaling: str = "standard", degree: int = 1, k: int = 0, max_bytes: int = BIG, task="classification"):
     train, test = splits()
-    return logic.engineer(train, test, "y", task, scaling, degree, k, max_bytes)
+    return logic.engineer(train, test, "y", task, NUMERIC, ["0", "1"], options(scaling, degree, k), max_bytes)
+
+
+def numeric_step(transformer, step: str):
+    """A step of the numeric branch (impute -> scale) of a fitted features transformer."""
+    return transformer.named_steps["columns"].named_transformers_["numeric"].named_steps[step]
 
 
 # ---- pure logic ---------------------------------------------------------------------------
 def test_standard_scaler_sees_only_the_train_split() -> None:
     train, test = splits()
     result = engineer("standard")
-    scaler = result.transformer.named_steps["scale"]
+    scaler = numeric_step(result.transformer, "scale")
     x_train = train[["a", "b", "c"]].to_numpy()
     both = np.vstack([x_train, test[["a", "b", "c"]].to_numpy()])
     np.testing.assert_allclose(scaler.mean_, x_train.mean(axis=0))
@@ -64,7 +76,7 @@ def test_minmax_and_robust_scalers_use_train_statistics() -> None:
     train, test = splits()
     x_train = train[["a", "b", "c"]].to_numpy()
     minmax = engineer("minmax")
-    scaler = minmax.transformer.named_steps["scale"]
+    scaler = numeric_step(minmax.transformer, "scale")
     np.testing.assert_allclose(scaler.data_min_, x_train.min(axis=0))
     np.testing.assert_allclose(scaler.data_max_, x_train.max(axis=0))
     np.testing.assert_allclose(minmax.x_train.min(axis=0), 0, atol=1e-12)
@@ -72,7 +84,7 @@ def test_minmax_and_robust_scalers_use_train_statistics() -> None:
     assert minmax.x_test.min() > 1  # test values lie far beyond the train range
 
     robust = engineer("robust")
-    scaler = robust.transformer.named_steps["scale"]
+    scaler = numeric_step(robust.transformer, "scale")
     np.testing.assert_allclose(scaler.center_, np.median(x_train, axis=0))
     q75, q25 = np.percentile(x_train, [75, 25], axis=0)
     np.testing.assert_allclose(scaler.scale_, q75 - q25)
@@ -113,37 +125,52 @@ def test_select_k_best_keeps_k_informative_columns() -> None:
     train["signal"] = y * 3.0 + rng.normal(0, 0.1, 200)
     train["y"] = y
     test = train.iloc[:40].copy()
-    result = logic.engineer(train, test, "y", "classification", "standard", 1, 2, BIG)
+    roles = {name: "numeric" for name in train.columns if name != "y"}
+    result = logic.engineer(train, test, "y", "classification", roles, ["0", "1"], options("standard", 1, 2), BIG)
     assert result.x_train.shape == (200, 2) and result.x_test.shape == (40, 2)
     assert len(result.feature_names) == 2 and "signal" in result.feature_names
 
-    after_poly = logic.engineer(train, test, "y", "classification", "none", 2, 5, BIG)
+    after_poly = logic.engineer(train, test, "y", "classification", roles, ["0", "1"], options("none", 2, 5), BIG)
     assert after_poly.x_train.shape[1] == 5
     assert any("signal" in name for name in after_poly.feature_names)
+    assert after_poly.categorical_indices == [] and after_poly.schema["categorical_feature_indices"] == []
 
     regression = train.assign(y=train["signal"] * 2 + rng.normal(0, 0.5, 200))
-    result = logic.engineer(regression, regression.iloc[:10], "y", "regression", "none", 1, 1, BIG)
+    result = logic.engineer(regression, regression.iloc[:10], "y", "regression", roles, [], options("none", 1, 1), BIG)
     assert result.feature_names == ["signal"] and result.y_train.dtype == np.float64
 
 
 def test_logic_errors() -> None:
     with pytest.raises(InvalidArgument, match="select_k_best=4 exceeds the 3 features available$"):
         engineer(k=4)
-    with pytest.raises(InvalidArgument, match="select_k_best=10 exceeds the 9 features available after polynomial"):
+    with pytest.raises(InvalidArgument, match="select_k_best=10 exceeds the 9 features available after polynomial expansion$"):
         engineer(degree=2, k=10)
+    assert engineer(degree=2, k=9).x_train.shape == (80, 9)  # all nine products and powers
     with pytest.raises(ResourceExhausted, match="polynomial_degree=4 on 3 features makes 34 columns"):
         engineer(degree=4, max_bytes=34 * 80 * 8 - 1)
     engineer(degree=4, max_bytes=34 * 80 * 8)  # exactly at the limit is allowed
 
     train, test = splits()
-    gappy = train.copy()
-    gappy.loc[3, "b"] = np.nan
-    with pytest.raises(FailedPrecondition, match="train still has missing values"):
-        logic.engineer(gappy, test, "y", "classification", "standard", 1, 0, BIG)
     with pytest.raises(FailedPrecondition, match="different feature columns"):
-        logic.engineer(train, test.rename(columns={"c": "d"}), "y", "classification", "standard", 1, 0, BIG)
+        logic.engineer(train, test.rename(columns={"c": "d"}), "y", "classification", NUMERIC, ["0", "1"], options(), BIG)
     with pytest.raises(FailedPrecondition, match="test has no target column 'y'"):
-        logic.engineer(train, test.drop(columns="y"), "y", "classification", "standard", 1, 0, BIG)
+        logic.engineer(train, test.drop(columns="y"), "y", "classification", NUMERIC, ["0", "1"], options(), BIG)
+    with pytest.raises(FailedPrecondition, match="train has columns without a role; pass splits written by preprocess"):
+        logic.engineer(train, test, "y", "classification", {"a": "numeric", "b": "numeric"}, ["0", "1"], options(), BIG)
+
+
+def test_missing_numbers_are_imputed_inside_the_transformer() -> None:
+    """Gaps no longer stop the features stage: the fitted imputer fills them, in train and test alike."""
+    train, test = splits()
+    train.loc[3, "b"] = np.nan
+    test.loc[[0, 5], "b"] = np.nan
+    result = logic.engineer(train, test, "y", "classification", NUMERIC, ["0", "1"], options("none"), BIG)
+    train_median = float(np.nanmedian(train["b"]))
+    assert numeric_step(result.transformer, "impute").statistics_[1] == pytest.approx(train_median)
+    assert result.x_train[3, 1] == pytest.approx(train_median)
+    np.testing.assert_allclose(result.x_test[[0, 5], 1], train_median)
+    assert result.missing_values_imputed == 3
+    assert np.isfinite(result.x_train).all() and np.isfinite(result.x_test).all()
 
 
 # ---- the real service ---------------------------------------------------------------------
@@ -173,7 +200,7 @@ async def test_service_fits_scaler_on_train_split_only(client: MeshClient, setti
     raw_test = test.drop(columns="target").to_numpy()
 
     transformer = skops_to_model(store.get(reply.transformer), "transformer")
-    scaler = transformer.named_steps["scale"]
+    scaler = numeric_step(transformer, "scale")
     np.testing.assert_allclose(scaler.mean_, raw_train.mean(axis=0))
     np.testing.assert_allclose(scaler.scale_, raw_train.std(axis=0))
     assert not np.allclose(scaler.mean_, np.vstack([raw_train, raw_test]).mean(axis=0))
@@ -243,8 +270,11 @@ async def test_polynomial_degree_and_k_best_widths(client: MeshClient, settings:
     picked = await client.build_features(build(prepared, select_k_best=3))
     assert len(picked.feature_names) == 3 and set(picked.feature_names) <= {f"x{i}" for i in range(8)}
     assert npy_to_array(store.get(picked.x_test), "x_test").shape == (80, 3)
+    # k counts the columns after the expansion: 44 are available from 8 features at degree 2
     both = await client.build_features(build(prepared, polynomial_degree=2, select_k_best=12))
     assert len(both.feature_names) == 12
+    schema = json_bytes_to_doc(store.get(both.feature_schema), "feature_schema")
+    assert schema["feature_names"] == list(both.feature_names) and schema["categorical_feature_indices"] == []
 
 
 @pytest.mark.asyncio
@@ -262,8 +292,9 @@ async def test_features_are_deterministic(client: MeshClient) -> None:
     first = await client.build_features(build(prepared, polynomial_degree=2, select_k_best=5, force_recompute=True))
     again = await client.build_features(build(prepared, polynomial_degree=2, select_k_best=5, force_recompute=True))
     assert not again.stage.cache_hit
-    for name in ("x_train", "y_train", "x_test", "y_test", "transformer"):
+    for name in ("x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema"):
         assert getattr(first, name).sha256 == getattr(again, name).sha256, name
+    assert len(first.feature_names) == 5
 
 
 @pytest.mark.asyncio
@@ -273,9 +304,14 @@ async def test_features_are_deterministic(client: MeshClient) -> None:
         ({"polynomial_degree": 5}, ["polynomial_degree must be between 0 and 4, got 5"]),
         ({"polynomial_degree": -1}, ["polynomial_degree must be between 0 and 4, got -1"]),
         ({"select_k_best": 9}, ["select_k_best=9 exceeds the 8 features available"]),
-        ({"polynomial_degree": 2, "select_k_best": 45}, ["select_k_best=45 exceeds the 44", "polynomial expansion"]),
+        ({"polynomial_degree": 2, "select_k_best": 45}, ["select_k_best=45 exceeds the 44 features available after polynomial expansion"]),
         ({"select_k_best": -2}, ["select_k_best must be 0 (keep all) or positive, got -2"]),
         ({"scaling": 42}, ["scaling=42 is not a known Scaling"]),
+        ({"numeric_imputation": 42}, ["numeric_imputation=42 is not a known NumericImputation"]),
+        ({"categorical_encoding": 42}, ["categorical_encoding=42 is not a known CategoricalEncoding"]),
+        ({"max_one_hot_levels": 1001}, ["max_one_hot_levels must be between 1 and 1000 (0 for the default), got 1001"]),
+        ({"min_level_count": -1}, ["min_level_count must be between 1 and 1000000 (0 for the default), got -1"]),
+        ({"seed": 2**32}, [f"seed must be in [0, 2^32), got {2**32}"]),
     ],
 )
 async def test_bad_feature_options(client: MeshClient, mesh, kwargs: dict, fragments: list[str]) -> None:

@@ -299,21 +299,27 @@ async def test_every_output_has_a_complete_manifest(client: MeshClient, artifact
         "loader": (run.load, {}),
         "preprocess": (run.preprocess, {"dataset": run.load.dataset}),
         "features": (run.features, {"train": run.preprocess.train, "test": run.preprocess.test}),
-        "trainer": (run.train, {"x_train": run.features.x_train, "y_train": run.features.y_train}),
+        "trainer": (
+            run.train,
+            {"x_train": run.features.x_train, "y_train": run.features.y_train,
+             "feature_schema": run.features.feature_schema},
+        ),
         "evaluator": (
             run.evaluate,
-            {"model": run.train.model, "x_test": run.features.x_test, "y_test": run.features.y_test},
+            {"model": run.train.model, "x_test": run.features.x_test, "y_test": run.features.y_test,
+             "profile": run.load.profile, "split_report": run.preprocess.split_report,
+             "feature_schema": run.features.feature_schema},
         ),
     }
     expected_outputs = {
-        "loader": {"dataset"}, "preprocess": {"train", "test"},
-        "features": {"x_train", "y_train", "x_test", "y_test", "transformer"},
-        "trainer": {"model"}, "evaluator": {"metrics_report"},
+        "loader": {"dataset", "schema", "profile"}, "preprocess": {"train", "test", "split_report"},
+        "features": {"x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema"},
+        "trainer": {"model"}, "evaluator": {"metrics_report", "html_report"},
     }
     for stage, (response, inputs) in stages.items():
         info = response.stage
         produced = produced_refs(response)
-        assert expected_outputs[stage] <= set(produced), f"{stage}: {sorted(produced)}"
+        assert expected_outputs[stage] == set(produced), f"{stage}: {sorted(produced)}"
         for name, ref in produced.items():
             manifest = store.manifest(ref.sha256)
             assert manifest is not None, f"{stage}.{name} has no manifest"
@@ -330,7 +336,9 @@ async def test_every_output_has_a_complete_manifest(client: MeshClient, artifact
             assert created.tzinfo is not None
             assert isinstance(manifest["duration_seconds"], float) and 0 <= manifest["duration_seconds"] < 60
     assert store.manifest(run.load.dataset.sha256)["params"]["source"] == "sklearn:iris"
-    assert store.manifest(run.train.model.sha256)["params"]["model"] == "logistic_regression"
+    # The request named no model; the trainer chose the classification default and says so.
+    assert store.manifest(run.train.model.sha256)["params"]["model"] == ""
+    assert run.train.model_name == "logistic_regression"
     assert store.manifest(run.preprocess.train.sha256)["params"]["test_fraction"] == pytest.approx(0.2)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.settings import STAGES
+from services.runtime.settings import DEFAULT_PORTS, STAGES
 
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 GRPCURL = BIN / "grpcurl"
 
@@ -133,6 +136,81 @@ def test_grpcurl_lists_describes_checks_and_calls(running_mesh: UpProcess) -> No
     stream = grpcurl("-d", '{"model": "random_forest"}', trainer, "mlmesh.trainer.v1.TrainerService/Train")
     assert "x_train is required" in stream.stderr
 
+
+def json_objects(text: str) -> list[dict]:
+    """Consecutive JSON objects, as grpcurl prints them one after another."""
+    decoder, objects, position = json.JSONDecoder(), [], 0
+    while (position := len(text) - len(text[position:].lstrip()) ) < len(text):
+        found, position = decoder.raw_decode(text, position)
+        objects.append(found)
+    return objects
+
+
+def readme_section_blocks(heading: str) -> list[str]:
+    """The ```sh blocks of one README section, as written."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+def test_readme_grpcurl_commands_run_as_written(running_mesh: UpProcess, tmp_path: Path) -> None:
+    script = "\n".join(readme_section_blocks("grpcurl"))
+    assert "TrainerService/Train" in script and "column_roles" in script
+    script = script.replace("G=.venv/bin/grpcurl", f"G={GRPCURL}")
+    for stage, port in running_mesh.ports.items():
+        script = script.replace(f"localhost:{DEFAULT_PORTS[stage]}", f"localhost:{port}")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    replies = json_objects(result.stdout[result.stdout.index('"status": "SERVING"'):].split("}", 1)[1])
+    loads = [r for r in replies if "dataset" in r]
+    houses = next(r for r in loads if r["target_column"] == "price")
+    assert houses["task_kind"] == "TASK_KIND_REGRESSION"
+    roles = {c["name"]: (c["role"], c.get("overridden", False)) for c in houses["columns"]}
+    assert roles == {"zip": ("COLUMN_ROLE_CATEGORICAL", True), "row_id": ("COLUMN_ROLE_IGNORE", True),
+                     "rooms": ("COLUMN_ROLE_NUMERIC", False)}
+    progress = [r["progress"] for r in replies if "progress" in r]
+    [result_event] = [r["result"] for r in replies if "result" in r]
+    assert progress and progress[-1]["fraction_done"] == 1
+    assert result_event["model_name"] == "random_forest" and len(result_event["model"]["sha256"]) == 64
+
+
+def write_house_prices(folder: Path, rows: int = 400) -> Path:
+    """A small table like the README's data.csv: a zip code stored as a number, a row id, a price."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.RandomState(0)
+    zips = rng.choice([2134, 10001, 94105, 60601], size=rows)
+    rooms = rng.randint(1, 6, size=rows)
+    price = 100 * rooms + np.select([zips == 94105, zips == 10001], [900, 600], 200) + rng.normal(0, 20, rows)
+    frame = pd.DataFrame({"row_id": np.arange(rows), "zip": zips, "rooms": rooms, "price": price.round(2)})
+    path = folder / "data.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_readme_mlmesh_run_commands_run_as_written(running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path) -> None:
+    write_house_prices(tmp_path)
+    lines = [line.split("  #")[0] for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
+             if line.startswith(".venv/bin/mlmesh run")]
+    assert len(lines) == 3
+    summaries = []
+    for line in lines:
+        argv = shlex.split(line.replace(".venv/bin/", f"{BIN}/")) + ["--json"]
+        result = subprocess.run(argv, env=mesh_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, line + "\n" + result.stdout[-2000:] + result.stderr[-2000:]
+        summaries.append(json.loads(result.stdout))
+    wine, ridge, overridden = summaries
+    assert wine["task_kind"] == "classification" and wine["metrics"]["accuracy"] >= 0.9
+    assert ridge["task_kind"] == "regression" and "rmse" in ridge["metrics"] and "accuracy" not in ridge["metrics"]
+    roles = {c["name"]: c["role"] for c in ridge["columns"]}
+    assert roles["row_id"] == "identifier" and roles["zip"] == "numeric"  # a number unless declared otherwise
+    roles = {c["name"]: (c["role"], c.get("overridden", False)) for c in overridden["columns"]}
+    assert roles["zip"] == ("categorical", True) and roles["row_id"] == ("ignore", True)
+    # Declared categorical, the zip code separates the price levels a linear model could not.
+    assert overridden["metrics"]["r2"] > ridge["metrics"]["r2"] + 0.1
+    assert overridden["decision"] == "PROMOTE" and any("regression default" in r for r in overridden["reasons"])
 
 def test_stopped_stage_is_named_with_its_address(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:
     env = {**mesh_env, "MLMESH_TRAINER_ADDRESS": f"localhost:{free_ports(1)[0]}", "MLMESH_RPC_TIMEOUT_SECONDS": "10"}

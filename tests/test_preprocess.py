@@ -1,4 +1,6 @@
-"""Preprocess stage: cleaning, train-only imputation and the split; then the real service."""
+"""Preprocess stage: dropped rows counted by reason, label encoding and the split; then the real service.
+
+Missing feature values are kept here: the features stage imputes them from train statistics."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from services.preprocess import logic
 from services.runtime.client import MeshClient, check_health
 from services.runtime.errors import FailedPrecondition
-from services.runtime.formats import NPY, PARQUET, array_to_npy, parquet_to_frame
+from services.runtime.formats import NPY, PARQUET, array_to_npy, json_bytes_to_doc, parquet_to_frame
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 
@@ -48,82 +50,113 @@ def labelled_frame(counts: dict[str, int]) -> pd.DataFrame:
     return pd.DataFrame({"id": np.arange(n, dtype=float), "x": np.sin(np.arange(n)), "label": labels})
 
 
-def run(frame: pd.DataFrame, target: str, task: str, strategy: str = "median", fraction: float = 0.2, seed: int = 0):
-    return logic.preprocess(frame, target, task, strategy, fraction, seed)
+def run(
+    frame: pd.DataFrame, target: str, task: str, fraction: float = 0.2, seed: int = 0,
+    drop_duplicates: bool = False, drop_incomplete: bool = False,
+) -> logic.Prepared:
+    return logic.preprocess(frame, target, task, fraction, seed, drop_duplicates, drop_incomplete)
+
+
+def counts(prepared: logic.Prepared) -> dict[str, int]:
+    return {
+        "missing_target": prepared.missing_target_rows_removed,
+        "invalid_target": prepared.invalid_target_rows_removed,
+        "incomplete": prepared.incomplete_rows_removed,
+        "duplicates_found": prepared.duplicate_rows_found,
+        "duplicates_removed": prepared.duplicate_rows_removed,
+        "rows_out": len(prepared.train) + len(prepared.test),
+    }
 
 
 # ---- counting and cleaning ----------------------------------------------------------------
-def test_duplicates_and_rows_without_target_are_counted() -> None:
-    frame = pd.DataFrame(
+def repeats_frame() -> pd.DataFrame:
+    return pd.DataFrame(
         {
             "a": [1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, np.nan],
             "y": [0.5, 0.5, 1.0, 2.0, 2.0, 2.0, np.nan, np.nan, 3.0, 4.0, 5.0, 6.0],
         }
     )
+
+
+def test_duplicates_are_counted_and_kept_unless_asked() -> None:
+    kept = run(repeats_frame(), "y", "regression")
+    assert kept.rows_in == 12
+    # one copy of (1, .5) and two of (3, 2) repeat an earlier row
+    assert counts(kept) == {
+        "missing_target": 2, "invalid_target": 0, "incomplete": 0,
+        "duplicates_found": 3, "duplicates_removed": 0, "rows_out": 10,
+    }
+    dropped = run(repeats_frame(), "y", "regression", drop_duplicates=True)
+    assert counts(dropped) == {
+        "missing_target": 2, "invalid_target": 0, "incomplete": 0,
+        "duplicates_found": 3, "duplicates_removed": 3, "rows_out": 7,
+    }
+    # The missing feature value is kept for the features stage to impute.
+    both = pd.concat([dropped.train, dropped.test])
+    assert int(both["a"].isna().sum()) == 1 and dropped.class_names == []
+
+
+def test_legitimately_repeated_rows_are_kept_by_default() -> None:
+    """Survey answers: few distinct answer patterns, every row a real observation."""
+    rng = np.random.RandomState(5)
+    frame = pd.DataFrame({"age_band": rng.randint(0, 3, 200).astype(float), "smoker": rng.randint(0, 2, 200).astype(float)})
+    frame["answer"] = np.where(frame["smoker"] == 1, "yes", "no")
+    prepared = run(frame, "answer", "classification")
+    assert counts(prepared)["rows_out"] == 200 and prepared.duplicate_rows_removed == 0
+    assert prepared.duplicate_rows_found == 200 - len(frame.drop_duplicates())
+    assert prepared.duplicate_rows_found > 190  # at most 6 distinct rows
+
+
+def test_infinite_regression_targets_are_invalid_and_counted() -> None:
+    frame = pd.DataFrame({"x": np.arange(20, dtype=float), "y": np.linspace(0, 1, 20)})
+    frame.loc[[2, 7], "y"] = [np.inf, -np.inf]
+    frame.loc[11, "y"] = np.nan
     prepared = run(frame, "y", "regression")
-    assert prepared.rows_in == 12
-    assert prepared.incomplete_rows_removed == 2  # the rows with no target
-    assert prepared.duplicate_rows_removed == 3  # one copy of (1, .5), two of (3, 2)
-    assert len(prepared.train) + len(prepared.test) == 7
-    assert prepared.missing_values_imputed == 1
-    assert not prepared.train.isna().any().any() and not prepared.test.isna().any().any()
-    assert prepared.class_names == []
+    assert counts(prepared) == {
+        "missing_target": 1, "invalid_target": 2, "incomplete": 0,
+        "duplicates_found": 0, "duplicates_removed": 0, "rows_out": 17,
+    }
+    kept = pd.concat([prepared.train, prepared.test])
+    assert np.isfinite(kept["y"]).all() and set(kept["x"]).isdisjoint({2.0, 7.0, 11.0})
 
 
-def test_drop_rows_removes_incomplete_rows_instead_of_imputing() -> None:
+def test_drop_incomplete_removes_rows_with_a_missing_feature() -> None:
     frame = outlier_frame()
-    prepared = run(frame, "y", "regression", strategy="drop_rows")
+    prepared = run(frame, "y", "regression", drop_incomplete=True)
     assert prepared.incomplete_rows_removed == 9  # six gaps in a, three in b, no overlap
-    assert prepared.missing_values_imputed == 0
-    kept = set(pd.concat([prepared.train, prepared.test])["id"])
-    assert kept == set(frame.dropna()["id"])
+    kept = pd.concat([prepared.train, prepared.test])
+    assert set(kept["id"]) == set(frame.dropna()["id"]) and not kept.isna().any().any()
+
+
+def test_missing_feature_values_are_kept_for_the_features_stage() -> None:
+    frame = outlier_frame()
+    prepared = run(frame, "y", "regression", fraction=0.3, seed=3)
+    assert prepared.incomplete_rows_removed == 0
+    kept = pd.concat([prepared.train, prepared.test]).set_index("id").sort_index()
+    pd.testing.assert_frame_equal(kept[["a", "b"]], frame.set_index("id")[["a", "b"]], check_names=False)
+    assert int(kept[["a", "b"]].isna().sum().sum()) == 9
 
 
 def test_same_row_with_different_targets_is_not_a_duplicate() -> None:
     frame = pd.DataFrame({"a": [1.0] * 4 + [2.0] * 4, "y": [1.0, 2.0, 1.0, 2.0] * 2})
-    prepared = run(frame, "y", "regression", fraction=0.5)
-    assert prepared.duplicate_rows_removed == 4
+    prepared = run(frame, "y", "regression", fraction=0.5, drop_duplicates=True)
+    assert prepared.duplicate_rows_found == prepared.duplicate_rows_removed == 4
     assert sorted(zip(*[pd.concat([prepared.train, prepared.test])[c] for c in "ay"])) == [
         (1.0, 1.0), (1.0, 2.0), (2.0, 1.0), (2.0, 2.0)
     ]
 
 
-# ---- imputation is fitted on train only ---------------------------------------------------
-@pytest.mark.parametrize("strategy", ["mean", "median"])
-def test_imputation_statistics_come_from_train_only(strategy: str) -> None:
-    frame = outlier_frame()
-    prepared = run(frame, "y", "regression", strategy=strategy, fraction=0.3, seed=3)
-    stat = getattr(np, f"nan{strategy}")
-    original = frame.set_index("id")
-    train_ids, test_ids = prepared.train["id"].to_numpy(), prepared.test["id"].to_numpy()
-    train_only = stat(original.loc[train_ids, "a"])
-    everything = stat(original["a"])
-    assert abs(train_only - everything) > 1.0, "data must make train-only and global statistics differ"
-
-    assert prepared.missing_values_imputed == 9
-    for part, ids in ((prepared.train, train_ids), (prepared.test, test_ids)):
-        gaps = original.loc[ids, "a"].isna().to_numpy()
-        assert gaps.any(), "both splits should hold a gap for this check to mean something"
-        np.testing.assert_allclose(part["a"].to_numpy()[gaps], train_only)
-        np.testing.assert_allclose(part["a"].to_numpy()[~gaps], original.loc[ids, "a"].to_numpy()[~gaps])
-
-
-def test_most_frequent_uses_the_train_mode() -> None:
-    frame = outlier_frame()
-    prepared = run(frame, "y", "regression", strategy="most_frequent", fraction=0.3, seed=4)
-    original = frame.set_index("id")
-
-    def mode(values: pd.Series) -> float:
-        counts = values.dropna().value_counts()
-        return min(counts[counts == counts.max()].index)  # SimpleImputer breaks ties low
-
-    train_mode = mode(original.loc[prepared.train["id"], "b"])
-    assert train_mode != mode(original["b"]), "data must make train-only and global modes differ"
-    gaps = [5.0, 26.0, 41.0]
-    assert set(gaps) & set(prepared.test["id"]), "a test row must have a gap for this check to mean something"
-    filled = pd.concat([prepared.train, prepared.test]).set_index("id").loc[gaps, "b"]
-    assert (filled == train_mode).all()
-    assert prepared.missing_values_imputed == 9
+def test_split_report_counts_by_reason_and_class_balance() -> None:
+    frame = labelled_frame({"a": 60, "b": 30, "c": 10})
+    frame.loc[[0, 1], "label"] = None
+    prepared = run(frame, "label", "classification", seed=7)
+    report = prepared.report("label", 0.2, 7)
+    assert report["rows_in"] == 100 and report["rows_out"] == 98
+    assert report["rows_dropped"] == {"missing_target": 2, "invalid_target": 0, "incomplete": 0, "duplicate": 0}
+    assert (report["train_rows"], report["test_rows"]) == (len(prepared.train), len(prepared.test))
+    assert report["class_names"] == ["a", "b", "c"]
+    assert report["class_balance"]["test"] == {"a": 12, "b": 6, "c": 2}
+    assert report["class_balance"]["train"] == {"a": 46, "b": 24, "c": 8}
 
 
 # ---- the split ----------------------------------------------------------------------------
@@ -169,9 +202,15 @@ def test_unsplittable_data_is_refused() -> None:
         run(labelled_frame({"a": 10, "b": 10, "c": 1}), "label", "classification")
     with pytest.raises(FailedPrecondition, match="cannot hold all 3 classes"):
         run(labelled_frame({"a": 10, "b": 10, "c": 10}), "label", "classification", fraction=0.05)
-    with pytest.raises(FailedPrecondition, match="only 1 usable rows"):
-        run(pd.DataFrame({"x": [1.0, 1.0, 2.0], "y": [1.0, 1.0, np.nan]}), "y", "regression")
-    with pytest.raises(FailedPrecondition, match="no target column 'y'"):
+    repeated = pd.DataFrame({"x": [1.0, 1.0, 2.0], "y": [1.0, 1.0, np.nan]})
+    assert counts(run(repeated, "y", "regression", fraction=0.5))["rows_out"] == 2  # repeats are kept by default
+    with pytest.raises(FailedPrecondition) as caught:
+        run(repeated, "y", "regression", drop_duplicates=True)
+    assert str(caught.value) == (
+        "only 1 usable rows remain of 3 (missing target: 1, invalid target: 0, incomplete: 0, "
+        "duplicates dropped: 1); at least 2 are needed for a split"
+    )
+    with pytest.raises(FailedPrecondition, match="the dataset has no target column; pass a dataset written by the loader"):
         run(pd.DataFrame({"x": [1.0, 2.0]}), "y", "regression")
 
 
@@ -188,9 +227,11 @@ def request(dataset: ArtifactRef, **kwargs) -> preprocess_pb2.PreprocessRequest:
 async def test_iris_is_split_and_encoded(client: MeshClient, settings: Settings) -> None:
     loaded = await load(client, "sklearn:iris")
     reply = await client.preprocess(request(loaded.dataset, seed=1))  # test_fraction 0 means 0.2
-    assert (reply.rows_in, reply.rows_out) == (150, 149)  # iris has one duplicated row
-    assert reply.duplicate_rows_removed == 1 and reply.incomplete_rows_removed == 0
-    assert (reply.train_rows, reply.test_rows) == (119, 30)
+    # iris has one repeated row; repeats are kept unless drop_duplicate_rows is set
+    assert (reply.rows_in, reply.rows_out) == (150, 150)
+    assert (reply.duplicate_rows_found, reply.duplicate_rows_removed, reply.incomplete_rows_removed) == (1, 0, 0)
+    assert (reply.missing_target_rows_removed, reply.invalid_target_rows_removed) == (0, 0)
+    assert (reply.train_rows, reply.test_rows) == (120, 30)
     assert list(reply.class_names) == ["setosa", "versicolor", "virginica"]
     assert reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
     store = ArtifactStore(settings.artifact_root)
@@ -198,9 +239,19 @@ async def test_iris_is_split_and_encoded(client: MeshClient, settings: Settings)
     test, test_meta = parquet_to_frame(store.get(reply.test), "test")
     assert meta["class_names"] == ["setosa", "versicolor", "virginica"] and meta == test_meta
     assert meta["target_column"] == "target" and meta["task_kind"] == "classification"
-    assert (len(train), len(test)) == (119, 30)
+    assert (len(train), len(test)) == (120, 30)
     assert sorted(set(train["target"])) == [0, 1, 2] and train["target"].dtype == np.int64
     assert np.bincount(test["target"]).tolist() == [10, 10, 10]
+    report = json_bytes_to_doc(store.get(reply.split_report), "split_report")
+    assert report["class_balance"] == {
+        "train": {"setosa": 40, "versicolor": 40, "virginica": 40},
+        "test": {"setosa": 10, "versicolor": 10, "virginica": 10},
+    }
+    assert report["duplicate_rows_found"] == 1 and report["rows_dropped"]["duplicate"] == 0
+
+    deduplicated = await client.preprocess(request(loaded.dataset, seed=1, drop_duplicate_rows=True))
+    assert (deduplicated.rows_out, deduplicated.duplicate_rows_found, deduplicated.duplicate_rows_removed) == (149, 1, 1)
+    assert (deduplicated.train_rows, deduplicated.test_rows) == (119, 30)
 
 
 @pytest.mark.asyncio
@@ -221,24 +272,34 @@ async def test_cleaning_counts_over_the_service(client: MeshClient, settings: Se
     path = tmp_path / "gaps.csv"
     path.write_text(
         "a,b,y\n"
-        "1,10,1.5\n1,10,1.5\n1,10,1.5\n"  # two duplicates
+        "1,10,1.5\n1,10,1.5\n1,10,1.5\n"  # two repeats
         "2,,2.5\n3,30,\n4,40,4.5\n,50,5.5\n6,60,6.5\n7,70,7.5\n8,80,8.5\n9,90,9.5\n10,100,10.5\n"
+        "11,110,inf\n"  # an infinite target
     )
     loaded = await load(client, str(path), "y")
     assert loaded.task_kind == TaskKind.TASK_KIND_REGRESSION
-    imputed = await client.preprocess(request(loaded.dataset, impute_strategy=preprocess_pb2.IMPUTE_STRATEGY_MEAN))
-    assert (imputed.rows_in, imputed.duplicate_rows_removed, imputed.incomplete_rows_removed) == (12, 2, 1)
-    assert imputed.missing_values_imputed == 2 and imputed.rows_out == 9
-    assert imputed.train_rows + imputed.test_rows == 9 and imputed.test_rows == 2
-    assert list(imputed.class_names) == []
-    store = ArtifactStore(settings.artifact_root)
-    for ref in (imputed.train, imputed.test):
-        assert not parquet_to_frame(store.get(ref), "split")[0].isna().any().any()
 
-    dropped = await client.preprocess(
-        request(loaded.dataset, impute_strategy=preprocess_pb2.IMPUTE_STRATEGY_DROP_ROWS)
-    )
-    assert (dropped.incomplete_rows_removed, dropped.missing_values_imputed, dropped.rows_out) == (3, 0, 7)
+    def reasons(reply: preprocess_pb2.PreprocessResponse) -> tuple[int, ...]:
+        return (
+            reply.rows_in, reply.missing_target_rows_removed, reply.invalid_target_rows_removed,
+            reply.incomplete_rows_removed, reply.duplicate_rows_found, reply.duplicate_rows_removed, reply.rows_out,
+        )
+
+    kept = await client.preprocess(request(loaded.dataset))
+    assert reasons(kept) == (13, 1, 1, 0, 2, 0, 11)
+    assert kept.train_rows + kept.test_rows == 11 and kept.test_rows == 3
+    assert list(kept.class_names) == []
+    store = ArtifactStore(settings.artifact_root)
+    splits = [parquet_to_frame(store.get(ref), "split")[0] for ref in (kept.train, kept.test)]
+    assert sum(int(part[["a", "b"]].isna().sum().sum()) for part in splits) == 2  # left for the features stage
+    assert all(np.isfinite(part["y"]).all() for part in splits)
+
+    cleaned = await client.preprocess(request(loaded.dataset, drop_duplicate_rows=True, drop_incomplete_rows=True))
+    assert reasons(cleaned) == (13, 1, 1, 2, 2, 2, 7)
+    report = json_bytes_to_doc(store.get(cleaned.split_report), "split_report")
+    assert report["rows_dropped"] == {"missing_target": 1, "invalid_target": 1, "incomplete": 2, "duplicate": 2}
+    assert (report["rows_in"], report["rows_out"], report["duplicate_rows_found"]) == (13, 7, 2)
+    assert "class_balance" not in report
 
 
 @pytest.mark.asyncio
@@ -260,8 +321,6 @@ async def test_bad_requests(client: MeshClient, mesh) -> None:
     await expect_error(client.preprocess(request(loaded.dataset, seed=-1)), INVALID, "seed", "-1")
     await assert_serving(mesh)
     await expect_error(client.preprocess(request(loaded.dataset, seed=2**40)), INVALID, "seed", str(2**40))
-    await assert_serving(mesh)
-    await expect_error(client.preprocess(request(loaded.dataset, impute_strategy=42)), INVALID, "impute_strategy=42")
     await assert_serving(mesh)
 
 
@@ -301,7 +360,8 @@ async def test_bad_dataset_refs(client: MeshClient, mesh, settings: Settings) ->
 @pytest.mark.asyncio
 async def test_unsplittable_datasets_over_the_service(client: MeshClient, mesh, tmp_path: Path) -> None:
     rare = tmp_path / "rare.csv"
-    rare.write_text("x,y\n" + "".join(f"{i},{'c' if i == 0 else 'ab'[i % 2]}\n" for i in range(21)))
+    # x repeats its values, so it is a numeric feature, not a row key
+    rare.write_text("x,y\n" + "".join(f"{i % 4},{'c' if i == 0 else 'ab'[i % 2]}\n" for i in range(21)))
     loaded = await load(client, str(rare), "y")
     await expect_error(client.preprocess(request(loaded.dataset)), FAILED, "['c']", "fewer than 2 rows")
     await assert_serving(mesh)
@@ -315,5 +375,8 @@ async def test_unsplittable_datasets_over_the_service(client: MeshClient, mesh, 
     sparse = tmp_path / "sparse.csv"
     sparse.write_text("a,y\n1,1.5\n2,\n3,\n")
     loaded = await load(client, str(sparse), "y")
-    await expect_error(client.preprocess(request(loaded.dataset)), FAILED, "only 1 usable rows")
+    await expect_error(
+        client.preprocess(request(loaded.dataset)), FAILED,
+        "only 1 usable rows remain of 3 (missing target: 2, invalid target: 0, incomplete: 0, duplicates dropped: 0)",
+    )
     await assert_serving(mesh)

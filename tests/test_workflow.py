@@ -17,7 +17,7 @@ import pytest
 
 from services.runtime.launcher import LocalMesh
 from services.runtime.settings import STAGES, Settings
-from tests.test_mesh_processes import free_ports
+from tests.test_mesh_processes import free_ports, write_house_prices
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -180,6 +180,26 @@ def test_roles_task_kind_and_deduplication_from_pyflyte(flyte_env: dict[str, str
     assert wrong.returncode != 0
     assert "unknown role 'postcode'" in re.sub(r"\s+", " ", wrong.stdout + wrong.stderr)
 
+
+def test_readme_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_path: Path) -> None:
+    """The README's pyflyte block, line for line, from a folder holding its data.csv."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## The Flyte workflow\n", 1)[1].split("\n## ", 1)[0]
+    script = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
+    assert script.count("pyflyte run") == 7 and "--source data.csv" in script
+    write_house_prices(tmp_path)
+    (tmp_path / "workflow").symlink_to(ROOT / "workflow")
+    script = script.replace(".venv/bin/", f"{BIN}/")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=flyte_env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = re.findall(r"^PipelineResult\(.*$", result.stdout, re.M)
+    sweeps = re.findall(r"^SweepResult\(.*$", result.stdout, re.M)
+    assert len(results) == 5 and len(sweeps) == 2
+    house = results[2]
+    assert "task_kind='regression'" in house and "'r2':" in house and "'accuracy'" not in house
+    assert "registered_as='data.csv-ridge v1'" in house
+    assert "data.csv-ridge" in result.stdout.split(sweeps[-1], 1)[1]  # `mlmesh models` lists it
 
 def test_pyflyte_package_needs_no_backend(tmp_path: Path, flyte_env: dict[str, str]) -> None:
     output = tmp_path / "flyte-package.tgz"
