@@ -49,10 +49,14 @@ async def stop_mesh(running, client) -> None:
 def in_process(config: PipelineConfig) -> None:
     """The same stage logic, called directly: the baseline for the mesh's overhead."""
     source = loader_logic.parse_source(config.source)
-    frame, target, task = loader_logic.load_dataset(source, "", None, 2**31)
-    prepared = preprocess_logic.preprocess(frame, target, task, "median", config.test_fraction, config.seed)
-    eng = features_logic.engineer(prepared.train, prepared.test, target, task, "standard", 1, 0, 2**31)
-    model = trainer_logic.build_estimator(task, config.model, config.hyperparameters, config.seed)
+    loaded = loader_logic.load_dataset(source, "", None, 2**31)
+    target, task = loaded.target_column, loaded.task.kind
+    roles = {c.name: c.role for c in loaded.columns}
+    prepared = preprocess_logic.preprocess(loaded.frame, target, task, config.test_fraction, config.seed)
+    eng = features_logic.engineer(prepared.train, prepared.test, target, task, roles, prepared.class_names,
+                                  features_logic.FeatureOptions(seed=config.seed), 2**31)
+    model_name = config.model or trainer_logic.DEFAULT_MODELS[task]
+    model = trainer_logic.build_estimator(task, model_name, config.hyperparameters, config.seed)
     trainer_logic.fit(model, eng.x_train, eng.y_train, lambda *_: None, lambda: None)
     evaluator_logic.evaluate(model, eng.x_test, eng.y_test)
 

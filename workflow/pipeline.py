@@ -42,6 +42,7 @@ from services.runtime.client import (
     features_request,
     load_request,
     preprocess_request,
+    rows_dropped,
     train_request,
 )
 from services.runtime.roles import role_name
@@ -229,10 +230,7 @@ def preprocess(dataset: Dataset, test_fraction: float, seed: int, drop_duplicate
     return Splits(
         train=ArtifactRef.of(reply.train), test=ArtifactRef.of(reply.test), class_names=list(reply.class_names),
         split_report=ArtifactRef.of(reply.split_report),
-        rows_dropped={
-            "missing_target": reply.missing_target_rows_removed, "invalid_target": reply.invalid_target_rows_removed,
-            "incomplete": reply.incomplete_rows_removed, "duplicate": reply.duplicate_rows_removed,
-        },
+        rows_dropped=rows_dropped(reply),
     )
 
 

@@ -21,6 +21,7 @@ from services.runtime.client import (
     PipelineRun,
     StageCallError,
     check_health,
+    rows_dropped,
 )
 from services.runtime.errors import StageError
 from services.runtime.launcher import LocalMesh, MeshStartError
@@ -149,15 +150,6 @@ def _local_path(uri: str) -> str:
     return uri.removeprefix("file://") if uri.startswith("file://") else uri
 
 
-def _rows_dropped(prepared: Any) -> dict[str, int]:
-    return {
-        "missing_target": prepared.missing_target_rows_removed,
-        "invalid_target": prepared.invalid_target_rows_removed,
-        "incomplete": prepared.incomplete_rows_removed,
-        "duplicate": prepared.duplicate_rows_removed,
-    }
-
-
 def _summary(run: PipelineRun) -> dict[str, Any]:
     evaluation, loaded, prepared = run.evaluate, run.load, run.preprocess
     return {
@@ -173,7 +165,7 @@ def _summary(run: PipelineRun) -> dict[str, Any]:
         "warnings": list(loaded.warnings),
         "rows": {
             "in": prepared.rows_in, "train": prepared.train_rows, "test": prepared.test_rows,
-            "dropped": _rows_dropped(prepared), "duplicates_found": prepared.duplicate_rows_found,
+            "dropped": rows_dropped(prepared), "duplicates_found": prepared.duplicate_rows_found,
         },
         "class_names": list(prepared.class_names),
         "feature_names": list(run.features.feature_names),

@@ -207,6 +207,16 @@ def evaluate_request(
     )
 
 
+def rows_dropped(prepared: preprocess_pb2.PreprocessResponse) -> dict[str, int]:
+    """Preprocess's dropped rows by reason, as the CLI and the workflow report them."""
+    return {
+        "missing_target": prepared.missing_target_rows_removed,
+        "invalid_target": prepared.invalid_target_rows_removed,
+        "incomplete": prepared.incomplete_rows_removed,
+        "duplicate": prepared.duplicate_rows_removed,
+    }
+
+
 @dataclass
 class PipelineRun:
     load: loader_pb2.LoadResponse
