@@ -3,7 +3,8 @@
 Every table of tests/corpus.py is written as CSV and as Parquet and trained by
 the real `mlmesh run` (a subprocess, with a relative --source resolved in the
 caller's folder) against one mesh; its score must be at least the hand-written
-scikit-learn baseline's on the same split, minus 0.01 (accuracy or R²). Both
+scikit-learn baseline's on the same split, minus 0.01 (accuracy or R²; a table may
+document a larger allowance, with its reason, in tests/corpus.py). Both
 formats must give the same roles and the same score. Every table also trains
 through `pyflyte run`, against a second mesh with its own artifact store, so
 that run computes every stage itself instead of reading the CLI run's results
@@ -273,7 +274,7 @@ def test_infinite_feature_values_are_counted_and_treated_as_missing(cli_runs: Cl
     for fmt in FORMATS:
         summary = cli_runs.get("infinite_values", fmt)
         [ratio] = [c for c in summary["columns"] if c["name"] == "ratio"]
-        assert int(ratio["infinite_values"]) == infinite
+        assert ratio["missing_ratio"] == pytest.approx(infinite / len(frame), abs=1e-6)  # inf is missing
         assert any("'ratio'" in w and f"{infinite} infinite" in w for w in summary["warnings"]), summary["warnings"]
 
 

@@ -96,6 +96,15 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     trainer_calls = rpc_lines(flyte_env, "trainer")
     assert len(trainer_calls) == before["trainer"] + 1, "--overwrite-cache did not reach the trainer"
 
+    # --recompute reaches every stage, and each one computes instead of answering from its memo.
+    before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
+    fourth = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline", "--recompute")
+    assert fourth.returncode == 0, fourth.stderr
+    for stage in STAGES:
+        new_calls = rpc_lines(flyte_env, stage)[before[stage]:]
+        computed = [line for line in new_calls if "cache_hit=false" in line]
+        assert computed, f"--recompute did not make {stage} compute: {new_calls}"
+
 
 def test_stopped_service_is_named_with_its_address(flyte_env: dict[str, str]) -> None:
     dead = f"localhost:{free_ports(1)[0]}"

@@ -223,9 +223,11 @@ def load(source: str, target_column: str, task_kind: str, column_roles: dict[str
 
 
 @task(cache=_cache(PREPROCESS_VERSION), **_TASK_DEFAULTS)
-def preprocess(dataset: Dataset, test_fraction: float, seed: int, drop_duplicates: bool, drop_incomplete_rows: bool) -> Splits:
+def preprocess(
+    dataset: Dataset, test_fraction: float, seed: int, drop_duplicates: bool, drop_incomplete_rows: bool, recompute: bool,
+) -> Splits:
     config = PipelineConfig(test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
-                            drop_incomplete_rows=drop_incomplete_rows)
+                            drop_incomplete_rows=drop_incomplete_rows, force_recompute=recompute)
     reply = call(lambda c: c.preprocess(preprocess_request(config, dataset.dataset.proto())))
     return Splits(
         train=ArtifactRef.of(reply.train), test=ArtifactRef.of(reply.test), class_names=list(reply.class_names),
@@ -237,12 +239,12 @@ def preprocess(dataset: Dataset, test_fraction: float, seed: int, drop_duplicate
 @task(cache=_cache(FEATURES_VERSION), **_TASK_DEFAULTS)
 def build_features(
     splits: Splits, model: str, seed: int, numeric_imputation: str, missing_indicators: bool,
-    categorical_encoding: str, scaling: str, polynomial_degree: int, select_k_best: int,
+    categorical_encoding: str, scaling: str, polynomial_degree: int, select_k_best: int, recompute: bool,
 ) -> Features:
     config = PipelineConfig(
         seed=seed, numeric_imputation=numeric_imputation, missing_indicators=missing_indicators,
         categorical_encoding=categorical_encoding, scaling=scaling, polynomial_degree=polynomial_degree,
-        select_k_best=select_k_best,
+        select_k_best=select_k_best, force_recompute=recompute,
     )
     reply = call(lambda c: c.build_features(features_request(config, splits.train.proto(), splits.test.proto(), model)))
     return Features(*(ArtifactRef.of(getattr(reply, n)) for n in (
@@ -257,11 +259,11 @@ def _features_reply(features: Features) -> features_pb2.BuildFeaturesResponse:
 
 
 @task(cache=_cache(TRAINER_VERSION), **_TASK_DEFAULTS)
-def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int) -> TrainedModel:
+def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int, recompute: bool) -> TrainedModel:
     def progress(event: trainer_pb2.TrainProgress) -> None:
         print(f"trainer: {event.fraction_done:.0%} {event.message}", flush=True)
 
-    config = PipelineConfig(model=model, hyperparameters=hyperparameters, seed=seed)
+    config = PipelineConfig(model=model, hyperparameters=hyperparameters, seed=seed, force_recompute=recompute)
     result = call(lambda c: c.train(train_request(config, _features_reply(features)), progress))
     return TrainedModel(ArtifactRef.of(result.model), result.model_name, dict(result.effective_hyperparameters))
 
@@ -269,9 +271,9 @@ def train(features: Features, model: str, hyperparameters: dict[str, str], seed:
 @task(cache=_cache(EVALUATOR_VERSION), enable_deck=True, **_TASK_DEFAULTS)
 def evaluate(
     trained: TrainedModel, features: Features, splits: Splits, dataset: Dataset,
-    minimums: dict[str, float], maximums: dict[str, float],
+    minimums: dict[str, float], maximums: dict[str, float], recompute: bool,
 ) -> Evaluation:
-    config = PipelineConfig(minimums=minimums, maximums=maximums)
+    config = PipelineConfig(minimums=minimums, maximums=maximums, force_recompute=recompute)
     prepared = preprocess_pb2.PreprocessResponse(
         class_names=splits.class_names, split_report=splits.split_report.proto())
     reply = call(lambda c: c.evaluate(evaluate_request(
@@ -345,15 +347,15 @@ def training_pipeline(
     dataset = load(source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles,
                    recompute=recompute)
     splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
-                        drop_incomplete_rows=drop_incomplete_rows)
+                        drop_incomplete_rows=drop_incomplete_rows, recompute=recompute)
     features = build_features(
         splits=splits, model=model, seed=seed, numeric_imputation=numeric_imputation,
         missing_indicators=missing_indicators, categorical_encoding=categorical_encoding, scaling=scaling,
-        polynomial_degree=polynomial_degree, select_k_best=select_k_best,
+        polynomial_degree=polynomial_degree, select_k_best=select_k_best, recompute=recompute,
     )
-    trained = train(features=features, model=model, hyperparameters=hyperparameters, seed=seed)
+    trained = train(features=features, model=model, hyperparameters=hyperparameters, seed=seed, recompute=recompute)
     evaluation = evaluate(trained=trained, features=features, splits=splits, dataset=dataset,
-                          minimums=minimums, maximums=maximums)
+                          minimums=minimums, maximums=maximums, recompute=recompute)
     return promote(
         registry_name=registry_name, source=source, trained=trained, evaluation=evaluation,
         dataset=dataset, splits=splits, features=features,
@@ -401,9 +403,10 @@ def train_candidates(
     # Feature engineering ran once, upstream; each candidate only trains and evaluates.
     results = []
     for candidate in _candidates(candidates, dataset.task_kind):
-        trained = train(features=features, model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed)
+        trained = train(features=features, model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed,
+                        recompute=False)
         evaluation = evaluate(trained=trained, features=features, splits=splits, dataset=dataset,
-                              minimums=minimums, maximums=maximums)
+                              minimums=minimums, maximums=maximums, recompute=False)
         results.append(promote(
             registry_name="", source=source, trained=trained, evaluation=evaluation, dataset=dataset, splits=splits, features=features,
         ))
@@ -430,11 +433,11 @@ def sweep_pipeline(
     dataset = load(source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles,
                    recompute=False)
     splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
-                        drop_incomplete_rows=False)
+                        drop_incomplete_rows=False, recompute=False)
     # One feature build serves every candidate, so categorical columns get the general encoding.
     features = build_features(
         splits=splits, model="", seed=seed, numeric_imputation="median", missing_indicators=False,
-        categorical_encoding="auto", scaling="standard", polynomial_degree=0, select_k_best=0,
+        categorical_encoding="auto", scaling="standard", polynomial_degree=0, select_k_best=0, recompute=False,
     )
     results = train_candidates(
         source=source, candidates=candidates, dataset=dataset, splits=splits, features=features, seed=seed,
