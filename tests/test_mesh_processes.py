@@ -73,8 +73,13 @@ def running_mesh(mesh_env: dict[str, str]) -> Iterator[UpProcess]:
     up.wait_for("mesh is up")
     yield up
     if up.process.poll() is None:
-        up.process.kill()
-        up.process.wait()
+        # SIGTERM lets `mlmesh up` stop its children; SIGKILL would orphan them.
+        up.process.terminate()
+        try:
+            up.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.process.kill()
+            up.process.wait()
 
 
 def mlmesh(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
