@@ -67,7 +67,7 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
                     loader_pb2.ColumnSummary(
                         name=c.name, role=role_value(c.role), reason=c.reason, overridden=c.overridden,
                         source_dtype=c.source_dtype, missing_ratio=c.missing_ratio,
-                        distinct_values=c.distinct_values,
+                        distinct_values=c.distinct_values, infinite_values=c.infinite_values,
                     )
                     for c in loaded.columns
                 ],

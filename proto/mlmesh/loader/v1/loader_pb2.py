@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mlmesh.common.v1 import common_pb2 as mlmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmlmesh/loader/v1/loader.proto\x12\x10mlmesh.loader.v1\x1a\x1dmlmesh/common/v1/common.proto\"\x94\x02\n\x0bLoadRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x15\n\rtarget_column\x18\x02 \x01(\t\x12-\n\ttask_kind\x18\x03 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12\x17\n\x0f\x66orce_recompute\x18\x04 \x01(\x08\x12\x44\n\x0c\x63olumn_roles\x18\x05 \x03(\x0b\x32..mlmesh.loader.v1.LoadRequest.ColumnRolesEntry\x1aP\n\x10\x43olumnRolesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0e\x32\x1c.mlmesh.common.v1.ColumnRole:\x02\x38\x01\"\xb3\x01\n\rColumnSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.mlmesh.common.v1.ColumnRole\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\noverridden\x18\x04 \x01(\x08\x12\x14\n\x0csource_dtype\x18\x05 \x01(\t\x12\x15\n\rmissing_ratio\x18\x06 \x01(\x01\x12\x17\n\x0f\x64istinct_values\x18\x07 \x01(\x03\"\x92\x03\n\x0cLoadResponse\x12.\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x02 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x15\n\rfeature_names\x18\x04 \x03(\t\x12\x15\n\rtarget_column\x18\x05 \x01(\t\x12-\n\ttask_kind\x18\x06 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12-\n\x06schema\x18\x07 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12.\n\x07profile\x18\x08 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x30\n\x07\x63olumns\x18\t \x03(\x0b\x32\x1f.mlmesh.loader.v1.ColumnSummary\x12\x18\n\x10task_kind_reason\x18\n \x01(\t\x12\x10\n\x08warnings\x18\x0b \x03(\t2V\n\rLoaderService\x12\x45\n\x04Load\x12\x1d.mlmesh.loader.v1.LoadRequest\x1a\x1e.mlmesh.loader.v1.LoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmlmesh/loader/v1/loader.proto\x12\x10mlmesh.loader.v1\x1a\x1dmlmesh/common/v1/common.proto\"\x94\x02\n\x0bLoadRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x15\n\rtarget_column\x18\x02 \x01(\t\x12-\n\ttask_kind\x18\x03 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12\x17\n\x0f\x66orce_recompute\x18\x04 \x01(\x08\x12\x44\n\x0c\x63olumn_roles\x18\x05 \x03(\x0b\x32..mlmesh.loader.v1.LoadRequest.ColumnRolesEntry\x1aP\n\x10\x43olumnRolesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0e\x32\x1c.mlmesh.common.v1.ColumnRole:\x02\x38\x01\"\xcc\x01\n\rColumnSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.mlmesh.common.v1.ColumnRole\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\noverridden\x18\x04 \x01(\x08\x12\x14\n\x0csource_dtype\x18\x05 \x01(\t\x12\x15\n\rmissing_ratio\x18\x06 \x01(\x01\x12\x17\n\x0f\x64istinct_values\x18\x07 \x01(\x03\x12\x17\n\x0finfinite_values\x18\x08 \x01(\x03\"\x92\x03\n\x0cLoadResponse\x12.\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x02 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x15\n\rfeature_names\x18\x04 \x03(\t\x12\x15\n\rtarget_column\x18\x05 \x01(\t\x12-\n\ttask_kind\x18\x06 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12-\n\x06schema\x18\x07 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12.\n\x07profile\x18\x08 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\x30\n\x07\x63olumns\x18\t \x03(\x0b\x32\x1f.mlmesh.loader.v1.ColumnSummary\x12\x18\n\x10task_kind_reason\x18\n \x01(\t\x12\x10\n\x08warnings\x18\x0b \x03(\t2V\n\rLoaderService\x12\x45\n\x04Load\x12\x1d.mlmesh.loader.v1.LoadRequest\x1a\x1e.mlmesh.loader.v1.LoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADREQUEST_COLUMNROLESENTRY']._serialized_start=279
   _globals['_LOADREQUEST_COLUMNROLESENTRY']._serialized_end=359
   _globals['_COLUMNSUMMARY']._serialized_start=362
-  _globals['_COLUMNSUMMARY']._serialized_end=541
-  _globals['_LOADRESPONSE']._serialized_start=544
-  _globals['_LOADRESPONSE']._serialized_end=946
-  _globals['_LOADERSERVICE']._serialized_start=948
-  _globals['_LOADERSERVICE']._serialized_end=1034
+  _globals['_COLUMNSUMMARY']._serialized_end=566
+  _globals['_LOADRESPONSE']._serialized_start=569
+  _globals['_LOADRESPONSE']._serialized_end=971
+  _globals['_LOADERSERVICE']._serialized_start=973
+  _globals['_LOADERSERVICE']._serialized_end=1059
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,7 @@ class LoadRequest(_message.Message):
     def __init__(self, source: _Optional[str] = ..., target_column: _Optional[str] = ..., task_kind: _Optional[_Union[_common_pb2.TaskKind, str]] = ..., force_recompute: _Optional[bool] = ..., column_roles: _Optional[_Mapping[str, _common_pb2.ColumnRole]] = ...) -> None: ...
 
 class ColumnSummary(_message.Message):
-    __slots__ = ("name", "role", "reason", "overridden", "source_dtype", "missing_ratio", "distinct_values")
+    __slots__ = ("name", "role", "reason", "overridden", "source_dtype", "missing_ratio", "distinct_values", "infinite_values")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class ColumnSummary(_message.Message):
     SOURCE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MISSING_RATIO_FIELD_NUMBER: _ClassVar[int]
     DISTINCT_VALUES_FIELD_NUMBER: _ClassVar[int]
+    INFINITE_VALUES_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: _common_pb2.ColumnRole
     reason: str
@@ -44,7 +45,8 @@ class ColumnSummary(_message.Message):
     source_dtype: str
     missing_ratio: float
     distinct_values: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.ColumnRole, str]] = ..., reason: _Optional[str] = ..., overridden: _Optional[bool] = ..., source_dtype: _Optional[str] = ..., missing_ratio: _Optional[float] = ..., distinct_values: _Optional[int] = ...) -> None: ...
+    infinite_values: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.ColumnRole, str]] = ..., reason: _Optional[str] = ..., overridden: _Optional[bool] = ..., source_dtype: _Optional[str] = ..., missing_ratio: _Optional[float] = ..., distinct_values: _Optional[int] = ..., infinite_values: _Optional[int] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
     __slots__ = ("dataset", "stage", "rows", "feature_names", "target_column", "task_kind", "schema", "profile", "columns", "task_kind_reason", "warnings")
