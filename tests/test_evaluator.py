@@ -22,7 +22,7 @@ from services.evaluator import logic
 from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, check_health
 from services.runtime.client import evaluate_request as client_evaluate_request
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.formats import json_bytes_to_doc, npy_to_array, skops_to_model
+from services.runtime.formats import JSON, NPY, array_to_npy, json_bytes_to_doc, npy_to_array, skops_to_model, to_json_bytes
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 from tests.conftest import expect_error
@@ -484,5 +484,103 @@ async def test_missing_or_wrong_refs(client: MeshClient, mesh) -> None:
     # A JSON artifact is not a model either.
     await expect_error(
         client.evaluate(evaluate_request(run, model=run.evaluate.metrics_report)), DATA_LOSS, "model"
+    )
+    await assert_serving(mesh)
+
+
+# ---- the HTML report ----------------------------------------------------------------------
+def html_of(settings: Settings, reply: evaluator_pb2.EvaluateResponse) -> str:
+    return ArtifactStore(settings.artifact_root).get(reply.html_report).decode()
+
+
+@pytest.mark.asyncio
+async def test_html_report_names_the_classes_and_shows_profile_rows_and_encodings(
+    client: MeshClient, settings: Settings
+) -> None:
+    run = await client.run_pipeline(PipelineConfig(source="sklearn:iris"))
+    html = html_of(settings, run.evaluate)
+    assert "<h1>Evaluation: PROMOTE</h1>" in html
+    assert "classes: setosa, versicolor, virginica." in html
+    assert "<tr><th></th><th>setosa</th><th>versicolor</th><th>virginica</th></tr>" in html  # confusion matrix
+    assert "<title>setosa</title>" in html  # the ROC curve of each class
+    assert "no thresholds were given, so the classification default applies" in html
+    assert "<h2>Data profile</h2><p>150 rows in the source.</p>" in html
+    assert "<tr><th>sepal length (cm)</th><td>numeric</td><td>150</td><td>0</td>" in html
+    assert (
+        "<h2>Rows</h2><p>150 rows in; dropped by reason: duplicate: 0, incomplete: 0, invalid target: 0, "
+        "missing target: 0; 120 train, 30 test (test fraction 0.2, seed 42). Exact repeats found: 1.</p>"
+    ) in html
+    assert "<h2>Features</h2><p>4 source columns became 4 model inputs, fitted on the train split.</p>" in html
+    assert "<h2>Most important inputs</h2><p>mean |coefficient| (on scaled inputs)</p>" in html
+    _, _, _, report = stored(settings, run)
+    assert report["profile"]["rows"] == 150 and report["split_report"]["test_rows"] == 30
+    assert report["feature_schema"]["feature_names"] == list(run.features.feature_names)
+    assert {name for name, _ in report["importances"]["values"]} == set(run.features.feature_names)
+
+    # Without the context refs the report keeps the class names and leaves those sections out.
+    bare = await client.evaluate(evaluate_request(run))
+    bare_html = html_of(settings, bare)
+    assert "<th>setosa</th>" in bare_html
+    assert not any(title in bare_html for title in ("Data profile", "<h2>Rows</h2>", "<h2>Features</h2>"))
+
+
+@pytest.mark.asyncio
+async def test_a_profile_ref_of_the_wrong_shape_never_breaks_the_report(
+    client: MeshClient, mesh, settings: Settings
+) -> None:
+    run = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE, minimums={"accuracy": 0.5}))
+    store = ArtifactStore(settings.artifact_root)
+    # Other JSON artifacts of the pipeline, and JSON that is not an object: no profile section.
+    for wrong in (
+        run.preprocess.split_report, run.evaluate.metrics_report,
+        store.put(to_json_bytes([1, 2, 3]), JSON), store.put(to_json_bytes("profile"), JSON),
+    ):
+        reply = await client.evaluate(evaluate_request(run, profile=wrong, minimums={"accuracy": 0.5}))
+        assert reply.decision == PROMOTE and dict(reply.metrics) == dict(run.evaluate.metrics)
+        assert "Data profile" not in html_of(settings, reply)
+    # A profile-like object with malformed entries renders what it can, escaped.
+    malformed = store.put(to_json_bytes({
+        "rows": "many",
+        "columns": [
+            {"name": "top-not-pairs", "top": [1, ["a", 2, 3], ["ok", 4]]},
+            {"name": "<b>bold</b>", "histogram": {"counts": 7}, "min": "low"},
+            {"name": "negative", "histogram": {"counts": [1, -2, "x"]}, "missing": "<i>"},
+            "not a column",
+        ],
+    }), JSON)
+    reply = await client.evaluate(evaluate_request(run, profile=malformed, minimums={"accuracy": 0.5}))
+    assert reply.decision == PROMOTE
+    html = html_of(settings, reply)
+    assert "<h2>Data profile</h2><p>many rows in the source.</p>" in html
+    assert "top: ok (4)" in html and "&lt;b&gt;bold&lt;/b&gt;" in html and "&lt;i&gt;" in html
+    assert "<b>bold</b>" not in html and "<i>" not in html
+    # Bytes that are not JSON at all are a broken artifact, not an internal error.
+    await expect_error(client.evaluate(evaluate_request(run, profile=run.load.dataset)), DATA_LOSS, "profile is not valid JSON")
+    await assert_serving(mesh)
+
+
+# ---- infinite values never make an internal error -------------------------------------------
+@pytest.mark.asyncio
+async def test_infinite_test_data_is_a_failed_precondition(client: MeshClient, mesh, settings: Settings) -> None:
+    store = ArtifactStore(settings.artifact_root)
+    run = await client.run_pipeline(PipelineConfig(source="sklearn:diabetes", model="ridge"))
+    x = npy_to_array(store.get(run.features.x_test), "x_test")
+    y = npy_to_array(store.get(run.features.y_test), "y_test")
+    x[3, 1] = np.inf
+    y_inf = y.copy()
+    y_inf[0] = -np.inf
+    await expect_error(
+        client.evaluate(evaluate_request(run, x_test=store.put(array_to_npy(x), NPY))), FAILED,
+        "x_test holds infinite values; evaluate with the x_test the features stage returned",
+    )
+    await expect_error(
+        client.evaluate(evaluate_request(run, y_test=store.put(array_to_npy(y_inf), NPY))), FAILED,
+        "y_test holds missing or infinite targets; evaluate with the y_test the features stage returned",
+    )
+    # Finite but huge inputs make a linear model predict infinity.
+    huge = np.full_like(x, 1e308)
+    await expect_error(
+        client.evaluate(evaluate_request(run, x_test=store.put(array_to_npy(huge), NPY))), FAILED,
+        f"the model predicts non-finite values for {len(y)} of {len(y)} test rows",
     )
     await assert_serving(mesh)

@@ -22,6 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, PolynomialFeatures, StandardScaler
 
+from services.features.logic import FeatureOptions, engineer
 from services.runtime.errors import DataLoss
 from services.runtime.formats import (
     array_to_npy,
@@ -151,6 +152,55 @@ def test_stage_models_round_trip(make) -> None:
         np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
     else:
         np.testing.assert_array_equal(loaded.transform(x), model.transform(x))
+
+
+def _features_frames(task: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.RandomState(0)
+    rows = 120
+    when = pd.Series(pd.date_range("2024-01-01 06:00", periods=rows, freq="11h")).astype("datetime64[us]")
+    when[::13] = pd.NaT
+    frame = pd.DataFrame(
+        {
+            "size": rng.normal(size=rows),
+            "colour": pd.Series(rng.choice(["red", "green", "blue"], rows), dtype="str"),
+            "city": pd.Series([f"c{i}" for i in rng.randint(0, 40, rows)], dtype="str"),
+            "when": when,
+            "y": rng.randint(0, 3, rows) if task == "classification" else rng.normal(size=rows),
+        }
+    )
+    return frame.iloc[:90].reset_index(drop=True), frame.iloc[90:].reset_index(drop=True)
+
+
+@pytest.mark.parametrize(
+    ("task", "options"),
+    [
+        ("classification", {"max_one_hot_levels": 10}),  # one-hot colour, target-encoded city (stratified folds)
+        ("regression", {"max_one_hot_levels": 10, "polynomial_degree": 2, "select_k_best": 6}),  # KFold
+        ("classification", {"categorical_encoding": "ordinal", "missing_indicators": True}),
+    ],
+    ids=["one_hot_and_target", "regression_polynomial_select", "ordinal"],
+)
+def test_features_transformers_round_trip_deterministically(task: str, options: dict) -> None:
+    train, test = _features_frames(task)
+    roles = {"size": "numeric", "colour": "categorical", "city": "categorical", "when": "datetime"}
+    classes = ["0", "1", "2"] if task == "classification" else []
+    result = engineer(train, test, "y", task, roles, classes, FeatureOptions(**options), 2**31)
+    data = model_to_skops(result.transformer)
+    assert data == model_to_skops(engineer(train, test, "y", task, roles, classes, FeatureOptions(**options), 2**31).transformer)
+    loaded = skops_to_model(data, "transformer")
+    np.testing.assert_array_equal(loaded.transform(test.drop(columns="y")), result.x_test)
+    assert list(loaded.get_feature_names_out()) == result.feature_names
+
+
+def test_hist_gradient_boosting_with_categorical_features_round_trips() -> None:
+    x, y = _iris()
+    codes = np.column_stack([x, (x[:, 0] * 2).astype(int) % 5])
+    model = HistGradientBoostingClassifier(max_iter=5, random_state=0, categorical_features=[False] * 4 + [True])
+    model.fit(pd.DataFrame(codes, columns=["a", "b", "c", "d", "code"]), y)
+    loaded = skops_to_model(model_to_skops(model), "model")
+    frame = pd.DataFrame(codes, columns=["a", "b", "c", "d", "code"])
+    np.testing.assert_array_equal(loaded.predict(frame), model.predict(frame))
+    assert loaded.is_categorical_.tolist() == [False] * 4 + [True]
 
 
 @pytest.mark.parametrize(

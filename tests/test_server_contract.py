@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
+import pandas as pd
 import pytest
 from services.runtime.server import stage_spec
 from tests.conftest import expect_error
@@ -29,9 +31,11 @@ from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
-from services.runtime.client import MeshClient
+from services.runtime.client import MeshClient, PipelineConfig
+from services.runtime.formats import NPY, array_to_npy, npy_to_array
 from services.runtime.server import RunningStage, start_stage
 from services.runtime.settings import STAGES, Settings
+from services.runtime.store import ArtifactStore
 
 REPO = Path(__file__).resolve().parents[1]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -369,6 +373,80 @@ async def test_health_answers_within_deadline_while_trainer_is_busy(
     while trainer.runtime._flights:
         assert time.monotonic() < deadline, "the cancelled fit kept running"
         await asyncio.sleep(0.05)
+
+
+# ---- infinity: never an internal error -----------------------------------------------------
+def _write_table(path: Path, frame: pd.DataFrame) -> str:
+    frame.to_csv(path, index=False) if path.suffix == ".csv" else frame.to_parquet(path)
+    return str(path)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+async def test_infinite_feature_and_target_values_run_through_the_pipeline(
+    client: MeshClient, tmp_path: Path, suffix: str
+) -> None:
+    rng = np.random.RandomState(8)
+    frame = pd.DataFrame({"a": rng.normal(size=80), "b": rng.normal(size=80)})
+    frame["y"] = 3 * frame["a"] - frame["b"] + rng.normal(0, 0.1, 80)
+    frame.loc[[2, 9, 30], "a"] = [np.inf, -np.inf, np.inf]
+    frame.loc[[5, 44], "y"] = [np.inf, -np.inf]
+    source = _write_table(tmp_path / f"inf{suffix}", frame)
+    run = await client.run_pipeline(PipelineConfig(source=source, target_column="y", model="ridge"))
+    assert list(run.load.warnings) == ["column 'a': 3 infinite value(s) treated as missing"]
+    assert run.preprocess.invalid_target_rows_removed == 2 and run.preprocess.rows_out == 78
+    assert run.features.missing_values_imputed == 3
+    assert run.evaluate.metrics["r2"] > 0.5
+
+
+@pytest.mark.asyncio
+async def test_infinite_values_are_refused_with_their_own_codes(client: MeshClient, mesh, settings: Settings, tmp_path: Path) -> None:
+    failed, invalid = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT
+    x = np.linspace(0, 1, 40)
+    no_target = _write_table(tmp_path / "no_target.parquet", pd.DataFrame({"x": x, "y": [np.inf, -np.inf] * 20}))
+    await expect_error(
+        client.load(loader_pb2.LoadRequest(source=no_target, target_column="y")), failed,
+        "target column 'y' has no finite values",
+    )
+    # Finite numbers whose range is beyond float64: loaded and profiled, refused when scaling overflows.
+    huge = _write_table(tmp_path / "huge.parquet", pd.DataFrame({"x": [-1.5e308, 1.5e308] * 20, "y": x}))
+    loaded = await client.load(loader_pb2.LoadRequest(source=huge, target_column="y"))
+    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
+    await expect_error(
+        client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test)),
+        failed, "encoding the features overflowed: some numbers are too large (near 1e308) to scale or multiply",
+    )
+    await expect_error(
+        client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset, test_fraction=float("inf"))),
+        invalid, "test_fraction must be between 0 and 1",
+    )
+
+    refs = await _pipeline_refs(client)
+    features = refs["features"]
+    store = ArtifactStore(settings.artifact_root)
+    x_train = npy_to_array(store.get(features.x_train), "x_train")
+    x_train[0, 0] = np.inf
+    await expect_error(
+        client.train(trainer_pb2.TrainRequest(
+            x_train=store.put(array_to_npy(x_train), NPY), y_train=features.y_train, model="logistic_regression")),
+        failed, "x_train holds infinite values; pass the x_train the features stage returned",
+    )
+    # JSON's Infinity as a hyperparameter: scikit-learn's constraints decide.
+    unregularized = await client.train(trainer_pb2.TrainRequest(
+        x_train=features.x_train, y_train=features.y_train, model="logistic_regression", hyperparameters={"C": "Infinity"}))
+    assert unregularized.effective_hyperparameters["C"] == "Infinity"
+    await expect_error(
+        client.train(trainer_pb2.TrainRequest(
+            x_train=features.x_train, y_train=features.y_train, model="sgd", hyperparameters={"alpha": "Infinity"})),
+        invalid, "invalid hyperparameter for sgd: The 'alpha' parameter of SGDClassifier",
+    )
+    await expect_error(
+        client.evaluate(evaluator_pb2.EvaluateRequest(
+            model=refs["trained"].model, x_test=features.x_test, y_test=features.y_test, maximums={"log_loss": float("inf")})),
+        invalid, "maximums['log_loss'] must be a finite number",
+    )
+    for stage in mesh.values():
+        await assert_serving(stage)
 
 
 # ---- the process: SIGTERM ------------------------------------------------------------------

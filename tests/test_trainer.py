@@ -343,7 +343,7 @@ async def test_task_specific_hyperparameters_are_accepted(client: MeshClient, se
     ("model", "hyperparameters", "seed", "fragments"),
     [
         ("xgboost", {}, 0, ["model 'xgboost' is unknown", "hist_gradient_boosting, logistic_regression"]),
-        ("", {}, 0, ["model '' is unknown"]),
+        ("", {"C": "1"}, 0, ["hyperparameters need a model: name one (the default model depends on the task kind)"]),
         ("random_forest", {"n_trees": "5"}, 0, ["unknown hyperparameter 'n_trees' for random_forest"]),
         ("logistic_regression", {"C": "-1"}, 0, ["'C'", "LogisticRegression"]),
         ("logistic_regression", {"penalty": "l3"}, 0, ["'penalty'"]),
@@ -357,6 +357,18 @@ async def test_bad_train_requests(client: MeshClient, mesh, model, hyperparamete
     built = await features_for(client, CLASSIFICATION_SOURCE)
     await expect_error(client.train(train_request(built, model, hyperparameters, seed=seed)), INVALID, *fragments)
     await assert_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_an_empty_model_trains_the_task_kinds_default(client: MeshClient, settings: Settings) -> None:
+    store = ArtifactStore(settings.artifact_root)
+    for source, name, cls in (
+        (CLASSIFICATION_SOURCE, "logistic_regression", LogisticRegression),
+        (REGRESSION_SOURCE, "ridge", Ridge),
+    ):
+        result = await client.train(train_request(await features_for(client, source), ""))
+        assert result.model_name == name
+        assert type(skops_to_model(store.get(result.model), "model")) is cls
 
 
 @pytest.mark.asyncio
@@ -416,4 +428,40 @@ async def test_bad_training_data(client: MeshClient, mesh) -> None:
 
     swapped = trainer_pb2.TrainRequest(x_train=built.y_train, y_train=built.y_train, model="sgd")
     await expect_error(client.train(swapped), FAILED, "2-D matrix")
+    await assert_serving(mesh)
+
+
+@pytest.mark.asyncio
+async def test_the_feature_schema_names_the_models_inputs(client: MeshClient, mesh, settings: Settings) -> None:
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    store = ArtifactStore(settings.artifact_root)
+    named = await client.train(trainer_pb2.TrainRequest(
+        x_train=built.x_train, y_train=built.y_train, feature_schema=built.feature_schema, model="random_forest",
+        hyperparameters={"n_estimators": "5"},
+    ))
+    model = skops_to_model(store.get(named.model), "model")
+    assert list(model.feature_names_in_) == list(built.feature_names) == [f"x{i}" for i in range(6)]
+    unnamed = await client.train(train_request(built, "random_forest", {"n_estimators": "5"}))
+    assert not hasattr(skops_to_model(store.get(unnamed.model), "model"), "feature_names_in_")
+    assert unnamed.model.sha256 != named.model.sha256
+
+    loaded = await client.load(loader_pb2.LoadRequest(source=CLASSIFICATION_SOURCE))
+    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
+    wrong_shape = trainer_pb2.TrainRequest(
+        x_train=built.x_train, y_train=built.y_train, feature_schema=prepared.split_report, model="sgd"
+    )
+    await expect_error(
+        client.train(wrong_shape), FAILED,
+        "feature_schema is not a features stage schema; pass the feature_schema ref it returned",
+    )
+    wider = await client.build_features(features_pb2.BuildFeaturesRequest(
+        train=prepared.train, test=prepared.test, polynomial_degree=2
+    ))
+    mismatched = trainer_pb2.TrainRequest(
+        x_train=built.x_train, y_train=built.y_train, feature_schema=wider.feature_schema, model="sgd"
+    )
+    await expect_error(
+        client.train(mismatched), FAILED,
+        "feature_schema names 27 features but x_train has 6 columns; pass both from one features run",
+    )
     await assert_serving(mesh)

@@ -87,13 +87,24 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
             )
     if len(y) == 0:
         raise FailedPrecondition("the test split is empty")
+    if np.issubdtype(x.dtype, np.floating) and np.isinf(x).any():
+        raise FailedPrecondition("x_test holds infinite values; evaluate with the x_test the features stage returned")
+    if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
+        raise FailedPrecondition("y_test holds missing or infinite targets; evaluate with the y_test the features stage returned")
     names = getattr(model, "feature_names_in_", None)
     if names is not None:
         # The model was fitted with its feature names; predicting with them keeps scikit-learn quiet.
         x = pd.DataFrame(x, columns=[str(n) for n in names], copy=False)
-    predicted = model.predict(x)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing predictions are refused below
+        predicted = model.predict(x)
     importance_kind, importances = _importances(model, names, x.shape[1])
     if not is_classifier(model):
+        overflowed = int((~np.isfinite(np.asarray(predicted, dtype="float64"))).sum())
+        if overflowed:
+            raise FailedPrecondition(
+                f"the model predicts non-finite values for {overflowed} of {len(y)} test rows; "
+                "its inputs or coefficients are too large, so rescale the data"
+            )
         shown = np.unique(np.linspace(0, len(y) - 1, min(len(y), MAX_PLOTTED_POINTS)).astype(int))
         result = Evaluation(
             task="regression",

@@ -60,7 +60,7 @@ class DatetimeParts(TransformerMixin, BaseEstimator):
             missing = np.isnan(seconds)
             seconds[missing] = self.fill_seconds_[index]
             stamps = pd.DatetimeIndex(pd.to_datetime(seconds * 1e6, unit="us"))
-            parts = [stamps.year, stamps.month, stamps.day, stamps.dayofweek]
+            parts = [stamps.year, stamps.month, stamps.day, stamps.day_of_week]
             if self.has_time_[index]:
                 parts.append(stamps.hour)
             parts.append((seconds - self.origin_seconds_[index]) / _SECONDS_PER_DAY)

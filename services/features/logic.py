@@ -203,6 +203,12 @@ def build_pipeline(branches: list[tuple[str, Any, list[str]]], task: str, option
     return Pipeline(steps)
 
 
+_OVERFLOW = (
+    "encoding the features overflowed: some numbers are too large (near 1e308) to scale or multiply; "
+    "rescale those columns, or use scaling=minmax or robust"
+)
+
+
 def split_xy(frame: pd.DataFrame, target_column: str, task: str, what: str) -> tuple[pd.DataFrame, np.ndarray]:
     if target_column not in frame.columns:
         raise FailedPrecondition(f"{what} has no target column {target_column!r}")
@@ -257,8 +263,18 @@ def engineer(
         # Constant columns make f_classif warn; they simply score lowest. Rare levels make
         # OneHotEncoder warn about unknown categories at transform time; they are grouped.
         warnings.simplefilter("ignore", category=(UserWarning, RuntimeWarning))
-        x_train_t = pipeline.fit_transform(x_train, y_train)
-        x_test_t = pipeline.transform(x_test)
+        try:
+            x_train_t = pipeline.fit_transform(x_train, y_train)
+            x_test_t = pipeline.transform(x_test)
+        except ValueError as exc:
+            # Numbers near the float64 limit overflow to infinity when scaled or multiplied,
+            # and the next step refuses them.
+            if "infinity" in str(exc) or "NaN" in str(exc):
+                raise FailedPrecondition(_OVERFLOW) from None
+            raise
+    for part in (x_train_t, x_test_t):
+        if not np.all(np.isfinite(part)):
+            raise FailedPrecondition(_OVERFLOW)
     if options.select_k_best:
         # SelectKBest only warns, and keeps every column, when k is larger than its input.
         produced = int(pipeline.named_steps["select"].n_features_in_)

@@ -33,12 +33,13 @@ def _numeric(values: pd.Series) -> dict[str, Any]:
     finite = array[np.isfinite(array)]
     if finite.size == 0:
         return {}
-    counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS)
-    return {
-        "min": float(finite.min()), "max": float(finite.max()),
-        "mean": _finite(finite.mean()), "std": _finite(finite.std()),
-        "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]},
-    }
+    low, high = float(finite.min()), float(finite.max())
+    with np.errstate(over="ignore", invalid="ignore"):
+        entry: dict[str, Any] = {"min": low, "max": high, "mean": _finite(finite.mean()), "std": _finite(finite.std())}
+    if np.isfinite(high - low):  # a range wider than float64 has no finite bins
+        counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS)
+        entry["histogram"] = {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
+    return entry
 
 
 def _datetime(values: pd.Series) -> dict[str, Any]:

@@ -158,6 +158,12 @@ def fit(
         raise FailedPrecondition(
             f"x_train has {x.shape[0]} rows but y_train has {y.shape[0]}; pass both from one features run"
         )
+    # Not the hyperparameters' fault, so not left to the fit's ValueError below.
+    values = np.asarray(x)
+    if np.issubdtype(values.dtype, np.floating) and np.isinf(values).any():
+        raise FailedPrecondition("x_train holds infinite values; pass the x_train the features stage returned")
+    if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
+        raise FailedPrecondition("y_train holds missing or infinite targets; pass the y_train the features stage returned")
     counter = _INCREMENTAL.get(type(estimator))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
