@@ -155,6 +155,17 @@ def test_an_integer_zip_code_declared_categorical_keeps_its_levels(tmp_path: Pat
     assert loaded.frame["zip"].isna().sum() == 10
 
 
+
+def test_a_zip_code_with_leading_zeros_keeps_its_spelling_from_csv_and_parquet(tmp_path: Path) -> None:
+    text = "zip,price\n" + "".join(f"{z},{100 + i}\n" for i, z in enumerate(["02134", "00501", "10001"] * 10))
+    (tmp_path / "homes.csv").write_text(text)
+    pd.read_csv(tmp_path / "homes.csv", dtype={"zip": "str"}).to_parquet(tmp_path / "homes.parquet")
+    levels = []
+    for name in ("homes.csv", "homes.parquet"):
+        loaded = load_file(tmp_path / name, "price", roles={"zip": "categorical"})
+        levels.append(sorted(loaded.frame["zip"].unique()))
+    assert levels[0] == levels[1] == ["00501", "02134", "10001"]
+
 def test_whole_numbers_are_identifiers_only_when_they_look_like_a_key() -> None:
     rng = np.random.RandomState(3)
     frame = pd.DataFrame(

@@ -183,7 +183,8 @@ def _sklearn(source: Source) -> tuple[pd.DataFrame, str]:
     return frame, task
 
 
-def _read_file(source: Source, max_bytes: int) -> pd.DataFrame:
+def _read_file(source: Source, max_bytes: int, text_columns: list[str] = ()) -> pd.DataFrame:
+    """The table as read; in CSV, `text_columns` stay text, so a declared-categorical "02134" keeps its zero."""
     data = read_file_bytes(source)
     if len(data) > max_bytes:
         raise ResourceExhausted(
@@ -194,7 +195,8 @@ def _read_file(source: Source, max_bytes: int) -> pd.DataFrame:
         if source.file_format == "csv":
             compression = "gzip" if source.name.lower().endswith(".gz") else None
             # low_memory=False reads each column whole, so its type does not depend on chunking.
-            return pd.read_csv(io.BytesIO(data), compression=compression, low_memory=False)
+            return pd.read_csv(io.BytesIO(data), compression=compression, low_memory=False,
+                               dtype={name: "str" for name in text_columns} or None)
         return pd.read_parquet(io.BytesIO(data))
     except (ValueError, pd.errors.ParserError, OSError) as exc:
         raise FailedPrecondition(f"cannot parse {shown(source.name)} as {source.file_format}: {bounded(exc)}") from None
@@ -240,7 +242,8 @@ def load_dataset(
     else:
         if not target_column:
             raise InvalidArgument(f"target_column is required for file sources such as {shown(source.name)}")
-        frame, task = _read_file(source, max_bytes), ""
+        declared_categorical = [name for name, role in (roles or {}).items() if role == "categorical"]
+        frame, task = _read_file(source, max_bytes, declared_categorical), ""
 
     frame.columns = [str(c) for c in frame.columns]
     if len(set(frame.columns)) != len(frame.columns):
