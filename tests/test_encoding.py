@@ -125,6 +125,14 @@ def test_target_encoding_needs_enough_rows_to_cross_fit() -> None:
     )
 
 
+
+def test_auto_falls_back_to_grouped_one_hot_when_target_encoding_cannot_cross_fit() -> None:
+    train = colours(6)
+    train["colour"] = pd.Series([f"shade-{i}" for i in range(6)], dtype="str")  # more levels than allowed
+    result = engineer(train, colours(6), ROLES, max_one_hot_levels=2, min_level_count=1)
+    assert entry(result, "colour")["encoder"] == "one_hot"
+    assert len([n for n in result.feature_names if n.startswith("colour_")]) <= 3  # two levels and the rest
+
 def test_ordinal_codes_are_marked_as_categorical_features() -> None:
     train = colours(60)
     test = pd.DataFrame({"colour": pd.Series(["teal", "blue"], dtype="str"), "size": [0.0, 0.0], "y": [0, 1]})

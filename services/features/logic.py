@@ -98,10 +98,11 @@ def _levels(train: pd.DataFrame, column: str) -> pd.Series:
     return train[column].fillna(MISSING_LEVEL).value_counts()
 
 
-def _encoder_for(levels: int, options: FeatureOptions) -> str:
+def _encoder_for(levels: int, options: FeatureOptions, can_cross_fit: bool) -> str:
     if options.categorical_encoding != "auto":
         return options.categorical_encoding
-    return "one_hot" if levels <= options.max_one_hot_levels else "target"
+    # Too few rows to cross-fit a target encoder: one-hot, with the rarer levels grouped.
+    return "one_hot" if levels <= options.max_one_hot_levels or not can_cross_fit else "target"
 
 
 def _branches(
@@ -128,7 +129,7 @@ def _branches(
             width += DATETIME_PARTS
         else:
             levels = _levels(train, column)
-            encoder = _encoder_for(len(levels), options)
+            encoder = _encoder_for(len(levels), options, max_fold_rows >= TARGET_ENCODING_FOLDS)
             entry["levels_in_train"] = int(len(levels))
             entry["levels"] = [[str(level), int(count)] for level, count in levels.head(LISTED_LEVELS).items()]
             width += {"one_hot": min(len(levels), options.max_one_hot_levels) + 1, "target": target_width}.get(encoder, 1)
