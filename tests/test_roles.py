@@ -166,6 +166,15 @@ def test_a_zip_code_with_leading_zeros_keeps_its_spelling_from_csv_and_parquet(t
         levels.append(sorted(loaded.frame["zip"].unique()))
     assert levels[0] == levels[1] == ["00501", "02134", "10001"]
 
+
+def test_whole_floats_declared_categorical_give_the_same_levels_from_csv_and_parquet(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"mode": [1.0, 2.0, 3.0, None] * 10, "y": np.linspace(0, 1, 40)})
+    levels = []
+    for name in ("modes.csv", "modes.parquet"):  # the CSV holds the text "1.0"
+        loaded = load_file(write(frame, tmp_path / name), "y", roles={"mode": "categorical"})
+        levels.append(sorted(loaded.frame["mode"].dropna().unique()))
+    assert levels[0] == levels[1] == ["1", "2", "3"]
+
 def test_whole_numbers_are_identifiers_only_when_they_look_like_a_key() -> None:
     rng = np.random.RandomState(3)
     frame = pd.DataFrame(

@@ -51,6 +51,8 @@ _ID_NAME = re.compile(r"(^|[^a-z])(id|ids|key|uuid|guid|index)$|^unnamed: ?0$|^r
 _ISO_DATE = re.compile(
     r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
 )
+# Whole numbers written with leading zeros are codes (zip codes, "007"), not quantities.
+_ZERO_PADDED = re.compile(r"^\s*-?0\d")
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 # Text read as boolean without being asked: only the unambiguous spellings.
@@ -235,7 +237,12 @@ def _infer_role(name: str, kind: str, values: pd.Series | None, distinct: int, p
 def _convert_for_role(name: str, role: str, kind: str, raw: pd.Series, values: pd.Series | None) -> pd.Series:
     """Canonical values for a role the caller chose; refuses what cannot be converted."""
     if role == "categorical":
-        # Text keeps its spelling (a zip code "02134"); numbers and datetimes are written out.
+        finite_numbers = kind == "numeric" and values.notna().sum() == raw.notna().sum()
+        if _is_text(raw) and finite_numbers and not raw.dropna().astype("str").str.match(_ZERO_PADDED).any():
+            # Numbers that arrived as text ("1.0" from a CSV) are written like numbers from
+            # Parquet ("1"), so both formats give the same levels.
+            return _as_text(values)
+        # Other text keeps its spelling (a zip code "02134"); numbers and datetimes are written out.
         return _as_text(raw if _is_text(raw) or kind == "boolean" or values is None else values)
     if role == "numeric":
         if kind in ("numeric", "boolean"):
