@@ -478,12 +478,12 @@ async def test_missing_or_wrong_refs(client: MeshClient, mesh) -> None:
         await expect_error(client.evaluate(request), INVALID, f"{name} is required")
         await assert_serving(mesh)
     await expect_error(
-        client.evaluate(evaluate_request(run, model=run.features.x_test)), DATA_LOSS, "model", "not a readable .skops"
+        client.evaluate(evaluate_request(run, model=run.features.x_test)), FAILED, "model", "not a readable .skops"
     )
     await assert_serving(mesh)
     # A JSON artifact is not a model either.
     await expect_error(
-        client.evaluate(evaluate_request(run, model=run.evaluate.metrics_report)), DATA_LOSS, "model"
+        client.evaluate(evaluate_request(run, model=run.evaluate.metrics_report)), FAILED, "model"
     )
     await assert_serving(mesh)
 
@@ -555,7 +555,7 @@ async def test_a_profile_ref_of_the_wrong_shape_never_breaks_the_report(
     assert "top: ok (4)" in html and "&lt;b&gt;bold&lt;/b&gt;" in html and "&lt;i&gt;" in html
     assert "<b>bold</b>" not in html and "<i>" not in html
     # Bytes that are not JSON at all are a broken artifact, not an internal error.
-    await expect_error(client.evaluate(evaluate_request(run, profile=run.load.dataset)), DATA_LOSS, "profile is not valid JSON")
+    await expect_error(client.evaluate(evaluate_request(run, profile=run.load.dataset)), FAILED, "profile is not a readable JSON document")
     await assert_serving(mesh)
 
 

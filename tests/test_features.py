@@ -334,7 +334,10 @@ async def test_bad_inputs(client: MeshClient, mesh) -> None:
 
     other = await prepare(client, "synthetic:classification?rows=100&features=5&seed=2")
     mixed = features_pb2.BuildFeaturesRequest(train=prepared.train, test=other.test)
-    await expect_error(client.build_features(mixed), FAILED, "different feature columns")
+    await expect_error(client.build_features(mixed), FAILED, "must both come from the same preprocess run")
+    await assert_serving(mesh)
+    swapped = features_pb2.BuildFeaturesRequest(train=prepared.test, test=prepared.train)
+    await expect_error(client.build_features(swapped), FAILED, "the train and test refs preprocess returned, in that order")
     await assert_serving(mesh)
 
     wide = await prepare(client, "synthetic:classification?rows=1000&features=60&seed=2")

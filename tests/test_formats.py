@@ -23,7 +23,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, PolynomialFeatures, StandardScaler
 
 from services.features.logic import FeatureOptions, engineer
-from services.runtime.errors import DataLoss
+from services.runtime.errors import DataLoss, FailedPrecondition
 from services.runtime.formats import (
     array_to_npy,
     frame_to_parquet,
@@ -241,8 +241,8 @@ def test_a_tampered_model_file_is_refused_before_any_code_runs() -> None:
 
 
 @pytest.mark.parametrize("data", [b"", b"not a zip at all", b"PK\x03\x04broken"])
-def test_unreadable_skops_is_data_loss(data: bytes) -> None:
-    with pytest.raises(DataLoss, match="transformer"):
+def test_unreadable_skops_is_the_wrong_artifact(data: bytes) -> None:
+    with pytest.raises(FailedPrecondition, match="transformer is not a readable .skops file"):
         skops_to_model(data, "transformer")
 
 
@@ -287,8 +287,8 @@ def test_parquet_bytes_are_deterministic() -> None:
 
 
 @pytest.mark.parametrize("data", [b"", b"PAR1 definitely not parquet PAR1"])
-def test_unreadable_parquet_is_data_loss(data: bytes) -> None:
-    with pytest.raises(DataLoss, match="dataset is not a readable Parquet file"):
+def test_unreadable_parquet_is_the_wrong_artifact(data: bytes) -> None:
+    with pytest.raises(FailedPrecondition, match="dataset is not a readable Parquet file"):
         parquet_to_frame(data, "dataset")
 
 
@@ -310,9 +310,9 @@ def test_npy_round_trip_and_determinism(array: np.ndarray) -> None:
 def test_npy_with_pickled_objects_is_refused() -> None:
     sink = io.BytesIO()
     np.save(sink, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(DataLoss, match="x_test is not a readable .npy array"):
+    with pytest.raises(FailedPrecondition, match="x_test is not a readable .npy array"):
         npy_to_array(sink.getvalue(), "x_test")
-    with pytest.raises(DataLoss):
+    with pytest.raises(FailedPrecondition, match="pass the x_test ref its stage returned"):
         npy_to_array(b"garbage", "x_test")
 
 
@@ -320,5 +320,5 @@ def test_json_bytes_are_canonical_and_checked() -> None:
     assert to_json_bytes({"b": 1, "a": [1, 2]}) == to_json_bytes({"a": [1, 2], "b": 1})
     assert to_json_bytes({"b": 1}).endswith(b"\n")
     assert json_bytes_to_doc(to_json_bytes({"a": 1}), "report") == {"a": 1}
-    with pytest.raises(DataLoss, match="metrics_report is not valid JSON"):
+    with pytest.raises(FailedPrecondition, match="metrics_report is not a readable JSON document"):
         json_bytes_to_doc(b"{nope", "metrics_report")

@@ -237,7 +237,8 @@ async def test_iris_is_split_and_encoded(client: MeshClient, settings: Settings)
     store = ArtifactStore(settings.artifact_root)
     train, meta = parquet_to_frame(store.get(reply.train), "train")
     test, test_meta = parquet_to_frame(store.get(reply.test), "test")
-    assert meta["class_names"] == ["setosa", "versicolor", "virginica"] and meta == test_meta
+    assert meta["class_names"] == ["setosa", "versicolor", "virginica"]
+    assert (meta.pop("split"), test_meta.pop("split")) == ("train", "test") and meta == test_meta
     assert meta["target_column"] == "target" and meta["task_kind"] == "classification"
     assert (len(train), len(test)) == (120, 30)
     assert sorted(set(train["target"])) == [0, 1, 2] and train["target"].dtype == np.int64
@@ -347,7 +348,7 @@ async def test_bad_dataset_refs(client: MeshClient, mesh, settings: Settings) ->
 
     store = ArtifactStore(settings.artifact_root)
     npy = store.put(array_to_npy(np.arange(4.0)), NPY)
-    await expect_error(client.preprocess(request(npy)), DATA_LOSS, "not a readable Parquet file")
+    await expect_error(client.preprocess(request(npy)), FAILED, "not a readable Parquet file")
     await assert_serving(mesh)
 
     sink = io.BytesIO()

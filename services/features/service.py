@@ -85,7 +85,12 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         def work(run: Run) -> features_pb2.BuildFeaturesResponse:
             train, meta = parquet_to_frame(run.read(request.train, "train"), "train")
             test, test_meta = parquet_to_frame(run.read(request.test, "test"), "test")
-            if not meta.get("target_column") or "roles" not in meta or meta.get("target_column") != test_meta.get("target_column"):
+            if meta.get("split") != "train" or test_meta.get("split") != "test":
+                raise FailedPrecondition(
+                    "train and test must be the train and test refs preprocess returned, in that order"
+                )
+            same_run = ("target_column", "task_kind", "roles", "class_names", "schema_sha256")
+            if any(meta.get(key) != test_meta.get(key) for key in same_run):
                 raise FailedPrecondition("train and test must both come from the same preprocess run")
             task = meta["task_kind"]
             result = logic.engineer(

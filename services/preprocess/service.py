@@ -49,8 +49,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
                 drop_duplicates=request.drop_duplicate_rows, drop_incomplete=request.drop_incomplete_rows,
             )
             out_meta = {**meta, "class_names": prepared.class_names}
-            train = run.put("train", frame_to_parquet(prepared.train, out_meta), PARQUET)
-            test = run.put("test", frame_to_parquet(prepared.test, out_meta), PARQUET)
+            # Each split says which it is, so the features stage can refuse a swapped or foreign ref.
+            train = run.put("train", frame_to_parquet(prepared.train, {**out_meta, "split": "train"}), PARQUET)
+            test = run.put("test", frame_to_parquet(prepared.test, {**out_meta, "split": "test"}), PARQUET)
             report = prepared.report(target_column, fraction, request.seed)
             return preprocess_pb2.PreprocessResponse(
                 train=train,

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import skops.io as sio
 
-from services.runtime.errors import DataLoss
+from services.runtime.errors import DataLoss, FailedPrecondition, bounded
 
 PARQUET = "application/vnd.apache.parquet"
 NPY = "application/x-npy"
@@ -49,6 +49,12 @@ TRUSTED_MODEL_TYPES: tuple[str, ...] = (
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
+def _not_a(what: str, kind: str, exc: Exception) -> FailedPrecondition:
+    """A digest-verified artifact that does not decode is the wrong artifact for this field,
+    not damaged bytes: the caller passed another ref than the one the producing stage returned."""
+    return FailedPrecondition(f"{what} is not a readable {kind}: {bounded(exc)}; pass the {what} ref its stage returned")
+
+
 def human_bytes(count: float) -> str:
     """A size for error messages: '512 bytes', '19.5 KiB', '2.0 GiB'."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):
@@ -74,7 +80,7 @@ def parquet_to_frame(data: bytes, what: str) -> tuple[pd.DataFrame, dict[str, An
     try:
         table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError) as exc:
-        raise DataLoss(f"{what} is not a readable Parquet file: {exc}") from exc
+        raise _not_a(what, "Parquet file", exc) from exc
     raw = (table.schema.metadata or {}).get(_PARQUET_META_KEY)
     metadata = json.loads(raw) if raw else {}
     return table.to_pandas(), metadata
@@ -91,7 +97,7 @@ def npy_to_array(data: bytes, what: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise DataLoss(f"{what} is not a readable .npy array: {exc}") from exc
+        raise _not_a(what, ".npy array", exc) from exc
 
 
 # ---- skops ------------------------------------------------------------------------------
@@ -142,7 +148,7 @@ def skops_to_model(data: bytes, what: str) -> Any:
     try:
         untrusted = set(sio.get_untrusted_types(data=data))
     except (zipfile.BadZipFile, ValueError, KeyError) as exc:
-        raise DataLoss(f"{what} is not a readable .skops file: {exc}") from exc
+        raise _not_a(what, ".skops file", exc) from exc
     refused = sorted(untrusted - set(TRUSTED_MODEL_TYPES))
     if refused:
         raise DataLoss(
@@ -151,7 +157,7 @@ def skops_to_model(data: bytes, what: str) -> Any:
     try:
         return sio.loads(data, trusted=sorted(untrusted))
     except Exception as exc:  # skops raises a variety of types on malformed content
-        raise DataLoss(f"{what} could not be decoded by skops: {exc}") from exc
+        raise _not_a(what, ".skops model", exc) from exc
 
 
 # ---- JSON -------------------------------------------------------------------------------
@@ -163,4 +169,4 @@ def json_bytes_to_doc(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
     except ValueError as exc:
-        raise DataLoss(f"{what} is not valid JSON: {exc}") from exc
+        raise _not_a(what, "JSON document", exc) from exc
