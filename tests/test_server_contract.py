@@ -487,3 +487,53 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     assert f"serving mlmesh.loader.v1.LoaderService on 127.0.0.1:{port}" in output
     assert "loader stopping" in output and "loader stopped" in output, output
     assert "Traceback" not in output
+
+
+@pytest.mark.asyncio
+async def test_garbage_in_the_table_fields_gets_an_honest_code(client: MeshClient, mesh, tmp_path: Path) -> None:
+    """Random values in every field issue 8 added: never INTERNAL, UNAVAILABLE or UNKNOWN, and bounded messages."""
+    from services.runtime.client import StageCallError, features_request, load_request, preprocess_request
+
+    rng = np.random.RandomState(12)
+    table = tmp_path / "table.csv"
+    pd.DataFrame({"city": rng.choice(["a", "b", "c"], 80), "size": rng.normal(size=80),
+                  "when": pd.date_range("2024-01-01", periods=80).astype(str), "y": rng.randint(0, 2, 80)}).to_csv(table, index=False)
+    config = PipelineConfig(source=str(table), target_column="y")
+    loaded = await client.load(load_request(config))
+    prepared = await client.preprocess(preprocess_request(config, loaded.dataset))
+    features = await client.build_features(features_request(config, prepared.train, prepared.test))
+    refs = [loaded.dataset, loaded.schema, loaded.profile, prepared.train, prepared.test, prepared.split_report,
+            features.x_train, features.y_train, features.transformer, features.feature_schema]
+    words = ["", "city", "size", "when", "y", "nope", "\x00", "é" * 50, "x" * 2000]
+
+    def garbage_int() -> int:
+        return int(rng.choice([-(2**31), -1, 0, 1, 2, 3, 4, 8, 9, 255, 1000, 2**31 - 1]))
+
+    calls = []
+    for _ in range(20):
+        roles = {str(rng.choice(words)): garbage_int() for _ in range(rng.randint(0, 4))}
+        calls.append(client.load(loader_pb2.LoadRequest(
+            source=str(table), target_column=str(rng.choice(words)), task_kind=garbage_int() % 5, column_roles=roles)))
+        request = features_pb2.BuildFeaturesRequest(
+            train=refs[rng.randint(len(refs))], test=refs[rng.randint(len(refs))], scaling=garbage_int(),
+            numeric_imputation=garbage_int(), categorical_encoding=garbage_int(), max_one_hot_levels=garbage_int(),
+            min_level_count=garbage_int(), polynomial_degree=garbage_int() % 6, select_k_best=garbage_int(),
+            missing_indicators=bool(rng.randint(2)), seed=garbage_int())
+        calls.append(client.build_features(request))
+        calls.append(client.preprocess(preprocess_pb2.PreprocessRequest(
+            dataset=refs[rng.randint(len(refs))], drop_duplicate_rows=bool(rng.randint(2)),
+            drop_incomplete_rows=bool(rng.randint(2)), seed=garbage_int())))
+        calls.append(client.train(trainer_pb2.TrainRequest(
+            x_train=features.x_train, y_train=features.y_train, feature_schema=refs[rng.randint(len(refs))],
+            model=str(rng.choice(["", "ridge", "hist_gradient_boosting", "nope"])))))
+    honest = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+              grpc.StatusCode.RESOURCE_EXHAUSTED}
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [o for o in outcomes if isinstance(o, StageCallError)]
+    assert all(not isinstance(o, Exception) or isinstance(o, StageCallError) for o in outcomes), outcomes
+    assert refused, "random garbage was never refused"
+    for error in refused:
+        assert error.code in honest, f"{error.code.name}: {error.details}"
+        assert len(error.details) < 1500 and "x" * 1100 not in error.details
+    for stage in mesh.values():
+        await assert_serving(stage)
