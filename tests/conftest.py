@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,9 +14,10 @@ import pytest_asyncio
 
 from services.runtime.client import MeshClient
 from services.runtime.server import RunningStage, stage_spec, start_stage
+from services.runtime.launcher import LocalMesh
 from services.runtime.settings import STAGES, Settings
 
-__all__ = ["expect_error", "stage_spec"]
+__all__ = ["expect_error", "free_ports", "stage_spec", "start_local_mesh"]
 
 
 @pytest.fixture
@@ -56,3 +60,33 @@ async def expect_error(awaitable, code: grpc.StatusCode, *fragments: str) -> str
     for fragment in fragments:
         assert fragment in error.details, f"{fragment!r} not in {error.details!r}"
     return error.details
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_local_mesh(base: Path) -> tuple[LocalMesh, dict[str, str]]:
+    """`mlmesh up`'s LocalMesh on free ports, with a private artifact store, HOME and TMPDIR, and the
+    environment that points the CLI and pyflyte at it. Stage logs go to base/logs."""
+    env = {
+        **os.environ,
+        "MLMESH_ARTIFACT_ROOT": str(base / "artifacts"),
+        "MLMESH_GRACE_SECONDS": "1",
+        "HOME": str(base / "home"),  # Flyte's local cache lives under ~/.flyte
+        "TMPDIR": str(base / "tmp"),  # Flyte writes decks under the temp folder
+    }
+    for folder in ("home", "tmp"):
+        (base / folder).mkdir()
+    for stage, port in zip(STAGES, free_ports(len(STAGES)), strict=True):
+        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
+        env.pop(f"MLMESH_{stage.upper()}_ADDRESS", None)
+    mesh = LocalMesh(Settings.from_env(env), env=env, log_dir=base / "logs")
+    asyncio.run(mesh.start())
+    return mesh, env

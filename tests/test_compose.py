@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from services.runtime.settings import DEFAULT_PORTS, STAGES
-from tests.test_mesh_processes import free_ports
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"

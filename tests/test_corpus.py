@@ -14,7 +14,6 @@ from the services' memo; its metrics must equal the CLI run's.
 from __future__ import annotations
 
 import ast
-import asyncio
 import json
 import os
 import re
@@ -28,11 +27,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from services.runtime.launcher import LocalMesh
-from services.runtime.settings import STAGES, Settings
 from tests import corpus
 from tests.corpus import BY_NAME, FORMATS, TABLES, Table
-from tests.test_mesh_processes import free_ports
+from tests.conftest import start_local_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,35 +41,16 @@ PYFLYTE_FORMAT = {table.name: FORMATS[index % 2] for index, table in enumerate(T
 PYFLYTE_FORMAT["million_rows"] = "parquet"
 
 
-def start_mesh(base: Path) -> tuple[LocalMesh, dict[str, str]]:
-    """A LocalMesh on free ports with a private artifact store, HOME and TMPDIR (as tests/test_workflow.py)."""
-    env = {
-        **os.environ,
-        "MLMESH_ARTIFACT_ROOT": str(base / "artifacts"),
-        "MLMESH_GRACE_SECONDS": "1",
-        "HOME": str(base / "home"),  # Flyte's local cache lives under ~/.flyte
-        "TMPDIR": str(base / "tmp"),  # Flyte writes decks under the temp folder
-    }
-    for folder in ("home", "tmp"):
-        (base / folder).mkdir()
-    for stage, port in zip(STAGES, free_ports(len(STAGES)), strict=True):
-        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
-        env.pop(f"MLMESH_{stage.upper()}_ADDRESS", None)
-    mesh = LocalMesh(Settings.from_env(env), env=env, log_dir=base / "logs")
-    asyncio.run(mesh.start())
-    return mesh, env
-
-
 @pytest.fixture(scope="module")
 def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    mesh, env = start_mesh(tmp_path_factory.mktemp("corpus-cli"))
+    mesh, env = start_local_mesh(tmp_path_factory.mktemp("corpus-cli"))
     yield env
     mesh.stop()
 
 
 @pytest.fixture(scope="module")
 def flyte_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    mesh, env = start_mesh(tmp_path_factory.mktemp("corpus-flyte"))
+    mesh, env = start_local_mesh(tmp_path_factory.mktemp("corpus-flyte"))
     yield env
     mesh.stop()
 

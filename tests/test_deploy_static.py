@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.runtime.probe import default_address
 from services.runtime.settings import DEFAULT_PORTS, STAGES
-from tests.test_mesh_processes import free_ports
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import ast
-import asyncio
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.launcher import LocalMesh
-from services.runtime.settings import STAGES, Settings
-from tests.test_mesh_processes import free_ports, write_house_prices
+from services.runtime.settings import STAGES
+from tests.conftest import free_ports, start_local_mesh
+from tests.test_mesh_processes import write_house_prices
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -26,20 +24,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def flyte_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     base = tmp_path_factory.mktemp("flyte")
-    env = {
-        **os.environ,
-        "MLMESH_ARTIFACT_ROOT": str(base / "artifacts"),
-        "MLMESH_GRACE_SECONDS": "1",
-        "HOME": str(base / "home"),  # Flyte's local cache lives under ~/.flyte
-        "TMPDIR": str(base / "tmp"),  # decks are written under the temp folder
-    }
-    for folder in ("home", "tmp"):
-        (base / folder).mkdir()
-    for stage, port in zip(STAGES, free_ports(len(STAGES)), strict=True):
-        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
-    settings = Settings.from_env(env)
-    mesh = LocalMesh(settings, env=env, log_dir=base / "logs")
-    asyncio.run(mesh.start())
+    mesh, env = start_local_mesh(base)
     env["_LOG_DIR"] = str(base / "logs")
     yield env
     mesh.stop()
