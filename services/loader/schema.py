@@ -194,12 +194,16 @@ def _canonical(name: str, raw: pd.Series) -> tuple[str, pd.Series | None, str]:
             return "numeric", pd.to_numeric(raw, errors="coerce").astype("float64"), ""
         if kind == "other":
             return "unusable", None, "its values are not numbers, text or dates"
+        # Text is whatever it can be read as, in this order (a CSV holds only text).
         text = raw.astype("str")
-        for convert in (_text_as_numbers, lambda t: _text_as_booleans(t, _INFERRED_BOOLEAN), _text_as_datetimes):
-            converted = convert(text)
+        readings = (
+            ("numeric", _text_as_numbers),
+            ("boolean", lambda t: _text_as_booleans(t, _INFERRED_BOOLEAN)),
+            ("datetime", _text_as_datetimes),
+        )
+        for kind, read in readings:
+            converted = read(text)
             if converted is not None:
-                kind = "numeric" if convert is _text_as_numbers else (
-                    "datetime" if convert is _text_as_datetimes else "boolean")
                 return kind, converted, ""
         return "text", text, ""
     return "unusable", None, f"its type {raw.dtype} cannot be used as a feature"
