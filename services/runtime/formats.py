@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import zipfile
 from typing import Any
 
@@ -47,6 +48,13 @@ TRUSTED_MODEL_TYPES: tuple[str, ...] = (
 )
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+# np.load parses each .npy header with ast.literal_eval, and skops loads its arrays
+# with np.load. On CPython 3.11, AST construction keeps its recursion depth in state
+# shared between threads, so two worker threads parsing at once can fail with
+# "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905).
+# One lock serialises every load that parses .npy headers.
+_NPY_LOAD_LOCK = threading.Lock()
 
 
 def _not_a(what: str, kind: str, exc: Exception) -> FailedPrecondition:
@@ -93,9 +101,12 @@ def array_to_npy(array: np.ndarray) -> bytes:
     return sink.getvalue()
 
 
+
+
 def npy_to_array(data: bytes, what: str) -> np.ndarray:
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        with _NPY_LOAD_LOCK:
+            return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise _not_a(what, ".npy array", exc) from exc
 
@@ -146,7 +157,8 @@ def model_to_skops(obj: Any) -> bytes:
 def skops_to_model(data: bytes, what: str) -> Any:
     """Load a model only if every type in it is trusted; never via pickle."""
     try:
-        untrusted = set(sio.get_untrusted_types(data=data))
+        with _NPY_LOAD_LOCK:
+            untrusted = set(sio.get_untrusted_types(data=data))
     except (zipfile.BadZipFile, ValueError, KeyError) as exc:
         raise _not_a(what, ".skops file", exc) from exc
     refused = sorted(untrusted - set(TRUSTED_MODEL_TYPES))
@@ -155,7 +167,8 @@ def skops_to_model(data: bytes, what: str) -> Any:
             f"{what} contains types outside the allow-list and was not loaded: {', '.join(refused)}"
         )
     try:
-        return sio.loads(data, trusted=sorted(untrusted))
+        with _NPY_LOAD_LOCK:
+            return sio.loads(data, trusted=sorted(untrusted))
     except Exception as exc:  # skops raises a variety of types on malformed content
         raise _not_a(what, ".skops model", exc) from exc
 
