@@ -215,19 +215,63 @@ def test_stopped_stage_is_named_with_its_address(running_mesh: UpProcess, mesh_e
     assert "Traceback" not in result.stderr
 
 
-def test_up_notices_a_killed_stage_and_stops_the_rest(running_mesh: UpProcess) -> None:
-    # Runs last in this module: it takes the mesh down.
-    pid = int(subprocess.run(["pgrep", "-f", "-P", str(running_mesh.process.pid), "services.features"],
-                             capture_output=True, text=True).stdout.split()[0])
-    os.kill(pid, signal.SIGKILL)
-    output = running_mesh.rest()
-    assert running_mesh.process.returncode == 1
-    assert "exited unexpectedly" in output and "features" in output
+def test_a_second_up_over_a_running_mesh_says_so_and_exits_non_zero(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:
+    second = subprocess.run([str(BIN / "mlmesh"), "up"], env=mesh_env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "mesh is up" not in second.stdout
+    port = running_mesh.ports["loader"]
+    assert f"port {port} for loader" in second.stderr and "another mlmesh mesh" in second.stderr
+    assert "MLMESH_LOADER_PORT" in second.stderr
+    # The first mesh is untouched.
+    assert mlmesh(mesh_env, "status").returncode == 0
+
+
+def stage_pid(up: UpProcess, stage: str) -> int:
+    found = subprocess.run(["pgrep", "-f", "-P", str(up.process.pid), f"services.{stage}"],
+                           capture_output=True, text=True).stdout.split()
+    assert found, f"no {stage} child of mlmesh up"
+    return int(found[0])
+
+
+def test_up_restarts_a_killed_stage_and_status_counts_it(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:
+    killed = stage_pid(running_mesh, "features")
+    os.kill(killed, signal.SIGKILL)
+    running_mesh.wait_for("features exited with status -9; restarting in 1s")
+    running_mesh.wait_for("features restarted")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = mlmesh(mesh_env, "status")
+        if status.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert status.returncode == 0, status.stdout
+    line = next(l for l in status.stdout.splitlines() if l.startswith("features"))
+    assert "SERVING" in line and "restarts 1" in line and str(killed) not in line
+    assert stage_pid(running_mesh, "features") != killed
+    # The restarted stage serves the pipeline again.
+    assert mlmesh(mesh_env, "run", "--json").returncode == 0
+
+
+def on_new_ports(env: dict[str, str], **extra: str) -> dict[str, str]:
+    """The same store and settings, on ports no other mesh of this module holds."""
+    env = {**env, **extra}
+    for stage, port in zip(STAGES, free_ports(len(STAGES)), strict=True):
+        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
+    return env
+
+
+def test_up_stops_the_mesh_when_a_stage_is_over_its_restart_limit(mesh_env: dict[str, str]) -> None:
+    up = UpProcess(on_new_ports(mesh_env, MLMESH_RESTART_LIMIT="0"), {})
+    up.wait_for("mesh is up")
+    os.kill(stage_pid(up, "evaluator"), signal.SIGKILL)
+    output = up.rest()
+    assert up.process.returncode == 1
+    assert "over the restart limit" in output and "evaluator" in output
     assert "mesh stopped" in output
 
 
 def test_up_stops_cleanly_on_sigterm(mesh_env: dict[str, str]) -> None:
-    up = UpProcess(mesh_env, {})
+    up = UpProcess(on_new_ports(mesh_env), {})
     up.wait_for("mesh is up")
     up.process.send_signal(signal.SIGTERM)
     output = up.rest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -45,6 +46,14 @@ def _key_values(pairs: list[str], convert: Any, flag: str) -> dict[str, Any]:
 
 
 # ---- up -------------------------------------------------------------------------------
+def _state_file(settings: Settings) -> Path | None:
+    """Where `mlmesh up` records pids and restarts for `mlmesh status` (local stores only)."""
+    if "://" in settings.artifact_root:
+        return None
+    # Named by the loader's port: two meshes may share one store on different ports.
+    return Path(settings.artifact_root) / "mesh" / f"up-{settings.ports['loader']}.json"
+
+
 async def _up(settings: Settings, args: argparse.Namespace) -> int:
     mesh = LocalMesh(settings, log_dir=args.log_dir)
     stop = asyncio.Event()
@@ -56,30 +65,55 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
     except MeshStartError as exc:
         print(f"mlmesh up: {exc}", file=sys.stderr)
         return 1
+    state_file = _state_file(settings)
     for stage in STAGES:
         print(f"{stage:<11} {mesh.addresses[stage]:<22} SERVING")
     print(f"artifacts   {settings.artifact_root}")
-    print("mesh is up; Ctrl-C or SIGTERM stops it", flush=True)
+    print(f"mesh is up; a stage that dies is restarted (at most {settings.restart_limit} times in 10 min); "
+          "Ctrl-C or SIGTERM stops it", flush=True)
     exit_code = 0
     while not stop.is_set():
+        if state_file is not None:
+            mesh.write_state(state_file)
         try:
             await asyncio.wait_for(stop.wait(), timeout=0.5)
         except TimeoutError:
-            dead = mesh.dead_stages()
-            if dead:
-                print(f"mlmesh up: stage(s) exited unexpectedly: {dead}; stopping the mesh", file=sys.stderr)
+            messages, exhausted = mesh.supervise()
+            for message in messages:
+                print(f"mlmesh up: {message}", flush=True)
+            if exhausted:
+                print(f"mlmesh up: stage(s) exited unexpectedly and are over the restart limit: {exhausted}; "
+                      "stopping the mesh (see the stage logs)", file=sys.stderr)
                 exit_code = 1
                 break
     codes = mesh.stop()
+    if state_file is not None:
+        state_file.unlink(missing_ok=True)
     print(f"mesh stopped ({', '.join(f'{s}={c}' for s, c in codes.items())})", flush=True)
     return exit_code
 
 
 # ---- status ---------------------------------------------------------------------------
+def _launcher_state(settings: Settings) -> dict[str, Any]:
+    """The running `mlmesh up`'s record of its stages, if one is running for this store."""
+    state_file = _state_file(settings)
+    try:
+        state = json.loads(state_file.read_text()) if state_file is not None else {}
+        os.kill(int(state["launcher_pid"]), 0)  # still alive?
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return state.get("stages", {}) if isinstance(state.get("stages"), dict) else {}
+
+
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
     results = await asyncio.gather(*(check_health(settings.addresses[s], timeout=args.timeout) for s in STAGES))
+    launched = _launcher_state(settings)
     for stage, status in zip(STAGES, results, strict=True):
-        print(f"{stage:<11} {settings.addresses[stage]:<22} {status}")
+        line = f"{stage:<11} {settings.addresses[stage]:<22} {status}"
+        if isinstance(launched.get(stage), dict):
+            info = launched[stage]
+            line += f"  pid {info.get('pid')}, restarts {info.get('restarts', 0)}"
+        print(line)
     return 0 if all(r == "SERVING" for r in results) else 1
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -19,6 +24,36 @@ class MeshStartError(RuntimeError):
     pass
 
 
+# Restarts count against MLMESH_RESTART_LIMIT within this window, like a crash-loop guard.
+RESTART_WINDOW_SECONDS = 600.0
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+
+
+@dataclass
+class Supervision:
+    """What `mlmesh up` knows about one stage's restarts."""
+
+    restarts: int = 0
+    recent: deque = field(default_factory=deque)  # monotonic times of restarts in the window
+    due: float | None = None  # when the next restart may happen
+    last_exit: int | None = None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when a listening socket already holds host:port (a bind test, not a connect)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR ignores sockets in TIME_WAIT, so only a live listener makes this fail.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
 class LocalMesh:
     """Start with `await mesh.start()`, stop with `mesh.stop()`; also an async context manager."""
 
@@ -27,6 +62,7 @@ class LocalMesh:
         self.env = {**os.environ, **(env or {})}
         self.log_dir = log_dir
         self.processes: dict[str, subprocess.Popen] = {}
+        self.supervision: dict[str, Supervision] = {stage: Supervision() for stage in STAGES}
         self._logs: list[IO[bytes]] = []
 
     @property
@@ -55,7 +91,21 @@ class LocalMesh:
         lines = (self.log_dir / f"{stage}.log").read_text(errors="replace").splitlines()
         return "\n  ".join(["", *lines[-8:]])
 
+    async def _check_ports_free(self) -> None:
+        """Refuse to start over another mesh (or any program) that holds our ports."""
+        for stage in STAGES:
+            port = self.settings.ports[stage]
+            if port == 0 or not port_in_use(self.settings.bind_host, port):
+                continue
+            status = await check_health(self.addresses[stage], timeout=1.0)
+            who = "another mlmesh mesh (its health says SERVING)" if status == "SERVING" else "another program"
+            raise MeshStartError(
+                f"port {port} for {stage} on {self.settings.bind_host} is already in use by {who}; stop it, "
+                f"or choose other ports with MLMESH_{stage.upper()}_PORT"
+            )
+
     async def start(self, timeout: float = 60.0) -> None:
+        await self._check_ports_free()
         for stage in STAGES:
             self.processes[stage] = self._spawn(stage)
         deadline = time.monotonic() + timeout
@@ -82,6 +132,56 @@ class LocalMesh:
 
     def dead_stages(self) -> dict[str, int]:
         return {s: p.returncode for s, p in self.processes.items() if p.poll() is not None}
+
+    def supervise(self, now: float | None = None) -> tuple[list[str], dict[str, int]]:
+        """Restart dead stages with backoff; returns (messages, stages over the restart limit).
+
+        A stage that dies is restarted after 1 s, then 2, 4, ... 30 s, as long as it
+        has restarted fewer than MLMESH_RESTART_LIMIT times in the last ten minutes.
+        """
+        now = time.monotonic() if now is None else now
+        messages, exhausted = [], {}
+        for stage, code in self.dead_stages().items():
+            state = self.supervision[stage]
+            while state.recent and now - state.recent[0] > RESTART_WINDOW_SECONDS:
+                state.recent.popleft()
+            if state.due is None:
+                state.last_exit = code
+                if len(state.recent) >= self.settings.restart_limit:
+                    exhausted[stage] = code
+                    continue
+                delay = RESTART_BACKOFF_SECONDS[min(len(state.recent), len(RESTART_BACKOFF_SECONDS) - 1)]
+                state.due = now + delay
+                messages.append(
+                    f"{stage} exited with status {code}; restarting in {delay:.0f}s "
+                    f"({len(state.recent) + 1} of {self.settings.restart_limit} in {RESTART_WINDOW_SECONDS / 60:.0f} min)"
+                )
+            elif now >= state.due:
+                state.due = None
+                state.restarts += 1
+                state.recent.append(now)
+                self.processes[stage] = self._spawn(stage)
+                messages.append(f"{stage} restarted (pid {self.processes[stage].pid})")
+        return messages, exhausted
+
+    def write_state(self, path: Path) -> None:
+        """What `mlmesh status` shows beside health: pids and restarts of this launcher's stages."""
+        state = {
+            "launcher_pid": os.getpid(),
+            "stages": {
+                stage: {
+                    "pid": self.processes[stage].pid if stage in self.processes else None,
+                    "address": self.addresses[stage],
+                    "restarts": self.supervision[stage].restarts,
+                    "last_exit": self.supervision[stage].last_exit,
+                }
+                for stage in STAGES
+            },
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=2, sort_keys=True))
+        temporary.replace(path)
 
     def stop(self) -> dict[str, int]:
         """SIGTERM everyone, give them the grace period, then SIGKILL stragglers."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -166,6 +167,13 @@ def serve(spec: StageSpec) -> None:
         sys.exit(f"{spec.name}: cannot start: {exc}")
     with contextlib.suppress(Exception):
         logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # The server has drained and stopped. A worker thread may still be inside a fit or a
+    # read that cannot be interrupted, and the interpreter would join it at exit, so a
+    # SIGTERM could take as long as the fit. Every write is atomic (temporary file, then
+    # rename), so leaving now loses only work in progress, which a retry recomputes.
+    os._exit(0)
 
 
 def stage_spec(name: str) -> StageSpec:

@@ -74,6 +74,8 @@ class Settings:
     # Largest in-memory dataset a stage accepts, so one request cannot exhaust the host.
     max_dataset_bytes: int = 2 * 1024**3
     rpc_timeout_seconds: float = 600.0
+    # `mlmesh up` restarts a stage that dies at most this many times in ten minutes.
+    restart_limit: int = 5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -104,4 +106,5 @@ class Settings:
             worker_threads=_int(env, "MLMESH_WORKER_THREADS", min(4, os.cpu_count() or 1), minimum=1),
             max_dataset_bytes=_int(env, "MLMESH_MAX_DATASET_BYTES", 2 * 1024**3, minimum=1024),
             rpc_timeout_seconds=_float(env, "MLMESH_RPC_TIMEOUT_SECONDS", 600.0, minimum=0.001),
+            restart_limit=_int(env, "MLMESH_RESTART_LIMIT", 5, minimum=0, maximum=1000),
         )
