@@ -4,6 +4,7 @@ error hygiene, message limits, responsiveness under load and SIGTERM handling.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
-from mlmesh.loader.v1 import loader_pb2
+from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.runtime.client import MeshClient, PipelineConfig
@@ -450,7 +451,8 @@ async def test_infinite_values_are_refused_with_their_own_codes(client: MeshClie
 
 
 # ---- the process: SIGTERM ------------------------------------------------------------------
-def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+def start_loader_process(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    """`python -m services.loader` on a free port with a 1 s grace period, once it is SERVING."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -464,29 +466,59 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
         [sys.executable, "-m", "services.loader"], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    deadline = time.monotonic() + 30
+    status = None
+    while status != SERVING:
+        assert process.poll() is None, f"loader exited early:\n{process.stdout.read()}"
+        assert time.monotonic() < deadline, "loader never reported SERVING"
+        try:
+            status = asyncio.run(health_status(f"127.0.0.1:{port}", "mlmesh.loader.v1.LoaderService", timeout=1))
+        except grpc.aio.AioRpcError:
+            time.sleep(0.05)
+    return process, port
+
+
+def stop_with_sigterm(process: subprocess.Popen) -> tuple[str, float]:
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
     try:
-        deadline = time.monotonic() + 30
-        status = None
-        while status != SERVING:
-            assert process.poll() is None, f"loader exited early:\n{process.stdout.read()}"
-            assert time.monotonic() < deadline, "loader never reported SERVING"
-            try:
-                status = asyncio.run(health_status(f"127.0.0.1:{port}", "mlmesh.loader.v1.LoaderService", timeout=1))
-            except grpc.aio.AioRpcError:
-                time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        output, _ = process.communicate(timeout=10)
-        elapsed = time.monotonic() - started
+        output, _ = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    return output, time.monotonic() - started
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
+    process, port = start_loader_process(tmp_path)
+    output, elapsed = stop_with_sigterm(process)
     assert process.returncode == 0, output
     assert elapsed < 5, f"took {elapsed:.1f}s to stop"
     assert f"serving mlmesh.loader.v1.LoaderService on 127.0.0.1:{port}" in output
     assert "loader stopping" in output and "loader stopped" in output, output
     assert "Traceback" not in output
+
+
+def test_sigterm_ends_a_stage_whose_worker_is_busy_within_its_grace_period(tmp_path: Path) -> None:
+    process, port = start_loader_process(tmp_path)
+    source = "synthetic:classification?rows=1000000&features=40&seed=5"  # about 10 s of loading
+
+    def load() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with contextlib.suppress(grpc.RpcError):
+                loader_pb2_grpc.LoaderServiceStub(channel).Load(loader_pb2.LoadRequest(source=source), timeout=60)
+
+    caller = threading.Thread(target=load, daemon=True)
+    caller.start()
+    time.sleep(1.5)  # the load is on a worker thread now
+    output, elapsed = stop_with_sigterm(process)
+    # Grace (1 s) to drain, then the process leaves without joining the busy worker.
+    assert elapsed < 5, f"took {elapsed:.1f}s to stop with a busy worker:\n{output}"
+    assert process.returncode == 0, output
+    assert "loader stopped" in output
+    assert not list((tmp_path / "artifacts").glob("memo/loader/*.json")), "the load finished; it was not busy"
+    caller.join(timeout=10)
 
 
 @pytest.mark.asyncio
