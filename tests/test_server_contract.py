@@ -569,3 +569,32 @@ async def test_garbage_in_the_table_fields_gets_an_honest_code(client: MeshClien
         assert len(error.details) < 1500 and "x" * 1100 not in error.details
     for stage in mesh.values():
         await assert_serving(stage)
+
+
+@pytest.mark.asyncio
+async def test_a_stage_at_its_call_limit_refuses_calls_but_always_answers_health(settings: Settings) -> None:
+    import dataclasses
+
+    limited = dataclasses.replace(settings, max_concurrent_rpcs=1)
+    stage = await start_stage(stage_spec("loader"), limited, port=0)
+    try:
+        async with grpc.aio.insecure_channel(stage.address) as channel:
+            loader = loader_pb2_grpc.LoaderServiceStub(channel)
+            busy = asyncio.ensure_future(loader.Load(
+                loader_pb2.LoadRequest(source="synthetic:classification?rows=300000&features=20&seed=9"), timeout=60))
+            await asyncio.sleep(0.5)  # the first call holds the only slot
+            assert not busy.done()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await loader.Load(loader_pb2.LoadRequest(source="sklearn:iris"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "MLMESH_MAX_CONCURRENT_RPCS" in refused.value.details()
+            for _ in range(5):  # health is never counted against the limit
+                started = time.perf_counter()
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="mlmesh.loader.v1.LoaderService"), timeout=2)
+                assert reply.status == SERVING and time.perf_counter() - started < 1
+            assert (await busy).rows == 300000
+            # The slot is free again.
+            assert (await loader.Load(loader_pb2.LoadRequest(source="sklearn:iris"), timeout=30)).rows == 150
+    finally:
+        await stage.stop(0.5)

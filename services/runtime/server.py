@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime.errors import StageError
+from services.runtime.admission import AdmissionInterceptor
 from services.runtime.interceptor import StageInterceptor
 from services.runtime.settings import Settings, SettingsError
 from services.runtime.stage import StageRuntime
@@ -85,9 +86,9 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(
-        interceptors=[StageInterceptor(spec.service_name)],
+        # Admission inside the stage interceptor, so a refused call is logged like any other.
+        interceptors=[StageInterceptor(spec.service_name), AdmissionInterceptor(settings.max_concurrent_rpcs)],
         options=options,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     runtime = StageRuntime(spec.name, spec.version, settings)
     spec.add_servicer(spec.make_servicer(runtime), server)
