@@ -59,6 +59,7 @@ def test_overrides(tmp_path: Path) -> None:
         "MLMESH_WORKER_THREADS": "3",
         "MLMESH_MAX_DATASET_BYTES": "4096",
         "MLMESH_RPC_TIMEOUT_SECONDS": "0.5",
+        "MLMESH_RESTART_LIMIT": "0",
     }
     settings = Settings.from_env(env)
     assert settings.artifact_root == str((tmp_path / "store").resolve())
@@ -74,6 +75,7 @@ def test_overrides(tmp_path: Path) -> None:
     assert settings.worker_threads == 3
     assert settings.max_dataset_bytes == 4096
     assert settings.rpc_timeout_seconds == 0.5
+    assert settings.restart_limit == 0
 
 
 @pytest.mark.parametrize(
@@ -111,6 +113,8 @@ def test_artifact_root_forms(raw: str, expected: str, tmp_path: Path, monkeypatc
         ("MLMESH_WORKER_THREADS", "0", "must be at least 1"),
         ("MLMESH_MAX_DATASET_BYTES", "1k", "is not an integer"),
         ("MLMESH_RPC_TIMEOUT_SECONDS", "0", "must be at least 0.001"),
+        ("MLMESH_RESTART_LIMIT", "-1", "must be at least 0"),
+        ("MLMESH_RESTART_LIMIT", "many", "is not an integer"),
     ],
 )
 def test_invalid_values_name_the_variable(name: str, value: str, fragment: str) -> None:
