@@ -222,8 +222,12 @@ def test_a_second_up_over_a_running_mesh_says_so_and_exits_non_zero(running_mesh
     port = running_mesh.ports["loader"]
     assert f"port {port} for loader" in second.stderr and "another mlmesh mesh" in second.stderr
     assert "MLMESH_LOADER_PORT" in second.stderr
-    # The first mesh is untouched.
+    # The first mesh is untouched, and commands that only need a mesh for a while use it.
     assert mlmesh(mesh_env, "status").returncode == 0
+    borrowed = mlmesh(mesh_env, "with-mesh", "--", str(BIN / "mlmesh"), "status")
+    assert borrowed.returncode == 0, borrowed.stderr
+    assert "using the mesh already serving" in borrowed.stderr and borrowed.stdout.count("SERVING") == 5
+    assert mlmesh(mesh_env, "status").returncode == 0  # ...and leave it running
 
 
 def stage_pid(up: UpProcess, stage: str) -> int:

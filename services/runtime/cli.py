@@ -166,12 +166,15 @@ async def _with_mesh(settings: Settings, args: argparse.Namespace) -> int:
         print("mlmesh with-mesh: give a command after --", file=sys.stderr)
         return 2
     mesh = LocalMesh(settings, log_dir=args.log_dir)
-    await mesh.start()
+    started = await mesh.start_or_reuse()
+    if not started:
+        print("mlmesh with-mesh: using the mesh already serving on these ports", file=sys.stderr)
     try:
         process = await asyncio.create_subprocess_exec(*command)
         return await process.wait()
     finally:
-        mesh.stop()
+        if started:
+            mesh.stop()
 
 
 # ---- run ------------------------------------------------------------------------------
@@ -289,7 +292,8 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         # Stage logs go beside a local store; with an object store they stay on the terminal.
         local_store = "://" not in settings.artifact_root
         mesh = LocalMesh(settings, log_dir=Path(settings.artifact_root) / "logs" if local_store else None)
-        await mesh.start()
+        if not await mesh.start_or_reuse():
+            mesh = None  # someone else's mesh: use it, leave it running
     try:
         async with MeshClient(settings) as client:
             def progress(event: Any) -> None:

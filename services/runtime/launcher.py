@@ -104,6 +104,22 @@ class LocalMesh:
                 f"or choose other ports with MLMESH_{stage.upper()}_PORT"
             )
 
+    async def running_elsewhere(self) -> bool:
+        """True when every stage's address already answers SERVING: a mesh this launcher did not start."""
+        statuses = await asyncio.gather(*(check_health(self.addresses[s], timeout=1.0) for s in STAGES))
+        return all(status == "SERVING" for status in statuses)
+
+    async def start_or_reuse(self) -> bool:
+        """Start the mesh, or use the one already serving on these ports; True if this call started it.
+
+        For commands that only need a mesh for a while (`with-mesh`, `run --start-mesh`):
+        the mesh someone left running serves them, and stays running afterwards.
+        """
+        if await self.running_elsewhere():
+            return False
+        await self.start()
+        return True
+
     async def start(self, timeout: float = 60.0) -> None:
         await self._check_ports_free()
         for stage in STAGES:
