@@ -274,6 +274,21 @@ def test_up_stops_the_mesh_when_a_stage_is_over_its_restart_limit(mesh_env: dict
     assert "mesh stopped" in output
 
 
+
+def test_killing_up_with_sigkill_takes_its_stages_down_too(mesh_env: dict[str, str]) -> None:
+    up = UpProcess(on_new_ports(mesh_env), {})
+    up.wait_for("mesh is up")
+    children = [stage_pid(up, stage) for stage in STAGES]
+    up.process.kill()
+    up.process.wait()
+    deadline = time.monotonic() + 20
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode == 0
+                 and "Z" not in subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout]
+    assert not alive, f"stages {alive} outlived their launcher"
+
 def test_up_stops_cleanly_on_sigterm(mesh_env: dict[str, str]) -> None:
     up = UpProcess(on_new_ports(mesh_env), {})
     up.wait_for("mesh is up")

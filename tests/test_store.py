@@ -25,7 +25,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.runtime import store as store_module
 from services.runtime.client import MeshClient
-from services.runtime.errors import DataLoss, InvalidArgument, NotFound
+from services.runtime.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 from services.runtime.formats import JSON, NPY, PARQUET, SKOPS
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
@@ -131,15 +131,17 @@ def test_crash_before_rename_leaves_nothing_under_the_final_name(
     data = b"half-written model" * 100
     digest = hashlib.sha256(data).hexdigest()
     final = Path(os.path.realpath(artifact_root)) / "objects" / digest[:2] / f"{digest}.skops"
-    with pytest.raises(OSError, match="No space left"):
+    # A full disk is the caller's RESOURCE_EXHAUSTED, naming the store root.
+    with pytest.raises(ResourceExhausted, match="no space left on device") as caught:
         store.put(data, SKOPS)
+    assert str(artifact_root) in str(caught.value) and ".tmp-" not in str(caught.value)
 
     assert len(calls) == 1 and calls[0][1] == str(final)
     assert not final.exists()
     assert temp_files(artifact_root) == []
 
     # A document write crashing the same way leaves no half document either.
-    with pytest.raises(OSError):
+    with pytest.raises(ResourceExhausted):
         store.write_doc(("memo", "trainer", "key.json"), {"result": {}})
     assert not (artifact_root / "memo" / "trainer" / "key.json").exists()
     assert store.read_doc(("memo", "trainer", "key.json")) is None

@@ -50,6 +50,16 @@ def check_threshold_names(minimums: dict[str, float], maximums: dict[str, float]
                 raise InvalidArgument(f"{kind}[{name!r}] must be a finite number, got {value}")
 
 
+def check_is_model(model: Any) -> None:
+    """An allow-listed object that loads fine may still be no model: a fitted scaler, a dict."""
+    if not callable(getattr(model, "predict", None)):
+        kind = type(model).__name__
+        raise FailedPrecondition(
+            f"model is a {kind}, not a model: it has no predict method; "
+            "pass the model ref the trainer returned"
+        )
+
+
 def _scores(model: Any, x: np.ndarray) -> np.ndarray | None:
     if hasattr(model, "predict_proba"):
         try:

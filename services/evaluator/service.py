@@ -44,6 +44,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
 
         def work(run: Run) -> evaluator_pb2.EvaluateResponse:
             model = skops_to_model(run.read(request.model, "model"), "model")
+            logic.check_is_model(model)
             x = npy_to_array(run.read(request.x_test, "x_test"), "x_test")
             y = npy_to_array(run.read(request.y_test, "y_test"), "y_test")
             context = {

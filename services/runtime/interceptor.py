@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -11,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from services.runtime.errors import StageError
+from services.runtime.errors import InvalidArgument, StageError, bounded
 from services.runtime.stage import RpcRecord, current_rpc
 
 log = logging.getLogger("mlmesh.rpc")
@@ -59,15 +60,70 @@ async def _rpc_scope(method: str, context: grpc.aio.ServicerContext) -> AsyncIte
     except grpc.aio.AbortError:
         outcome.code = context.code() or grpc.StatusCode.UNKNOWN
         raise
+    except asyncio.CancelledError:
+        # The caller went away or its deadline passed; grpc cancels the handler either way.
+        outcome.code = _cancellation_code(context)
+        raise
     except Exception as exc:  # noqa: BLE001 - mapped to a status just below
         await _map_error(exc, method, context, outcome)
     finally:
+        if outcome.code == grpc.StatusCode.OK and _is_cancelled(context):
+            # The handler finished, but too late: the caller saw CANCELLED or DEADLINE_EXCEEDED.
+            outcome.code = _cancellation_code(context)
         _log(method, outcome, started, record)
+
+
+def _is_cancelled(context: grpc.aio.ServicerContext) -> bool:
+    try:
+        return bool(context.cancelled())
+    except Exception:  # noqa: BLE001 - a log detail must never fail the call
+        return False
+
+
+def _cancellation_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # noqa: BLE001
+        remaining = None
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not decode, so the handler can refuse it."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpc.aio deserialises before the handler runs and answers a failure with UNKNOWN;
+    this hands the failure to the handler instead, which answers INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends, reported below
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+async def _refuse_undecodable(request: _Undecodable, method: str, context: grpc.aio.ServicerContext) -> None:
+    raise InvalidArgument(
+        f"the request body for {method} is not a valid protobuf message "
+        f"({bounded(request.error, 120)}); send the message the service's proto defines"
+    )
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _rpc_scope(method, context):
+            if isinstance(request, _Undecodable):
+                await _refuse_undecodable(request, method, context)
             return await behavior(request, context)
 
     return handler
@@ -76,6 +132,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _rpc_scope(method, context):
+            if isinstance(request, _Undecodable):
+                await _refuse_undecodable(request, method, context)
             async for response in behavior(request, context):
                 yield response
 
@@ -104,13 +162,13 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -39,6 +39,15 @@ class Supervision:
     last_exit: int | None = None
 
 
+def _stop_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the launcher dies, even by SIGKILL,
+    so a killed `mlmesh up` never leaves its stages running as orphans (Linux prctl)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def port_in_use(host: str, port: int) -> bool:
     """True when a listening socket already holds host:port (a bind test, not a connect)."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
@@ -83,6 +92,7 @@ class LocalMesh:
             env=self.env,
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
+            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - no threads yet
         )
 
     def _log_tail(self, stage: str) -> str:

@@ -32,7 +32,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
-from services.runtime.errors import Cancelled, InvalidArgument
+from services.runtime.errors import Cancelled, InvalidArgument, bounded
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore, canonical_json, ref_to_dict, sha256_hex
 
@@ -177,12 +177,20 @@ class StageRuntime:
         entry = self.store.read_doc(self._memo_parts(key))
         if entry is None:
             return None
-        outputs = [ArtifactRef(**ref) for ref in entry.get("outputs", {}).values()]
+        try:
+            outputs = [ArtifactRef(**ref) for ref in entry["outputs"].values()]
+            result = result_type()
+            json_format.ParseDict(entry["result"], result, ignore_unknown_fields=True)
+        except (KeyError, TypeError, ValueError, AttributeError, json_format.ParseError) as exc:
+            # Valid JSON of the wrong shape (hand edits, an older layout): a miss, rewritten below.
+            log.warning(
+                "memo entry %s/%s has the wrong shape (%s); treating it as a miss and recomputing",
+                self.name, key[:12], bounded(f"{type(exc).__name__}: {exc}", 120),
+            )
+            return None
         if not all(self.store.exists(ref) for ref in outputs):
             log.warning("memo entry %s lists outputs that are gone; recomputing", key[:12])
             return None
-        result = result_type()
-        json_format.ParseDict(entry["result"], result, ignore_unknown_fields=True)
         return result
 
     async def _compute_once(

@@ -12,8 +12,10 @@ put whole), and every read re-hashes the bytes against the reference.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -25,9 +27,23 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef
-from services.runtime.errors import DataLoss, InvalidArgument, NotFound, Unavailable
+from services.runtime.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    bounded,
+)
+
+log = logging.getLogger(__name__)
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# C0 controls (NUL included) and DEL never belong in a path; NUL even crashes os calls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A full disk or an exhausted quota: the store needs room, retrying as is will not help.
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 # Suffixes make the object folder readable by people and tools; the digest is the identity.
 SUFFIXES = {
@@ -37,6 +53,11 @@ SUFFIXES = {
     "application/json": ".json",
     "text/html": ".html",
 }
+
+
+def _show(value: object, limit: int = 120) -> str:
+    """A caller-supplied string for an error message: quoted, escaped and bounded."""
+    return bounded(repr(value), limit)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -63,6 +84,24 @@ def ref_from_dict(data: dict[str, Any]) -> ArtifactRef:
         sha256=data["sha256"],
         size_bytes=int(data.get("size_bytes", 0)),
         media_type=data.get("media_type", ""),
+    )
+
+
+class DamagedDocument(ValueError):
+    """A store document that exists but cannot be used: not JSON, or not an object."""
+
+    def __init__(self, relative_path: str, reason: str):
+        super().__init__(f"store document {relative_path} {reason}")
+        self.relative_path = relative_path
+        self.reason = reason
+
+
+def _is_manifest(doc: dict[str, Any]) -> bool:
+    inputs = doc.get("inputs", {})
+    return (
+        isinstance(doc.get("stage"), str)
+        and isinstance(inputs, dict)
+        and all(isinstance(ref, dict) and isinstance(ref.get("sha256"), str) for ref in inputs.values())
     )
 
 
@@ -93,11 +132,16 @@ class ArtifactStore:
         """Map a ref's URI to a path inside this store, refusing anything outside it."""
         if not uri:
             raise InvalidArgument("artifact ref has an empty uri")
+        if _CONTROL.search(uri):
+            raise InvalidArgument(
+                f"artifact uri {_show(uri)} contains a control character (such as NUL); "
+                "pass the ref a previous stage returned, unchanged"
+            )
         protocol, path = fsspec.core.split_protocol(uri)
         if self.is_local:
             if protocol not in (None, "file", "local"):
                 raise InvalidArgument(
-                    f"artifact uri {uri!r} uses scheme {protocol!r}, but the store is the "
+                    f"artifact uri {_show(uri)} uses scheme {_show(protocol)}, but the store is the "
                     f"local folder {self.root_path}; pass a ref this store produced"
                 )
             path = os.path.realpath(path)
@@ -105,14 +149,14 @@ class ArtifactStore:
             own = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
             if protocol not in own:
                 raise InvalidArgument(
-                    f"artifact uri {uri!r} is not in the store {self.root_url}; "
+                    f"artifact uri {_show(uri)} is not in the store {self.root_url}; "
                     "pass a ref this store produced"
                 )
             path = posixpath.normpath(self.fs._strip_protocol(uri))
         objects = f"{self.root_path}/objects/"
         if not path.startswith(objects):
             raise InvalidArgument(
-                f"artifact uri {uri!r} points outside the store's objects folder {objects}"
+                f"artifact uri {_show(uri)} points outside the store's objects folder {objects}"
             )
         return path
 
@@ -123,7 +167,7 @@ class ArtifactStore:
             raise InvalidArgument(f"{field}.uri is required: pass the ref a previous stage returned")
         if not _SHA256_HEX.match(ref.sha256):
             raise InvalidArgument(
-                f"{field}.sha256 must be 64 lowercase hex characters, got {ref.sha256!r}"
+                f"{field}.sha256 must be 64 lowercase hex characters, got {_show(ref.sha256)}"
             )
 
     # ---- objects --------------------------------------------------------------------
@@ -143,17 +187,22 @@ class ArtifactStore:
         path = self.resolve(ref.uri)
         try:
             data = self.fs.cat_file(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(
-                f"{field} {ref.uri} is not in the artifact store; it was deleted or never "
+                f"{field} {_show(ref.uri)} is not in the artifact store; it was deleted or never "
                 "written. Rerun the stage that produced it with force_recompute=true"
             ) from None
+        except IsADirectoryError:
+            raise FailedPrecondition(
+                f"{field} {_show(ref.uri)} names a folder in the artifact store, not an object; "
+                "pass the ref the producing stage returned"
+            ) from None
         except OSError as exc:
-            raise Unavailable(f"artifact store unreadable at {ref.uri}: {exc}") from exc
+            raise Unavailable(f"artifact store unreadable at {_show(ref.uri)}: {bounded(exc)}") from exc
         actual = sha256_hex(data)
         if actual != ref.sha256:
             raise DataLoss(
-                f"{field} {ref.uri} is corrupt or was replaced: expected sha256 {ref.sha256}, "
+                f"{field} {_show(ref.uri)} is corrupt or was replaced: expected sha256 {ref.sha256}, "
                 f"found {actual}. Rerun the stage that produced it with force_recompute=true"
             )
         return data
@@ -163,20 +212,54 @@ class ArtifactStore:
         try:
             path = self.resolve(ref.uri)
             return self.fs.size(path) == ref.size_bytes
-        except (FileNotFoundError, InvalidArgument):
+        except (OSError, InvalidArgument):
             return False
 
     def _exists_intact(self, path: str, digest: str) -> bool:
         try:
             return sha256_hex(self.fs.cat_file(path)) == digest
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
+        except IsADirectoryError:
+            raise self._folder_in_the_way(path) from None
+
+    def _relative(self, path: str) -> str:
+        return path.removeprefix(self.root_path).lstrip("/")
+
+    def _folder_in_the_way(self, path: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"the artifact store {self.root_url} has a folder at {self._relative(path)} where a file "
+            "belongs; remove that folder and retry"
+        )
+
+    def _write_failed(self, path: str, exc: OSError) -> Exception:
+        """The status for a failed store write: full disk and folders get their own codes."""
+        if exc.errno in _NO_SPACE:
+            reason = "disk quota exceeded" if exc.errno != errno.ENOSPC else "no space left on device"
+            return ResourceExhausted(
+                f"the artifact store {self.root_url} is full ({reason}) while writing "
+                f"{self._relative(path)}; nothing was stored. Free space there or point "
+                "MLMESH_ARTIFACT_ROOT at a larger volume, then retry"
+            )
+        if isinstance(exc, IsADirectoryError):
+            return self._folder_in_the_way(path)
+        return exc
 
     def _write_atomic(self, path: str, data: bytes) -> None:
-        if not self.is_local:
-            # Object stores make a single put visible all at once.
-            self.fs.pipe_file(path, data)
-            return
+        try:
+            if not self.is_local:
+                # Object stores make a single put visible all at once.
+                self.fs.pipe_file(path, data)
+                return
+            self._write_local(path, data)
+        except OSError as exc:
+            mapped = self._write_failed(path, exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    @staticmethod
+    def _write_local(path: str, data: bytes) -> None:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
@@ -187,8 +270,11 @@ class ArtifactStore:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
-            if os.path.exists(tmp):
+            # Never leave a partial object behind, whatever failed (a full disk included).
+            try:
                 os.unlink(tmp)
+            except FileNotFoundError:
+                pass
             raise
 
     # ---- small JSON documents (manifests, memo entries) ------------------------------
@@ -199,20 +285,41 @@ class ArtifactStore:
         body = json.dumps(doc, sort_keys=True, indent=2).encode()
         self._write_atomic(self._doc_path(*parts), body)
 
-    def read_doc(self, parts: tuple[str, ...]) -> dict[str, Any] | None:
+    def load_doc(self, parts: tuple[str, ...]) -> dict[str, Any] | None:
+        """A document, None when absent; DamagedDocument when present but not a JSON object."""
+        path = self._doc_path(*parts)
         try:
-            return json.loads(self.fs.cat_file(self._doc_path(*parts)))
-        except FileNotFoundError:
+            raw = self.fs.cat_file(path)
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        except ValueError:
-            return None  # a damaged document is treated as absent and rewritten
+        except IsADirectoryError:
+            raise DamagedDocument("/".join(parts), "is a folder, not a file") from None
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:  # truncated, not JSON, or not UTF-8
+            raise DamagedDocument("/".join(parts), f"is not valid JSON ({bounded(exc, 80)})") from None
+        if not isinstance(doc, dict):
+            raise DamagedDocument("/".join(parts), f"holds a JSON {type(doc).__name__}, not an object")
+        return doc
+
+    def read_doc(self, parts: tuple[str, ...]) -> dict[str, Any] | None:
+        """A document, or None when absent or damaged: a damaged one is logged and rewritten later."""
+        try:
+            return self.load_doc(parts)
+        except DamagedDocument as damaged:
+            log.warning("%s; treating it as absent", damaged)
+            return None
 
     def manifest(self, digest: str) -> dict[str, Any] | None:
-        return self.read_doc(("manifests", f"{digest}.json"))
+        manifest = self.read_doc(("manifests", f"{digest}.json"))
+        if manifest is not None and not _is_manifest(manifest):
+            log.warning("manifests/%s.json has the wrong shape; treating it as absent", digest)
+            return None
+        return manifest
 
     def write_manifest(self, digest: str, manifest: dict[str, Any]) -> None:
         # The first producer of a given content stays on record; identical bytes
-        # produced later add nothing to its history.
+        # produced later add nothing to its history. A damaged record is replaced.
         if self.manifest(digest) is None:
             self.write_doc(("manifests", f"{digest}.json"), manifest)
 
