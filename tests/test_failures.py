@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import types
 from pathlib import Path
@@ -450,10 +451,12 @@ async def test_a_damaged_registry_is_data_loss_and_never_reset(
     listed = registry.list_models(store)
     if damage != "delete":
         assert listed[0]["name"] == "iris" and listed[0]["versions"] == [] and problem in listed[0]["damaged"]
-        from services.runtime.cli import _models
-
-        assert _models(settings, types.SimpleNamespace(json=False)) == 0
-        assert "iris" in capsys.readouterr().out
+        models = subprocess.run(
+            [str(Path(sys.executable).parent / "mlmesh"), "models"], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "MLMESH_ARTIFACT_ROOT": settings.artifact_root},
+        )
+        assert models.returncode == 0, models.stderr
+        assert "iris" in models.stdout and "DAMAGED: the model registry for 'iris' is damaged" in models.stdout
 
     # Following the advice restores the registry, and the next version is 3.
     shutil.copy(artifact_root / "registry" / "iris" / "2.json", current)

@@ -153,6 +153,8 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
         print(f"no registered models in {settings.artifact_root}")
     for document in documents:
         print(document["name"])
+        if document.get("damaged"):
+            print(f"  DAMAGED: {document['damaged']}")
         for version in document["versions"]:
             metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(version["metrics"].items()))
             print(f"  v{version['version']:<3} {version['registered_at']}  {version['model']['sha256'][:12]}  {metrics}")
