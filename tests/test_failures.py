@@ -420,7 +420,7 @@ async def _registered_twice(client: MeshClient, settings: Settings, run: Pipelin
 )
 async def test_a_damaged_registry_is_data_loss_and_never_reset(
     client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, artifact_root: Path,
-    iris_run: PipelineRun, damage: str, problem: str, capsys: pytest.CaptureFixture,
+    iris_run: PipelineRun, damage: str, problem: str,
 ) -> None:
     third = await _registered_twice(client, settings, iris_run)
     current = artifact_root / "registry" / "iris.json"
