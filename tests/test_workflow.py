@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -65,21 +67,27 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     model = re.search(r"model=ArtifactRef\(uri='[^']+', sha256='([0-9a-f]{64})'", first.stdout).group(1)
     assert f"sha256='{model}'" in second.stdout
     after = {stage: rpc_lines(flyte_env, stage) for stage in STAGES}
-    # The loader is asked again (Flyte cannot know whether a source changed) and answers from its memo.
-    assert len(after["loader"]) == before["loader"] + 1 and "cache_hit=true" in after["loader"][-1]
-    # Every other stage was served from Flyte's cache: no new calls reached them...
-    for stage in ("preprocess", "features", "trainer"):
-        assert len(after[stage]) == before[stage], f"{stage} was called again"
-    # ...except the registry, which found the model already registered.
-    assert "RegisterModel" in after["evaluator"][-1] and "Evaluate" not in after["evaluator"][-1]
+    # Every stage is asked again and answers from its memo, which checks its outputs still exist.
+    for stage in ("loader", "preprocess", "features", "trainer"):
+        assert len(after[stage]) == before[stage] + 1 and "cache_hit=true" in after[stage][-1], stage
+    evaluator_calls = after["evaluator"][before["evaluator"]:]
+    assert "Evaluate" in evaluator_calls[0] and "cache_hit=true" in evaluator_calls[0]
+    # The registry found the model already registered.
+    assert "RegisterModel" in evaluator_calls[-1]
     models = subprocess.run([str(BIN / "mlmesh"), "models", "--json"], env=flyte_env, capture_output=True, text=True)
     [entry] = json.loads(models.stdout)
     assert entry["name"] == "breast_cancer-logistic_regression" and len(entry["versions"]) == 1
 
-    third = pyflyte(flyte_env, "run", "--overwrite-cache", "workflow/pipeline.py", "training_pipeline")
-    assert third.returncode == 0, third.stderr
-    trainer_calls = rpc_lines(flyte_env, "trainer")
-    assert len(trainer_calls) == before["trainer"] + 1, "--overwrite-cache did not reach the trainer"
+    # A wiped store: the next run recomputes what is missing and returns only refs that exist.
+    store = Path(flyte_env["MLMESH_ARTIFACT_ROOT"])
+    for folder in ("objects", "memo", "manifests"):
+        shutil.rmtree(store / folder)
+    third = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
+    assert third.returncode == 0, third.stdout + third.stderr
+    refs = re.findall(r"uri='file://([^']+)', sha256='([0-9a-f]{64})'", third.stdout)
+    assert len(refs) >= 15
+    for path, digest in refs:
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest, path
 
     # --recompute reaches every stage, and each one computes instead of answering from its memo.
     before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
@@ -180,7 +188,7 @@ def test_readme_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_
     text = (ROOT / "README.md").read_text()
     section = text.split("\n## The Flyte workflow\n", 1)[1].split("\n## ", 1)[0]
     script = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
-    assert script.count("pyflyte run") == 7 and "--source data.csv" in script
+    assert script.count("pyflyte run") == 6 and "--source data.csv" in script
     write_house_prices(tmp_path)
     (tmp_path / "workflow").symlink_to(ROOT / "workflow")
     script = script.replace(".venv/bin/", f"{BIN}/")
@@ -189,7 +197,7 @@ def test_readme_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = re.findall(r"^PipelineResult\(.*$", result.stdout, re.M)
     sweeps = re.findall(r"^SweepResult\(.*$", result.stdout, re.M)
-    assert len(results) == 5 and len(sweeps) == 2
+    assert len(results) == 4 and len(sweeps) == 2
     house = results[2]
     assert "task_kind='regression'" in house and "'r2':" in house and "'accuracy'" not in house
     assert "registered_as='data.csv-ridge v1'" in house

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
-from flytekit import Cache, CronSchedule, Deck, LaunchPlan, dynamic, task, workflow
+from flytekit import CronSchedule, Deck, LaunchPlan, dynamic, task, workflow
 from flytekit.exceptions.user import FlyteRecoverableException
 
 from mlmesh.common.v1 import common_pb2
@@ -29,9 +29,6 @@ from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
-from services.evaluator import VERSION as EVALUATOR_VERSION
-from services.features import VERSION as FEATURES_VERSION
-from services.preprocess import VERSION as PREPROCESS_VERSION
 from services.evaluator.report import profile_page
 from services.runtime.client import (
     ConfigError,
@@ -48,7 +45,6 @@ from services.runtime.client import (
 from services.runtime.roles import role_name
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from services.trainer import VERSION as TRAINER_VERSION
 
 T = TypeVar("T")
 
@@ -67,10 +63,12 @@ PIPELINE_IMAGE = os.environ.get("MLMESH_PIPELINE_IMAGE", "mlmesh-pipeline:latest
 _TASK_DEFAULTS = {"retries": 3, "timeout": timedelta(minutes=30), "container_image": PIPELINE_IMAGE}
 
 
-def _cache(stage_version: str) -> Cache:
-    # Flyte's key is the task's inputs, which are content digests, plus this
-    # version: a new stage version never reuses an old result.
-    return Cache(version=f"stage-{stage_version}-wf-1")
+# No task is cached by Flyte. Flyte's cache maps inputs to the references a run
+# returned, but cannot see whether those objects still exist, nor which store
+# they are in: after the store is wiped, or from another checkout sharing
+# ~/.flyte, a hit would hand out references to nothing. Each service memoizes by
+# content digest and checks its outputs are still there, so a repeat costs one
+# RPC of a few milliseconds per stage and never returns a dangling reference.
 
 
 # ---- typed references -------------------------------------------------------------------
@@ -202,9 +200,8 @@ _TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK
 # Each task builds its request with the same helpers the mlmesh CLI uses
 # (services/runtime/client.py), so both entry points mean the same by each option.
 #
-# load is deliberately not cached by Flyte: its input is a source *name*, and a
-# file behind a name can change. The loader service memoizes by file content
-# instead, and answers a repeat in milliseconds.
+# The loader memoizes by file content, not by source name, since a file behind a
+# name can change.
 @task(enable_deck=True, **_TASK_DEFAULTS)
 def load(source: str, target_column: str, task_kind: str, column_roles: dict[str, str], recompute: bool) -> Dataset:
     config = PipelineConfig(source=source, target_column=target_column, task_kind=task_kind,
@@ -222,7 +219,7 @@ def load(source: str, target_column: str, task_kind: str, column_roles: dict[str
     return dataset
 
 
-@task(cache=_cache(PREPROCESS_VERSION), **_TASK_DEFAULTS)
+@task(**_TASK_DEFAULTS)
 def preprocess(
     dataset: Dataset, test_fraction: float, seed: int, drop_duplicates: bool, drop_incomplete_rows: bool, recompute: bool,
 ) -> Splits:
@@ -236,7 +233,7 @@ def preprocess(
     )
 
 
-@task(cache=_cache(FEATURES_VERSION), **_TASK_DEFAULTS)
+@task(**_TASK_DEFAULTS)
 def build_features(
     splits: Splits, model: str, seed: int, numeric_imputation: str, missing_indicators: bool,
     categorical_encoding: str, scaling: str, polynomial_degree: int, select_k_best: int, recompute: bool,
@@ -258,7 +255,7 @@ def _features_reply(features: Features) -> features_pb2.BuildFeaturesResponse:
     })
 
 
-@task(cache=_cache(TRAINER_VERSION), **_TASK_DEFAULTS)
+@task(**_TASK_DEFAULTS)
 def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int, recompute: bool) -> TrainedModel:
     def progress(event: trainer_pb2.TrainProgress) -> None:
         print(f"trainer: {event.fraction_done:.0%} {event.message}", flush=True)
@@ -268,7 +265,7 @@ def train(features: Features, model: str, hyperparameters: dict[str, str], seed:
     return TrainedModel(ArtifactRef.of(result.model), result.model_name, dict(result.effective_hyperparameters))
 
 
-@task(cache=_cache(EVALUATOR_VERSION), enable_deck=True, **_TASK_DEFAULTS)
+@task(enable_deck=True, **_TASK_DEFAULTS)
 def evaluate(
     trained: TrainedModel, features: Features, splits: Splits, dataset: Dataset,
     minimums: dict[str, float], maximums: dict[str, float], recompute: bool,
