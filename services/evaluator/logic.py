@@ -11,7 +11,7 @@ import pandas as pd
 from sklearn import metrics
 from sklearn.base import is_classifier
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument, bounded
 
 CLASSIFICATION_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "log_loss")
 REGRESSION_METRICS = ("r2", "mae", "rmse")
@@ -44,7 +44,7 @@ def check_threshold_names(minimums: dict[str, float], maximums: dict[str, float]
         for name, value in thresholds.items():
             if name not in ALL_METRICS:
                 raise InvalidArgument(
-                    f"{kind} names unknown metric {name!r}; known metrics: {', '.join(ALL_METRICS)}"
+                    f"{kind} names unknown metric {bounded(repr(name), 80)}; known metrics: {', '.join(ALL_METRICS)}"
                 )
             if not math.isfinite(value):
                 raise InvalidArgument(f"{kind}[{name!r}] must be a finite number, got {value}")

@@ -21,7 +21,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from services.runtime.errors import DataLoss, InvalidArgument
+from services.runtime.errors import DataLoss, InvalidArgument, bounded
 from services.runtime.store import ArtifactStore, DamagedDocument
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 def check_name(name: str) -> None:
     if not _NAME.match(name):
         raise InvalidArgument(
-            f"model name {name!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            f"model name {bounded(repr(name), 140)} must be 1-128 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -96,7 +97,7 @@ def file_digest(source: Source) -> str:
     return hashlib.sha256(read_file_bytes(source)).hexdigest()
 
 
-MAX_SHOWN_PATH = 1_000
+MAX_SHOWN_PATH = 200  # characters of the quoted path: keeps a message under 1 KiB even in 4-byte UTF-8
 
 
 def _absolute(name: str) -> str:
@@ -108,15 +109,15 @@ def _absolute(name: str) -> str:
 
 def _shown_path(name: str) -> str:
     """A file's absolute path for messages, quoted; a very long one keeps its end, where the file name is."""
-    path = _absolute(name)
-    return repr(path if len(path) <= MAX_SHOWN_PATH else "..." + path[-MAX_SHOWN_PATH:])
+    text = repr(_absolute(name))
+    return text if len(text) <= MAX_SHOWN_PATH else "..." + text[-MAX_SHOWN_PATH:]
 
 
 def read_file_bytes(source: Source) -> bytes:
     try:
         with fsspec.open(source.name, "rb") as handle:
             return handle.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise NotFound(f"source file {_shown_path(source.name)} does not exist") from None
     except IsADirectoryError:
         # e.g. a Spark or Dask "table.parquet" folder of part files
@@ -128,9 +129,27 @@ def read_file_bytes(source: Source) -> bytes:
         raise InvalidArgument(f"cannot open {shown(source.name)}: {bounded(exc)}") from None
     except PermissionError:
         raise FailedPrecondition(f"source file {_shown_path(source.name)} is not readable by the loader") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
+            # A path no file system can hold: the request's fault, nothing to retry.
+            raise InvalidArgument(f"source {_shown_path(source.name)} is not a usable path: {exc.strerror}") from None
+        raise
+
+
+# Each column is profiled and given a role one by one; past this many, that alone takes minutes
+# (a 30-row table of a million columns is small in bytes but not in work).
+MAX_COLUMNS = 10_000
+
+
+def _check_columns(columns: int) -> None:
+    if columns > MAX_COLUMNS:
+        raise ResourceExhausted(
+            f"a dataset of {columns} columns is over the loader's limit of {MAX_COLUMNS} columns"
+        )
 
 
 def _check_size(rows: int, features: int, max_bytes: int) -> None:
+    _check_columns(features + 1)
     needed = rows * (features + 1) * 8
     if needed > max_bytes:
         raise ResourceExhausted(
@@ -161,12 +180,15 @@ def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, str]:
                 n_clusters_per_class=1, random_state=seed,
             )
         except ValueError as exc:
-            raise InvalidArgument(f"cannot make that synthetic classification: {exc}") from None
+            raise InvalidArgument(f"cannot make that synthetic classification: {bounded(exc)}") from None
     else:
-        x, y = datasets.make_regression(
-            n_samples=rows, n_features=features, n_informative=max(1, features // 2),
-            noise=float(opts["noise"]), random_state=seed,
-        )
+        try:
+            x, y = datasets.make_regression(
+                n_samples=rows, n_features=features, n_informative=max(1, features // 2),
+                noise=float(opts["noise"]), random_state=seed,
+            )
+        except ValueError as exc:  # e.g. a negative noise or a seed out of range
+            raise InvalidArgument(f"cannot make that synthetic regression: {bounded(exc)}") from None
     frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(features)])
     frame["target"] = y
     return frame, source.name
@@ -195,11 +217,14 @@ def _read_file(source: Source, max_bytes: int, text_columns: list[str] = ()) -> 
         if source.file_format == "csv":
             compression = "gzip" if source.name.lower().endswith(".gz") else None
             # low_memory=False reads each column whole, so its type does not depend on chunking.
-            return pd.read_csv(io.BytesIO(data), compression=compression, low_memory=False,
-                               dtype={name: "str" for name in text_columns} or None)
-        return pd.read_parquet(io.BytesIO(data))
+            frame = pd.read_csv(io.BytesIO(data), compression=compression, low_memory=False,
+                                dtype={name: "str" for name in text_columns} or None)
+        else:
+            frame = pd.read_parquet(io.BytesIO(data))
     except (ValueError, pd.errors.ParserError, OSError) as exc:
         raise FailedPrecondition(f"cannot parse {shown(source.name)} as {source.file_format}: {bounded(exc)}") from None
+    _check_columns(frame.shape[1])
+    return frame
 
 
 @dataclass

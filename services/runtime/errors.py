@@ -20,6 +20,18 @@ def bounded(detail: object, limit: int = MAX_DETAIL) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# A status message travels in an HTTP/2 trailer and ends up in logs and terminals: at most 1 KiB.
+MAX_STATUS_BYTES = 1024
+
+
+def status_message(text: str, limit: int = MAX_STATUS_BYTES) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8 (never mid-character), marked with '...' when cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
 class StageError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 

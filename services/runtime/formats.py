@@ -106,9 +106,15 @@ def array_to_npy(array: np.ndarray) -> bytes:
 def npy_to_array(data: bytes, what: str) -> np.ndarray:
     try:
         with _NPY_LOAD_LOCK:
-            return np.load(io.BytesIO(data), allow_pickle=False)
+            loaded = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise _not_a(what, ".npy array", exc) from exc
+    if not isinstance(loaded, np.ndarray):
+        # np.load reads any zip (a .skops model, say) as an .npz archive of arrays.
+        if hasattr(loaded, "close"):
+            loaded.close()
+        raise _not_a(what, ".npy array", ValueError(f"it holds a {type(loaded).__name__}, not a single array"))
+    return loaded
 
 
 # ---- skops ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from services.runtime.errors import InvalidArgument, StageError, bounded
+from services.runtime.errors import InvalidArgument, StageError, bounded, status_message
 from services.runtime.stage import RpcRecord, current_rpc
 
 log = logging.getLogger("mlmesh.rpc")
@@ -26,7 +26,8 @@ class _Outcome:
 async def _map_error(exc: BaseException, method: str, context: grpc.aio.ServicerContext, outcome: _Outcome) -> None:
     if isinstance(exc, StageError):
         outcome.code = exc.code
-        await context.abort(exc.code, str(exc))
+        # Messages quote caller input, bounded where they do; this is the backstop for all of them.
+        await context.abort(exc.code, status_message(str(exc)))
     # Not a domain error: a bug or an unexpected environment problem. The caller
     # gets an incident id to quote; the traceback stays in our log.
     incident = secrets.token_hex(4)

@@ -198,7 +198,13 @@ class ArtifactStore:
                 "pass the ref the producing stage returned"
             ) from None
         except OSError as exc:
-            raise Unavailable(f"artifact store unreadable at {_show(ref.uri)}: {bounded(exc)}") from exc
+            if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
+                # No object can live at such a path: the ref is malformed, retrying will not help.
+                raise InvalidArgument(
+                    f"{field} {_show(ref.uri)} is not a path the artifact store can hold ({exc.strerror}); "
+                    "pass the ref a previous stage returned, unchanged"
+                ) from None
+            raise Unavailable(f"artifact store unreadable at {_show(ref.uri)}: {bounded(exc, 120)}") from exc
         actual = sha256_hex(data)
         if actual != ref.sha256:
             raise DataLoss(

@@ -21,7 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge, SGDClassifier
 from sklearn.utils._param_validation import InvalidParameterError
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import FailedPrecondition, InvalidArgument, bounded
 
 # name -> (estimator class, defaults we choose over scikit-learn's)
 MODELS: dict[str, dict[str, tuple[type[BaseEstimator], dict[str, Any]]]] = {
@@ -77,7 +77,7 @@ def build_estimator(task: str, model: str, hyperparameters: dict[str, str], seed
         other = "regression" if task == "classification" else "classification"
         hint = f" ({model} is a {other} model)" if model in MODELS[other] else ""
         raise InvalidArgument(
-            f"model {model!r} is not available for {task}{hint}; choose one of {', '.join(sorted(catalogue))}"
+            f"model {bounded(repr(model), 80)} is not available for {task}{hint}; choose one of {', '.join(sorted(catalogue))}"
         )
     cls, defaults = catalogue[model]
     estimator = cls(**defaults)
@@ -88,7 +88,7 @@ def build_estimator(task: str, model: str, hyperparameters: dict[str, str], seed
             raise InvalidArgument("hyperparameter 'random_state' is set through the request's seed field")
         if name not in valid:
             raise InvalidArgument(
-                f"unknown hyperparameter {name!r} for {model}; valid names: {', '.join(sorted(valid))}"
+                f"unknown hyperparameter {bounded(repr(name), 80)} for {model}; valid names: {', '.join(sorted(valid))}"
             )
         params[name] = parse_value(raw)
     if "random_state" in valid:
@@ -97,7 +97,7 @@ def build_estimator(task: str, model: str, hyperparameters: dict[str, str], seed
     try:
         estimator._validate_params()  # scikit-learn's own constraint table
     except InvalidParameterError as exc:
-        raise InvalidArgument(f"invalid hyperparameter for {model}: {exc}") from None
+        raise InvalidArgument(f"invalid hyperparameter for {model}: {bounded(exc, 300)}") from None
     return estimator
 
 
@@ -189,7 +189,7 @@ def fit(
             # refuses at fit time (penalty="l1" with the lbfgs solver, max_samples
             # without bootstrap): the caller's to change, not an internal error.
             raise InvalidArgument(
-                f"{type(estimator).__name__} cannot be fitted with these hyperparameters: {exc}"
+                f"{type(estimator).__name__} cannot be fitted with these hyperparameters: {bounded(exc, 300)}"
             ) from None
     progress(1.0, "fit complete")
     return sorted({str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)})
