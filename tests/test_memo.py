@@ -88,7 +88,8 @@ async def test_identical_concurrent_requests_compute_once(
 
     def fit_after_all_joined(*args, **kwargs):
         for _ in range(500):
-            if any(f.waiters >= callers for f in list(runtime._flights.values())):
+            # Every fit is a long-running operation: the callers join it, not the flight.
+            if any(op.followers >= callers - 1 for op in runtime.operations.in_flight()):
                 joined.set()
                 break
             time.sleep(0.01)
@@ -355,28 +356,28 @@ async def test_recomputing_keeps_the_first_manifest(client: MeshClient, artifact
 # ---- cancellation -------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_a_retry_after_everyone_cancelled_computes_afresh(
-    client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path,
-    fit_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+    client: MeshClient, mesh: dict[str, RunningStage], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Cancel the only caller mid-fit, retry at once: the retry must not inherit the cancellation."""
-    features = await features_for(client)
-    runtime = mesh["trainer"].runtime
-    started, release = threading.Event(), threading.Event()
-    counting_fit = trainer_logic.fit
+    """Cancel the only caller of a unary stage mid-work, retry at once: the retry must not inherit the cancellation."""
+    import services.loader.logic as loader_logic
 
-    def first_fit_waits(*args, **kwargs):
+    runtime = mesh["loader"].runtime
+    started, release = threading.Event(), threading.Event()
+    real_load = loader_logic.load_dataset
+    calls: list[int] = []
+
+    def first_load_waits(*args, **kwargs):
+        calls.append(1)
         if not started.is_set():
             started.set()
-            assert release.wait(timeout=10), "test never released the first fit"
-        return counting_fit(*args, **kwargs)  # checks for cancellation before its first step
+            assert release.wait(timeout=10), "test never released the first load"
+        return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_logic, "fit", first_fit_waits)
-    request = trainer_pb2.TrainRequest(
-        x_train=features.x_train, y_train=features.y_train, model="random_forest", hyperparameters={"n_estimators": "10"},
-    )
-    first = asyncio.ensure_future(client.train(request))
+    monkeypatch.setattr(loader_logic, "load_dataset", first_load_waits)
+    request = loader_pb2.LoadRequest(source="sklearn:wine")
+    first = asyncio.ensure_future(client.load(request))
     try:
-        assert await asyncio.to_thread(started.wait, 10), "the first fit never started"
+        assert await asyncio.to_thread(started.wait, 10), "the first load never started"
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
@@ -384,10 +385,8 @@ async def test_a_retry_after_everyone_cancelled_computes_afresh(
         while not any(f.cancelled.is_set() for f in runtime._flights.values()):
             assert time.monotonic() < deadline, "the server never noticed the cancellation"
             await asyncio.sleep(0.01)
-
-        progress: list[float] = []
-        retry = asyncio.ensure_future(client.train(request, on_progress=lambda e: progress.append(e.fraction_done)))
-        # Release the abandoned fit only once the retry is waiting on a computation.
+        retry = asyncio.ensure_future(client.load(request))
+        # Release the abandoned load only once the retry is waiting on a computation.
         while not any(f.waiters for f in runtime._flights.values()):
             assert time.monotonic() < deadline and not retry.done(), "the retry never reached the runtime"
             await asyncio.sleep(0.01)
@@ -395,15 +394,55 @@ async def test_a_retry_after_everyone_cancelled_computes_afresh(
         release.set()
     result = await retry
     assert not result.stage.cache_hit
-    assert len(fit_calls) == 2, "the retry should have fitted on its own"
-    assert progress and progress[-1] == 1.0
-    assert ArtifactStore(str(artifact_root)).get(result.model)
-    assert len(memo_files(artifact_root, "trainer")) == 1
-    deadline = time.monotonic() + 10
+    assert len(calls) == 2, "the retry should have loaded on its own"
+    assert ArtifactStore(runtime.settings.artifact_root).get(result.dataset)
     while runtime._flights:
         assert time.monotonic() < deadline, "a flight was left behind"
         await asyncio.sleep(0.01)
-    assert (await client.train(request)).stage.cache_hit
+    assert (await client.load(request)).stage.cache_hit
+
+
+@pytest.mark.asyncio
+async def test_a_fit_goes_on_when_its_caller_leaves_and_a_retry_reattaches(
+    client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path,
+    fit_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fit is a long-running operation: the caller going away does not stop it, and the same request joins it."""
+    features = await features_for(client)
+    runtime = mesh["trainer"].runtime
+    started, release = threading.Event(), threading.Event()
+    counting_fit = trainer_logic.fit
+
+    def fit_waits(*args, **kwargs):
+        started.set()
+        assert release.wait(timeout=10), "test never released the fit"
+        return counting_fit(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_logic, "fit", fit_waits)
+    request = trainer_pb2.TrainRequest(
+        x_train=features.x_train, y_train=features.y_train, model="random_forest", hyperparameters={"n_estimators": "10"},
+    )
+    first = asyncio.ensure_future(client.train(request))
+    try:
+        assert await asyncio.to_thread(started.wait, 10), "the fit never started"
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.sleep(0.2)
+        (operation,) = runtime.operations.in_flight()
+        assert not any(f.cancelled.is_set() for f in runtime._flights.values()), "leaving stopped the fit"
+        retry = asyncio.ensure_future(client.train(request))
+        deadline = time.monotonic() + 10
+        while operation.followers < 1:
+            assert time.monotonic() < deadline and not retry.done(), "the retry never joined the operation"
+            await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    result = await retry
+    assert result.stage.cache_hit, "the retry joined the running fit; it did not compute"
+    assert len(fit_calls) == 1, "one fit for the abandoned call and its retry"
+    assert ArtifactStore(str(artifact_root)).get(result.model)
+    assert len(memo_files(artifact_root, "trainer")) == 1
 
 
 @pytest.mark.asyncio

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from services.runtime.server import stage_spec
 from tests.conftest import expect_error
+from google.longrunning import operations_grpc_pb2, operations_proto_pb2
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -122,8 +123,10 @@ async def test_reflection_lists_and_describes_the_stage(mesh: dict[str, RunningS
     stage = mesh[name]
     listed = await _reflect(stage.address, reflection_pb2.ServerReflectionRequest(list_services=""))
     services = {s.name for s in listed.list_services_response.service}
+    # The trainer's fits are long-running operations, followed through google.longrunning.
+    operations = {"google.longrunning.Operations"} if name == "trainer" else set()
     assert services == {
-        stage.spec.service_name, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+        stage.spec.service_name, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", *operations,
     }
 
     described = await _reflect(
@@ -369,7 +372,13 @@ async def test_health_answers_within_deadline_while_trainer_is_busy(
         training.cancel()
         with pytest.raises(asyncio.CancelledError):
             await training
-    # Cancelling the only caller stops the forest at its next checkpoint.
+        # The caller leaving does not stop a fit (it is a long-running operation);
+        # CancelOperation does, at the forest's next step.
+        async with grpc.aio.insecure_channel(trainer.address) as channel:
+            for operation in trainer.runtime.operations.in_flight():
+                await operations_grpc_pb2.OperationsStub(channel).CancelOperation(
+                    operations_proto_pb2.CancelOperationRequest(name=operation.name), timeout=5
+                )
     deadline = time.monotonic() + 20
     while trainer.runtime._flights:
         assert time.monotonic() < deadline, "the cancelled fit kept running"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from services.runtime.client import MeshClient, check_health
 from services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
 from services.runtime.formats import npy_to_array, skops_to_model
 from services.runtime.settings import Settings
+from services.runtime.stage import Run
 from services.runtime.store import ArtifactStore
 from services.trainer import logic
 
@@ -141,51 +144,71 @@ def test_task_of_target() -> None:
 
 
 # ---- fitting ------------------------------------------------------------------------------
+def _run(events: list | None = None) -> Run:
+    """A Run for calling logic.fit directly: it only reports progress and watches for cancellation."""
+    sink = events if events is not None else []
+    return Run(store=None, settings=None, cancelled=threading.Event(), report=lambda p: sink.append((p.fraction, p.message)))  # type: ignore[arg-type]
+
+
 def test_stepped_fit_reports_progress_and_restores_warm_start() -> None:
     x, y = toy("classification")
     estimator = logic.build_estimator("classification", "random_forest", {"n_estimators": "25"}, seed=0)
     events: list[tuple[float, str]] = []
-    logic.fit(estimator, x, y, lambda f, m: events.append((f, m)), lambda: None)
-    steps = [f"n_estimators {n}/25" for n in (3, 6, 9, 12, 15, 18, 21, 24, 25)]
+    fitted, _ = logic.fit(estimator, x, y, _run(events))
+    steps = [f"n_estimators {n}/25" for n in range(0, 26)]
     assert [m for _, m in events] == [*steps, "fit complete"]
     fractions = [f for f, _ in events]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] == pytest.approx(3 / 25)
-    assert len(estimator.estimators_) == 25 and estimator.warm_start is False
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] == 0.0
+    assert len(fitted.estimators_) == 25 and fitted.warm_start is False
 
     # Growing in steps gives the same forest as one fit with the same seed.
     whole = RandomForestClassifier(n_estimators=25, random_state=0).fit(x, y)
-    np.testing.assert_array_equal(whole.predict_proba(x), estimator.predict_proba(x))
+    np.testing.assert_array_equal(whole.predict_proba(x), fitted.predict_proba(x))
 
 
 def test_single_shot_fit_reports_start_and_end() -> None:
     x, y = toy("regression")
     estimator = logic.build_estimator("regression", "ridge", {}, seed=0)
     events: list[tuple[float, str]] = []
-    assert logic.fit(estimator, x, y, lambda f, m: events.append((f, m)), lambda: None) == []
+    assert logic.fit(estimator, x, y, _run(events))[1] == []
     assert events == [(0.0, "fitting Ridge on 120 rows"), (1.0, "fit complete")]
     assert estimator.score(x, y) > 0.99
+
+
+def test_gradient_boosting_is_fitted_as_scikit_learn_fits_it() -> None:
+    # Warm-started steps would re-bin and restart early stopping: a different model.
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(12_000, 8, random_state=0)
+    estimator = logic.build_estimator("classification", "hist_gradient_boosting", {}, seed=3)
+    fitted, _ = logic.fit(estimator, x, y, _run())
+    whole = HistGradientBoostingClassifier(random_state=3).fit(x, y)
+    assert fitted.n_iter_ == whole.n_iter_
+    np.testing.assert_array_equal(whole.predict_proba(x), fitted.predict_proba(x))
 
 
 def test_fit_returns_convergence_warnings() -> None:
     x, y = toy("classification")
     estimator = logic.build_estimator("classification", "logistic_regression", {"max_iter": "1"}, seed=0)
-    found = logic.fit(estimator, x, y, lambda f, m: None, lambda: None)
+    found = logic.fit(estimator, x, y, _run())[1]
     assert found and all(isinstance(w, str) and "converge" in w.lower() for w in found)
 
 
 def test_fit_stops_when_cancelled() -> None:
     x, y = toy("classification")
     estimator = logic.build_estimator("classification", "random_forest", {"n_estimators": "50"}, seed=0)
-    calls = []
+    run = _run()
+    fitted_counts: list[int] = []
 
-    def check_cancelled() -> None:
-        calls.append(1)
-        if len(calls) == 3:
-            raise Cancelled("stop")
+    def progress(p) -> None:
+        fitted_counts.append(p.step)
+        if p.step == 10:
+            run.cancelled.set()
 
+    run.report = progress
     with pytest.raises(Cancelled):
-        logic.fit(estimator, x, y, lambda f, m: None, check_cancelled)
-    assert len(estimator.estimators_) == 10  # two steps of five done, the third refused
+        logic.fit(estimator, x, y, run)
+    assert max(fitted_counts) == 10  # ten trees grown, then the cancellation is seen before the next
 
 
 @pytest.mark.parametrize(
@@ -200,7 +223,7 @@ def test_hyperparameter_combinations_refused_at_fit_are_invalid_arguments(model,
     x, y = toy("classification")
     estimator = logic.build_estimator("classification", model, hyperparameters, seed=0)  # each value alone is fine
     with pytest.raises(InvalidArgument, match="cannot be fitted with these hyperparameters") as caught:
-        logic.fit(estimator, x, y, lambda f, m: None, lambda: None)
+        logic.fit(estimator, x, y, _run())
     assert fragment in str(caught.value)
 
 
@@ -208,9 +231,9 @@ def test_fit_checks_shapes() -> None:
     x, y = toy("classification")
     estimator = logic.build_estimator("classification", "sgd", {}, seed=0)
     with pytest.raises(FailedPrecondition, match="x_train has 120 rows but y_train has 100"):
-        logic.fit(estimator, x, y[:100], lambda f, m: None, lambda: None)
+        logic.fit(estimator, x, y[:100], _run())
     with pytest.raises(FailedPrecondition, match="2-D matrix"):
-        logic.fit(estimator, y.astype(float), y, lambda f, m: None, lambda: None)
+        logic.fit(estimator, y.astype(float), y, _run())
 
 
 # ---- the real service ---------------------------------------------------------------------
@@ -262,20 +285,26 @@ async def test_every_model_trains_deterministically(client: MeshClient, settings
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(
-    ("model", "hyperparameters", "counter", "total", "done"),
-    [
-        ("random_forest", {}, "n_estimators", 100, list(range(10, 101, 10))),  # the default 100 trees
-        ("hist_gradient_boosting", {"max_iter": "25"}, "max_iter", 25, [3, 6, 9, 12, 15, 18, 21, 24, 25]),
-    ],
-)
-async def test_progress_is_streamed(client: MeshClient, model, hyperparameters, counter, total, done) -> None:
+async def test_progress_is_streamed_step_by_step(client: MeshClient) -> None:
     built = await features_for(client, CLASSIFICATION_SOURCE)
     events: list[trainer_pb2.TrainProgress] = []
-    result = await client.train(train_request(built, model, hyperparameters), on_progress=events.append)
+    result = await client.train(train_request(built, "random_forest", {"n_estimators": "40"}), on_progress=events.append)
     assert result.model.sha256 and not result.stage.cache_hit
-    assert [e.message for e in events] == [*(f"{counter} {n}/{total}" for n in done), "fit complete"]
-    assert [e.fraction_done for e in events] == pytest.approx([*(n / total for n in done), 1.0])
+    assert [e.message for e in events] == [*(f"n_estimators {n}/40" for n in range(41)), "fit complete"]
+    assert [e.fraction_done for e in events] == pytest.approx([*(n / 40 for n in range(41)), 1.0])
+    assert [(e.step, e.total_steps) for e in events[:3]] == [(0, 40), (1, 40), (2, 40)]
+    assert all(e.operation_name.startswith("operations/train-") for e in events)
+    assert all(e.eta_seconds >= 0 and e.elapsed_seconds >= 0 for e in events)
+    assert events[-2].eta_seconds == 0.0  # nothing left at 40/40
+
+
+@pytest.mark.asyncio
+async def test_gradient_boosting_reports_start_and_end(client: MeshClient) -> None:
+    built = await features_for(client, CLASSIFICATION_SOURCE)
+    events: list[trainer_pb2.TrainProgress] = []
+    await client.train(train_request(built, "hist_gradient_boosting", {"max_iter": "25"}), on_progress=events.append)
+    assert [e.fraction_done for e in events] == [0.0, 1.0]
+    assert events[0].message.startswith("fitting HistGradientBoostingClassifier on ")
 
 
 @pytest.mark.asyncio

@@ -23,6 +23,7 @@ from services.runtime.client import (
     StageCallError,
     check_health,
     rows_dropped,
+    running_operations,
 )
 from services.runtime.errors import StageError
 from services.runtime.launcher import LocalMesh, MeshStartError
@@ -114,6 +115,11 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
             info = launched[stage]
             line += f"  pid {info.get('pid')}, restarts {info.get('restarts', 0)}"
         print(line)
+        if stage == "trainer" and status == "SERVING":
+            for fit in await running_operations(settings.addresses[stage], timeout=args.timeout):
+                eta = f", about {fit.eta_seconds:.0f}s left" if fit.eta_seconds else ""
+                resumed = f", resumed at step {fit.resumed_from_step}" if fit.resumed_from_step else ""
+                print(f"{'':<11} running {fit.operation_name}: {fit.fraction_done:.0%} {fit.message}{eta}{resumed}")
     return 0 if all(r == "SERVING" for r in results) else 1
 
 

@@ -8,6 +8,7 @@ and its address.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.longrunning import operations_grpc_pb2, operations_proto_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef
@@ -260,10 +262,26 @@ class MeshClient:
         return STUBS[stage](self.channel(stage))
 
     async def _unary(self, stage: str, method: str, request: Any) -> Any:
-        try:
-            return await getattr(self.stub(stage), method)(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as error:
-            raise _explain(stage, self.addresses[stage], error) from None
+        return await self._reconnecting(stage, lambda: getattr(self.stub(stage), method)(request, timeout=self.timeout))
+
+    async def _reconnecting(self, stage: str, call: Callable[[], Any]) -> Any:
+        """`call()`, tried again while the stage is unreachable, for up to MLMESH_RECONNECT_SECONDS.
+
+        gRPC's own retries (RETRY_SERVICE_CONFIG) cover a few seconds. A stage that
+        died and is being restarted (by `mlmesh up`, compose or Kubernetes) takes
+        longer, and every stage call is safe to repeat: outputs are content-addressed
+        and the memo answers a repeat.
+        """
+        deadline = time.monotonic() + self.settings.reconnect_seconds
+        pause = 0.25
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > deadline:
+                    raise _explain(stage, self.addresses[stage], error) from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     # ---- one call per stage ---------------------------------------------------------
     async def load(self, request: loader_pb2.LoadRequest) -> loader_pb2.LoadResponse:
@@ -280,17 +298,39 @@ class MeshClient:
         request: trainer_pb2.TrainRequest,
         on_progress: Callable[[trainer_pb2.TrainProgress], None] | None = None,
     ) -> trainer_pb2.TrainResult:
+        """Start (or join) the fit's long-running operation and follow its progress stream to the end.
+
+        No deadline bounds the fit, only each stream. When a stream ends early,
+        or the trainer goes away (a restart, a preemption), the same request is
+        sent again: it re-attaches to the running operation, or resumes the fit
+        from its checkpoint on a restarted trainer.
+        """
         address = self.addresses["trainer"]
-        try:
-            async for event in self.stub("trainer").Train(request, timeout=self.timeout):
-                if event.HasField("progress"):
-                    if on_progress is not None:
+        seen: set[bytes] = set()
+        gave_up_at = time.monotonic() + self.settings.reconnect_seconds
+        pause = 0.25
+        while True:
+            try:
+                # Each stream has the client's deadline; the fit does not. A stream that
+                # ends early (deadline, lost connection, a trainer that checkpointed and
+                # stopped) is simply opened again on the same operation.
+                async for event in self.stub("trainer").Train(request, timeout=self.timeout):
+                    if event.HasField("result"):
+                        return event.result
+                    # A re-attached stream replays the operation's progress from the start.
+                    key = event.progress.SerializeToString()
+                    if on_progress is not None and key not in seen:
                         on_progress(event.progress)
-                elif event.HasField("result"):
-                    return event.result
-        except grpc.aio.AioRpcError as error:
-            raise _explain("trainer", address, error) from None
-        raise StageCallError("trainer", address, grpc.StatusCode.INTERNAL, "stream ended without a result")
+                    seen.add(key)
+                    gave_up_at = time.monotonic() + self.settings.reconnect_seconds
+                    pause = 0.25
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in RECOVERABLE_CODES or time.monotonic() + pause > gave_up_at:
+                    raise _explain("trainer", address, error) from None
+            else:
+                raise StageCallError("trainer", address, grpc.StatusCode.INTERNAL, "stream ended without a result")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     async def evaluate(self, request: evaluator_pb2.EvaluateRequest) -> evaluator_pb2.EvaluateResponse:
         return await self._unary("evaluator", "Evaluate", request)
@@ -311,6 +351,24 @@ class MeshClient:
         trained = await self.train(train_request(config, features), on_progress)
         evaluated = await self.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile))
         return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started)
+
+
+async def running_operations(address: str, timeout: float = 2.0) -> list[trainer_pb2.TrainProgress]:
+    """The latest progress of each fit running at the trainer at `address` (empty if unreachable)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await operations_grpc_pb2.OperationsStub(channel).ListOperations(
+                operations_proto_pb2.ListOperationsRequest(filter="done=false"), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return []
+    running = []
+    for operation in reply.operations:
+        progress = trainer_pb2.TrainProgress(operation_name=operation.name)
+        if operation.HasField("metadata"):
+            operation.metadata.Unpack(progress)
+        running.append(progress)
+    return running
 
 
 async def check_health(address: str, service: str = "", timeout: float = 2.0) -> str:

@@ -7,6 +7,7 @@ timestamps, memory addresses and unordered iteration.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import threading
 import zipfile
@@ -122,15 +123,20 @@ def model_to_skops(obj: Any) -> bytes:
     """skops, rewritten so that equal models give equal bytes.
 
     skops names array entries after id() of the object and stamps the current
-    time on each zip entry. Both are replaced: ids by their order of first
-    appearance in schema.json, times by a fixed epoch.
+    time on each zip entry. Both are replaced: ids by a running count in
+    schema.json order, times by a fixed epoch. Counting every occurrence, not
+    every distinct object, drops object sharing from the file: which Python
+    objects happen to be shared (a default 0.0 passed to every tree, say)
+    depends on the process history, for example whether a fit resumed from a
+    checkpoint, and must not change the bytes of an equal model. skops writes
+    each occurrence in full, so nothing is lost but that sharing.
     """
     original = zipfile.ZipFile(io.BytesIO(sio.dumps(obj)))
     schema = json.loads(original.read("schema.json"))
-    renumbered: dict[int, int] = {}
+    count = itertools.count()
 
-    def new_id(old: int) -> int:
-        return renumbered.setdefault(old, len(renumbered))
+    def new_id(_old: int) -> int:
+        return next(count)
 
     files: dict[str, bytes] = {}
 
@@ -140,7 +146,7 @@ def model_to_skops(obj: Any) -> bytes:
                 node["__id__"] = new_id(node["__id__"])
             if isinstance(node.get("file"), str):
                 name = f"{node['__id__'] if '__id__' in node else len(files)}.npy"
-                files[name] = original.read(node["file"])
+                files[name] = _zero_padding(original.read(node["file"]))
                 node["file"] = name
             for value in node.values():
                 walk(value)
@@ -157,6 +163,29 @@ def model_to_skops(obj: Any) -> bytes:
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             out.writestr(info, entries[name])
+    return sink.getvalue()
+
+
+def _zero_padding(npy: bytes) -> bytes:
+    """An .npy of a padded structured array (a tree's node table) with its padding bytes zeroed.
+
+    numpy copies padding verbatim, and a tree's padding is whatever memory held
+    before: equal trees, for example one rebuilt from a checkpoint, could give
+    different bytes.
+    """
+    stream = io.BytesIO(npy)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.names is None or dtype.itemsize == sum(dtype.fields[n][0].itemsize for n in dtype.names):
+        return npy
+    with _NPY_LOAD_LOCK:
+        padded = np.load(io.BytesIO(npy), allow_pickle=False)
+    clean = np.zeros(shape, dtype=dtype, order="F" if fortran_order else "C")
+    for name in dtype.names:
+        clean[name] = padded[name]
+    sink = io.BytesIO()
+    np.save(sink, clean, allow_pickle=False)
     return sink.getvalue()
 
 

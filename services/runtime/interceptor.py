@@ -142,14 +142,14 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
 
 
 class StageInterceptor(grpc.aio.ServerInterceptor):
-    """Applies error mapping and logging to the stage's own methods.
+    """Applies error mapping and logging to the stage's own methods (and its Operations service).
 
     Health and reflection pass through untouched: they are not ours to log,
     and probes would drown the log.
     """
 
-    def __init__(self, service_name: str):
-        self._prefix = f"/{service_name}/"
+    def __init__(self, *service_names: str):
+        self._prefixes = tuple(f"/{name}/" for name in service_names)
 
     async def intercept_service(
         self,
@@ -158,7 +158,7 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(self._prefix):
+        if handler is None or not method.startswith(self._prefixes):
             return handler
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from services.runtime.errors import StageError
 from services.runtime.admission import AdmissionInterceptor
 from services.runtime.interceptor import StageInterceptor
+from services.runtime.operations import OPERATIONS_SERVICE, OperationsService, add_operations_service
 from services.runtime.settings import Settings, SettingsError
 from services.runtime.stage import StageRuntime
 
@@ -40,11 +41,14 @@ class StageSpec:
     service_name: str  # full proto name, e.g. mlmesh.loader.v1.LoaderService
     add_servicer: Callable[[Any, grpc.aio.Server], None]
     make_servicer: Callable[[StageRuntime], Any]
+    # Serves google.longrunning.Operations too; the servicer then has
+    # `recall_operation(name)`, which finds a finished operation in the memo.
+    long_running: bool = False
 
     @classmethod
     def of(
         cls, name: str, version: str, pb2: Any, pb2_grpc: Any, service: str,
-        make_servicer: Callable[[StageRuntime], Any],
+        make_servicer: Callable[[StageRuntime], Any], long_running: bool = False,
     ) -> StageSpec:
         """Build a spec from the generated modules, e.g. of("loader", "1.0.0", loader_pb2, loader_pb2_grpc, "LoaderService", ...)."""
         return cls(
@@ -53,6 +57,7 @@ class StageSpec:
             service_name=pb2.DESCRIPTOR.services_by_name[service].full_name,
             add_servicer=getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
             make_servicer=make_servicer,
+            long_running=long_running,
         )
 
 
@@ -70,7 +75,14 @@ class RunningStage:
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        # Long work checkpoints at its next step and stops; give it the grace period.
+        started = asyncio.get_running_loop().time()
+        self.runtime.stopping.set()
+        running = [op.task for op in self.runtime.operations.in_flight() if op.task is not None]
+        if running:
+            await asyncio.wait(running, timeout=grace)
+        left = None if grace is None else max(0.0, grace - (asyncio.get_running_loop().time() - started))
+        await self.server.stop(left)
         self.runtime.close()
 
 
@@ -85,21 +97,23 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    ours = (spec.service_name, OPERATIONS_SERVICE) if spec.long_running else (spec.service_name,)
     server = grpc.aio.server(
         # Admission inside the stage interceptor, so a refused call is logged like any other.
-        interceptors=[StageInterceptor(spec.service_name), AdmissionInterceptor(settings.max_concurrent_rpcs)],
+        interceptors=[StageInterceptor(*ours), AdmissionInterceptor(settings.max_concurrent_rpcs)],
         options=options,
     )
     runtime = StageRuntime(spec.name, spec.version, settings)
-    spec.add_servicer(spec.make_servicer(runtime), server)
+    servicer = spec.make_servicer(runtime)
+    spec.add_servicer(servicer, server)
+    if spec.long_running:
+        add_operations_service(OperationsService(runtime.operations, servicer.recall_operation), server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", spec.service_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (spec.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((*ours, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     wanted = settings.ports[spec.name] if port is None else port
     try:

@@ -76,6 +76,12 @@ class Settings:
     rpc_timeout_seconds: float = 600.0
     # `mlmesh up` restarts a stage that dies at most this many times in ten minutes.
     restart_limit: int = 5
+    # A fit writes a checkpoint at most this often (at its next step boundary after it).
+    checkpoint_seconds: float = 30.0
+    # A long-running operation nobody asks about for this long is cancelled (its checkpoint stays).
+    operation_idle_seconds: float = 900.0
+    # How long a client keeps trying to reach a stage that went away (a restart) before it gives up.
+    reconnect_seconds: float = 120.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -107,4 +113,7 @@ class Settings:
             max_dataset_bytes=_int(env, "MLMESH_MAX_DATASET_BYTES", 2 * 1024**3, minimum=1024),
             rpc_timeout_seconds=_float(env, "MLMESH_RPC_TIMEOUT_SECONDS", 600.0, minimum=0.001),
             restart_limit=_int(env, "MLMESH_RESTART_LIMIT", 5, minimum=0, maximum=1000),
+            checkpoint_seconds=_float(env, "MLMESH_CHECKPOINT_SECONDS", 30.0),
+            operation_idle_seconds=_float(env, "MLMESH_OPERATION_IDLE_SECONDS", 900.0, minimum=0.1),
+            reconnect_seconds=_float(env, "MLMESH_RECONNECT_SECONDS", 120.0),
         )

@@ -33,6 +33,7 @@ from google.protobuf.message import Message
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
 from services.runtime.errors import Cancelled, InvalidArgument, bounded
+from services.runtime.operations import OperationRegistry
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore, canonical_json, ref_to_dict, sha256_hex
 
@@ -67,6 +68,17 @@ class Job:
     force_recompute: bool = False
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a computation is; steps are the work's own units (trees, for a forest)."""
+
+    fraction: float
+    message: str
+    step: int = 0
+    total_steps: int = 0
+    resumed_from_step: int = 0
+
+
 @dataclass
 class Run:
     """Handed to the work function on its worker thread."""
@@ -74,8 +86,14 @@ class Run:
     store: ArtifactStore
     settings: Settings
     cancelled: threading.Event
-    progress: Callable[[float, str], None]
+    report: Callable[[Progress], None]
+    cache_key: str = ""
+    # Set when the stage is shutting down: long work checkpoints and stops.
+    stopping: threading.Event = field(default_factory=threading.Event)
     outputs: dict[str, ArtifactRef] = field(default_factory=dict)
+
+    def progress(self, fraction: float, message: str, step: int = 0, total_steps: int = 0, resumed_from_step: int = 0) -> None:
+        self.report(Progress(fraction, message, step, total_steps, resumed_from_step))
 
     def put(self, name: str, data: bytes, media_type: str) -> ArtifactRef:
         ref = self.store.put(data, media_type)
@@ -97,7 +115,7 @@ class _Flight:
         self.task = task
         self.cancelled = cancelled
         self.waiters = 0
-        self.listeners: list[Callable[[float, str], None]] = []
+        self.listeners: list[Callable[[Progress], None]] = []
 
 
 class StageRuntime:
@@ -110,6 +128,8 @@ class StageRuntime:
             max_workers=settings.worker_threads, thread_name_prefix=f"{name}-work"
         )
         self._flights: dict[str, _Flight] = {}
+        self.stopping = threading.Event()
+        self.operations = OperationRegistry(settings.operation_idle_seconds)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -140,7 +160,7 @@ class StageRuntime:
         job: Job,
         work: Callable[[Run], ResultT],
         result_type: type[ResultT],
-        on_progress: Callable[[float, str], None] | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
     ) -> ResultT:
         """Serve `job` from the memo or compute it once; fills in `result.stage`."""
         started = time.perf_counter()
@@ -167,6 +187,23 @@ class StageRuntime:
         )
         if record is not None:
             record.cache_hit = cache_hit
+        return result
+
+    async def settle(self, key: str) -> None:
+        """Until the computation for `key` (if any) has really stopped, whatever its outcome.
+
+        A cancelled caller returns at once, while the worker thread stops at its
+        next step (and may write a checkpoint first); an operation waits for that.
+        """
+        flight = self._flights.get(key)
+        if flight is not None:
+            await asyncio.wait([flight.task])
+
+    async def recall(self, key: str, result_type: type[ResultT]) -> ResultT | None:
+        """The memoized result for a cache key, marked as a hit, or None."""
+        result = await asyncio.to_thread(self._recall, key, result_type)
+        if result is not None:
+            result.stage.CopyFrom(StageInfo(stage=self.name, version=self.version, cache_hit=True, cache_key=key))
         return result
 
     # ---- memo ---------------------------------------------------------------------------
@@ -199,7 +236,7 @@ class StageRuntime:
         job: Job,
         work: Callable[[Run], ResultT],
         result_type: type[ResultT],
-        on_progress: Callable[[float, str], None] | None,
+        on_progress: Callable[[Progress], None] | None,
     ) -> tuple[ResultT, bool]:
         flight = self._flights.get(key)
         if flight is not None and flight.cancelled.is_set():
@@ -244,14 +281,17 @@ class StageRuntime:
         cancelled: threading.Event,
         loop: asyncio.AbstractEventLoop,
     ) -> bytes:
-        def progress(fraction: float, message: str) -> None:
+        def report(progress: Progress) -> None:
             flight = self._flights.get(key)
             if flight is None or flight.cancelled is not cancelled:
                 return  # abandoned; the listeners belong to a newer computation
             for listener in list(flight.listeners):
-                loop.call_soon_threadsafe(listener, fraction, message)
+                loop.call_soon_threadsafe(listener, progress)
 
-        run = Run(store=self.store, settings=self.settings, cancelled=cancelled, progress=progress)
+        run = Run(
+            store=self.store, settings=self.settings, cancelled=cancelled, report=report,
+            cache_key=key, stopping=self.stopping,
+        )
         created = datetime.now(UTC)
         started = time.perf_counter()
         result = await self.to_thread(work, run)

@@ -291,6 +291,24 @@ class ArtifactStore:
         body = json.dumps(doc, sort_keys=True, indent=2).encode()
         self._write_atomic(self._doc_path(*parts), body)
 
+    def write_blob(self, parts: tuple[str, ...], data: bytes) -> None:
+        """Bytes at a named path (a checkpoint), written atomically like every object."""
+        self._write_atomic(self._doc_path(*parts), data)
+
+    def read_blob(self, parts: tuple[str, ...]) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._doc_path(*parts))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def remove(self, parts: tuple[str, ...]) -> None:
+        """Delete a named path and everything under it; absent is fine."""
+        path = self._doc_path(*parts)
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
     def load_doc(self, parts: tuple[str, ...]) -> dict[str, Any] | None:
         """A document, None when absent; DamagedDocument when present but not a JSON object."""
         path = self._doc_path(*parts)

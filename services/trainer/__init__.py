@@ -1,4 +1,4 @@
 """trainer: fits a scikit-learn model with validated hyperparameters."""
 
 # Part of every cache key: bump it whenever the stage's outputs change for the same inputs.
-VERSION = "2.0.0"  # 2.0: column roles, schema and profile; typed splits; encoders fitted on train; default thresholds by task kind
+VERSION = "3.0.0"  # 3.0: gradient boosting fitted in one call (as scikit-learn does); canonical skops bytes

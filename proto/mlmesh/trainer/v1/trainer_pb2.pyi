@@ -1,3 +1,4 @@
+from google.longrunning import operations_pb2 as _operations_pb2
 from mlmesh.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -33,12 +34,24 @@ class TrainRequest(_message.Message):
     def __init__(self, x_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., y_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., model: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ..., force_recompute: _Optional[bool] = ..., feature_schema: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("fraction_done", "message")
+    __slots__ = ("fraction_done", "message", "step", "total_steps", "elapsed_seconds", "eta_seconds", "resumed_from_step", "operation_name")
     FRACTION_DONE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_NAME_FIELD_NUMBER: _ClassVar[int]
     fraction_done: float
     message: str
-    def __init__(self, fraction_done: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    step: int
+    total_steps: int
+    elapsed_seconds: float
+    eta_seconds: float
+    resumed_from_step: int
+    operation_name: str
+    def __init__(self, fraction_done: _Optional[float] = ..., message: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., resumed_from_step: _Optional[int] = ..., operation_name: _Optional[str] = ...) -> None: ...
 
 class TrainResult(_message.Message):
     __slots__ = ("model", "stage", "task_kind", "effective_hyperparameters", "train_score", "model_name")

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 from mlmesh.trainer.v1 import trainer_pb2 as mlmesh_dot_trainer_dot_v1_dot_trainer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -26,7 +27,13 @@ if _version_not_supported:
 
 
 class TrainerServiceStub:
-    """Fits a model and streams its progress.
+    """Fits models as long-running operations (AIP-151).
+
+    A fit belongs to the trainer, not to a call: it goes on when the caller
+    disconnects or its deadline passes, and it writes checkpoints to the
+    artifact store so that a restarted trainer resumes it. The trainer also
+    serves google.longrunning.Operations for following (GetOperation,
+    WaitOperation, ListOperations) and stopping (CancelOperation) a fit.
     """
 
     def __init__(self, channel):
@@ -35,6 +42,11 @@ class TrainerServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.StartTraining = channel.unary_unary(
+                '/mlmesh.trainer.v1.TrainerService/StartTraining',
+                request_serializer=mlmesh_dot_trainer_dot_v1_dot_trainer__pb2.TrainRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
         self.Train = channel.unary_stream(
                 '/mlmesh.trainer.v1.TrainerService/Train',
                 request_serializer=mlmesh_dot_trainer_dot_v1_dot_trainer__pb2.TrainRequest.SerializeToString,
@@ -43,11 +55,27 @@ class TrainerServiceStub:
 
 
 class TrainerServiceServicer:
-    """Fits a model and streams its progress.
+    """Fits models as long-running operations (AIP-151).
+
+    A fit belongs to the trainer, not to a call: it goes on when the caller
+    disconnects or its deadline passes, and it writes checkpoints to the
+    artifact store so that a restarted trainer resumes it. The trainer also
+    serves google.longrunning.Operations for following (GetOperation,
+    WaitOperation, ListOperations) and stopping (CancelOperation) a fit.
     """
 
+    def StartTraining(self, request, context):
+        """Starts the fit for this request, or joins the one already running for the
+        same request, and returns its operation at once. A finished fit (or one
+        found in the memo) comes back as a done operation holding the TrainResult.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Train(self, request, context):
-        """Streams zero or more progress events, then exactly one result.
+        """Starts or joins the same operation and streams its progress, then exactly
+        one result. Ending the stream does not stop the fit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -56,6 +84,11 @@ class TrainerServiceServicer:
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'StartTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartTraining,
+                    request_deserializer=mlmesh_dot_trainer_dot_v1_dot_trainer__pb2.TrainRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
             'Train': grpc.unary_stream_rpc_method_handler(
                     servicer.Train,
                     request_deserializer=mlmesh_dot_trainer_dot_v1_dot_trainer__pb2.TrainRequest.FromString,
@@ -70,8 +103,41 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
-    """Fits a model and streams its progress.
+    """Fits models as long-running operations (AIP-151).
+
+    A fit belongs to the trainer, not to a call: it goes on when the caller
+    disconnects or its deadline passes, and it writes checkpoints to the
+    artifact store so that a restarted trainer resumes it. The trainer also
+    serves google.longrunning.Operations for following (GetOperation,
+    WaitOperation, ListOperations) and stopping (CancelOperation) a fit.
     """
+
+    @staticmethod
+    def StartTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlmesh.trainer.v1.TrainerService/StartTraining',
+            mlmesh_dot_trainer_dot_v1_dot_trainer__pb2.TrainRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Train(request,
