@@ -169,6 +169,10 @@ async def test_a_really_full_tmpfs_is_resource_exhausted(tmp_path: Path) -> None
                 )
                 assert temp_files(root) == []
                 await assert_serving(stage)
+                # Space freed, the same request succeeds and its object verifies.
+                (root / "ballast").unlink()
+                loaded = await client.load(IRIS)
+                assert ArtifactStore(str(root)).get(loaded.dataset)
         finally:
             await stage.stop(0)
     finally:

@@ -168,6 +168,11 @@ def test_readme_grpcurl_commands_run_as_written(running_mesh: UpProcess, tmp_pat
     [result_event] = [r["result"] for r in replies if "result" in r]
     assert progress and progress[-1]["fraction_done"] == 1
     assert result_event["model_name"] == "random_forest" and len(result_event["model"]["sha256"]) == 64
+    # StartTraining, then the google.longrunning.Operations calls on its name.
+    operations = [r for r in replies if str(r.get("name", "")).startswith("operations/train-")]
+    assert len(operations) == 2 and len({op["name"] for op in operations}) == 1  # waited for, then read
+    assert operations[-1]["done"] and operations[-1]["response"]["@type"].endswith("mlmesh.trainer.v1.TrainResult")
+    assert operations[-1]["response"]["model"]["sha256"] != result_event["model"]["sha256"]  # 300 trees, not 200
 
 
 def write_house_prices(folder: Path, rows: int = 400) -> Path:

@@ -28,12 +28,12 @@ from mlmesh.common.v1 import common_pb2
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
-from mlmesh.trainer.v1 import trainer_pb2
 from services.evaluator.report import profile_page
 from services.runtime.client import (
     ConfigError,
     MeshClient,
     PipelineConfig,
+    ProgressPrinter,
     StageCallError,
     evaluate_request,
     features_request,
@@ -255,12 +255,17 @@ def _features_reply(features: Features) -> features_pb2.BuildFeaturesResponse:
     })
 
 
-@task(**_TASK_DEFAULTS)
-def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int, recompute: bool) -> TrainedModel:
-    def progress(event: trainer_pb2.TrainProgress) -> None:
-        print(f"trainer: {event.fraction_done:.0%} {event.message}", flush=True)
+# A fit may run for hours: no gRPC deadline bounds it (the client follows the
+# trainer's long-running operation and re-attaches after a restart); this
+# task's own timeout and retries do. A retry sends the same request, which
+# joins the running fit or resumes it from its last checkpoint.
+_TRAIN_DEFAULTS = {**_TASK_DEFAULTS, "timeout": timedelta(hours=24)}
 
+
+@task(**_TRAIN_DEFAULTS)
+def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int, recompute: bool) -> TrainedModel:
     config = PipelineConfig(model=model, hyperparameters=hyperparameters, seed=seed, force_recompute=recompute)
+    progress = ProgressPrinter(lambda line: print(line, flush=True))
     result = call(lambda c: c.train(train_request(config, _features_reply(features)), progress))
     return TrainedModel(ArtifactRef.of(result.model), result.model_name, dict(result.effective_hyperparameters))
 

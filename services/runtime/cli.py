@@ -20,6 +20,7 @@ from services.runtime.client import (
     MeshClient,
     PipelineConfig,
     PipelineRun,
+    ProgressPrinter,
     StageCallError,
     check_health,
     rows_dropped,
@@ -304,10 +305,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             mesh = None  # someone else's mesh: use it, leave it running
     try:
         async with MeshClient(settings) as client:
-            def progress(event: Any) -> None:
-                if not args.json:
-                    print(f"  trainer: {event.fraction_done:5.0%} {event.message}", flush=True)
-
+            progress = None if args.json else ProgressPrinter(lambda line: print(line, flush=True), prefix="  trainer: ")
             run = await client.run_pipeline(config, progress)
     except (StageCallError, ConfigError) as exc:
         print(f"mlmesh run: {exc}", file=sys.stderr)

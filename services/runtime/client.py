@@ -122,6 +122,25 @@ CHOICES = {
 }
 
 
+class ProgressPrinter:
+    """Turns a fit's progress events into a few readable lines: every 10%, every 15 s at the
+    latest, warnings, and a resume from a checkpoint. Shared by `mlmesh run` and the Flyte task."""
+
+    def __init__(self, write: Callable[[str], None], prefix: str = "trainer: "):
+        self.write, self.prefix = write, prefix
+        self.last_decile, self.last_time = -1, 0.0
+
+    def __call__(self, event: trainer_pb2.TrainProgress) -> None:
+        decile = int(event.fraction_done * 10 + 1e-9)
+        now = time.monotonic()
+        notable = event.message.startswith("warning: ") or (event.resumed_from_step and event.step == event.resumed_from_step)
+        if decile == self.last_decile and now - self.last_time < 15 and not notable:
+            return
+        self.last_decile, self.last_time = decile, now
+        eta = f", about {event.eta_seconds:.0f}s left" if event.eta_seconds >= 1 and event.fraction_done < 1 else ""
+        self.write(f"{self.prefix}{event.fraction_done:4.0%} {event.message}{eta}")
+
+
 class ConfigError(ValueError):
     """An option a person typed is not one of its choices; the message says which are."""
 
