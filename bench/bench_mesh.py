@@ -29,6 +29,7 @@ from services.preprocess import logic as preprocess_logic
 from services.runtime.client import MeshClient, PipelineConfig
 from services.runtime.server import stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
+from services.runtime.stage import Run
 from services.trainer import logic as trainer_logic
 from services.evaluator import logic as evaluator_logic
 
@@ -57,7 +58,7 @@ def in_process(config: PipelineConfig) -> None:
                                   features_logic.FeatureOptions(seed=config.seed), 2**31)
     model_name = config.model or trainer_logic.DEFAULT_MODELS[task]
     model = trainer_logic.build_estimator(task, model_name, config.hyperparameters, config.seed)
-    trainer_logic.fit(model, eng.x_train, eng.y_train, lambda *_: None, lambda: None)
+    model, _ = trainer_logic.fit(model, eng.x_train, eng.y_train, Run.detached())
     evaluator_logic.evaluate(model, eng.x_test, eng.y_test)
 
 

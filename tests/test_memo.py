@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from datetime import datetime
@@ -233,6 +234,31 @@ async def test_deleted_output_is_recomputed_not_served(client: MeshClient, artif
     assert object_path(again.model).is_file()
     assert ArtifactStore(str(artifact_root)).get(again.model)  # digest verified
     assert len(memo_files(artifact_root, "trainer")) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_output_rewritten_in_place_with_its_size_and_mtime_is_recomputed(
+    client: MeshClient, artifact_root: Path
+) -> None:
+    first = await client.load(loader_pb2.LoadRequest(source="sklearn:wine"))
+    path = object_path(first.dataset)
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old mtime back
+    again = await client.load(loader_pb2.LoadRequest(source="sklearn:wine"))
+    assert not again.stage.cache_hit, "a memo hit vouched for changed bytes"
+    assert again.dataset == first.dataset
+    assert ArtifactStore(str(artifact_root)).get(again.dataset)  # rewritten whole
+
+
+@pytest.mark.asyncio
+async def test_an_output_merely_touched_is_still_a_hit(client: MeshClient) -> None:
+    first = await client.load(loader_pb2.LoadRequest(source="sklearn:wine"))
+    os.utime(object_path(first.dataset))  # new mtime and ctime, same bytes: re-hashed, still good
+    again = await client.load(loader_pb2.LoadRequest(source="sklearn:wine"))
+    assert again.stage.cache_hit and again.dataset == first.dataset
 
 
 @pytest.mark.asyncio

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import grpc
 import numpy as np
 import pytest
@@ -145,9 +143,9 @@ def test_task_of_target() -> None:
 
 # ---- fitting ------------------------------------------------------------------------------
 def _run(events: list | None = None) -> Run:
-    """A Run for calling logic.fit directly: it only reports progress and watches for cancellation."""
+    """A Run for calling logic.fit directly that records (fraction, message) of each progress event."""
     sink = events if events is not None else []
-    return Run(store=None, settings=None, cancelled=threading.Event(), report=lambda p: sink.append((p.fraction, p.message)))  # type: ignore[arg-type]
+    return Run.detached(lambda p: sink.append((p.fraction, p.message)))
 
 
 def test_stepped_fit_reports_progress_and_restores_warm_start() -> None:

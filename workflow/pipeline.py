@@ -174,7 +174,7 @@ def call(stage_call: Callable[[MeshClient], Awaitable[T]]) -> T:
     """Run one RPC with a fresh client; map failures to Flyte's retry semantics."""
 
     async def run() -> T:
-        async with MeshClient(Settings.from_env()) as client:
+        async with MeshClient(Settings.from_env(), recompute_flag="--recompute") as client:
             return await stage_call(client)
 
     try:

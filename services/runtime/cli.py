@@ -304,7 +304,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         if not await mesh.start_or_reuse():
             mesh = None  # someone else's mesh: use it, leave it running
     try:
-        async with MeshClient(settings) as client:
+        async with MeshClient(settings, recompute_flag="--force") as client:
             progress = None if args.json else ProgressPrinter(lambda line: print(line, flush=True), prefix="  trainer: ")
             run = await client.run_pipeline(config, progress)
     except (StageCallError, ConfigError) as exc:

@@ -72,10 +72,16 @@ class StageCallError(Exception):
         return self.code in RECOVERABLE_CODES
 
 
-def _explain(stage: str, address: str, error: grpc.aio.AioRpcError) -> StageCallError:
+# The stores' remedy names the request field; each front end names its own flag.
+_PROTO_REMEDY = "with force_recompute=true"
+
+
+def _explain(stage: str, address: str, error: grpc.aio.AioRpcError, recompute_flag: str = "") -> StageCallError:
     details = error.details() or ""
     if error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
         details = f"the {stage} service is not reachable ({details}); is it running?"
+    if recompute_flag and _PROTO_REMEDY in details:
+        details = details.replace(_PROTO_REMEDY, f"with {recompute_flag} (force_recompute=true)")
     return StageCallError(stage, address, error.code(), details)
 
 
@@ -253,7 +259,12 @@ class PipelineRun:
 
 
 class MeshClient:
-    def __init__(self, settings: Settings | None = None, addresses: dict[str, str] | None = None):
+    def __init__(
+        self, settings: Settings | None = None, addresses: dict[str, str] | None = None, recompute_flag: str = "",
+    ):
+        """`recompute_flag` is how the caller's user asks for recomputation (`--force`,
+        `--recompute`); error messages that suggest it name that flag."""
+        self.recompute_flag = recompute_flag
         self.settings = settings or Settings.from_env()
         self.addresses = {**self.settings.addresses, **(addresses or {})}
         self.timeout = self.settings.rpc_timeout_seconds
@@ -298,7 +309,7 @@ class MeshClient:
                 return await call()
             except grpc.aio.AioRpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > deadline:
-                    raise _explain(stage, self.addresses[stage], error) from None
+                    raise _explain(stage, self.addresses[stage], error, self.recompute_flag) from None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
 
@@ -345,7 +356,7 @@ class MeshClient:
                     pause = 0.25
             except grpc.aio.AioRpcError as error:
                 if error.code() not in RECOVERABLE_CODES or time.monotonic() + pause > gave_up_at:
-                    raise _explain("trainer", address, error) from None
+                    raise _explain("trainer", address, error, self.recompute_flag) from None
             else:
                 raise StageCallError("trainer", address, grpc.StatusCode.INTERNAL, "stream ended without a result")
             await asyncio.sleep(pause)

@@ -92,6 +92,11 @@ class Run:
     stopping: threading.Event = field(default_factory=threading.Event)
     outputs: dict[str, ArtifactRef] = field(default_factory=dict)
 
+    @classmethod
+    def detached(cls, report: Callable[[Progress], None] | None = None) -> Run:
+        """A Run for calling stage logic directly (benchmarks, unit tests): no store, never cancelled."""
+        return cls(store=None, settings=None, cancelled=threading.Event(), report=report or (lambda _: None))  # type: ignore[arg-type]
+
     def progress(self, fraction: float, message: str, step: int = 0, total_steps: int = 0, resumed_from_step: int = 0) -> None:
         self.report(Progress(fraction, message, step, total_steps, resumed_from_step))
 
@@ -215,7 +220,10 @@ class StageRuntime:
         if entry is None:
             return None
         try:
-            outputs = [ArtifactRef(**ref) for ref in entry["outputs"].values()]
+            outputs = {name: ArtifactRef(**ref) for name, ref in entry["outputs"].items()}
+            fingerprints = entry.get("fingerprints") or {}
+            if not isinstance(fingerprints, dict):
+                raise TypeError("fingerprints is not an object")
             result = result_type()
             json_format.ParseDict(entry["result"], result, ignore_unknown_fields=True)
         except (KeyError, TypeError, ValueError, AttributeError, json_format.ParseError) as exc:
@@ -225,9 +233,12 @@ class StageRuntime:
                 self.name, key[:12], bounded(f"{type(exc).__name__}: {exc}", 120),
             )
             return None
-        if not all(self.store.exists(ref) for ref in outputs):
-            log.warning("memo entry %s lists outputs that are gone; recomputing", key[:12])
-            return None
+        # An output must be there with its bytes: a matching fingerprint (taken when it was
+        # written) vouches for that without reading it; otherwise it is re-hashed.
+        for name, ref in outputs.items():
+            if not self.store.intact(ref, fingerprints.get(name)):
+                log.warning("memo entry %s/%s: output %s is gone or changed; recomputing", self.name, key[:12], name)
+                return None
         return result
 
     async def _compute_once(
@@ -317,6 +328,7 @@ class StageRuntime:
             "stage": self.name,
             "cache_key": key,
             "outputs": {name: ref_to_dict(ref) for name, ref in run.outputs.items()},
+            "fingerprints": {name: self.store.fingerprint(ref) for name, ref in run.outputs.items()},
             "result": json_format.MessageToDict(result, preserving_proto_field_name=True),
         }
         self.store.write_doc(self._memo_parts(key), entry)

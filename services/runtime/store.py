@@ -33,6 +33,7 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    StageError,
     Unavailable,
     bounded,
 )
@@ -219,6 +220,35 @@ class ArtifactStore:
             path = self.resolve(ref.uri)
             return self.fs.size(path) == ref.size_bytes
         except (OSError, InvalidArgument):
+            return False
+
+    def fingerprint(self, ref: ArtifactRef) -> list[Any] | None:
+        """What the file system says about an object, cheaply: None if it is not there.
+
+        Locally: size, mtime, ctime and inode. Rewriting a file's bytes changes its
+        ctime, which no user can set back (unlike mtime), so an unchanged
+        fingerprint means unchanged bytes without reading them.
+        """
+        try:
+            path = self.resolve(ref.uri)
+            if self.is_local:
+                stat = os.stat(path)
+                return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+            info = self.fs.info(path)
+            return [info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")]
+        except (OSError, InvalidArgument):
+            return None
+
+    def intact(self, ref: ArtifactRef, recorded: list[Any] | None) -> bool:
+        """The object is there with the bytes its digest names: by fingerprint, or else by re-hashing."""
+        current = self.fingerprint(ref)
+        if current is None or current[0] != ref.size_bytes:
+            return False
+        if recorded is not None and current == recorded:
+            return True
+        try:
+            return self._exists_intact(self.resolve(ref.uri), ref.sha256)
+        except (OSError, StageError):
             return False
 
     def _exists_intact(self, path: str, digest: str) -> bool:
