@@ -11,6 +11,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import grpc
 import pytest
 import sklearn
 from services.runtime.server import stage_spec
@@ -25,6 +26,7 @@ from services.runtime.server import RunningStage
 from services.runtime.settings import Settings
 from services.runtime.stage import Job, StageRuntime
 from services.runtime.store import ArtifactStore, ref_to_dict
+from tests.conftest import expect_error
 from services.trainer import logic as trainer_logic
 
 
@@ -507,3 +509,22 @@ async def test_a_cache_hit_is_served_while_every_worker_is_busy(
     assert hit.stage.cache_hit and hit.model == original.model, f"waited {waited:.2f}s"
     results = await asyncio.gather(*fits)
     assert not any(r.stage.cache_hit for r in results)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("flag", ["--force", "--recompute"])
+async def test_data_loss_names_the_flag_of_the_front_end(
+    mesh: dict[str, RunningStage], settings: Settings, flag: str
+) -> None:
+    # `mlmesh run` builds its client with recompute_flag="--force", the Flyte tasks with "--recompute".
+    async with MeshClient(settings, addresses={n: s.address for n, s in mesh.items()}, recompute_flag=flag) as client:
+        loaded = await client.load(loader_pb2.LoadRequest(source="sklearn:wine"))
+        path = object_path(loaded.dataset)
+        data = bytearray(path.read_bytes())
+        data[-20] ^= 0xFF
+        path.write_bytes(bytes(data))
+        details = await expect_error(
+            client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset)),
+            grpc.StatusCode.DATA_LOSS, f"with {flag} (force_recompute=true)",
+        )
+        assert "corrupt or was replaced" in details
