@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -301,3 +302,24 @@ def test_up_stops_cleanly_on_sigterm(mesh_env: dict[str, str]) -> None:
     output = up.rest()
     assert up.process.returncode == 0, output
     assert "mesh stopped (loader=0, preprocess=0, features=0, trainer=0, evaluator=0)" in output
+
+
+@pytest.mark.parametrize("deleted", ["dataset", "transformer", "model"])
+def test_a_deleted_object_is_recomputed_by_the_next_mlmesh_run(
+    running_mesh: UpProcess, mesh_env: dict[str, str], deleted: str
+) -> None:
+    args = ("run", "--json", "--source", "sklearn:iris", "--seed", "5")
+    first = mlmesh(mesh_env, *args)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    ref = summary["model"] if deleted == "model" else summary["artifacts"][deleted]
+    path = Path(ref["uri"].removeprefix("file://"))
+    path.unlink()
+    second = mlmesh(mesh_env, *args)
+    assert second.returncode == 0, second.stderr
+    again = json.loads(second.stdout)
+    assert again["model"] == summary["model"] and again["metrics_report"] == summary["metrics_report"]
+    refs = [again["model"], again["metrics_report"], again["html_report"], *again["artifacts"].values()]
+    for each in refs:
+        data = Path(each["uri"].removeprefix("file://")).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == each["sha256"], each["uri"]

@@ -84,10 +84,7 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
         shutil.rmtree(store / folder)
     third = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
     assert third.returncode == 0, third.stdout + third.stderr
-    refs = re.findall(r"uri='file://([^']+)', sha256='([0-9a-f]{64})'", third.stdout)
-    assert len(refs) >= 15
-    for path, digest in refs:
-        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest, path
+    assert len(_verified_refs(third.stdout)) >= 15
 
     # --recompute reaches every stage, and each one computes instead of answering from its memo.
     before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
@@ -97,6 +94,29 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
         new_calls = rpc_lines(flyte_env, stage)[before[stage]:]
         computed = [line for line in new_calls if "cache_hit=false" in line]
         assert computed, f"--recompute did not make {stage} compute: {new_calls}"
+
+
+def _verified_refs(output: str) -> list[tuple[str, str]]:
+    refs = re.findall(r"uri='file://([^']+)', sha256='([0-9a-f]{64})'", output)
+    for path, digest in refs:
+        assert Path(path).is_file(), f"a returned ref names a missing object: {path}"
+        assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest, path
+    return refs
+
+
+@pytest.mark.parametrize("deleted", ["x_train", "model", "report"])
+def test_a_deleted_object_is_recomputed_by_the_next_identical_run(flyte_env: dict[str, str], deleted: str) -> None:
+    args = ("run", "workflow/pipeline.py", "training_pipeline", "--source", "sklearn:wine", "--seed", "11")
+    first = pyflyte(flyte_env, *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    # A field of the result (model=, report=) or an entry of its lineage ('x_train': ...).
+    victim = re.search(rf"(?:\b{deleted}=|'{deleted}': )ArtifactRef\(uri='file://([^']+)', sha256='([0-9a-f]{{64}})'",
+                       first.stdout)
+    Path(victim.group(1)).unlink()
+    second = pyflyte(flyte_env, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"sha256='{victim.group(2)}'" in second.stdout  # the same bytes, made again
+    assert len(_verified_refs(second.stdout)) >= 15
 
 
 def test_stopped_service_is_named_with_its_address(flyte_env: dict[str, str]) -> None:
