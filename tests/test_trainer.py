@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
+import pandas as pd
 import pytest
 from tests.conftest import expect_error
 from sklearn.ensemble import (
@@ -171,6 +174,18 @@ def test_single_shot_fit_reports_start_and_end() -> None:
     assert logic.fit(estimator, x, y, _run(events))[1] == []
     assert events == [(0.0, "fitting Ridge on 120 rows"), (1.0, "fit complete")]
     assert estimator.score(x, y) > 0.99
+
+
+def test_a_one_call_fit_reports_its_elapsed_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = toy("regression")
+    estimator = logic.build_estimator("regression", "ridge", {}, seed=0)
+    real_fit = estimator.fit
+    monkeypatch.setattr(logic, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(estimator, "fit", lambda *a: (time.sleep(0.3), real_fit(*a))[1])
+    events: list[tuple[float, str]] = []
+    logic.fit(estimator, x, y, _run(events))
+    beats = [m for _, m in events if m.startswith("fitting Ridge on 120 rows, ") and m.endswith("s so far")]
+    assert len(beats) >= 3 and events[-1] == (1.0, "fit complete")
 
 
 def test_gradient_boosting_is_fitted_as_scikit_learn_fits_it() -> None:
@@ -492,3 +507,33 @@ async def test_the_feature_schema_names_the_models_inputs(client: MeshClient, me
         "feature_schema names 27 features but x_train has 6 columns; pass both from one features run",
     )
     await assert_serving(mesh)
+
+
+# ---- the model is exactly scikit-learn's --------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("rows", [2_000, 12_000])  # gradient boosting's early stopping switches on above 10,000
+@pytest.mark.parametrize(
+    ("task", "model"), [(task, model) for task, catalogue in logic.MODELS.items() for model in sorted(catalogue)]
+)
+async def test_the_stored_model_predicts_exactly_as_a_one_shot_fit(client: MeshClient, task: str, model: str, rows: int) -> None:
+    """However the trainer fits (in steps, with checkpoints, with progress), the model is scikit-learn's own."""
+    source = f"synthetic:{task}?rows={rows}&features=8&seed=3"
+    built = await features_for(client, source)
+    quick = {"n_estimators": "12"} if model == "random_forest" else {}
+    request = train_request(built, model, quick)
+    request.feature_schema.CopyFrom(built.feature_schema)  # as the pipeline sends it: the model keeps feature names
+    result = await client.train(request)
+    store = ArtifactStore(client.settings.artifact_root)
+    stored = skops_to_model(store.get(result.model), "model")
+
+    cls, _ = logic.MODELS[task][model]
+    params = {name: logic.parse_value(value) for name, value in result.effective_hyperparameters.items()}
+    x_train = npy_to_array(store.get(built.x_train), "x_train")
+    x_test = npy_to_array(store.get(built.x_test), "x_test")
+    names = list(built.feature_names)
+    # The frame as the trainer builds it (the same memory: BLAS sums in layout order, to the last bit).
+    one_shot = cls(**params).fit(logic.FeatureColumns(names).frame(x_train), npy_to_array(store.get(built.y_train), "y_train"))
+    test_frame = pd.DataFrame(x_test, columns=names)
+    np.testing.assert_array_equal(stored.predict(test_frame), one_shot.predict(test_frame))
+    if hasattr(one_shot, "predict_proba"):
+        np.testing.assert_array_equal(stored.predict_proba(test_frame), one_shot.predict_proba(test_frame))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,9 +186,11 @@ def fit(
         warnings.simplefilter("always", ConvergenceWarning)
         try:
             if counter is None:
-                run.progress(0.0, f"fitting {type(estimator).__name__} on {x.shape[0]} rows", 0, 1)
+                what = f"fitting {type(estimator).__name__} on {x.shape[0]} rows"
+                run.progress(0.0, what, 0, 1)
                 run.check_cancelled()
-                estimator.fit(x, y)
+                with _heartbeat(run, what):
+                    estimator.fit(x, y)
                 total = 1
             else:
                 estimator, total = _fit_in_steps(estimator, counter, x, y, run, checkpoints)
@@ -197,6 +203,29 @@ def fit(
             ) from None
     run.progress(1.0, "fit complete", total, total)
     return estimator, sorted({str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)})
+
+
+# A fit in one call says how long it has been going, this often: it has no steps to count.
+HEARTBEAT_SECONDS = 5.0
+
+
+@contextlib.contextmanager
+def _heartbeat(run: Run, what: str) -> Iterator[None]:
+    """Report the elapsed time of a one-call fit every HEARTBEAT_SECONDS, from a side thread."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            run.progress(0.0, f"{what}, {time.monotonic() - started:.0f}s so far", 0, 1)
+
+    thread = threading.Thread(target=beat, name="fit-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _fit_in_steps(
