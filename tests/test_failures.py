@@ -486,3 +486,17 @@ async def test_a_damaged_registry_without_revisions_says_how_to_recover(
     )
     await assert_serving(mesh["evaluator"])
 
+
+
+# ---- 9. the run id in the metadata is checked -------------------------------------------------
+@pytest.mark.asyncio
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "", "x" * 200, "a/b", ".hidden", "run id"])
+async def test_a_bad_run_id_in_the_metadata_is_invalid_argument(
+    mesh: dict[str, RunningStage], settings: Settings, bad: str
+) -> None:
+    async with grpc.aio.insecure_channel(mesh["loader"].address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await loader_pb2_grpc.LoaderServiceStub(channel).Load(IRIS, metadata=(("mlmesh-run-id", bad),), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a run id" in caught.value.details() and len(caught.value.details()) < 400
+    assert not (Path(settings.artifact_root) / "runs").exists(), "a refused call recorded an execution"

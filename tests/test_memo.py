@@ -297,7 +297,12 @@ async def test_cache_hits_return_the_original_responses_and_write_nothing(
     first = await client.run_pipeline(config)
     files_before = all_files(artifact_root)
     second = await client.run_pipeline(config)
-    assert all_files(artifact_root) == files_before, "a cache hit wrote to the store"
+    # A hit writes nothing but its execution record in the run's log.
+    files_after = all_files(artifact_root)
+    written = {path for path, mtime in files_after.items() if files_before.get(path) != mtime}
+    assert all(path.startswith("runs/") for path in written), f"a cache hit wrote {sorted(written)}"
+    assert len(written) == 5 and all(path.startswith(f"runs/{client.run_id}/") for path in written)
+    assert set(files_before) <= set(files_after)
 
     for a, b in zip(
         (first.load, first.preprocess, first.features, first.train, first.evaluate),

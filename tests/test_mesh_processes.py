@@ -323,3 +323,53 @@ def test_a_deleted_object_is_recomputed_by_the_next_mlmesh_run(
     for each in refs:
         data = Path(each["uri"].removeprefix("file://")).read_bytes()
         assert hashlib.sha256(data).hexdigest() == each["sha256"], each["uri"]
+
+
+def test_each_run_has_its_own_exact_lineage(running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path) -> None:
+    # Two sources whose label vectors are byte-identical: a run's graph must still name only its own source.
+    iris = tmp_path / "iris.csv"
+    subprocess.run([sys.executable, "-c", f"from sklearn.datasets import load_iris; "
+                    f"load_iris(as_frame=True).frame.to_csv({str(iris)!r}, index=False)"], check=True)
+    extra = tmp_path / "iris_with_notes.csv"
+    extra.write_text("\n".join(line + (",note" if i == 0 else f",n{i % 7}") for i, line in
+                               enumerate(iris.read_text().splitlines())) + "\n")
+    runs = []
+    for source in (iris, extra, iris):
+        roles = ("--column", "note=ignore") if source == extra else ()
+        done = mlmesh(mesh_env, "run", "--json", "--source", str(source), "--target", "target", *roles)
+        assert done.returncode == 0, done.stderr
+        runs.append(json.loads(done.stdout))
+    assert len({r["run_id"] for r in runs}) == 3
+
+    for run, source in zip(runs, (iris, extra, iris), strict=True):
+        graph = mlmesh(mesh_env, "lineage", "--run", run["run_id"], "--json")
+        assert graph.returncode == 0, graph.stderr
+        steps = json.loads(graph.stdout)
+        assert [s["stage"] for s in steps] == ["loader", "preprocess", "features", "trainer", "evaluator"]
+        assert all(s["run_id"] == run["run_id"] for s in steps)
+        # Closed: every input of the run was an output of an earlier stage of the same run.
+        made: set[str] = set()
+        for step in steps:
+            assert {ref["sha256"] for ref in step["inputs"].values()} <= made, step["stage"]
+            made |= {ref["sha256"] for ref in step["outputs"].values()}
+        for name in ("transformer", "schema", "profile", "feature_schema", "split_report"):
+            assert run["artifacts"][name]["sha256"] in made, name
+        assert {run["model"]["sha256"], run["metrics_report"]["sha256"], run["html_report"]["sha256"]} <= made
+        assert steps[0]["params"]["source"].endswith(source.name)
+    assert [s["cache_hit"] for s in json.loads(mlmesh(mesh_env, "lineage", "--run", runs[2]["run_id"], "--json").stdout)] == [True] * 5
+
+    # The note column is ignored, so all three runs train on the same matrix: one model with three
+    # producing executions (one fit, two cache hits), each in its own run.
+    assert len({r["model"]["sha256"] for r in runs}) == 1
+    model = mlmesh(mesh_env, "lineage", runs[0]["model"]["sha256"], "--json")
+    touching = json.loads(model.stdout)["runs"]
+    producers = [t for t in touching if t["produced_as"] == ["model"]]
+    assert {t["run_id"] for t in producers} == {r["run_id"] for r in runs}
+    assert sorted(t["cache_hit"] for t in producers) == [False, True, True]
+    assert {t["run_id"] for t in touching if t["used_as"] == ["model"]} == {r["run_id"] for r in runs}  # evaluated
+    listed = json.loads(mlmesh(mesh_env, "runs", "--json").stdout)
+    by_id = {r["run_id"]: r for r in listed}
+    assert all(by_id[r["run_id"]]["decision"] == r["decision"] for r in runs)
+    assert by_id[runs[0]["run_id"]]["metrics"]["accuracy"] == runs[0]["metrics"]["accuracy"]
+    table = mlmesh(mesh_env, "runs")
+    assert runs[2]["run_id"] in table.stdout and "5 cache hits" in table.stdout

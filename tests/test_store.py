@@ -342,10 +342,11 @@ async def test_tampered_dataset_gives_data_loss_then_force_recompute_repairs(cli
     )
     assert "Traceback" not in details
 
-    # The memo only checks sizes, so a plain reload still hands out the damaged ref...
+    # The memo sees the changed fingerprint and re-hashes, so a plain reload recomputes
+    # and rewrites the bytes instead of handing out the damaged ref...
     again = await client.load(loader_pb2.LoadRequest(source="sklearn:iris"))
-    assert again.stage.cache_hit and again.dataset == loaded.dataset
-    # ...and the advice in the message works: recomputing rewrites the bytes.
+    assert not again.stage.cache_hit and again.dataset == loaded.dataset
+    # ...and so does the advice in the message.
     repaired = await client.load(loader_pb2.LoadRequest(source="sklearn:iris", force_recompute=True))
     assert repaired.dataset == loaded.dataset and not repaired.stage.cache_hit
     prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=repaired.dataset))

@@ -61,6 +61,12 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     assert "task_kind='classification'" in first.stdout
     assert "rows_dropped={'missing_target': 0, 'invalid_target': 0, 'incomplete': 0, 'duplicate': 0}" in first.stdout
 
+    # Every stage recorded its execution under the run's id (one per local pyflyte run).
+    run_id = re.search(r"run_id='(local-[0-9T]+-[0-9a-f]+)'", first.stdout).group(1)
+    graph = subprocess.run([str(BIN / "mlmesh"), "lineage", "--run", run_id, "--json"], env=flyte_env,
+                           capture_output=True, text=True)
+    assert [s["stage"] for s in json.loads(graph.stdout)] == ["loader", "preprocess", "features", "trainer", "evaluator"]
+
     before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
     second = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
     assert second.returncode == 0, second.stderr

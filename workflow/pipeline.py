@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
+import flytekit
 from flytekit import CronSchedule, Deck, LaunchPlan, dynamic, task, workflow
 from flytekit.exceptions.user import FlyteRecoverableException
 
@@ -43,6 +44,7 @@ from services.runtime.client import (
     train_request,
 )
 from services.runtime.roles import role_name
+from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 
@@ -154,6 +156,8 @@ class PipelineResult:
     html_report: ArtifactRef
     lineage: dict[str, ArtifactRef]
     registered_as: str
+    # The run every stage recorded its execution under: `mlmesh lineage --run RUN_ID`.
+    run_id: str = ""
 
 
 @dataclass
@@ -170,11 +174,21 @@ class StageFailed(Exception):
     """A stage refused the request; retrying would not help."""
 
 
+# `pyflyte run` without --remote runs every task in this process, and its execution is named "local".
+_LOCAL_RUN_ID = new_run_id("local")
+
+
+def run_id() -> str:
+    """The pipeline run's id: the Flyte execution's name on a cluster, one per process locally."""
+    name = flytekit.current_context().execution_id.name
+    return _LOCAL_RUN_ID if name in ("", "local") else f"flyte-{name}"
+
+
 def call(stage_call: Callable[[MeshClient], Awaitable[T]]) -> T:
     """Run one RPC with a fresh client; map failures to Flyte's retry semantics."""
 
     async def run() -> T:
-        async with MeshClient(Settings.from_env(), recompute_flag="--recompute") as client:
+        async with MeshClient(Settings.from_env(), recompute_flag="--recompute", run_id=run_id()) as client:
             return await stage_call(client)
 
     try:
@@ -316,7 +330,7 @@ def promote(
     return PipelineResult(
         model=trained.model, task_kind=dataset.task_kind, metrics=evaluation.metrics, decision=evaluation.decision,
         reasons=evaluation.reasons, rows_dropped=splits.rows_dropped, report=evaluation.metrics_report,
-        html_report=evaluation.html_report, lineage=lineage, registered_as=registered,
+        html_report=evaluation.html_report, lineage=lineage, registered_as=registered, run_id=run_id(),
     )
 
 

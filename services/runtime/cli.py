@@ -28,6 +28,7 @@ from services.runtime.client import (
 )
 from services.runtime.errors import StageError
 from services.runtime.launcher import LocalMesh, MeshStartError
+from services.runtime import runs as run_records
 from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
 from services.runtime.settings import STAGES, Settings, SettingsError
 from services.runtime.store import ArtifactStore
@@ -125,17 +126,79 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ---- lineage --------------------------------------------------------------------------
+def _short(ref: dict[str, Any]) -> str:
+    return str(ref.get("sha256", ""))[:12]
+
+
 def _lineage(settings: Settings, args: argparse.Namespace) -> int:
     store = ArtifactStore(settings.artifact_root)
+    if (args.run is None) == (args.artifact is None):
+        print("mlmesh lineage: name an artifact, or a run with --run ID (mlmesh runs lists them)", file=sys.stderr)
+        return 2
+    if args.run is not None:
+        return _run_graph(store, args)
     try:
         digest = store.find_digest(args.artifact)
         chain = store.lineage(digest)
     except StageError as exc:
         print(f"mlmesh lineage: {exc}", file=sys.stderr)
         return 1
+    touching = run_records.runs_touching(store, digest)
     if args.json:
-        print(json.dumps(chain, indent=2, sort_keys=True))
+        print(json.dumps({"chain": chain, "runs": touching}, indent=2, sort_keys=True))
         return 0
+    _print_chain(chain)
+    if touching:
+        print(f"runs that produced or used {digest[:12]}:")
+    for execution in touching:
+        how = ", ".join([*(f"produced as {n}" for n in execution["produced_as"]),
+                         *(f"used as {n}" for n in execution["used_as"])])
+        hit = " (cache hit)" if execution.get("cache_hit") else ""
+        print(f"  {execution['run_id']}  {execution['stage']}{hit}: {how}  at {execution['started_at']}")
+    return 0
+
+
+def _run_graph(store: ArtifactStore, args: argparse.Namespace) -> int:
+    try:
+        steps = run_records.executions(store, args.run)
+    except StageError as exc:
+        print(f"mlmesh lineage: {exc}", file=sys.stderr)
+        return 2
+    if not steps:
+        print(f"mlmesh lineage: no run {args.run[:80]!r} in {store.root_url}; `mlmesh runs` lists the runs",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(steps, indent=2, sort_keys=True))
+        return 0
+    print(f"run {args.run}: {len(steps)} stage calls, {steps[0]['started_at']} to {steps[-1]['ended_at']}")
+    for step in steps:
+        hit = "cache hit" if step.get("cache_hit") else "computed"
+        print(f"  {step['stage']} {step['stage_version']} ({hit}, host {step.get('host', '?')})")
+        for name, ref in sorted(step.get("inputs", {}).items()):
+            print(f"    in   {name:<15} {_short(ref)}")
+        for name, ref in sorted(step.get("outputs", {}).items()):
+            print(f"    out  {name:<15} {_short(ref)}  {ref.get('uri', '')}")
+    return 0
+
+
+def _runs(settings: Settings, args: argparse.Namespace) -> int:
+    found = run_records.runs(ArtifactStore(settings.artifact_root), max(1, args.limit))
+    if args.json:
+        print(json.dumps(found, indent=2, sort_keys=True))
+        return 0
+    if not found:
+        print(f"no runs recorded in {settings.artifact_root} yet")
+    for run in found:
+        metrics = run["metrics"]
+        key = next((m for m in ("accuracy", "r2") if m in metrics), next(iter(sorted(metrics)), ""))
+        shown = f"{key} {metrics[key]:.4f}" if key else ""
+        print(f"{run['run_id']:<32} {str(run['started_at'])[:19]}  {run['decision'] or '-':<8} {shown:<16} "
+              f"{len(run['stages'])} stage calls, {run['cache_hits']} cache hits")
+    return 0
+
+
+def _print_chain(chain: list[dict[str, Any]]) -> None:
     for manifest in chain:
         artifact = manifest["artifact"]
         print(f"{artifact['sha256'][:12]}  {manifest['output']:<15} from {manifest['stage']} {manifest['stage_version']}"
@@ -145,7 +208,6 @@ def _lineage(settings: Settings, args: argparse.Namespace) -> int:
             print(f"    params  {json.dumps(manifest['params'], sort_keys=True)}")
         for name, ref in sorted(manifest["inputs"].items()):
             print(f"    input   {name} <- {ref['sha256'][:12]}")
-    return 0
 
 
 # ---- models ---------------------------------------------------------------------------
@@ -199,6 +261,7 @@ def _local_path(uri: str) -> str:
 def _summary(run: PipelineRun) -> dict[str, Any]:
     evaluation, loaded, prepared = run.evaluate, run.load, run.preprocess
     return {
+        "run_id": run.run_id,
         "decision": evaluator_pb2.Decision.Name(evaluation.decision).removeprefix("DECISION_"),
         "reasons": list(evaluation.reasons),
         "metrics": dict(sorted(evaluation.metrics.items())),
@@ -260,6 +323,7 @@ def _print_run(run: PipelineRun) -> None:
         print(f"  - {reason}")
     print(f"model:   {run.train.model.uri}")
     print(f"report:  {_local_path(run.evaluate.html_report.uri)}")
+    print(f"run:     {run.run_id}  (mlmesh lineage --run {run.run_id})")
     print(f"total:   {run.seconds:.2f}s")
 
 
@@ -330,9 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="gRPC health of each service")
     status.add_argument("--timeout", type=float, default=2.0)
 
-    lineage = commands.add_parser("lineage", help="the chain of an artifact back to its source")
-    lineage.add_argument("artifact", help="sha256, a 6+ digit prefix of one, or an artifact URI")
+    lineage = commands.add_parser(
+        "lineage", help="an artifact's chain back to its source and the runs that made or used it; or one run's graph"
+    )
+    lineage.add_argument("artifact", nargs="?", help="sha256, a 6+ digit prefix of one, or an artifact URI")
+    lineage.add_argument("--run", metavar="ID", help="show one run's stages, inputs and outputs instead")
     lineage.add_argument("--json", action="store_true")
+
+    runs = commands.add_parser("runs", help="recent pipeline runs with their decision and metrics")
+    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--json", action="store_true")
 
     models = commands.add_parser("models", help="the model registry: names, versions, metrics")
     models.add_argument("--json", action="store_true")
@@ -384,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "lineage":
         return _lineage(settings, args)
+    if args.command == "runs":
+        return _runs(settings, args)
     if args.command == "models":
         return _models(settings, args)
     handler = {"up": _up, "status": _status, "run": _run, "with-mesh": _with_mesh}[args.command]

@@ -28,6 +28,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.runtime.errors import InvalidArgument
 from services.runtime.roles import parse_role, role_value
+from services.runtime.runs import RUN_ID_METADATA, new_run_id
 from services.runtime.settings import STAGES, Settings
 from services.runtime.tasks import task_kind_value
 
@@ -252,6 +253,7 @@ class PipelineRun:
     train: trainer_pb2.TrainResult
     evaluate: evaluator_pb2.EvaluateResponse
     seconds: float
+    run_id: str = ""
 
     @property
     def stages(self) -> list[Any]:
@@ -261,10 +263,14 @@ class PipelineRun:
 class MeshClient:
     def __init__(
         self, settings: Settings | None = None, addresses: dict[str, str] | None = None, recompute_flag: str = "",
+        run_id: str = "",
     ):
         """`recompute_flag` is how the caller's user asks for recomputation (`--force`,
         `--recompute`); error messages that suggest it name that flag."""
         self.recompute_flag = recompute_flag
+        # Every call carries it, so each stage records its execution under this pipeline run.
+        self.run_id = run_id or new_run_id()
+        self.metadata = ((RUN_ID_METADATA, self.run_id),)
         self.settings = settings or Settings.from_env()
         self.addresses = {**self.settings.addresses, **(addresses or {})}
         self.timeout = self.settings.rpc_timeout_seconds
@@ -292,7 +298,9 @@ class MeshClient:
         return STUBS[stage](self.channel(stage))
 
     async def _unary(self, stage: str, method: str, request: Any) -> Any:
-        return await self._reconnecting(stage, lambda: getattr(self.stub(stage), method)(request, timeout=self.timeout))
+        return await self._reconnecting(
+            stage, lambda: getattr(self.stub(stage), method)(request, timeout=self.timeout, metadata=self.metadata)
+        )
 
     async def _reconnecting(self, stage: str, call: Callable[[], Any]) -> Any:
         """`call()`, tried again while the stage is unreachable, for up to MLMESH_RECONNECT_SECONDS.
@@ -344,7 +352,7 @@ class MeshClient:
                 # Each stream has the client's deadline; the fit does not. A stream that
                 # ends early (deadline, lost connection, a trainer that checkpointed and
                 # stopped) is simply opened again on the same operation.
-                async for event in self.stub("trainer").Train(request, timeout=self.timeout):
+                async for event in self.stub("trainer").Train(request, timeout=self.timeout, metadata=self.metadata):
                     if event.HasField("result"):
                         return event.result
                     # A re-attached stream replays the operation's progress from the start.
@@ -380,7 +388,7 @@ class MeshClient:
         features = await self.build_features(features_request(config, prepared.train, prepared.test, config.model))
         trained = await self.train(train_request(config, features), on_progress)
         evaluated = await self.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile))
-        return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started)
+        return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started, self.run_id)
 
 
 async def running_operations(address: str, timeout: float = 2.0) -> list[trainer_pb2.TrainProgress]:

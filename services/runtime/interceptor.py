@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from services.runtime.errors import InvalidArgument, StageError, bounded, status_message
+from services.runtime.runs import RUN_ID_METADATA, check_run_id
 from services.runtime.stage import RpcRecord, current_rpc
 
 log = logging.getLogger("mlmesh.rpc")
@@ -42,11 +43,12 @@ async def _map_error(exc: BaseException, method: str, context: grpc.aio.Servicer
 def _log(method: str, outcome: _Outcome, started: float, record: RpcRecord) -> None:
     cache = "-" if record.cache_hit is None else str(record.cache_hit).lower()
     log.info(
-        "rpc method=%s status=%s duration_ms=%.1f cache_hit=%s",
+        "rpc method=%s status=%s duration_ms=%.1f cache_hit=%s run_id=%s",
         method,
         outcome.code.name,
         (time.perf_counter() - started) * 1000,
         cache,
+        record.run_id or "-",
     )
 
 
@@ -57,6 +59,7 @@ async def _rpc_scope(method: str, context: grpc.aio.ServicerContext) -> AsyncIte
     # Each RPC runs in its own task and context, so this never leaks between calls.
     current_rpc.set(record)
     try:
+        record.run_id = _run_id_of(context)
         yield
     except grpc.aio.AbortError:
         outcome.code = context.code() or grpc.StatusCode.UNKNOWN
@@ -72,6 +75,14 @@ async def _rpc_scope(method: str, context: grpc.aio.ServicerContext) -> AsyncIte
             # The handler finished, but too late: the caller saw CANCELLED or DEADLINE_EXCEEDED.
             outcome.code = _cancellation_code(context)
         _log(method, outcome, started, record)
+
+
+def _run_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's run id from the metadata, checked; empty when it sent none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == RUN_ID_METADATA:
+            return check_run_id(value if isinstance(value, str) else value.decode("utf-8", "replace"))
+    return ""
 
 
 def _is_cancelled(context: grpc.aio.ServicerContext) -> bool:

@@ -34,6 +34,7 @@ from google.protobuf.message import Message
 from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
 from services.runtime.errors import Cancelled, InvalidArgument, bounded
 from services.runtime.operations import OperationRegistry
+from services.runtime.runs import execution_doc, new_run_id, record_execution, refs_in, summary_of
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore, canonical_json, ref_to_dict, sha256_hex
 
@@ -52,6 +53,8 @@ class RpcRecord:
     """Filled in by the handler, read by the interceptor for the per-RPC log line."""
 
     cache_hit: bool | None = None
+    # The pipeline run this call belongs to (gRPC metadata mlmesh-run-id), or one made up for a lone call.
+    run_id: str = ""
 
 
 current_rpc: contextvars.ContextVar[RpcRecord | None] = contextvars.ContextVar(
@@ -169,6 +172,7 @@ class StageRuntime:
     ) -> ResultT:
         """Serve `job` from the memo or compute it once; fills in `result.stage`."""
         started = time.perf_counter()
+        started_at = datetime.now(UTC)
         self.check_inputs(job)
         key = self.cache_key(job)
         record = current_rpc.get()
@@ -192,7 +196,21 @@ class StageRuntime:
         )
         if record is not None:
             record.cache_hit = cache_hit
+        await self.record_execution(job, key, result, cache_hit, started_at)
         return result
+
+    async def record_execution(self, job: Job, key: str, result: Message, cache_hit: bool, started_at: datetime) -> None:
+        """One line of the run's log (see runs.py); never fails the call it describes."""
+        record = current_rpc.get()
+        run_id = record.run_id if record is not None and record.run_id else new_run_id("call")
+        execution = execution_doc(
+            run_id, self.name, self.version, key, cache_hit, job.inputs, refs_in(result), job.params,
+            started_at, datetime.now(UTC), summary_of(result),
+        )
+        try:
+            await asyncio.to_thread(record_execution, self.store, execution)
+        except Exception as exc:  # noqa: BLE001 - the result stands; only its record is lost
+            log.warning("could not record the execution of %s in run %s: %s", self.name, run_id, bounded(exc, 200))
 
     async def settle(self, key: str) -> None:
         """Until the computation for `key` (if any) has really stopped, whatever its outcome.

@@ -281,13 +281,13 @@ class ArtifactStore:
             return self._folder_in_the_way(path)
         return exc
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
+    def _write_atomic(self, path: str, data: bytes, durable: bool = True) -> None:
         try:
             if not self.is_local:
                 # Object stores make a single put visible all at once.
                 self.fs.pipe_file(path, data)
                 return
-            self._write_local(path, data)
+            self._write_local(path, data, durable)
         except OSError as exc:
             mapped = self._write_failed(path, exc)
             if mapped is exc:
@@ -295,7 +295,7 @@ class ArtifactStore:
             raise mapped from exc
 
     @staticmethod
-    def _write_local(path: str, data: bytes) -> None:
+    def _write_local(path: str, data: bytes, durable: bool = True) -> None:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
@@ -303,7 +303,8 @@ class ArtifactStore:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             # Never leave a partial object behind, whatever failed (a full disk included).
@@ -317,9 +318,18 @@ class ArtifactStore:
     def _doc_path(self, *parts: str) -> str:
         return "/".join([self.root_path, *parts])
 
-    def write_doc(self, parts: tuple[str, ...], doc: dict[str, Any]) -> None:
+    def write_doc(self, parts: tuple[str, ...], doc: dict[str, Any], durable: bool = True) -> None:
+        """Atomic always; `durable=False` skips the fsync, for records a crash may lose (a run's log)."""
         body = json.dumps(doc, sort_keys=True, indent=2).encode()
-        self._write_atomic(self._doc_path(*parts), body)
+        self._write_atomic(self._doc_path(*parts), body, durable)
+
+    def list_names(self, parts: tuple[str, ...]) -> list[str]:
+        """The names in a folder of the store, sorted; empty when it does not exist."""
+        try:
+            entries = self.fs.ls(self._doc_path(*parts), detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(posixpath.basename(str(entry).rstrip("/")) for entry in entries)
 
     def write_blob(self, parts: tuple[str, ...], data: bytes) -> None:
         """Bytes at a named path (a checkpoint), written atomically like every object."""

@@ -7,6 +7,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 from google.longrunning import operations_proto_pb2 as operations_pb2
 
@@ -35,13 +36,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.runtime = runtime
 
     async def StartTraining(self, request: trainer_pb2.TrainRequest, context) -> operations_pb2.Operation:
-        operation, _ = await self._operation(request)
+        operation, _, _ = await self._operation(request)
         # A memo hit finishes at once: answer it done, so one call shows the result.
         await self.runtime.operations.wait_done(operation, MEMO_HIT_WAIT_SECONDS)
         return operation.to_proto()
 
     async def Train(self, request: trainer_pb2.TrainRequest, context) -> AsyncIterator[trainer_pb2.TrainResponse]:
-        operation, joined = await self._operation(request)
+        started_at = datetime.now(UTC)
+        operation, joined, job = await self._operation(request)
         sent = 0
         while True:
             finished = operation.done  # read first: every event of a done operation is in its history
@@ -55,6 +57,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         result.CopyFrom(operation.result())
         if joined:
             result.stage.cache_hit = True  # a caller that joined someone else's fit did not compute
+            await self.runtime.record_execution(job, result.stage.cache_key, result, True, started_at)
         yield trainer_pb2.TrainResponse(result=result)
 
     async def recall_operation(self, name: str) -> Operation | None:
@@ -69,8 +72,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return self.runtime.operations.adopt_finished(name, result, done)
 
     # ---- one request, one operation ----------------------------------------------------------
-    async def _operation(self, request: trainer_pb2.TrainRequest) -> tuple[Operation, bool]:
-        """The operation for this request, and whether it was already running (joined)."""
+    async def _operation(self, request: trainer_pb2.TrainRequest) -> tuple[Operation, bool, Job]:
+        """The operation for this request, whether it was already running (joined), and the job."""
         job = _job(request)
         self.runtime.check_inputs(job)
         key = self.runtime.cache_key(job)
@@ -107,7 +110,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 await self.runtime.settle(key)
                 raise
 
-        return self.runtime.operations.start(name, run), joined
+        return self.runtime.operations.start(name, run), joined, job
 
 
 def _job(request: trainer_pb2.TrainRequest) -> Job:
