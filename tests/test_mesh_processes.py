@@ -373,3 +373,26 @@ def test_each_run_has_its_own_exact_lineage(running_mesh: UpProcess, mesh_env: d
     assert by_id[runs[0]["run_id"]]["metrics"]["accuracy"] == runs[0]["metrics"]["accuracy"]
     table = mlmesh(mesh_env, "runs")
     assert runs[2]["run_id"] in table.stdout and "5 cache hits" in table.stdout
+
+
+def test_readme_mlmesh_commands_run_as_written(running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path) -> None:
+    """Every `.venv/bin/mlmesh` line of "Running the mesh yourself", its placeholders filled with real values."""
+    write_house_prices(tmp_path)
+    done = json.loads(mlmesh(mesh_env, "run", "--json", "--source", "sklearn:iris").stdout)
+    fill = {"<run id>": done["run_id"], "<sha256, 6+ digit prefix, or artifact URI>": done["model"]["sha256"][:8],
+            "-- CMD ARGS": "-- true"}
+    lines = [line.split("  #")[0].strip() for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
+             if line.startswith(".venv/bin/mlmesh ")]
+    ran = set()
+    for line in lines:
+        for placeholder, value in fill.items():
+            line = line.replace(placeholder, value)
+        argv = shlex.split(line.replace(".venv/bin/", f"{BIN}/"))
+        command = argv[1]
+        if command == "up":
+            continue  # running_mesh is this very command; a second one is refused (tested above)
+        result = subprocess.run(argv, env=mesh_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, line + "\n" + result.stdout[-2000:] + result.stderr[-2000:]
+        assert result.stdout.strip() or command == "with-mesh", line
+        ran.add(command)
+    assert ran == {"status", "run", "runs", "lineage", "models", "with-mesh"}
