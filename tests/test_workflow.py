@@ -136,7 +136,7 @@ def test_stopped_service_is_named_with_its_address(flyte_env: dict[str, str]) ->
 
 
 def _sweep_result(stdout: str) -> tuple[str, int, list[dict[str, float]]]:
-    match = re.search(r"SweepResult\(metric='(\w+)', best_index=(\d+), .*candidate_metrics=(\[.*?\])\)\s*$", stdout, re.S)
+    match = re.search(r"SweepResult\(metric='(\w+)', best_index=(\d+), .*candidate_metrics=(\[.*?\]), comparison_report=", stdout, re.S)
     assert match, stdout[-2000:]
     return match.group(1), int(match.group(2)), ast.literal_eval(match.group(3))
 
@@ -147,6 +147,19 @@ def test_readme_sweep_command_picks_the_best_default_candidate(flyte_env: dict[s
     metric, best, scores = _sweep_result(result.stdout)
     assert metric == "f1_macro" and len(scores) == 4  # the four default classification candidates
     assert scores[best]["f1_macro"] == max(s["f1_macro"] for s in scores)
+    # One comparison report, every candidate side by side, the winner marked.
+    report = re.search(r"comparison_report=ArtifactRef\(uri='file://([^']+)', sha256='([0-9a-f]{64})'", result.stdout)
+    page = Path(report.group(1)).read_bytes()
+    assert hashlib.sha256(page).hexdigest() == report.group(2)
+    assert page.count(b"<tr") == 5 and page.count(b'class="winner"') == 1 and b"Only the winner is registered" in page
+    # Only the winner is registered.
+    registered = re.findall(r"registered_as='([^']*)'", result.stdout)
+    assert len(registered) == 1
+    models = subprocess.run([str(BIN / "mlmesh"), "models", "--json"], env=flyte_env, capture_output=True, text=True)
+    names = {entry["name"] for entry in json.loads(models.stdout)}
+    losers = {f"breast_cancer-{m}" for m in ("logistic_regression", "random_forest", "hist_gradient_boosting", "sgd")}
+    losers -= {registered[0].split(" v")[0]}
+    assert not (names & (losers - {"breast_cancer-logistic_regression"})), names  # that one came from training_pipeline
 
 
 def test_sweep_picks_the_candidate_that_is_really_best(flyte_env: dict[str, str]) -> None:

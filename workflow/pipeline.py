@@ -12,6 +12,7 @@ are found through the same MLMESH_*_ADDRESS variables as the `mlmesh` CLI.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from datetime import timedelta
 from typing import TypeVar
 
 import flytekit
-from flytekit import CronSchedule, Deck, LaunchPlan, dynamic, task, workflow
+from flytekit import CronSchedule, Deck, LaunchPlan, task, workflow
 from flytekit.exceptions.user import FlyteRecoverableException
 
 from mlmesh.common.v1 import common_pb2
@@ -167,6 +168,8 @@ class SweepResult:
     best: PipelineResult
     candidates: list[ModelCandidate]
     candidate_metrics: list[dict[str, float]]
+    # Every candidate side by side (HTML in the store; also the compare task's deck).
+    comparison_report: ArtifactRef
 
 
 # ---- calling the services -----------------------------------------------------------------
@@ -280,8 +283,24 @@ _TRAIN_DEFAULTS = {**_TASK_DEFAULTS, "timeout": timedelta(hours=24)}
 def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int, recompute: bool) -> TrainedModel:
     config = PipelineConfig(model=model, hyperparameters=hyperparameters, seed=seed, force_recompute=recompute)
     progress = ProgressPrinter(lambda line: print(line, flush=True))
-    result = call(lambda c: c.train(train_request(config, _features_reply(features)), progress))
+    return call(lambda c: _train(c, config, features, progress))
+
+
+async def _train(client: MeshClient, config: PipelineConfig, features: Features, progress: ProgressPrinter) -> TrainedModel:
+    result = await client.train(train_request(config, _features_reply(features)), progress)
     return TrainedModel(ArtifactRef.of(result.model), result.model_name, dict(result.effective_hyperparameters))
+
+
+async def _evaluate(
+    client: MeshClient, config: PipelineConfig, trained: TrainedModel, features: Features, splits: Splits, dataset: Dataset,
+) -> Evaluation:
+    prepared = preprocess_pb2.PreprocessResponse(class_names=splits.class_names, split_report=splits.split_report.proto())
+    reply = await client.evaluate(evaluate_request(
+        config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto()))
+    return Evaluation(
+        metrics=dict(reply.metrics), decision=_DECISIONS[reply.decision], reasons=list(reply.reasons),
+        metrics_report=ArtifactRef.of(reply.metrics_report), html_report=ArtifactRef.of(reply.html_report),
+    )
 
 
 @task(enable_deck=True, **_TASK_DEFAULTS)
@@ -290,16 +309,10 @@ def evaluate(
     minimums: dict[str, float], maximums: dict[str, float], recompute: bool,
 ) -> Evaluation:
     config = PipelineConfig(minimums=minimums, maximums=maximums, force_recompute=recompute)
-    prepared = preprocess_pb2.PreprocessResponse(
-        class_names=splits.class_names, split_report=splits.split_report.proto())
-    reply = call(lambda c: c.evaluate(evaluate_request(
-        config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto())))
+    evaluation = call(lambda c: _evaluate(c, config, trained, features, splits, dataset))
     # The deck is the evaluator's own HTML report, read (and digest-checked) from the store.
-    Deck("Evaluation", _stored_page(ArtifactRef.of(reply.html_report), "html_report").decode())
-    return Evaluation(
-        metrics=dict(reply.metrics), decision=_DECISIONS[reply.decision], reasons=list(reply.reasons),
-        metrics_report=ArtifactRef.of(reply.metrics_report), html_report=ArtifactRef.of(reply.html_report),
-    )
+    Deck("Evaluation", _stored_page(evaluation.html_report, "html_report").decode())
+    return evaluation
 
 
 def default_model_name(source: str, model: str) -> str:
@@ -400,33 +413,103 @@ def _candidates(candidates: list[ModelCandidate], task_kind: str) -> list[ModelC
     return candidates or DEFAULT_CANDIDATES[task_kind]
 
 
+@dataclass
+class CandidateOutcome:
+    candidate: ModelCandidate
+    trained: TrainedModel
+    evaluation: Evaluation
+
+
+def _sweep_concurrency() -> int:
+    # As many fits at once as the trainer has workers (MLMESH_WORKER_THREADS): more would only queue.
+    return max(1, Settings.from_env().worker_threads)
+
+
+@task(**_TRAIN_DEFAULTS)
+def train_candidates(
+    candidates: list[ModelCandidate], dataset: Dataset, splits: Splits, features: Features, seed: int,
+    minimums: dict[str, float], maximums: dict[str, float],
+) -> list[CandidateOutcome]:
+    """Train and evaluate every candidate, concurrently, on the one feature build upstream.
+
+    One task, many concurrent RPCs: the fits run in the trainer, which is where
+    the parallelism is, on a laptop and on a cluster alike.
+    """
+    chosen = _candidates(candidates, dataset.task_kind)
+    gate = asyncio.Semaphore(_sweep_concurrency())
+
+    async def one(client: MeshClient, index: int, candidate: ModelCandidate) -> CandidateOutcome:
+        config = PipelineConfig(model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed,
+                                minimums=minimums, maximums=maximums)
+        progress = ProgressPrinter(lambda line: print(line, flush=True), prefix=f"candidate {index} {candidate.model}: ")
+        async with gate:
+            trained = await _train(client, config, features, progress)
+        evaluation = await _evaluate(client, config, trained, features, splits, dataset)
+        return CandidateOutcome(candidate, trained, evaluation)
+
+    async def every(client: MeshClient) -> list[CandidateOutcome]:
+        return list(await asyncio.gather(*(one(client, i, c) for i, c in enumerate(chosen))))
+
+    return call(every)
+
+
+@dataclass
+class SweepChoice:
+    index: int
+    trained: TrainedModel
+    evaluation: Evaluation
+
+
 @task(**_TASK_DEFAULTS)
-def pick_best(metric: str, dataset: Dataset, results: list[PipelineResult], candidates: list[ModelCandidate]) -> SweepResult:
+def pick_best(metric: str, dataset: Dataset, outcomes: list[CandidateOutcome]) -> SweepChoice:
     metric = metric or DEFAULT_METRICS[dataset.task_kind]
-    scored = [r.metrics.get(metric) for r in results]
+    scored = [o.evaluation.metrics.get(metric) for o in outcomes]
     if all(s is None for s in scored):
         raise StageFailed(f"no candidate reported metric {metric[:40]!r}; choose one the evaluator computes")
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     best = max((i for i, s in enumerate(scored) if s is not None), key=lambda i: (sign * scored[i], -i))
-    return SweepResult(metric, best, results[best], _candidates(candidates, dataset.task_kind), [r.metrics for r in results])
+    return SweepChoice(best, outcomes[best].trained, outcomes[best].evaluation)
 
 
-@dynamic(**_TASK_DEFAULTS)
-def train_candidates(
-    source: str, candidates: list[ModelCandidate], dataset: Dataset, splits: Splits, features: Features, seed: int,
-    minimums: dict[str, float], maximums: dict[str, float],
-) -> list[PipelineResult]:
-    # Feature engineering ran once, upstream; each candidate only trains and evaluates.
-    results = []
-    for candidate in _candidates(candidates, dataset.task_kind):
-        trained = train(features=features, model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed,
-                        recompute=False)
-        evaluation = evaluate(trained=trained, features=features, splits=splits, dataset=dataset,
-                              minimums=minimums, maximums=maximums, recompute=False)
-        results.append(promote(
-            registry_name="", source=source, trained=trained, evaluation=evaluation, dataset=dataset, splits=splits, features=features,
-        ))
-    return results
+@task(enable_deck=True, **_TASK_DEFAULTS)
+def compare(metric: str, dataset: Dataset, outcomes: list[CandidateOutcome], choice: SweepChoice, best: PipelineResult) -> SweepResult:
+    """The sweep's result and its one comparison report: every candidate side by side, stored and shown as a deck."""
+    metric = metric or DEFAULT_METRICS[dataset.task_kind]
+    page = comparison_page(metric, outcomes, choice.index)
+    stored = ArtifactStore(Settings.from_env().artifact_root).put(page.encode(), "text/html")
+    Deck("Sweep comparison", page)
+    return SweepResult(
+        metric=metric, best_index=choice.index, best=best, candidates=[o.candidate for o in outcomes],
+        candidate_metrics=[o.evaluation.metrics for o in outcomes], comparison_report=ArtifactRef.of(stored),
+    )
+
+
+def comparison_page(metric: str, outcomes: list[CandidateOutcome], best: int) -> str:
+    """One HTML page: a row per candidate, its metrics, decision and report; the winner marked."""
+    names = sorted({name for o in outcomes for name in o.evaluation.metrics})
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    rows = []
+    for index, outcome in enumerate(outcomes):
+        params = ", ".join(f"{k}={v}" for k, v in sorted(outcome.candidate.hyperparameters.items())) or "defaults"
+        cells = "".join(
+            f"<td>{outcome.evaluation.metrics[n]:.4f}</td>" if n in outcome.evaluation.metrics else "<td></td>"
+            for n in names
+        )
+        mark = ' class="winner"' if index == best else ""
+        rows.append(
+            f"<tr{mark}><td>{index}</td><td>{html.escape(outcome.candidate.model)}</td><td>{html.escape(params)}</td>"
+            f"{cells}<td>{outcome.evaluation.decision}</td>"
+            f"<td><a href=\"{html.escape(outcome.evaluation.html_report.uri)}\">report</a></td></tr>"
+        )
+    return (
+        "<section class=\"mlmesh-sweep\"><style>.mlmesh-sweep table{border-collapse:collapse}"
+        ".mlmesh-sweep td,.mlmesh-sweep th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        ".mlmesh-sweep tr.winner{background:#e6f4e6;font-weight:bold}</style>"
+        f"<h2>Sweep: {len(outcomes)} candidates by {html.escape(metric)}</h2>"
+        f"<p>Winner: candidate {best}, {html.escape(outcomes[best].candidate.model)}. Only the winner is registered.</p>"
+        f"<table class=\"comparison\"><tr><th>#</th><th>model</th><th>hyperparameters</th>{head}<th>decision</th>"
+        f"<th>report</th></tr>{''.join(rows)}</table></section>"
+    )
 
 
 @workflow
@@ -455,11 +538,15 @@ def sweep_pipeline(
         splits=splits, model="", seed=seed, numeric_imputation="median", missing_indicators=False,
         categorical_encoding="auto", scaling="standard", polynomial_degree=0, select_k_best=0, recompute=False,
     )
-    results = train_candidates(
-        source=source, candidates=candidates, dataset=dataset, splits=splits, features=features, seed=seed,
+    outcomes = train_candidates(
+        candidates=candidates, dataset=dataset, splits=splits, features=features, seed=seed,
         minimums=minimums, maximums=maximums,
     )
-    return pick_best(metric=metric, dataset=dataset, results=results, candidates=candidates)
+    choice = pick_best(metric=metric, dataset=dataset, outcomes=outcomes)
+    # Only the winner is registered (if it passes its thresholds).
+    best = promote(registry_name="", source=source, trained=choice.trained, evaluation=choice.evaluation,
+                   dataset=dataset, splits=splits, features=features)
+    return compare(metric=metric, dataset=dataset, outcomes=outcomes, choice=choice, best=best)
 
 
 # ---- launch plans ----------------------------------------------------------------------------
