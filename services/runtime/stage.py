@@ -33,6 +33,7 @@ from google.protobuf.message import Message
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
 from services.runtime.errors import Cancelled, InvalidArgument, bounded
+from services.runtime import openlineage
 from services.runtime.operations import OperationRegistry
 from services.runtime.runs import execution_doc, new_run_id, record_execution, refs_in, summary_of
 from services.runtime.settings import Settings
@@ -207,8 +208,12 @@ class StageRuntime:
             run_id, self.name, self.version, key, cache_hit, job.inputs, refs_in(result), job.params,
             started_at, datetime.now(UTC), summary_of(result),
         )
+        def write_and_export() -> None:
+            record_execution(self.store, execution)
+            openlineage.emit(execution, self.store.root_url)  # only when OpenLineage is configured
+
         try:
-            await asyncio.to_thread(record_execution, self.store, execution)
+            await asyncio.to_thread(write_and_export)
         except Exception as exc:  # noqa: BLE001 - the result stands; only its record is lost
             log.warning("could not record the execution of %s in run %s: %s", self.name, run_id, bounded(exc, 200))
 
