@@ -194,7 +194,7 @@ def write_house_prices(folder: Path, rows: int = 400) -> Path:
 def test_readme_mlmesh_run_commands_run_as_written(running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path) -> None:
     write_house_prices(tmp_path)
     lines = [line.split("  #")[0] for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
-             if line.startswith(".venv/bin/mlmesh run")]
+             if line.startswith(".venv/bin/mlmesh run ")]
     assert len(lines) == 3
     summaries = []
     for line in lines:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from services.runtime.client import check_health
-from services.runtime.settings import STAGES, Settings
+from services.runtime.settings import LAUNCHER_PID, STAGES, Settings
 
 
 class MeshStartError(RuntimeError):
@@ -37,15 +37,6 @@ class Supervision:
     recent: deque = field(default_factory=deque)  # monotonic times of restarts in the window
     due: float | None = None  # when the next restart may happen
     last_exit: int | None = None
-
-
-def _stop_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the launcher dies, even by SIGKILL,
-    so a killed `mlmesh up` never leaves its stages running as orphans (Linux prctl)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -87,12 +78,14 @@ class LocalMesh:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{stage}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(output)
+        # No preexec_fn: Python code between fork and exec runs gRPC's fork handlers in the
+        # child, which crashed it (SIGABRT, "epoll_wait error: Bad file descriptor") now and
+        # then. The stage asks to die with us itself (server.stop_with_launcher), by our pid.
         return subprocess.Popen(
             [sys.executable, "-m", f"services.{stage}"],
-            env=self.env,
+            env={**self.env, LAUNCHER_PID: str(os.getpid())},
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
-            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509 - no threads yet
         )
 
     def _log_tail(self, stage: str) -> str:

@@ -26,7 +26,7 @@ from services.runtime.errors import StageError
 from services.runtime.admission import AdmissionInterceptor
 from services.runtime.interceptor import StageInterceptor
 from services.runtime.operations import OPERATIONS_SERVICE, OperationsService, add_operations_service
-from services.runtime.settings import Settings, SettingsError
+from services.runtime.settings import LAUNCHER_PID, Settings, SettingsError
 from services.runtime.stage import StageRuntime
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,23 @@ async def _serve(spec: StageSpec, settings: Settings) -> None:
     log.info("%s stopped", spec.name)
 
 
+def stop_with_launcher() -> None:
+    """Under `mlmesh up`: get SIGTERM when the launcher dies, even by SIGKILL (Linux prctl),
+    so a killed launcher never leaves its stages running as orphans."""
+    launcher = os.environ.get(LAUNCHER_PID, "")
+    if not launcher.isdigit() or sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(launcher):  # it died before we asked
+        sys.exit("the mlmesh up that started this stage is gone; not serving")
+
+
 def serve(spec: StageSpec) -> None:
     """Process entry point of a stage: `python -m services.<stage>`."""
+    stop_with_launcher()
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

@@ -17,6 +17,10 @@ STAGES: tuple[str, ...] = ("loader", "preprocess", "features", "trainer", "evalu
 DEFAULT_PORTS: dict[str, int] = {name: 50051 + i for i, name in enumerate(STAGES)}
 
 
+# Set by `mlmesh up` in each stage's environment: its own pid, so the stage can die with it.
+LAUNCHER_PID = "MLMESH_LAUNCHER_PID"
+
+
 class SettingsError(ValueError):
     """A configuration variable is missing or malformed."""
 
