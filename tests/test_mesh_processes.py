@@ -43,6 +43,17 @@ class UpProcess:
                 return
         raise AssertionError(f"{text!r} never appeared; output:\n{''.join(self.output)}")
 
+    def stop(self) -> None:
+        """SIGTERM, so `mlmesh up` stops its children (SIGKILL would orphan them); SIGKILL after 30 s."""
+        if self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
     def rest(self, timeout: float = 30) -> str:
         out, _ = self.process.communicate(timeout=timeout)
         return "".join(self.output) + out
@@ -63,14 +74,7 @@ def running_mesh(mesh_env: dict[str, str]) -> Iterator[UpProcess]:
     up = UpProcess(mesh_env, ports)
     up.wait_for("mesh is up")
     yield up
-    if up.process.poll() is None:
-        # SIGTERM lets `mlmesh up` stop its children; SIGKILL would orphan them.
-        up.process.terminate()
-        try:
-            up.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            up.process.kill()
-            up.process.wait()
+    up.stop()
 
 
 def mlmesh(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -213,13 +213,7 @@ def up(tmp_path: Path) -> UpProcess:
     process = UpProcess(env, {s: int(env[f"MLMESH_{s.upper()}_PORT"]) for s in STAGES})
     process.wait_for("mesh is up")
     yield process
-    if process.process.poll() is None:
-        process.process.terminate()
-        try:
-            process.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.process.kill()
-            process.process.wait()
+    process.stop()
 
 
 def _client_settings(up: UpProcess) -> Settings:
