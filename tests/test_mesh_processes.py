@@ -400,3 +400,10 @@ def test_readme_mlmesh_commands_run_as_written(running_mesh: UpProcess, mesh_env
         assert result.stdout.strip() or command == "with-mesh", line
         ran.add(command)
     assert ran == {"status", "run", "runs", "lineage", "models", "with-mesh"}
+
+
+def test_output_cut_short_by_a_pipe_is_no_error(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:
+    done = json.loads(mlmesh(mesh_env, "run", "--json", "--source", "sklearn:iris").stdout)
+    piped = subprocess.run(f"{BIN / 'mlmesh'} lineage --run {done['run_id']} | head -1", shell=True, env=mesh_env,
+                           capture_output=True, text=True, timeout=60, executable="/bin/bash")
+    assert piped.stdout.startswith(f"run {done['run_id']}") and "Traceback" not in piped.stderr, piped.stderr
