@@ -55,6 +55,41 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or default).strip().lower()
+    if raw not in choices:
+        raise SettingsError(f"{name}={raw[:40]!r} must be one of: {', '.join(choices)}")
+    return raw
+
+
+def _file(env: Mapping[str, str], name: str) -> str:
+    """A path setting that must name a readable file when set (certificates, keys, token files)."""
+    raw = env.get(name) or ""
+    if not raw:
+        return ""
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"{name}={raw[:200]!r} is not a file")
+    return str(path.resolve())
+
+
+def _data_roots(env: Mapping[str, str]) -> tuple[str, ...]:
+    """MLMESH_DATA_ROOTS: comma-separated local folders and URL prefixes the loader may read.
+
+    Unset means the working directory the stage started in, which under `mlmesh up` is
+    where the user ran it. Local entries are resolved (symlinks, '..') once, here.
+    """
+    raw = env.get("MLMESH_DATA_ROOTS")
+    entries = ["."] if raw is None else [entry.strip() for entry in raw.split(",") if entry.strip()]
+    roots = []
+    for entry in entries:
+        if "://" in entry and not entry.startswith("file://"):
+            roots.append(entry if entry.endswith(("/", "::")) else entry + "/")
+        else:
+            roots.append(os.path.realpath(Path(entry.removeprefix("file://")).expanduser()))
+    return tuple(roots)
+
+
 def _artifact_root(env: Mapping[str, str]) -> str:
     raw = env.get("MLMESH_ARTIFACT_ROOT") or "artifacts"
     if "://" in raw and not raw.startswith("file://"):
@@ -86,6 +121,28 @@ class Settings:
     operation_idle_seconds: float = 900.0
     # How long a client keeps trying to reach a stage that went away (a restart) before it gives up.
     reconnect_seconds: float = 120.0
+    # What the loader may read (see services/loader/sources.py): local folders and URL prefixes.
+    data_roots: tuple[str, ...] = field(default_factory=lambda: (os.path.realpath("."),))
+    # A remote source (http, object stores) must connect and then send bytes within these.
+    source_connect_seconds: float = 10.0
+    source_read_seconds: float = 30.0
+    # Transport security and identity (see services/runtime/security.py). Server side:
+    tls_cert: str = ""  # this stage's certificate chain (PEM); with tls_key, the stage serves TLS only
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set: callers must present a certificate this CA signed (mTLS)
+    auth_tokens_file: str = ""  # set: callers must send a bearer token listed there
+    health_auth: str = "open"  # "open" (probes need no token) or "token"
+    reflection: str = "open"  # "open", "token" (any valid token) or "off"
+    # Client side (CLI, workflow tasks, probe, launcher):
+    tls_ca: str = ""  # CA bundle that signed the stages' certificates; set: clients use TLS
+    tls_client_cert: str = ""  # this client's certificate and key, for a stage that requires mTLS
+    tls_client_key: str = ""
+    tls_server_name: str = ""  # expected name in the stages' certificates, when addresses differ
+    auth_token: str = ""  # bearer token sent with every call
+
+    @property
+    def client_tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -120,4 +177,47 @@ class Settings:
             checkpoint_seconds=_float(env, "MLMESH_CHECKPOINT_SECONDS", 30.0),
             operation_idle_seconds=_float(env, "MLMESH_OPERATION_IDLE_SECONDS", 900.0, minimum=0.1),
             reconnect_seconds=_float(env, "MLMESH_RECONNECT_SECONDS", 120.0),
+            data_roots=_data_roots(env),
+            source_connect_seconds=_float(env, "MLMESH_SOURCE_CONNECT_SECONDS", 10.0, minimum=0.1),
+            source_read_seconds=_float(env, "MLMESH_SOURCE_READ_SECONDS", 30.0, minimum=0.1),
+            **_security(env),
         )
+
+
+def _security(env: Mapping[str, str]) -> dict[str, str]:
+    values = {
+        "tls_cert": _file(env, "MLMESH_TLS_CERT"),
+        "tls_key": _file(env, "MLMESH_TLS_KEY"),
+        "tls_client_ca": _file(env, "MLMESH_TLS_CLIENT_CA"),
+        "auth_tokens_file": _file(env, "MLMESH_AUTH_TOKENS_FILE"),
+        "health_auth": _choice(env, "MLMESH_HEALTH_AUTH", "open", ("open", "token")),
+        "reflection": _choice(env, "MLMESH_REFLECTION", "open", ("open", "token", "off")),
+        "tls_ca": _file(env, "MLMESH_TLS_CA"),
+        "tls_client_cert": _file(env, "MLMESH_TLS_CLIENT_CERT"),
+        "tls_client_key": _file(env, "MLMESH_TLS_CLIENT_KEY"),
+        "tls_server_name": (env.get("MLMESH_TLS_SERVER_NAME") or "").strip(),
+        "auth_token": _token(env),
+    }
+    for first, second in (("tls_cert", "tls_key"), ("tls_client_cert", "tls_client_key")):
+        if bool(values[first]) != bool(values[second]):
+            raise SettingsError(f"MLMESH_{first.upper()} and MLMESH_{second.upper()} must be set together")
+    if values["tls_client_ca"] and not values["tls_cert"]:
+        raise SettingsError("MLMESH_TLS_CLIENT_CA (mTLS) needs TLS: set MLMESH_TLS_CERT and MLMESH_TLS_KEY too")
+    return values
+
+
+def _token(env: Mapping[str, str]) -> str:
+    """The client's bearer token: MLMESH_AUTH_TOKEN, or the first line of MLMESH_AUTH_TOKEN_FILE."""
+    token = env.get("MLMESH_AUTH_TOKEN") or ""
+    path = _file(env, "MLMESH_AUTH_TOKEN_FILE")
+    if token and path:
+        raise SettingsError("set MLMESH_AUTH_TOKEN or MLMESH_AUTH_TOKEN_FILE, not both")
+    if path:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+        token = lines[0] if lines else ""
+    token = token.strip()
+    if path and not token:
+        raise SettingsError("MLMESH_AUTH_TOKEN_FILE is empty")
+    if token and (len(token) > 4096 or not token.isascii() or not token.isprintable() or " " in token):
+        raise SettingsError("the bearer token must be printable ASCII without spaces, at most 4096 characters")
+    return token
