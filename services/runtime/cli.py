@@ -109,7 +109,7 @@ def _launcher_state(settings: Settings) -> dict[str, Any]:
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
-    results = await asyncio.gather(*(check_health(settings.addresses[s], timeout=args.timeout) for s in STAGES))
+    results = await asyncio.gather(*(check_health(settings.addresses[s], timeout=args.timeout, settings=settings) for s in STAGES))
     launched = _launcher_state(settings)
     for stage, status in zip(STAGES, results, strict=True):
         line = f"{stage:<11} {settings.addresses[stage]:<22} {status}"
@@ -118,7 +118,7 @@ async def _status(settings: Settings, args: argparse.Namespace) -> int:
             line += f"  pid {info.get('pid')}, restarts {info.get('restarts', 0)}"
         print(line)
         if stage == "trainer" and status == "SERVING":
-            for fit in await running_operations(settings.addresses[stage], timeout=args.timeout):
+            for fit in await running_operations(settings.addresses[stage], timeout=args.timeout, settings=settings):
                 eta = f", about {fit.eta_seconds:.0f}s left" if fit.eta_seconds else ""
                 resumed = f", resumed at step {fit.resumed_from_step}" if fit.resumed_from_step else ""
                 print(f"{'':<11} running {fit.operation_name}: {fit.fraction_done:.0%} {fit.message}{eta}{resumed}")

@@ -29,6 +29,7 @@ from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.runtime.errors import InvalidArgument
 from services.runtime.roles import parse_role, role_value
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
+from services.runtime.security import call_metadata, open_channel
 from services.runtime.settings import STAGES, Settings
 from services.runtime.tasks import task_kind_value
 
@@ -58,6 +59,7 @@ RETRY_SERVICE_CONFIG = json.dumps(
     }
 )
 
+MISMATCH_GRACE_SECONDS = 2.0
 RECOVERABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -77,9 +79,30 @@ class StageCallError(Exception):
 _PROTO_REMEDY = "with force_recompute=true"
 
 
+def transport_mismatch(error: grpc.aio.AioRpcError) -> str:
+    """Why a connection failed when the cause is security settings rather than a stage that is down, or "".
+
+    A stage that is restarting refuses connections; one whose TLS settings
+    disagree with ours accepts and then fails the handshake or closes the socket.
+    """
+    details = error.details() or ""
+    if error.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in details:
+        return ""
+    if "handshake failed" in details.lower():
+        return ("the TLS handshake failed: check MLMESH_TLS_CA (the CA that signed the stages' certificates), "
+                "MLMESH_TLS_SERVER_NAME (a name in their certificates), and that the stage serves TLS")
+    if "Socket closed" in details:
+        return ("the stage closed the connection before answering: if the mesh serves TLS, set MLMESH_TLS_CA; "
+                "if it requires client certificates (mTLS), set MLMESH_TLS_CLIENT_CERT and MLMESH_TLS_CLIENT_KEY")
+    return ""
+
+
 def _explain(stage: str, address: str, error: grpc.aio.AioRpcError, recompute_flag: str = "") -> StageCallError:
     details = error.details() or ""
-    if error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+    mismatch = transport_mismatch(error)
+    if mismatch:
+        details = f"cannot reach the {stage} service securely: {mismatch} ({details[:300]})"
+    elif error.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
         details = f"the {stage} service is not reachable ({details}); is it running?"
     if recompute_flag and _PROTO_REMEDY in details:
         details = details.replace(_PROTO_REMEDY, f"with {recompute_flag} (force_recompute=true)")
@@ -270,8 +293,8 @@ class MeshClient:
         self.recompute_flag = recompute_flag
         # Every call carries it, so each stage records its execution under this pipeline run.
         self.run_id = run_id or new_run_id()
-        self.metadata = ((RUN_ID_METADATA, self.run_id),)
         self.settings = settings or Settings.from_env()
+        self.metadata = ((RUN_ID_METADATA, self.run_id), *call_metadata(self.settings))
         self.addresses = {**self.settings.addresses, **(addresses or {})}
         self.timeout = self.settings.rpc_timeout_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -289,9 +312,7 @@ class MeshClient:
 
     def channel(self, stage: str) -> grpc.aio.Channel:
         if stage not in self._channels:
-            self._channels[stage] = grpc.aio.insecure_channel(
-                self.addresses[stage], options=channel_options(self.settings)
-            )
+            self._channels[stage] = open_channel(self.addresses[stage], self.settings, channel_options(self.settings))
         return self._channels[stage]
 
     def stub(self, stage: str) -> Any:
@@ -310,13 +331,17 @@ class MeshClient:
         longer, and every stage call is safe to repeat: outputs are content-addressed
         and the memo answers a repeat.
         """
-        deadline = time.monotonic() + self.settings.reconnect_seconds
+        started = time.monotonic()
+        deadline = started + self.settings.reconnect_seconds
         pause = 0.25
         while True:
             try:
                 return await call()
             except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + pause > deadline:
+                # Mismatched security settings do not heal by waiting; a short grace covers a
+                # stage that closed connections while it was stopping.
+                misconfigured = transport_mismatch(error) and time.monotonic() - started > MISMATCH_GRACE_SECONDS
+                if error.code() != grpc.StatusCode.UNAVAILABLE or misconfigured or time.monotonic() + pause > deadline:
                     raise _explain(stage, self.addresses[stage], error, self.recompute_flag) from None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
@@ -391,12 +416,16 @@ class MeshClient:
         return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started, self.run_id)
 
 
-async def running_operations(address: str, timeout: float = 2.0) -> list[trainer_pb2.TrainProgress]:
+async def running_operations(
+    address: str, timeout: float = 2.0, settings: Settings | None = None,
+) -> list[trainer_pb2.TrainProgress]:
     """The latest progress of each fit running at the trainer at `address` (empty if unreachable)."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    settings = settings or Settings.from_env()
+    async with open_channel(address, settings) as channel:
         try:
             reply = await operations_grpc_pb2.OperationsStub(channel).ListOperations(
-                operations_proto_pb2.ListOperationsRequest(filter="done=false"), timeout=timeout
+                operations_proto_pb2.ListOperationsRequest(filter="done=false"), timeout=timeout,
+                metadata=call_metadata(settings),
             )
         except grpc.aio.AioRpcError:
             return []
@@ -409,12 +438,15 @@ async def running_operations(address: str, timeout: float = 2.0) -> list[trainer
     return running
 
 
-async def check_health(address: str, service: str = "", timeout: float = 2.0) -> str:
-    """The serving status name of `service` at `address`, or why it could not be asked."""
-    async with grpc.aio.insecure_channel(address) as channel:
+async def check_health(address: str, service: str = "", timeout: float = 2.0, settings: Settings | None = None) -> str:
+    """The serving status name of `service` at `address`, or why it could not be asked.
+
+    `settings` (default: from the environment) say whether to use TLS and a token."""
+    settings = settings or Settings.from_env()
+    async with open_channel(address, settings) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=call_metadata(settings),
             )
         except grpc.aio.AioRpcError as error:
             return f"UNREACHABLE ({error.code().name})"

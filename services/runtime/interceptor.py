@@ -43,12 +43,13 @@ async def _map_error(exc: BaseException, method: str, context: grpc.aio.Servicer
 def _log(method: str, outcome: _Outcome, started: float, record: RpcRecord) -> None:
     cache = "-" if record.cache_hit is None else str(record.cache_hit).lower()
     log.info(
-        "rpc method=%s status=%s duration_ms=%.1f cache_hit=%s run_id=%s",
+        "rpc method=%s status=%s duration_ms=%.1f cache_hit=%s run_id=%s caller=%s",
         method,
         outcome.code.name,
         (time.perf_counter() - started) * 1000,
         cache,
         record.run_id or "-",
+        (record.caller or "-").replace(" ", "_"),
     )
 
 

@@ -100,7 +100,7 @@ class LocalMesh:
             port = self.settings.ports[stage]
             if port == 0 or not port_in_use(self.settings.bind_host, port):
                 continue
-            status = await check_health(self.addresses[stage], timeout=1.0)
+            status = await check_health(self.addresses[stage], timeout=1.0, settings=self.settings)
             who = "another mlmesh mesh (its health says SERVING)" if status == "SERVING" else "another program"
             raise MeshStartError(
                 f"port {port} for {stage} on {self.settings.bind_host} is already in use by {who}; stop it, "
@@ -109,7 +109,7 @@ class LocalMesh:
 
     async def running_elsewhere(self) -> bool:
         """True when every stage's address already answers SERVING: a mesh this launcher did not start."""
-        statuses = await asyncio.gather(*(check_health(self.addresses[s], timeout=1.0) for s in STAGES))
+        statuses = await asyncio.gather(*(check_health(self.addresses[s], timeout=1.0, settings=self.settings) for s in STAGES))
         return all(status == "SERVING" for status in statuses)
 
     async def start_or_reuse(self) -> bool:
@@ -137,7 +137,7 @@ class LocalMesh:
                         raise MeshStartError(
                             f"{stage} exited with status {code} during start-up{self._log_tail(stage)}"
                         )
-                    if await check_health(self.addresses[stage], timeout=1.0) == "SERVING":
+                    if await check_health(self.addresses[stage], timeout=1.0, settings=self.settings) == "SERVING":
                         pending.discard(stage)
                 if pending and time.monotonic() > deadline:
                     raise MeshStartError(

@@ -10,7 +10,9 @@ answers; this does not.
 
 Without --address it probes the local stage named by --stage or MLMESH_STAGE,
 on that stage's port (MLMESH_<STAGE>_PORT, default 50051..50055), at
-MLMESH_BIND_HOST unless that is a wildcard address. It imports only grpcio and
+MLMESH_BIND_HOST unless that is a wildcard address. It speaks TLS, presents a
+client certificate and sends a bearer token when the same MLMESH_TLS_* and
+MLMESH_AUTH_TOKEN* variables the CLI reads say so. It imports only grpcio and
 the health stubs, so it starts fast enough to run every few seconds.
 """
 
@@ -37,15 +39,18 @@ def default_address(stage: str, env: Mapping[str, str] | None = None) -> str:
     return f"{host}:{settings.ports[stage]}"
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> str:
+def check(address: str, service: str = "", timeout: float = 3.0, settings: Settings | None = None) -> str:
     """The serving status name of `service` at `address`, or why it could not be asked."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    from services.runtime.security import call_metadata, open_sync_channel
+
+    settings = settings or Settings.from_env()
+    with open_sync_channel(address, settings) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=call_metadata(settings),
             )
         except grpc.RpcError as error:
             if not isinstance(error, grpc.Call):
@@ -87,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SettingsError as exc:
             print(f"probe: invalid configuration: {exc}", file=sys.stderr)
             return UNHEALTHY
-    status = check(address, args.service, args.timeout)
+    try:
+        status = check(address, args.service, args.timeout)
+    except SettingsError as exc:
+        print(f"probe: invalid configuration: {exc}", file=sys.stderr)
+        return UNHEALTHY
     label = f"{address} {args.service}".rstrip()
     print(f"{label}: {status}")
     return 0 if status == "SERVING" else UNHEALTHY

@@ -26,6 +26,7 @@ from services.runtime.errors import StageError
 from services.runtime.admission import AdmissionInterceptor
 from services.runtime.interceptor import StageInterceptor
 from services.runtime.operations import OPERATIONS_SERVICE, OperationsService, add_operations_service
+from services.runtime.security import server_credentials, server_interceptor
 from services.runtime.settings import LAUNCHER_PID, Settings, SettingsError
 from services.runtime.stage import StageRuntime
 
@@ -98,11 +99,15 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         ("grpc.so_reuseport", 0),
     ]
     ours = (spec.service_name, OPERATIONS_SERVICE) if spec.long_running else (spec.service_name,)
-    server = grpc.aio.server(
-        # Admission inside the stage interceptor, so a refused call is logged like any other.
-        interceptors=[StageInterceptor(*ours), AdmissionInterceptor(settings.max_concurrent_rpcs)],
-        options=options,
-    )
+    try:
+        credentials = server_credentials(settings)
+        auth = server_interceptor(settings)
+    except (SettingsError, OSError) as exc:
+        raise OSError(f"cannot set up transport security: {exc}") from None
+    # Outermost first. Identity and admission inside the stage interceptor, so a refused call
+    # is logged like any other; identity before admission, so strangers take no slot.
+    interceptors = [StageInterceptor(*ours), *([auth] if auth else []), AdmissionInterceptor(settings.max_concurrent_rpcs)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     runtime = StageRuntime(spec.name, spec.version, settings)
     servicer = spec.make_servicer(runtime)
     spec.add_servicer(servicer, server)
@@ -113,11 +118,13 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", spec.service_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection((*ours, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if settings.reflection != "off":
+        reflection.enable_server_reflection((*ours, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     wanted = settings.ports[spec.name] if port is None else port
+    address = f"{settings.bind_host}:{wanted}"
     try:
-        bound = server.add_insecure_port(f"{settings.bind_host}:{wanted}")
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpcio reports a failed bind this way
         bound = 0
     if bound == 0:
@@ -139,6 +146,12 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
     return RunningStage(spec, server, bound, health_servicer, runtime)
 
 
+def _security_summary(settings: Settings) -> str:
+    transport = "mTLS" if settings.tls_client_ca else "TLS" if settings.tls_cert else "plaintext"
+    identity = ", bearer tokens" if settings.auth_tokens_file else ""
+    return f"{transport}{identity}, reflection {settings.reflection}"
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level,
@@ -154,8 +167,9 @@ async def _serve(spec: StageSpec, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     stage = await start_stage(spec, settings)
     log.info(
-        "%s %s serving %s on %s:%d (artifacts: %s)",
-        spec.name, spec.version, spec.service_name, settings.bind_host, stage.port, settings.artifact_root,
+        "%s %s serving %s on %s:%d (%s; artifacts: %s)",
+        spec.name, spec.version, spec.service_name, settings.bind_host, stage.port, _security_summary(settings),
+        settings.artifact_root,
     )
     await stop.wait()
     log.info("%s stopping: draining for up to %.1fs", spec.name, settings.grace_seconds)

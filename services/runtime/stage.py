@@ -56,6 +56,8 @@ class RpcRecord:
     cache_hit: bool | None = None
     # The pipeline run this call belongs to (gRPC metadata mlmesh-run-id), or one made up for a lone call.
     run_id: str = ""
+    # Who called: "token:<name>" and/or "cert:<subject>" when the mesh checks identity.
+    caller: str = ""
 
 
 current_rpc: contextvars.ContextVar[RpcRecord | None] = contextvars.ContextVar(
