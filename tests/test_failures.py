@@ -407,12 +407,16 @@ async def test_a_completed_call_is_still_logged_ok(
 
 # ---- 8. the model registry never resets ------------------------------------------------------
 async def _registered_twice(client: MeshClient, settings: Settings, run: PipelineRun) -> evaluator_pb2.RegisterModelRequest:
-    store = ArtifactStore(settings.artifact_root)
-    first = evaluator_pb2.RegisterModelRequest(name="iris", model=run.train.model, metrics_report=run.evaluate.metrics_report)
-    assert (await client.register_model(first)).model_version.version == 1
-    second = evaluator_pb2.RegisterModelRequest(name="iris", model=store.put(b"second model", SKOPS), metrics_report=run.evaluate.metrics_report)
-    assert (await client.register_model(second)).model_version.version == 2
-    return evaluator_pb2.RegisterModelRequest(name="iris", model=store.put(b"third model", SKOPS), metrics_report=run.evaluate.metrics_report)
+    """Versions 1 and 2 of "iris" registered; returns the request for a third model (other seeds)."""
+    requests = [evaluator_pb2.RegisterModelRequest(name="iris", model=run.train.model, metrics_report=run.evaluate.metrics_report)]
+    for seed in (7, 8):
+        other = await client.run_pipeline(PipelineConfig(source="sklearn:iris", seed=seed, minimums={"accuracy": 0.5}))
+        requests.append(evaluator_pb2.RegisterModelRequest(
+            name="iris", model=other.train.model, metrics_report=other.evaluate.metrics_report))
+    assert len({request.model.sha256 for request in requests}) == 3
+    assert (await client.register_model(requests[0])).model_version.version == 1
+    assert (await client.register_model(requests[1])).model_version.version == 2
+    return requests[2]
 
 
 @pytest.mark.asyncio
@@ -486,6 +490,63 @@ async def test_a_damaged_registry_without_revisions_says_how_to_recover(
     )
     await assert_serving(mesh["evaluator"])
 
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("lineage", "code", "fragment"),
+    [
+        ({"source": ArtifactRef(uri="file:///etc/passwd", sha256="not-a-digest")}, grpc.StatusCode.INVALID_ARGUMENT,
+         "lineage['source'].sha256 must be 64 lowercase hex"),
+        ({"source": ArtifactRef(uri="file:///etc/passwd", sha256="a" * 64)}, grpc.StatusCode.INVALID_ARGUMENT,
+         "points outside the store's objects folder"),
+        ({"source": ArtifactRef(uri="s3://bucket/objects/aa/x", sha256="a" * 64)}, grpc.StatusCode.INVALID_ARGUMENT,
+         "uses scheme 's3'"),
+        ({"../escape": None}, grpc.StatusCode.INVALID_ARGUMENT, "lineage names must be 1-64 letters"),
+        ({f"k{i}": None for i in range(65)}, grpc.StatusCode.INVALID_ARGUMENT, "lineage has 65 refs; at most 64"),
+        ({"dataset": "missing"}, grpc.StatusCode.NOT_FOUND, "lineage['dataset']"),
+        ({"dataset": "renamed"}, grpc.StatusCode.INVALID_ARGUMENT, "is not the object of sha256"),
+    ],
+)
+async def test_register_model_keeps_only_lineage_refs_of_this_store(
+    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, iris_run: PipelineRun,
+    lineage: dict, code: grpc.StatusCode, fragment: str,
+) -> None:
+    real = iris_run.load.dataset
+    refs = {}
+    for name, ref in lineage.items():
+        if ref is None:
+            ref = real
+        elif ref == "missing":  # a well-formed ref of this store, of bytes it never held
+            ref = ArtifactRef(uri=real.uri.replace(real.sha256, "b" * 64), sha256="b" * 64, size_bytes=10)
+        elif ref == "renamed":  # a real object under another object's digest
+            ref = ArtifactRef(uri=real.uri, sha256=iris_run.train.model.sha256, size_bytes=real.size_bytes)
+        refs[name] = ref
+    request = evaluator_pb2.RegisterModelRequest(
+        name="iris", model=iris_run.train.model, metrics_report=iris_run.evaluate.metrics_report, lineage=refs,
+    )
+    details = await expect_error(client.register_model(request), code, fragment)
+    assert "root:" not in details and len(details.encode()) <= 1024
+    assert not (Path(settings.artifact_root) / "registry" / "iris.json").exists()
+    await assert_serving(mesh["evaluator"])
+
+
+@pytest.mark.asyncio
+async def test_register_model_refuses_another_models_report(
+    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, iris_run: PipelineRun,
+) -> None:
+    """A PROMOTE report vouches only for the model the evaluator scored."""
+    store = ArtifactStore(settings.artifact_root)
+    other = store.put(b"not the scored model", SKOPS)
+    request = evaluator_pb2.RegisterModelRequest(name="iris", model=other, metrics_report=iris_run.evaluate.metrics_report)
+    await expect_error(client.register_model(request), grpc.StatusCode.FAILED_PRECONDITION,
+                       "the metrics report was not made by evaluating this model")
+    lineage = {"dataset": iris_run.load.dataset, "x_train": iris_run.features.x_train}
+    good = evaluator_pb2.RegisterModelRequest(
+        name="iris", model=iris_run.train.model, metrics_report=iris_run.evaluate.metrics_report, lineage=lineage)
+    registered = (await client.register_model(good)).model_version
+    assert registered.version == 1 and registered.lineage["dataset"].sha256 == iris_run.load.dataset.sha256
+    await assert_serving(mesh["evaluator"])
 
 
 # ---- 9. the run id in the metadata is checked -------------------------------------------------

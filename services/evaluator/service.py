@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.evaluator import VERSION, logic, registry
@@ -18,6 +19,9 @@ from services.runtime.tasks import task_kind_value
 # Optional JSON artifacts from earlier stages that the HTML report shows.
 CONTEXT_REFS = ("profile", "split_report", "feature_schema")
 MAX_CLASS_NAMES = 100_000
+# A registry entry records where its model came from; every name and ref is checked like any input.
+MAX_LINEAGE_REFS = 64
+_LINEAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
@@ -90,6 +94,11 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         registry.check_name(request.name)
         for name in ("model", "metrics_report"):
             require(request.HasField(name), f"{name} is required: pass the refs the trainer and evaluator returned")
+        require(len(request.lineage) <= MAX_LINEAGE_REFS,
+                f"lineage has {len(request.lineage)} refs; at most {MAX_LINEAGE_REFS} are kept")
+        for name in request.lineage:
+            require(bool(_LINEAGE_NAME.match(name)),
+                    "lineage names must be 1-64 letters, digits, '_', '.' or '-', such as 'dataset' or 'x_train'")
         store = self.runtime.store
 
         def check_promoted() -> dict:
@@ -97,9 +106,19 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             report = json_bytes_to_doc(store.get(request.metrics_report, "metrics_report"), "metrics_report")
             if report.get("decision") != "PROMOTE":
                 raise FailedPrecondition(
-                    f"the metrics report says {report.get('decision')!r}, not PROMOTE; only promoted models "
-                    "are registered"
+                    f"the metrics report says {str(report.get('decision'))[:20]!r}, not PROMOTE; only promoted "
+                    "models are registered"
                 )
+            # The report must be this model's: the evaluator's manifest names the model it scored.
+            made = store.manifest(request.metrics_report.sha256) or {}
+            scored = ((made.get("inputs") or {}).get("model") or {}).get("sha256")
+            if made.get("stage") != "evaluator" or scored != request.model.sha256:
+                raise FailedPrecondition(
+                    "the metrics report was not made by evaluating this model; pass the metrics_report "
+                    "the evaluator returned for it"
+                )
+            for name, ref in sorted(request.lineage.items()):
+                store.check_stored(ref, f"lineage[{name!r}]")
             return report
 
         report = await self.runtime.to_thread(check_promoted)

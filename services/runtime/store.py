@@ -214,6 +214,25 @@ class ArtifactStore:
             )
         return data
 
+    def check_stored(self, ref: ArtifactRef, field: str) -> None:
+        """A ref someone hands us to keep (registry lineage): well formed, inside this store,
+        named by its own digest, and present with its size. Cheap: no bytes are read."""
+        self.check_ref(ref, field)
+        path = self.resolve(ref.uri)
+        if not path.rsplit("/", 1)[-1].startswith(ref.sha256):
+            raise InvalidArgument(
+                f"{field} {_show(ref.uri)} is not the object of sha256 {ref.sha256[:12]}...; "
+                "pass the ref a stage returned, unchanged"
+            )
+        try:
+            size = self.fs.size(path)
+        except (FileNotFoundError, NotADirectoryError):
+            size = None
+        if size is None:
+            raise NotFound(f"{field} {_show(ref.uri)} is not in the artifact store; pass a ref of this store")
+        if ref.size_bytes and size != ref.size_bytes:
+            raise InvalidArgument(f"{field} says {ref.size_bytes} bytes but the stored object has {size}")
+
     def exists(self, ref: ArtifactRef) -> bool:
         """Cheap presence check (size only) used before serving a memoized response."""
         try:
