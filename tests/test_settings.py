@@ -19,7 +19,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings.from_env({})
     assert settings.ports == {"loader": 50051, "preprocess": 50052, "features": 50053, "trainer": 50054, "evaluator": 50055}
     assert DEFAULT_PORTS == settings.ports and list(settings.ports) == list(STAGES)
-    assert settings.addresses == {stage: f"localhost:{port}" for stage, port in settings.ports.items()}
+    assert settings.addresses == {stage: f"127.0.0.1:{port}" for stage, port in settings.ports.items()}
     assert settings.artifact_root == str(tmp_path.resolve() / "artifacts")
     assert os.path.isabs(settings.artifact_root)
     assert settings.bind_host == "127.0.0.1"
@@ -65,9 +65,9 @@ def test_overrides(tmp_path: Path) -> None:
     assert settings.artifact_root == str((tmp_path / "store").resolve())
     assert settings.bind_host == "0.0.0.0"
     assert settings.ports == {**DEFAULT_PORTS, "loader": 6001, "evaluator": 0}
-    assert settings.addresses["loader"] == "localhost:6001"  # follows the overridden port
+    assert settings.addresses["loader"] == "127.0.0.1:6001"  # follows the overridden port; a wildcard bind is dialled locally
     assert settings.addresses["features"] == "features.internal:7000"
-    assert settings.addresses["trainer"] == "localhost:50054"
+    assert settings.addresses["trainer"] == "127.0.0.1:50054"
     assert settings.log_level == "DEBUG"
     assert settings.grace_seconds == 2.5
     assert settings.max_message_bytes == 1048576

@@ -59,7 +59,6 @@ RETRY_SERVICE_CONFIG = json.dumps(
     }
 )
 
-MISMATCH_GRACE_SECONDS = 2.0
 RECOVERABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -331,16 +330,16 @@ class MeshClient:
         longer, and every stage call is safe to repeat: outputs are content-addressed
         and the memo answers a repeat.
         """
-        started = time.monotonic()
-        deadline = started + self.settings.reconnect_seconds
+        deadline = time.monotonic() + self.settings.reconnect_seconds
         pause = 0.25
         while True:
             try:
                 return await call()
             except grpc.aio.AioRpcError as error:
-                # Mismatched security settings do not heal by waiting; a short grace covers a
-                # stage that closed connections while it was stopping.
-                misconfigured = transport_mismatch(error) and time.monotonic() - started > MISMATCH_GRACE_SECONDS
+                # Mismatched security settings do not heal by waiting. (One failed call already
+                # spans gRPC's own retries, RETRY_SERVICE_CONFIG, so a stage that merely closed
+                # connections while stopping has had its chance.)
+                misconfigured = bool(transport_mismatch(error))
                 if error.code() != grpc.StatusCode.UNAVAILABLE or misconfigured or time.monotonic() + pause > deadline:
                     raise _explain(stage, self.addresses[stage], error, self.recompute_flag) from None
             await asyncio.sleep(pause)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from services.runtime.client import check_health
-from services.runtime.settings import LAUNCHER_PID, STAGES, Settings
+from services.runtime.settings import LAUNCHER_PID, STAGES, Settings, dialable_host
 
 
 class MeshStartError(RuntimeError):
@@ -68,8 +68,7 @@ class LocalMesh:
     @property
     def addresses(self) -> dict[str, str]:
         # Where this launcher's own children listen; MLMESH_*_ADDRESS may point clients elsewhere.
-        host = self.settings.bind_host
-        host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+        host = dialable_host(self.settings.bind_host)
         return {stage: f"{host}:{self.settings.ports[stage]}" for stage in STAGES}
 
     def _spawn(self, stage: str) -> subprocess.Popen:

@@ -23,20 +23,15 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from services.runtime.settings import STAGES, Settings, SettingsError
+from services.runtime.settings import STAGES, Settings, SettingsError, dialable_host
 
 UNHEALTHY = 1  # Docker: 0 healthy, 1 unhealthy (2 is reserved)
-_WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
 
 
 def default_address(stage: str, env: Mapping[str, str] | None = None) -> str:
     """Where the local `stage` listens, from the same variables the stage reads."""
     settings = Settings.from_env(os.environ if env is None else env)
-    host = settings.bind_host
-    host = "127.0.0.1" if host in _WILDCARDS else host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 literal
-    return f"{host}:{settings.ports[stage]}"
+    return f"{dialable_host(settings.bind_host)}:{settings.ports[stage]}"
 
 
 def check(address: str, service: str = "", timeout: float = 3.0, settings: Settings | None = None) -> str:

@@ -21,6 +21,17 @@ DEFAULT_PORTS: dict[str, int] = {name: 50051 + i for i, name in enumerate(STAGES
 LAUNCHER_PID = "MLMESH_LAUNCHER_PID"
 
 
+def dialable_host(bind_host: str) -> str:
+    """The host a local client dials to reach a stage bound to `bind_host`.
+
+    A wildcard bind is reached on 127.0.0.1. An IP literal rather than "localhost"
+    keeps the client from trying ::1 first, whose "connection refused" would hide
+    the real error (a TLS mismatch, say) from the caller.
+    """
+    host = "127.0.0.1" if bind_host in ("", "0.0.0.0", "::", "[::]") else bind_host
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 literal
+
+
 class SettingsError(ValueError):
     """A configuration variable is missing or malformed."""
 
@@ -103,7 +114,7 @@ class Settings:
     artifact_root: str
     bind_host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
-    # Where clients find each stage; defaults to localhost and the stage's port.
+    # Where clients find each stage; defaults to this host (see dialable_host) and the stage's port.
     addresses: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
     grace_seconds: float = 5.0
@@ -151,8 +162,9 @@ class Settings:
             stage: _int(env, f"MLMESH_{stage.upper()}_PORT", default, minimum=0, maximum=65535)
             for stage, default in DEFAULT_PORTS.items()
         }
+        bind_host = env.get("MLMESH_BIND_HOST") or "127.0.0.1"
         addresses = {
-            stage: env.get(f"MLMESH_{stage.upper()}_ADDRESS") or f"localhost:{ports[stage]}"
+            stage: env.get(f"MLMESH_{stage.upper()}_ADDRESS") or f"{dialable_host(bind_host)}:{ports[stage]}"
             for stage in STAGES
         }
         raw_level = env.get("MLMESH_LOG_LEVEL") or "INFO"
@@ -163,7 +175,7 @@ class Settings:
             )
         return cls(
             artifact_root=_artifact_root(env),
-            bind_host=env.get("MLMESH_BIND_HOST") or "127.0.0.1",
+            bind_host=bind_host,
             ports=ports,
             addresses=addresses,
             log_level=log_level,
