@@ -25,10 +25,10 @@ GRPCURL = BIN / "grpcurl"
 
 
 class UpProcess:
-    def __init__(self, env: dict[str, str], ports: dict[str, int]):
+    def __init__(self, env: dict[str, str], ports: dict[str, int], cwd: Path | None = None):
         self.env, self.ports = env, ports
         self.process = subprocess.Popen(
-            [str(BIN / "mlmesh"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [str(BIN / "mlmesh"), "up"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.output: list[str] = []
 

@@ -386,3 +386,47 @@ def test_each_call_is_logged_with_its_caller(secured_up: tuple[UpProcess, dict[s
     assert calls and all("caller=token:runner,cert:" in line and "pipeline-runner" in line
                          for line in calls if "status=OK" in line), "\n".join(calls[-5:])
     assert any("status=UNAUTHENTICATED" in line and "caller=cert:" in line for line in calls)  # the earlier anonymous run
+
+
+# ---- the README's "Securing the mesh", as written --------------------------------------------
+def _block(blocks: list[str], marker: str) -> str:
+    [found] = [block for block in blocks if marker in block]
+    return found
+
+
+def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> None:
+    blocks = readme_section_blocks("Securing the mesh")
+    make_certs, settings, up_block, clients = (
+        _block(blocks, "openssl req -x509"), _block(blocks, "export MLMESH_TLS_CERT"),
+        _block(blocks, "mlmesh up"), _block(blocks, "mlmesh status"))
+    assert up_block.strip() == ".venv/bin/mlmesh up"
+    made = subprocess.run(["bash", "-euo", "pipefail", "-c", make_certs], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    # The environment the settings block leaves behind, exactly.
+    exported = subprocess.run(["bash", "-euo", "pipefail", "-c", settings + "\nenv -0"], cwd=tmp_path,
+                              capture_output=True, timeout=30, env=dict(os.environ))
+    assert exported.returncode == 0, exported.stderr
+    env = dict(item.split("=", 1) for item in exported.stdout.decode().split("\0") if "=" in item)
+    assert len(env["MLMESH_AUTH_TOKEN"]) == 64
+    ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
+    env.update({f"MLMESH_{stage.upper()}_PORT": str(port) for stage, port in ports.items()})
+    env.update(MLMESH_ARTIFACT_ROOT=str(tmp_path / "artifacts"), MLMESH_GRACE_SECONDS="1")
+    up = UpProcess(env, ports, cwd=tmp_path)  # the README's `.venv/bin/mlmesh up`, in the folder with certs/
+    try:
+        up.wait_for("mesh is up")
+        script = clients.replace(".venv/bin/", f"{BIN}/")
+        for stage, port in ports.items():
+            script = script.replace(f"localhost:{50051 + STAGES.index(stage)}", f"localhost:{port}")
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        out = result.stdout
+        assert out.count("SERVING") >= 6  # mlmesh status (5) and the probe
+        assert "PROMOTE" in out and "mlmesh.loader.v1.LoaderService" in out and '"rows": "150"' in out
+        # The same mesh refuses a caller without the token or the certificate.
+        anonymous = {k: v for k, v in env.items() if k != "MLMESH_AUTH_TOKEN"}
+        refused = subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"], cwd=tmp_path,
+                                 env=anonymous, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
+    finally:
+        up.stop()
