@@ -395,8 +395,13 @@ def published(stack: Stack, stage: str) -> str:
 def stack(images: Images, request: pytest.FixtureRequest) -> Iterator[Stack]:
     engine = images.engine
     ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
+    # The loader's /data: a host folder holding one table, readable by the images' uid 10001.
+    data = Path(tempfile.mkdtemp(prefix="mlmesh-data-"))
+    data.chmod(0o755)
+    (data / "houses.csv").write_text("rooms,price\n" + "".join(f"{i % 7 + 1},{100 + 25 * (i % 7) + i % 3}\n" for i in range(60)))
+    (data / "houses.csv").chmod(0o644)
     env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "MLMESH_IMAGE_TAG": IMAGE_TAG,
-           "MLMESH_PUBLISH_ADDRESS": "127.0.0.1"}
+           "MLMESH_PUBLISH_ADDRESS": "127.0.0.1", "MLMESH_DATA_DIR": str(data)}
     env.update({f"MLMESH_{s.upper()}_HOST_PORT": str(p) for s, p in ports.items()})
     env.pop("MLMESH_LOG_LEVEL", None)
     stack = Stack(engine, f"mlmeshtest{uuid.uuid4().hex[:10]}", env, ports)
@@ -415,6 +420,7 @@ def stack(images: Images, request: pytest.FixtureRequest) -> Iterator[Stack]:
         down = stack.compose("down", "-v", "--remove-orphans", timeout=180)
         if down.returncode != 0:
             print(down.stdout + down.stderr, file=sys.stderr)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def test_all_five_are_healthy_through_grpc_health(stack: Stack) -> None:
@@ -440,6 +446,15 @@ def test_grpcurl_from_the_host(stack: Stack) -> None:
     assert loaded.returncode == 0, loaded.stderr
     reply = json.loads(loaded.stdout)
     assert reply["rows"] == "150" and reply["dataset"]["uri"].startswith("file:///artifacts/objects/")
+    # The loader reads the mounted /data, and nothing else of the container.
+    table = grpcurl("-d", '{"source": "/data/houses.csv", "target_column": "price"}', loader,
+                    "mlmesh.loader.v1.LoaderService/Load")
+    assert table.returncode == 0 and json.loads(table.stdout)["rows"] == "60", table.stderr
+    for outside in ("/etc/passwd::x.csv", "/app/../etc/shadow.csv", "/artifacts/x.csv", "/proc/self/environ.csv"):
+        refused = grpcurl("-d", json.dumps({"source": outside, "target_column": "x"}), loader,
+                          "mlmesh.loader.v1.LoaderService/Load")
+        assert refused.returncode != 0 and "Code: PermissionDenied" in refused.stderr, (outside, refused.stderr)
+        assert "root:" not in refused.stderr
     # Every published port answers, and the CLI's status sees the mesh from the host.
     for stage in STAGES:
         check = grpcurl(published(stack, stage), "grpc.health.v1.Health/Check")
@@ -524,6 +539,67 @@ def test_down_removes_containers_and_the_volume(stack: Stack) -> None:
     left = run([docker, "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"]).stdout
     volumes = run([docker, "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"]).stdout
     assert not left.strip() and not volumes.strip(), (left, volumes)
+
+
+# ---- the same mesh with TLS, mTLS and tokens (README "Securing the mesh") ------------------------
+TLS_COMPOSE_FILE = ROOT / "deploy" / "docker-compose.tls.yml"
+
+
+def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path) -> None:
+    from tests.test_mesh_processes import readme_section_blocks
+
+    blocks = readme_section_blocks("Securing the mesh")
+    recipe = next(block for block in blocks if "openssl req -x509" in block)
+    compose_block = next(block for block in blocks if "docker-compose.tls.yml" in block)
+    permissions, up_line = [line.strip() for line in compose_block.splitlines() if line.strip()]
+    assert up_line == ("docker compose -f deploy/docker-compose.yml -f deploy/docker-compose.tls.yml "
+                       "up --build --exit-code-from pipeline")
+    for script in (recipe, permissions):
+        made = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert made.returncode == 0, script + made.stderr
+    certs = tmp_path / "certs"
+    tmp_path.chmod(0o755)
+    certs.chmod(0o755)
+    engine = images.engine
+    ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
+    env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "MLMESH_IMAGE_TAG": IMAGE_TAG, "MLMESH_PUBLISH_ADDRESS": "127.0.0.1",
+           "MLMESH_CERTS_DIR": str(certs), **{f"MLMESH_{s.upper()}_HOST_PORT": str(p) for s, p in ports.items()}}
+    env.pop("MLMESH_LOG_LEVEL", None)
+    project = f"mlmeshtls{uuid.uuid4().hex[:10]}"
+    compose = [*engine.compose, "-p", project, "-f", str(COMPOSE_FILE), "-f", str(TLS_COMPOSE_FILE)]
+    try:
+        # The README's command; --no-build because the images were built above, under this test's tag.
+        started = time.monotonic()
+        result = run([*compose, "up", "--no-build", "--exit-code-from", "pipeline"], timeout=900, env=env)
+        FIGURES["TLS compose: up --exit-code-from pipeline"] = f"{time.monotonic() - started:.1f}s"
+        assert result.returncode == 0, tail(result.stdout, 60) + tail(result.stderr, 60)
+        assert "decision='PROMOTE'" in result.stdout
+        logs = run([*compose, "logs", "--no-color", "loader"], timeout=120, env=env).stdout
+        assert "mTLS, bearer tokens" in logs and re.search(r"caller=token:runner,cert:\S*pipeline-runner", logs), tail(logs)
+
+        # From the host: the published ports need the CA, a client certificate and a token.
+        up = run([*compose, "up", "-d", "--no-build", *STAGES], timeout=300, env=env)
+        assert up.returncode == 0, up.stderr
+        loader = f"127.0.0.1:{ports['loader']}"
+        tls = ["-cacert", str(certs / "ca.pem"), "-cert", str(certs / "client.pem"), "-key", str(certs / "client.key")]
+        token = ["-H", f"authorization: Bearer {(certs / 'runner.token').read_text().strip()}"]
+        deadline = time.monotonic() + 180
+        while run([str(GRPCURL), *tls, loader, "grpc.health.v1.Health/Check"], timeout=30).returncode != 0:
+            assert time.monotonic() < deadline, "the TLS loader never answered"
+            time.sleep(1)
+        loaded = run([str(GRPCURL), *tls, *token, "-d", '{"source": "sklearn:iris"}', loader,
+                      "mlmesh.loader.v1.LoaderService/Load"], timeout=60)
+        assert loaded.returncode == 0 and json.loads(loaded.stdout)["rows"] == "150", loaded.stderr
+        anonymous = run([str(GRPCURL), *tls, "-d", '{"source": "sklearn:iris"}', loader,
+                         "mlmesh.loader.v1.LoaderService/Load"], timeout=60)
+        assert anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr
+        assert run([str(GRPCURL), "-plaintext", loader, "list"], timeout=60).returncode != 0
+        assert run([str(GRPCURL), "-cacert", str(certs / "ca.pem"), loader, "list"], timeout=60).returncode != 0
+    finally:
+        down = run([*compose, "down", "-v", "--remove-orphans"], timeout=180, env=env)
+        if down.returncode != 0:
+            print(down.stdout + down.stderr, file=sys.stderr)
 
 
 @pytest.fixture(scope="module", autouse=True)

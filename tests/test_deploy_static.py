@@ -204,6 +204,47 @@ def test_compose_tools_accept_the_file() -> None:
         assert "40051" in loader_ports and "127.0.0.1" in loader_ports
 
 
+def test_compose_tls_override_layers_security_over_every_service(tmp_path: Path) -> None:
+    """deploy/docker-compose.tls.yml, merged by each tool: TLS settings added, nothing of the base lost."""
+    tools = compose_commands()
+    if not tools:
+        missing_tool("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
+    for name in ("ca.pem", "stage.pem", "stage.key", "tokens", "client.pem", "client.key", "runner.token"):
+        (tmp_path / name).write_text("placeholder\n")
+    for tool in tools:
+        result = subprocess.run(
+            [*tool, "-f", str(COMPOSE_FILE), "-f", str(COMPOSE_FILE.parent / "docker-compose.tls.yml"), "config"],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "BASE_IMAGE": "mlmesh-base:bookworm", "MLMESH_CERTS_DIR": str(tmp_path)},
+        )
+        assert result.returncode == 0, f"{tool}: {result.stderr}"
+        rendered = yaml.safe_load(result.stdout)
+        services = rendered["services"]
+        for stage in STAGES:
+            env = services[stage]["environment"]
+            assert env["MLMESH_STAGE"] == stage and env["MLMESH_ARTIFACT_ROOT"] == "/artifacts"  # base kept
+            assert env["MLMESH_TLS_CERT"] == "/run/secrets/mlmesh_stage_cert"
+            assert env["MLMESH_TLS_CLIENT_CA"] == env["MLMESH_TLS_CA"] == "/run/secrets/mlmesh_ca"
+            assert env["MLMESH_AUTH_TOKENS_FILE"] == "/run/secrets/mlmesh_tokens"
+            mounted = {secret["source"] if isinstance(secret, dict) else secret for secret in services[stage]["secrets"]}
+            assert {"mlmesh_stage_cert", "mlmesh_stage_key", "mlmesh_ca", "mlmesh_tokens"} <= mounted
+        pipeline = services["pipeline"]["environment"]
+        assert pipeline["MLMESH_AUTH_TOKEN_FILE"] == "/run/secrets/mlmesh_runner_token"
+        assert pipeline["MLMESH_LOADER_ADDRESS"] == "loader:50051"  # base kept
+        files = {name: str(secret["file"]) for name, secret in rendered["secrets"].items()}
+        assert files["mlmesh_stage_key"] == str(tmp_path / "stage.key")
+        assert not any(str(v).startswith("/data") for v in json.dumps(services["trainer"].get("volumes", [])).split('"'))
+
+
+def test_only_the_loader_mounts_the_data_folder_read_only() -> None:
+    services = compose_config()["services"]
+    assert "${MLMESH_DATA_DIR:-data}:/data:ro" in services["loader"]["volumes"]
+    for name in (*STAGES[1:], "pipeline"):
+        assert not any(":/data" in volume for volume in services[name].get("volumes", [])), name
+    dockerfile = DOCKERFILE.read_text()
+    assert "MLMESH_DATA_ROOTS=/data" in dockerfile
+
+
 # ---- Kubernetes ---------------------------------------------------------------------------
 def k8s_documents() -> list[dict]:
     return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]

@@ -407,7 +407,7 @@ def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> Non
                               capture_output=True, timeout=30, env=dict(os.environ))
     assert exported.returncode == 0, exported.stderr
     env = dict(item.split("=", 1) for item in exported.stdout.decode().split("\0") if "=" in item)
-    assert len(env["MLMESH_AUTH_TOKEN"]) == 64
+    assert len(Path(tmp_path, env["MLMESH_AUTH_TOKEN_FILE"]).read_text().strip()) == 64
     ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
     env.update({f"MLMESH_{stage.upper()}_PORT": str(port) for stage, port in ports.items()})
     env.update(MLMESH_ARTIFACT_ROOT=str(tmp_path / "artifacts"), MLMESH_GRACE_SECONDS="1")
@@ -424,7 +424,7 @@ def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> Non
         assert out.count("SERVING") >= 6  # mlmesh status (5) and the probe
         assert "PROMOTE" in out and "mlmesh.loader.v1.LoaderService" in out and '"rows": "150"' in out
         # The same mesh refuses a caller without the token or the certificate.
-        anonymous = {k: v for k, v in env.items() if k != "MLMESH_AUTH_TOKEN"}
+        anonymous = {k: v for k, v in env.items() if k != "MLMESH_AUTH_TOKEN_FILE"}
         refused = subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"], cwd=tmp_path,
                                  env=anonymous, capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
