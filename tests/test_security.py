@@ -343,7 +343,12 @@ def test_the_cli_and_probe_work_over_mtls_with_a_token(secured_up: tuple[UpProce
     run = subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:iris", "--json"], env=env,
                          capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["metrics"]["accuracy"] >= 0.9
+    summary = json.loads(run.stdout)
+    assert summary["metrics"]["accuracy"] >= 0.9
+    # The run's lineage records who made each call.
+    records = sorted((Path(env["MLMESH_ARTIFACT_ROOT"]) / "runs" / summary["run_id"]).glob("*.json"))
+    assert len(records) == 5
+    assert all(json.loads(r.read_text())["caller"].startswith("token:runner,cert:") for r in records)
     probe = [sys.executable, "-m", "services.runtime.probe", "--stage", "trainer"]
     ok = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr

@@ -84,14 +84,15 @@ def record_execution(store: ArtifactStore, execution: dict[str, Any]) -> None:
 def execution_doc(
     run_id: str, stage: str, version: str, cache_key: str, cache_hit: bool,
     inputs: dict[str, ArtifactRef], outputs: dict[str, ArtifactRef], params: dict[str, Any],
-    started: datetime, ended: datetime, summary: dict[str, Any],
+    started: datetime, ended: datetime, summary: dict[str, Any], caller: str = "",
 ) -> dict[str, Any]:
+    """One stage call of a run; `caller` is who made it ("token:<name>", "cert:<subject>") when the mesh checks identity."""
     return {
         "run_id": run_id, "stage": stage, "stage_version": version, "cache_key": cache_key, "cache_hit": cache_hit,
         "inputs": {name: ref_to_dict(ref) for name, ref in inputs.items()},
         "outputs": {name: ref_to_dict(ref) for name, ref in outputs.items()},
         "params": params, "started_at": started.isoformat(), "ended_at": ended.isoformat(), "host": HOST,
-        "summary": summary,
+        "summary": summary, **({"caller": caller} if caller else {}),
     }
 
 

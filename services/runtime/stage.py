@@ -208,7 +208,7 @@ class StageRuntime:
         run_id = record.run_id if record is not None and record.run_id else new_run_id("call")
         execution = execution_doc(
             run_id, self.name, self.version, key, cache_hit, job.inputs, refs_in(result), job.params,
-            started_at, datetime.now(UTC), summary_of(result),
+            started_at, datetime.now(UTC), summary_of(result), caller=record.caller if record is not None else "",
         )
         def write_and_export() -> None:
             record_execution(self.store, execution)
