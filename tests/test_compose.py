@@ -576,14 +576,14 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
         assert result.returncode == 0, tail(result.stdout, 60) + tail(result.stderr, 60)
         assert "decision='PROMOTE'" in result.stdout
         logs = run([*compose, "logs", "--no-color", "loader"], timeout=120, env=env).stdout
-        assert "mTLS, bearer tokens" in logs and re.search(r"caller=token:runner,cert:\S*pipeline-runner", logs), tail(logs)
+        assert "mTLS, bearer tokens" in logs and re.search(r"caller=token:workflow,cert:\S*pipeline-runner", logs), tail(logs)
 
         # From the host: the published ports need the CA, a client certificate and a token.
         up = run([*compose, "up", "-d", "--no-build", *STAGES], timeout=300, env=env)
         assert up.returncode == 0, up.stderr
         loader = f"127.0.0.1:{ports['loader']}"
         tls = ["-cacert", str(certs / "ca.pem"), "-cert", str(certs / "client.pem"), "-key", str(certs / "client.key")]
-        token = ["-H", f"authorization: Bearer {(certs / 'runner.token').read_text().strip()}"]
+        token = ["-H", f"authorization: Bearer {(certs / 'workflow.token').read_text().strip()}"]
         deadline = time.monotonic() + 180
         while run([str(GRPCURL), *tls, loader, "grpc.health.v1.Health/Check"], timeout=30).returncode != 0:
             assert time.monotonic() < deadline, "the TLS loader never answered"

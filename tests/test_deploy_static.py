@@ -209,7 +209,7 @@ def test_compose_tls_override_layers_security_over_every_service(tmp_path: Path)
     tools = compose_commands()
     if not tools:
         missing_tool("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
-    for name in ("ca.pem", "stage.pem", "stage.key", "tokens", "client.pem", "client.key", "runner.token"):
+    for name in ("ca.pem", "stage.pem", "stage.key", "tokens", "client.pem", "client.key", "workflow.token"):
         (tmp_path / name).write_text("placeholder\n")
     for tool in tools:
         result = subprocess.run(
@@ -229,7 +229,7 @@ def test_compose_tls_override_layers_security_over_every_service(tmp_path: Path)
             mounted = {secret["source"] if isinstance(secret, dict) else secret for secret in services[stage]["secrets"]}
             assert {"mlmesh_stage_cert", "mlmesh_stage_key", "mlmesh_ca", "mlmesh_tokens"} <= mounted
         pipeline = services["pipeline"]["environment"]
-        assert pipeline["MLMESH_AUTH_TOKEN_FILE"] == "/run/secrets/mlmesh_runner_token"
+        assert pipeline["MLMESH_AUTH_TOKEN_FILE"] == "/run/secrets/mlmesh_workflow_token"
         assert pipeline["MLMESH_LOADER_ADDRESS"] == "loader:50051"  # base kept
         files = {name: str(secret["file"]) for name, secret in rendered["secrets"].items()}
         assert files["mlmesh_stage_key"] == str(tmp_path / "stage.key")

@@ -235,6 +235,27 @@ async def test_stage_calls_need_a_valid_bearer_token(
 
 
 @pytest.mark.asyncio
+async def test_fuzzed_authorization_metadata_is_always_unauthenticated(
+    material: Material, token_mesh: dict[str, RunningStage],
+) -> None:
+    """Random schemes, lengths, bytes and near-misses of a real token: never INTERNAL, never admitted."""
+    import random
+
+    rng = random.Random(11)
+    real = material.runner_token
+    values = ["", " ", "Bearer", "bearer  ", f"Bearer {real[:-1]}", f"Bearer {real}x", f"Bearer {real.upper()}",
+              f"Token {real}", f"Bearer  {real}x", "Bearer " + "a" * 4000]
+    alphabet = "".join(chr(c) for c in range(33, 127))
+    for _ in range(40):
+        length = rng.choice([1, 16, 63, 64, 65, 500])
+        values.append(rng.choice(["Bearer ", "bearer ", "", "Basic "]) + "".join(rng.choice(alphabet) for _ in range(length)))
+    codes = {await _raw_load(token_mesh, material, (("authorization", value),)) for value in values}
+    assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+    # Binary metadata under the same key is not a token either.
+    assert await _raw_load(token_mesh, material, (("authorization-bin", bytes(range(256))),)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.asyncio
 async def test_registering_a_model_needs_the_register_role(
     material: Material, token_mesh: dict[str, RunningStage], tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -360,6 +381,30 @@ def test_the_cli_and_probe_work_over_mtls_with_a_token(secured_up: tuple[UpProce
     refused = subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"], env=anonymous,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_pyflyte_runs_the_workflow_over_mtls_with_a_token(
+    secured_up: tuple[UpProcess, dict[str, str]], material: Material, tmp_path: Path,
+) -> None:
+    """The Flyte tasks are clients too: the same variables secure their calls."""
+    _, env = secured_up
+    home, temp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir(), temp.mkdir()
+    flyte_env = {**env, "HOME": str(home), "TMPDIR": str(temp)}
+    command = [str(BIN / "pyflyte"), "run", "workflow/pipeline.py", "training_pipeline", "--source", "sklearn:wine"]
+    root = Path(__file__).resolve().parents[1]
+    # The workflow registers what it promotes, so it needs a token with the role "register".
+    release = {**flyte_env, "MLMESH_AUTH_TOKEN": material.release_token}
+    result = subprocess.run(command, cwd=root, env=release, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "decision='PROMOTE'" in result.stdout and "registered_as='wine-logistic_regression v1'" in result.stdout
+    # "runner" may train and evaluate, but the promotion step is refused, by name.
+    runner = subprocess.run([*command, "--seed", "3"], cwd=root, env=flyte_env, capture_output=True, text=True, timeout=300)
+    output = " ".join((runner.stdout + runner.stderr).split())
+    assert runner.returncode != 0 and "PERMISSION_DENIED: token 'runner' may not call RegisterModel" in output
+    anonymous = {k: v for k, v in flyte_env.items() if k != "MLMESH_AUTH_TOKEN"}
+    refused = subprocess.run([*command, "--seed", "4"], cwd=root, env=anonymous, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stdout + refused.stderr
 
 
 def test_real_grpcurl_over_mtls(secured_up: tuple[UpProcess, dict[str, str]], material: Material) -> None:
