@@ -377,6 +377,9 @@ def test_the_cli_and_probe_work_over_mtls_with_a_token(secured_up: tuple[UpProce
     untrusting = {k: v for k, v in untrusting.items() if k != "MLMESH_TLS_CLIENT_CA"}
     bad = subprocess.run(probe, env=untrusting, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and "SERVING" not in bad.stdout.replace("NOT_SERVING", ""), bad.stdout
+    # `mlmesh status` without the CA says what to set rather than only "unreachable".
+    status = subprocess.run([str(BIN / "mlmesh"), "status"], env=untrusting, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1 and status.stdout.count("set MLMESH_TLS_CA") == 5, status.stdout
     anonymous = {k: v for k, v in env.items() if k != "MLMESH_AUTH_TOKEN"}
     refused = subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"], env=anonymous,
                              capture_output=True, text=True, timeout=60)

@@ -448,7 +448,8 @@ async def check_health(address: str, service: str = "", timeout: float = 2.0, se
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=call_metadata(settings),
             )
         except grpc.aio.AioRpcError as error:
-            return f"UNREACHABLE ({error.code().name})"
+            mismatch = transport_mismatch(error)
+            return f"UNREACHABLE ({error.code().name}{': ' + mismatch if mismatch else ''})"
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
