@@ -8,19 +8,23 @@ linux/aarch64 and the images' Python, so images build on Axion without compilers
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import tomllib
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -246,8 +250,130 @@ def test_only_the_loader_mounts_the_data_folder_read_only() -> None:
 
 
 # ---- Kubernetes ---------------------------------------------------------------------------
+K8S_FLYTE_CLIENT = K8S / "flyte-client"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+# The exec probe every stage container runs (the image's venv), and its kubelet timings.
+K8S_PROBE_COMMAND = ["/opt/venv/bin/python", "-m", "services.runtime.probe", "--timeout", "3"]
+K8S_PROBE_TIMING = {  # probe: (periodSeconds, failureThreshold), as with the native gRPC probes before
+    "startupProbe": (2, 60), "readinessProbe": (5, 2), "livenessProbe": (10, 3),
+}
+K8S_NAMESPACE = "mlmesh"
+FLYTE_NAMESPACE = "flytesnacks-development"  # the Flyte project namespace of docs/deploy.md's examples
+CLIENT_POD_LABEL = {"mlmesh.io/client": "true"}
+CLIENT_NAMESPACE_LABEL = {"mlmesh.io/clients": "true"}
+
+
 def k8s_documents() -> list[dict]:
     return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def k8s_manifest_paths() -> list[Path]:
+    """What `kubectl apply -f deploy/k8s/` applies, and the PodTemplate for Flyte's namespaces."""
+    return sorted(K8S.glob("*.yaml")) + sorted(K8S_FLYTE_CLIENT.glob("*.yaml"))
+
+
+def k8s_kind(kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in k8s_documents() if d["kind"] == kind}
+
+
+def k8s_config() -> dict[str, str]:
+    return k8s_kind("ConfigMap")["mlmesh-config"]["data"]
+
+
+def k8s_flyte_pod_template() -> dict:
+    (template,) = [d for p in sorted(K8S_FLYTE_CLIENT.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    assert template["kind"] == "PodTemplate"
+    return template
+
+
+def commented_yaml(path: Path, begin: str, end: str) -> str:
+    """The YAML between the comment lines `# --- <begin>` and `# --- <end>`, uncommented."""
+    lines = path.read_text().splitlines()
+    first, last = lines.index(f"# --- {begin}"), lines.index(f"# --- {end}")
+    return "\n".join(line.removeprefix("#").removeprefix(" ") for line in lines[first + 1:last]) + "\n"
+
+
+def commented_settings(text: str, after: str) -> dict[str, str]:
+    """`# NAME: value` lines of a ConfigMap (or `# - name:`/`#   value:` pairs of a container's env)
+    that follow the comment line containing `after`, until the first line that is not a comment."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line and line.strip().startswith("#"))
+    block = []
+    for line in lines[start + 1:]:
+        if not line.strip().startswith("#"):
+            break
+        uncommented = line.replace("# ", "", 1)
+        if re.match(r"^\s*(MLMESH_[A-Z_]+:|- name:|value:)", uncommented):  # the settings, not the prose
+            block.append(uncommented)
+    parsed = yaml.safe_load("\n".join(block))
+    if isinstance(parsed, list):
+        return {item["name"]: item["value"] for item in parsed}
+    return parsed
+
+
+def mtls_config() -> dict[str, str]:
+    """The ConfigMap's commented mutual-TLS lines, as they read once uncommented."""
+    return commented_settings((K8S / "01-config.yaml").read_text(), "Mutual TLS (optional)")
+
+
+def mounted_file(pod_spec: dict, container: dict, path: str) -> tuple[str, str, dict]:
+    """Which Secret key (or other volume) a file path inside the container comes from."""
+    folder, _, name = path.rpartition("/")
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+    (volume,) = [v for v in pod_spec["volumes"] if v["name"] == mount["name"]]
+    secret = volume["secret"]
+    items = {item["path"]: item["key"] for item in secret.get("items", [])} or {name: name}
+    return secret["secretName"], items[name], mount
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a set of labels."""
+    if any(labels.get(key) != value for key, value in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if not {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels.get(key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]:
+            return False
+    return True
+
+
+def namespace_labels(name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name, **(extra or {})}
+
+
+def policy_admits(policy: dict, namespace: str, ns_labels: dict[str, str], pod_labels: dict[str, str], port: int) -> bool:
+    """Whether one NetworkPolicy's ingress rules let a pod (in `namespace`) connect to `port` over TCP."""
+    for rule in policy["spec"].get("ingress") or []:
+        ports = rule.get("ports")
+        if ports is not None and not any(p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in ports):
+            continue
+        peers = rule.get("from")
+        if peers is None:
+            return True
+        for peer in peers:
+            assert "ipBlock" not in peer, "no address ranges: only labelled pods"
+            if "namespaceSelector" in peer:
+                namespace_ok = selects(peer["namespaceSelector"], ns_labels)
+            else:
+                namespace_ok = namespace == policy["metadata"]["namespace"]
+            if namespace_ok and selects(peer.get("podSelector", {}), pod_labels):
+                return True
+    return False
+
+
+def admitted(policies: list[dict], target: dict[str, str], port: int, namespace: str, ns_labels: dict[str, str],
+             pod_labels: dict[str, str]) -> bool:
+    """Kubernetes' rule: a pod no ingress policy selects accepts everything; otherwise one selecting policy must admit."""
+    selecting = [p for p in policies if "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], target)]
+    if not selecting:
+        return True
+    return any(policy_admits(p, namespace, ns_labels, pod_labels, port) for p in selecting)
 
 
 def kubernetes_validate(paths: list[Path], version: str) -> subprocess.CompletedProcess:
@@ -260,40 +386,60 @@ def kubernetes_validate(paths: list[Path], version: str) -> subprocess.Completed
     )
 
 
-@pytest.mark.parametrize("version", ["1.27.0", "1.37.0"])  # native gRPC probes are GA from 1.27
-def test_k8s_manifests_validate_against_the_schemas(version: str) -> None:
-    paths = sorted(K8S.glob("*.yaml"))
+@pytest.mark.parametrize("version", ["1.27.0", "1.37.0"])
+def test_k8s_manifests_validate_against_the_schemas(version: str, tmp_path: Path) -> None:
+    # Everything applied, the Flyte PodTemplate, and the Secret shapes of 03-secrets.yaml once uncommented.
+    shapes = tmp_path / "secret-shapes.yaml"
+    shapes.write_text(commented_yaml(K8S / "03-secrets.yaml", "secret shapes begin", "secret shapes end"))
+    paths = k8s_manifest_paths()
     assert paths
-    result = kubernetes_validate(paths, version)
+    result = kubernetes_validate([*paths, shapes], version)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "passed" in result.stdout
+    for kind in ("NetworkPolicy", "PersistentVolumeClaim", "PodTemplate", "Secret"):
+        assert f"passed for resource {kind.lower()}/" in result.stdout, kind
 
 
 def test_k8s_validation_catches_a_wrong_field(tmp_path: Path) -> None:
     # The validator is strict: a misspelt probe field must fail, or the test above proves nothing.
     doc = copy.deepcopy(next(d for d in k8s_documents() if d["kind"] == "Deployment"))
     container = doc["spec"]["template"]["spec"]["containers"][0]
-    container["readinessProbe"]["grcp"] = container["readinessProbe"].pop("grpc")
+    container["readinessProbe"]["exce"] = container["readinessProbe"].pop("exec")
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump(doc))
     assert kubernetes_validate([broken], "1.37.0").returncode != 0
 
 
-def test_k8s_one_deployment_and_service_per_stage_with_grpc_probes() -> None:
+def test_k8s_one_deployment_and_service_per_stage_with_exec_probes_and_mounted_secrets() -> None:
     docs = k8s_documents()
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    config = k8s_config()
     assert re.match(r"^(s3|gs|gcs|az|abfs)://", config["MLMESH_ARTIFACT_ROOT"]), "an object store URL"
     assert config["MLMESH_BIND_HOST"] == "0.0.0.0"
     assert float(config["MLMESH_GRACE_SECONDS"]) == GRACE_SECONDS
+    # The probes need no token, and they dial 127.0.0.1, which the certificate names: no server-name override.
+    assert config["MLMESH_HEALTH_AUTH"] == "open" and config["MLMESH_REFLECTION"] == "token"
+    assert "MLMESH_TLS_SERVER_NAME" not in config and "MLMESH_AUTH_TOKEN" not in config
+    assert "MLMESH_TLS_CLIENT_CA" not in config, "mutual TLS is optional: commented out"
+    mtls = mtls_config()
+    assert set(mtls) == {"MLMESH_TLS_CLIENT_CA", "MLMESH_TLS_CLIENT_CERT", "MLMESH_TLS_CLIENT_KEY"}
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     assert set(deployments) == set(services) == set(STAGES)
+    wanted_files = {  # variable: (Secret, key)
+        "MLMESH_TLS_CERT": ("mlmesh-stage-tls", "tls.crt"), "MLMESH_TLS_KEY": ("mlmesh-stage-tls", "tls.key"),
+        "MLMESH_TLS_CA": ("mlmesh-stage-tls", "ca.crt"), "MLMESH_AUTH_TOKENS_FILE": ("mlmesh-tokens", "tokens"),
+        "MLMESH_TLS_CLIENT_CA": ("mlmesh-stage-tls", "ca.crt"),
+        "MLMESH_TLS_CLIENT_CERT": ("mlmesh-stage-tls", "tls.crt"), "MLMESH_TLS_CLIENT_KEY": ("mlmesh-stage-tls", "tls.key"),
+    }
     for stage in STAGES:
         port = DEFAULT_PORTS[stage]
         assert config[f"MLMESH_{stage.upper()}_ADDRESS"] == f"{stage}.mlmesh.svc.cluster.local:{port}"
         pod = deployments[stage]["spec"]["template"]
         spec = pod["spec"]
-        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+        context = spec["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] != 0
+        # Secret files are mode 0440 and group fsGroup: the stage's own group must be that group.
+        assert context["fsGroup"] == context["runAsGroup"] == 10001
         (container,) = spec["containers"]
         # The pod outlives the stage's drain (a container's own MLMESH_GRACE_SECONDS wins over the ConfigMap's).
         own = {e["name"]: e["value"] for e in container["env"]}.get("MLMESH_GRACE_SECONDS", GRACE_SECONDS)
@@ -301,16 +447,545 @@ def test_k8s_one_deployment_and_service_per_stage_with_grpc_probes() -> None:
         assert {"name": "MLMESH_STAGE", "value": stage} in container["env"]
         assert {"configMapRef": {"name": "mlmesh-config"}} in container["envFrom"]
         assert container["ports"][0]["containerPort"] == port
-        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-            assert container[probe]["grpc"] == {"port": port}, f"{stage} {probe}: native gRPC probe"
+        for name, (period, failures) in K8S_PROBE_TIMING.items():
+            probe_spec = container[name]
+            assert probe_spec["exec"]["command"] == K8S_PROBE_COMMAND, f"{stage} {name}: the exec probe"
+            assert "grpc" not in probe_spec, "native gRPC probes cannot speak TLS"
+            assert (probe_spec["periodSeconds"], probe_spec["failureThreshold"]) == (period, failures)
+            # Python's start-up plus the probe's own deadline (--timeout 3) fit in the kubelet's timeout.
+            assert probe_spec["timeoutSeconds"] >= 5 > float(K8S_PROBE_COMMAND[-1])
         assert {"cpu", "memory"} <= set(container["resources"]["requests"])
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        # Every file the settings name comes from the right Secret key, mounted read-only with mode 0440.
+        for variable, (secret, key) in wanted_files.items():
+            path = config.get(variable) or mtls[variable]
+            found_secret, found_key, mount = mounted_file(spec, container, path)
+            assert (found_secret, found_key) == (secret, key), f"{stage}: {variable}={path}"
+            assert mount["readOnly"] is True
+        secret_volumes = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+        assert {v["secretName"] for v in secret_volumes.values()} == {"mlmesh-stage-tls", "mlmesh-tokens"}
+        for volume in secret_volumes.values():
+            assert volume["defaultMode"] == 0o440 and "optional" not in volume
+        assert {item["key"] for v in secret_volumes.values() for item in v["items"]} == {"tls.crt", "tls.key", "ca.crt", "tokens"}
+        for mount in container["volumeMounts"]:
+            assert mount.get("readOnly") is True or mount["mountPath"] == "/tmp", f"{stage}: {mount}"
+        # The data folder: the loader alone mounts it, read-only.
+        data_mounts = [m for m in container["volumeMounts"] if m["mountPath"] == "/data"]
+        if stage == "loader":
+            (mount,) = data_mounts
+            (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+            assert volume["persistentVolumeClaim"] == {"claimName": "mlmesh-data", "readOnly": True}
+        else:
+            assert not data_mounts and not any("persistentVolumeClaim" in v for v in spec["volumes"])
         service = services[stage]["spec"]
         selector = service["selector"]
         assert all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
         assert deployments[stage]["spec"]["selector"]["matchLabels"] == selector
         assert service["ports"][0]["port"] == port and service["ports"][0]["targetPort"] == "grpc"
+    # MLMESH_DATA_ROOTS: the mounted folder first (the image's default), then object-store prefixes only.
+    roots = config["MLMESH_DATA_ROOTS"].split(",")
+    assert roots[0] == "/data" and all(re.match(r"^[a-z0-9]+://.+/$", root) for root in roots[1:])
+    assert 'MLMESH_DATA_ROOTS: "/data,s3://ml-datasets/"' in (K8S / "01-config.yaml").read_text()
+    claim = k8s_kind("PersistentVolumeClaim")["mlmesh-data"]
+    assert claim["metadata"]["namespace"] == K8S_NAMESPACE and claim["spec"]["accessModes"]
+
+
+def test_k8s_network_policies_admit_only_the_stages_and_labelled_clients() -> None:
+    policies = list(k8s_kind("NetworkPolicy").values())
+    assert all(p["metadata"]["namespace"] == K8S_NAMESPACE for p in policies)
+    deny = [p for p in policies if not p["spec"].get("ingress")]
+    assert [p["spec"] for p in deny] == [{"podSelector": {}, "policyTypes": ["Ingress"]}], "one default-deny"
+    allow = [p for p in policies if p["spec"].get("ingress")]
+    for policy in allow:
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from") and rule.get("ports"), "every rule names its peers and its ports"
+            assert all(isinstance(p["port"], int) and p.get("protocol") == "TCP" for p in rule["ports"])
+    pods = {stage: d["spec"]["template"]["metadata"]["labels"] for stage, d in k8s_kind("Deployment").items()}
+    assert set(pods) == set(STAGES)
+    mlmesh_ns = namespace_labels(K8S_NAMESPACE, k8s_kind("Namespace")[K8S_NAMESPACE]["metadata"]["labels"])
+    flyte_ns = namespace_labels(FLYTE_NAMESPACE, CLIENT_NAMESPACE_LABEL)
+    other_ns = namespace_labels("default")
+    flyte_pod = {**k8s_flyte_pod_template()["template"]["metadata"]["labels"], "execution-id": "a1b2"}
+    for stage, labels in pods.items():
+        port = DEFAULT_PORTS[stage]
+        assert labels["app.kubernetes.io/part-of"] == "mlmesh" and labels["app.kubernetes.io/component"] == stage
+        assert all(selects(p["spec"]["podSelector"], labels) for p in deny)
+        selecting = [p for p in allow if selects(p["spec"]["podSelector"], labels)]
+        assert selecting, f"{stage}: no policy admits anything"
+        opened = {(p["protocol"], p["port"]) for policy in selecting for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        assert opened == {("TCP", port)}, f"{stage}: only its own gRPC port"
+
+        def may(namespace: str, ns_labels: dict[str, str], pod_labels: dict[str, str], to_port: int = port) -> bool:
+            return admitted(policies, labels, to_port, namespace, ns_labels, pod_labels)
+
+        for other in STAGES:
+            assert may(K8S_NAMESPACE, mlmesh_ns, pods[other]), f"{other} -> {stage}"
+        assert may(K8S_NAMESPACE, mlmesh_ns, {**CLIENT_POD_LABEL, "app": "debug"})
+        assert may(FLYTE_NAMESPACE, flyte_ns, flyte_pod), "a Flyte task pod with the PodTemplate's label"
+        assert not may(K8S_NAMESPACE, mlmesh_ns, {"app": "debug"}), "an unlabelled pod of the namespace"
+        assert not may(K8S_NAMESPACE, mlmesh_ns, {"app.kubernetes.io/part-of": "mlmesh"}), "not a stage"
+        assert not may(FLYTE_NAMESPACE, flyte_ns, {"execution-id": "a1b2"}), "an unlabelled pod of a client namespace"
+        assert not may("default", other_ns, CLIENT_POD_LABEL), "a labelled pod of another namespace"
+        assert not may("default", other_ns, pods["trainer"]), "a stage's labels outside the namespace"
+        for other_port in {50050, 8080, *DEFAULT_PORTS.values()} - {port}:
+            assert not may(K8S_NAMESPACE, mlmesh_ns, pods["evaluator"], other_port), f"{stage}: port {other_port}"
+    # Any other pod of the namespace (the data claim's filler Job, a debugging pod) admits nothing.
+    assert not admitted(policies, {"app": "job"}, 80, K8S_NAMESPACE, mlmesh_ns, pods["loader"])
+
+
+def test_k8s_no_secret_material_in_the_repository() -> None:
+    for path in K8S.rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            assert "BEGIN" not in text and "PRIVATE KEY" not in text, path
+    # 03-secrets.yaml is comments only: applying the folder never overwrites the operator's Secrets.
+    secrets = K8S / "03-secrets.yaml"
+    assert all(not line.strip() or line.lstrip().startswith("#") for line in secrets.read_text().splitlines())
+    assert all(doc is None for doc in yaml.safe_load_all(secrets.read_text()))
+    assert not any(d["kind"] == "Secret" for d in k8s_documents())
+    shapes = {d["metadata"]["name"]: d for d in yaml.safe_load_all(
+        commented_yaml(secrets, "secret shapes begin", "secret shapes end"))}
+    assert shapes["mlmesh-stage-tls"]["type"] == "kubernetes.io/tls"
+    for shape in shapes.values():
+        assert all(value == "" for value in shape["stringData"].values()), "placeholders stay empty"
+        assert "data" not in shape
+    # The cert-manager example writes the same Secret, with the names clients and probes dial.
+    issuer, certificate = yaml.safe_load_all(commented_yaml(secrets, "cert-manager begin", "cert-manager end"))
+    spec = certificate["spec"]
+    assert certificate["kind"] == "Certificate" and spec["secretName"] == "mlmesh-stage-tls"
+    assert spec["issuerRef"] == {"name": issuer["metadata"]["name"], "kind": issuer["kind"]}
+    assert {"server auth", "client auth"} <= set(spec["usages"]) and spec["ipAddresses"] == ["127.0.0.1"]
+    hosts = {address.rsplit(":", 1)[0] for name, address in k8s_config().items() if name.endswith("_ADDRESS")}
+    assert hosts | set(STAGES) | {"localhost"} == set(spec["dnsNames"])
+
+
+# ---- Kubernetes: the commands of docs/deploy.md ---------------------------------------------
+def k8s_doc_section() -> str:
+    text = DEPLOY_DOC.read_text()
+    return text.split("\n## Kubernetes, for scale-out\n", 1)[1].split("\n## ", 1)[0]
+
+
+def doc_blocks(language: str) -> list[str]:
+    """Fenced blocks of the Kubernetes section in `language`, dedented (some sit in list items)."""
+    pattern = rf"^( *)```{language}\n(.*?)^\1```"
+    return [textwrap.dedent(found.group(2)) for found in re.finditer(pattern, k8s_doc_section(), re.S | re.M)]
+
+
+def shell_commands(script: str) -> list[list[str]]:
+    """Simple commands of a script: continuations joined, comments dropped, split at && | ; &."""
+    commands = []
+    for line in script.replace("\\\n", " ").splitlines():
+        current: list[str] = []
+        for token in shlex.split(line, comments=True):
+            if token in ("&&", "||", "|", ";", "&"):
+                commands.append(current)
+                current = []
+            else:
+                current.append(token)
+        commands.append(current)
+    return [command for command in commands if command]
+
+
+@dataclass
+class Kubectl:
+    namespace: str | None
+    words: list[str]
+    options: dict[str, list[str]]
+
+
+def parse_kubectl(tokens: list[str]) -> Kubectl:
+    assert tokens[0] == "kubectl"
+    namespace, words, options = None, [], {}
+    rest = iter(tokens[1:])
+    for token in rest:
+        if token in ("-n", "--namespace"):
+            namespace = next(rest)
+        elif token == "-f":
+            options.setdefault("-f", []).append(next(rest))
+        elif token.startswith("--"):
+            key, _, value = token.partition("=")
+            options.setdefault(key, []).append(value)
+        else:
+            words.append(token)
+    return Kubectl(namespace, words, options)
+
+
+def doc_kubectl_commands() -> list[Kubectl]:
+    """Every kubectl command of the section: in its sh blocks and in inline code."""
+    scripts = doc_blocks("sh") + re.findall(r"`(kubectl [^`]+)`", k8s_doc_section())
+    return [parse_kubectl(c) for script in scripts for c in shell_commands(script) if c[0] == "kubectl"]
+
+
+def test_k8s_docs_kubectl_commands_match_the_manifests() -> None:
+    deployments, services = k8s_kind("Deployment"), k8s_kind("Service")
+    created: dict[tuple[str, str], list[tuple[str, dict[str, str]]]] = {}  # (namespace, name): [(type, {key: file})]
+    labelled: dict[str, dict[str, str]] = {}
+    commands = doc_kubectl_commands()
+    for command in commands:
+        verb, words = command.words[0], command.words[1:]
+        assert command.namespace in (None, K8S_NAMESPACE, FLYTE_NAMESPACE), command
+        if verb == "apply":
+            [path] = command.options["-f"]
+            assert (ROOT / path).exists(), path
+            into_flyte = path.startswith("deploy/k8s/flyte-client/")
+            assert command.namespace == (FLYTE_NAMESPACE if into_flyte else None), \
+                "the stage manifests name their namespace; the PodTemplate goes where -n says"
+        elif verb == "create":
+            assert words[:2] == ["secret", "generic"], "TLS Secrets with ca.crt too: generic --type=kubernetes.io/tls"
+            assert "--from-literal" not in command.options, "no secret on a command line"
+            files = dict(item.split("=", 1) for item in command.options["--from-file"])
+            kind = (command.options.get("--type") or ["Opaque"])[0]
+            created.setdefault((command.namespace, words[2]), []).append((kind, files))
+        elif verb == "delete":
+            assert words[0] == "secret" and (command.namespace, words[1]) in created, "deletes only what it made"
+        elif verb == "label":
+            assert words[0] == "namespace" and command.namespace is None
+            labelled[words[1]] = dict(item.split("=", 1) for item in words[2:])
+        elif verb in ("rollout", "scale", "get", "port-forward"):
+            assert command.namespace == K8S_NAMESPACE, command
+            for word in words:
+                kind, _, name = word.partition("/")
+                if kind == "deployment" and name:
+                    assert name in deployments, word
+                if kind == "svc":
+                    assert name in services, word
+            if verb == "port-forward":
+                service, ports = words
+                remote = int(ports.split(":")[1])
+                assert services[service.split("/")[1]]["spec"]["ports"][0]["port"] == remote
+        else:
+            pytest.fail(f"a kubectl command this test does not check: {command}")
+    # The stage pods' Secrets: created in the namespace with exactly the keys the volumes mount.
+    for stage, deployment in deployments.items():
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]:
+            if "secret" in volume:
+                versions = created[(K8S_NAMESPACE, volume["secret"]["secretName"])]
+                assert [set(files) for _, files in versions] == [{i["key"] for i in volume["secret"]["items"]}], stage
+    [(kind, files)] = created[(K8S_NAMESPACE, "mlmesh-stage-tls")]
+    assert kind == "kubernetes.io/tls"
+    assert files == {"tls.crt": "certs/stage.pem", "tls.key": "certs/stage.key", "ca.crt": "certs/ca.pem"}
+    assert created[(K8S_NAMESPACE, "mlmesh-tokens")] == [("Opaque", {"tokens": "certs/tokens"})]
+    # The certificate block writes the certs/stage.pem that goes into the Secret.
+    [cert_block] = [b for b in doc_blocks("sh") if "openssl x509 -req" in b]
+    assert "-out certs/stage.pem" in cert_block
+    # The Flyte namespace: its label is what the NetworkPolicies' namespaceSelector asks for, and its
+    # Secret holds every file the PodTemplate's settings name (the client certificate once mTLS is on).
+    for policy in k8s_kind("NetworkPolicy").values():
+        for rule in policy["spec"].get("ingress") or []:
+            for peer in rule["from"]:
+                if "namespaceSelector" in peer:
+                    assert selects(peer["namespaceSelector"], namespace_labels(FLYTE_NAMESPACE, labelled[FLYTE_NAMESPACE]))
+    assert labelled == {FLYTE_NAMESPACE: CLIENT_NAMESPACE_LABEL}
+    template = k8s_flyte_pod_template()
+    spec = template["template"]["spec"]
+    [volume] = spec["volumes"]
+    [plain, mutual] = created[(FLYTE_NAMESPACE, volume["secret"]["secretName"])]
+    [container] = spec["containers"]
+    assert container["name"] == "default", "Flyte merges the container named default into every container"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mtls_env = commented_settings((K8S_FLYTE_CLIENT / "pod-template.yaml").read_text(), "Mutual TLS")
+    for settings_env, (_, files) in ((env, plain), ({**env, **mtls_env}, mutual)):
+        keys = {mounted_file(spec, container, path)[1] for path in settings_env.values()}
+        assert keys == set(files), (keys, files)
+    assert set(env) == {"MLMESH_TLS_CA", "MLMESH_AUTH_TOKEN_FILE"}
+    assert set(mtls_env) == {"MLMESH_TLS_CLIENT_CERT", "MLMESH_TLS_CLIENT_KEY"}
+    assert plain[1] == {"ca.crt": "certs/ca.pem", "token": "certs/workflow.token"}
+    assert mutual[1] == {**plain[1], "tls.crt": "certs/client.pem", "tls.key": "certs/client.key"}
+    # FlytePropeller's configuration names the PodTemplate.
+    [propeller] = [yaml.safe_load(b) for b in doc_blocks("yaml") if "default-pod-template-name" in b]
+    assert propeller["plugins"]["k8s"]["default-pod-template-name"] == template["metadata"]["name"]
+    # The probe and grpcurl through port-forward trust the CA that went into ca.crt.
+    [deploy_block] = [b for b in doc_blocks("sh") if "kubectl apply -f deploy/k8s/\n" in b]
+    assert deploy_block.count("-cacert certs/ca.pem") == 2 and "MLMESH_TLS_CA=certs/ca.pem " in deploy_block
+
+
+# ---- Kubernetes: a stage as its pod runs it -------------------------------------------------
+KUBECTL_SHIM = '''\
+"""kubectl for docs/deploy.md's commands without a cluster: the real kubectl makes each Secret
+(--dry-run=client), and this keeps what a cluster would hold, refusing what it would refuse."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+state_file = Path(os.environ["KUBECTL_STATE"])
+state = json.loads(state_file.read_text()) if state_file.exists() else {"secrets": {}, "made": [], "log": []}
+namespace = args[args.index("-n") + 1] if "-n" in args else None
+words = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in ("-n", "-f"))]
+if words[:2] == ["create", "secret"]:
+    made = subprocess.run([os.environ["REAL_KUBECTL"], *args, "--dry-run=client", "-o", "json"],
+                          capture_output=True, text=True)
+    if made.returncode:
+        sys.exit(made.stderr)
+    key = f"{namespace}/{words[3]}"
+    if key in state["secrets"]:
+        sys.exit(f'Error from server (AlreadyExists): secrets "{words[3]}" already exists')
+    state["secrets"][key] = json.loads(made.stdout)
+    state["made"].append(state["secrets"][key])
+elif words[:2] == ["delete", "secret"]:
+    if state["secrets"].pop(f"{namespace}/{words[2]}", None) is None:
+        sys.exit(f'Error from server (NotFound): secrets "{words[2]}" not found')
+elif "-f" in args and not Path(args[args.index("-f") + 1]).exists():
+    sys.exit(f"error: the path {args[args.index('-f') + 1]!r} does not exist")
+state["log"].append({"namespace": namespace, "args": args})
+state_file.write_text(json.dumps(state))
+'''
+
+
+@dataclass
+class K8sRollout:
+    """docs/deploy.md's Kubernetes commands, run in `folder` with certs/ from README.md's recipe."""
+
+    folder: Path
+    secrets: dict[str, dict]  # "namespace/name": the Secret objects the cluster holds at the end
+    made: list[dict]  # every Secret object made, in order (one was replaced)
+    log: list[dict]  # every kubectl command: {"namespace": ..., "args": [...]}
+
+
+def secret_files(secret: dict) -> dict[str, bytes]:
+    return {key: base64.b64decode(value) for key, value in secret["data"].items()}
+
+
+@pytest.fixture(scope="module")
+def k8s_rollout(tmp_path_factory: pytest.TempPathFactory) -> K8sRollout:
+    real_kubectl = shutil.which("kubectl")
+    if not real_kubectl:
+        missing_tool("kubectl is not installed (apt-get install kubectl)")
+    from tests.test_mesh_processes import readme_section_blocks
+
+    folder = tmp_path_factory.mktemp("k8s-rollout")
+    (folder / "deploy").symlink_to(DEPLOY)  # the docs' paths are relative to the checkout
+    readme_certs = next(b for b in readme_section_blocks("Securing the mesh") if "openssl req -x509" in b)
+    made = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_certs], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    shim_dir = folder / "bin"
+    shim_dir.mkdir()
+    (shim_dir / "kubectl").write_text(f"#!{sys.executable}\n{KUBECTL_SHIM}")
+    (shim_dir / "kubectl").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim_dir}:{os.environ['PATH']}", "REAL_KUBECTL": real_kubectl,
+           "KUBECTL_STATE": str(folder / "cluster.json"), "KUBECONFIG": str(folder / "no-cluster")}
+    # Every sh block without a registry, an engine, Flyte or a running stage runs as written, in order.
+    ran = []
+    for block in doc_blocks("sh"):
+        if re.search(r"\b(docker|pyflyte|port-forward|grpcurl)\b", block):
+            continue
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{block}\n{result.stdout}\n{result.stderr}"
+        ran.append(block)
+    assert len(ran) == 4, "the certificate, the Secrets, the Flyte namespace and mutual TLS"
+    state = json.loads((folder / "cluster.json").read_text())
+    return K8sRollout(folder, state["secrets"], state["made"], state["log"])
+
+
+def test_k8s_docs_commands_make_the_secrets_the_pods_mount(k8s_rollout: K8sRollout, tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    secrets = k8s_rollout.secrets
+    assert set(secrets) == {f"{K8S_NAMESPACE}/mlmesh-stage-tls", f"{K8S_NAMESPACE}/mlmesh-tokens",
+                            f"{FLYTE_NAMESPACE}/mlmesh-client"}
+    stage_tls = secrets[f"{K8S_NAMESPACE}/mlmesh-stage-tls"]
+    assert stage_tls["type"] == "kubernetes.io/tls" and set(stage_tls["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert set(secrets[f"{K8S_NAMESPACE}/mlmesh-tokens"]["data"]) == {"tokens"}
+    assert set(secrets[f"{FLYTE_NAMESPACE}/mlmesh-client"]["data"]) == {"ca.crt", "token", "tls.crt", "tls.key"}
+    # What kubectl made is a valid Secret, and the certificate names what clients and probes dial.
+    made = tmp_path / "secrets.yaml"
+    made.write_text(yaml.safe_dump_all(list(secrets.values())))
+    result = kubernetes_validate([made], "1.37.0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = secret_files(stage_tls)
+    certificate = x509.load_pem_x509_certificate(files["tls.crt"])
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = set(names.get_values_for_type(x509.DNSName))
+    hosts = {address.rsplit(":", 1)[0] for name, address in k8s_config().items() if name.endswith("_ADDRESS")}
+    assert hosts | set(STAGES) | {"localhost"} <= dns
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    usages = set(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages
+    assert files["ca.crt"] == (k8s_rollout.folder / "certs" / "ca.pem").read_bytes()
+    # The same key as the README's stage certificate: the docs sign its request again, with more names.
+    assert files["tls.key"] == (k8s_rollout.folder / "certs" / "stage.key").read_bytes()
+    assert certificate.public_key() == x509.load_pem_x509_csr(
+        (k8s_rollout.folder / "certs" / "stage.csr").read_bytes()).public_key()
+    # The namespace label and the manifests applied, as the log of the fake cluster shows.
+    applied = [entry["args"] for entry in k8s_rollout.log if entry["args"][0] == "apply"]
+    assert ["apply", "-f", "deploy/k8s/00-namespace.yaml"] in applied
+    assert any(entry["args"][:2] == ["label", "namespace"] for entry in k8s_rollout.log)
+
+
+def pod_filesystem(root: Path, pod_spec: dict, container: dict, secrets: dict[str, dict], namespace: str) -> None:
+    """Lay a container's volumes out under `root` as the kubelet would: Secret items with their mode."""
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    for mount in container["volumeMounts"]:
+        target = root / mount["mountPath"].lstrip("/")
+        target.mkdir(parents=True, exist_ok=True)
+        volume = volumes[mount["name"]]
+        if "secret" in volume:
+            data = secret_files(secrets[f"{namespace}/{volume['secret']['secretName']}"])
+            items = volume["secret"].get("items") or [{"key": key, "path": key} for key in data]
+            for item in items:
+                path = target / item["path"]
+                path.write_bytes(data[item["key"]])
+                path.chmod(volume["secret"]["defaultMode"])
+
+
+def in_pod(root: Path, env: dict[str, str], container: dict) -> dict[str, str]:
+    """Settings whose paths lie in a mounted volume, moved under `root` (comma lists too)."""
+    mounts = [m["mountPath"] for m in container["volumeMounts"]]
+
+    def move(value: str) -> str:
+        if any(value == m or value.startswith(m + "/") for m in mounts):
+            return str(root / value.lstrip("/"))
+        return value
+
+    return {name: ",".join(move(part) for part in value.split(",")) for name, value in env.items()}
+
+
+class StagePod:
+    """One stage started with its pod's settings (ConfigMap, container env, mounted Secrets)."""
+
+    def __init__(self, stage: str, root: Path, secrets: dict[str, dict], extra_config: dict[str, str]):
+        self.root = root
+        deployment = k8s_kind("Deployment")[stage]
+        spec = deployment["spec"]["template"]["spec"]
+        (self.container,) = spec["containers"]
+        pod_filesystem(root, spec, self.container, secrets, K8S_NAMESPACE)
+        config = in_pod(root, {**k8s_config(), **extra_config, **{e["name"]: e["value"] for e in self.container["env"]}},
+                        self.container)
+        # The pod binds 0.0.0.0; here only loopback, which the probe dials in both cases.
+        assert default_address(stage, config) == f"127.0.0.1:{DEFAULT_PORTS[stage]}"
+        (self.port,) = free_ports(1)
+        self.env = {
+            **os.environ, **config,
+            "MLMESH_BIND_HOST": "127.0.0.1", f"MLMESH_{stage.upper()}_PORT": str(self.port),
+            "MLMESH_ARTIFACT_ROOT": str(root / "artifacts"), "MLMESH_GRACE_SECONDS": "0.5",
+        }
+        self.process = subprocess.Popen([sys.executable, "-m", f"services.{stage}"], cwd=ROOT, env=self.env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def probe(self, name: str = "readinessProbe", drop: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
+        """The Deployment's exec probe, as the kubelet runs it in the container."""
+        command = [sys.executable, *self.container[name]["exec"]["command"][1:]]
+        env = {k: v for k, v in self.env.items() if k not in drop}
+        started = time.monotonic()
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=self.container[name]["timeoutSeconds"] + 30)
+        return result, time.monotonic() - started
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + 60
+        while (result := self.probe("startupProbe")[0]).returncode != 0:
+            if self.process.poll() is not None:
+                pytest.fail(f"the stage stopped: {self.process.stderr.read()[-3000:]}")
+            assert time.monotonic() < deadline, result.stdout + result.stderr
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def flyte_task_settings(root: Path, secret: dict, mutual: bool, port: int) -> dict[str, str]:
+    """A Flyte task pod's settings: the PodTemplate's variables and its Secret, laid out under `root`."""
+    template = k8s_flyte_pod_template()["template"]["spec"]
+    (container,) = template["containers"]
+    pod_filesystem(root, template, container, {f"{FLYTE_NAMESPACE}/mlmesh-client": secret}, FLYTE_NAMESPACE)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    if mutual:
+        env.update(commented_settings((K8S_FLYTE_CLIENT / "pod-template.yaml").read_text(), "Mutual TLS"))
+    # The task dials loader.mlmesh.svc.cluster.local; without cluster DNS, 127.0.0.1 under that name.
+    return {**in_pod(root, env, container), "MLMESH_LOADER_ADDRESS": f"127.0.0.1:{port}",
+            "MLMESH_TLS_SERVER_NAME": "loader.mlmesh.svc.cluster.local"}
+
+
+def load(settings_env: dict[str, str], source: str) -> str:
+    """One Load call as a workflow task makes it; "OK <rows>" or the status code's name."""
+    from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
+
+    from services.runtime.security import call_metadata, open_sync_channel
+    from services.runtime.settings import Settings
+
+    settings = Settings.from_env(settings_env)
+    with open_sync_channel(settings.addresses["loader"], settings) as channel:
+        try:
+            reply = loader_pb2_grpc.LoaderServiceStub(channel).Load(
+                loader_pb2.LoadRequest(source=source, target_column="target"), timeout=30,
+                metadata=call_metadata(settings))
+        except grpc.RpcError as error:
+            return error.code().name
+    return f"OK {reply.rows}"
+
+
+def test_k8s_loader_pod_serves_tls_to_its_exec_probe_and_token_holders(k8s_rollout: K8sRollout, tmp_path: Path) -> None:
+    pod = StagePod("loader", tmp_path / "loader-pod", k8s_rollout.secrets, {})
+    try:
+        pod.wait_serving()
+        for name in K8S_PROBE_TIMING:
+            result, took = pod.probe(name)
+            assert result.returncode == 0 and result.stdout.strip() == f"127.0.0.1:{pod.port}: SERVING", result
+            assert took < pod.container[name]["timeoutSeconds"], f"{name} took {took:.1f} s"
+        # TLS only: a plaintext client gets nothing.
+        plaintext, _ = pod.probe(drop=("MLMESH_TLS_CA", "MLMESH_TLS_CERT", "MLMESH_TLS_KEY"))
+        assert plaintext.returncode == 1 and "SERVING" not in plaintext.stdout
+        # The deploy block's client lines, as through a port-forward to the pod's loopback: the probe
+        # with the CA alone, grpcurl with the CA and the workflow's token.
+        [deploy_block] = [b for b in doc_blocks("sh") if "kubectl apply -f deploy/k8s/\n" in b]
+        clients = [line for line in deploy_block.splitlines() if line.startswith(("MLMESH_TLS_CA=", "G=", "AUTH=", "$G "))]
+        assert len(clients) == 5
+        script = "\n".join(clients).replace(".venv/bin/", f"{BIN}/")
+        script = script.replace("localhost:50051", f"localhost:{pod.port}").replace("127.0.0.1:50051", f"127.0.0.1:{pod.port}")
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=k8s_rollout.folder,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"127.0.0.1:{pod.port}: SERVING" in result.stdout
+        assert '"status": "SERVING"' in result.stdout and "mlmesh.loader.v1.LoaderService" in result.stdout
+        anonymous = f"{BIN}/grpcurl -cacert certs/ca.pem localhost:{pod.port} list"
+        refused = subprocess.run(["bash", "-c", anonymous], cwd=k8s_rollout.folder, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "Unauthenticated" in refused.stdout + refused.stderr
+        # A Flyte task pod with the PodTemplate and the (first, plain) mlmesh-client Secret.
+        plain, mutual = [s for s in k8s_rollout.made if s["metadata"]["namespace"] == FLYTE_NAMESPACE]
+        assert set(plain["data"]) == {"ca.crt", "token"} and set(mutual["data"]) == {"ca.crt", "token", "tls.crt", "tls.key"}
+        task = flyte_task_settings(tmp_path / "task-pod", plain, mutual=False, port=pod.port)
+        # The loader reads the read-only data folder, and nothing else of the pod: not its own tokens.
+        data = Path(pod.env["MLMESH_DATA_ROOTS"].split(",")[0])
+        (data / "iris.csv").write_text("a,b,target\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n")
+        assert load(task, str(data / "iris.csv")) == "OK 4"
+        elsewhere = pod.root / "tmp" / "iris.csv"  # the pod's /tmp
+        elsewhere.write_text((data / "iris.csv").read_text())
+        assert load(task, str(elsewhere)) == "PERMISSION_DENIED"
+        (data / "tokens.csv").symlink_to(pod.env["MLMESH_AUTH_TOKENS_FILE"])
+        assert load(task, str(data / "tokens.csv")) == "PERMISSION_DENIED", "a link out of /data"
+        assert load({k: v for k, v in task.items() if k != "MLMESH_AUTH_TOKEN_FILE"}, "sklearn:iris") == "UNAUTHENTICATED"
+    finally:
+        pod.stop()
+
+
+def test_k8s_mutual_tls_as_the_docs_turn_it_on(k8s_rollout: K8sRollout, tmp_path: Path) -> None:
+    pod = StagePod("evaluator", tmp_path / "evaluator-pod", k8s_rollout.secrets, mtls_config())
+    loader = StagePod("loader", tmp_path / "loader-pod", k8s_rollout.secrets, mtls_config())
+    try:
+        pod.wait_serving()
+        loader.wait_serving()
+        # The probe shows the stage's own certificate; without it the handshake fails.
+        result, _ = pod.probe("livenessProbe")
+        assert result.returncode == 0 and result.stdout.strip().endswith(": SERVING"), result
+        refused, _ = pod.probe(drop=("MLMESH_TLS_CLIENT_CERT", "MLMESH_TLS_CLIENT_KEY"))
+        assert refused.returncode == 1 and "SERVING" not in refused.stdout
+        # The task pod with the mTLS Secret the docs make (tls.crt, tls.key) and the two uncommented lines.
+        task = flyte_task_settings(tmp_path / "task-pod", k8s_rollout.secrets[f"{FLYTE_NAMESPACE}/mlmesh-client"],
+                                   mutual=True, port=loader.port)
+        assert load(task, "sklearn:iris") == "OK 150"
+        without_certificate = {k: v for k, v in task.items() if not k.startswith("MLMESH_TLS_CLIENT_")}
+        assert load(without_certificate, "sklearn:iris") == "UNAVAILABLE"
+    finally:
+        pod.stop()
+        loader.stop()
 
 
 # ---- the probe ----------------------------------------------------------------------------
