@@ -747,11 +747,21 @@ def secret_files(secret: dict) -> dict[str, bytes]:
     return {key: base64.b64decode(value) for key, value in secret["data"].items()}
 
 
+def _install_debian_kubectl() -> str | None:
+    """Debian's kubernetes-client, as root, when no kubectl is on the PATH (only client-side dry runs are used)."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-q", "kubernetes-client"], capture_output=True, timeout=600, env=env)
+    return shutil.which("kubectl")
+
+
 @pytest.fixture(scope="module")
 def k8s_rollout(tmp_path_factory: pytest.TempPathFactory) -> K8sRollout:
-    real_kubectl = shutil.which("kubectl")
+    real_kubectl = shutil.which("kubectl") or _install_debian_kubectl()
     if not real_kubectl:
-        missing_tool("kubectl is not installed (apt-get install kubectl)")
+        missing_tool("kubectl is not installed (apt-get install kubernetes-client)")
     from tests.test_mesh_processes import readme_section_blocks
 
     folder = tmp_path_factory.mktemp("k8s-rollout")
