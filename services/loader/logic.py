@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import io
-import os
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
-import fsspec
 import numpy as np
 import pandas as pd
 from sklearn import datasets
 
+from services.loader import sources
 from services.loader.profile import profile
 from services.loader.schema import (
     CLASSIFICATION,
@@ -26,8 +24,9 @@ from services.loader.schema import (
     decide_task,
     shown,
 )
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, bounded
+from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, bounded
 from services.runtime.formats import human_bytes
+from services.runtime.settings import Settings
 
 SKLEARN_DATASETS = {
     "iris": (datasets.load_iris, CLASSIFICATION),
@@ -82,6 +81,8 @@ def parse_source(source: str) -> Source:
             except ValueError:
                 raise InvalidArgument(f"synthetic option {key}={shown(raw)} is not a number") from None
         return Source("synthetic", task, options)
+    # Before the extension check: /etc/shadow::x.csv ends in .csv but fsspec would open /etc/shadow.
+    sources.refuse_chain(source)
     lowered = source.lower().split("?")[0]
     for suffix, fmt in ((".csv", "csv"), (".csv.gz", "csv"), (".parquet", "parquet"), (".pq", "parquet")):
         if lowered.endswith(suffix):
@@ -92,48 +93,14 @@ def parse_source(source: str) -> Source:
     )
 
 
-def file_digest(source: Source) -> str:
-    """Hash of the file's bytes, so a changed file never hits an old cache entry."""
-    return hashlib.sha256(read_file_bytes(source)).hexdigest()
-
-
-MAX_SHOWN_PATH = 200  # characters of the quoted path: keeps a message under 1 KiB even in 4-byte UTF-8
-
-
-def _absolute(name: str) -> str:
-    """The path a plain or file:// source resolves to here, for messages; URLs as given."""
-    if "://" in name and not name.startswith("file://"):
-        return name
-    return os.path.abspath(name.removeprefix("file://"))
-
-
-def _shown_path(name: str) -> str:
-    """A file's absolute path for messages, quoted; a very long one keeps its end, where the file name is."""
-    text = repr(_absolute(name))
-    return text if len(text) <= MAX_SHOWN_PATH else "..." + text[-MAX_SHOWN_PATH:]
-
-
-def read_file_bytes(source: Source) -> bytes:
-    try:
-        with fsspec.open(source.name, "rb") as handle:
-            return handle.read()
-    except (FileNotFoundError, NotADirectoryError):
-        raise NotFound(f"source file {_shown_path(source.name)} does not exist") from None
-    except IsADirectoryError:
-        # e.g. a Spark or Dask "table.parquet" folder of part files
-        raise InvalidArgument(
-            f"source {_shown_path(source.name)} is a directory; pass a single CSV or Parquet file"
-        ) from None
-    except (ValueError, ImportError) as exc:
-        # fsspec raises these for unknown protocols or missing optional backends.
-        raise InvalidArgument(f"cannot open {shown(source.name)}: {bounded(exc)}") from None
-    except PermissionError:
-        raise FailedPrecondition(f"source file {_shown_path(source.name)} is not readable by the loader") from None
-    except OSError as exc:
-        if exc.errno in (errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ):
-            # A path no file system can hold: the request's fault, nothing to retry.
-            raise InvalidArgument(f"source {_shown_path(source.name)} is not a usable path: {exc.strerror}") from None
-        raise
+def read_file_bytes(
+    source: Source,
+    policy: sources.SourcePolicy,
+    cancelled: threading.Event | None = None,
+    deadline: float | None = None,
+) -> bytes:
+    """A file source's bytes, read only if the policy (MLMESH_DATA_ROOTS) allows it; see sources.py."""
+    return sources.read_source(source.name, policy, cancelled, deadline)
 
 
 # Each column is profiled and given a role one by one; past this many, that alone takes minutes
@@ -205,9 +172,12 @@ def _sklearn(source: Source) -> tuple[pd.DataFrame, str]:
     return frame, task
 
 
-def _read_file(source: Source, max_bytes: int, text_columns: list[str] = ()) -> pd.DataFrame:
+def _read_file(source: Source, max_bytes: int, text_columns: list[str] = (), data: bytes | None = None) -> pd.DataFrame:
     """The table as read; in CSV, `text_columns` stay text, so a declared-categorical "02134" keeps its zero."""
-    data = read_file_bytes(source)
+    if data is None:
+        # A direct call (tests, benchmarks): the read policy of this process's environment.
+        policy = replace(sources.SourcePolicy.from_settings(Settings.from_env()), max_bytes=max_bytes)
+        data = read_file_bytes(source, policy)
     if len(data) > max_bytes:
         raise ResourceExhausted(
             f"source file is {human_bytes(len(data))}, over the limit of "
@@ -255,9 +225,13 @@ class LoadedDataset:
 
 def load_dataset(
     source: Source, target_column: str, requested_task: str | None, max_bytes: int,
-    roles: dict[str, str] | None = None,
+    roles: dict[str, str] | None = None, data: bytes | None = None,
 ) -> LoadedDataset:
-    """Read the source, decide every column's role and the task, and profile the table."""
+    """Read the source, decide every column's role and the task, and profile the table.
+
+    `data` is a file source's bytes when the caller has read them already (the service
+    does, through sources.py, to hash them for the cache key); otherwise they are read here.
+    """
     if source.kind == "sklearn":
         frame, task = _sklearn(source)
         target_column = target_column or "target"
@@ -268,7 +242,7 @@ def load_dataset(
         if not target_column:
             raise InvalidArgument(f"target_column is required for file sources such as {shown(source.name)}")
         declared_categorical = [name for name, role in (roles or {}).items() if role == "categorical"]
-        frame, task = _read_file(source, max_bytes, declared_categorical), ""
+        frame, task = _read_file(source, max_bytes, declared_categorical, data), ""
 
     frame.columns = [str(c) for c in frame.columns]
     if len(set(frame.columns)) != len(frame.columns):

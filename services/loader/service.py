@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import threading
+import time
+
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
-from services.loader import VERSION, logic
+from services.loader import VERSION, logic, sources
 from services.runtime.formats import JSON, PARQUET, frame_to_parquet, to_json_bytes
 from services.runtime.roles import role_name, role_value
 from services.runtime.server import StageSpec
@@ -17,6 +22,7 @@ MAX_COLUMN_NAME = 1_000
 class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
     def __init__(self, runtime: StageRuntime):
         self.runtime = runtime
+        self.policy = sources.SourcePolicy.from_settings(runtime.settings)
 
     async def Load(self, request: loader_pb2.LoadRequest, context) -> loader_pb2.LoadResponse:
         source = logic.parse_source(request.source)
@@ -35,14 +41,16 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
             "task_kind": requested_task,
             "column_roles": dict(sorted(roles.items())),
         }
+        data = None
         if source.kind == "file":
-            # Files change under the same name; their content is part of the key.
-            params["source_sha256"] = await self.runtime.to_thread(logic.file_digest, source)
+            # Files change under the same name; their content is part of the key. Read once,
+            # here, and parsed by work() below on a miss.
+            data, params["source_sha256"] = await self._read(source, context)
         job = Job(inputs={}, params=params, force_recompute=request.force_recompute)
         max_bytes = self.runtime.settings.max_dataset_bytes
 
         def work(run: Run) -> loader_pb2.LoadResponse:
-            loaded = logic.load_dataset(source, request.target_column, requested_task, max_bytes, roles)
+            loaded = logic.load_dataset(source, request.target_column, requested_task, max_bytes, roles, data)
             schema_doc = loaded.schema()
             schema = run.put("schema", to_json_bytes(schema_doc), JSON)
             profile = run.put("profile", to_json_bytes(loaded.profile), JSON)
@@ -75,6 +83,26 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
             )
 
         return await self.runtime.execute(job, work, loader_pb2.LoadResponse)
+
+    async def _read(self, source: logic.Source, context) -> tuple[bytes, str]:
+        """The file's bytes and their digest, read on a worker thread within MLMESH_DATA_ROOTS.
+
+        The read stops (and frees its worker) when the caller goes away or its deadline
+        passes: grpc cancels this handler then, and the event tells the worker thread.
+        """
+        cancelled = threading.Event()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + max(0.0, remaining)
+
+        def read() -> tuple[bytes, str]:
+            data = logic.read_file_bytes(source, self.policy, cancelled, deadline)
+            return data, hashlib.sha256(data).hexdigest()
+
+        try:
+            return await self.runtime.to_thread(read)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
 
 SPEC = StageSpec.of("loader", VERSION, loader_pb2, loader_pb2_grpc, "LoaderService", LoaderServicer)

@@ -76,3 +76,15 @@ class Cancelled(StageError):
     """Every caller waiting for this computation went away."""
 
     code = grpc.StatusCode.CANCELLED
+
+
+class PermissionDenied(StageError):
+    """The request names something this service may not touch, such as a file outside MLMESH_DATA_ROOTS."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class DeadlineExceeded(StageError):
+    """Something this service waits on (a remote data source) did not answer in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
