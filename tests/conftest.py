@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -20,6 +20,20 @@ from services.runtime.settings import STAGES, Settings
 __all__ = ["expect_error", "free_ports", "stage_spec", "start_local_mesh"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """MLMESH_DATA_ROOTS for every mesh a test starts: pytest's temp folders, where tests write
+    their tables, and the repository. In this process's environment, so `mlmesh up` and other
+    subprocesses started with os.environ inherit it; the `settings` fixture passes it on."""
+    roots = f"{tmp_path_factory.getbasetemp()},{REPO}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLMESH_DATA_ROOTS", roots)
+        yield roots
+
+
 @pytest.fixture
 def artifact_root(tmp_path: Path) -> Path:
     root = tmp_path / "artifacts"
@@ -28,8 +42,10 @@ def artifact_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(artifact_root: Path) -> Settings:
-    return Settings.from_env({"MLMESH_ARTIFACT_ROOT": str(artifact_root), "MLMESH_GRACE_SECONDS": "0.5"})
+def settings(artifact_root: Path, data_roots: str) -> Settings:
+    return Settings.from_env(
+        {"MLMESH_ARTIFACT_ROOT": str(artifact_root), "MLMESH_GRACE_SECONDS": "0.5", "MLMESH_DATA_ROOTS": data_roots}
+    )
 
 
 @pytest_asyncio.fixture

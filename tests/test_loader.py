@@ -459,9 +459,9 @@ async def test_load_unusable_data(client: MeshClient, mesh, tmp_path: Path) -> N
 
 # ---- a loader with a small MLMESH_MAX_DATASET_BYTES ---------------------------------------
 @pytest_asyncio.fixture
-async def small_loader(artifact_root: Path) -> AsyncIterator[tuple[MeshClient, RunningStage]]:
+async def small_loader(artifact_root: Path, data_roots: str) -> AsyncIterator[tuple[MeshClient, RunningStage]]:
     settings = Settings.from_env(
-        {"MLMESH_ARTIFACT_ROOT": str(artifact_root), "MLMESH_MAX_DATASET_BYTES": "20000"}
+        {"MLMESH_ARTIFACT_ROOT": str(artifact_root), "MLMESH_MAX_DATASET_BYTES": "20000", "MLMESH_DATA_ROOTS": data_roots}
     )
     stage = await start_stage(stage_spec("loader"), settings, port=0)
     try:
