@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/bench_corpus.py                      # every table, CSV and Parquet
     .venv/bin/python bench/bench_corpus.py --tables penguins,fair --out /tmp/corpus
-    .venv/bin/mlmesh with-mesh -- .venv/bin/python bench/bench_corpus.py --reuse-mesh
+    MLMESH_DATA_ROOTS=/tmp/corpus .venv/bin/mlmesh with-mesh -- .venv/bin/python bench/bench_corpus.py --reuse-mesh --out /tmp/corpus
 
 By default it starts its own mesh (five child processes on free ports, with a
 private artifact store in a temporary folder) and stops it at the end; with
---reuse-mesh it talks to the mesh the MLMESH_* variables name. Every run
+--reuse-mesh it talks to the mesh the MLMESH_* variables name, whose loader
+must be allowed to read the tables' folder (MLMESH_DATA_ROOTS). Every run
 passes --force, so each stage computes (no memo hits from the other format or
 an earlier run) and the wall time is the CLI's whole run: process start, five
 RPCs, reading and writing the store.
@@ -96,11 +97,12 @@ def main() -> int:
     tables = [corpus.BY_NAME[n] for n in names]
 
     with tempfile.TemporaryDirectory(prefix="bench-corpus-") as scratch:
-        folder = args.out or Path(scratch) / "tables"
+        folder = (args.out or Path(scratch) / "tables").resolve()
         env = dict(os.environ)
         mesh = None
         if not args.reuse_mesh:
             env["MLMESH_ARTIFACT_ROOT"] = str(Path(scratch) / "artifacts")
+            env["MLMESH_DATA_ROOTS"] = str(folder)  # the loader reads only there
             env["MLMESH_GRACE_SECONDS"] = "1"
             for stage, port in zip(STAGES, free_ports(len(STAGES)), strict=True):
                 env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
