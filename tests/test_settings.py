@@ -149,3 +149,37 @@ def test_out_of_range_values_are_refused_as_typed(variable: str, value: str, fra
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({variable: value})
     assert fragment in str(caught.value)
+
+
+def test_data_roots_default_to_the_working_folder_and_resolve_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert Settings.from_env({}).data_roots == (str(tmp_path.resolve()),)
+    roots = Settings.from_env({"MLMESH_DATA_ROOTS": " link , file:///srv/x/../data ,s3://bucket/sets,https://h/p/"}).data_roots
+    assert roots == (str((tmp_path / "real").resolve()), "/srv/data", "s3://bucket/sets/", "https://h/p/")
+    assert Settings.from_env({"MLMESH_DATA_ROOTS": ""}).data_roots == (str(tmp_path.resolve()),)  # empty is unset
+    with pytest.raises(SettingsError, match="chains URLs with '::'"):
+        Settings.from_env({"MLMESH_DATA_ROOTS": "simplecache::s3://bucket/"})
+
+
+def test_security_settings_are_checked_at_start(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("x")
+    with pytest.raises(SettingsError, match="MLMESH_TLS_CLIENT_CERT and MLMESH_TLS_CLIENT_KEY must be set together"):
+        Settings.from_env({"MLMESH_TLS_CLIENT_CERT": str(pem)})
+    with pytest.raises(SettingsError, match="MLMESH_TLS_CLIENT_CA .mTLS. needs TLS"):
+        Settings.from_env({"MLMESH_TLS_CLIENT_CA": str(pem)})
+    with pytest.raises(SettingsError, match="MLMESH_REFLECTION='maybe' must be one of: open, token, off"):
+        Settings.from_env({"MLMESH_REFLECTION": "maybe"})
+    with pytest.raises(SettingsError, match="MLMESH_HEALTH_AUTH"):
+        Settings.from_env({"MLMESH_HEALTH_AUTH": "closed"})
+    with pytest.raises(SettingsError, match="not both"):
+        Settings.from_env({"MLMESH_AUTH_TOKEN": "a" * 20, "MLMESH_AUTH_TOKEN_FILE": str(pem)})
+    with pytest.raises(SettingsError, match="printable ASCII without spaces"):
+        Settings.from_env({"MLMESH_AUTH_TOKEN": "two words"})
+    token = tmp_path / "token"
+    token.write_text("s3cr3t-token-value\n")
+    settings = Settings.from_env({"MLMESH_AUTH_TOKEN_FILE": str(token), "MLMESH_TLS_CA": str(pem)})
+    assert settings.auth_token == "s3cr3t-token-value" and settings.client_tls
+    assert not Settings.from_env({}).client_tls

@@ -87,15 +87,17 @@ def _file(env: Mapping[str, str], name: str) -> str:
 def _data_roots(env: Mapping[str, str]) -> tuple[str, ...]:
     """MLMESH_DATA_ROOTS: comma-separated local folders and URL prefixes the loader may read.
 
-    Unset means the working directory the stage started in, which under `mlmesh up` is
-    where the user ran it. Local entries are resolved (symlinks, '..') once, here.
+    Unset (or empty, like every setting) means the working directory the stage started in,
+    which under `mlmesh up` is where the user ran it. Local entries are resolved (symlinks, '..') once, here.
     """
     raw = env.get("MLMESH_DATA_ROOTS")
-    entries = ["."] if raw is None else [entry.strip() for entry in raw.split(",") if entry.strip()]
+    entries = [entry.strip() for entry in (raw or ".").split(",") if entry.strip()]
     roots = []
     for entry in entries:
+        if "::" in entry:
+            raise SettingsError(f"MLMESH_DATA_ROOTS entry {entry[:80]!r} chains URLs with '::'; the loader never reads those")
         if "://" in entry and not entry.startswith("file://"):
-            roots.append(entry if entry.endswith(("/", "::")) else entry + "/")
+            roots.append(entry if entry.endswith("/") else entry + "/")
         else:
             roots.append(os.path.realpath(Path(entry.removeprefix("file://")).expanduser()))
     return tuple(roots)
