@@ -381,3 +381,31 @@ async def test_unsplittable_datasets_over_the_service(client: MeshClient, mesh, 
         "only 1 usable rows remain of 3 (missing target: 2, invalid target: 0, incomplete: 0, duplicates dropped: 0)",
     )
     await assert_serving(mesh)
+
+
+def test_repeated_rows_by_hashing_match_pandas_exactly() -> None:
+    """Linear de-duplication finds exactly what frame.duplicated() finds: NaN equal to NaN,
+    -0.0 equal to 0.0, categoricals, text with None, dates, booleans, and no row when none repeat."""
+    from services.preprocess.logic import repeated_rows
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(0, 80))
+        frame = pd.DataFrame({
+            "a": rng.choice([0.0, -0.0, 1.0, np.nan, np.inf], n), "b": rng.choice(["x", "y", None], n),
+            "c": pd.Categorical(rng.choice(["p", "q"], n)), "d": rng.integers(0, 2, n),
+            "e": pd.to_datetime(rng.choice(["2020-01-01", None], n)), "f": rng.choice([True, False], n),
+        })
+        assert (repeated_rows(frame) == frame.duplicated().to_numpy()).all()
+    unique = pd.DataFrame({"a": np.arange(1000.0), "b": np.arange(1000) % 7})
+    assert not repeated_rows(unique).any()
+
+
+def test_a_hash_collision_never_drops_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row hashing alike (a forced collision): only true repeats are marked."""
+    from services.preprocess import logic
+
+    frame = pd.DataFrame({"a": [1.0, 2.0, 1.0, 3.0], "b": ["x", "y", "x", "z"]})
+    monkeypatch.setattr(logic.pd.util, "hash_pandas_object",
+                        lambda f, index=False: pd.Series(np.zeros(len(f), dtype="uint64")))
+    assert logic.repeated_rows(frame).tolist() == [False, False, True, False]
