@@ -70,9 +70,17 @@ def repeated_rows(frame: pd.DataFrame) -> np.ndarray:
     if len(frame) == 0 or frame.shape[1] == 0:
         return frame.duplicated().to_numpy()
     hashes = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    by_hash = pd.Series(np.arange(len(frame)), copy=False).groupby(hashes, sort=False)
-    first = by_hash.transform("min").to_numpy()
-    candidates = np.flatnonzero(first != np.arange(len(frame)))
+    codes, uniques = pd.factorize(hashes)  # a hash table: linear
+    positions = np.arange(len(frame))
+    # factorize numbers hashes in order of first appearance, so a row is the first of its
+    # hash exactly where its code exceeds every code before it.
+    opens = np.empty(len(frame), dtype=bool)
+    opens[0] = True
+    opens[1:] = codes[1:] > np.maximum.accumulate(codes)[:-1]
+    first_of_code = np.empty(len(uniques), dtype=np.int64)
+    first_of_code[codes[opens]] = positions[opens]
+    first = first_of_code[codes]
+    candidates = np.flatnonzero(first != positions)
     if len(candidates) == 0:
         return np.zeros(len(frame), dtype=bool)
     later = frame.iloc[candidates].reset_index(drop=True)
