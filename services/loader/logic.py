@@ -9,7 +9,6 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import pandas as pd
-from sklearn import datasets
 
 from services.loader import sources
 from services.loader.profile import profile
@@ -28,13 +27,21 @@ from services.runtime.errors import FailedPrecondition, InvalidArgument, Resourc
 from services.runtime.formats import human_bytes
 from services.runtime.settings import Settings
 
+# Each name's sklearn.datasets loader, by name: scikit-learn is imported on first use
+# (about 1 s), so the loader answers health before anyone asks for these.
 SKLEARN_DATASETS = {
-    "iris": (datasets.load_iris, CLASSIFICATION),
-    "wine": (datasets.load_wine, CLASSIFICATION),
-    "breast_cancer": (datasets.load_breast_cancer, CLASSIFICATION),
-    "digits": (datasets.load_digits, CLASSIFICATION),
-    "diabetes": (datasets.load_diabetes, REGRESSION),
+    "iris": ("load_iris", CLASSIFICATION),
+    "wine": ("load_wine", CLASSIFICATION),
+    "breast_cancer": ("load_breast_cancer", CLASSIFICATION),
+    "digits": ("load_digits", CLASSIFICATION),
+    "diabetes": ("load_diabetes", REGRESSION),
 }
+
+
+def _datasets():
+    from sklearn import datasets
+
+    return datasets
 
 _SYNTHETIC_DEFAULTS = {
     CLASSIFICATION: {"rows": 1000, "features": 20, "classes": 2, "seed": 0},
@@ -141,7 +148,7 @@ def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, str]:
                 f"synthetic classification with {classes} classes needs at least {informative} features"
             )
         try:
-            x, y = datasets.make_classification(
+            x, y = _datasets().make_classification(
                 n_samples=rows, n_features=features, n_informative=informative,
                 n_redundant=min(2, features - informative), n_classes=classes,
                 n_clusters_per_class=1, random_state=seed,
@@ -150,7 +157,7 @@ def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, str]:
             raise InvalidArgument(f"cannot make that synthetic classification: {bounded(exc)}") from None
     else:
         try:
-            x, y = datasets.make_regression(
+            x, y = _datasets().make_regression(
                 n_samples=rows, n_features=features, n_informative=max(1, features // 2),
                 noise=float(opts["noise"]), random_state=seed,
             )
@@ -162,7 +169,8 @@ def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, str]:
 
 
 def _sklearn(source: Source) -> tuple[pd.DataFrame, str]:
-    load, task = SKLEARN_DATASETS[source.name]
+    loader_name, task = SKLEARN_DATASETS[source.name]
+    load = getattr(_datasets(), loader_name)
     bunch = load(as_frame=True)
     frame = bunch.frame.copy()
     if task == CLASSIFICATION:

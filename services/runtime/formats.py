@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import skops.io as sio
 
 from services.runtime.errors import DataLoss, FailedPrecondition, bounded
 
@@ -131,6 +130,7 @@ def model_to_skops(obj: Any) -> bytes:
     checkpoint, and must not change the bytes of an equal model. skops writes
     each occurrence in full, so nothing is lost but that sharing.
     """
+    sio = _skops()
     original = zipfile.ZipFile(io.BytesIO(sio.dumps(obj)))
     schema = json.loads(original.read("schema.json"))
     count = itertools.count()
@@ -189,8 +189,17 @@ def _zero_padding(npy: bytes) -> bytes:
     return sink.getvalue()
 
 
+def _skops() -> Any:
+    """skops.io, imported on first use: importing it costs about 0.5 s, and a stage must
+    answer health soon after it starts, before any model is written or read."""
+    import skops.io
+
+    return skops.io
+
+
 def skops_to_model(data: bytes, what: str) -> Any:
     """Load a model only if every type in it is trusted; never via pickle."""
+    sio = _skops()
     try:
         with _NPY_LOAD_LOCK:
             untrusted = set(sio.get_untrusted_types(data=data))
