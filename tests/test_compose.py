@@ -573,7 +573,8 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
         started = time.monotonic()
         result = run([*compose, "up", "--no-build", "--exit-code-from", "pipeline"], timeout=900, env=env)
         FIGURES["TLS compose: up --exit-code-from pipeline"] = f"{time.monotonic() - started:.1f}s"
-        assert result.returncode == 0, tail(result.stdout, 60) + tail(result.stderr, 60)
+        stack_logs = tail(run([*compose, "logs", "--no-color", "--tail", "20"], timeout=120, env=env).stdout, 100)
+        assert result.returncode == 0, tail(result.stdout, 60) + tail(result.stderr, 60) + stack_logs
         assert "decision='PROMOTE'" in result.stdout
         logs = run([*compose, "logs", "--no-color", "loader"], timeout=120, env=env).stdout
         assert "mTLS, bearer tokens" in logs and re.search(r"caller=token:workflow,cert:\S*pipeline-runner", logs), tail(logs)
