@@ -37,7 +37,7 @@ from services.loader import sources
 from services.runtime.client import MeshClient, check_health
 from services.runtime.errors import NotFound, PermissionDenied, ResourceExhausted
 from services.runtime.server import RunningStage, start_stage
-from services.runtime.settings import Settings
+from services.runtime.settings import Settings, SettingsError
 from tests.conftest import expect_error, free_ports, stage_spec
 from tests.test_mesh_processes import UpProcess, on_new_ports
 
@@ -499,9 +499,10 @@ def test_object_store_urls_are_read_through_fsspec_with_the_cap() -> None:
         with pytest.raises(PermissionDenied) as caught:
             sources.read_source(refused_source, allowed)
         assert MARKER not in str(caught.value)
-    # A root that is itself a chain allows nothing; local roots do not allow URLs.
-    chained = policy("simplecache::s3://bucket/data/")
-    assert chained.url_roots == () and chained.local_roots == () and policy("/").url_roots == ()
+    # A root that is itself a chain stops the stage at start-up; local roots do not allow URLs.
+    with pytest.raises(SettingsError, match="chains URLs with '::'"):
+        policy("simplecache::s3://bucket/data/")
+    assert policy("/").url_roots == ()
 
 
 # ---- through `mlmesh run` against `mlmesh up` ----------------------------------------------------

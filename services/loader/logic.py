@@ -43,6 +43,7 @@ def _datasets():
 
     return datasets
 
+
 _SYNTHETIC_DEFAULTS = {
     CLASSIFICATION: {"rows": 1000, "features": 20, "classes": 2, "seed": 0},
     REGRESSION: {"rows": 1000, "features": 20, "noise": 10.0, "seed": 0},

@@ -84,9 +84,7 @@ class SourcePolicy:
     @classmethod
     def from_settings(cls, settings: Settings) -> SourcePolicy:
         local, urls = [], []
-        for root in settings.data_roots:
-            if "::" in root:
-                continue  # a chained URL is never read, so a root of one allows nothing
+        for root in settings.data_roots:  # settings refuse chained (::) roots at start-up
             if "://" in root:
                 urls.append(_normal_url(root))
             else:
