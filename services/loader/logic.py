@@ -187,11 +187,7 @@ def _read_file(source: Source, max_bytes: int, text_columns: list[str] = (), dat
         # A direct call (tests, benchmarks): the read policy of this process's environment.
         policy = replace(sources.SourcePolicy.from_settings(Settings.from_env()), max_bytes=max_bytes)
         data = read_file_bytes(source, policy)
-    if len(data) > max_bytes:
-        raise ResourceExhausted(
-            f"source file is {human_bytes(len(data))}, over the limit of "
-            f"{human_bytes(max_bytes)} (MLMESH_MAX_DATASET_BYTES)"
-        )
+    # No size check here: sources.py capped the read at MLMESH_MAX_DATASET_BYTES, on every path.
     try:
         if source.file_format == "csv":
             compression = "gzip" if source.name.lower().endswith(".gz") else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import time
 
@@ -13,6 +12,7 @@ from services.runtime.formats import JSON, PARQUET, frame_to_parquet, to_json_by
 from services.runtime.roles import role_name, role_value
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
+from services.runtime.store import sha256_hex
 from services.runtime.tasks import task_kind_name, task_kind_value
 
 MAX_ROLE_OVERRIDES = 10_000
@@ -96,7 +96,7 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
 
         def read() -> tuple[bytes, str]:
             data = logic.read_file_bytes(source, self.policy, cancelled, deadline)
-            return data, hashlib.sha256(data).hexdigest()
+            return data, sha256_hex(data)
 
         try:
             return await self.runtime.to_thread(read)
