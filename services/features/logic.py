@@ -39,7 +39,7 @@ from sklearn.preprocessing import (
     TargetEncoder,
 )
 
-from services.features.encoders import DatetimeParts
+from services.features.encoders import DatetimeParts, median_or_zero
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.runtime.formats import human_bytes
 
@@ -145,7 +145,8 @@ def _branches(
     min_count = options.min_level_count if options.min_level_count > 1 else None
     branches: list[tuple[str, Any, list[str]]] = []
     if groups["numeric"]:
-        imputer = SimpleImputer(strategy=options.imputation, add_indicator=options.missing_indicators,
+        strategy = median_or_zero if options.imputation == "median" else options.imputation
+        imputer = SimpleImputer(strategy=strategy, add_indicator=options.missing_indicators,
                                 keep_empty_features=True)
         branches.append(("numeric", Pipeline([("impute", imputer), ("scale", _scaler(options))]), groups["numeric"]))
     if groups["one_hot"]:

@@ -34,6 +34,7 @@ _PARQUET_META_KEY = b"mlmesh"
 TRUSTED_MODEL_TYPES: tuple[str, ...] = (
     "numpy.dtype",  # the dtype parameter of the encoders
     "services.features.encoders.DatetimeParts",
+    "services.features.encoders.median_or_zero",  # the numeric imputer's median
     "sklearn.model_selection._split.KFold",  # TargetEncoder's seeded cross-fitting folds
     "sklearn.model_selection._split.StratifiedKFold",
     # hist_gradient_boosting with native categorical features keeps a
