@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.settings import DEFAULT_PORTS, STAGES, Settings, SettingsError
+from services.runtime.settings import DEFAULT_PORTS, STAGES, Settings, SettingsError, default_max_dataset_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,20 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_message_bytes == 4 * 1024 * 1024
     assert settings.max_concurrent_rpcs == 64
     assert settings.worker_threads == min(4, os.cpu_count() or 1)
-    assert settings.max_dataset_bytes == 2 * 1024**3
+    assert settings.max_dataset_bytes == default_max_dataset_bytes()
     assert settings.rpc_timeout_seconds == 600.0
+
+
+def test_the_dataset_cap_follows_the_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quarter of the machine's (or container's) memory, so 10M x 32 runs on a 16 GiB VM by default."""
+    from services.runtime import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "memory_limit_bytes", lambda: 16 * 1024**3)
+    assert settings_module.default_max_dataset_bytes() == 4 * 1024**3 > 10_000_000 * 33 * 8
+    monkeypatch.setattr(settings_module, "memory_limit_bytes", lambda: 512 * 1024**2)
+    assert settings_module.default_max_dataset_bytes() == 256 * 1024**2  # never below the floor
+    assert Settings.from_env({"MLMESH_MAX_DATASET_BYTES": "5000"}).max_dataset_bytes == 5000
+    assert 0 < settings_module.memory_limit_bytes() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def test_empty_values_mean_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,6 +51,31 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maxi
     return value
 
 
+def memory_limit_bytes() -> int:
+    """The memory this process may use: the machine's, or its container's cgroup limit if lower."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():  # "max" (v2) means no limit; v1 reports a huge number instead
+            limit = min(limit, int(raw))
+    return limit
+
+
+def default_max_dataset_bytes() -> int:
+    """A quarter of the memory limit, at least 256 MiB.
+
+    A stage holds its input, the DataFrame decoded from it and its outputs
+    while it works: about three times the dataset at peak (see
+    bench/bench_scale.py). A quarter leaves room for that and for the other
+    stages on the same machine: 4 GiB on a 16 GiB VM, enough for 10M rows of
+    32 numeric columns (2.6 GB).
+    """
+    return max(256 * 1024**2, memory_limit_bytes() // 4)
+
+
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -124,7 +149,7 @@ class Settings:
     max_concurrent_rpcs: int = 64
     worker_threads: int = 2
     # Largest in-memory dataset a stage accepts, so one request cannot exhaust the host.
-    max_dataset_bytes: int = 2 * 1024**3
+    max_dataset_bytes: int = field(default_factory=default_max_dataset_bytes)
     rpc_timeout_seconds: float = 600.0
     # `mlmesh up` restarts a stage that dies at most this many times in ten minutes.
     restart_limit: int = 5
@@ -185,7 +210,7 @@ class Settings:
             max_message_bytes=_int(env, "MLMESH_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024),
             max_concurrent_rpcs=_int(env, "MLMESH_MAX_CONCURRENT_RPCS", 64, minimum=1),
             worker_threads=_int(env, "MLMESH_WORKER_THREADS", min(4, os.cpu_count() or 1), minimum=1),
-            max_dataset_bytes=_int(env, "MLMESH_MAX_DATASET_BYTES", 2 * 1024**3, minimum=1024),
+            max_dataset_bytes=_int(env, "MLMESH_MAX_DATASET_BYTES", default_max_dataset_bytes(), minimum=1024),
             rpc_timeout_seconds=_float(env, "MLMESH_RPC_TIMEOUT_SECONDS", 600.0, minimum=0.001),
             restart_limit=_int(env, "MLMESH_RESTART_LIMIT", 5, minimum=0, maximum=1000),
             checkpoint_seconds=_float(env, "MLMESH_CHECKPOINT_SECONDS", 30.0),
