@@ -13,7 +13,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from services.features import logic
 from services.runtime.client import MeshClient, PipelineConfig
 from services.runtime.errors import FailedPrecondition
-from services.runtime.formats import json_bytes_to_doc, npy_to_array, parquet_to_frame, skops_to_model
+from services.runtime.formats import json_bytes_to_doc, npy_to_array, read_table, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 
@@ -257,11 +257,11 @@ async def test_the_stored_transformer_encodes_raw_loader_columns(client: MeshCli
     assert run.features.missing_values_imputed == 12 + 9 + 15  # basket, store, visited
     store = ArtifactStore(settings.artifact_root)
     transformer = skops_to_model(store.get(run.features.transformer), "transformer")
-    test, _ = parquet_to_frame(store.get(run.preprocess.test), "test")
+    test, _ = read_table(store.get(run.preprocess.test), "test")
     x_test = npy_to_array(store.get(run.features.x_test), "x_test")
     np.testing.assert_allclose(transformer.transform(test.drop(columns="returned")), x_test)
     # The loader's whole dataset, as it is stored, goes through the same transformer.
-    dataset, _ = parquet_to_frame(store.get(run.load.dataset), "dataset")
+    dataset, _ = read_table(store.get(run.load.dataset), "dataset")
     encoded = transformer.transform(dataset.drop(columns="returned"))
     assert encoded.shape == (240, len(run.features.feature_names)) and np.isfinite(encoded).all()
     schema = json_bytes_to_doc(store.get(run.features.feature_schema), "feature_schema")

@@ -564,7 +564,7 @@ async def test_a_profile_ref_of_the_wrong_shape_never_breaks_the_report(
 async def test_infinite_test_data_is_a_failed_precondition(client: MeshClient, mesh, settings: Settings) -> None:
     store = ArtifactStore(settings.artifact_root)
     run = await client.run_pipeline(PipelineConfig(source="sklearn:diabetes", model="ridge"))
-    x = npy_to_array(store.get(run.features.x_test), "x_test")
+    x = npy_to_array(store.get(run.features.x_test), "x_test").copy()  # decoded arrays are read-only views
     y = npy_to_array(store.get(run.features.y_test), "y_test")
     x[3, 1] = np.inf
     y_inf = y.copy()

@@ -17,7 +17,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from services.features import logic
 from services.runtime.client import MeshClient, check_health
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.runtime.formats import json_bytes_to_doc, npy_to_array, parquet_to_frame, skops_to_model
+from services.runtime.formats import json_bytes_to_doc, npy_to_array, read_table, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 
@@ -194,8 +194,8 @@ async def test_service_fits_scaler_on_train_split_only(client: MeshClient, setti
     assert reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
     assert list(reply.feature_names) == [f"x{i}" for i in range(8)]
     store = ArtifactStore(settings.artifact_root)
-    train = parquet_to_frame(store.get(prepared.train), "train")[0]
-    test = parquet_to_frame(store.get(prepared.test), "test")[0]
+    train = read_table(store.get(prepared.train), "train")[0]
+    test = read_table(store.get(prepared.test), "test")[0]
     raw_train = train.drop(columns="target").to_numpy()
     raw_test = test.drop(columns="target").to_numpy()
 
@@ -231,7 +231,7 @@ async def test_each_scaling_option(client: MeshClient, settings: Settings, scali
     reply = await client.build_features(build(prepared, scaling=scaling))
     store = ArtifactStore(settings.artifact_root)
     x_train = npy_to_array(store.get(reply.x_train), "x_train")
-    raw = parquet_to_frame(store.get(prepared.train), "train")[0].drop(columns="target").to_numpy()
+    raw = read_table(store.get(prepared.train), "train")[0].drop(columns="target").to_numpy()
     if scaling in (features_pb2.SCALING_UNSPECIFIED, features_pb2.SCALING_STANDARD):
         np.testing.assert_allclose(x_train.mean(axis=0), 0, atol=1e-9)
         np.testing.assert_allclose(x_train.std(axis=0), 1)

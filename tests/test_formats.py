@@ -30,9 +30,11 @@ from services.runtime.formats import (
     json_bytes_to_doc,
     model_to_skops,
     npy_to_array,
-    parquet_to_frame,
+    read_table,
     skops_to_model,
     to_json_bytes,
+    write_npy,
+    write_table,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,7 +248,7 @@ def test_unreadable_skops_is_the_wrong_artifact(data: bytes) -> None:
         skops_to_model(data, "transformer")
 
 
-# ---- Parquet -------------------------------------------------------------------------------
+# ---- tables ----------------------------------------------------------------------------------
 def _frame() -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -258,38 +260,80 @@ def _frame() -> pd.DataFrame:
     )
 
 
-def test_parquet_round_trip_keeps_frame_and_metadata() -> None:
+def _arrow(frame: pd.DataFrame, metadata: dict, compress: bool = False) -> bytes:
+    sink = io.BytesIO()
+    write_table(sink, frame, metadata, compress)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["local", "object-store"])
+def test_arrow_round_trip_keeps_frame_and_metadata(compress: bool) -> None:
     metadata = {"target_column": "label", "task_kind": "classification", "class_names": ["a", "b"], "nested": {"x": 1}}
-    frame, meta = parquet_to_frame(frame_to_parquet(_frame(), metadata), "dataset")
+    data = _arrow(_frame(), metadata, compress)
+    assert data.startswith(b"ARROW1")
+    frame, meta = read_table(data, "dataset")
     pd.testing.assert_frame_equal(frame, _frame())
     assert meta == metadata
 
 
-def test_parquet_keeps_pandas_metadata_and_only_adds_ours() -> None:
-    import pyarrow.parquet as pq
+def test_arrow_tables_span_batches_with_stable_types_and_bytes() -> None:
+    """More rows than one record batch: a column whose first batch is all missing keeps the
+    type the whole column has, categories survive, and equal frames give equal bytes."""
+    rows = 300_000
+    frame = pd.DataFrame({
+        "x": np.arange(rows, dtype="float64"),
+        "late_text": [None] * 200_000 + ["a"] * 100_000,
+        "level": pd.Categorical(np.where(np.arange(rows) % 3 == 0, "red", "blue")),
+    })
+    data = _arrow(frame, {"k": 1})
+    back, _ = read_table(data, "train")
+    pd.testing.assert_frame_equal(back, frame)
+    assert data == _arrow(frame.copy(), {"k": 1})
+    compressed = _arrow(frame, {"k": 1}, compress=True)
+    assert len(compressed) < len(data) / 2
+    pd.testing.assert_frame_equal(read_table(compressed, "train")[0], frame)
 
-    data = frame_to_parquet(_frame(), {"target_column": "label"})
-    schema_meta = pq.read_schema(io.BytesIO(data)).metadata
-    assert json.loads(schema_meta[b"mlmesh"]) == {"target_column": "label"}
-    assert b"pandas" in schema_meta
+
+def test_arrow_bytes_are_deterministic_and_metadata_canonical() -> None:
+    metadata = {"b": 1, "a": 2}
+    assert _arrow(_frame(), metadata) == _arrow(_frame().copy(), dict(reversed(metadata.items())))
 
 
-def test_parquet_without_our_metadata_reads_as_empty_metadata() -> None:
+def test_an_empty_frame_round_trips() -> None:
+    frame, _ = read_table(_arrow(_frame().iloc[:0], {}), "test")
+    assert list(frame.columns) == list(_frame().columns) and len(frame) == 0
+
+
+def test_parquet_of_earlier_versions_still_reads() -> None:
+    metadata = {"target_column": "label"}
+    frame, meta = read_table(frame_to_parquet(_frame(), metadata), "dataset")
+    pd.testing.assert_frame_equal(frame, _frame())
+    assert meta == metadata
     sink = io.BytesIO()
-    _frame().to_parquet(sink, index=False)
-    frame, meta = parquet_to_frame(sink.getvalue(), "dataset")
+    _frame().to_parquet(sink, index=False)  # a table without our metadata
+    frame, meta = read_table(sink.getvalue(), "dataset")
     assert meta == {} and list(frame.columns) == list(_frame().columns)
 
 
-def test_parquet_bytes_are_deterministic() -> None:
-    metadata = {"b": 1, "a": 2}
-    assert frame_to_parquet(_frame(), metadata) == frame_to_parquet(_frame().copy(), dict(reversed(metadata.items())))
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"PAR1 definitely not parquet PAR1", b"ARROW1\x00\x00 cut short", b"{}"],
+    ids=["empty", "bad-parquet", "bad-arrow", "json"],
+)
+def test_unreadable_table_is_the_wrong_artifact(data: bytes) -> None:
+    with pytest.raises(FailedPrecondition, match="dataset is not a readable table"):
+        read_table(data, "dataset")
 
 
-@pytest.mark.parametrize("data", [b"", b"PAR1 definitely not parquet PAR1"])
-def test_unreadable_parquet_is_the_wrong_artifact(data: bytes) -> None:
-    with pytest.raises(FailedPrecondition, match="dataset is not a readable Parquet file"):
-        parquet_to_frame(data, "dataset")
+def test_table_metadata_that_is_not_an_object_is_the_wrong_artifact() -> None:
+    import pyarrow as pa
+
+    table = pa.table({"a": [1.0]}).replace_schema_metadata({b"mlmesh": b"[1, 2]"})
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.raises(FailedPrecondition, match="readable metadata"):
+        read_table(sink.getvalue(), "train")
 
 
 # ---- NumPy and JSON ------------------------------------------------------------------------
@@ -305,6 +349,33 @@ def test_npy_round_trip_and_determinism(array: np.ndarray) -> None:
     back = npy_to_array(data, "x_train")
     np.testing.assert_array_equal(back, array)
     assert back.dtype == array.dtype and back.flags.c_contiguous
+    # Read in place: the array is a read-only view of the (mapped) bytes, not a copy.
+    assert not back.flags.writeable and not back.flags.owndata
+
+
+def test_npy_streamed_in_chunks_is_the_same_file() -> None:
+    """write_npy writes a large array in numpy's chunks into any sink; the bytes equal np.save's."""
+    array = np.random.default_rng(0).standard_normal((3_000, 1_000))  # 24 MB: two chunks
+    pieces: list[bytes] = []
+
+    class Sink:
+        def write(self, chunk: bytes) -> int:
+            pieces.append(bytes(chunk))
+            return len(chunk)
+
+    write_npy(Sink(), array)
+    reference = io.BytesIO()
+    np.save(reference, array, allow_pickle=False)
+    assert len(pieces) > 2 and b"".join(pieces) == reference.getvalue()
+
+
+@pytest.mark.parametrize(
+    "cut", [lambda d: d[:-8], lambda d: d + b"\x00" * 8, lambda d: d[:40]], ids=["short-body", "long-body", "header-only"]
+)
+def test_npy_whose_body_does_not_fit_its_header_is_refused(cut) -> None:
+    data = array_to_npy(np.arange(12.0).reshape(3, 4))
+    with pytest.raises(FailedPrecondition, match="x_train is not a readable .npy array"):
+        npy_to_array(cut(data), "x_train")
 
 
 def test_npy_with_pickled_objects_is_refused() -> None:

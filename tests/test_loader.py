@@ -16,7 +16,7 @@ from mlmesh.loader.v1 import loader_pb2
 from services.loader import logic
 from services.runtime.client import MeshClient, check_health
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from services.runtime.formats import json_bytes_to_doc, parquet_to_frame
+from services.runtime.formats import json_bytes_to_doc, read_table
 from services.runtime.server import RunningStage, start_stage
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
@@ -252,13 +252,13 @@ def test_missing_file_and_missing_target(tmp_path: Path, monkeypatch: pytest.Mon
 
 # ---- the real service ---------------------------------------------------------------------
 @pytest.mark.asyncio
-async def test_load_sklearn_iris_writes_a_labelled_parquet(client: MeshClient, settings: Settings) -> None:
+async def test_load_sklearn_iris_writes_a_labelled_arrow_table(client: MeshClient, settings: Settings) -> None:
     reply = await client.load(load("sklearn:iris"))
     assert reply.rows == 150 and len(reply.feature_names) == 4
     assert reply.target_column == "target" and reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
-    assert reply.dataset.media_type == "application/vnd.apache.parquet"
+    assert reply.dataset.media_type == "application/vnd.apache.arrow.file" and reply.dataset.uri.endswith(".arrow")
     store = ArtifactStore(settings.artifact_root)
-    frame, meta = parquet_to_frame(store.get(reply.dataset), "dataset")
+    frame, meta = read_table(store.get(reply.dataset), "dataset")
     assert meta == {
         "target_column": "target", "task_kind": "classification", "source": "sklearn:iris",
         "roles": {name: "numeric" for name in reply.feature_names}, "schema_sha256": reply.schema.sha256,
@@ -294,7 +294,7 @@ async def test_load_csv_by_path_and_file_url(client: MeshClient, settings: Setti
         reply = await client.load(load(text, "species"))
         assert reply.rows == 40 and list(reply.feature_names) == ["height", "weight", "flag"]
         assert reply.target_column == "species" and reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
-        frames.append(parquet_to_frame(store.get(reply.dataset), "dataset")[0])
+        frames.append(read_table(store.get(reply.dataset), "dataset")[0])
     pd.testing.assert_frame_equal(frames[0], frames[1])
 
 
@@ -324,7 +324,7 @@ async def test_load_gzipped_csv_with_missing_labels(client: MeshClient, settings
     frame.to_csv(path, index=False, compression="gzip")
     reply = await client.load(load(str(path), "species"))
     assert reply.rows == 40 and reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
-    stored, _ = parquet_to_frame(ArtifactStore(settings.artifact_root).get(reply.dataset), "dataset")
+    stored, _ = read_table(ArtifactStore(settings.artifact_root).get(reply.dataset), "dataset")
     assert stored["species"].isna().sum() == 2
     assert sorted(stored["species"].dropna().unique()) == ["cat", "dog", "eel"]
 

@@ -288,6 +288,45 @@ async def test_damaged_memo_entry_is_recomputed_and_rewritten(client: MeshClient
     assert (await client.load(request)).stage.cache_hit
 
 
+@pytest.mark.asyncio
+async def test_hits_come_from_the_in_memory_index_and_still_see_every_change(
+    client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hit reads no memo document and parses no JSON, yet a rewritten entry or output is noticed."""
+    request = loader_pb2.LoadRequest(source="sklearn:iris")
+    first = await client.load(request)
+    store = mesh["loader"].runtime.store
+    memo_reads: list[tuple[str, ...]] = []
+    read_doc = store.read_doc
+
+    def counting_read_doc(parts: tuple[str, ...]):
+        if parts[0] == "memo":
+            memo_reads.append(parts)
+        return read_doc(parts)
+
+    monkeypatch.setattr(store, "read_doc", counting_read_doc)
+    for _ in range(3):
+        hit = await client.load(request)
+        assert hit.stage.cache_hit and hit.dataset == first.dataset
+    assert memo_reads == [], "a hit read its memo entry from the store"
+
+    # Another replica rewrites the entry (same content, new inode): read again, then indexed again.
+    [entry] = memo_files(artifact_root, "loader")
+    replacement = entry.with_suffix(".new")
+    replacement.write_bytes(entry.read_bytes())
+    os.replace(replacement, entry)
+    assert (await client.load(request)).stage.cache_hit
+    assert (await client.load(request)).stage.cache_hit
+    assert len(memo_reads) == 1
+
+    # An output changed in place is never vouched for by the index: recomputed and rewritten.
+    dataset = object_path(first.dataset)
+    dataset.write_bytes(b"X" + dataset.read_bytes()[1:])
+    again = await client.load(request)
+    assert not again.stage.cache_hit and again.dataset == first.dataset
+    assert ArtifactStore(str(artifact_root)).get(again.dataset, "dataset")  # intact again
+
+
 # ---- hits look like the original ------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_cache_hits_return_the_original_responses_and_write_nothing(

@@ -20,7 +20,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from services.preprocess import logic
 from services.runtime.client import MeshClient, check_health
 from services.runtime.errors import FailedPrecondition
-from services.runtime.formats import NPY, PARQUET, array_to_npy, json_bytes_to_doc, parquet_to_frame
+from services.runtime.formats import NPY, PARQUET, array_to_npy, json_bytes_to_doc, read_table
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 
@@ -235,8 +235,8 @@ async def test_iris_is_split_and_encoded(client: MeshClient, settings: Settings)
     assert list(reply.class_names) == ["setosa", "versicolor", "virginica"]
     assert reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
     store = ArtifactStore(settings.artifact_root)
-    train, meta = parquet_to_frame(store.get(reply.train), "train")
-    test, test_meta = parquet_to_frame(store.get(reply.test), "test")
+    train, meta = read_table(store.get(reply.train), "train")
+    test, test_meta = read_table(store.get(reply.test), "test")
     assert meta["class_names"] == ["setosa", "versicolor", "virginica"]
     assert (meta.pop("split"), test_meta.pop("split")) == ("train", "test") and meta == test_meta
     assert meta["target_column"] == "target" and meta["task_kind"] == "classification"
@@ -291,7 +291,7 @@ async def test_cleaning_counts_over_the_service(client: MeshClient, settings: Se
     assert kept.train_rows + kept.test_rows == 11 and kept.test_rows == 3
     assert list(kept.class_names) == []
     store = ArtifactStore(settings.artifact_root)
-    splits = [parquet_to_frame(store.get(ref), "split")[0] for ref in (kept.train, kept.test)]
+    splits = [read_table(store.get(ref), "split")[0] for ref in (kept.train, kept.test)]
     assert sum(int(part[["a", "b"]].isna().sum().sum()) for part in splits) == 2  # left for the features stage
     assert all(np.isfinite(part["y"]).all() for part in splits)
 
@@ -348,7 +348,7 @@ async def test_bad_dataset_refs(client: MeshClient, mesh, settings: Settings) ->
 
     store = ArtifactStore(settings.artifact_root)
     npy = store.put(array_to_npy(np.arange(4.0)), NPY)
-    await expect_error(client.preprocess(request(npy)), FAILED, "not a readable Parquet file")
+    await expect_error(client.preprocess(request(npy)), FAILED, "not a readable table (Arrow IPC or Parquet file)")
     await assert_serving(mesh)
 
     sink = io.BytesIO()

@@ -16,7 +16,7 @@ from mlmesh.loader.v1 import loader_pb2
 from services.loader import logic
 from services.runtime.client import MeshClient, PipelineConfig
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.formats import json_bytes_to_doc, parquet_to_frame
+from services.runtime.formats import json_bytes_to_doc, read_table
 from services.runtime.roles import FEATURE_ROLES, ROLES, role_value
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
@@ -359,7 +359,7 @@ async def test_every_role_can_be_set_over_the_service(client: MeshClient, settin
     }
     assert list(reply.feature_names) == ["row_id", "joined", "email", "answer"]
     store = ArtifactStore(settings.artifact_root)
-    stored, meta = parquet_to_frame(store.get(reply.dataset), "dataset")
+    stored, meta = read_table(store.get(reply.dataset), "dataset")
     assert meta["roles"] == {"row_id": "numeric", "joined": "datetime", "email": "categorical", "answer": "boolean"}
     assert stored["answer"].tolist()[:2] == [1.0, 0.0]
     schema = json_bytes_to_doc(store.get(reply.schema), "schema")

@@ -434,7 +434,7 @@ async def test_infinite_values_are_refused_with_their_own_codes(client: MeshClie
     refs = await _pipeline_refs(client)
     features = refs["features"]
     store = ArtifactStore(settings.artifact_root)
-    x_train = npy_to_array(store.get(features.x_train), "x_train")
+    x_train = npy_to_array(store.get(features.x_train), "x_train").copy()  # decoded arrays are read-only views
     x_train[0, 0] = np.inf
     await expect_error(
         client.train(trainer_pb2.TrainRequest(

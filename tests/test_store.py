@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from tests.conftest import expect_error
 
@@ -26,7 +27,7 @@ from mlmesh.trainer.v1 import trainer_pb2
 from services.runtime import store as store_module
 from services.runtime.client import MeshClient
 from services.runtime.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
-from services.runtime.formats import JSON, NPY, PARQUET, SKOPS
+from services.runtime.formats import JSON, NPY, PARQUET, SKOPS, array_to_npy, npy_to_array
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 
@@ -116,7 +117,9 @@ def test_crash_before_rename_leaves_nothing_under_the_final_name(
         # The state on disk at this instant is what a power cut here would leave behind.
         calls.append((src, dst))
         assert not Path(dst).exists(), "bytes were written under the final name before the rename"
-        assert Path(src).parent == Path(dst).parent, "rename across folders may not be atomic"
+        # rename(2) is atomic within one file system: the temporary file lives in the store itself.
+        assert os.stat(src).st_dev == os.stat(Path(dst).parent).st_dev, "a rename across file systems is a copy"
+        assert Path(src).is_relative_to(artifact_root.resolve()), "the temporary file left the store"
         assert Path(src).name.startswith(".tmp-")
         if dst.endswith(".skops"):
             assert Path(src).read_bytes() == data, "the temporary file should hold the full payload"
@@ -162,6 +165,65 @@ def test_every_read_verifies_the_digest(store: ArtifactStore) -> None:
     assert "metrics_report" in message and "corrupt" in message
     assert ref.sha256 in message and hashlib.sha256(b"trust me!").hexdigest() in message
     assert "force_recompute=true" in message
+
+
+def test_a_buffered_read_verifies_the_digest_and_decodes_in_place(store: ArtifactStore) -> None:
+    data = array_to_npy(np.arange(1000.0))
+    ref = store.put(data, NPY)
+    view = store.get_buffer(ref, "x_train")
+    assert bytes(view) == data
+    array = npy_to_array(view, "x_train")
+    assert not array.flags.owndata and not array.flags.writeable  # the read buffer itself, not a copy
+
+    # The same length, one bit changed, in place: the read sees the tampered bytes and refuses them.
+    tampered = bytearray(data)
+    tampered[-1] ^= 0x01
+    local_path(ref).write_bytes(bytes(tampered))
+    with pytest.raises(DataLoss, match="x_train .* is corrupt or was replaced") as caught:
+        store.get_buffer(ref, "x_train")
+    assert "force_recompute=true" in str(caught.value)
+    # Truncated, and emptied: never a crash, always DATA_LOSS.
+    for damaged in (data[:100], b""):
+        local_path(ref).write_bytes(damaged)
+        with pytest.raises(DataLoss):
+            store.get_buffer(ref, "x_train")
+    local_path(ref).unlink()
+    with pytest.raises(NotFound):
+        store.get_buffer(ref, "x_train")
+    # The array read before the damage is the stage's own memory: still the verified values.
+    np.testing.assert_array_equal(array, np.arange(1000.0))
+
+
+def test_streamed_puts_hash_what_they_write(store: ArtifactStore, artifact_root: Path) -> None:
+    chunks = [b"first chunk ", memoryview(b"second chunk "), bytearray(b"third")]
+
+    def write(sink) -> None:
+        for chunk in chunks:
+            sink.write(chunk)
+
+    ref = store.put_streamed(NPY, write)
+    whole = b"first chunk second chunk third"
+    assert ref.sha256 == hashlib.sha256(whole).hexdigest() and ref.size_bytes == len(whole)
+    assert local_path(ref).read_bytes() == whole and temp_files(artifact_root) == []
+
+    def crash(sink) -> None:
+        sink.write(b"half of it")
+        raise RuntimeError("the encoder failed half way")
+
+    with pytest.raises(RuntimeError):
+        store.put_streamed(NPY, crash)
+    assert temp_files(artifact_root) == [], "a failed streamed write left its temporary file"
+
+
+def test_stale_temporary_files_of_killed_writers_are_removed(store: ArtifactStore, artifact_root: Path) -> None:
+    store.put(b"something", JSON)
+    objects = artifact_root / "objects"
+    stale, fresh = objects / ".tmp-killed", objects / ".tmp-writing"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(stale, (1_000_000, 1_000_000))
+    assert store.remove_stale_temporaries() == 1
+    assert not stale.exists() and fresh.exists()
 
 
 def test_get_of_a_missing_object_is_not_found(store: ArtifactStore) -> None:

@@ -9,7 +9,7 @@ from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.evaluator import VERSION, logic, registry
 from services.evaluator.report import render_html
 from services.runtime.errors import FailedPrecondition
-from services.runtime.formats import HTML, JSON, json_bytes_to_doc, npy_to_array, skops_to_model, to_json_bytes
+from services.runtime.formats import HTML, JSON, json_bytes_to_doc, skops_to_model, to_json_bytes
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.store import ref_from_dict, ref_to_dict
@@ -49,8 +49,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         def work(run: Run) -> evaluator_pb2.EvaluateResponse:
             model = skops_to_model(run.read(request.model, "model"), "model")
             logic.check_is_model(model)
-            x = npy_to_array(run.read(request.x_test, "x_test"), "x_test")
-            y = npy_to_array(run.read(request.y_test, "y_test"), "y_test")
+            x = run.read_array(request.x_test, "x_test")
+            y = run.read_array(request.y_test, "y_test")
             context = {
                 name: json_bytes_to_doc(run.read(getattr(request, name), name), name)
                 for name in CONTEXT_REFS if request.HasField(name)

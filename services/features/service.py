@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
 from services.features import VERSION, logic
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.formats import JSON, NPY, SKOPS, array_to_npy, model_to_skops, parquet_to_frame, to_json_bytes
+from services.runtime.formats import JSON, SKOPS, model_to_skops, to_json_bytes
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_value
@@ -83,8 +83,8 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         max_bytes = self.runtime.settings.max_dataset_bytes
 
         def work(run: Run) -> features_pb2.BuildFeaturesResponse:
-            train, meta = parquet_to_frame(run.read(request.train, "train"), "train")
-            test, test_meta = parquet_to_frame(run.read(request.test, "test"), "test")
+            train, meta = run.read_frame(request.train, "train")
+            test, test_meta = run.read_frame(request.test, "test")
             if meta.get("split") != "train" or test_meta.get("split") != "test":
                 raise FailedPrecondition(
                     "train and test must be the train and test refs preprocess returned, in that order"
@@ -97,10 +97,10 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
                 train, test, meta["target_column"], task, meta["roles"], meta.get("class_names", []), options, max_bytes
             )
             return features_pb2.BuildFeaturesResponse(
-                x_train=run.put("x_train", array_to_npy(result.x_train), NPY),
-                y_train=run.put("y_train", array_to_npy(result.y_train), NPY),
-                x_test=run.put("x_test", array_to_npy(result.x_test), NPY),
-                y_test=run.put("y_test", array_to_npy(result.y_test), NPY),
+                x_train=run.put_array("x_train", result.x_train),
+                y_train=run.put_array("y_train", result.y_train),
+                x_test=run.put_array("x_test", result.x_test),
+                y_test=run.put_array("y_test", result.y_test),
                 transformer=run.put("transformer", model_to_skops(result.transformer), SKOPS),
                 feature_schema=run.put("feature_schema", to_json_bytes(result.schema), JSON),
                 feature_names=result.feature_names,

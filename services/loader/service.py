@@ -8,7 +8,7 @@ import time
 
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from services.loader import VERSION, logic, sources
-from services.runtime.formats import JSON, PARQUET, frame_to_parquet, to_json_bytes
+from services.runtime.formats import JSON, to_json_bytes
 from services.runtime.roles import role_name, role_value
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
@@ -61,7 +61,7 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
                 "roles": {name: role for name, role in schema_doc["roles"].items() if name in loaded.feature_names},
                 "schema_sha256": schema.sha256,
             }
-            dataset = run.put("dataset", frame_to_parquet(loaded.frame, metadata), PARQUET)
+            dataset = run.put_frame("dataset", loaded.frame, metadata)
             return loader_pb2.LoadResponse(
                 dataset=dataset,
                 schema=schema,

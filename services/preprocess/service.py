@@ -7,7 +7,7 @@ import math
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.preprocess import VERSION, logic
 from services.runtime.errors import FailedPrecondition
-from services.runtime.formats import JSON, PARQUET, frame_to_parquet, parquet_to_frame, to_json_bytes
+from services.runtime.formats import JSON, to_json_bytes
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.tasks import task_kind_value
@@ -40,7 +40,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         )
 
         def work(run: Run) -> preprocess_pb2.PreprocessResponse:
-            frame, meta = parquet_to_frame(run.read(request.dataset, "dataset"), "dataset")
+            frame, meta = run.read_frame(request.dataset, "dataset")
             if "target_column" not in meta or "task_kind" not in meta or "roles" not in meta:
                 raise FailedPrecondition("dataset lacks mlmesh metadata; pass a dataset written by the loader")
             target_column = meta["target_column"]
@@ -50,8 +50,8 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             )
             out_meta = {**meta, "class_names": prepared.class_names}
             # Each split says which it is, so the features stage can refuse a swapped or foreign ref.
-            train = run.put("train", frame_to_parquet(prepared.train, {**out_meta, "split": "train"}), PARQUET)
-            test = run.put("test", frame_to_parquet(prepared.test, {**out_meta, "split": "test"}), PARQUET)
+            train = run.put_frame("train", prepared.train, {**out_meta, "split": "train"})
+            test = run.put_frame("test", prepared.test, {**out_meta, "split": "test"})
             report = prepared.report(target_column, fraction, request.seed)
             return preprocess_pb2.PreprocessResponse(
                 train=train,

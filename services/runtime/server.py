@@ -90,6 +90,10 @@ class RunningStage:
 def _check_store_writable(runtime: StageRuntime) -> None:
     # Ready means able to serve: the store must accept a write before we say SERVING.
     runtime.store.write_doc(("health", f"{runtime.name}.json"), {"stage": runtime.name})
+    # Temporary files of writers killed mid-write (an hour old) would otherwise stay forever.
+    removed = runtime.store.remove_stale_temporaries()
+    if removed:
+        log.info("removed %d temporary files that killed writers left in the artifact store", removed)
 
 
 async def start_stage(spec: StageSpec, settings: Settings, port: int | None = None) -> RunningStage:

@@ -21,6 +21,7 @@ import functools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,12 +29,14 @@ from datetime import UTC, datetime
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
+import numpy as np
+import pandas as pd
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
 from services.runtime.errors import Cancelled, InvalidArgument, bounded
-from services.runtime import openlineage
+from services.runtime import formats, openlineage
 from services.runtime.operations import OperationRegistry
 from services.runtime.runs import execution_doc, new_run_id, record_execution, refs_in, summary_of
 from services.runtime.settings import Settings
@@ -107,16 +110,51 @@ class Run:
         self.report(Progress(fraction, message, step, total_steps, resumed_from_step))
 
     def put(self, name: str, data: bytes, media_type: str) -> ArtifactRef:
-        ref = self.store.put(data, media_type)
+        return self._output(name, self.store.put(data, media_type))
+
+    def put_frame(self, name: str, frame: pd.DataFrame, metadata: dict[str, Any]) -> ArtifactRef:
+        """A table output, streamed to the store as Arrow IPC (compressed on an object store)."""
+        compress = not self.store.is_local
+        return self._output(name, self.store.put_streamed(
+            formats.ARROW, lambda sink: formats.write_table(sink, frame, metadata, compress)))
+
+    def put_array(self, name: str, array: np.ndarray) -> ArtifactRef:
+        """A matrix or vector output, streamed to the store as .npy."""
+        return self._output(name, self.store.put_streamed(formats.NPY, lambda sink: formats.write_npy(sink, array)))
+
+    def _output(self, name: str, ref: ArtifactRef) -> ArtifactRef:
         self.outputs[name] = ref
         return ref
 
     def read(self, ref: ArtifactRef, field_name: str) -> bytes:
         return self.store.get(ref, field_name)
 
+    def read_frame(self, ref: ArtifactRef, field_name: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """A table input and its metadata, decoded from its verified buffer."""
+        return formats.read_table(self.store.get_buffer(ref, field_name), field_name)
+
+    def read_array(self, ref: ArtifactRef, field_name: str) -> np.ndarray:
+        """An .npy input as a read-only array over its verified buffer: no second copy."""
+        return formats.npy_to_array(self.store.get_buffer(ref, field_name), field_name)
+
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():
             raise Cancelled("every caller cancelled this request; the computation stopped")
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    """A memo entry as the index keeps it: the response's wire bytes, and the file system
+    fingerprints that vouch for the entry's document and for each of its outputs."""
+
+    payload: bytes
+    entry_fingerprint: list[Any]
+    outputs: dict[str, ArtifactRef]
+    fingerprints: dict[str, Any]
+
+
+# Memo entries kept in memory per stage; older ones are read from the store again when asked.
+MEMO_INDEX_ENTRIES = 4096
 
 
 class _Flight:
@@ -139,6 +177,9 @@ class StageRuntime:
             max_workers=settings.worker_threads, thread_name_prefix=f"{name}-work"
         )
         self._flights: dict[str, _Flight] = {}
+        # Memo entries seen by this process, newest last: a hit neither reads nor parses JSON.
+        self._memo_index: OrderedDict[str, _Remembered] = OrderedDict()
+        self._memo_lock = threading.Lock()  # the loop and store threads both use the index
         self.stopping = threading.Event()
         self.operations = OperationRegistry(settings.operation_idle_seconds)
 
@@ -182,8 +223,7 @@ class StageRuntime:
 
         result, cache_hit = None, False
         if not job.force_recompute:
-            # Store bookkeeping stays off the work threads: a cache hit must not queue behind fits.
-            result = await asyncio.to_thread(self._recall, key, result_type)
+            result = await self._recall_async(key, result_type)
             cache_hit = result is not None
         if result is None:
             result, cache_hit = await self._compute_once(key, job, work, result_type, on_progress)
@@ -231,16 +271,61 @@ class StageRuntime:
 
     async def recall(self, key: str, result_type: type[ResultT]) -> ResultT | None:
         """The memoized result for a cache key, marked as a hit, or None."""
-        result = await asyncio.to_thread(self._recall, key, result_type)
+        result = await self._recall_async(key, result_type)
         if result is not None:
             result.stage.CopyFrom(StageInfo(stage=self.name, version=self.version, cache_hit=True, cache_key=key))
         return result
+
+    async def _recall_async(self, key: str, result_type: type[ResultT]) -> ResultT | None:
+        """On a local store, a hit the index vouches for is answered on the loop: a dict
+        lookup and a stat per file, no thread hop, no JSON. Anything else (an object
+        store's metadata calls, reading an entry, re-hashing an output) runs in a
+        thread, never on the stage's work threads, so a hit never queues behind fits."""
+        if self.store.is_local:
+            result = self._recall_indexed(key, result_type)
+            if result is not None:
+                return result
+        return await asyncio.to_thread(self._recall, key, result_type)
+
+    def _recall_indexed(self, key: str, result_type: type[ResultT]) -> ResultT | None:
+        with self._memo_lock:
+            remembered = self._memo_index.get(key)
+        if remembered is None:
+            return None
+        # The entry's document unchanged (not deleted, damaged or rewritten by another
+        # replica), and each output's fingerprint as it was when last verified.
+        unchanged = self.store.doc_fingerprint(self._memo_parts(key)) == remembered.entry_fingerprint and all(
+            remembered.fingerprints.get(name) is not None and self.store.fingerprint(ref) == remembered.fingerprints[name]
+            for name, ref in remembered.outputs.items()
+        )
+        with self._memo_lock:
+            if not unchanged:
+                self._memo_index.pop(key, None)
+                return None
+            if key in self._memo_index:
+                self._memo_index.move_to_end(key)
+        result = result_type()
+        result.ParseFromString(remembered.payload)
+        return result
+
+    def _index(self, key: str, remembered: _Remembered) -> None:
+        with self._memo_lock:
+            self._memo_index[key] = remembered
+            self._memo_index.move_to_end(key)
+            while len(self._memo_index) > MEMO_INDEX_ENTRIES:
+                self._memo_index.popitem(last=False)
 
     # ---- memo ---------------------------------------------------------------------------
     def _memo_parts(self, key: str) -> tuple[str, ...]:
         return ("memo", self.name, f"{key}.json")
 
     def _recall(self, key: str, result_type: type[ResultT]) -> ResultT | None:
+        """The memo entry for `key`, its outputs checked; read from the store unless the index vouches for it."""
+        indexed = self._recall_indexed(key, result_type)
+        if indexed is not None:
+            return indexed
+        # Fingerprint first: if the entry changes after it, the next hit sees the change.
+        entry_fingerprint = self.store.doc_fingerprint(self._memo_parts(key))
         entry = self.store.read_doc(self._memo_parts(key))
         if entry is None:
             return None
@@ -264,6 +349,10 @@ class StageRuntime:
             if not self.store.intact(ref, fingerprints.get(name)):
                 log.warning("memo entry %s/%s: output %s is gone or changed; recomputing", self.name, key[:12], name)
                 return None
+        # Outputs just re-hashed vouch for themselves from now on by their current fingerprint.
+        current = {name: self.store.fingerprint(ref) for name, ref in outputs.items()}
+        if entry_fingerprint is not None:
+            self._index(key, _Remembered(result.SerializeToString(), entry_fingerprint, outputs, current))
         return result
 
     async def _compute_once(
@@ -349,14 +438,18 @@ class StageRuntime:
         }
         for name, ref in run.outputs.items():
             self.store.write_manifest(ref.sha256, {**manifest_base, "output": name, "artifact": ref_to_dict(ref)})
+        fingerprints = {name: self.store.fingerprint(ref) for name, ref in run.outputs.items()}
         entry = {
             "stage": self.name,
             "cache_key": key,
             "outputs": {name: ref_to_dict(ref) for name, ref in run.outputs.items()},
-            "fingerprints": {name: self.store.fingerprint(ref) for name, ref in run.outputs.items()},
+            "fingerprints": fingerprints,
             "result": json_format.MessageToDict(result, preserving_proto_field_name=True),
         }
         self.store.write_doc(self._memo_parts(key), entry)
+        entry_fingerprint = self.store.doc_fingerprint(self._memo_parts(key))
+        if entry_fingerprint is not None:
+            self._index(key, _Remembered(result.SerializeToString(), entry_fingerprint, dict(run.outputs), fingerprints))
 
 
 def require(condition: bool, message: str) -> None:

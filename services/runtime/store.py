@@ -8,10 +8,17 @@ Layout under the root (a local folder or any fsspec URL such as s3://bucket/mlme
 
 Writes are atomic (temporary file + rename locally; object stores publish a
 put whole), and every read re-hashes the bytes against the reference.
+
+Large artifacts never sit whole in memory on their way through the store:
+`put_streamed` hashes the bytes in the same pass that writes them, and
+`get_buffer` hashes them in the same pass that reads them into one buffer,
+which the formats then decode in place (see formats.py). sha256 is hashlib's, which
+is OpenSSL's, with the CPU's SHA instructions where it has them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -20,10 +27,13 @@ import os
 import posixpath
 import re
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef
@@ -49,6 +59,7 @@ _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 # Suffixes make the object folder readable by people and tools; the digest is the identity.
 SUFFIXES = {
     "application/vnd.apache.parquet": ".parquet",
+    "application/vnd.apache.arrow.file": ".arrow",
     "application/x-npy": ".npy",
     "application/vnd.skops": ".skops",
     "application/json": ".json",
@@ -61,8 +72,52 @@ def _show(value: object, limit: int = 120) -> str:
     return bounded(repr(value), limit)
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | memoryview) -> str:
+    # hashlib releases the GIL while it hashes a large buffer, so other threads run meanwhile.
     return hashlib.sha256(data).hexdigest()
+
+
+# Reads go file -> buffer -> hash in pieces of this size, small enough to stay in cache.
+_READ_CHUNK = 4 << 20
+# A temporary object file nobody has written to for this long was left by a killed writer.
+STALE_TEMPORARY_SECONDS = 3600.0
+
+
+class HashingWriter:
+    """A write-only file that hashes and counts what passes through it.
+
+    Encoders (numpy's write_array, Arrow's IPC writer through pa.PythonFile)
+    write into it chunk by chunk, so an artifact is hashed in the same pass
+    that writes it, and never needs to exist whole as one bytes object.
+    """
+
+    def __init__(self, target: BinaryIO):
+        self._target = target
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, chunk: Any) -> int:
+        view = memoryview(chunk).cast("B")
+        self._hash.update(view)
+        self._target.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """The encoder's close; the store closes the file itself once it is synced."""
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def canonical_json(value: Any) -> bytes:
@@ -173,21 +228,116 @@ class ArtifactStore:
 
     # ---- objects --------------------------------------------------------------------
     def put(self, data: bytes, media_type: str) -> ArtifactRef:
-        digest = sha256_hex(data)
-        path = self._object_path(digest, media_type)
-        # Content addressing makes a rewrite of identical bytes a no-op, but a damaged
-        # copy (wrong digest) is replaced rather than trusted.
-        if not self._exists_intact(path, digest):
-            self._write_atomic(path, data)
-        return ArtifactRef(
-            uri=self._uri(path), sha256=digest, size_bytes=len(data), media_type=media_type
-        )
+        return self.put_streamed(media_type, lambda sink: sink.write(data))
+
+    def put_streamed(self, media_type: str, write: Callable[[HashingWriter], Any]) -> ArtifactRef:
+        """Store what `write` writes into the sink it is given, hashing it on the way.
+
+        The bytes go to a temporary file in the objects folder; once complete and
+        synced, the file is renamed to its digest's name (an object store gets one
+        put of the finished file). Content addressing makes a rewrite of identical
+        bytes a no-op, but a damaged copy (wrong digest) is replaced, not trusted.
+        """
+        objects = f"{self.root_path}/objects"
+        folder = objects if self.is_local else tempfile.gettempdir()
+        tmp = path = ""
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            # Buffered: Arrow's writer sends many small pieces (padding, metadata) between columns.
+            with os.fdopen(fd, "wb", buffering=1 << 20) as handle:
+                sink = HashingWriter(handle)
+                write(sink)
+                handle.flush()
+                if self.is_local:
+                    os.fsync(handle.fileno())
+            digest = sink.hexdigest()
+            path = self._object_path(digest, media_type)
+            if not self._exists_intact(path, digest):
+                if self.is_local:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    os.replace(tmp, path)
+                else:
+                    self.fs.put_file(tmp, path)
+        except OSError as exc:
+            mapped = self._write_failed(path or objects, exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        finally:
+            # Never leave a partial object behind, whatever failed (a full disk included).
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        return ArtifactRef(uri=self._uri(path), sha256=digest, size_bytes=sink.size, media_type=media_type)
+
+    def remove_stale_temporaries(self, older_than: float = STALE_TEMPORARY_SECONDS) -> int:
+        """Delete temporary object files a killed writer left behind; returns how many.
+
+        Only files untouched for `older_than` seconds go: a live writer keeps its
+        file's mtime fresh, and other stages may be writing to the same store.
+        """
+        if not self.is_local:
+            return 0
+        removed = 0
+        cutoff = time.time() - older_than
+        with contextlib.suppress(FileNotFoundError), os.scandir(f"{self.root_path}/objects") as entries:
+            for entry in entries:
+                if entry.name.startswith(".tmp-") and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(entry.path)
+                            removed += 1
+        return removed
 
     def get(self, ref: ArtifactRef, field: str = "artifact") -> bytes:
+        """An object's bytes, verified against its digest."""
+        with self._reading(ref, field) as path:
+            data = self.fs.cat_file(path)
+        self._verify(ref, field, sha256_hex(data))
+        return data
+
+    def get_buffer(self, ref: ArtifactRef, field: str = "artifact") -> memoryview:
+        """An object's bytes in one buffer, verified against its digest, for decoding in place.
+
+        The file is read chunk by chunk straight into the buffer, and each chunk is
+        hashed while it is still in the CPU's cache: one pass, one copy in memory.
+        Decoders (formats.py) then build arrays and tables over the buffer itself.
+        It is not a memory map on purpose: a mapped file truncated in place by
+        anyone, while a stage still uses the map, kills the stage with SIGBUS; a
+        buffer it owns can only ever fail the digest check.
+        """
+        if not self.is_local:
+            return memoryview(self.get(ref, field))
+        with self._reading(ref, field) as path, open(path, "rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            # np.empty, not bytearray: pages are not zeroed first, only written once by the read.
+            view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
+            digest = hashlib.sha256()
+            filled = 0
+            while filled < size:
+                count = handle.readinto(view[filled:filled + _READ_CHUNK])
+                if not count:
+                    break  # the file shrank since fstat: the digest check below refuses it
+                digest.update(view[filled:filled + count])
+                filled += count
+        self._verify(ref, field, digest.hexdigest())
+        return view[:filled].toreadonly()
+
+    def _verify(self, ref: ArtifactRef, field: str, actual: str) -> None:
+        if actual != ref.sha256:
+            raise DataLoss(
+                f"{field} {_show(ref.uri)} is corrupt or was replaced: expected sha256 {ref.sha256}, "
+                f"found {actual}. Rerun the stage that produced it with force_recompute=true"
+            )
+
+    @contextlib.contextmanager
+    def _reading(self, ref: ArtifactRef, field: str) -> Iterator[str]:
+        """The path of a ref's object, with the file system's errors mapped to honest statuses."""
         self.check_ref(ref, field)
         path = self.resolve(ref.uri)
         try:
-            data = self.fs.cat_file(path)
+            yield path
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(
                 f"{field} {_show(ref.uri)} is not in the artifact store; it was deleted or never "
@@ -206,13 +356,6 @@ class ArtifactStore:
                     "pass the ref a previous stage returned, unchanged"
                 ) from None
             raise Unavailable(f"artifact store unreadable at {_show(ref.uri)}: {bounded(exc, 120)}") from exc
-        actual = sha256_hex(data)
-        if actual != ref.sha256:
-            raise DataLoss(
-                f"{field} {_show(ref.uri)} is corrupt or was replaced: expected sha256 {ref.sha256}, "
-                f"found {actual}. Rerun the stage that produced it with force_recompute=true"
-            )
-        return data
 
     def check_stored(self, ref: ArtifactRef, field: str) -> None:
         """A ref someone hands us to keep (registry lineage): well formed, inside this store,
@@ -249,13 +392,22 @@ class ArtifactStore:
         fingerprint means unchanged bytes without reading them.
         """
         try:
-            path = self.resolve(ref.uri)
+            return self._fingerprint_at(self.resolve(ref.uri))
+        except InvalidArgument:
+            return None
+
+    def doc_fingerprint(self, parts: tuple[str, ...]) -> list[Any] | None:
+        """The same for a document (a memo entry): unchanged means not rewritten, damaged or deleted."""
+        return self._fingerprint_at(self._doc_path(*parts))
+
+    def _fingerprint_at(self, path: str) -> list[Any] | None:
+        try:
             if self.is_local:
                 stat = os.stat(path)
                 return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
             info = self.fs.info(path)
             return [info.get("size"), str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")]
-        except (OSError, InvalidArgument):
+        except OSError:
             return None
 
     def intact(self, ref: ArtifactRef, recorded: list[Any] | None) -> bool:
@@ -272,7 +424,13 @@ class ArtifactStore:
 
     def _exists_intact(self, path: str, digest: str) -> bool:
         try:
-            return sha256_hex(self.fs.cat_file(path)) == digest
+            if not self.is_local:
+                return sha256_hex(self.fs.cat_file(path)) == digest
+            digest_now = hashlib.sha256()
+            with open(path, "rb", buffering=0) as handle:
+                while chunk := handle.read(_READ_CHUNK):
+                    digest_now.update(chunk)
+            return digest_now.hexdigest() == digest
         except (FileNotFoundError, NotADirectoryError):
             return False
         except IsADirectoryError:

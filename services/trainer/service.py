@@ -13,7 +13,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.runtime.errors import InvalidArgument
-from services.runtime.formats import SKOPS, json_bytes_to_doc, model_to_skops, npy_to_array
+from services.runtime.formats import SKOPS, json_bytes_to_doc, model_to_skops
 from services.runtime.operations import Operation, operation_name, parse_operation_name
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Progress, Run, StageRuntime, require
@@ -156,8 +156,8 @@ def _job(request: trainer_pb2.TrainRequest) -> Job:
 
 def _fit(request: trainer_pb2.TrainRequest, run: Run) -> trainer_pb2.TrainResult:
     """The work, on a worker thread: read, fit (resuming from a checkpoint), store the model."""
-    x = npy_to_array(run.read(request.x_train, "x_train"), "x_train")
-    y = npy_to_array(run.read(request.y_train, "y_train"), "y_train")
+    x = run.read_array(request.x_train, "x_train")
+    y = run.read_array(request.y_train, "y_train")
     columns = logic.FeatureColumns()
     if request.HasField("feature_schema"):
         schema = json_bytes_to_doc(run.read(request.feature_schema, "feature_schema"), "feature_schema")
