@@ -240,11 +240,24 @@ def test_a_second_up_over_a_running_mesh_says_so_and_exits_non_zero(running_mesh
     assert mlmesh(mesh_env, "status").returncode == 0  # ...and leave it running
 
 
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1:
+        try:
+            # /proc/<pid>/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'.
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        found.add(pid)
+    return found
+
+
 def stage_pid(up: UpProcess, stage: str) -> int:
-    found = subprocess.run(["pgrep", "-f", "-P", str(up.process.pid), f"services.{stage}"],
-                           capture_output=True, text=True).stdout.split()
-    assert found, f"no {stage} child of mlmesh up"
-    return int(found[0])
+    """The stage process this `mlmesh up` started, found by the name it gives it, as an operator would."""
+    named = subprocess.run(["pgrep", "-x", stage], capture_output=True, text=True).stdout.split()
+    found = [int(pid) for pid in named if up.process.pid in _ancestors(int(pid))]
+    assert found, f"no process named {stage} under mlmesh up"
+    return found[0]
 
 
 def test_up_restarts_a_killed_stage_and_status_counts_it(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
+import multiprocessing
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -14,7 +17,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from services.runtime.client import check_health
 from services.runtime.settings import LAUNCHER_PID, STAGES, Settings, dialable_host
@@ -22,6 +24,95 @@ from services.runtime.settings import LAUNCHER_PID, STAGES, Settings, dialable_h
 
 class MeshStartError(RuntimeError):
     pass
+
+
+# What every stage imports before it can serve, about 2 s of CPU each time: imported once,
+# in a fork server, and inherited by every stage forked from it. gRPC is not among them, on
+# purpose: the fork server never loads it, so no process that has started gRPC is forked.
+SHARED_IMPORTS = (
+    "numpy", "pandas", "pyarrow", "pyarrow.parquet", "fsspec",
+    "sklearn.base", "sklearn.compose", "sklearn.ensemble", "sklearn.feature_selection", "sklearn.impute",
+    "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection", "sklearn.pipeline",
+    "sklearn.preprocessing",
+)
+
+
+def stage_processes() -> multiprocessing.context.BaseContext:
+    """Where stages are forked from: a fork server, started by exec (so it is clean of this
+    process's gRPC threads) that imports SHARED_IMPORTS once. Started on first use; call
+    it early to overlap its imports with the launcher's own."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(SHARED_IMPORTS))
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return context
+
+
+def _run_stage(stage: str, env: dict[str, str], log_path: str | None) -> None:
+    """A stage's process, forked from the fork server: the same as `python -m services.<stage>`."""
+    _name_process(stage)
+    # The fork server hands each child the launcher's end of the pipe that keeps the server
+    # alive (for children that start processes of their own; stages never do). Held open
+    # here, it would keep the server, and so the stages, running after the launcher died.
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # noqa: SLF001 - no public way to drop it
+    if server._forkserver_alive_fd is not None:  # noqa: SLF001
+        os.close(server._forkserver_alive_fd)  # noqa: SLF001
+        server._forkserver_alive_fd = None  # noqa: SLF001
+    if log_path is not None:
+        descriptor = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(descriptor, 1)
+        os.dup2(descriptor, 2)
+        os.close(descriptor)
+    os.environ.clear()
+    # The stage stops when its parent dies (server.stop_with_launcher): here the fork server,
+    # which itself exits as soon as the launcher does.
+    os.environ.update({**env, LAUNCHER_PID: str(os.getppid())})
+    runpy.run_module(f"services.{stage}", run_name="__main__", alter_sys=True)
+
+
+def _name_process(name: str) -> None:
+    """The name ps, top and pgrep show (Linux): every forked stage would otherwise look like
+    the fork server. `ps -o pid,comm --ppid <fork server>` lists the stages by name."""
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_name = 15
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_name, name.encode()[:15], 0, 0, 0)
+
+
+class StageProcess:
+    """A forked stage, with the part of subprocess.Popen's interface the launcher uses."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess):
+        self._process = process
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self._process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._process.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"services.{self._process.name}", timeout or 0)
+        return self._process.exitcode
 
 
 # Restarts count against MLMESH_RESTART_LIMIT within this window, like a crash-loop guard.
@@ -61,9 +152,8 @@ class LocalMesh:
         self.settings = settings
         self.env = {**os.environ, **(env or {})}
         self.log_dir = log_dir
-        self.processes: dict[str, subprocess.Popen] = {}
+        self.processes: dict[str, StageProcess] = {}
         self.supervision: dict[str, Supervision] = {stage: Supervision() for stage in STAGES}
-        self._logs: list[IO[bytes]] = []
 
     @property
     def addresses(self) -> dict[str, str]:
@@ -71,21 +161,16 @@ class LocalMesh:
         host = dialable_host(self.settings.bind_host)
         return {stage: f"{host}:{self.settings.ports[stage]}" for stage in STAGES}
 
-    def _spawn(self, stage: str) -> subprocess.Popen:
-        output: IO[bytes] | None = None
+    def _spawn(self, stage: str) -> StageProcess:
+        log_path = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            output = open(self.log_dir / f"{stage}.log", "ab")  # noqa: SIM115 - closed in stop()
-            self._logs.append(output)
-        # No preexec_fn: Python code between fork and exec runs gRPC's fork handlers in the
-        # child, which crashed it (SIGABRT, "epoll_wait error: Bad file descriptor") now and
-        # then. The stage asks to die with us itself (server.stop_with_launcher), by our pid.
-        return subprocess.Popen(
-            [sys.executable, "-m", f"services.{stage}"],
-            env={**self.env, LAUNCHER_PID: str(os.getpid())},
-            stdout=output,
-            stderr=subprocess.STDOUT if output else None,
+            log_path = str(self.log_dir / f"{stage}.log")
+        process = stage_processes().Process(
+            target=_run_stage, args=(stage, dict(self.env), log_path), name=stage, daemon=False,
         )
+        process.start()
+        return StageProcess(process)
 
     def _log_tail(self, stage: str) -> str:
         if self.log_dir is None:
@@ -214,9 +299,6 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 process.kill()
                 codes[stage] = process.wait()
-        for handle in self._logs:
-            handle.close()
-        self._logs.clear()
         self.processes.clear()
         return codes
 
