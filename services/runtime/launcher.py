@@ -26,23 +26,12 @@ class MeshStartError(RuntimeError):
     pass
 
 
-# What every stage imports before it can serve, about 2 s of CPU each time: imported once,
-# in a fork server, and inherited by every stage forked from it. gRPC is not among them, on
-# purpose: the fork server never loads it, so no process that has started gRPC is forked.
-SHARED_IMPORTS = (
-    "numpy", "pandas", "pyarrow", "pyarrow.parquet", "fsspec",
-    "sklearn.base", "sklearn.compose", "sklearn.ensemble", "sklearn.feature_selection", "sklearn.impute",
-    "sklearn.linear_model", "sklearn.metrics", "sklearn.model_selection", "sklearn.pipeline",
-    "sklearn.preprocessing",
-)
-
-
 def stage_processes() -> multiprocessing.context.BaseContext:
     """Where stages are forked from: a fork server, started by exec (so it is clean of this
-    process's gRPC threads) that imports SHARED_IMPORTS once. Started on first use; call
-    it early to overlap its imports with the launcher's own."""
+    process's gRPC threads), that imports what every stage needs once (preload.py) and
+    never gRPC. Started on first use."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(SHARED_IMPORTS))
+    context.set_forkserver_preload(["services.runtime.preload"])
     from multiprocessing import forkserver
 
     forkserver.ensure_running()
