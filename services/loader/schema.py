@@ -157,12 +157,30 @@ def _as_text(series: pd.Series) -> pd.Series:
     return series.astype("str")
 
 
+def _distinct_count(values: pd.Series) -> int:
+    """How many distinct present values a column holds, exactly.
+
+    Numbers are sorted and counted where neighbours differ: a hash table of ten
+    million distinct floats spends its time in cache misses (2.9 s against 0.75 s
+    for a sort at 10M rows, 34 times the time at 1M rather than 13). Equality is
+    the same as nunique's: -0.0 equals 0.0, and NaN is not a value.
+    """
+    if values.dtype == np.float64:
+        present = values.to_numpy()
+        present = np.sort(present[~np.isnan(present)])
+        return int(np.count_nonzero(present[1:] != present[:-1]) + 1) if present.size else 0
+    try:
+        return int(values.nunique(dropna=True))
+    except TypeError:  # unhashable values (lists, dicts)
+        return 0
+
+
 def _looks_like_key(name: str, numbers: pd.Series) -> bool:
     """Whole numbers, all distinct, named like a key or forming a consecutive run."""
     present = numbers.dropna()
     if len(present) < MIN_ROWS_FOR_CARDINALITY_RULES or not bool(np.all(np.mod(present, 1) == 0)):
         return False
-    if present.nunique() != len(present):
+    if _distinct_count(present) != len(present):
         return False
     consecutive = float(present.max() - present.min()) == len(present) - 1
     return bool(_ID_NAME.search(name.strip())) or consecutive
@@ -317,10 +335,7 @@ def decide_columns(
                 values = values.where(np.isfinite(values))
         basis = values if values is not None else raw
         missing = int(basis.isna().sum())
-        try:
-            distinct = int(basis.nunique(dropna=True))
-        except TypeError:  # unhashable values (lists, dicts)
-            distinct = 0
+        distinct = _distinct_count(basis)
         present = rows - missing
         if name in overrides:
             role, reason, overridden = overrides[name], "set by the caller", True
