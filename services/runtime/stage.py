@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -419,7 +420,7 @@ class StageRuntime:
         )
         created = datetime.now(UTC)
         started = time.perf_counter()
-        result = await self.to_thread(work, run)
+        result = await self.to_thread(_then_return_memory, work, run)
         seconds = time.perf_counter() - started
         result.ClearField("stage")
         await asyncio.to_thread(self._remember, key, job, run, result, created, seconds)
@@ -450,6 +451,45 @@ class StageRuntime:
         entry_fingerprint = self.store.doc_fingerprint(self._memo_parts(key))
         if entry_fingerprint is not None:
             self._index(key, _Remembered(result.SerializeToString(), entry_fingerprint, dict(run.outputs), fingerprints))
+
+
+def _then_return_memory(work: Callable[[Run], ResultT], run: Run) -> ResultT:
+    """Run the work, then hand the memory it freed back to the system.
+
+    A stage that decoded a 3 GB table would otherwise keep most of those pages
+    after answering: glibc keeps freed blocks in its arenas, and Arrow's pool keeps
+    its own. Both are asked to let go; it takes milliseconds.
+    """
+    try:
+        return work(run)
+    finally:
+        return_memory()
+
+
+def return_memory() -> None:
+    # No gc.collect(): it holds the GIL for tens of milliseconds, and arrays are freed by
+    # reference counting as soon as the work returns. ctypes calls release the GIL.
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:
+        pa.default_memory_pool().release_unused()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    """glibc, for malloc_trim; None elsewhere (musl, macOS), where nothing is trimmed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc() if sys.platform == "linux" else None
 
 
 def require(condition: bool, message: str) -> None:
