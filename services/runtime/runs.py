@@ -77,8 +77,9 @@ def summary_of(message: Message) -> dict[str, Any]:
 def record_execution(store: ArtifactStore, execution: dict[str, Any]) -> None:
     started = execution["started_at"].replace("-", "").replace(":", "").split(".")[0]
     name = f"{started}-{execution['stage']}-{secrets.token_hex(3)}.json"
-    # Not fsynced: a cache hit must stay a few milliseconds, and a crash loses at most a log line.
-    store.write_doc(("runs", execution["run_id"], name), execution, durable=False)
+    # Not fsynced and not indented: every call writes one, cache hits included, so it must
+    # cost well under a millisecond; a crash loses at most this line of the log.
+    store.write_doc(("runs", execution["run_id"], name), execution, durable=False, pretty=False)
 
 
 def execution_doc(

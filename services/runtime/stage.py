@@ -152,6 +152,14 @@ class _Remembered:
     entry_fingerprint: list[Any]
     outputs: dict[str, ArtifactRef]
     fingerprints: dict[str, Any]
+    # Each output's path in the store, resolved once: a hit then costs one stat per file.
+    paths: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, store: ArtifactStore, payload: bytes, entry_fingerprint: list[Any],
+           outputs: dict[str, ArtifactRef], fingerprints: dict[str, Any]) -> _Remembered:
+        paths = {name: store.resolve(ref.uri) for name, ref in outputs.items()}
+        return cls(payload, entry_fingerprint, outputs, fingerprints, paths)
 
 
 # Memo entries kept in memory per stage; older ones are read from the store again when asked.
@@ -296,8 +304,9 @@ class StageRuntime:
         # The entry's document unchanged (not deleted, damaged or rewritten by another
         # replica), and each output's fingerprint as it was when last verified.
         unchanged = self.store.doc_fingerprint(self._memo_parts(key)) == remembered.entry_fingerprint and all(
-            remembered.fingerprints.get(name) is not None and self.store.fingerprint(ref) == remembered.fingerprints[name]
-            for name, ref in remembered.outputs.items()
+            remembered.fingerprints.get(name) is not None
+            and self.store.fingerprint_at(path) == remembered.fingerprints[name]
+            for name, path in remembered.paths.items()
         )
         with self._memo_lock:
             if not unchanged:
@@ -353,7 +362,7 @@ class StageRuntime:
         # Outputs just re-hashed vouch for themselves from now on by their current fingerprint.
         current = {name: self.store.fingerprint(ref) for name, ref in outputs.items()}
         if entry_fingerprint is not None:
-            self._index(key, _Remembered(result.SerializeToString(), entry_fingerprint, outputs, current))
+            self._index(key, _Remembered.of(self.store, result.SerializeToString(), entry_fingerprint, outputs, current))
         return result
 
     async def _compute_once(
@@ -450,7 +459,8 @@ class StageRuntime:
         self.store.write_doc(self._memo_parts(key), entry)
         entry_fingerprint = self.store.doc_fingerprint(self._memo_parts(key))
         if entry_fingerprint is not None:
-            self._index(key, _Remembered(result.SerializeToString(), entry_fingerprint, dict(run.outputs), fingerprints))
+            self._index(key, _Remembered.of(self.store, result.SerializeToString(), entry_fingerprint,
+                                            dict(run.outputs), fingerprints))
 
 
 def _then_return_memory(work: Callable[[Run], ResultT], run: Run) -> ResultT:
