@@ -420,3 +420,23 @@ def test_output_cut_short_by_a_pipe_is_no_error(running_mesh: UpProcess, mesh_en
     piped = subprocess.run(f"{BIN / 'mlmesh'} lineage --run {done['run_id']} | head -1", shell=True, env=mesh_env,
                            capture_output=True, text=True, timeout=60, executable="/bin/bash")
     assert piped.stdout.startswith(f"run {done['run_id']}") and "Traceback" not in piped.stderr, piped.stderr
+
+
+def test_a_script_that_starts_a_mesh_is_not_run_again_inside_its_stages(tmp_path: Path, mesh_env: dict[str, str]) -> None:
+    """Stages are forked from a fork server; multiprocessing would import the launching
+    script again in each of them, running its top-level code five more times."""
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import asyncio, os\n"
+        "print('script body ran', flush=True)\n"
+        "from services.runtime.launcher import LocalMesh\n"
+        "from services.runtime.settings import Settings\n"
+        "async def main():\n"
+        "    async with LocalMesh(Settings.from_env()):\n"
+        "        print('mesh up', flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([str(BIN / "python"), str(script)], env=on_new_ports(mesh_env), cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("script body ran") == 1 and "mesh up" in done.stdout, done.stdout

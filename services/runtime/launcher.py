@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,25 @@ def _name_process(name: str) -> None:
 
         pr_set_name = 15
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_name, name.encode()[:15], 0, 0, 0)
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """multiprocessing imports the parent's main script again in every child it starts (so
+    that pickled functions defined there resolve). A stage needs nothing from it, and a
+    script that launches a mesh (a benchmark, a user's program) must not run again, with
+    its imports and side effects, inside five stage processes. Without a __file__ and a
+    __spec__, the main module is not imported in the child."""
+    main = sys.modules["__main__"]
+    saved_file = main.__dict__.pop("__file__", None)
+    saved_spec = getattr(main, "__spec__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__spec__ = saved_spec
+        if saved_file is not None:
+            main.__file__ = saved_file
 
 
 class StageProcess:
@@ -158,11 +178,12 @@ class LocalMesh:
         process = stage_processes().Process(
             target=_run_stage, args=(stage, dict(self.env), log_path), name=stage, daemon=False,
         )
-        process.start()
+        with _main_module_hidden():
+            process.start()
         return StageProcess(process)
 
     def _log_tail(self, stage: str) -> str:
-        if self.log_dir is None:
+        if self.log_dir is None or not (self.log_dir / f"{stage}.log").is_file():
             return ""
         lines = (self.log_dir / f"{stage}.log").read_text(errors="replace").splitlines()
         return "\n  ".join(["", *lines[-8:]])
