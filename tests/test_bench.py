@@ -1,0 +1,43 @@
+"""The benchmarks the README shows run, as the README shows them, and report real numbers.
+
+Timings are not asserted (speed lives in the benchmarks, not in tests); what is
+checked is that each command works end to end and measures something.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python" if (REPO / ".venv" / "bin" / "python").exists() else Path(sys.executable)
+
+
+def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(PYTHON), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_the_readme_quick_scale_benchmark_measures_every_figure_it_prints(tmp_path: Path) -> None:
+    report = tmp_path / "scale.json"
+    # The README's quick command, plus --json to read the numbers back.
+    done = run_bench("bench/bench_scale.py", "--rows", "20000", "--repeats", "1", "--only", "pipeline,rss,hits",
+                     "--json", str(report), timeout=900)
+    results = json.loads(report.read_text())
+    assert results["errors"] == {} or results["errors"] == [], results["errors"]
+    figures = {figure["name"]: figure for figure in results["figures"]}
+    ratio = figures["mesh pipeline / one process, 20,000 rows"]
+    assert ratio["value"] > 0 and ratio["shown"] in done.stdout
+    for stage in ("loader", "preprocess", "features", "trainer", "evaluator"):
+        peak = figures[f"peak RSS / largest artifact, {stage}, 20,000 rows"]
+        assert peak["value"] > 0, peak
+    assert results["hits"]["calls"] > 0 and results["hits"]["calls_per_second"] > 0
+    assert "MET" in done.stdout or "MISSED" in done.stdout
+
+
+def test_the_readme_corpus_benchmark_prints_its_table() -> None:
+    done = run_bench("bench/bench_corpus.py", timeout=900)
+    assert "tables x 2 formats" in done.stdout and "high_cardinality" in done.stdout
