@@ -20,23 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.runtime.client import check_health
+from services.runtime.forks import fork_context
 from services.runtime.settings import LAUNCHER_PID, STAGES, Settings, dialable_host
 
 
 class MeshStartError(RuntimeError):
     pass
-
-
-def stage_processes() -> multiprocessing.context.BaseContext:
-    """Where stages are forked from: a fork server, started by exec (so it is clean of this
-    process's gRPC threads), that imports what every stage needs once (preload.py) and
-    never gRPC. Started on first use."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["services.runtime.preload"])
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()
-    return context
 
 
 def _run_stage(stage: str, env: dict[str, str], log_path: str | None) -> None:
@@ -175,7 +164,7 @@ class LocalMesh:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = str(self.log_dir / f"{stage}.log")
-        process = stage_processes().Process(
+        process = fork_context().Process(
             target=_run_stage, args=(stage, dict(self.env), log_path), name=stage, daemon=False,
         )
         with _main_module_hidden():
