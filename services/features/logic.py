@@ -176,13 +176,18 @@ def _branches(
     return branches, entries, width
 
 
+# Most output columns a features call may make, whatever the memory: the response lists
+# every feature name, and must stay well inside the 4 MiB gRPC message limit.
+MAX_FEATURE_COLUMNS = 100_000
+
+
 def build_pipeline(branches: list[tuple[str, Any, list[str]]], task: str, options: FeatureOptions,
                    width: int, rows: int, max_bytes: int) -> Pipeline:
     columns = ColumnTransformer(branches, remainder="drop", verbose_feature_names_out=False)
     steps: list[tuple[str, Any]] = [("columns", columns)]
-    if width * rows * 8 > max_bytes:
+    if width * rows * 8 > max_bytes or width > MAX_FEATURE_COLUMNS:
         raise ResourceExhausted(
-            f"the encoded train split would have about {width} columns ({human_bytes(width * rows * 8)}), over "
+            f"the encoded train split would have about {width} columns (at most {MAX_FEATURE_COLUMNS}) ({human_bytes(width * rows * 8)}), over "
             f"this service's limit of {human_bytes(max_bytes)} (MLMESH_MAX_DATASET_BYTES); lower max_one_hot_levels "
             "or leave out columns"
         )
@@ -191,10 +196,11 @@ def build_pipeline(branches: list[tuple[str, Any, list[str]]], task: str, option
         if any(name == "ordinal" for name, _, _ in branches):
             raise InvalidArgument("polynomial_degree cannot be combined with ordinal categorical encoding")
         expanded = expanded_width(width, degree)
-        if expanded * rows * 8 > max_bytes:
+        if expanded * rows * 8 > max_bytes or expanded > MAX_FEATURE_COLUMNS:
             raise ResourceExhausted(
                 f"polynomial_degree={degree} on {width} features makes {expanded} columns "
-                f"({human_bytes(expanded * rows * 8)} for the train split); lower the degree "
+                f"({human_bytes(expanded * rows * 8)} for the train split; at most {MAX_FEATURE_COLUMNS} "
+                "columns are allowed); lower the degree "
                 "or select fewer input features"
             )
         steps.append(("polynomial", PolynomialFeatures(degree=degree, include_bias=False)))

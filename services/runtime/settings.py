@@ -68,7 +68,7 @@ def default_max_dataset_bytes() -> int:
     """A quarter of the memory limit, at least 256 MiB.
 
     A stage holds its input, the DataFrame decoded from it and its outputs
-    while it works: about three times the dataset at peak (see
+    while it works: three to four times the dataset at peak (see
     bench/bench_scale.py). A quarter leaves room for that and for the other
     stages on the same machine: 4 GiB on a 16 GiB VM, enough for 10M rows of
     32 numeric columns (2.6 GB).
