@@ -19,7 +19,7 @@ import re
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import flytekit
@@ -44,6 +44,7 @@ from services.runtime.client import (
     rows_dropped,
     train_request,
 )
+from services.runtime import tracing
 from services.runtime.roles import role_name
 from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
@@ -179,6 +180,7 @@ class StageFailed(Exception):
 
 # `pyflyte run` without --remote runs every task in this process, and its execution is named "local".
 _LOCAL_RUN_ID = new_run_id("local")
+_LOCAL_RUN_STARTED = datetime.now(UTC)
 
 
 def run_id() -> str:
@@ -187,15 +189,46 @@ def run_id() -> str:
     return _LOCAL_RUN_ID if name in ("", "local") else f"flyte-{name}"
 
 
-def call(stage_call: Callable[[MeshClient], Awaitable[T]]) -> T:
-    """Run one RPC with a fresh client; map failures to Flyte's retry semantics."""
+def run_started() -> datetime:
+    """When the pipeline run began: the Flyte execution's date on a cluster, this process's start locally."""
+    name = flytekit.current_context().execution_id.name
+    started = getattr(flytekit.current_context(), "execution_date", None)
+    return _LOCAL_RUN_STARTED if name in ("", "local") or not isinstance(started, datetime) else started
+
+
+def _close_run_trace(**attributes: str) -> None:
+    """Write the root span of the run's trace, from the run's start to now (promote, the last
+    task of a training run; a sweep's compare after it only writes its page).
+
+    No process lives as long as a Flyte run, so the root is written at the end; the
+    task spans before it already named it as their parent (tracing.run_task_span).
+    """
+    if not tracing.enabled():
+        return
+    started = int(run_started().timestamp() * 1e9)
+    with tracing.run_span(run_id(), "flyte run", start_time_ns=started,
+                          **{f"mlmesh.{k}": v for k, v in attributes.items()}):
+        pass
+
+
+def call(stage_call: Callable[[MeshClient], Awaitable[T]], task_name: str) -> T:
+    """Run one task's RPCs with a fresh client; map failures to Flyte's retry semantics.
+
+    With OTEL_* set, the task is a span in the run's trace (see services/runtime/tracing.py),
+    and each RPC a child of it.
+    """
 
     async def run() -> T:
         async with MeshClient(Settings.from_env(), recompute_flag="--recompute", run_id=run_id()) as client:
             return await stage_call(client)
 
     try:
-        return asyncio.run(run())
+        tracing.configure("workflow")
+    except (ValueError, ImportError) as exc:
+        raise StageFailed(f"invalid tracing configuration: {exc}") from None
+    try:
+        with tracing.run_task_span(run_id(), f"flyte.task {task_name}"):
+            return asyncio.run(run())
     except StageCallError as error:
         if error.recoverable:
             raise FlyteRecoverableException(str(error)) from None
@@ -206,7 +239,8 @@ def call(stage_call: Callable[[MeshClient], Awaitable[T]]) -> T:
 
 def _stored_page(ref: ArtifactRef, what: str) -> bytes:
     """An artifact's bytes from the store, digest-checked (for decks)."""
-    return ArtifactStore(Settings.from_env().artifact_root).get(ref.proto(), what)
+    with tracing.run_task_span(run_id(), f"flyte.deck {what}"):
+        return ArtifactStore(Settings.from_env().artifact_root).get(ref.proto(), what)
 
 
 _DECISIONS = {evaluator_pb2.DECISION_PROMOTE: "PROMOTE", evaluator_pb2.DECISION_RETRAIN: "RETRAIN"}
@@ -223,7 +257,7 @@ _TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK
 def load(source: str, target_column: str, task_kind: str, column_roles: dict[str, str], recompute: bool) -> Dataset:
     config = PipelineConfig(source=source, target_column=target_column, task_kind=task_kind,
                             column_roles=column_roles, force_recompute=recompute)
-    reply = call(lambda c: c.load(load_request(config)))
+    reply = call(lambda c: c.load(load_request(config)), "load")
     dataset = Dataset(
         dataset=ArtifactRef.of(reply.dataset), rows=reply.rows, task_kind=_TASKS[reply.task_kind],
         task_kind_reason=reply.task_kind_reason, schema=ArtifactRef.of(reply.schema),
@@ -242,7 +276,7 @@ def preprocess(
 ) -> Splits:
     config = PipelineConfig(test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
                             drop_incomplete_rows=drop_incomplete_rows, force_recompute=recompute)
-    reply = call(lambda c: c.preprocess(preprocess_request(config, dataset.dataset.proto())))
+    reply = call(lambda c: c.preprocess(preprocess_request(config, dataset.dataset.proto())), "preprocess")
     return Splits(
         train=ArtifactRef.of(reply.train), test=ArtifactRef.of(reply.test), class_names=list(reply.class_names),
         split_report=ArtifactRef.of(reply.split_report),
@@ -260,7 +294,7 @@ def build_features(
         categorical_encoding=categorical_encoding, scaling=scaling, polynomial_degree=polynomial_degree,
         select_k_best=select_k_best, force_recompute=recompute,
     )
-    reply = call(lambda c: c.build_features(features_request(config, splits.train.proto(), splits.test.proto(), model)))
+    reply = call(lambda c: c.build_features(features_request(config, splits.train.proto(), splits.test.proto(), model)), "build_features")
     return Features(*(ArtifactRef.of(getattr(reply, n)) for n in (
         "x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")))
 
@@ -283,7 +317,7 @@ _TRAIN_DEFAULTS = {**_TASK_DEFAULTS, "timeout": timedelta(hours=24)}
 def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int, recompute: bool) -> TrainedModel:
     config = PipelineConfig(model=model, hyperparameters=hyperparameters, seed=seed, force_recompute=recompute)
     progress = ProgressPrinter(lambda line: print(line, flush=True))
-    return call(lambda c: _train(c, config, features, progress))
+    return call(lambda c: _train(c, config, features, progress), "train")
 
 
 async def _train(client: MeshClient, config: PipelineConfig, features: Features, progress: ProgressPrinter) -> TrainedModel:
@@ -309,7 +343,7 @@ def evaluate(
     minimums: dict[str, float], maximums: dict[str, float], recompute: bool,
 ) -> Evaluation:
     config = PipelineConfig(minimums=minimums, maximums=maximums, force_recompute=recompute)
-    evaluation = call(lambda c: _evaluate(c, config, trained, features, splits, dataset))
+    evaluation = call(lambda c: _evaluate(c, config, trained, features, splits, dataset), "evaluate")
     # The deck is the evaluator's own HTML report, read (and digest-checked) from the store.
     Deck("Evaluation", _stored_page(evaluation.html_report, "html_report").decode())
     return evaluation
@@ -338,13 +372,15 @@ def promote(
         name = registry_name or default_model_name(source, trained.model_name)
         reply = call(lambda c: c.register_model(evaluator_pb2.RegisterModelRequest(
             name=name, model=trained.model.proto(), metrics_report=evaluation.metrics_report.proto(),
-            lineage={k: v.proto() for k, v in lineage.items()})))
+            lineage={k: v.proto() for k, v in lineage.items()})), "promote")
         registered = f"{reply.model_version.name} v{reply.model_version.version}"
-    return PipelineResult(
+    result = PipelineResult(
         model=trained.model, task_kind=dataset.task_kind, metrics=evaluation.metrics, decision=evaluation.decision,
         reasons=evaluation.reasons, rows_dropped=splits.rows_dropped, report=evaluation.metrics_report,
         html_report=evaluation.html_report, lineage=lineage, registered_as=registered, run_id=run_id(),
     )
+    _close_run_trace(decision=evaluation.decision)
+    return result
 
 
 # ---- workflows -----------------------------------------------------------------------------
@@ -450,7 +486,7 @@ def train_candidates(
     async def every(client: MeshClient) -> list[CandidateOutcome]:
         return list(await asyncio.gather(*(one(client, i, c) for i, c in enumerate(chosen))))
 
-    return call(every)
+    return call(every, "train_candidates")
 
 
 @dataclass

@@ -18,12 +18,14 @@ ALWAYS_ADMITTED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, on_reject: Callable[[], None] = lambda: None):
         self.limit = limit
         self.in_flight = 0
+        self._on_reject = on_reject  # counts the rejection (mlmesh_rpcs_rejected_total)
 
     async def _admit(self, context: grpc.aio.ServicerContext) -> None:
         if self.in_flight >= self.limit:
+            self._on_reject()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this stage is already handling {self.in_flight} calls, its limit "

@@ -29,6 +29,7 @@ from services.runtime.client import (
 from services.runtime.errors import StageError
 from services.runtime.launcher import LocalMesh, MeshStartError
 from services.runtime import runs as run_records
+from services.runtime import tracing
 from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
 from services.runtime.settings import STAGES, Settings, SettingsError
 from services.runtime.store import ArtifactStore
@@ -370,7 +371,9 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         async with MeshClient(settings, recompute_flag="--force") as client:
             progress = None if args.json else ProgressPrinter(lambda line: print(line, flush=True), prefix="  trainer: ")
-            run = await client.run_pipeline(config, progress)
+            # With OTEL_* set, the root of the run's trace: every stage call below is its child.
+            with tracing.run_span(client.run_id, "mlmesh run", **{"mlmesh.source": config.source, "mlmesh.model": config.model}):
+                run = await client.run_pipeline(config, progress)
     except (StageCallError, ConfigError) as exc:
         print(f"mlmesh run: {exc}", file=sys.stderr)
         return 2
@@ -470,6 +473,12 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "models":
         return _models(settings, args)
     handler = {"up": _up, "status": _status, "run": _run, "with-mesh": _with_mesh}[args.command]
+    if args.command == "run":
+        try:
+            tracing.configure("cli")
+        except (ValueError, ImportError) as exc:
+            print(f"mlmesh: invalid tracing configuration: {exc}", file=sys.stderr)
+            return 2
     try:
         return asyncio.run(handler(settings, args))
     except MeshStartError as exc:

@@ -28,6 +28,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.runtime.errors import InvalidArgument
 from services.runtime.roles import parse_role, role_value
+from services.runtime import tracing
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
 from services.runtime.security import call_metadata, open_channel
 from services.runtime.settings import STAGES, Settings
@@ -311,7 +312,10 @@ class MeshClient:
 
     def channel(self, stage: str) -> grpc.aio.Channel:
         if stage not in self._channels:
-            self._channels[stage] = open_channel(self.addresses[stage], self.settings, channel_options(self.settings))
+            # With tracing on, a client span per call, and its context in the metadata for the stage.
+            self._channels[stage] = open_channel(
+                self.addresses[stage], self.settings, channel_options(self.settings), tracing.client_interceptors(),
+            )
         return self._channels[stage]
 
     def stub(self, stage: str) -> Any:

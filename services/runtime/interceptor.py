@@ -1,4 +1,4 @@
-"""The one place where stage errors become gRPC statuses, plus one log line per RPC."""
+"""The one place where stage errors become gRPC statuses, plus one log line and the metrics of each RPC."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import Any
 
 import grpc
 
+from services.runtime import tracing
 from services.runtime.errors import InvalidArgument, StageError, bounded, status_message
+from services.runtime.metrics import StageMetrics
 from services.runtime.runs import RUN_ID_METADATA, check_run_id
 from services.runtime.stage import RpcRecord, current_rpc
 
@@ -22,48 +24,68 @@ log = logging.getLogger("mlmesh.rpc")
 class _Outcome:
     def __init__(self) -> None:
         self.code = grpc.StatusCode.OK
+        self.error = ""  # the status message the caller got, for the log
+        self.incident = ""
 
 
 async def _map_error(exc: BaseException, method: str, context: grpc.aio.ServicerContext, outcome: _Outcome) -> None:
     if isinstance(exc, StageError):
         outcome.code = exc.code
         # Messages quote caller input, bounded where they do; this is the backstop for all of them.
-        await context.abort(exc.code, status_message(str(exc)))
+        outcome.error = status_message(str(exc))
+        await context.abort(exc.code, outcome.error)
     # Not a domain error: a bug or an unexpected environment problem. The caller
     # gets an incident id to quote; the traceback stays in our log.
     incident = secrets.token_hex(4)
-    outcome.code = grpc.StatusCode.INTERNAL
-    log.error("incident=%s unhandled error in %s", incident, method, exc_info=exc)
-    await context.abort(
-        grpc.StatusCode.INTERNAL,
-        f"internal error while handling {method} (incident {incident}); the service log has details",
-    )
+    outcome.code, outcome.incident = grpc.StatusCode.INTERNAL, incident
+    outcome.error = f"internal error while handling {method} (incident {incident}); the service log has details"
+    log.error("incident=%s unhandled error in %s", incident, method, exc_info=exc,
+              extra={"method": method, "code": "INTERNAL", "incident": incident})
+    await context.abort(grpc.StatusCode.INTERNAL, outcome.error)
 
 
-def _log(method: str, outcome: _Outcome, started: float, record: RpcRecord) -> None:
+def _log(method: str, outcome: _Outcome, seconds: float, record: RpcRecord) -> None:
+    """One line per call: text for people, the same fields as JSON for log pipelines (logs.py)."""
     cache = "-" if record.cache_hit is None else str(record.cache_hit).lower()
+    error = f" error={outcome.error!r}" if outcome.error else ""
     log.info(
-        "rpc method=%s status=%s duration_ms=%.1f cache_hit=%s run_id=%s caller=%s",
+        "rpc method=%s status=%s duration_ms=%.1f cache_hit=%s run_id=%s caller=%s%s",
         method,
         outcome.code.name,
-        (time.perf_counter() - started) * 1000,
+        seconds * 1000,
         cache,
         record.run_id or "-",
         (record.caller or "-").replace(" ", "_"),
+        error,
+        extra={
+            "method": method, "code": outcome.code.name, "duration_ms": round(seconds * 1000, 3),
+            "cache_hit": record.cache_hit, "run_id": record.run_id or None, "caller": record.caller or None,
+            **({"error": outcome.error} if outcome.error else {}),
+            **({"incident": outcome.incident} if outcome.incident else {}),
+        },
     )
 
 
+def _details(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return bounded(context.details() or "", 500)
+    except Exception:  # noqa: BLE001 - a log detail must never fail the call
+        return ""
+
+
 @contextlib.asynccontextmanager
-async def _rpc_scope(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """Around one RPC: expose its record to the handler, map errors, log one line."""
+async def _rpc_scope(method: str, context: grpc.aio.ServicerContext, metrics: StageMetrics, unary: bool) -> AsyncIterator[None]:
+    """Around one RPC: expose its record to the handler, map errors, count it, log one line."""
     started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
     # Each RPC runs in its own task and context, so this never leaks between calls.
     current_rpc.set(record)
+    metrics.rpc_started(method, unary)
     try:
         record.run_id = _run_id_of(context)
         yield
     except grpc.aio.AbortError:
         outcome.code = context.code() or grpc.StatusCode.UNKNOWN
+        outcome.error = outcome.error or _details(context)
         raise
     except asyncio.CancelledError:
         # The caller went away or its deadline passed; grpc cancels the handler either way.
@@ -75,7 +97,13 @@ async def _rpc_scope(method: str, context: grpc.aio.ServicerContext) -> AsyncIte
         if outcome.code == grpc.StatusCode.OK and _is_cancelled(context):
             # The handler finished, but too late: the caller saw CANCELLED or DEADLINE_EXCEEDED.
             outcome.code = _cancellation_code(context)
-        _log(method, outcome, started, record)
+        seconds = time.perf_counter() - started
+        metrics.rpc_handled(method, unary, outcome.code, seconds)
+        if outcome.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            # The tracing interceptor never sees these: the call ended by cancellation, not a status.
+            tracing.annotate(**{"rpc.grpc.status_code": outcome.code.value[0], "error.type": outcome.code.name})
+        tracing.annotate(**{"mlmesh.run_id": record.run_id, "mlmesh.cache_hit": record.cache_hit})
+        _log(method, outcome, seconds, record)
 
 
 def _run_id_of(context: grpc.aio.ServicerContext) -> str:
@@ -132,9 +160,9 @@ async def _refuse_undecodable(request: _Undecodable, method: str, context: grpc.
     )
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str, metrics: StageMetrics) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _rpc_scope(method, context):
+        async with _rpc_scope(method, context, metrics, unary=True):
             if isinstance(request, _Undecodable):
                 await _refuse_undecodable(request, method, context)
             return await behavior(request, context)
@@ -142,9 +170,9 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callabl
     return handler
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str, metrics: StageMetrics) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _rpc_scope(method, context):
+        async with _rpc_scope(method, context, metrics, unary=False):
             if isinstance(request, _Undecodable):
                 await _refuse_undecodable(request, method, context)
             async for response in behavior(request, context):
@@ -154,13 +182,14 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Ca
 
 
 class StageInterceptor(grpc.aio.ServerInterceptor):
-    """Applies error mapping and logging to the stage's own methods (and its Operations service).
+    """Applies error mapping, metrics and logging to the stage's own methods (and its Operations service).
 
     Health and reflection pass through untouched: they are not ours to log,
-    and probes would drown the log.
+    and probes would drown the log and the metrics.
     """
 
-    def __init__(self, *service_names: str):
+    def __init__(self, metrics: StageMetrics, *service_names: str):
+        self._metrics = metrics
         self._prefixes = tuple(f"/{name}/" for name in service_names)
 
     async def intercept_service(
@@ -174,13 +203,13 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
+                _wrap_unary(handler.unary_unary, method, self._metrics),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
+                _wrap_stream(handler.unary_stream, method, self._metrics),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )

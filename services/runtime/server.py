@@ -1,8 +1,9 @@
 """The one server skeleton every stage runs on.
 
 `start_stage` builds a grpc.aio server for a stage: health (NOT_SERVING until
-the stage can serve), reflection, the error/logging interceptor and explicit
-message limits. `serve` adds the process lifecycle: uvloop, SIGTERM/SIGINT,
+the stage can serve), reflection, the error/logging/metrics interceptor,
+tracing when configured, explicit message limits, and the /metrics endpoint.
+`serve` adds the process lifecycle: logging, uvloop, SIGTERM/SIGINT,
 graceful shutdown. Tests call `start_stage` with port 0.
 """
 
@@ -22,9 +23,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.runtime import tracing
 from services.runtime.errors import StageError
 from services.runtime.admission import AdmissionInterceptor
 from services.runtime.interceptor import StageInterceptor
+from services.runtime.logs import configure_logging
 from services.runtime.operations import OPERATIONS_SERVICE, OperationsService, add_operations_service
 from services.runtime.security import server_credentials, server_interceptor
 from services.runtime.settings import LAUNCHER_PID, Settings, SettingsError
@@ -69,10 +72,15 @@ class RunningStage:
     port: int
     health: health.aio.HealthServicer
     runtime: StageRuntime
+    metrics_port: int = 0  # 0: metrics are off (MLMESH_METRICS=off)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else ""
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
@@ -85,6 +93,7 @@ class RunningStage:
         left = None if grace is None else max(0.0, grace - (asyncio.get_running_loop().time() - started))
         await self.server.stop(left)
         self.runtime.close()
+        self.runtime.metrics.close()
 
 
 def _check_store_writable(runtime: StageRuntime) -> None:
@@ -108,11 +117,18 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         auth = server_interceptor(settings)
     except (SettingsError, OSError) as exc:
         raise OSError(f"cannot set up transport security: {exc}") from None
-    # Outermost first. Identity and admission inside the stage interceptor, so a refused call
-    # is logged like any other; identity before admission, so strangers take no slot.
-    interceptors = [StageInterceptor(*ours), *([auth] if auth else []), AdmissionInterceptor(settings.max_concurrent_rpcs)]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
     runtime = StageRuntime(spec.name, spec.version, settings)
+    metrics = runtime.metrics
+    # Outermost first. Tracing around everything, so the span covers the whole call and the
+    # log line can name it. Identity and admission inside the stage interceptor, so a refused
+    # call is logged and counted like any other; identity before admission, so strangers take no slot.
+    interceptors = [
+        *tracing.server_interceptors(*ours),
+        StageInterceptor(metrics, *ours),
+        *([auth] if auth else []),
+        AdmissionInterceptor(settings.max_concurrent_rpcs, on_reject=metrics.rejected.inc),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     servicer = spec.make_servicer(runtime)
     spec.add_servicer(servicer, server)
     if spec.long_running:
@@ -137,6 +153,14 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
             f"cannot bind {settings.bind_host}:{wanted}; is the port in use? "
             f"Set MLMESH_{spec.name.upper()}_PORT or MLMESH_BIND_HOST"
         )
+    metrics_port = 0
+    if settings.metrics:
+        # Tests start stages on port 0; their metrics take any free port too.
+        try:
+            metrics_port = metrics.serve(settings.metrics_host, settings.metrics_ports[spec.name] if port is None else 0)
+        except OSError:
+            runtime.close()
+            raise
     await server.start()
 
     try:
@@ -144,10 +168,11 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
     except Exception as exc:
         await server.stop(None)
         runtime.close()
+        metrics.close()
         raise OSError(f"artifact store {settings.artifact_root} is not writable: {exc}") from exc
     for service in ("", spec.service_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return RunningStage(spec, server, bound, health_servicer, runtime)
+    return RunningStage(spec, server, bound, health_servicer, runtime, metrics_port)
 
 
 def _security_summary(settings: Settings) -> str:
@@ -156,24 +181,17 @@ def _security_summary(settings: Settings) -> str:
     return f"{transport}{identity}, reflection {settings.reflection}"
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
 async def _serve(spec: StageSpec, settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stage = await start_stage(spec, settings)
+    metrics = f"http://{settings.metrics_host}:{stage.metrics_port}/metrics" if stage.metrics_port else "off"
     log.info(
-        "%s %s serving %s on %s:%d (%s; artifacts: %s)",
+        "%s %s serving %s on %s:%d (%s; artifacts: %s; metrics: %s; tracing: %s)",
         spec.name, spec.version, spec.service_name, settings.bind_host, stage.port, _security_summary(settings),
-        settings.artifact_root,
+        settings.artifact_root, metrics, "on" if tracing.enabled() else "off",
     )
     await stop.wait()
     log.info("%s stopping: draining for up to %.1fs", spec.name, settings.grace_seconds)
@@ -203,7 +221,11 @@ def serve(spec: StageSpec) -> None:
         settings = Settings.from_env()
     except SettingsError as exc:
         sys.exit(f"{spec.name}: invalid configuration: {exc}")
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, spec.name)
+    try:
+        tracing.configure(spec.name, spec.version)
+    except (ValueError, ImportError) as exc:
+        sys.exit(f"{spec.name}: invalid tracing configuration: {exc}")
     # A worker thread running Python code (a stepped fit, a model's serialisation) hands the
     # GIL over only every switch interval; at the default 5 ms, a health check waits behind
     # it for several of them in a row. 1 ms keeps the loop's answers in milliseconds.
@@ -218,6 +240,8 @@ def serve(spec: StageSpec) -> None:
         runner(_serve(spec, settings))
     except (OSError, StageError) as exc:
         sys.exit(f"{spec.name}: cannot start: {exc}")
+    with contextlib.suppress(Exception):
+        tracing.shutdown()  # spans still batched go out before the exit below skips atexit
     with contextlib.suppress(Exception):
         logging.shutdown()
         sys.stdout.flush()

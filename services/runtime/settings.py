@@ -15,6 +15,8 @@ from pathlib import Path
 # Pipeline order; also the default port of each stage (50051..50055).
 STAGES: tuple[str, ...] = ("loader", "preprocess", "features", "trainer", "evaluator")
 DEFAULT_PORTS: dict[str, int] = {name: 50051 + i for i, name in enumerate(STAGES)}
+# Where each stage serves Prometheus metrics over HTTP by default (9451..9455).
+DEFAULT_METRICS_PORTS: dict[str, int] = {name: 9451 + i for i, name in enumerate(STAGES)}
 
 
 # Set by `mlmesh up` in each stage's environment: its own pid, so the stage can die with it.
@@ -144,6 +146,11 @@ class Settings:
     # Where clients find each stage; defaults to this host (see dialable_host) and the stage's port.
     addresses: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    log_format: str = "text"  # "text" (one readable line per call) or "json" (one object per line)
+    # Prometheus metrics: each stage serves /metrics over plain HTTP on its own port, unless off.
+    metrics: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
     grace_seconds: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024
     max_concurrent_rpcs: int = 64
@@ -206,6 +213,13 @@ class Settings:
             ports=ports,
             addresses=addresses,
             log_level=log_level,
+            log_format=_choice(env, "MLMESH_LOG_FORMAT", "text", ("text", "json")),
+            metrics=_choice(env, "MLMESH_METRICS", "on", ("on", "off")) == "on",
+            metrics_host=env.get("MLMESH_METRICS_HOST") or bind_host,
+            metrics_ports={
+                stage: _int(env, f"MLMESH_{stage.upper()}_METRICS_PORT", default, minimum=0, maximum=65535)
+                for stage, default in DEFAULT_METRICS_PORTS.items()
+            },
             grace_seconds=_float(env, "MLMESH_GRACE_SECONDS", 5.0),
             max_message_bytes=_int(env, "MLMESH_MAX_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024),
             max_concurrent_rpcs=_int(env, "MLMESH_MAX_CONCURRENT_RPCS", 64, minimum=1),

@@ -37,7 +37,8 @@ from google.protobuf.message import Message
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
 from services.runtime.errors import Cancelled, InvalidArgument, bounded
-from services.runtime import formats, openlineage
+from services.runtime import formats, openlineage, tracing
+from services.runtime.metrics import StageMetrics
 from services.runtime.operations import OperationRegistry
 from services.runtime.runs import execution_doc, new_run_id, record_execution, refs_in, summary_of
 from services.runtime.settings import Settings
@@ -185,21 +186,50 @@ class StageRuntime:
         self.executor = ThreadPoolExecutor(
             max_workers=settings.worker_threads, thread_name_prefix=f"{name}-work"
         )
+        self.metrics = StageMetrics(name, version, settings.max_concurrent_rpcs)
+        self.store.metrics = self.metrics
+        # Work handed to the executor that no worker thread has started yet.
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+        self.metrics.watch_queue(lambda: self._waiting)
         self._flights: dict[str, _Flight] = {}
         # Memo entries seen by this process, newest last: a hit neither reads nor parses JSON.
         self._memo_index: OrderedDict[str, _Remembered] = OrderedDict()
         self._memo_lock = threading.Lock()  # the loop and store threads both use the index
         self.stopping = threading.Event()
         self.operations = OperationRegistry(settings.operation_idle_seconds)
+        self.metrics.watch_operations(self._operations_running)
+
+    def _operations_running(self) -> int:
+        try:
+            return len(self.operations.in_flight())
+        except RuntimeError:  # the loop changed the registry while this scrape thread read it
+            return len(self.operations.in_flight())
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def to_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run blocking work on this stage's workers, keeping the loop free."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self.executor, contextvars.copy_context().run, fn, *args
-        )
+        with self._waiting_lock:
+            self._waiting += 1
+        started = False
+
+        def run() -> Any:
+            nonlocal started
+            with self._waiting_lock:
+                if not started:
+                    self._waiting -= 1
+                    started = True
+            return fn(*args)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, contextvars.copy_context().run, run)
+        finally:
+            with self._waiting_lock:
+                if not started:  # cancelled before a worker took it (shutdown)
+                    self._waiting -= 1
+                    started = True
 
     def cache_key(self, job: Job) -> str:
         body = {
@@ -237,6 +267,7 @@ class StageRuntime:
         if result is None:
             result, cache_hit = await self._compute_once(key, job, work, result_type, on_progress)
 
+        self.metrics.cache(cache_hit)
         result.stage.CopyFrom(
             StageInfo(
                 stage=self.name,
@@ -429,11 +460,16 @@ class StageRuntime:
         )
         created = datetime.now(UTC)
         started = time.perf_counter()
-        result = await self.to_thread(_then_return_memory, work, run)
+        result = await self.to_thread(self._measured, work, run)
         seconds = time.perf_counter() - started
         result.ClearField("stage")
         await asyncio.to_thread(self._remember, key, job, run, result, created, seconds)
         return result.SerializeToString()
+
+    def _measured(self, work: Callable[[Run], ResultT], run: Run) -> ResultT:
+        """The work on its worker thread: timed, counted while running, and traced as one span."""
+        with self.metrics.computation(), tracing.span(f"{self.name}.compute", {"mlmesh.cache_key": run.cache_key}):
+            return _then_return_memory(work, run)
 
     def _remember(self, key: str, job: Job, run: Run, result: Message, created: datetime, seconds: float) -> None:
         manifest_base = {

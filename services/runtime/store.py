@@ -37,6 +37,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef
+from services.runtime.metrics import NO_STORE_METRICS, StoreMetrics
 from services.runtime.errors import (
     DataLoss,
     FailedPrecondition,
@@ -175,6 +176,8 @@ class ArtifactStore:
         self.root_path = posixpath.normpath(
             os.path.realpath(root_path) if self.is_local else root_path
         )
+        # Where reads, writes and digest failures are counted; a stage puts its metrics here.
+        self.metrics: StoreMetrics = NO_STORE_METRICS
 
     # ---- paths and URIs -------------------------------------------------------------
     def _object_path(self, digest: str, media_type: str) -> str:
@@ -238,6 +241,12 @@ class ArtifactStore:
         put of the finished file). Content addressing makes a rewrite of identical
         bytes a no-op, but a damaged copy (wrong digest) is replaced, not trusted.
         """
+        with self.metrics.store_operation("write") as measured:
+            ref = self._write_object(media_type, write)
+            measured.nbytes = ref.size_bytes
+        return ref
+
+    def _write_object(self, media_type: str, write: Callable[[HashingWriter], Any]) -> ArtifactRef:
         objects = f"{self.root_path}/objects"
         folder = objects if self.is_local else tempfile.gettempdir()
         tmp = path = ""
@@ -292,9 +301,11 @@ class ArtifactStore:
 
     def get(self, ref: ArtifactRef, field: str = "artifact") -> bytes:
         """An object's bytes, verified against its digest."""
-        with self._reading(ref, field) as path:
-            data = self.fs.cat_file(path)
-        self._verify(ref, field, sha256_hex(data))
+        with self.metrics.store_operation("read", ref.uri) as measured:
+            with self._reading(ref, field) as path:
+                data = self.fs.cat_file(path)
+            self._verify(ref, field, sha256_hex(data))
+            measured.nbytes = len(data)
         return data
 
     def get_buffer(self, ref: ArtifactRef, field: str = "artifact") -> memoryview:
@@ -309,6 +320,12 @@ class ArtifactStore:
         """
         if not self.is_local:
             return memoryview(self.get(ref, field))
+        with self.metrics.store_operation("read", ref.uri) as measured:
+            view = self._read_into_buffer(ref, field)
+            measured.nbytes = len(view)
+        return view
+
+    def _read_into_buffer(self, ref: ArtifactRef, field: str) -> memoryview:
         with self._reading(ref, field) as path, open(path, "rb", buffering=0) as handle:
             size = os.fstat(handle.fileno()).st_size
             # np.empty, not bytearray: pages are not zeroed first, only written once by the read.
@@ -326,6 +343,7 @@ class ArtifactStore:
 
     def _verify(self, ref: ArtifactRef, field: str, actual: str) -> None:
         if actual != ref.sha256:
+            self.metrics.verification_failed()
             raise DataLoss(
                 f"{field} {_show(ref.uri)} is corrupt or was replaced: expected sha256 {ref.sha256}, "
                 f"found {actual}. Rerun the stage that produced it with force_recompute=true"
