@@ -34,6 +34,37 @@ def data_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield roots
 
 
+def quiet_ports(count: int) -> list[int]:
+    """Free ports below the kernel's ephemeral range (32768 and up), so no client connection of
+    the session takes one while a stage is not listening on it."""
+    import random
+
+    chosen: list[int] = []
+    for port in random.sample(range(20000, 32000), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise RuntimeError("no free ports between 20000 and 32000")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def metrics_ports() -> Iterator[dict[str, int]]:
+    """MLMESH_<STAGE>_METRICS_PORT for every mesh a test starts, instead of the defaults 9451..9455,
+    which a developer's own `mlmesh up` may hold. In this process's environment, so `mlmesh up`,
+    pyflyte and stage processes started with os.environ inherit them. Stages a test starts in
+    this process (start_stage with port 0) serve metrics on any free port instead."""
+    ports = dict(zip(STAGES, quiet_ports(len(STAGES)), strict=True))
+    with pytest.MonkeyPatch.context() as patch:
+        for stage, port in ports.items():
+            patch.setenv(f"MLMESH_{stage.upper()}_METRICS_PORT", str(port))
+        yield ports
+
+
 @pytest.fixture
 def artifact_root(tmp_path: Path) -> Path:
     root = tmp_path / "artifacts"

@@ -26,8 +26,9 @@ from services.runtime.client import (
     rows_dropped,
     running_operations,
 )
-from services.runtime.errors import StageError
+from services.runtime.errors import StageError, bounded
 from services.runtime.launcher import LocalMesh, MeshStartError
+from services.runtime.metrics import metrics_url, read_vitals
 from services.runtime import runs as run_records
 from services.runtime import tracing
 from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
@@ -70,8 +71,9 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
         print(f"mlmesh up: {exc}", file=sys.stderr)
         return 1
     state_file = _state_file(settings)
+    metrics = mesh.metrics_urls
     for stage in STAGES:
-        print(f"{stage:<11} {mesh.addresses[stage]:<22} SERVING")
+        print(f"{stage:<11} {mesh.addresses[stage]:<22} SERVING  metrics {metrics.get(stage, 'off')}")
     print(f"artifacts   {settings.artifact_root}")
     print(f"mesh is up; a stage that dies is restarted (at most {settings.restart_limit} times in 10 min); "
           "Ctrl-C or SIGTERM stops it", flush=True)
@@ -109,15 +111,46 @@ def _launcher_state(settings: Settings) -> dict[str, Any]:
     return state.get("stages", {}) if isinstance(state.get("stages"), dict) else {}
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600}h" if seconds >= 86400 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+async def _vitals(settings: Settings, stage: str, timeout: float) -> str:
+    """Uptime, work in flight and cache hit ratio, from the stage's /metrics (or why not)."""
+    if not settings.metrics:
+        return ""
+    url = metrics_url(settings.metrics_host, settings.metrics_ports[stage])
+    try:
+        vitals = await asyncio.to_thread(read_vitals, url, timeout)
+    except (OSError, ValueError) as exc:
+        return f"metrics unreachable at {url} ({bounded(exc, 80)})"
+    looked_up = vitals["cache_hits"] + vitals["cache_misses"]
+    cache = f"cache {vitals['cache_hits']:.0f}/{looked_up:.0f} hits ({vitals['cache_hits'] / looked_up:.0%})" if looked_up else "cache unused"
+    parts = [
+        f"up {_duration(vitals['uptime_seconds'])}" if "uptime_seconds" in vitals else "",
+        f"{vitals.get('rpcs_in_flight', 0):.0f} calls in flight",
+        f"{vitals.get('operations_active', 0):.0f} operations" if stage == "trainer" else "",
+        cache,
+    ]
+    return ", ".join(part for part in parts if part)
+
+
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
     results = await asyncio.gather(*(check_health(settings.addresses[s], timeout=args.timeout, settings=settings) for s in STAGES))
+    vitals = await asyncio.gather(*(_vitals(settings, s, args.timeout) for s in STAGES))
     launched = _launcher_state(settings)
-    for stage, status in zip(STAGES, results, strict=True):
+    for stage, status, stage_vitals in zip(STAGES, results, vitals, strict=True):
         line = f"{stage:<11} {settings.addresses[stage]:<22} {status}"
+        details = []
         if isinstance(launched.get(stage), dict):
             info = launched[stage]
-            line += f"  pid {info.get('pid')}, restarts {info.get('restarts', 0)}"
-        print(line)
+            details.append(f"pid {info.get('pid')}, restarts {info.get('restarts', 0)}")
+        if stage_vitals:
+            details.append(stage_vitals)
+        print(f"{line}  {', '.join(details)}" if details else line)
         if stage == "trainer" and status == "SERVING":
             for fit in await running_operations(settings.addresses[stage], timeout=args.timeout, settings=settings):
                 eta = f", about {fit.eta_seconds:.0f}s left" if fit.eta_seconds else ""
@@ -394,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start the five services locally until Ctrl-C or SIGTERM")
     up.add_argument("--log-dir", type=Path, help="write each stage's log to DIR/<stage>.log")
 
-    status = commands.add_parser("status", help="gRPC health of each service")
+    status = commands.add_parser(
+        "status", help="gRPC health of each service, with uptime, calls in flight, cache hit ratio and restarts",
+    )
     status.add_argument("--timeout", type=float, default=2.0)
 
     lineage = commands.add_parser(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from services.runtime.client import check_health
 from services.runtime.forks import fork_context
+from services.runtime.metrics import metrics_url
 from services.runtime.settings import LAUNCHER_PID, STAGES, Settings, dialable_host
 
 
@@ -177,8 +178,23 @@ class LocalMesh:
         lines = (self.log_dir / f"{stage}.log").read_text(errors="replace").splitlines()
         return "\n  ".join(["", *lines[-8:]])
 
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Where each stage serves Prometheus metrics; empty when MLMESH_METRICS=off."""
+        if not self.settings.metrics:
+            return {}
+        return {stage: metrics_url(self.settings.metrics_host, self.settings.metrics_ports[stage]) for stage in STAGES}
+
     async def _check_ports_free(self) -> None:
         """Refuse to start over another mesh (or any program) that holds our ports."""
+        if self.settings.metrics:
+            for stage in STAGES:
+                port = self.settings.metrics_ports[stage]
+                if port != 0 and port_in_use(self.settings.metrics_host, port):
+                    raise MeshStartError(
+                        f"metrics port {port} for {stage} on {self.settings.metrics_host} is already in use; stop what "
+                        f"holds it, choose another with MLMESH_{stage.upper()}_METRICS_PORT, or set MLMESH_METRICS=off"
+                    )
         for stage in STAGES:
             port = self.settings.ports[stage]
             if port == 0 or not port_in_use(self.settings.bind_host, port):

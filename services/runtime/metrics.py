@@ -259,3 +259,33 @@ class _NoStoreMetrics:
 
 
 NO_STORE_METRICS = _NoStoreMetrics()
+
+
+# ---- reading a stage's metrics back (mlmesh status) ---------------------------------------
+def metrics_url(host: str, port: int) -> str:
+    from services.runtime.settings import dialable_host
+
+    return f"http://{dialable_host(host)}:{port}/metrics"
+
+
+def read_vitals(url: str, timeout: float) -> dict[str, float]:
+    """The few numbers `mlmesh status` shows, from a stage's /metrics:
+    uptime_seconds, rpcs_in_flight, operations_active, cache_hits, cache_misses."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own http:// URL
+        text = response.read(8 * 1024 * 1024).decode("utf-8", "replace")
+    vitals = {"cache_hits": 0.0, "cache_misses": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "process_start_time_seconds":
+                vitals["uptime_seconds"] = max(0.0, time.time() - sample.value)
+            elif sample.name == "mlmesh_rpcs_in_flight":
+                vitals["rpcs_in_flight"] = sample.value
+            elif sample.name == "mlmesh_operations_active":
+                vitals["operations_active"] = sample.value
+            elif sample.name == "mlmesh_cache_requests_total":
+                vitals["cache_hits" if sample.labels.get("result") == "hit" else "cache_misses"] += sample.value
+    return vitals
