@@ -175,6 +175,15 @@ class StageMetrics:
                 children[2][code] = self._handled.labels(*labels, code.name)
         return children
 
+    def declare_service(self, service_name: str) -> None:
+        """Every method of a service at zero from the start, as go-grpc-prometheus does, so a
+        dashboard and rate() see a method before its first call."""
+        from google.protobuf import descriptor_pool
+
+        service = descriptor_pool.Default().FindServiceByName(service_name)
+        for method in service.methods:
+            self._rpc(f"/{service_name}/{method.name}", unary=not method.server_streaming)
+
     def rpc_started(self, method: str, unary: bool) -> None:
         self._rpc(method, unary)[0].inc()
         self.in_flight.inc()

@@ -129,6 +129,8 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         AdmissionInterceptor(settings.max_concurrent_rpcs, on_reject=metrics.rejected.inc),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
+    for service in ours:
+        metrics.declare_service(service)
     servicer = spec.make_servicer(runtime)
     spec.add_servicer(servicer, server)
     if spec.long_running:
