@@ -376,13 +376,17 @@ class MeshClient:
         gave_up_at = time.monotonic() + self.settings.reconnect_seconds
         pause = 0.25
         while True:
+            result = None
             try:
                 # Each stream has the client's deadline; the fit does not. A stream that
                 # ends early (deadline, lost connection, a trainer that checkpointed and
                 # stopped) is simply opened again on the same operation.
                 async for event in self.stub("trainer").Train(request, timeout=self.timeout, metadata=self.metadata):
                     if event.HasField("result"):
-                        return event.result
+                        # The result is the stream's last event; reading on to the stream's status
+                        # closes the call now (and its trace span), not when it is collected.
+                        result = event.result
+                        continue
                     # A re-attached stream replays the operation's progress from the start.
                     key = event.progress.SerializeToString()
                     if on_progress is not None and key not in seen:
@@ -391,9 +395,13 @@ class MeshClient:
                     gave_up_at = time.monotonic() + self.settings.reconnect_seconds
                     pause = 0.25
             except grpc.aio.AioRpcError as error:
+                if result is not None:  # the stream broke after the result: the result stands
+                    return result
                 if error.code() not in RECOVERABLE_CODES or time.monotonic() + pause > gave_up_at:
                     raise _explain("trainer", address, error, self.recompute_flag) from None
             else:
+                if result is not None:
+                    return result
                 raise StageCallError("trainer", address, grpc.StatusCode.INTERNAL, "stream ended without a result")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
