@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import random
 import re
 import subprocess
 import sys
@@ -216,6 +218,26 @@ async def test_metrics_off_serves_nothing(settings: Settings) -> None:
         await stage.stop(0.5)
 
 
+@pytest.mark.asyncio
+async def test_garbage_on_the_metrics_port_harms_nothing(loader: RunningStage) -> None:
+    rng = random.Random(13)
+    junk = [b"\x00" * 64, b"GET /" + b"A" * 70000 + b" HTTP/1.1\r\n\r\n", b"POST /metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"GET /metrics?name[]=" + b"%ff" * 3000 + b" HTTP/1.0\r\n\r\n", b"\r\n" * 5000,
+            *(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4096))) for _ in range(20))]
+    for payload in junk:
+        reader, writer = await asyncio.open_connection("127.0.0.1", loader.metrics_port)
+        writer.write(payload)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(), timeout=5)
+        writer.close()
+    assert value(scrape(loader.metrics_url), "mlmesh_build_info", stage="loader") == 1
+    async with grpc.aio.insecure_channel(loader.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_a_stage_whose_metrics_port_is_taken_refuses_to_start(tmp_path: Path) -> None:
     import socket
 
@@ -362,7 +384,9 @@ def test_pyflyte_run_is_one_trace_across_the_five_stages(mesh_up: Mesh) -> None:
 def test_mlmesh_run_is_one_trace_too(mesh_up: Mesh) -> None:
     result = mesh_up.run(str(BIN / "mlmesh"), "run", "--source", "sklearn:wine", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
-    run_id = json.loads(result.stdout)["run_id"]
+    summary = json.loads(result.stdout)
+    run_id = summary["run_id"]
+    assert summary["trace_id"] == tracing.trace_id_of(run_id)
     spans = spans_of(mesh_up.receiver, tracing.trace_id_of(run_id), until=25)
     by_id = assert_one_tree(spans, "mlmesh run")
     servers = stage_server_spans(spans)

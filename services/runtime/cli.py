@@ -324,6 +324,8 @@ def _summary(run: PipelineRun) -> dict[str, Any]:
         },
         "stages": [_as_dict(info) for info in run.stages],
         "seconds": run.seconds,
+        # The run's trace, when OTEL_* turned tracing on (its id is derived from the run id).
+        **({"trace_id": tracing.trace_id_of(run.run_id)} if tracing.enabled() else {}),
     }
 
 
@@ -358,6 +360,8 @@ def _print_run(run: PipelineRun) -> None:
     print(f"model:   {run.train.model.uri}")
     print(f"report:  {_local_path(run.evaluate.html_report.uri)}")
     print(f"run:     {run.run_id}  (mlmesh lineage --run {run.run_id})")
+    if tracing.enabled():
+        print(f"trace:   {tracing.trace_id_of(run.run_id)}")
     print(f"total:   {run.seconds:.2f}s")
 
 
