@@ -463,6 +463,40 @@ def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
     assert "SUCCESS" in result.stdout
 
 
+def metrics_doc_section() -> str:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    return text.split("\n## Metrics, traces and logs\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_docs_promql_queries_parse_and_name_real_metrics(tmp_path: Path) -> None:
+    """docs/deploy.md's PromQL examples: each parses (promtool checks them as recording rules)."""
+    queries = [line.strip() for block in re.findall(r"^```promql\n(.*?)^```", metrics_doc_section(), re.S | re.M)
+               for line in block.splitlines() if line.strip()]
+    assert len(queries) >= 5
+    cache_ratio = ('sum by (stage) (rate(mlmesh_cache_requests_total{result="hit"}[5m])) / '
+                   'sum by (stage) (rate(mlmesh_cache_requests_total[5m]))')
+    assert cache_ratio in queries
+    rules = {"groups": [{"name": "docs", "rules": [{"record": f"docs:query_{i}", "expr": q} for i, q in enumerate(queries)]}]}
+    (tmp_path / "docs.yml").write_text(yaml.safe_dump(rules))
+    result = promtool("check", "rules", str(tmp_path / "docs.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    from services.runtime.metrics import StageMetrics
+
+    exported = {m.name for m in StageMetrics("loader", "1", 4).registry.collect()}
+    for query in queries:
+        for name in re.findall(r"\b((?:grpc_server|mlmesh)_[a-z_]+)\b", query):
+            base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+            assert base in exported or name in exported, f"{name} in docs/deploy.md is not a metric a stage exports"
+    # The files and ports the section names exist.
+    section = metrics_doc_section()
+    for path in ("deploy/prometheus/Dockerfile", "deploy/prometheus/prometheus.yml", "deploy/prometheus/alerts.yml",
+                 "deploy/k8s/monitoring/", "02-network-policy.yaml"):
+        assert path in section and (ROOT / path if "/" in path else K8S / path).exists(), path
+    for stage, port in DEFAULT_METRICS_PORTS.items():
+        assert f"{stage} {port}" in section.replace("\n", " ")
+    assert set(re.findall(r"`(Mlmesh[A-Za-z]+)`", section)) == set(alert_rules())
+
+
 # ---- Kubernetes ---------------------------------------------------------------------------
 K8S_FLYTE_CLIENT = K8S / "flyte-client"
 K8S_MONITORING = K8S / "monitoring"
