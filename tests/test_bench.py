@@ -7,6 +7,7 @@ checked is that each command works end to end and measures something.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,35 @@ def test_the_readme_quick_scale_benchmark_measures_every_figure_it_prints(tmp_pa
 def test_the_readme_corpus_benchmark_prints_its_table() -> None:
     done = run_bench("bench/bench_corpus.py", timeout=900)
     assert "tables x 2 formats" in done.stdout and "high_cardinality" in done.stdout
+
+
+def test_the_observability_benchmark_compares_metrics_and_tracing_against_neither(tmp_path: Path) -> None:
+    report = tmp_path / "observability.json"
+    # The quick command from the benchmark's docstring, plus --json to read the numbers back.
+    done = run_bench("bench/bench_observability.py", "--rows", "5000", "--repeats", "1", "--pipelines", "1",
+                     "--hits", "50",
+                     "--json", str(report), timeout=600)
+    results = json.loads(report.read_text())
+    assert results["errors"] == {}, results["errors"]
+    configs = ("off", "metrics", "metrics+tracing")
+    summary = results["summary"]
+    for config in configs:
+        assert config in done.stdout
+        [run] = results["runs"][config]
+        assert all(p["seconds"] > 0 for p in run["pipeline"]), run["pipeline"]
+        for stage in ("loader", "preprocess"):
+            hits = run["hits"][stage]
+            assert hits["n"] == 50 and 0 < hits["p50"] <= hits["p99"], hits
+        assert summary[config]["pipeline_seconds"] > 0
+    for config in configs[1:]:
+        assert math.isfinite(summary[config]["pipeline_ratio"]) and summary[config]["pipeline_ratio"] > 0
+        for stage in ("loader", "preprocess"):
+            assert math.isfinite(summary[config]["hits"][stage]["p50_added"])
+        # Metrics on: the endpoint answered and counted the hits asked of it.
+        assert results["runs"][config][0]["scrape"]["loader_cache_hits"] >= 50
+    assert "scrape" not in results["runs"]["off"][0]  # MLMESH_METRICS=off: no endpoint
+    # Tracing reached the receiver from the client and all five stages, and only when asked.
+    spans = summary["metrics+tracing"]["spans"]
+    assert {"bench", "loader", "preprocess", "features", "trainer", "evaluator"} <= set(spans), spans
+    assert summary["off"]["spans"] == {} and summary["metrics"]["spans"] == {}
+    assert "MET" in done.stdout or "MISSED" in done.stdout
