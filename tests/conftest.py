@@ -17,7 +17,7 @@ from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.launcher import LocalMesh
 from services.runtime.settings import STAGES, Settings
 
-__all__ = ["expect_error", "free_ports", "stage_spec", "start_local_mesh"]
+__all__ = ["expect_error", "free_ports", "stage_spec", "start_local_mesh", "use_free_ports"]
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +119,17 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def use_free_ports(env: dict[str, str]) -> dict[str, int]:
+    """Point `env` at a mesh of its own: free gRPC and metrics ports for every stage (so it never
+    collides with another mesh a test holds open), and clients at those ports. Returns the gRPC ports."""
+    ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
+    for (stage, port), metrics_port in zip(ports.items(), quiet_ports(len(STAGES)), strict=True):
+        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
+        env[f"MLMESH_{stage.upper()}_METRICS_PORT"] = str(metrics_port)
+        env.pop(f"MLMESH_{stage.upper()}_ADDRESS", None)
+    return ports
+
+
 def start_local_mesh(base: Path) -> tuple[LocalMesh, dict[str, str]]:
     """`mlmesh up`'s LocalMesh on free ports, with a private artifact store, HOME and TMPDIR, and the
     environment that points the CLI and pyflyte at it. Stage logs go to base/logs."""
@@ -131,9 +142,7 @@ def start_local_mesh(base: Path) -> tuple[LocalMesh, dict[str, str]]:
     }
     for folder in ("home", "tmp"):
         (base / folder).mkdir()
-    for stage, port in zip(STAGES, free_ports(len(STAGES)), strict=True):
-        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
-        env.pop(f"MLMESH_{stage.upper()}_ADDRESS", None)
+    use_free_ports(env)
     mesh = LocalMesh(Settings.from_env(env), env=env, log_dir=base / "logs")
     asyncio.run(mesh.start())
     return mesh, env

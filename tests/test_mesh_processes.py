@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from services.runtime.settings import DEFAULT_PORTS, STAGES
-from tests.conftest import free_ports
+from tests.conftest import free_ports, use_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,10 +25,11 @@ GRPCURL = BIN / "grpcurl"
 
 
 class UpProcess:
-    def __init__(self, env: dict[str, str], ports: dict[str, int], cwd: Path | None = None):
+    def __init__(self, env: dict[str, str], ports: dict[str, int], cwd: Path | None = None, args: tuple[str, ...] = ()):
         self.env, self.ports = env, ports
         self.process = subprocess.Popen(
-            [str(BIN / "mlmesh"), "up"], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [str(BIN / "mlmesh"), "up", *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
         )
         self.output: list[str] = []
 
@@ -63,8 +64,7 @@ class UpProcess:
 def mesh_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("artifacts")
     env = {**os.environ, "MLMESH_ARTIFACT_ROOT": str(root), "MLMESH_GRACE_SECONDS": "1"}
-    for stage, port in zip(STAGES, free_ports(len(STAGES)), strict=True):
-        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
+    use_free_ports(env)
     return env
 
 
@@ -282,8 +282,7 @@ def test_up_restarts_a_killed_stage_and_status_counts_it(running_mesh: UpProcess
 def on_new_ports(env: dict[str, str], **extra: str) -> dict[str, str]:
     """The same store and settings, on ports no other mesh of this module holds."""
     env = {**env, **extra}
-    for stage, port in zip(STAGES, free_ports(len(STAGES)), strict=True):
-        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
+    use_free_ports(env)
     return env
 
 

@@ -38,9 +38,10 @@ from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.runtime import tracing
 from services.runtime.logs import json_formatter
 from services.runtime.server import RunningStage, stage_spec, start_stage
-from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, STAGES, Settings
-from tests.conftest import free_ports
+from services.runtime.settings import DEFAULT_METRICS_PORTS, STAGES, Settings
+from tests.conftest import free_ports, use_free_ports
 from tests.otlp_receiver import OtlpReceiver
+from tests.test_mesh_processes import UpProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin"
@@ -227,7 +228,7 @@ async def test_garbage_on_the_metrics_port_harms_nothing(loader: RunningStage) -
     for payload in junk:
         reader, writer = await asyncio.open_connection("127.0.0.1", loader.metrics_port)
         writer.write(payload)
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(OSError):  # the server may close on garbage before all of it is sent
             await writer.drain()
             writer.write_eof()
             await asyncio.wait_for(reader.read(), timeout=5)
@@ -272,34 +273,18 @@ class Mesh:
         }
         for folder in ("home", "tmp"):
             (base / folder).mkdir()
-        self.ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
-        for stage, port in self.ports.items():
-            self.env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
-            self.env.pop(f"MLMESH_{stage.upper()}_ADDRESS", None)
+        self.ports = use_free_ports(self.env)
         self.metrics = {s: int(self.env[f"MLMESH_{s.upper()}_METRICS_PORT"]) for s in STAGES}
-        self.process = subprocess.Popen(
-            [str(BIN / "mlmesh"), "up", "--log-dir", str(self.logs)], env=self.env, cwd=base,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.banner: list[str] = []
-        for line in self.process.stdout:
-            self.banner.append(line)
-            if "mesh is up" in line:
-                break
-        else:
-            raise AssertionError("mlmesh up did not start:\n" + "".join(self.banner))
+        self.up = UpProcess(self.env, self.ports, cwd=base, args=("--log-dir", str(self.logs)))
+        try:
+            self.up.wait_for("mesh is up")
+        except AssertionError:
+            self.up.stop()  # never leave a half-started mesh running
+            raise
+        self.banner = self.up.output
 
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(args), env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        return result
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        return subprocess.run(list(args), env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +294,7 @@ def mesh_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         try:
             yield mesh
         finally:
-            mesh.stop()
+            mesh.up.stop()
 
 
 def spans_of(receiver: OtlpReceiver, trace_id: str, until: int, timeout: float = 20) -> list[dict]:

@@ -31,7 +31,7 @@ from services.runtime.security import AuthInterceptor, load_tokens, open_channel
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings, SettingsError
 from tests.certs import Issued, Pki
-from tests.conftest import free_ports
+from tests.conftest import use_free_ports
 from tests.test_mesh_processes import UpProcess, readme_section_blocks
 
 BIN = Path(sys.executable).parent
@@ -348,9 +348,7 @@ def secured_up(material: Material, tmp_path_factory: pytest.TempPathFactory) -> 
     artifacts = tmp_path_factory.mktemp("secured-artifacts")
     env = {**os.environ, **material.server_env(artifacts, mtls=True, tokens=True),
            **material.full_client_env(artifacts), "MLMESH_GRACE_SECONDS": "1"}
-    ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
-    for stage, port in ports.items():
-        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
+    ports = use_free_ports(env)
     up = UpProcess({**env}, ports)
     up.wait_for("mesh is up")
     yield up, env
@@ -465,8 +463,7 @@ def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> Non
     assert exported.returncode == 0, exported.stderr
     env = dict(item.split("=", 1) for item in exported.stdout.decode().split("\0") if "=" in item)
     assert len(Path(tmp_path, env["MLMESH_AUTH_TOKEN_FILE"]).read_text().strip()) == 64
-    ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
-    env.update({f"MLMESH_{stage.upper()}_PORT": str(port) for stage, port in ports.items()})
+    ports = use_free_ports(env)
     env.update(MLMESH_ARTIFACT_ROOT=str(tmp_path / "artifacts"), MLMESH_GRACE_SECONDS="1")
     up = UpProcess(env, ports, cwd=tmp_path)  # the README's `.venv/bin/mlmesh up`, in the folder with certs/
     try:

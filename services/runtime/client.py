@@ -42,6 +42,13 @@ STUBS = {
     "evaluator": evaluator_pb2_grpc.EvaluatorServiceStub,
 }
 
+# Each stage's service, for naming calls (trace spans).
+SERVICES = {
+    stage: module.DESCRIPTOR.services_by_name[STUBS[stage].__name__.removesuffix("Stub")].full_name
+    for stage, module in (("loader", loader_pb2), ("preprocess", preprocess_pb2), ("features", features_pb2),
+                          ("trainer", trainer_pb2), ("evaluator", evaluator_pb2))
+}
+
 # Transient failures (a restarting service) are retried by gRPC itself, with backoff.
 RETRY_SERVICE_CONFIG = json.dumps(
     {
@@ -312,19 +319,20 @@ class MeshClient:
 
     def channel(self, stage: str) -> grpc.aio.Channel:
         if stage not in self._channels:
-            # With tracing on, a client span per call, and its context in the metadata for the stage.
-            self._channels[stage] = open_channel(
-                self.addresses[stage], self.settings, channel_options(self.settings), tracing.client_interceptors(),
-            )
+            self._channels[stage] = open_channel(self.addresses[stage], self.settings, channel_options(self.settings))
         return self._channels[stage]
 
     def stub(self, stage: str) -> Any:
         return STUBS[stage](self.channel(stage))
 
     async def _unary(self, stage: str, method: str, request: Any) -> Any:
-        return await self._reconnecting(
-            stage, lambda: getattr(self.stub(stage), method)(request, timeout=self.timeout, metadata=self.metadata)
-        )
+        async def call() -> Any:
+            # With tracing on, each attempt is a client span, and its context travels in the metadata.
+            with tracing.client_span(f"/{SERVICES[stage]}/{method}") as trace_context:
+                return await getattr(self.stub(stage), method)(
+                    request, timeout=self.timeout, metadata=(*self.metadata, *trace_context))
+
+        return await self._reconnecting(stage, call)
 
     async def _reconnecting(self, stage: str, call: Callable[[], Any]) -> Any:
         """`call()`, tried again while the stage is unreachable, for up to MLMESH_RECONNECT_SECONDS.
@@ -381,19 +389,21 @@ class MeshClient:
                 # Each stream has the client's deadline; the fit does not. A stream that
                 # ends early (deadline, lost connection, a trainer that checkpointed and
                 # stopped) is simply opened again on the same operation.
-                async for event in self.stub("trainer").Train(request, timeout=self.timeout, metadata=self.metadata):
-                    if event.HasField("result"):
-                        # The result is the stream's last event; reading on to the stream's status
-                        # closes the call now (and its trace span), not when it is collected.
-                        result = event.result
-                        continue
-                    # A re-attached stream replays the operation's progress from the start.
-                    key = event.progress.SerializeToString()
-                    if on_progress is not None and key not in seen:
-                        on_progress(event.progress)
-                    seen.add(key)
-                    gave_up_at = time.monotonic() + self.settings.reconnect_seconds
-                    pause = 0.25
+                with tracing.client_span(f"/{SERVICES['trainer']}/Train") as trace_context:
+                    stream = self.stub("trainer").Train(request, timeout=self.timeout, metadata=(*self.metadata, *trace_context))
+                    async for event in stream:
+                        if event.HasField("result"):
+                            # The result is the stream's last event; reading on to the stream's status
+                            # closes the call now (and its span), not when it is collected.
+                            result = event.result
+                            continue
+                        # A re-attached stream replays the operation's progress from the start.
+                        key = event.progress.SerializeToString()
+                        if on_progress is not None and key not in seen:
+                            on_progress(event.progress)
+                        seen.add(key)
+                        gave_up_at = time.monotonic() + self.settings.reconnect_seconds
+                        pause = 0.25
             except grpc.aio.AioRpcError as error:
                 if result is not None:  # the stream broke after the result: the result stands
                     return result

@@ -75,40 +75,41 @@ def _details(context: grpc.aio.ServicerContext) -> str:
 
 @contextlib.asynccontextmanager
 async def _rpc_scope(method: str, context: grpc.aio.ServicerContext, metrics: StageMetrics, unary: bool) -> AsyncIterator[None]:
-    """Around one RPC: expose its record to the handler, map errors, count it, log one line."""
+    """Around one RPC: expose its record to the handler, map errors, count, trace and log it."""
     started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
     # Each RPC runs in its own task and context, so this never leaks between calls.
     current_rpc.set(record)
     metrics.rpc_started(method, unary)
-    try:
-        record.run_id = _run_id_of(context)
-        yield
-    except grpc.aio.AbortError:
-        outcome.code = context.code() or grpc.StatusCode.UNKNOWN
-        outcome.error = outcome.error or _details(context)
-        raise
-    except asyncio.CancelledError:
-        # The caller went away or its deadline passed; grpc cancels the handler either way.
-        outcome.code = _cancellation_code(context)
-        raise
-    except Exception as exc:  # noqa: BLE001 - mapped to a status just below
-        await _map_error(exc, method, context, outcome)
-    finally:
-        if outcome.code == grpc.StatusCode.OK and _is_cancelled(context):
-            # The handler finished, but too late: the caller saw CANCELLED or DEADLINE_EXCEEDED.
+    metadata = context.invocation_metadata() or ()
+    with tracing.server_span(method, metadata) as span:
+        try:
+            record.run_id = _run_id_of(metadata)
+            yield
+        except grpc.aio.AbortError:
+            outcome.code = context.code() or grpc.StatusCode.UNKNOWN
+            outcome.error = outcome.error or _details(context)
+            raise
+        except asyncio.CancelledError:
+            # The caller went away or its deadline passed; grpc cancels the handler either way.
             outcome.code = _cancellation_code(context)
-        seconds = time.perf_counter() - started
-        metrics.rpc_handled(method, unary, outcome.code, seconds)
-        if outcome.code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-            # The tracing interceptor never sees these: the call ended by cancellation, not a status.
-            tracing.annotate(**{"rpc.grpc.status_code": outcome.code.value[0], "error.type": outcome.code.name})
-        tracing.annotate(**{"mlmesh.run_id": record.run_id, "mlmesh.cache_hit": record.cache_hit})
-        _log(method, outcome, seconds, record)
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status just below
+            await _map_error(exc, method, context, outcome)
+        finally:
+            if outcome.code == grpc.StatusCode.OK and _is_cancelled(context):
+                # The handler finished, but too late: the caller saw CANCELLED or DEADLINE_EXCEEDED.
+                outcome.code = _cancellation_code(context)
+            seconds = time.perf_counter() - started
+            metrics.rpc_handled(method, unary, outcome.code, seconds)
+            tracing.end_server_span(span, outcome.code, outcome.error, **{
+                "mlmesh.run_id": record.run_id, "mlmesh.cache_hit": record.cache_hit, "mlmesh.caller": record.caller,
+            })
+            _log(method, outcome, seconds, record)
 
 
-def _run_id_of(context: grpc.aio.ServicerContext) -> str:
+def _run_id_of(metadata: Any) -> str:
     """The caller's run id from the metadata, checked; empty when it sent none."""
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if key == RUN_ID_METADATA:
             return check_run_id(value if isinstance(value, str) else value.decode("utf-8", "replace"))
     return ""

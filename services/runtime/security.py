@@ -286,16 +286,11 @@ def _tls_options(settings: Settings, options: Sequence[tuple[str, Any]]) -> list
     return [*options, *extra]
 
 
-def open_channel(
-    address: str, settings: Settings, options: Sequence[tuple[str, Any]] = (), interceptors: Sequence[Any] = (),
-) -> grpc.aio.Channel:
+def open_channel(address: str, settings: Settings, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
     """An asyncio channel to a stage: TLS when MLMESH_TLS_CA (or a server certificate) is set."""
     if not settings.client_tls:
-        return grpc.aio.insecure_channel(address, options=list(options), interceptors=list(interceptors) or None)
-    return grpc.aio.secure_channel(
-        address, _channel_credentials(settings), options=_tls_options(settings, options),
-        interceptors=list(interceptors) or None,
-    )
+        return grpc.aio.insecure_channel(address, options=list(options))
+    return grpc.aio.secure_channel(address, _channel_credentials(settings), options=_tls_options(settings, options))
 
 
 def open_sync_channel(address: str, settings: Settings, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:

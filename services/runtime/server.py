@@ -119,11 +119,9 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         raise OSError(f"cannot set up transport security: {exc}") from None
     runtime = StageRuntime(spec.name, spec.version, settings)
     metrics = runtime.metrics
-    # Outermost first. Tracing around everything, so the span covers the whole call and the
-    # log line can name it. Identity and admission inside the stage interceptor, so a refused
-    # call is logged and counted like any other; identity before admission, so strangers take no slot.
+    # Outermost first. Identity and admission inside the stage interceptor, so a refused call
+    # is logged, counted and traced like any other; identity before admission, so strangers take no slot.
     interceptors = [
-        *tracing.server_interceptors(*ours),
         StageInterceptor(metrics, *ours),
         *([auth] if auth else []),
         AdmissionInterceptor(settings.max_concurrent_rpcs, on_reject=metrics.rejected.inc),
