@@ -10,8 +10,10 @@ What the harness does first (as root, the way CI runs):
   BuildKit secret and its index settings as build arguments.
 
 Then the stack: all five healthy through gRPC health, grpcurl from the host on the
-published ports, the pipeline service to success, a hung and a stopped service
-reported unhealthy, the pipeline failing with the stage's name, and `down -v`.
+published ports, the pipeline service to success, the `observability` profile's
+Prometheus (Debian's package, built on the same base) scraping all five and counting
+the pipeline's calls, a hung and a stopped service reported unhealthy, the pipeline
+failing with the stage's name, and `down -v`.
 
 No engine and none can be started: the tests skip with the reason, except with
 CI=true, where that is a failure. Figures (image sizes, up-to-healthy, pipeline
@@ -28,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,12 +39,13 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.settings import DEFAULT_PORTS, STAGES
+from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, STAGES
 from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 BIN = Path(sys.executable).parent
 GRPCURL = BIN / "grpcurl"
 
@@ -48,6 +53,9 @@ BASE_IMAGE = os.environ.get("MLMESH_TEST_BASE_IMAGE", "mlmesh-base:bookworm")
 IMAGE_TAG = "test"
 SERVICE_IMAGE = f"mlmesh-service:{IMAGE_TAG}"
 PIPELINE_IMAGE = f"mlmesh-pipeline:{IMAGE_TAG}"
+PROMETHEUS_IMAGE = f"mlmesh-prometheus:{IMAGE_TAG}"
+# The stack runs with the optional profile on: Prometheus scrapes the stages all along.
+OBSERVABILITY = ("--profile", "observability")
 TEST_LABEL = "org.mlmesh.test-image=1"
 DOCKERD_LOG = Path("/var/log/mlmesh-dockerd.log")
 APT_PACKAGES = {"docker": "docker.io", "dockerd": "docker.io", "docker-compose": "docker-compose",
@@ -276,23 +284,28 @@ def images(engine: Engine) -> Images:
     FIGURES["base image"] = ensure_base_image(engine)
     secrets, args = pip_settings()
     network = ["--network=host"] if engine.host_network_builds else []
-    for target, tag in (("pipeline", PIPELINE_IMAGE), ("service", SERVICE_IMAGE)):
+    builds = [  # (name, tag, options, context)
+        ("pipeline", PIPELINE_IMAGE, ["-f", str(DOCKERFILE), "--target", "pipeline", *secrets, *args], ROOT),
+        ("service", SERVICE_IMAGE, ["-f", str(DOCKERFILE), "--target", "service", *secrets, *args], ROOT),
+        # Debian's prometheus from the base image's own apt sources; its folder is the whole context.
+        ("prometheus", PROMETHEUS_IMAGE, ["-f", str(PROMETHEUS_DIR / "Dockerfile")], PROMETHEUS_DIR),
+    ]
+    for name, tag, options, context in builds:
         started = time.monotonic()
         result = run(
-            [*engine.build, "-f", str(DOCKERFILE), "--target", target, "-t", tag,
-             "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--label", TEST_LABEL, *secrets, *args, *network,
-             str(ROOT)],
+            [*engine.build, *options, "-t", tag, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--label", TEST_LABEL,
+             *network, str(context)],
             timeout=1500, env={**os.environ, **engine.build_env},
         )
-        assert result.returncode == 0, f"building {target} failed:\n{tail(result.stdout, 60)}\n{tail(result.stderr, 60)}"
-        FIGURES[f"build {target}"] = f"{time.monotonic() - started:.0f}s"
+        assert result.returncode == 0, f"building {name} failed:\n{tail(result.stdout, 60)}\n{tail(result.stderr, 60)}"
+        FIGURES[f"build {name}"] = f"{time.monotonic() - started:.0f}s"
     # The images these tags held before are now dangling: drop them, and only them.
     run([engine.docker, "image", "prune", "-f", "--filter", f"label={TEST_LABEL}"], timeout=120)
     listing = run([engine.docker, "image", "ls", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}"], timeout=60).stdout
     built = Images(engine)
     for line in listing.splitlines():
         name, _, size = line.partition(" ")
-        if name in (SERVICE_IMAGE, PIPELINE_IMAGE, BASE_IMAGE):
+        if name in (SERVICE_IMAGE, PIPELINE_IMAGE, PROMETHEUS_IMAGE, BASE_IMAGE):
             built.sizes[name] = size
     FIGURES["image sizes"] = ", ".join(f"{k} {v}" for k, v in built.sizes.items())
     return built
@@ -394,7 +407,8 @@ def published(stack: Stack, stage: str) -> str:
 @pytest.fixture(scope="module")
 def stack(images: Images, request: pytest.FixtureRequest) -> Iterator[Stack]:
     engine = images.engine
-    ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
+    # The stages' host ports, and Prometheus's (MLMESH_PROMETHEUS_HOST_PORT): never a fixed port.
+    ports = dict(zip([*STAGES, "prometheus"], free_ports(len(STAGES) + 1), strict=True))
     # The loader's /data: a host folder holding one table, readable by the images' uid 10001.
     data = Path(tempfile.mkdtemp(prefix="mlmesh-data-"))
     data.chmod(0o755)
@@ -407,7 +421,7 @@ def stack(images: Images, request: pytest.FixtureRequest) -> Iterator[Stack]:
     stack = Stack(engine, f"mlmeshtest{uuid.uuid4().hex[:10]}", env, ports)
     try:
         started = time.monotonic()
-        up = stack.compose("up", "-d", "--no-build", *STAGES)
+        up = stack.compose(*OBSERVABILITY, "up", "-d", "--no-build", *STAGES, "prometheus")
         assert up.returncode == 0, up.stdout + up.stderr
         for stage in STAGES:
             ids = stack.compose("ps", "-q", stage, timeout=60).stdout.split()
@@ -417,7 +431,8 @@ def stack(images: Images, request: pytest.FixtureRequest) -> Iterator[Stack]:
         FIGURES["up -d to all five healthy"] = f"{time.monotonic() - started:.1f}s (compose up itself included)"
         yield stack
     finally:
-        down = stack.compose("down", "-v", "--remove-orphans", timeout=180)
+        # With the profile, so that its container and volume go too.
+        down = stack.compose(*OBSERVABILITY, "down", "-v", "--remove-orphans", timeout=180)
         if down.returncode != 0:
             print(down.stdout + down.stderr, file=sys.stderr)
         shutil.rmtree(data, ignore_errors=True)
@@ -486,6 +501,60 @@ def test_pipeline_service_runs_to_success(stack: Stack) -> None:
     assert again.returncode == 0, tail(again.stdout, 40) + tail(again.stderr, 40)
 
 
+def promql(stack: Stack, query: str) -> list[dict]:
+    """An instant query over Prometheus's HTTP API, from the host on the published port."""
+    url = f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.loads(response.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def test_prometheus_scrapes_the_five_stages_and_counts_the_pipeline(stack: Stack) -> None:
+    """The observability profile: after the pipeline runs (the test above), Prometheus has every stage
+    up and the loader's Load calls with grpc_code OK, from the stages' own /metrics."""
+    wanted = {
+        "up": 'up{job="mlmesh"} == 1',
+        "loads": 'sum(grpc_server_handled_total{job="mlmesh", stage="loader", '
+                 'grpc_method="Load", grpc_code="OK"})',
+        "hits": 'sum by (stage) (mlmesh_cache_requests_total{job="mlmesh", result="hit"})',
+    }
+    started, seen, last_error = time.monotonic(), {}, ""
+    # A scrape every 5 s (deploy/prometheus/prometheus.yml): the numbers arrive within seconds.
+    while time.monotonic() - started < 90:
+        try:
+            seen = {name: promql(stack, query) for name, query in wanted.items()}
+        except OSError as exc:  # Prometheus still starting
+            last_error = str(exc)
+            time.sleep(1)
+            continue
+        # The warm run's last calls may be younger than the last scrape: wait for every number.
+        hit_stages = {r["metric"]["stage"] for r in seen["hits"] if float(r["value"][1]) > 0}
+        if len(seen["up"]) == len(STAGES) and seen["loads"] and float(seen["loads"][0]["value"][1]) >= 2 \
+                and hit_stages == set(STAGES):
+            break
+        time.sleep(1)
+    FIGURES["Prometheus: all five up and the loads counted after"] = f"{time.monotonic() - started:.1f}s"
+    assert {r["metric"]["stage"] for r in seen.get("up", [])} == set(STAGES), (seen, last_error, stack.logs())
+    assert {r["metric"]["instance"] for r in seen["up"]} == {f"{s}:{DEFAULT_METRICS_PORTS[s]}" for s in STAGES}
+    # Two pipeline runs, one Load each, and the grpcurl Loads of test_grpcurl_from_the_host.
+    assert seen["loads"] and float(seen["loads"][0]["value"][1]) >= 2, seen["loads"]
+    # The warm run was served from the caches: every stage counted hits; the stages' own `stage`
+    # label is kept (honor_labels), not doubled as exported_stage.
+    assert {r["metric"]["stage"] for r in seen["hits"] if float(r["value"][1]) > 0} == set(STAGES), seen["hits"]
+    assert not promql(stack, '{job="mlmesh", exported_stage!=""}')
+    # The alert rules are loaded, and none fires on a healthy mesh.
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/rules", timeout=10) as response:
+        groups = json.loads(response.read())["data"]["groups"]
+    assert {r["name"] for g in groups for r in g["rules"]} >= {"MlmeshStageDown", "MlmeshStageErrorRatioHigh"}
+    assert not promql(stack, 'ALERTS{alertstate="firing"}')
+    # Prometheus runs as the image's non-root user.
+    ids = stack.compose("ps", "-q", "prometheus", timeout=60).stdout.split()
+    assert len(ids) == 1, ids
+    user = run([stack.engine.docker, "inspect", "--format", "{{.Config.User}}", ids[0]], timeout=60).stdout.strip()
+    assert user and not user.startswith(("0", "root")), user
+
+
 def test_hung_service_is_reported_unhealthy(stack: Stack) -> None:
     """A frozen server still holds its port; only a real gRPC health check notices."""
     docker, container = stack.engine.docker, stack.containers["evaluator"]
@@ -533,7 +602,8 @@ def test_up_brings_the_mesh_back_and_exits_with_the_pipeline_status(stack: Stack
 
 
 def test_down_removes_containers_and_the_volume(stack: Stack) -> None:
-    down = stack.compose("down", "-v", "--remove-orphans", timeout=180)
+    # docs/deploy.md's `down -v`, with the profile the stack was started with (Prometheus and its volume).
+    down = stack.compose(*OBSERVABILITY, "down", "-v", "--remove-orphans", timeout=180)
     assert down.returncode == 0, down.stderr
     docker = stack.engine.docker
     left = run([docker, "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"]).stdout
