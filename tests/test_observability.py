@@ -255,6 +255,20 @@ def test_a_stage_whose_metrics_port_is_taken_refuses_to_start(tmp_path: Path) ->
     assert "MLMESH_LOADER_METRICS_PORT" in result.stderr and "MLMESH_METRICS=off" in result.stderr
 
 
+def test_up_refuses_a_taken_metrics_port_before_starting_anything(tmp_path: Path) -> None:
+    import socket
+
+    env = {**os.environ, "MLMESH_ARTIFACT_ROOT": str(tmp_path)}
+    use_free_ports(env)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(env["MLMESH_TRAINER_METRICS_PORT"])))
+        holder.listen()
+        result = subprocess.run([str(BIN / "mlmesh"), "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "mesh is up" not in result.stdout
+    assert f"metrics port {env['MLMESH_TRAINER_METRICS_PORT']} for trainer" in result.stderr
+    assert "MLMESH_TRAINER_METRICS_PORT" in result.stderr and "Traceback" not in result.stderr
+
+
 # ---- a real mesh: JSON logs, traces, Prometheus -------------------------------------------
 class Mesh:
     def __init__(self, base: Path, receiver: OtlpReceiver) -> None:

@@ -187,14 +187,6 @@ class LocalMesh:
 
     async def _check_ports_free(self) -> None:
         """Refuse to start over another mesh (or any program) that holds our ports."""
-        if self.settings.metrics:
-            for stage in STAGES:
-                port = self.settings.metrics_ports[stage]
-                if port != 0 and port_in_use(self.settings.metrics_host, port):
-                    raise MeshStartError(
-                        f"metrics port {port} for {stage} on {self.settings.metrics_host} is already in use; stop what "
-                        f"holds it, choose another with MLMESH_{stage.upper()}_METRICS_PORT, or set MLMESH_METRICS=off"
-                    )
         for stage in STAGES:
             port = self.settings.ports[stage]
             if port == 0 or not port_in_use(self.settings.bind_host, port):
@@ -205,6 +197,15 @@ class LocalMesh:
                 f"port {port} for {stage} on {self.settings.bind_host} is already in use by {who}; stop it, "
                 f"or choose other ports with MLMESH_{stage.upper()}_PORT"
             )
+        # After the gRPC ports, whose check can say that another mesh holds them.
+        if self.settings.metrics:
+            for stage in STAGES:
+                port = self.settings.metrics_ports[stage]
+                if port != 0 and port_in_use(self.settings.metrics_host, port):
+                    raise MeshStartError(
+                        f"metrics port {port} for {stage} on {self.settings.metrics_host} is already in use; stop what "
+                        f"holds it, choose another with MLMESH_{stage.upper()}_METRICS_PORT, or set MLMESH_METRICS=off"
+                    )
 
     async def running_elsewhere(self) -> bool:
         """True when every stage's address already answers SERVING: a mesh this launcher did not start."""
