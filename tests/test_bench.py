@@ -52,7 +52,7 @@ def test_the_observability_benchmark_compares_metrics_and_tracing_against_neithe
                      "--json", str(report), timeout=600)
     results = json.loads(report.read_text())
     assert results["errors"] == {}, results["errors"]
-    configs = ("off", "metrics", "metrics+tracing")
+    configs = ("off", "metrics", "metrics+tracing", "metrics+tracing@10%")
     summary = results["summary"]
     for config in configs:
         assert config in done.stdout
@@ -73,4 +73,7 @@ def test_the_observability_benchmark_compares_metrics_and_tracing_against_neithe
     spans = summary["metrics+tracing"]["spans"]
     assert {"bench", "loader", "preprocess", "features", "trainer", "evaluator"} <= set(spans), spans
     assert summary["off"]["spans"] == {} and summary["metrics"]["spans"] == {}
+    # Sampling a tenth keeps fewer spans than tracing everything (the same calls, so a fair count).
+    sampled = summary["metrics+tracing@10%"]["spans"]
+    assert 0 < sum(sampled.values()) < sum(spans.values()), (sampled, spans)
     assert "MET" in done.stdout or "MISSED" in done.stdout

@@ -93,16 +93,24 @@ def _exporter(env: Mapping[str, str]) -> Any:
 
 def shutdown() -> None:
     """Send the spans still batched; a stage calls it before it exits."""
-    global _provider
+    global _provider, _tracer_instance
     if _provider is not None:
         _provider.shutdown()
         _provider = None
+        _tracer_instance = None
+
+
+_tracer_instance: Any = None
 
 
 def _tracer() -> Any:
-    from opentelemetry import trace
+    # Asked for once: get_tracer builds a new tracer (and compares its scope) on every call.
+    global _tracer_instance
+    if _tracer_instance is None:
+        from opentelemetry import trace
 
-    return trace.get_tracer(TRACER_NAME)
+        _tracer_instance = trace.get_tracer(TRACER_NAME)
+    return _tracer_instance
 
 
 @contextlib.contextmanager
