@@ -37,6 +37,7 @@ from prometheus_client import (
 )
 
 from services.runtime import tracing
+from services.runtime.errors import Cancelled
 
 # The *_created series double every counter and histogram; Prometheus does not need them.
 disable_created_metrics()
@@ -206,7 +207,7 @@ class StageMetrics:
             yield
             outcome = "ok"
         except BaseException as exc:
-            if type(exc).__name__ in ("Cancelled", "CancelledError"):
+            if isinstance(exc, Cancelled):  # every caller left; the work stopped at a checkpoint
                 outcome = "cancelled"
             raise
         finally:
