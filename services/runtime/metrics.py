@@ -55,12 +55,6 @@ def _grpc_type(unary_response: bool) -> str:
     return "unary" if unary_response else "server_stream"
 
 
-def split_method(full_method: str) -> tuple[str, str]:
-    """'/mlmesh.loader.v1.LoaderService/Load' -> ('mlmesh.loader.v1.LoaderService', 'Load')."""
-    service, _, method = full_method.lstrip("/").rpartition("/")
-    return service, method
-
-
 class StoreOperation:
     """One timed read or write; the store sets `nbytes` once it knows the size."""
 
@@ -68,6 +62,16 @@ class StoreOperation:
 
     def __init__(self) -> None:
         self.nbytes = 0
+
+
+@contextlib.contextmanager
+def _traced(operation: str, uri: str) -> Iterator[StoreOperation]:
+    """One artifact read or write as a span (while tracing is on), with its size once known."""
+    measured = StoreOperation()
+    with tracing.span(f"store.{operation}", {"mlmesh.artifact.uri": uri} if uri else None) as span:
+        yield measured
+        if span is not None:
+            span.set_attribute("mlmesh.artifact.bytes", measured.nbytes)
 
 
 class StoreMetrics(Protocol):
@@ -169,7 +173,7 @@ class StageMetrics:
     def _rpc(self, method: str, unary: bool) -> tuple[Any, Any, dict[grpc.StatusCode, Any]]:
         children = self._children.get((method, unary))
         if children is None:
-            labels = (_grpc_type(unary), *split_method(method))
+            labels = (_grpc_type(unary), *tracing.split_method(method))
             children = (self._started.labels(*labels), self._handling.labels(*labels), {})
             self._children[(method, unary)] = children
             for code in grpc.StatusCode:  # every code present from the start: rate() sees a 0 -> 1 change
@@ -217,12 +221,9 @@ class StageMetrics:
     @contextlib.contextmanager
     def store_operation(self, operation: str, uri: str = "") -> Iterator[StoreOperation]:
         """Times one artifact read or write, counts its bytes, and traces it when tracing is on."""
-        measured = StoreOperation()
         started = time.perf_counter()
-        with tracing.span(f"store.{operation}", {"mlmesh.artifact.uri": uri} if uri else None) as span:
+        with _traced(operation, uri) as measured:
             yield measured
-            if span is not None:
-                span.set_attribute("mlmesh.artifact.bytes", measured.nbytes)
         self._store_seconds[operation].observe(time.perf_counter() - started)
         self._store_bytes[operation].inc(measured.nbytes)
 
@@ -261,8 +262,8 @@ class _NoStoreMetrics:
 
     @contextlib.contextmanager
     def store_operation(self, operation: str, uri: str = "") -> Iterator[StoreOperation]:
-        with tracing.span(f"store.{operation}", {"mlmesh.artifact.uri": uri} if uri else None):
-            yield StoreOperation()
+        with _traced(operation, uri) as measured:
+            yield measured
 
     def verification_failed(self) -> None:
         pass

@@ -239,8 +239,14 @@ def _w3c() -> Any:
     return _propagator
 
 
-def _rpc_attributes(full_method: str) -> dict[str, str]:
+def split_method(full_method: str) -> tuple[str, str]:
+    """'/mlmesh.loader.v1.LoaderService/Load' -> ('mlmesh.loader.v1.LoaderService', 'Load')."""
     service, _, method = full_method.lstrip("/").rpartition("/")
+    return service, method
+
+
+def _rpc_attributes(full_method: str) -> dict[str, str]:
+    service, method = split_method(full_method)
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
