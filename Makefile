@@ -1,24 +1,30 @@
-# Two commands matter: `make run` and `make test`. Both create .venv on first use.
+# Two commands matter: `make run` and `make test`. Both create .venv on first use;
+# only `make test` needs npm (for buf, the proto linter). Neither rewrites a tracked file.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
 
 .PHONY: run test up proto lint clean
 
-$(STAMP): pyproject.toml package.json package-lock.json
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	npm ci --no-audit --no-fund --loglevel=error  # the lock lists every platform's buf binary, so ci never rewrites it
 	touch $(STAMP)
+
+# `npm ci` installs exactly the lock and never rewrites it (the lock lists every platform's buf binary).
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
 ## Start the mesh, run the Flyte workflow on sklearn:breast_cancer (metrics, decision), stop the mesh.
 run: $(STAMP)
 	$(BIN)/mlmesh with-mesh --log-dir artifacts/logs -- $(BIN)/pyflyte run workflow/pipeline.py training_pipeline
 
 ## Run the whole test suite.
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest
 
 ## Start the five services until Ctrl-C.
