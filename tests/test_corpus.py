@@ -13,10 +13,8 @@ from the services' memo; its metrics must equal the CLI run's.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -199,18 +197,16 @@ def test_csv_and_parquet_give_the_same_result(name: str, cli_runs: CliRuns) -> N
 
 # ---- every table once through pyflyte ------------------------------------------------------------
 def pyflyte(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "pyflyte"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    """`pyflyte ...` with the result as JSON on stdout (MLMESH_OUTPUT=json)."""
+    return subprocess.run([str(BIN / "pyflyte"), *args], cwd=ROOT, env={**env, "MLMESH_OUTPUT": "json"},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def pipeline_result(stdout: str) -> dict:
-    """task_kind, metrics and rows_dropped from the PipelineResult repr pyflyte prints."""
-    found = re.search(r"PipelineResult\(.*?task_kind='(\w+)', metrics=(\{[^}]*\}).*?"
-                      r"rows_dropped=(\{[^}]*\})", stdout, re.DOTALL)
-    assert found, f"no PipelineResult in:\n{stdout[-3000:]}"
-    metrics = ast.literal_eval(re.sub(r"\bnan\b", "None", found.group(2)))
-    return {"task_kind": found.group(1), "metrics": {k: float("nan") if v is None else v for k, v in metrics.items()},
-            "rows_dropped": ast.literal_eval(found.group(3))}
+    """task_kind, metrics and rows_dropped from the result `MLMESH_OUTPUT=json pyflyte run` prints."""
+    assert "\n{" in stdout, f"no result in:\n{stdout[-3000:]}"
+    result = json.loads(stdout[stdout.index("\n{") + 1:])
+    return {key: result[key] for key in ("task_kind", "metrics", "rows_dropped")}
 
 
 @pytest.mark.parametrize("name, fmt", list(PYFLYTE_FORMAT.items()), ids=[f"{n}-{f}" for n, f in PYFLYTE_FORMAT.items()])

@@ -352,7 +352,7 @@ def test_up_prints_where_each_stage_serves_metrics(mesh_up: Mesh) -> None:
 def test_pyflyte_run_is_one_trace_across_the_five_stages(mesh_up: Mesh) -> None:
     result = mesh_up.run(str(BIN / "pyflyte"), "run", "workflow/pipeline.py", "training_pipeline")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    run_id = re.search(r"run_id='([^']+)'", result.stdout).group(1)
+    run_id = re.search(r"^run +(\S+) ", result.stdout, re.M).group(1)
     spans = spans_of(mesh_up.receiver, tracing.trace_id_of(run_id), until=40)
     by_id = assert_one_tree(spans, "flyte run")
     tasks = {s["name"] for s in spans if s["name"].startswith("flyte.task ")}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
+import html
 import json
 import re
 import shutil
@@ -32,10 +32,18 @@ def flyte_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     mesh.stop()
 
 
-def pyflyte(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def pyflyte(env: dict[str, str], *args: str, timeout: float = 300, summary: bool = False) -> subprocess.CompletedProcess:
+    """`pyflyte ...`; its result as JSON on stdout (MLMESH_OUTPUT=json), or as people see it with `summary`."""
     return subprocess.run(
-        [str(BIN / "pyflyte"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [str(BIN / "pyflyte"), *args], cwd=ROOT, env={**env, "MLMESH_OUTPUT": "" if summary else "json"},
+        capture_output=True, text=True, timeout=timeout,
     )
+
+
+def result_of(stdout: str) -> dict:
+    """The workflow's result from `MLMESH_OUTPUT=json pyflyte run` (after pyflyte's own first line)."""
+    assert "{" in stdout, stdout[-2000:]
+    return json.loads(stdout[stdout.index("\n{") + 1:] if not stdout.startswith("{") else stdout)
 
 
 def rpc_lines(env: dict[str, str], stage: str) -> list[str]:
@@ -43,26 +51,34 @@ def rpc_lines(env: dict[str, str], stage: str) -> list[str]:
 
 
 def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str]) -> None:
-    first = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
+    first = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline", summary=True)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "PipelineResult(" in first.stdout and "decision='PROMOTE'" in first.stdout
-    accuracy = float(re.search(r"'accuracy': ([0-9.]+)", first.stdout).group(1))
+    # The summary people read: decision, metrics, the registry, where the report and deck are.
+    summary = first.stdout
+    assert "PipelineResult(" not in summary and "decision  PROMOTE  (sklearn:breast_cancer · logistic_regression" in summary
+    accuracy = float(re.search(r"accuracy ([0-9.]+)", summary).group(1))
     assert accuracy >= 0.95
-    assert "registered_as='breast_cancer-logistic_regression v1'" in first.stdout
+    assert "registered as breast_cancer-logistic_regression v1" in summary
+    report = re.search(r"^report +(\S+)$", summary, re.M).group(1)
+    assert Path(report).is_file() and b"mlmesh evaluation" in Path(report).read_bytes()
+    assert Path(re.search(r"^deck +(\S+)$", summary, re.M).group(1)).is_file()
+    assert re.search(r"^stages +loader +\S+ +computed$", summary, re.M) and "0 of 5 answered from the stages' memos" in summary
+    # Progress went to stderr, one line per stage (not a terminal here, so plain lines).
+    for stage in STAGES:
+        assert re.search(rf"^{stage}: computed in ", first.stderr, re.M), first.stderr
 
     decks = list(Path(flyte_env["TMPDIR"]).rglob("deck.html"))
     assert len(decks) >= 2, "the load and evaluate tasks wrote no decks"
-    deck = "\n".join(d.read_text() for d in decks)
+    # The evaluator's page sits in an iframe's srcdoc, so its styles stay out of Flyte's page.
+    deck = html.unescape("\n".join(d.read_text() for d in decks))
     assert 'class="roc"' in deck and "confusion-matrix" in deck and "<td>accuracy</td>" in deck
     # The load task's deck is the data profile, with a histogram per numeric column.
     assert "<h2>Data profile</h2>" in deck and 'class="histogram"' in deck and "mean radius" in deck
     # Class names survive from source to report.
     assert "<th>malignant</th>" in deck and "<th>benign</th>" in deck
-    assert "task_kind='classification'" in first.stdout
-    assert "rows_dropped={'missing_target': 0, 'invalid_target': 0, 'incomplete': 0, 'duplicate': 0}" in first.stdout
 
     # Every stage recorded its execution under the run's id (one per local pyflyte run).
-    run_id = re.search(r"run_id='(local-[0-9T]+-[0-9a-f]+)'", first.stdout).group(1)
+    run_id = re.search(r"^run +(local-[0-9T]+-[0-9a-f]+) ", summary, re.M).group(1)
     graph = subprocess.run([str(BIN / "mlmesh"), "lineage", "--run", run_id, "--json"], env=flyte_env,
                            capture_output=True, text=True)
     assert [s["stage"] for s in json.loads(graph.stdout)] == ["loader", "preprocess", "features", "trainer", "evaluator"]
@@ -70,8 +86,11 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
     second = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
     assert second.returncode == 0, second.stderr
-    model = re.search(r"model=ArtifactRef\(uri='[^']+', sha256='([0-9a-f]{64})'", first.stdout).group(1)
-    assert f"sha256='{model}'" in second.stdout
+    result = result_of(second.stdout)
+    model = re.search(r"^model +([0-9a-f]{12}) ", summary, re.M).group(1)
+    assert result["model"]["sha256"].startswith(model) and result["task_kind"] == "classification"
+    assert result["rows_dropped"] == {"missing_target": 0, "invalid_target": 0, "incomplete": 0, "duplicate": 0}
+    assert [s["cache_hit"] for s in result["stages"]] == [True] * 5
     after = {stage: rpc_lines(flyte_env, stage) for stage in STAGES}
     # Every stage is asked again and answers from its memo, which checks its outputs still exist.
     for stage in ("loader", "preprocess", "features", "trainer"):
@@ -90,7 +109,7 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
         shutil.rmtree(store / folder)
     third = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
     assert third.returncode == 0, third.stdout + third.stderr
-    assert len(_verified_refs(third.stdout)) >= 15
+    assert len(_verified_refs(result_of(third.stdout))) >= 15
 
     # --recompute reaches every stage, and each one computes instead of answering from its memo.
     before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
@@ -102,8 +121,19 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
         assert computed, f"--recompute did not make {stage} compute: {new_calls}"
 
 
-def _verified_refs(output: str) -> list[tuple[str, str]]:
-    refs = re.findall(r"uri='file://([^']+)', sha256='([0-9a-f]{64})'", output)
+def _refs(value: object) -> list[tuple[str, str]]:
+    """Every artifact ref (uri, sha256) anywhere in a JSON result."""
+    if isinstance(value, dict):
+        if isinstance(value.get("uri"), str) and isinstance(value.get("sha256"), str):
+            return [(value["uri"].removeprefix("file://"), value["sha256"])]
+        return [ref for item in value.values() for ref in _refs(item)]
+    if isinstance(value, list):
+        return [ref for item in value for ref in _refs(item)]
+    return []
+
+
+def _verified_refs(result: dict) -> list[tuple[str, str]]:
+    refs = _refs(result)
     for path, digest in refs:
         assert Path(path).is_file(), f"a returned ref names a missing object: {path}"
         assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == digest, path
@@ -115,14 +145,14 @@ def test_a_deleted_object_is_recomputed_by_the_next_identical_run(flyte_env: dic
     args = ("run", "workflow/pipeline.py", "training_pipeline", "--source", "sklearn:wine", "--seed", "11")
     first = pyflyte(flyte_env, *args)
     assert first.returncode == 0, first.stdout + first.stderr
-    # A field of the result (model=, report=) or an entry of its lineage ('x_train': ...).
-    victim = re.search(rf"(?:\b{deleted}=|'{deleted}': )ArtifactRef\(uri='file://([^']+)', sha256='([0-9a-f]{{64}})'",
-                       first.stdout)
-    Path(victim.group(1)).unlink()
+    # A field of the result (model, report) or an entry of its lineage (x_train).
+    result = result_of(first.stdout)
+    victim = result[deleted] if deleted in result else result["lineage"][deleted]
+    Path(victim["uri"].removeprefix("file://")).unlink()
     second = pyflyte(flyte_env, *args)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert f"sha256='{victim.group(2)}'" in second.stdout  # the same bytes, made again
-    assert len(_verified_refs(second.stdout)) >= 15
+    assert victim["sha256"] in {digest for _, digest in _refs(result_of(second.stdout))}  # the same bytes, made again
+    assert len(_verified_refs(result_of(second.stdout))) >= 15
 
 
 def test_stopped_service_is_named_with_its_address(flyte_env: dict[str, str]) -> None:
@@ -136,9 +166,8 @@ def test_stopped_service_is_named_with_its_address(flyte_env: dict[str, str]) ->
 
 
 def _sweep_result(stdout: str) -> tuple[str, int, list[dict[str, float]]]:
-    match = re.search(r"SweepResult\(metric='(\w+)', best_index=(\d+), .*candidate_metrics=(\[.*?\]), comparison_report=", stdout, re.S)
-    assert match, stdout[-2000:]
-    return match.group(1), int(match.group(2)), ast.literal_eval(match.group(3))
+    result = result_of(stdout)
+    return result["metric"], result["best_index"], result["candidate_metrics"]
 
 
 def test_readme_sweep_command_picks_the_best_default_candidate(flyte_env: dict[str, str]) -> None:
@@ -148,13 +177,13 @@ def test_readme_sweep_command_picks_the_best_default_candidate(flyte_env: dict[s
     assert metric == "f1_macro" and len(scores) == 4  # the four default classification candidates
     assert scores[best]["f1_macro"] == max(s["f1_macro"] for s in scores)
     # One comparison report, every candidate side by side, the winner marked.
-    report = re.search(r"comparison_report=ArtifactRef\(uri='file://([^']+)', sha256='([0-9a-f]{64})'", result.stdout)
-    page = Path(report.group(1)).read_bytes()
-    assert hashlib.sha256(page).hexdigest() == report.group(2)
+    report = result_of(result.stdout)["comparison_report"]
+    page = Path(report["uri"].removeprefix("file://")).read_bytes()
+    assert hashlib.sha256(page).hexdigest() == report["sha256"]
     assert page.count(b"<tr") == 5 and page.count(b'class="winner"') == 1 and b"Only the winner is registered" in page
     # Only the winner is registered.
-    registered = re.findall(r"registered_as='([^']*)'", result.stdout)
-    assert len(registered) == 1
+    registered = [result_of(result.stdout)["best"]["registered_as"]]
+    assert registered[0]
     models = subprocess.run([str(BIN / "mlmesh"), "models", "--json"], env=flyte_env, capture_output=True, text=True)
     names = {entry["name"] for entry in json.loads(models.stdout)}
     losers = {f"breast_cancer-{m}" for m in ("logistic_regression", "random_forest", "hist_gradient_boosting", "sgd")}
@@ -193,7 +222,7 @@ def test_regression_sweep_defaults_follow_the_task_kind(flyte_env: dict[str, str
     metric, best, scores = _sweep_result(result.stdout)
     assert metric == "r2" and len(scores) == 3  # ridge, random_forest, hist_gradient_boosting
     assert all("accuracy" not in s for s in scores)
-    assert "r2 " in result.stdout and "the regression default applies" in result.stdout
+    assert any("the regression default applies" in r for r in result_of(result.stdout)["best"]["reasons"])
 
 
 def test_roles_task_kind_and_deduplication_from_pyflyte(flyte_env: dict[str, str], tmp_path: Path) -> None:
@@ -207,12 +236,12 @@ def test_roles_task_kind_and_deduplication_from_pyflyte(flyte_env: dict[str, str
     kept = pyflyte(flyte_env, *base, "--column_roles", '{"zip": "categorical", "row_id": "ignore"}',
                    "--task_kind", "regression")
     assert kept.returncode == 0, kept.stdout + kept.stderr
-    assert "task_kind='regression'" in kept.stdout and "'duplicate': 0" in kept.stdout
+    assert result_of(kept.stdout)["task_kind"] == "regression" and result_of(kept.stdout)["rows_dropped"]["duplicate"] == 0
     deduplicated = pyflyte(flyte_env, *base, "--column_roles", '{"zip": "categorical", "row_id": "ignore"}',
                            "--task_kind", "regression", "--drop_duplicates")
     assert deduplicated.returncode == 0, deduplicated.stdout + deduplicated.stderr
-    assert "'duplicate': 40" in deduplicated.stdout
-    schema_ref = re.search(r"'schema': ArtifactRef\(uri='file://([^']+)'", deduplicated.stdout).group(1)
+    assert result_of(deduplicated.stdout)["rows_dropped"]["duplicate"] == 40
+    schema_ref = result_of(deduplicated.stdout)["lineage"]["schema"]["uri"].removeprefix("file://")
     roles = {c["name"]: (c["role"], c["overridden"]) for c in json.loads(Path(schema_ref).read_text())["columns"]}
     assert roles["zip"] == ("categorical", True) and roles["row_id"] == ("ignore", True)
     assert roles["size"] == ("numeric", False)
@@ -234,13 +263,13 @@ def test_readme_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=flyte_env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = re.findall(r"^PipelineResult\(.*$", result.stdout, re.M)
-    sweeps = re.findall(r"^SweepResult\(.*$", result.stdout, re.M)
-    assert len(results) == 4 and len(sweeps) == 2
-    house = results[2]
-    assert "task_kind='regression'" in house and "'r2':" in house and "'accuracy'" not in house
-    assert "registered_as='data.csv-ridge v1'" in house
-    assert "data.csv-ridge" in result.stdout.split(sweeps[-1], 1)[1]  # `mlmesh models` lists it
+    # Six summaries (a sweep ends with its winner's), two of them after a sweep's table.
+    decisions = re.findall(r"^decision  (PROMOTE|RETRAIN)  \((.*)\)$", result.stdout, re.M)
+    assert len(decisions) == 6 and result.stdout.count("\nsweep     ") == 2, result.stdout[-3000:]
+    house = next(what for _, what in decisions if what.startswith("data.csv"))
+    assert house == "data.csv · ridge · regression"
+    assert "registered as data.csv-ridge v1" in result.stdout
+    assert "data.csv-ridge" in result.stdout.rsplit("\nsweep     ", 1)[1]  # `mlmesh models` lists it
 
 def test_pyflyte_package_needs_no_backend(tmp_path: Path, flyte_env: dict[str, str]) -> None:
     output = tmp_path / "flyte-package.tgz"

@@ -12,15 +12,20 @@ are found through the same MLMESH_*_ADDRESS variables as the `mlmesh` CLI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import html
 import json
 import os
-import re
+import signal
+import sys
+import threading
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from pathlib import Path
+from typing import TypeVar, Union
 
 import flytekit
 from flytekit import CronSchedule, Deck, LaunchPlan, task, workflow
@@ -32,11 +37,12 @@ from mlmesh.features.v1 import features_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from services.evaluator.report import profile_page
 from services.runtime.client import (
+    LINEAGE,
     ConfigError,
     MeshClient,
     PipelineConfig,
-    ProgressPrinter,
     StageCallError,
+    default_registry_name,
     evaluate_request,
     features_request,
     load_request,
@@ -45,6 +51,8 @@ from services.runtime.client import (
     train_request,
 )
 from services.runtime import tracing
+from services.runtime.progress import PipelineProgress, stage_outcome
+from services.runtime.summary import RunOutcome, local_path, render
 from services.runtime.roles import role_name
 from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
@@ -94,6 +102,19 @@ class ArtifactRef:
 
 
 @dataclass
+class StageTiming:
+    """How one stage call went: its time, and whether the stage answered from its memo."""
+
+    stage: str = ""
+    cache_hit: bool = False
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, info: common_pb2.StageInfo) -> StageTiming:
+        return cls(info.stage, info.cache_hit, info.seconds)
+
+
+@dataclass
 class Dataset:
     dataset: ArtifactRef
     rows: int
@@ -103,6 +124,7 @@ class Dataset:
     schema: ArtifactRef
     profile: ArtifactRef
     roles: dict[str, str]
+    stage: StageTiming = field(default_factory=StageTiming)
 
 
 @dataclass
@@ -112,6 +134,7 @@ class Splits:
     class_names: list[str]
     split_report: ArtifactRef
     rows_dropped: dict[str, int]
+    stage: StageTiming = field(default_factory=StageTiming)
 
 
 @dataclass
@@ -122,6 +145,7 @@ class Features:
     y_test: ArtifactRef
     transformer: ArtifactRef
     feature_schema: ArtifactRef
+    stage: StageTiming = field(default_factory=StageTiming)
 
 
 @dataclass
@@ -129,6 +153,7 @@ class TrainedModel:
     model: ArtifactRef
     model_name: str
     effective_hyperparameters: dict[str, str]
+    stage: StageTiming = field(default_factory=StageTiming)
 
 
 @dataclass
@@ -138,6 +163,7 @@ class Evaluation:
     reasons: list[str]
     metrics_report: ArtifactRef
     html_report: ArtifactRef
+    stage: StageTiming = field(default_factory=StageTiming)
 
 
 @dataclass
@@ -160,6 +186,29 @@ class PipelineResult:
     registered_as: str
     # The run every stage recorded its execution under: `mlmesh lineage --run RUN_ID`.
     run_id: str = ""
+    source: str = ""
+    model_name: str = ""
+    # Each stage's time and memo hit, in pipeline order.
+    stages: list[StageTiming] = field(default_factory=list)
+    # The evaluate task's Flyte deck, when the run was local (on a cluster: the Flyte console).
+    deck: str = ""
+    seconds: float = 0.0
+
+    def outcome(self) -> RunOutcome:
+        return {
+            "run_id": self.run_id, "source": self.source, "task_kind": self.task_kind, "decision": self.decision,
+            "reasons": self.reasons, "metrics": self.metrics, "model_name": self.model_name,
+            "model_uri": self.model.uri, "model_sha256": self.model.sha256, "registered_as": self.registered_as,
+            "report_path": local_path(self.html_report.uri), "deck_path": self.deck,
+            "stages": [dataclasses.asdict(s) for s in self.stages], "seconds": self.seconds,
+            **({"trace_id": tracing.trace_id_of(self.run_id)} if tracing.enabled() else {}),
+        }
+
+    def __str__(self) -> str:
+        # What `pyflyte run` prints at the end (it echoes the workflow's result).
+        if _json_output():
+            return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        return render(self.outcome())
 
 
 @dataclass
@@ -171,6 +220,26 @@ class SweepResult:
     candidate_metrics: list[dict[str, float]]
     # Every candidate side by side (HTML in the store; also the compare task's deck).
     comparison_report: ArtifactRef
+
+    def __str__(self) -> str:
+        if _json_output():
+            return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+        rows = []
+        for index, (candidate, metrics) in enumerate(zip(self.candidates, self.candidate_metrics, strict=True)):
+            params = ", ".join(f"{k}={v}" for k, v in sorted(candidate.hyperparameters.items())) or "defaults"
+            mark = "*" if index == self.best_index else " "
+            score = metrics.get(self.metric)
+            rows.append(f"{mark} {index}  {candidate.model:<24} {self.metric} "
+                        f"{'-' if score is None else f'{score:.4f}'}  ({params})")
+        return "\n".join([
+            f"sweep     {len(self.candidates)} candidates by {self.metric}; * marks the winner", *rows,
+            f"compared  {local_path(self.comparison_report.uri)}", "", str(self.best),
+        ])
+
+
+def _json_output() -> bool:
+    """MLMESH_OUTPUT=json: `pyflyte run` prints the whole result as JSON instead of the summary."""
+    return os.environ.get("MLMESH_OUTPUT", "").strip().lower() == "json"
 
 
 # ---- calling the services -----------------------------------------------------------------
@@ -211,30 +280,76 @@ def _close_run_trace(**attributes: str) -> None:
         pass
 
 
-def call(stage_call: Callable[[MeshClient], Awaitable[T]], task_name: str) -> T:
-    """Run one task's RPCs with a fresh client; map failures to Flyte's retry semantics.
+def _local() -> bool:
+    """True under `pyflyte run` without --remote: every task in this process, a person watching."""
+    return flytekit.current_context().execution_id.name in ("", "local")
+
+
+def call(stage_call: Callable[[MeshClient, PipelineProgress], Awaitable[T]], task_name: str) -> T:
+    """Run one task's RPCs with a fresh client and a progress display; map failures to Flyte's.
 
     With OTEL_* set, the task is a span in the run's trace (see services/runtime/tracing.py),
     and each RPC a child of it.
+
+    On a cluster a failure raises, so that Flyte retries what may heal and records the
+    stage's message. Under a local `pyflyte run` there is no retry, and a person reads the
+    terminal: the stage's message is printed as one paragraph, and the run exits without
+    a traceback of this file (1, or 130 after Ctrl-C, which also stops a fit in progress).
     """
 
     async def run() -> T:
         async with MeshClient(Settings.from_env(), recompute_flag="--recompute", run_id=run_id()) as client:
-            return await stage_call(client)
+            try:
+                with PipelineProgress() as progress:
+                    return await stage_call(client, progress)
+            except asyncio.CancelledError:
+                if await client.cancel_fits():
+                    print("mlmesh: asked the trainer to stop the fit", file=sys.stderr)
+                raise
 
     try:
         tracing.configure("workflow")
     except (ValueError, ImportError) as exc:
         raise StageFailed(f"invalid tracing configuration: {exc}") from None
     try:
-        with tracing.run_task_span(run_id(), f"flyte.task {task_name}"):
+        with tracing.run_task_span(run_id(), f"flyte.task {task_name}"), _ctrl_c_cancels():
             return asyncio.run(run())
-    except StageCallError as error:
-        if error.recoverable:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"\nmlmesh: interrupted during the {task_name} task", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (StageCallError, ConfigError) as error:
+        if _local():
+            print(f"\nmlmesh: the {task_name} task failed.\n{error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        if isinstance(error, StageCallError) and error.recoverable:
             raise FlyteRecoverableException(str(error)) from None
         raise StageFailed(str(error)) from None
-    except ConfigError as error:  # an input that is not one of its choices
-        raise StageFailed(str(error)) from None
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels() -> Iterator[None]:
+    """During a task's calls, Ctrl-C cancels them (asyncio's own handling of SIGINT).
+
+    flytekit's SIGINT handler exits with status 1 wherever the process is; asyncio.run
+    installs its graceful handler only over Python's default one. So the default is put
+    back for the call, and flytekit's restored after it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+async def _one(progress: PipelineProgress, stage: str, rpc: Awaitable[T], count: Callable[[T], int] = lambda _: 0) -> T:
+    """One unary stage call, shown on the progress display."""
+    with progress.stage(stage) as shown:
+        reply = await rpc
+        shown.done(stage_outcome(stage, reply.stage, count(reply)))
+    return reply
 
 
 def _stored_page(ref: ArtifactRef, what: str) -> bytes:
@@ -257,12 +372,12 @@ _TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK
 def load(source: str, target_column: str, task_kind: str, column_roles: dict[str, str], recompute: bool) -> Dataset:
     config = PipelineConfig(source=source, target_column=target_column, task_kind=task_kind,
                             column_roles=column_roles, force_recompute=recompute)
-    reply = call(lambda c: c.load(load_request(config)), "load")
+    reply = call(lambda c, shown: _one(shown, "loader", c.load(load_request(config)), lambda r: r.rows), "load")
     dataset = Dataset(
         dataset=ArtifactRef.of(reply.dataset), rows=reply.rows, task_kind=_TASKS[reply.task_kind],
         task_kind_reason=reply.task_kind_reason, schema=ArtifactRef.of(reply.schema),
         profile=ArtifactRef.of(reply.profile),
-        roles={c.name: role_name(c.role, c.name) for c in reply.columns},
+        roles={c.name: role_name(c.role, c.name) for c in reply.columns}, stage=StageTiming.of(reply.stage),
     )
     # Flyte's view of the data going in: the loader's profile, with a histogram per column.
     profile = json.loads(_stored_page(dataset.profile, "profile"))
@@ -276,11 +391,12 @@ def preprocess(
 ) -> Splits:
     config = PipelineConfig(test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
                             drop_incomplete_rows=drop_incomplete_rows, force_recompute=recompute)
-    reply = call(lambda c: c.preprocess(preprocess_request(config, dataset.dataset.proto())), "preprocess")
+    reply = call(lambda c, shown: _one(shown, "preprocess", c.preprocess(preprocess_request(config, dataset.dataset.proto())),
+                                       lambda r: r.rows_in), "preprocess")
     return Splits(
         train=ArtifactRef.of(reply.train), test=ArtifactRef.of(reply.test), class_names=list(reply.class_names),
         split_report=ArtifactRef.of(reply.split_report),
-        rows_dropped=rows_dropped(reply),
+        rows_dropped=rows_dropped(reply), stage=StageTiming.of(reply.stage),
     )
 
 
@@ -294,9 +410,10 @@ def build_features(
         categorical_encoding=categorical_encoding, scaling=scaling, polynomial_degree=polynomial_degree,
         select_k_best=select_k_best, force_recompute=recompute,
     )
-    reply = call(lambda c: c.build_features(features_request(config, splits.train.proto(), splits.test.proto(), model)), "build_features")
+    request = features_request(config, splits.train.proto(), splits.test.proto(), model)
+    reply = call(lambda c, shown: _one(shown, "features", c.build_features(request)), "build_features")
     return Features(*(ArtifactRef.of(getattr(reply, n)) for n in (
-        "x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")))
+        "x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")), stage=StageTiming.of(reply.stage))
 
 
 def _features_reply(features: Features) -> features_pb2.BuildFeaturesResponse:
@@ -313,45 +430,79 @@ def _features_reply(features: Features) -> features_pb2.BuildFeaturesResponse:
 _TRAIN_DEFAULTS = {**_TASK_DEFAULTS, "timeout": timedelta(hours=24)}
 
 
+# Hyperparameters and thresholds as people type them on the pyflyte command line:
+# --hyperparameters '{"n_estimators": 300}' and '{"n_estimators": "300"}' mean the same,
+# as do --minimums '{"rmse": 5000}' and '{"rmse": 5000.0}'.
+HyperparameterValue = Union[str, int, float]
+Threshold = Union[float, int]
+
+
+def _hyperparameters(values: dict[str, HyperparameterValue]) -> dict[str, str]:
+    """As the trainer takes them: text, with a whole float written as an integer (300.0 -> '300')."""
+    return {name: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for name, v in values.items()}
+
+
+def _thresholds(values: dict[str, Threshold]) -> dict[str, float]:
+    return {name: float(v) for name, v in values.items()}
+
+
 @task(**_TRAIN_DEFAULTS)
-def train(features: Features, model: str, hyperparameters: dict[str, str], seed: int, recompute: bool) -> TrainedModel:
-    config = PipelineConfig(model=model, hyperparameters=hyperparameters, seed=seed, force_recompute=recompute)
-    progress = ProgressPrinter(lambda line: print(line, flush=True))
-    return call(lambda c: _train(c, config, features, progress), "train")
+def train(features: Features, model: str, hyperparameters: dict[str, HyperparameterValue], seed: int, recompute: bool) -> TrainedModel:
+    config = PipelineConfig(model=model, hyperparameters=_hyperparameters(hyperparameters), seed=seed, force_recompute=recompute)
+    return call(lambda c, progress: _train(c, config, features, progress), "train")
 
 
-async def _train(client: MeshClient, config: PipelineConfig, features: Features, progress: ProgressPrinter) -> TrainedModel:
-    result = await client.train(train_request(config, _features_reply(features)), progress)
-    return TrainedModel(ArtifactRef.of(result.model), result.model_name, dict(result.effective_hyperparameters))
+async def _train(client: MeshClient, config: PipelineConfig, features: Features, progress: PipelineProgress,
+                 label: str = "trainer") -> TrainedModel:
+    with progress.stage("trainer", label) as shown:
+        result = await client.train(train_request(config, _features_reply(features)), shown.fit)
+        shown.done(stage_outcome("trainer", result.stage) + f", {result.model_name}")
+    return TrainedModel(ArtifactRef.of(result.model), result.model_name, dict(result.effective_hyperparameters),
+                        StageTiming.of(result.stage))
 
 
 async def _evaluate(
     client: MeshClient, config: PipelineConfig, trained: TrainedModel, features: Features, splits: Splits, dataset: Dataset,
+    progress: PipelineProgress, label: str = "evaluator",
 ) -> Evaluation:
     prepared = preprocess_pb2.PreprocessResponse(class_names=splits.class_names, split_report=splits.split_report.proto())
-    reply = await client.evaluate(evaluate_request(
-        config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto()))
+    with progress.stage("evaluator", label) as shown:
+        reply = await client.evaluate(evaluate_request(
+            config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto()))
+        shown.done(stage_outcome("evaluator", reply.stage) + f", {_DECISIONS[reply.decision]}")
     return Evaluation(
         metrics=dict(reply.metrics), decision=_DECISIONS[reply.decision], reasons=list(reply.reasons),
         metrics_report=ArtifactRef.of(reply.metrics_report), html_report=ArtifactRef.of(reply.html_report),
+        stage=StageTiming.of(reply.stage),
     )
 
 
 @task(enable_deck=True, **_TASK_DEFAULTS)
 def evaluate(
     trained: TrainedModel, features: Features, splits: Splits, dataset: Dataset,
-    minimums: dict[str, float], maximums: dict[str, float], recompute: bool,
+    minimums: dict[str, Threshold], maximums: dict[str, Threshold], recompute: bool,
 ) -> Evaluation:
-    config = PipelineConfig(minimums=minimums, maximums=maximums, force_recompute=recompute)
-    evaluation = call(lambda c: _evaluate(c, config, trained, features, splits, dataset), "evaluate")
-    # The deck is the evaluator's own HTML report, read (and digest-checked) from the store.
+    config = PipelineConfig(minimums=_thresholds(minimums), maximums=_thresholds(maximums), force_recompute=recompute)
+    evaluation = call(lambda c, progress: _evaluate(c, config, trained, features, splits, dataset, progress), "evaluate")
+    # The deck is the evaluator's own HTML report, read (and digest-checked) from the store,
+    # in an iframe so that its styles never touch Flyte's page around it.
     Deck("Evaluation", _stored_page(evaluation.html_report, "html_report").decode())
     return evaluation
 
 
-def default_model_name(source: str, model: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", source.split("?")[0].split(":")[-1].rsplit("/", 1)[-1])
-    return f"{base.strip('._-') or 'dataset'}-{model}"[:128]
+def _local_deck() -> str:
+    """Where flytekit wrote the evaluate task's deck, under a local `pyflyte run` ('' elsewhere).
+
+    flytekit names the file only in a log line, after the task returns, in a folder of this
+    process's own sandbox; the newest deck there holding the evaluation is the one.
+    """
+    if not _local():
+        return ""
+    from flytekit.core.context_manager import FlyteContextManager
+
+    sandbox = Path(FlyteContextManager.current_context().file_access.local_sandbox_dir)
+    decks = sorted(sandbox.glob("*/deck.html"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((str(d) for d in decks if "mlmesh evaluation" in d.read_text(errors="replace")), "")
 
 
 @task(**_TASK_DEFAULTS)
@@ -360,24 +511,31 @@ def promote(
     splits: Splits, features: Features,
 ) -> PipelineResult:
     """Register the model when the decision is PROMOTE; always assemble the result."""
-    lineage = {
-        "dataset": dataset.dataset, "schema": dataset.schema, "profile": dataset.profile,
-        "train": splits.train, "test": splits.test, "split_report": splits.split_report,
-        "x_train": features.x_train, "y_train": features.y_train, "x_test": features.x_test,
-        "y_test": features.y_test, "transformer": features.transformer, "feature_schema": features.feature_schema,
-        "model": trained.model, "metrics_report": evaluation.metrics_report, "html_report": evaluation.html_report,
-    }
+    replies = {"load": dataset, "preprocess": splits, "features": features, "train": trained, "evaluate": evaluation}
+    lineage = {name: getattr(replies[task_name], name) for name, task_name in LINEAGE.items()}
     registered = ""
     if evaluation.decision == "PROMOTE":
-        name = registry_name or default_model_name(source, trained.model_name)
-        reply = call(lambda c: c.register_model(evaluator_pb2.RegisterModelRequest(
+        name = registry_name or default_registry_name(source, trained.model_name)
+        request = evaluator_pb2.RegisterModelRequest(
             name=name, model=trained.model.proto(), metrics_report=evaluation.metrics_report.proto(),
-            lineage={k: v.proto() for k, v in lineage.items()})), "promote")
+            lineage={k: v.proto() for k, v in lineage.items()})
+
+        async def register(client: MeshClient, progress: PipelineProgress) -> evaluator_pb2.RegisterModelResponse:
+            with progress.stage("registry") as shown:
+                reply = await client.register_model(request)
+                shown.done(f"{reply.model_version.name} v{reply.model_version.version}"
+                           + (" (already registered)" if reply.already_registered else ""))
+            return reply
+
+        reply = call(register, "promote")
         registered = f"{reply.model_version.name} v{reply.model_version.version}"
     result = PipelineResult(
         model=trained.model, task_kind=dataset.task_kind, metrics=evaluation.metrics, decision=evaluation.decision,
         reasons=evaluation.reasons, rows_dropped=splits.rows_dropped, report=evaluation.metrics_report,
         html_report=evaluation.html_report, lineage=lineage, registered_as=registered, run_id=run_id(),
+        source=source, model_name=trained.model_name,
+        stages=[dataset.stage, splits.stage, features.stage, trained.stage, evaluation.stage],
+        deck=_local_deck(), seconds=(datetime.now(UTC) - run_started()).total_seconds(),
     )
     _close_run_trace(decision=evaluation.decision)
     return result
@@ -393,7 +551,7 @@ def training_pipeline(
     task_kind: str = "",
     column_roles: dict[str, str] = {},  # noqa: B006 - Flyte defaults are literals
     model: str = "",  # "": logistic_regression for classification, ridge for regression
-    hyperparameters: dict[str, str] = {},  # noqa: B006
+    hyperparameters: dict[str, HyperparameterValue] = {},  # noqa: B006
     test_fraction: float = 0.2,
     seed: int = 42,
     drop_duplicates: bool = False,
@@ -404,8 +562,8 @@ def training_pipeline(
     scaling: str = "standard",
     polynomial_degree: int = 0,
     select_k_best: int = 0,
-    minimums: dict[str, float] = {},  # noqa: B006
-    maximums: dict[str, float] = {},  # noqa: B006
+    minimums: dict[str, Threshold] = {},  # noqa: B006
+    maximums: dict[str, Threshold] = {},  # noqa: B006
     registry_name: str = "",
     recompute: bool = False,
 ) -> PipelineResult:
@@ -464,7 +622,7 @@ def _sweep_concurrency() -> int:
 @task(**_TRAIN_DEFAULTS)
 def train_candidates(
     candidates: list[ModelCandidate], dataset: Dataset, splits: Splits, features: Features, seed: int,
-    minimums: dict[str, float], maximums: dict[str, float],
+    minimums: dict[str, Threshold], maximums: dict[str, Threshold],
 ) -> list[CandidateOutcome]:
     """Train and evaluate every candidate, concurrently, on the one feature build upstream.
 
@@ -474,17 +632,17 @@ def train_candidates(
     chosen = _candidates(candidates, dataset.task_kind)
     gate = asyncio.Semaphore(_sweep_concurrency())
 
-    async def one(client: MeshClient, index: int, candidate: ModelCandidate) -> CandidateOutcome:
+    async def one(client: MeshClient, progress: PipelineProgress, index: int, candidate: ModelCandidate) -> CandidateOutcome:
         config = PipelineConfig(model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed,
-                                minimums=minimums, maximums=maximums)
-        progress = ProgressPrinter(lambda line: print(line, flush=True), prefix=f"candidate {index} {candidate.model}: ")
+                                minimums=_thresholds(minimums), maximums=_thresholds(maximums))
+        label = f"#{index} {candidate.model}"
         async with gate:
-            trained = await _train(client, config, features, progress)
-        evaluation = await _evaluate(client, config, trained, features, splits, dataset)
+            trained = await _train(client, config, features, progress, label)
+        evaluation = await _evaluate(client, config, trained, features, splits, dataset, progress, label)
         return CandidateOutcome(candidate, trained, evaluation)
 
-    async def every(client: MeshClient) -> list[CandidateOutcome]:
-        return list(await asyncio.gather(*(one(client, i, c) for i, c in enumerate(chosen))))
+    async def every(client: MeshClient, progress: PipelineProgress) -> list[CandidateOutcome]:
+        return list(await asyncio.gather(*(one(client, progress, i, c) for i, c in enumerate(chosen))))
 
     return call(every, "train_candidates")
 
@@ -562,8 +720,8 @@ def sweep_pipeline(
     test_fraction: float = 0.2,
     seed: int = 42,
     drop_duplicates: bool = False,
-    minimums: dict[str, float] = {},  # noqa: B006
-    maximums: dict[str, float] = {},  # noqa: B006
+    minimums: dict[str, Threshold] = {},  # noqa: B006
+    maximums: dict[str, Threshold] = {},  # noqa: B006
 ) -> SweepResult:
     dataset = load(source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles,
                    recompute=False)

@@ -20,12 +20,15 @@ from services.runtime.client import (
     MeshClient,
     PipelineConfig,
     PipelineRun,
-    ProgressPrinter,
     StageCallError,
     check_health,
+    default_registry_name,
+    register_request,
     rows_dropped,
     running_operations,
 )
+from services.runtime.progress import PipelineProgress
+from services.runtime.summary import RunOutcome, local_path, render, stage_time
 from services.runtime.errors import StageError, bounded
 from services.runtime.launcher import LocalMesh, MeshStartError
 from services.runtime.metrics import metrics_url, read_vitals
@@ -274,10 +277,16 @@ async def _with_mesh(settings: Settings, args: argparse.Namespace) -> int:
     started = await mesh.start_or_reuse()
     if not started:
         print("mlmesh with-mesh: using the mesh already serving on these ports", file=sys.stderr)
+    # Ctrl-C goes to the command too (one process group): let it finish on its own terms,
+    # then stop the mesh, and exit as it did (130 for an interrupt).
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
     try:
         process = await asyncio.create_subprocess_exec(*command)
-        return await process.wait()
+        code = await process.wait()
+        return 128 - code if code < 0 else code
     finally:
+        loop.remove_signal_handler(signal.SIGINT)
         if started:
             mesh.stop()
 
@@ -287,12 +296,22 @@ def _as_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _local_path(uri: str) -> str:
-    """A file:// artifact as a path a person can open; other URIs as they are."""
-    return uri.removeprefix("file://") if uri.startswith("file://") else uri
+def _outcome(run: PipelineRun, source: str, registered_as: str) -> RunOutcome:
+    """What the run ends with on the terminal (services/runtime/summary.py)."""
+    outcome: RunOutcome = {
+        "run_id": run.run_id, "source": source, "task_kind": task_kind_name(run.load.task_kind, "task_kind"),
+        "decision": evaluator_pb2.Decision.Name(run.evaluate.decision).removeprefix("DECISION_"),
+        "reasons": list(run.evaluate.reasons), "metrics": dict(run.evaluate.metrics),
+        "model_name": run.train.model_name, "model_uri": run.train.model.uri, "model_sha256": run.train.model.sha256,
+        "registered_as": registered_as, "report_path": local_path(run.evaluate.html_report.uri),
+        "stages": [stage_time(info) for info in run.stages], "seconds": run.seconds,
+    }
+    if tracing.enabled():
+        outcome["trace_id"] = tracing.trace_id_of(run.run_id)
+    return outcome
 
 
-def _summary(run: PipelineRun) -> dict[str, Any]:
+def _summary(run: PipelineRun, registered_as: str) -> dict[str, Any]:
     evaluation, loaded, prepared = run.evaluate, run.load, run.preprocess
     return {
         "run_id": run.run_id,
@@ -313,6 +332,10 @@ def _summary(run: PipelineRun) -> dict[str, Any]:
         "class_names": list(prepared.class_names),
         "feature_names": list(run.features.feature_names),
         "model": _as_dict(run.train.model),
+        "model_name": run.train.model_name,
+        "effective_hyperparameters": dict(run.train.effective_hyperparameters),
+        # "name vN" when the model passed and was registered; "" otherwise.
+        "registered_as": registered_as,
         "metrics_report": _as_dict(evaluation.metrics_report),
         "html_report": _as_dict(evaluation.html_report),
         "artifacts": {
@@ -329,8 +352,9 @@ def _summary(run: PipelineRun) -> dict[str, Any]:
     }
 
 
-def _print_run(run: PipelineRun) -> None:
-    summary = _summary(run)
+def _print_run(run: PipelineRun, outcome: RunOutcome) -> None:
+    """What the data turned out to be (columns, rows, classes), then the run's summary."""
+    summary = _summary(run, outcome.get("registered_as", ""))
     loaded, prepared = run.load, run.preprocess
     print(f"target:  {loaded.target_column} -> {summary['task_kind']} ({loaded.task_kind_reason})")
     used = [c for c in summary["columns"] if c["role"] in FEATURE_ROLES]
@@ -348,21 +372,8 @@ def _print_run(run: PipelineRun) -> None:
         shown = ", ".join(prepared.class_names[:20]) + (" ..." if len(prepared.class_names) > 20 else "")
         print(f"classes: {shown}")
     print(f"inputs:  {len(run.features.feature_names)} model inputs from {len(used)} columns")
-    print(f"\n{'stage':<11} {'cache':<6} {'seconds':>8}")
-    for info in run.stages:
-        print(f"{info.stage:<11} {'hit' if info.cache_hit else 'miss':<6} {info.seconds:>8.3f}")
-    print("\nmetrics (held-out test split):")
-    for name, value in summary["metrics"].items():
-        print(f"  {name:<16} {value:.4f}")
-    print(f"decision: {summary['decision']}")
-    for reason in summary["reasons"]:
-        print(f"  - {reason}")
-    print(f"model:   {run.train.model.uri}")
-    print(f"report:  {_local_path(run.evaluate.html_report.uri)}")
-    print(f"run:     {run.run_id}  (mlmesh lineage --run {run.run_id})")
-    if tracing.enabled():
-        print(f"trace:   {tracing.trace_id_of(run.run_id)}")
-    print(f"total:   {run.seconds:.2f}s")
+    print()
+    print(render(outcome))
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
@@ -407,21 +418,69 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             mesh = None  # someone else's mesh: use it, leave it running
     try:
         async with MeshClient(settings, recompute_flag="--force") as client:
-            progress = None if args.json else ProgressPrinter(lambda line: print(line, flush=True), prefix="  trainer: ")
-            # With OTEL_* set, the root of the run's trace: every stage call below is its child.
-            with tracing.run_span(client.run_id, "mlmesh run", **{"mlmesh.source": config.source, "mlmesh.model": config.model}):
-                run = await client.run_pipeline(config, progress)
+            try:
+                run, registered_as = await _run_pipeline(client, config, args)
+            except asyncio.CancelledError:
+                # Ctrl-C: the stage calls in flight are cancelled with this task; a fit
+                # outlives its caller on purpose, so ask the trainer to stop it too.
+                stopped = await client.cancel_fits()
+                _INTERRUPTED.append("the trainer was asked to stop its fit" if stopped else "")
+                raise
     except (StageCallError, ConfigError) as exc:
         print(f"mlmesh run: {exc}", file=sys.stderr)
         return 2
     finally:
         if mesh is not None:
             mesh.stop()
+    outcome = _outcome(run, config.source, registered_as)
     if args.json:
-        print(json.dumps(_summary(run), indent=2, sort_keys=True))
+        print(json.dumps(_summary(run, registered_as), indent=2, sort_keys=True))
     else:
-        _print_run(run)
+        _print_run(run, outcome)
     return 0
+
+
+# Set by a run that was interrupted, for the one line `main` prints.
+_INTERRUPTED: list[str] = []
+
+
+async def _run_pipeline(client: MeshClient, config: PipelineConfig, args: argparse.Namespace) -> tuple[PipelineRun, str]:
+    """The five stages with progress on stderr, then the registry when the decision is PROMOTE."""
+    # With OTEL_* set, the root of the run's trace: every stage call below is its child.
+    with tracing.run_span(client.run_id, "mlmesh run", **{"mlmesh.source": config.source, "mlmesh.model": config.model}):
+        with PipelineProgress(quiet=args.quiet) as progress:
+            run = await client.run_pipeline(config, progress)
+            if run.evaluate.decision != evaluator_pb2.DECISION_PROMOTE or not args.register:
+                return run, ""
+            name = args.registry_name or default_registry_name(config.source, run.train.model_name)
+            with progress.stage("registry") as shown:
+                reply = await client.register_model(register_request(run, name))
+                version = reply.model_version
+                shown.done(f"{version.name} v{version.version}" + (" (already registered)" if reply.already_registered else ""))
+    return run, f"{version.name} v{version.version}"
+
+
+# Listed in `mlmesh run --help` without importing scikit-learn (which takes seconds);
+# tests/test_cli.py checks them against the loader's and the trainer's catalogues.
+HELP_SOURCES = ("breast_cancer", "diabetes", "digits", "iris", "wine")
+HELP_MODELS = {
+    "classification": ("logistic_regression", "random_forest", "hist_gradient_boosting", "sgd"),
+    "regression": ("ridge", "random_forest", "hist_gradient_boosting"),
+}
+_RUN_EPILOG = f"""\
+sources:
+  sklearn:NAME            NAME is one of {", ".join(HELP_SOURCES)}
+  synthetic:KIND?OPTIONS  e.g. synthetic:classification?rows=1000&features=20&classes=2&seed=0
+  PATH or URL             a CSV or Parquet table (give --target)
+models:
+  classification          {", ".join(HELP_MODELS["classification"])} (default: logistic_regression)
+  regression              {", ".join(HELP_MODELS["regression"])} (default: ridge)
+examples:
+  mlmesh run --start-mesh
+  mlmesh run --source data.csv --target price --model random_forest --hp n_estimators=300
+  mlmesh run --source sklearn:wine --min f1_macro=0.95 --registry-name wine-prod
+Ctrl-C stops the run and the fit in progress; progress goes to stderr, the result to stdout.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,17 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_mesh.add_argument("--log-dir", type=Path, help="write each stage's log to DIR/<stage>.log")
     with_mesh.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
-    run = commands.add_parser("run", help="run the pipeline against the mesh")
+    run = commands.add_parser("run", help="run the pipeline against the mesh", epilog=_RUN_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--start-mesh", action="store_true", help="start the mesh for this run and stop it after")
     run.add_argument("--source", default="sklearn:breast_cancer",
-                     help="sklearn:NAME, synthetic:..., or a CSV/Parquet path or URL (default: %(default)s)")
+                     help="sklearn:NAME, synthetic:..., or a CSV/Parquet path or URL, listed below (default: %(default)s)")
     run.add_argument("--target", default="", help="target column (required for files)")
     run.add_argument("--task", default="", choices=CHOICES["task_kind"][1:],
                      help="classification or regression (default: inferred from the target)")
     run.add_argument("--column", action="append", default=[], metavar="NAME=ROLE",
                      help=f"set a column's role, repeatable; roles: {', '.join(ROLES)}")
-    run.add_argument("--model", default="",
-                     help="default: logistic_regression for classification, ridge for regression")
+    run.add_argument("--model", default="", metavar="MODEL", help="the model to train, listed below "
+                                           "(default: logistic_regression for classification, ridge for regression)")
     run.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="hyperparameter, repeatable")
     run.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE",
                      help="lowest acceptable value, repeatable (default: accuracy=0.9 or r2=0.3 by task kind)")
@@ -483,14 +543,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scaling", default="standard", choices=CHOICES["scaling"], help="default: %(default)s")
     run.add_argument("--polynomial-degree", type=int, default=0, help="default: %(default)s (none)")
     run.add_argument("--select-k-best", type=int, default=0, help="default: %(default)s (keep all)")
+    run.add_argument("--registry-name", default="", metavar="NAME",
+                     help="register a PROMOTE under this name (default: <source>-<model>, as the workflow does)")
+    run.add_argument("--no-register", dest="register", action="store_false",
+                     help="do not register the model even when the decision is PROMOTE")
     run.add_argument("--force", action="store_true", help="recompute every stage")
-    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
+    run.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not a traceback, and the shell's code for SIGINT.
+        why = next((w for w in _INTERRUPTED if w), "")
+        print(f"\nmlmesh: interrupted{'; ' + why if why else ''}", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `mlmesh lineage ... | head`: the reader has what it wanted. Point stdout at
         # /dev/null so the interpreter's final flush does not fail again.

@@ -9,8 +9,10 @@ and its address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.runtime.errors import InvalidArgument
+from services.runtime.progress import PipelineProgress, stage_outcome
 from services.runtime.roles import parse_role, role_value
 from services.runtime import tracing
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
@@ -159,25 +162,6 @@ CHOICES = {
 }
 
 
-class ProgressPrinter:
-    """Turns a fit's progress events into a few readable lines: every 10%, every 15 s at the
-    latest, warnings, and a resume from a checkpoint. Shared by `mlmesh run` and the Flyte task."""
-
-    def __init__(self, write: Callable[[str], None], prefix: str = "trainer: "):
-        self.write, self.prefix = write, prefix
-        self.last_decile, self.last_time = -1, 0.0
-
-    def __call__(self, event: trainer_pb2.TrainProgress) -> None:
-        decile = int(event.fraction_done * 10 + 1e-9)
-        now = time.monotonic()
-        notable = event.message.startswith("warning: ") or (event.resumed_from_step and event.step == event.resumed_from_step)
-        if decile == self.last_decile and now - self.last_time < 15 and not notable:
-            return
-        self.last_decile, self.last_time = decile, now
-        eta = f", about {event.eta_seconds:.0f}s left" if event.eta_seconds >= 1 and event.fraction_done < 1 else ""
-        self.write(f"{self.prefix}{event.fraction_done:4.0%} {event.message}{eta}")
-
-
 class ConfigError(ValueError):
     """An option a person typed is not one of its choices; the message says which are."""
 
@@ -275,6 +259,22 @@ def rows_dropped(prepared: preprocess_pb2.PreprocessResponse) -> dict[str, int]:
     }
 
 
+def default_registry_name(source: str, model: str) -> str:
+    """The registry name a PROMOTE gets when none is given: '<dataset>-<model>', e.g. 'breast_cancer-logistic_regression'."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", source.split("?")[0].split(":")[-1].rsplit("/", 1)[-1])
+    return f"{base.strip('._-') or 'dataset'}-{model}"[:128]
+
+
+# The refs a registered model records as its lineage, by name, and where each comes from.
+LINEAGE = {
+    "dataset": "load", "schema": "load", "profile": "load",
+    "train": "preprocess", "test": "preprocess", "split_report": "preprocess",
+    "x_train": "features", "y_train": "features", "x_test": "features", "y_test": "features",
+    "transformer": "features", "feature_schema": "features",
+    "model": "train", "metrics_report": "evaluate", "html_report": "evaluate",
+}
+
+
 @dataclass
 class PipelineRun:
     load: loader_pb2.LoadResponse
@@ -288,6 +288,14 @@ class PipelineRun:
     @property
     def stages(self) -> list[Any]:
         return [self.load.stage, self.preprocess.stage, self.features.stage, self.train.stage, self.evaluate.stage]
+
+    def lineage(self) -> dict[str, ArtifactRef]:
+        return {name: getattr(getattr(self, reply), name) for name, reply in LINEAGE.items()}
+
+
+def register_request(run: PipelineRun, name: str) -> evaluator_pb2.RegisterModelRequest:
+    return evaluator_pb2.RegisterModelRequest(
+        name=name, model=run.train.model, metrics_report=run.evaluate.metrics_report, lineage=run.lineage())
 
 
 class MeshClient:
@@ -305,6 +313,8 @@ class MeshClient:
         self.addresses = {**self.settings.addresses, **(addresses or {})}
         self.timeout = self.settings.rpc_timeout_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Fits this client is following and that have not finished: what `cancel_fits` stops.
+        self.following: set[str] = set()
 
     async def __aenter__(self) -> MeshClient:
         return self
@@ -399,6 +409,8 @@ class MeshClient:
                             continue
                         # A re-attached stream replays the operation's progress from the start.
                         key = event.progress.SerializeToString()
+                        if event.progress.operation_name:
+                            self.following.add(event.progress.operation_name)
                         if on_progress is not None and key not in seen:
                             on_progress(event.progress)
                         seen.add(key)
@@ -406,15 +418,32 @@ class MeshClient:
                         pause = 0.25
             except grpc.aio.AioRpcError as error:
                 if result is not None:  # the stream broke after the result: the result stands
+                    self.following.clear()
                     return result
                 if error.code() not in RECOVERABLE_CODES or time.monotonic() + pause > gave_up_at:
                     raise _explain("trainer", address, error, self.recompute_flag) from None
             else:
                 if result is not None:
+                    self.following.clear()
                     return result
                 raise StageCallError("trainer", address, grpc.StatusCode.INTERNAL, "stream ended without a result")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
+
+    async def cancel_fits(self, timeout: float = 3.0) -> list[str]:
+        """Ask the trainer to stop the fits this client was following (after Ctrl-C).
+
+        A fit outlives its client on purpose, so that a restarted client re-attaches to
+        it; a person who interrupts a run wants it stopped. The trainer stops the fit at
+        its next step, keeping its last checkpoint. Returns the operations asked.
+        """
+        names, self.following = sorted(self.following), set()
+        stub = operations_grpc_pb2.OperationsStub(self.channel("trainer"))
+        for name in names:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.CancelOperation(operations_proto_pb2.CancelOperationRequest(name=name),
+                                           timeout=timeout, metadata=self.metadata)
+        return names
 
     async def evaluate(self, request: evaluator_pb2.EvaluateRequest) -> evaluator_pb2.EvaluateResponse:
         return await self._unary("evaluator", "Evaluate", request)
@@ -423,17 +452,26 @@ class MeshClient:
         return await self._unary("evaluator", "RegisterModel", request)
 
     # ---- the whole pipeline -----------------------------------------------------------
-    async def run_pipeline(
-        self,
-        config: PipelineConfig,
-        on_progress: Callable[[trainer_pb2.TrainProgress], None] | None = None,
-    ) -> PipelineRun:
+    async def run_pipeline(self, config: PipelineConfig, progress: PipelineProgress | None = None) -> PipelineRun:
+        """The five stages in order; `progress` (if given) shows each one as it runs."""
+        display = progress or PipelineProgress(quiet=True)
         started = time.perf_counter()
-        loaded = await self.load(load_request(config))
-        prepared = await self.preprocess(preprocess_request(config, loaded.dataset))
-        features = await self.build_features(features_request(config, prepared.train, prepared.test, config.model))
-        trained = await self.train(train_request(config, features), on_progress)
-        evaluated = await self.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile))
+        with display.stage("loader") as shown:
+            loaded = await self.load(load_request(config))
+            shown.done(stage_outcome("loader", loaded.stage, loaded.rows))
+        with display.stage("preprocess") as shown:
+            prepared = await self.preprocess(preprocess_request(config, loaded.dataset))
+            shown.done(stage_outcome("preprocess", prepared.stage, prepared.rows_in))
+        with display.stage("features") as shown:
+            features = await self.build_features(features_request(config, prepared.train, prepared.test, config.model))
+            shown.done(stage_outcome("features", features.stage) + f", {len(features.feature_names)} inputs")
+        with display.stage("trainer") as shown:
+            trained = await self.train(train_request(config, features), shown.fit)
+            shown.done(stage_outcome("trainer", trained.stage) + f", {trained.model_name}")
+        with display.stage("evaluator") as shown:
+            evaluated = await self.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile))
+            shown.done(stage_outcome("evaluator", evaluated.stage)
+                       + f", {evaluator_pb2.Decision.Name(evaluated.decision).removeprefix('DECISION_')}")
         return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started, self.run_id)
 
 

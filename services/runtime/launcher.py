@@ -32,6 +32,9 @@ class MeshStartError(RuntimeError):
 def _run_stage(stage: str, env: dict[str, str], log_path: str | None) -> None:
     """A stage's process, forked from the fork server: the same as `python -m services.<stage>`."""
     _name_process(stage)
+    # Its own process group: a Ctrl-C at the terminal reaches the launcher (which stops
+    # the stages in order) and the command it runs, not every stage at once mid-call.
+    os.setpgid(0, 0)
     # The fork server hands each child the launcher's end of the pipe that keeps the server
     # alive (for children that start processes of their own; stages never do). Held open
     # here, it would keep the server, and so the stages, running after the launcher died.
