@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -12,6 +16,8 @@ from sklearn import metrics
 from sklearn.base import is_classifier
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument, bounded
+
+log = logging.getLogger(__name__)
 
 CLASSIFICATION_METRICS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "log_loss")
 REGRESSION_METRICS = ("r2", "mae", "rmse")
@@ -25,6 +31,22 @@ DEFAULT_THRESHOLDS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
 # Points drawn in the predicted-vs-true plot; more add bytes, not insight.
 MAX_PLOTTED_POINTS = 2000
 TOP_IMPORTANCES = 20
+# Curves (ROC, precision-recall) keep at most this many points: at a million rows with
+# distinct scores a curve has a point per row, and the report must stay small.
+MAX_CURVE_POINTS = 200
+# ROC and precision-recall curves are drawn for at most this many classes (the most frequent).
+MAX_CURVE_CLASSES = 10
+# Per-class rows kept in the metrics report.
+MAX_PER_CLASS = 1000
+CALIBRATION_BINS = 10
+RESIDUAL_BINS = 30
+# Permutation importance, for models with neither feature_importances_ nor coef_: a fixed
+# subsample, few repeats, a fixed seed, and a cap on the predictions it costs.
+PERMUTATION_ROWS = 2000
+PERMUTATION_REPEATS = 3
+PERMUTATION_PREDICTIONS = 300  # column permutations (columns x repeats) at most
+PERMUTATION_MAX_COLUMNS = 2000
+PERMUTATION_SEED = 0
 
 
 @dataclass
@@ -37,6 +59,10 @@ class Evaluation:
     predictions: dict[str, list[float]] = field(default_factory=dict)
     importances: list[tuple[str, float]] = field(default_factory=list)
     importance_kind: str = ""
+    pr_curves: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    per_class: list[dict[str, Any]] = field(default_factory=list)
+    residuals: dict[str, Any] = field(default_factory=dict)
 
 
 def check_threshold_names(minimums: dict[str, float], maximums: dict[str, float]) -> None:
@@ -108,8 +134,13 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
     with np.errstate(over="ignore", invalid="ignore"):  # overflowing predictions are refused below
         predicted = model.predict(x)
     importance_kind, importances = _importances(model, names, x.shape[1])
+    importance_notes: list[str] = []
+    if not importances:
+        importance_kind, importances, importance_notes = _permutation_importances(model, names, x, y)
     if not is_classifier(model):
-        overflowed = int((~np.isfinite(np.asarray(predicted, dtype="float64"))).sum())
+        with np.errstate(over="ignore", invalid="ignore"):
+            predicted = np.asarray(predicted, dtype="float64")
+        overflowed = int((~np.isfinite(predicted)).sum())
         if overflowed:
             raise FailedPrecondition(
                 f"the model predicts non-finite values for {overflowed} of {len(y)} test rows; "
@@ -119,13 +150,16 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
         result = Evaluation(
             task="regression",
             metrics={
-                "r2": float(metrics.r2_score(y, predicted)),
+                **({"r2": float(metrics.r2_score(y, predicted))} if len(y) > 1 else {}),
                 "mae": float(metrics.mean_absolute_error(y, predicted)),
                 "rmse": float(np.sqrt(metrics.mean_squared_error(y, predicted))),
             },
             predictions={"true": y[shown].tolist(), "predicted": predicted[shown].tolist()},
-            importances=importances, importance_kind=importance_kind,
+            importances=importances, importance_kind=importance_kind, notes=importance_notes,
         )
+        if "r2" not in result.metrics:
+            result.notes.append("r2 is undefined for a test split with fewer than two rows, so it is not reported")
+        result.residuals = _residuals(np.asarray(y, dtype="float64"), predicted)
         if len(shown) < len(y):
             result.notes.append(f"the predicted-vs-true plot shows {len(shown)} of {len(y)} test rows, evenly spaced")
         return result
@@ -140,21 +174,27 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
             "f1_macro": float(metrics.f1_score(y, predicted, average="macro", labels=labels, zero_division=0)),
         },
         confusion_matrix=metrics.confusion_matrix(y, predicted, labels=labels).tolist(),
-        importances=importances, importance_kind=importance_kind,
+        importances=importances, importance_kind=importance_kind, notes=importance_notes,
     )
+    result.per_class = _per_class(y, predicted, labels)
+    if len(labels) > MAX_PER_CLASS:
+        result.notes.append(f"the per-class table keeps the first {MAX_PER_CLASS} of {len(labels)} classes")
     proba = _scores(model, x)
     if proba is None:
         result.notes.append("the model gives no class probabilities, so roc_auc and log_loss are not reported")
         return result
+    proba = np.asarray(proba, dtype="float64")
     result.metrics["log_loss"] = float(metrics.log_loss(y, proba, labels=labels))
+    result.calibration = _calibration(y, proba, labels)
     present = np.unique(y)
     if len(present) < 2:
         result.notes.append("the test split holds a single class, so roc_auc is undefined")
         return result
     if len(labels) == 2:
         result.metrics["roc_auc"] = float(metrics.roc_auc_score(y, proba[:, 1]))
-        fpr, tpr, _ = metrics.roc_curve(y, proba[:, 1], pos_label=labels[1])
-        result.roc_curves.append({"class": int(labels[1]), "fpr": fpr.tolist(), "tpr": tpr.tolist()})
+        positives = y == labels[1]
+        result.roc_curves.append(_roc(positives, proba[:, 1], int(labels[1])))
+        result.pr_curves.append(_pr(positives, proba[:, 1], int(labels[1])))
     else:
         if len(present) < len(labels):
             result.notes.append("some classes are absent from the test split; roc_auc is not reported")
@@ -162,12 +202,156 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
             result.metrics["roc_auc"] = float(
                 metrics.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels)
             )
-        for index, label in enumerate(labels):
-            positives = y == label
+        drawn = _drawn_classes(y, labels)
+        if len(drawn) < len(labels):
+            result.notes.append(
+                f"ROC and precision-recall curves are drawn for the {len(drawn)} most frequent of {len(labels)} classes"
+            )
+        for index in drawn:
+            positives = y == labels[index]
             if positives.any() and not positives.all():
-                fpr, tpr, _ = metrics.roc_curve(positives, proba[:, index])
-                result.roc_curves.append({"class": int(label), "fpr": fpr.tolist(), "tpr": tpr.tolist()})
+                result.roc_curves.append(_roc(positives, proba[:, index], int(labels[index])))
+                result.pr_curves.append(_pr(positives, proba[:, index], int(labels[index])))
     return result
+
+
+def _thin(*columns: np.ndarray) -> list[list[float]]:
+    """At most MAX_CURVE_POINTS evenly spaced points of a curve, its two ends kept."""
+    count = len(columns[0])
+    if count <= MAX_CURVE_POINTS:
+        return [c.tolist() for c in columns]
+    keep = np.unique(np.linspace(0, count - 1, MAX_CURVE_POINTS).round().astype(int))
+    return [c[keep].tolist() for c in columns]
+
+
+def _roc(positives: np.ndarray, scores: np.ndarray, label: int) -> dict[str, Any]:
+    fpr, tpr, _ = metrics.roc_curve(positives, scores)
+    area = float(metrics.auc(fpr, tpr))
+    fpr_shown, tpr_shown = _thin(fpr, tpr)
+    return {"class": label, "auc": area, "fpr": fpr_shown, "tpr": tpr_shown}
+
+
+def _pr(positives: np.ndarray, scores: np.ndarray, label: int) -> dict[str, Any]:
+    precision, recall, _ = metrics.precision_recall_curve(positives, scores)
+    average = float(metrics.average_precision_score(positives, scores))
+    # scikit-learn returns recall falling; drawn left to right it reads better rising.
+    recall_shown, precision_shown = _thin(recall[::-1], precision[::-1])
+    return {
+        "class": label, "average_precision": average, "prevalence": float(np.mean(positives)),
+        "recall": recall_shown, "precision": precision_shown,
+    }
+
+
+def _drawn_classes(y: np.ndarray, labels: np.ndarray) -> list[int]:
+    """Indices of the classes whose curves are drawn: the most frequent, ties by label order."""
+    support = np.array([np.count_nonzero(y == label) for label in labels]) if len(labels) <= 64 else \
+        np.bincount(np.searchsorted(labels, y), minlength=len(labels))
+    order = np.argsort(-support, kind="stable")[:MAX_CURVE_CLASSES]
+    return sorted(int(i) for i in order)
+
+
+def _per_class(y: np.ndarray, predicted: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
+    shown = labels[:MAX_PER_CLASS]
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        y, predicted, labels=shown, zero_division=0
+    )
+    return [
+        {"class": int(label), "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for label, p, r, f, s in zip(shown, precision, recall, f1, support, strict=True)
+    ]
+
+
+def _calibration(y: np.ndarray, proba: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """A reliability curve: the positive class for a binary model; the top class (the
+    predicted class's probability against how often it is right) for more classes."""
+    if len(labels) == 2:
+        confidence, correct = proba[:, 1], (y == labels[1])
+        kind, label = "positive class", int(labels[1])
+    else:
+        top = np.argmax(proba, axis=1)
+        confidence, correct = proba[np.arange(len(y)), top], (labels[top] == y)
+        kind, label = "top class", -1
+    confidence = np.clip(np.nan_to_num(confidence, nan=0.0), 0.0, 1.0)
+    which = np.minimum((confidence * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    counts = np.bincount(which, minlength=CALIBRATION_BINS)
+    predicted_sum = np.bincount(which, weights=confidence, minlength=CALIBRATION_BINS)
+    observed_sum = np.bincount(which, weights=correct.astype("float64"), minlength=CALIBRATION_BINS)
+    bins = [
+        {"predicted": float(predicted_sum[b] / counts[b]), "observed": float(observed_sum[b] / counts[b]),
+         "count": int(counts[b])}
+        for b in range(CALIBRATION_BINS) if counts[b]
+    ]
+    error = float(sum(b["count"] * abs(b["observed"] - b["predicted"]) for b in bins) / max(len(y), 1))
+    return {"kind": kind, "class": label, "bins": bins, "expected_calibration_error": error}
+
+
+def _residuals(y: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """The error distribution: residual = true - predicted, as a histogram and a few numbers."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        residual = y - predicted
+    finite = residual[np.isfinite(residual)]
+    if not len(finite):
+        return {}
+    summary = {
+        "mean": float(np.mean(finite)), "std": float(np.std(finite)),
+        "min": float(finite.min()), "max": float(finite.max()),
+        "p05": float(np.percentile(finite, 5)), "p50": float(np.percentile(finite, 50)),
+        "p95": float(np.percentile(finite, 95)),
+    }
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            counts, edges = np.histogram(finite, bins=RESIDUAL_BINS)
+    except ValueError:  # a range wider than a float holds
+        return summary
+    if not np.isfinite(edges).all():
+        return summary
+    return {**summary, "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
+
+
+def _permutation_importances(model: Any, names: Any, x: Any, y: np.ndarray) -> tuple[str, list[tuple[str, float]], list[str]]:
+    """How much the score drops when one input is shuffled, on a bounded, seeded subsample."""
+    values = np.asarray(x)
+    width = values.shape[1]
+    if width == 0 or width > PERMUTATION_MAX_COLUMNS or len(y) < 2:
+        return "", [], []
+    labels = [str(n) for n in names] if names is not None else [f"x{i}" for i in range(width)]
+    rng = np.random.default_rng(PERMUTATION_SEED)
+    rows = np.sort(rng.choice(len(y), size=min(len(y), PERMUTATION_ROWS), replace=False))
+    sample, truth = np.array(values[rows]), np.asarray(y)[rows]
+    repeats = max(1, min(PERMUTATION_REPEATS, PERMUTATION_PREDICTIONS // width))
+    if width * repeats > PERMUTATION_PREDICTIONS:  # wide inputs: fewer rows, same prediction budget
+        keep = max(100, PERMUTATION_ROWS * PERMUTATION_PREDICTIONS // width)
+        sample, truth = sample[:keep], truth[:keep]
+
+    def frame(matrix: np.ndarray) -> Any:
+        return pd.DataFrame(matrix, columns=labels, copy=False) if names is not None else matrix
+
+    def score(matrix: np.ndarray) -> float:
+        with np.errstate(all="ignore"):
+            guess = model.predict(frame(matrix))
+        if is_classifier(model):
+            return float(np.mean(guess == truth))
+        guess = np.asarray(guess, dtype="float64")
+        if not np.isfinite(guess).all():
+            return float("nan")
+        return float(metrics.r2_score(truth, guess)) if len(truth) > 1 else float("nan")
+
+    base = score(sample)
+    drops = np.zeros(width)
+    for column in range(width):
+        original = sample[:, column].copy()
+        total = 0.0
+        for _ in range(repeats):
+            sample[:, column] = rng.permutation(original)
+            total += base - score(sample)
+        sample[:, column] = original
+        drops[column] = total / repeats
+    if not np.isfinite(drops).all():
+        return "", [], ["permutation importance could not be computed: the model's score is undefined on the subsample"]
+    order = np.argsort(-drops, kind="stable")[:TOP_IMPORTANCES]
+    metric = "accuracy" if is_classifier(model) else "r2"
+    kind = f"permutation importance: mean drop in {metric} over {repeats} shuffles of {len(truth)} test rows"
+    return kind, [(labels[i], float(drops[i])) for i in order], []
 
 
 def _importances(model: Any, names: Any, width: int) -> tuple[str, list[tuple[str, float]]]:
@@ -230,3 +414,115 @@ def decide(evaluation: Evaluation, minimums: dict[str, float], maximums: dict[st
     if defaulted:
         reasons.append(f"no thresholds were given, so the {evaluation.task} default applies; set minimums/maximums to choose")
     return passed, reasons
+
+
+# ---- what ran: the producing computations, from the store's manifests ---------------------------
+PIPELINE_STAGES = ("loader", "preprocess", "features", "trainer")
+MAX_MANIFESTS_WALKED = 64
+MAX_SHOWN_PARAMS = 40
+MAX_SHOWN_TEXT = 200
+
+
+def shown_value(value: Any, limit: int = MAX_SHOWN_TEXT) -> Any:
+    """A parameter as the report keeps it: JSON scalars as they are, anything else as bounded text."""
+    if value is None or isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    if isinstance(value, str):
+        return bounded(value, limit)
+    try:
+        text = json.dumps(value, sort_keys=True, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return bounded(text, limit)
+
+
+def shown_params(params: Any) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        return {}
+    return {bounded(str(k), 80): shown_value(v) for k, v in sorted(params.items(), key=lambda kv: str(kv[0]))[:MAX_SHOWN_PARAMS]}
+
+
+def redact_source(source: Any) -> str:
+    """A source for the page: a URL without its query or user info (either may hold a secret)."""
+    text = str(source)
+    if "://" in text:
+        scheme, _, rest = text.partition("://")
+        host_and_path = rest.split("?", 1)[0].split("#", 1)[0]
+        host, slash, path = host_and_path.partition("/")
+        if "@" in host:
+            host = "***@" + host.rpartition("@")[2]
+        text = f"{scheme}://{host}{slash}{path}" + ("?..." if "?" in rest else "")
+    return bounded(text, MAX_SHOWN_TEXT)
+
+
+def model_description(model: Any) -> dict[str, Any]:
+    """The fitted model's class and its effective hyperparameters (scikit-learn's get_params)."""
+    try:
+        params = model.get_params(deep=False)
+    except Exception:  # noqa: BLE001 - an odd model still gets a report
+        params = {}
+    return {"class": bounded(type(model).__name__, 80), "hyperparameters": shown_params(params)}
+
+
+def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, Any]:
+    """The computations behind the model and x_test, back to the loader, from their manifests.
+
+    One row per stage (the first manifest met walking back from the model, then x_test):
+    version, parameters, when it was computed and how long it took. A missing or
+    malformed manifest (an artifact put by hand) leaves its stage out; this never raises.
+    """
+    stages: dict[str, dict[str, Any]] = {}
+    features_keys: dict[str, str] = {}
+    try:
+        queue, seen = [("model", model_digest), ("x_test", x_test_digest)], set()
+        while queue and len(seen) < MAX_MANIFESTS_WALKED:
+            origin, digest = queue.pop(0)
+            if digest in seen:
+                continue
+            seen.add(digest)
+            manifest = store.manifest(digest)
+            if not isinstance(manifest, dict):
+                continue
+            stage = manifest.get("stage")
+            if stage == "features" and origin in ("model", "x_test") and origin not in features_keys:
+                features_keys[origin] = str(manifest.get("cache_key", ""))
+            if stage in PIPELINE_STAGES and stage not in stages:
+                duration = manifest.get("duration_seconds")
+                params = shown_params(manifest.get("params"))
+                if stage == "loader" and "source" in params:
+                    params["source"] = redact_source(manifest["params"]["source"])
+                stages[stage] = {
+                    "stage_version": bounded(str(manifest.get("stage_version", "")), 40),
+                    "created_at": bounded(str(manifest.get("created_at", "")), 40),
+                    "duration_seconds": float(duration) if isinstance(duration, (int, float))
+                    and not isinstance(duration, bool) and math.isfinite(duration) else None,
+                    "cache_key": bounded(str(manifest.get("cache_key", "")), 64),
+                    "params": params,
+                }
+            inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+            for ref in inputs.values():
+                digest_in = ref.get("sha256") if isinstance(ref, dict) else None
+                if isinstance(digest_in, str):
+                    queue.append((origin, digest_in))
+    except Exception as exc:  # noqa: BLE001 - the report stands without its provenance
+        log.warning("could not read the manifests behind the model: %s", bounded(exc, 200))
+    notes = []
+    if len(set(features_keys.values())) > 1:
+        notes.append("x_test comes from another features computation than the model's training data")
+    ordered = {name: stages[name] for name in PIPELINE_STAGES if name in stages}
+    return {"stages": ordered, "notes": notes}
+
+
+_RUN_ID_TIME = re.compile(r"-(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})-[0-9a-f]+$")
+
+
+def time_in_run_id(run_id: str) -> str:
+    """When a run started, if its id says so (the CLI's run-20261124T203512-3fa9c1, Flyte's
+    local-...); empty otherwise. The report's one time of its own comes from here, not a clock."""
+    found = _RUN_ID_TIME.search(run_id or "")
+    if not found:
+        return ""
+    try:
+        return datetime(*map(int, found.groups()), tzinfo=UTC).isoformat()
+    except ValueError:  # digits that are no date
+        return ""

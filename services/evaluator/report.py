@@ -1,82 +1,374 @@
 """The evaluation as one self-contained HTML page with inline SVG plots.
 
 Hand-written SVG keeps matplotlib and its fonts out of the service image; the
-plots are simple enough (a few polylines and a heat table) not to need it.
+plots are simple enough (polylines, dots, bars and a heat table) not to need it.
+The page has no JavaScript and fetches nothing. Every text that comes from the
+report (class and feature names, parameters, the store's manifests, the
+profile) is escaped and bounded; every number is checked before it is drawn.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
-_W, _H, _PAD = 360, 300, 40
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+# Tableau 10: distinct, colour-blind friendlier than the rainbow.
+_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+_INK, _GRID, _MUTED = "#1f2933", "#e4e7eb", "#7b8794"
+# Shown at most: classes in the confusion matrix and the per-class table, names' length.
+MAX_MATRIX_CLASSES = 30
+MAX_TABLE_CLASSES = 50
+MAX_NAME = 60
 
 
-def _axes(x_label: str, y_label: str, lo: float, hi: float) -> list[str]:
-    parts = [
-        f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - 10}" y2="{_H - _PAD}" stroke="#333"/>',
-        f'<line x1="{_PAD}" y1="10" x2="{_PAD}" y2="{_H - _PAD}" stroke="#333"/>',
-        f'<text x="{_W / 2}" y="{_H - 8}" text-anchor="middle" font-size="12">{escape(x_label)}</text>',
-        f'<text x="12" y="{_H / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 12 {_H / 2})">{escape(y_label)}</text>',
-    ]
-    for tick in (lo, (lo + hi) / 2, hi):
-        x, y = _sx(tick, lo, hi), _sy(tick, lo, hi)
-        parts.append(f'<text x="{x:.1f}" y="{_H - _PAD + 14}" text-anchor="middle" font-size="10">{tick:.3g}</text>')
-        parts.append(f'<text x="{_PAD - 4}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{tick:.3g}</text>')
-    return parts
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _sx(v: float, lo: float, hi: float) -> float:
-    return _PAD + (v - lo) / ((hi - lo) or 1) * (_W - 10 - _PAD)
+def _text(value: Any, limit: int = MAX_NAME) -> str:
+    """Untrusted text for the page: bounded, then escaped."""
+    text = " ".join(str(value).split())
+    return escape(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
-def _sy(v: float, lo: float, hi: float) -> float:
-    return _H - _PAD - (v - lo) / ((hi - lo) or 1) * (_H - _PAD - 10)
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, bool) or value is None:
+        return escape(str(value))
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else escape(str(value))
+    return _text(value)
 
 
-def roc_svg(curves: list[dict[str, Any]], class_names: list[str]) -> str:
-    parts = [f'<svg class="roc" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}">']
-    parts += _axes("false positive rate", "true positive rate", 0.0, 1.0)
-    parts.append(f'<line x1="{_sx(0, 0, 1)}" y1="{_sy(0, 0, 1)}" x2="{_sx(1, 0, 1)}" y2="{_sy(1, 0, 1)}" stroke="#aaa" stroke-dasharray="4"/>')
+# ---- charts --------------------------------------------------------------------------------------
+def _clamp(v: float) -> float:
+    return 0.0 if not math.isfinite(v) else max(-1e5, min(1e5, v))
+
+
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 times a power of ten) covering [lo, hi]."""
+    span = hi - lo
+    if not (math.isfinite(span) and span > 0):
+        return [lo] if math.isfinite(lo) else []
+    raw = span / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = magnitude * 10
+    for multiple in (1, 2, 2.5, 5, 10):
+        if span / (multiple * magnitude) <= count:
+            step = multiple * magnitude
+            break
+    first = math.ceil(lo / step - 1e-9)
+    ticks = []
+    for i in range(first, first + count * 3):
+        value = i * step
+        if value > hi + step * 1e-9:
+            break
+        ticks.append(0.0 if abs(value) < step * 1e-9 else value)
+    return ticks
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.3g}".replace("e+0", "e").replace("e-0", "e-")
+
+
+def _range(values: list[float], pad: float = 0.05) -> tuple[float, float]:
+    finite = [v for v in values if _is_number(v)]
+    if not finite:
+        return 0.0, 1.0
+    lo, hi = min(finite), max(finite)
+    if hi == lo or not math.isfinite(hi - lo):
+        width = abs(lo) * 0.1 or 1.0
+        return lo - width, hi + width
+    margin = (hi - lo) * pad
+    return lo - margin, hi + margin
+
+
+class _Frame:
+    """A plot area in an SVG of a fixed view box, with linear scales for both axes."""
+
+    W, H, LEFT, RIGHT, TOP, BOTTOM = 440, 320, 58, 16, 14, 46
+
+    def __init__(self, xlo: float, xhi: float, ylo: float, yhi: float):
+        self.xlo, self.xhi, self.ylo, self.yhi = xlo, xhi if xhi > xlo else xlo + 1, ylo, yhi if yhi > ylo else ylo + 1
+
+    def x(self, v: float) -> float:
+        try:
+            return _clamp(self.LEFT + (v - self.xlo) / (self.xhi - self.xlo) * (self.W - self.LEFT - self.RIGHT))
+        except (OverflowError, ZeroDivisionError):
+            return 0.0
+
+    def y(self, v: float) -> float:
+        try:
+            return _clamp(self.H - self.BOTTOM - (v - self.ylo) / (self.yhi - self.ylo) * (self.H - self.TOP - self.BOTTOM))
+        except (OverflowError, ZeroDivisionError):
+            return 0.0
+
+    def open(self, css_class: str, label: str) -> str:
+        return (
+            f'<svg class="{css_class}" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {self.W} {self.H}" '
+            f'role="img" aria-label="{escape(label)}" font-family="inherit">'
+        )
+
+    def axes(self, x_label: str, y_label: str) -> str:
+        left, right, top, bottom = self.LEFT, self.W - self.RIGHT, self.TOP, self.H - self.BOTTOM
+        parts = [f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="#fff" stroke="{_GRID}"/>']
+        for tick in _ticks(self.xlo, self.xhi):
+            x = self.x(tick)
+            parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="{_GRID}"/>')
+            parts.append(f'<text x="{x:.1f}" y="{bottom + 15}" text-anchor="middle" font-size="11" fill="{_MUTED}">{_tick_label(tick)}</text>')
+        for tick in _ticks(self.ylo, self.yhi):
+            y = self.y(tick)
+            parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="{_GRID}"/>')
+            parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="{_MUTED}">{_tick_label(tick)}</text>')
+        parts.append(f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="{_MUTED}"/>')
+        parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="{_MUTED}"/>')
+        parts.append(f'<text x="{(left + right) / 2:.1f}" y="{self.H - 8}" text-anchor="middle" font-size="12" fill="{_INK}">{escape(x_label)}</text>')
+        middle = (top + bottom) / 2
+        parts.append(
+            f'<text x="14" y="{middle:.1f}" text-anchor="middle" font-size="12" fill="{_INK}" '
+            f'transform="rotate(-90 14 {middle:.1f})">{escape(y_label)}</text>'
+        )
+        return "".join(parts)
+
+    def line(self, x0: float, y0: float, x1: float, y1: float, colour: str = "#9aa5b1", dash: str = "5 4") -> str:
+        return (
+            f'<line x1="{self.x(x0):.1f}" y1="{self.y(y0):.1f}" x2="{self.x(x1):.1f}" y2="{self.y(y1):.1f}" '
+            f'stroke="{colour}" stroke-dasharray="{dash}"/>'
+        )
+
+    def polyline(self, xs: list[Any], ys: list[Any], colour: str, title: str, width: float = 2.0) -> str:
+        points = " ".join(
+            f"{self.x(x):.1f},{self.y(y):.1f}" for x, y in zip(xs, ys, strict=False) if _is_number(x) and _is_number(y)
+        )
+        return (
+            f'<polyline fill="none" stroke="{colour}" stroke-width="{width}" stroke-linejoin="round" '
+            f'points="{points}"><title>{escape(title)}</title></polyline>'
+        )
+
+    def dots(self, xs: list[Any], ys: list[Any], colour: str, size: float = 4.5) -> str:
+        """Many points as one path of zero-length round-capped segments: a few bytes per point."""
+        path = "".join(
+            f"M{self.x(x):.1f} {self.y(y):.1f}h0" for x, y in zip(xs, ys, strict=False) if _is_number(x) and _is_number(y)
+        )
+        return (
+            f'<path d="{path}" stroke="{colour}" stroke-opacity="0.55" stroke-width="{size}" '
+            'stroke-linecap="round" fill="none"/>'
+        )
+
+
+def _legend(entries: list[tuple[str, str]]) -> str:
+    if not entries:
+        return ""
+    items = "".join(
+        f'<li><span class="swatch" style="background:{colour}"></span>{text}</li>' for colour, text in entries
+    )
+    return f'<ul class="legend">{items}</ul>'
+
+
+def _figure(title: str, svg: str, legend: str = "", caption: str = "", css_class: str = "") -> str:
+    caption_html = f'<p class="caption">{caption}</p>' if caption else ""
+    return f'<figure class="card chart {css_class}"><h3>{escape(title)}</h3>{svg}{legend}{caption_html}</figure>'
+
+
+def _class_label(index: Any, class_names: list[str]) -> str:
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(class_names):
+        return " ".join(str(class_names[index]).split())[:MAX_NAME]
+    return f"class {index}"[:MAX_NAME]
+
+
+def roc_svg(curves: list[dict[str, Any]], class_names: list[str]) -> tuple[str, str]:
+    """The ROC curves and their legend (class name and AUC)."""
+    frame = _Frame(0.0, 1.0, 0.0, 1.0)
+    parts = [frame.open("roc", "ROC curve"), frame.axes("false positive rate", "true positive rate"), frame.line(0, 0, 1, 1)]
+    legend = []
     for i, curve in enumerate(curves):
-        points = " ".join(f"{_sx(x, 0, 1):.1f},{_sy(y, 0, 1):.1f}" for x, y in zip(curve["fpr"], curve["tpr"], strict=True))
         colour = _COLOURS[i % len(_COLOURS)]
-        label = _class_label(curve["class"], class_names)
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"><title>{escape(label)}</title></polyline>')
-        parts.append(f'<text x="{_W - 120}" y="{_H - _PAD - 10 - 14 * i}" font-size="11" fill="{colour}">{escape(label)}</text>')
+        label = _class_label(curve.get("class"), class_names)
+        parts.append(frame.polyline(curve.get("fpr", []), curve.get("tpr", []), colour, label))
+        area = curve.get("auc")
+        legend.append((colour, f"{escape(label)} <b>AUC {area:.3f}</b>" if _is_number(area) else escape(label)))
     parts.append("</svg>")
-    return "".join(parts)
+    return "".join(parts), _legend(legend)
+
+
+def pr_svg(curves: list[dict[str, Any]], class_names: list[str]) -> tuple[str, str]:
+    """Precision against recall per class, with the average precision in the legend."""
+    frame = _Frame(0.0, 1.0, 0.0, 1.0)
+    parts = [frame.open("precision-recall", "precision-recall curve"), frame.axes("recall", "precision")]
+    legend = []
+    for i, curve in enumerate(curves):
+        colour = _COLOURS[i % len(_COLOURS)]
+        label = _class_label(curve.get("class"), class_names)
+        if len(curves) == 1 and _is_number(curve.get("prevalence")):  # a classifier that guesses
+            parts.append(frame.line(0, curve["prevalence"], 1, curve["prevalence"]))
+        parts.append(frame.polyline(curve.get("recall", []), curve.get("precision", []), colour, label))
+        average = curve.get("average_precision")
+        legend.append((colour, f"{escape(label)} <b>AP {average:.3f}</b>" if _is_number(average) else escape(label)))
+    parts.append("</svg>")
+    return "".join(parts), _legend(legend)
+
+
+def calibration_svg(calibration: dict[str, Any], class_names: list[str]) -> tuple[str, str, str]:
+    bins = [b for b in calibration.get("bins", []) if isinstance(b, dict) and _is_number(b.get("predicted"))
+            and _is_number(b.get("observed")) and _is_number(b.get("count"))]
+    frame = _Frame(0.0, 1.0, 0.0, 1.0)
+    top = calibration.get("kind") == "top class"
+    parts = [
+        frame.open("calibration", "calibration curve"),
+        frame.axes("mean predicted probability" if not top else "confidence in the predicted class",
+                   "observed frequency" if not top else "accuracy"),
+        frame.line(0, 0, 1, 1),
+    ]
+    colour = _COLOURS[0]
+    parts.append(frame.polyline([b["predicted"] for b in bins], [b["observed"] for b in bins], colour, "calibration"))
+    peak = max((b["count"] for b in bins), default=1) or 1
+    for b in bins:
+        radius = 2.5 + 4.5 * math.sqrt(b["count"] / peak)
+        parts.append(
+            f'<circle cx="{frame.x(b["predicted"]):.1f}" cy="{frame.y(b["observed"]):.1f}" r="{radius:.1f}" '
+            f'fill="{colour}" fill-opacity="0.85" stroke="#fff"><title>{b["count"]} rows: predicted '
+            f'{b["predicted"]:.3f}, observed {b["observed"]:.3f}</title></circle>'
+        )
+    parts.append("</svg>")
+    if top:
+        label = "top class: the predicted class's probability against how often it is right"
+    else:
+        label = f"positive class: {escape(_class_label(calibration.get('class'), class_names))}"
+    error = calibration.get("expected_calibration_error")
+    caption = f"{len(bins)} bins of width 0.1, dot area by rows" + (
+        f"; expected calibration error {error:.3f}" if _is_number(error) else "")
+    return "".join(parts), _legend([(colour, label)]), caption
 
 
 def scatter_svg(true: list[float], predicted: list[float]) -> str:
-    lo = min(min(true), min(predicted))
-    hi = max(max(true), max(predicted))
-    parts = [f'<svg class="predicted-vs-true" xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}">']
-    parts += _axes("true", "predicted", lo, hi)
-    parts.append(f'<line x1="{_sx(lo, lo, hi)}" y1="{_sy(lo, lo, hi)}" x2="{_sx(hi, lo, hi)}" y2="{_sy(hi, lo, hi)}" stroke="#aaa" stroke-dasharray="4"/>')
-    for t, p in zip(true, predicted, strict=True):
-        parts.append(f'<circle cx="{_sx(t, lo, hi):.1f}" cy="{_sy(p, lo, hi):.1f}" r="2.5" fill="#1f77b4" fill-opacity="0.6"/>')
+    lo, hi = _range([*true, *predicted])
+    frame = _Frame(lo, hi, lo, hi)
+    return "".join([
+        frame.open("predicted-vs-true", "predicted against true"), frame.axes("true value", "predicted value"),
+        frame.line(lo, lo, hi, hi), frame.dots(true, predicted, _COLOURS[0]), "</svg>",
+    ])
+
+
+def residual_svg(true: list[float], predicted: list[float]) -> str:
+    residuals = [t - p if _is_number(t) and _is_number(p) else float("nan") for t, p in zip(true, predicted, strict=False)]
+    xlo, xhi = _range(predicted)
+    ylo, yhi = _range([*residuals, 0.0])
+    frame = _Frame(xlo, xhi, ylo, yhi)
+    return "".join([
+        frame.open("residuals", "residuals against predicted"), frame.axes("predicted value", "residual (true − predicted)"),
+        frame.line(xlo, 0, xhi, 0, colour=_COLOURS[2], dash="6 3"), frame.dots(predicted, residuals, _COLOURS[1]), "</svg>",
+    ])
+
+
+def residual_histogram_svg(residuals: dict[str, Any]) -> str:
+    histogram = residuals.get("histogram") if isinstance(residuals.get("histogram"), dict) else {}
+    edges, counts = histogram.get("edges", []), histogram.get("counts", [])
+    if not (isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 and counts):
+        return ""
+    if not all(_is_number(v) for v in [*edges, *counts]):
+        return ""
+    peak = max(counts) or 1
+    frame = _Frame(edges[0], edges[-1], 0, peak * 1.08)
+    parts = [frame.open("residual-histogram", "distribution of residuals"), frame.axes("residual (true − predicted)", "rows")]
+    bottom = frame.y(0)
+    for left, right, count in zip(edges, edges[1:], counts, strict=False):
+        x0, x1, top = frame.x(left), frame.x(right), frame.y(count)
+        parts.append(
+            f'<rect x="{x0 + 0.5:.1f}" y="{top:.1f}" width="{max(x1 - x0 - 1, 0.8):.1f}" height="{max(bottom - top, 0):.1f}" '
+            f'fill="{_COLOURS[0]}"><title>{count} rows from {left:.4g} to {right:.4g}</title></rect>'
+        )
+    if edges[0] <= 0 <= edges[-1]:
+        parts.append(frame.line(0, 0, 0, peak * 1.08, colour=_COLOURS[2], dash="6 3"))
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _class_label(index: int, class_names: list[str]) -> str:
-    return class_names[index] if 0 <= index < len(class_names) else f"class {index}"
+def importance_svg(values: list[Any]) -> str:
+    """Importances as horizontal bars, the largest on top, with the feature names on the left."""
+    rows = [(str(v[0]), v[1]) for v in values if isinstance(v, (list, tuple)) and len(v) == 2 and _is_number(v[1])]
+    if not rows:
+        return ""
+    width, label_width, row_height, top = 640, 220, 22, 8
+    height = top + row_height * len(rows) + 26
+    lo, hi = min(0.0, *(v for _, v in rows)), max(0.0, *(v for _, v in rows))
+    span = (hi - lo) or 1.0
+    plot_left, plot_right = label_width + 6, width - 58
+
+    def sx(v: float) -> float:
+        return plot_left + (v - lo) / span * (plot_right - plot_left)
+
+    parts = [
+        f'<svg class="importance-chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="feature importances" font-family="inherit">'
+    ]
+    zero = sx(0.0)
+    for i, (name, value) in enumerate(rows):
+        y = top + i * row_height
+        x0, x1 = sorted((zero, sx(value)))
+        shown = name if len(name) <= 34 else name[:33] + "…"
+        parts.append(
+            f'<text x="{label_width}" y="{y + 14}" text-anchor="end" font-size="12" fill="{_INK}">'
+            f'<title>{escape(name[:200])}</title>{escape(shown)}</text>'
+            f'<rect x="{x0:.1f}" y="{y + 3}" width="{max(x1 - x0, 0.8):.1f}" height="{row_height - 6}" rx="2" '
+            f'fill="{_COLOURS[0] if value >= 0 else _COLOURS[2]}"/>'
+            f'<text x="{max(x1, zero) + 4:.1f}" y="{y + 14}" font-size="11" fill="{_MUTED}">{value:.3g}</text>'
+        )
+    axis = top + row_height * len(rows) + 4
+    parts.append(f'<line x1="{zero:.1f}" y1="{top}" x2="{zero:.1f}" y2="{axis}" stroke="{_MUTED}"/>')
+    for tick in _ticks(lo, hi, 4):
+        parts.append(f'<text x="{sx(tick):.1f}" y="{axis + 14}" text-anchor="middle" font-size="10" fill="{_MUTED}">{_tick_label(tick)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def confusion_table(matrix: list[list[int]], class_names: list[str]) -> str:
-    peak = max((max(row) for row in matrix), default=1) or 1
-    head = "".join(f"<th>{escape(_class_label(j, class_names))}</th>" for j in range(len(matrix)))
+    size = len(matrix)
+    shown = list(range(min(size, MAX_MATRIX_CLASSES)))
+    peak = max((max(row) for row in matrix if row), default=1) or 1
+    head = "".join(f"<th>{escape(_class_label(j, class_names))}</th>" for j in shown)
     rows = []
-    for i, row in enumerate(matrix):
-        cells = "".join(
-            f'<td style="background: rgba(31,119,180,{count / peak:.2f})">{count}</td>' for count in row
-        )
-        rows.append(f"<tr><th>{escape(_class_label(i, class_names))}</th>{cells}</tr>")
+    for i in shown:
+        cells = []
+        for j in shown:
+            count = matrix[i][j] if j < len(matrix[i]) else 0
+            share = count / peak if _is_number(count) else 0
+            ink = "#fff" if share > 0.55 else _INK
+            tone = "89,161,79" if i == j else "225,87,89"
+            cells.append(f'<td style="background:rgba({tone},{share:.2f});color:{ink}">{count}</td>')
+        rows.append(f"<tr><th>{escape(_class_label(i, class_names))}</th>{''.join(cells)}</tr>")
+    note = f"; the first {len(shown)} of {size} classes" if len(shown) < size else ""
     return (
-        '<table class="confusion-matrix"><caption>rows: true class, columns: predicted class</caption>'
-        f"<tr><th></th>{head}</tr>{''.join(rows)}</table>"
+        '<div class="scroll"><table class="confusion-matrix"><caption>rows: true class, columns: predicted class; '
+        f"green: right, red: wrong{note}</caption><tr><th></th>{head}</tr>{''.join(rows)}</table></div>"
+    )
+
+
+def per_class_table(per_class: list[dict[str, Any]], class_names: list[str]) -> str:
+    entries = [e for e in per_class if isinstance(e, dict)]
+    if not entries:
+        return ""
+    shown = sorted(entries, key=lambda e: -e.get("support", 0) if _is_number(e.get("support")) else 0)[:MAX_TABLE_CLASSES]
+    shown.sort(key=lambda e: e.get("class", 0) if _is_number(e.get("class")) else 0)
+    rows = []
+    for entry in shown:
+        cells = "".join(
+            f'<td style="background:rgba(78,121,167,{entry[k] * 0.22:.2f})">{entry[k]:.3f}</td>' if _is_number(entry.get(k))
+            else "<td></td>" for k in ("precision", "recall", "f1")
+        )
+        rows.append(
+            f"<tr><th>{escape(_class_label(entry.get('class'), class_names))}</th>{cells}"
+            f"<td>{_fmt(entry.get('support'))}</td></tr>"
+        )
+    note = (f"<p class=\"caption\">The {len(shown)} most frequent of {len(entries)} classes.</p>"
+            if len(shown) < len(entries) else "")
+    return (
+        '<section class="card"><h2>Per class</h2><div class="scroll"><table class="per-class">'
+        "<tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>"
+        f"{''.join(rows)}</table></div>{note}</section>"
     )
 
 
@@ -181,57 +473,313 @@ def _encoding_section(schema: dict[str, Any]) -> str:
 
 def _importance_section(importances: dict[str, Any]) -> str:
     values = importances.get("values") if isinstance(importances, dict) else None
-    if not values:
+    if not isinstance(values, list) or not values:
         return ""
-    rows = "".join(f"<tr><th>{escape(str(name))}</th><td>{value:.4g}</td></tr>" for name, value in values)
+    rows = "".join(
+        f"<tr><th>{_text(v[0], 200)}</th><td>{_fmt(v[1])}</td></tr>"
+        for v in values if isinstance(v, (list, tuple)) and len(v) == 2
+    )
     return (
-        f"<h2>Most important inputs</h2><p>{escape(str(importances.get('kind', '')))}</p>"
-        f'<table class="importances"><tr><th>input</th><th>value</th></tr>{rows}</table>'
+        f"<h2>Most important inputs</h2><p>{_text(importances.get('kind', ''), 200)}</p>{importance_svg(values)}"
+        f'<details><summary>values</summary><table class="importances"><tr><th>input</th><th>value</th></tr>{rows}</table></details>'
     )
 
 
+def _when(text: Any) -> str:
+    """An ISO time from a manifest, shown in UTC; anything else shown as it is, escaped."""
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return _text(text, 40)
+    if moment.tzinfo is not None:
+        return escape(moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"))
+    return escape(moment.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _duration(seconds: Any) -> str:
+    if not _is_number(seconds) or seconds < 0:
+        return ""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
+
+
+def _literal(value: Any, limit: int = 60) -> str:
+    """A parameter as JSON would spell it (strings bare unless empty), bounded and escaped."""
+    if isinstance(value, str):
+        return _text(value, limit) if value else '""'
+    try:
+        return _text(json.dumps(value, sort_keys=True, default=str), limit)
+    except (TypeError, ValueError, RecursionError):
+        return _text(value, limit)
+
+
+def _params_inline(params: Any, limit: int = 12) -> str:
+    if not isinstance(params, dict) or not params:
+        return ""
+    items = [f"{_text(k, 40)}=<code>{_literal(v)}</code>" for k, v in list(params.items())[:limit]]
+    more = f" (+{len(params) - limit} more)" if len(params) > limit else ""
+    return ", ".join(items) + more
+
+
+def _what_ran(report: dict[str, Any]) -> str:
+    provenance = report.get("provenance") if isinstance(report.get("provenance"), dict) else {}
+    stages = provenance.get("stages") if isinstance(provenance.get("stages"), dict) else {}
+    produced = provenance.get("produced_by") if isinstance(provenance.get("produced_by"), dict) else {}
+    model = report.get("model") if isinstance(report.get("model"), dict) else {}
+    facts = []
+
+    run_id, started = produced.get("run_id"), produced.get("run_started_at")
+    if run_id:
+        by = f"run <code>{_text(run_id, 128)}</code>" + (f", started {_when(started)}" if started else "")
+    else:
+        by = "a call outside any pipeline run (no mlmesh-run-id metadata)"
+    facts.append(
+        f"<tr><th>produced by</th><td>{by}. The evaluator memoizes by its inputs' digests: a later identical "
+        "request gets this same report back, still naming the run that computed it.</td></tr>"
+    )
+
+    loader = stages.get("loader") if isinstance(stages.get("loader"), dict) else {}
+    loader_params = loader.get("params") if isinstance(loader.get("params"), dict) else {}
+    dataset = []
+    if "source" in loader_params:
+        dataset.append(f"<code>{_text(loader_params['source'], 200)}</code>")
+    if loader_params.get("target_column"):
+        dataset.append(f"target <code>{_text(loader_params['target_column'])}</code>")
+    profile = report.get("profile") if isinstance(report.get("profile"), dict) else {}
+    split = report.get("split_report") if isinstance(report.get("split_report"), dict) else {}
+    rows = profile.get("rows", split.get("rows_in"))
+    if _is_number(rows):
+        columns = profile.get("columns")
+        shape = ""
+        if isinstance(columns, list):
+            target = 1 if isinstance(profile.get("target"), dict) else 0
+            shape = f" × {len(columns) + target} columns" + (f" ({len(columns)} features and the target)" if target else "")
+        dataset.append(f"{_fmt(rows)} rows{shape}")
+    test_rows = report.get("test_rows")
+    if _is_number(test_rows):
+        dataset.append(f"{_fmt(test_rows)} test rows" + (
+            f" × {_fmt(model['features'])} model inputs" if _is_number(model.get("features")) else ""))
+    if dataset:
+        facts.append(f"<tr><th>dataset</th><td>{'; '.join(dataset)}</td></tr>")
+
+    if model.get("class"):
+        trainer = stages.get("trainer") if isinstance(stages.get("trainer"), dict) else {}
+        trainer_params = trainer.get("params") if isinstance(trainer.get("params"), dict) else {}
+        asked = trainer_params.get("model")
+        named = f" (asked for as <code>{_text(asked)}</code>)" if asked else (" (the task's default model)" if trainer else "")
+        hyper = model.get("hyperparameters") if isinstance(model.get("hyperparameters"), dict) else {}
+        requested = trainer_params.get("hyperparameters") if isinstance(trainer_params.get("hyperparameters"), dict) else {}
+        cells = "".join(
+            f'<span class="param{" set" if k in requested else ""}">{_text(k, 40)}=<code>{_literal(v)}</code></span>'
+            for k, v in hyper.items()
+        )
+        legend = " <span class=\"caption\">(bold: set in the request)</span>" if requested else ""
+        facts.append(
+            f"<tr><th>model</th><td><b>{_text(model['class'])}</b>{named}{legend}"
+            f'<div class="params">{cells}</div></td></tr>'
+        )
+
+    stage_rows = []
+    for name, stage in stages.items():
+        if not isinstance(stage, dict):
+            continue
+        stage_rows.append(
+            f"<tr><th>{_text(name, 20)}</th><td>{_text(stage.get('stage_version', ''), 40)}</td>"
+            f"<td>{_when(stage.get('created_at', ''))}</td><td>{_duration(stage.get('duration_seconds'))}</td>"
+            f'<td class="text">{_params_inline(stage.get("params"))}</td></tr>'
+        )
+    if provenance.get("evaluator_version"):
+        stage_rows.append(
+            f"<tr><th>evaluator</th><td>{_text(provenance['evaluator_version'], 40)}</td>"
+            '<td colspan="2">this report (its time and duration are in its manifest)</td>'
+            f'<td class="text">{_params_inline({k: v for k, v in (report.get("thresholds") or {}).items() if v})}</td></tr>'
+        )
+    missing = [s for s in ("loader", "preprocess", "features", "trainer") if s not in stages] if provenance else []
+    notes = [_text(n, 200) for n in provenance.get("notes", []) if isinstance(n, str)] if provenance else []
+    if missing:
+        notes.append(f"no manifest found for {', '.join(missing)}: those inputs were not produced by a stage of this store")
+    table = (
+        '<div class="scroll"><table class="stages"><tr><th>stage</th><th>version</th><th>computed at (UTC)</th>'
+        f'<th>took</th><th class="text">parameters</th></tr>{"".join(stage_rows)}</table></div>'
+        if stage_rows else ""
+    )
+    note_html = "".join(f'<p class="caption">{n}</p>' for n in notes)
+    return (
+        f'<section class="card what-ran"><h2>What ran</h2><table class="facts">{"".join(facts)}</table>'
+        f"{table}{note_html}</section>"
+    )
+
+
+_LOWER_IS_BETTER = {"log_loss", "mae", "rmse"}
+
+
+def _metric_cards(report: dict[str, Any]) -> str:
+    thresholds = report.get("thresholds") if isinstance(report.get("thresholds"), dict) else {}
+    minimums = thresholds.get("minimums") if isinstance(thresholds.get("minimums"), dict) else {}
+    maximums = thresholds.get("maximums") if isinstance(thresholds.get("maximums"), dict) else {}
+    cards = []
+    for name, value in sorted(report["metrics"].items()):
+        bound = ""
+        if name in minimums and _is_number(minimums[name]):
+            ok = _is_number(value) and value >= minimums[name]
+            bound = f'<span class="bound {"ok" if ok else "fail"}">{"✓" if ok else "✗"} min {minimums[name]:g}</span>'
+        elif name in maximums and _is_number(maximums[name]):
+            ok = _is_number(value) and value <= maximums[name]
+            bound = f'<span class="bound {"ok" if ok else "fail"}">{"✓" if ok else "✗"} max {maximums[name]:g}</span>'
+        direction = "lower is better" if name in _LOWER_IS_BETTER else "higher is better"
+        cards.append(
+            f'<div class="metric" title="{direction}"><div class="name">{escape(name.replace("_", " "))}</div>'
+            f'<div class="value">{_fmt(value)}</div>{bound}</div>'
+        )
+    return f'<section class="metrics-row">{"".join(cards)}</section>'
+
+
 _STYLE = (
-    ".mlmesh-report{font-family:sans-serif;margin:1em}"
-    ".mlmesh-report table{border-collapse:collapse;margin:1em 0}"
-    ".mlmesh-report td,.mlmesh-report th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-    ".mlmesh-report td.text{text-align:left}.mlmesh-report caption{font-size:small}"
+    ".mlmesh-report{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,'Helvetica Neue',Arial,sans-serif;"
+    "color:#1f2933;background:#f5f7fa;padding:20px;max-width:1280px;margin:0 auto;box-sizing:border-box}"
+    ".mlmesh-report *{box-sizing:border-box}"
+    ".mlmesh-report h1{font-size:22px;margin:6px 0 4px}"
+    ".mlmesh-report h2{font-size:16px;margin:0 0 10px;color:#323f4b}"
+    ".mlmesh-report h3{font-size:14px;margin:0 0 8px;color:#323f4b}"
+    ".mlmesh-report code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#f0f4f8;"
+    "padding:1px 4px;border-radius:3px;overflow-wrap:anywhere}"
+    ".mlmesh-report .card{background:#fff;border:1px solid #e4e7eb;border-radius:10px;padding:14px 18px;"
+    "margin:0 0 16px;box-shadow:0 1px 3px rgba(15,23,42,.05)}"
+    ".mlmesh-report .head{border-left:6px solid var(--tone)}"
+    ".mlmesh-report .promote{--tone:#2f9e44}.mlmesh-report .retrain{--tone:#e8890c}"
+    ".mlmesh-report .badge{display:inline-block;padding:3px 12px;border-radius:999px;background:var(--tone);"
+    "color:#fff;font-weight:700;font-size:12px;letter-spacing:.06em}"
+    ".mlmesh-report .sub{margin:0 0 6px;color:#52606d}"
+    ".mlmesh-report ul.reasons{margin:6px 0 0;padding-left:20px;color:#3e4c59}"
+    ".mlmesh-report .metrics-row{display:flex;flex-wrap:wrap;gap:12px;margin:0 0 16px}"
+    ".mlmesh-report .metric{flex:1 1 140px;background:#fff;border:1px solid #e4e7eb;border-radius:10px;padding:10px 14px}"
+    ".mlmesh-report .metric .name{font-size:12px;color:#7b8794;text-transform:uppercase;letter-spacing:.04em}"
+    ".mlmesh-report .metric .value{font-size:24px;font-weight:600;font-variant-numeric:tabular-nums}"
+    ".mlmesh-report .bound{font-size:12px}.mlmesh-report .ok{color:#2f9e44}.mlmesh-report .fail{color:#c92a2a}"
+    ".mlmesh-report .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));grid-auto-flow:row dense;gap:16px;margin:0 0 16px}"
+    ".mlmesh-report .grid .card{margin:0}@media (min-width:800px){.mlmesh-report .grid .wide2{grid-column:span 2}}"
+    ".mlmesh-report svg.importance-chart{width:100%;max-width:680px;height:auto;display:block}"
+    ".mlmesh-report table.stages td{white-space:nowrap}.mlmesh-report table.stages td.text{white-space:normal}"
+    ".mlmesh-report figure.chart svg{width:100%;height:auto;display:block}"
+    ".mlmesh-report .legend{list-style:none;padding:0;margin:8px 0 0;display:flex;flex-wrap:wrap;gap:4px 16px;font-size:12px}"
+    ".mlmesh-report .swatch{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:6px;vertical-align:-1px}"
+    ".mlmesh-report .caption,.mlmesh-report caption{font-size:12px;color:#7b8794;margin:6px 0 0;caption-side:bottom;text-align:left}"
+    ".mlmesh-report table{border-collapse:collapse;margin:4px 0;font-variant-numeric:tabular-nums}"
+    ".mlmesh-report td,.mlmesh-report th{border-bottom:1px solid #e4e7eb;padding:5px 10px;text-align:right;vertical-align:top}"
+    ".mlmesh-report th{font-weight:600;color:#323f4b}"
+    ".mlmesh-report td.text,.mlmesh-report th.text,.mlmesh-report table.facts td,.mlmesh-report table.facts th{text-align:left}"
+    ".mlmesh-report table.facts th{width:110px;color:#7b8794;font-weight:500}"
+    ".mlmesh-report .params{margin-top:4px;font-size:12px;display:flex;flex-wrap:wrap;gap:2px 12px}"
+    ".mlmesh-report .param.set{font-weight:700}"
+    ".mlmesh-report .scroll{overflow-x:auto}"
+    ".mlmesh-report table.confusion-matrix td{min-width:44px;text-align:center;border:1px solid #fff}"
+    ".mlmesh-report table.per-class td,.mlmesh-report table.per-class th{white-space:nowrap;padding:5px 6px}"
+    ".mlmesh-report details{margin:6px 0}.mlmesh-report summary{cursor:pointer;color:#52606d;font-size:12px}"
+    ".mlmesh-report section.wide{overflow-x:auto}"
 )
 
 
 def _page(title: str, body: str) -> str:
     # Styles are scoped to .mlmesh-report, so the page can sit inside a Flyte deck
-    # without restyling Flyte's own tabs.
+    # without restyling Flyte's own tabs (deck_html adds an iframe around it as well).
     return (
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{escape(title)}</title>'
-        f'<style>{_STYLE}</style></head><body><div class="mlmesh-report">{body}</div></body></html>\n'
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<title>{escape(title)}</title><style>{_STYLE}</style></head>'
+        f'<body style="margin:0;background:#f5f7fa"><div class="mlmesh-report">{body}</div></body></html>\n'
     )
 
 
 def render_html(report: dict[str, Any]) -> str:
+    thresholds = report.get("thresholds") if isinstance(report.get("thresholds"), dict) else {}
+    minimums = thresholds.get("minimums") if isinstance(thresholds.get("minimums"), dict) else {}
+    maximums = thresholds.get("maximums") if isinstance(thresholds.get("maximums"), dict) else {}
+
+    def bound(name: str) -> str:
+        if _is_number(minimums.get(name)):
+            return f"≥ {minimums[name]:g}"
+        if _is_number(maximums.get(name)):
+            return f"≤ {maximums[name]:g}"
+        return ""
+
     metrics = "".join(
-        f"<tr><td>{escape(name)}</td><td>{value:.4f}</td></tr>" for name, value in sorted(report["metrics"].items())
+        f"<tr><td>{escape(name)}</td><td>{value:.4f}</td><td>{bound(name)}</td></tr>"
+        for name, value in sorted(report["metrics"].items())
     )
-    reasons = "".join(f"<li>{escape(r)}</li>" for r in [*report["reasons"], *report.get("notes", [])])
-    classes = report.get("class_names") or []
+    reasons = "".join(f"<li>{_text(r, 300)}</li>" for r in [*report["reasons"], *report.get("notes", [])])
+    classes = [str(c) for c in (report.get("class_names") or [])]
+    decision = str(report["decision"])
+    tone = "promote" if decision == "PROMOTE" else "retrain"
+    shown_classes = ", ".join(" ".join(c.split())[:MAX_NAME] for c in classes[:50]) + (", …" if len(classes) > 50 else "")
     sections = [
-        f"<h1>Evaluation: {escape(report['decision'])}</h1>",
-        f"<p>{escape(report['task_kind'])} model, {report['test_rows']} held-out rows"
-        + (f"; classes: {escape(', '.join(classes[:50]))}" if classes else "") + ".</p>",
-        f"<ul>{reasons}</ul>",
-        f'<h2>Metrics</h2><table class="metrics"><tr><th>metric</th><th>value</th></tr>{metrics}</table>',
+        f'<header class="card head {tone}"><span class="badge">{escape(decision)}</span>'
+        f"<h1>Evaluation: {escape(decision)}</h1>"
+        f'<p class="sub">{escape(report["task_kind"])} model, {report["test_rows"]} held-out rows'
+        + (f"; classes: {escape(shown_classes)}" if classes else "") + f'.</p><ul class="reasons">{reasons}</ul></header>',
+        _metric_cards(report),
+        _what_ran(report),
     ]
+    charts = []
     if report["task_kind"] == "classification":
-        if report["roc_curves"]:
-            sections.append(f"<h2>ROC curve</h2>{roc_svg(report['roc_curves'], classes)}")
-        sections.append(f"<h2>Confusion matrix</h2>{confusion_table(report['confusion_matrix'], classes)}")
-    elif report["predictions"].get("true"):
-        preds = report["predictions"]
-        sections.append(f"<h2>Predicted vs true</h2>{scatter_svg(preds['true'], preds['predicted'])}")
-    sections.append(_importance_section(report.get("importances", {})))
+        if report.get("roc_curves"):
+            svg, legend = roc_svg(report["roc_curves"], classes)
+            charts.append(_figure("ROC curve", svg, legend, "one against the rest per class" if len(report["roc_curves"]) > 1 else ""))
+        if report.get("pr_curves"):
+            svg, legend = pr_svg(report["pr_curves"], classes)
+            charts.append(_figure("Precision-recall curve", svg, legend,
+                                  "dashed: the positive class's share, what guessing achieves" if len(report["pr_curves"]) == 1 else ""))
+        if isinstance(report.get("calibration"), dict) and report["calibration"].get("bins"):
+            svg, legend, caption = calibration_svg(report["calibration"], classes)
+            charts.append(_figure("Calibration", svg, legend, caption))
+        charts.append(
+            f'<figure class="card chart"><h3>Confusion matrix</h3>{confusion_table(report["confusion_matrix"], classes)}</figure>'
+        )
+    else:
+        preds = report.get("predictions") or {}
+        if preds.get("true"):
+            charts.append(_figure("Predicted vs true", scatter_svg(preds["true"], preds["predicted"]),
+                                  caption="dashed: a perfect prediction"))
+            charts.append(_figure("Residuals vs predicted", residual_svg(preds["true"], preds["predicted"]),
+                                  caption="a residual is true − predicted; look for a trend or a funnel"))
+        residuals = report.get("residuals") if isinstance(report.get("residuals"), dict) else {}
+        histogram = residual_histogram_svg(residuals)
+        if histogram:
+            summary = ", ".join(f"{k} {_fmt(residuals[k])}" for k in ("mean", "std", "p05", "p50", "p95") if _is_number(residuals.get(k)))
+            charts.append(_figure("Error distribution", histogram, caption=f"all {report['test_rows']} test rows; {summary}"))
+    if report["task_kind"] == "classification":
+        charts.append(per_class_table(report.get("per_class") or [], classes))
+    importances = _importance_section(report.get("importances", {}))
+    if importances:
+        charts.append(f'<section class="card chart wide2">{importances}</section>')
+    charts.append(
+        f'<section class="card"><h2>Metrics</h2><table class="metrics"><tr><th>metric</th><th>value</th><th>threshold</th></tr>{metrics}</table></section>'
+    )
+    sections.append(f'<div class="grid">{"".join(charts)}</div>')
     if isinstance(report.get("split_report"), dict):
-        sections.append(_split_section(report["split_report"]))
+        sections.append(f'<section class="card">{_split_section(report["split_report"])}</section>')
     if isinstance(report.get("feature_schema"), dict):
-        sections.append(_encoding_section(report["feature_schema"]))
+        sections.append(f'<section class="card wide">{_encoding_section(report["feature_schema"])}</section>')
     if isinstance(report.get("profile"), dict):
-        sections.append(profile_section(report["profile"]))
+        sections.append(f'<section class="card wide">{profile_section(report["profile"])}</section>')
     return _page("mlmesh evaluation", "".join(sections))
+
+
+def deck_html(page: str, height: int | None = None) -> str:
+    """A full page for a Flyte deck, inside an iframe, so its styles never reach Flyte's page.
+
+    The page travels in `srcdoc`, attribute-escaped. `sandbox` with no permissions: no
+    scripts, no forms, no popups, no navigating the parent, and an opaque origin. An
+    iframe cannot size itself to its content without script, so the height is estimated
+    from what the page holds; anything beyond it scrolls inside the frame.
+    """
+    if height is None:
+        charts = page.count('class="card chart')
+        rows = page.count("<tr")
+        height = 700 + 460 * ((charts + 1) // 2) + 30 * rows
+    height = max(400, min(int(height), 20000))
+    return (
+        f'<iframe class="mlmesh-report-frame" title="mlmesh report" sandbox="" referrerpolicy="no-referrer" '
+        f'style="width:100%;height:{height}px;border:0;display:block" srcdoc="{escape(page, quote=True)}"></iframe>'
+    )
