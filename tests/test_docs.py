@@ -36,7 +36,9 @@ How it is run
       first (docs/deploy.md's certificate commands use README.md's certs/). Sections the docs
       say need a running mesh (NEEDS_MESH) get one: `.venv/bin/mlmesh up`, started by the test
       in the same working copy, stopped before any other section that runs commands (some
-      start their own mesh). Every command has a timeout (TIMEOUTS); on a timeout the
+      start their own mesh). Where an excluded `docker run` would start Jaeger for a section
+      (NEEDS_COLLECTOR), an OTLP receiver of the test listens on 127.0.0.1:4317 instead, and
+      the section's commands must send it spans. Every command has a timeout (TIMEOUTS); on a timeout the
       section is killed and the command is reported.
     - The working copy. A copy of this working tree (tracked files and untracked, not ignored
       ones, as they are on disk, so uncommitted work is tested as the rest of the suite tests
@@ -157,6 +159,31 @@ NEEDS_MESH = {
     ("docs/deploy.md", "Calling a service with grpcurl from the host"): "compose's published ports are the default ports",
     ("docs/deploy.md", "On one machine"): "With `.venv/bin/mlmesh up` running in another terminal",
 }
+
+# Sections whose excluded `docker run` starts a trace collector (Jaeger) on 127.0.0.1:4317: an OTLP
+# receiver of the test stands in for it, and the section must send it spans.
+NEEDS_COLLECTOR = {("docs/deploy.md", "Traces")}
+COLLECTOR = '''
+import sys
+from concurrent import futures
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    def Export(self, request, context):
+        with open(sys.argv[1], "a") as spans:
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    spans.writelines(span.name + "\\n" for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+server = grpc.server(futures.ThreadPoolExecutor(2))
+trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+server.add_insecure_port("127.0.0.1:4317")
+server.start()
+print("ready", flush=True)
+server.wait_for_termination()
+'''
 
 # What a placeholder stands for, from the state the earlier commands left (README.md's
 # "Artifact store and formats" documents both folders).
@@ -363,6 +390,9 @@ def test_every_command_in_the_docs_is_classified() -> None:
     for doc, section in NEEDS_MESH:
         if not any(c.doc == doc and c.section == section and c.kind == "run" for c in commands):
             problems.append(f"NEEDS_MESH: {doc} [{section}] has no command to run any more: remove it")
+    for doc, section in NEEDS_COLLECTOR:
+        if not any(c.doc == doc and c.section == section and c.kind == "run" for c in commands):
+            problems.append(f"NEEDS_COLLECTOR: {doc} [{section}] has no command to run any more: remove it")
     for pattern, _ in EXPECT:
         if not any(re.search(pattern, c.text) for c in commands if c.kind in ("run", "state")):
             problems.append(f"EXPECT {pattern!r} matches no command that is run: remove it")
@@ -509,6 +539,7 @@ class Outcome:
     seconds: float = 0.0
     timed_out: bool = False
     stopped_code: int | None = None  # BACKGROUND: its exit status after Ctrl-C
+    problem: str = ""  # found by the harness after the session (a collector that got nothing)
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.output.rstrip().splitlines()[-lines:])
@@ -635,8 +666,31 @@ class Docs:
         for (doc, section, _), members in sections.items():
             if any(c.kind in ("run", "background") for c in members):
                 self.mesh_up() if (doc, section) in NEEDS_MESH else self.mesh_down()
-            outcomes += self.run_session(members)
+            if (doc, section) in NEEDS_COLLECTOR:
+                outcomes += self.with_collector(members)
+            else:
+                outcomes += self.run_session(members)
         self.mesh_down()
+        return outcomes
+
+    def with_collector(self, members: list[Command]) -> list[Outcome]:
+        spans = self.base / f"collector-{self.sessions + 1}.spans"
+        spans.touch()
+        collector = subprocess.Popen([*self.network.enter, ".venv/bin/python", "-c", COLLECTOR, str(spans)],
+                                     cwd=self.workdir, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        try:
+            assert collector.stdout is not None and collector.stdout.readline().strip() == "ready", (
+                "the test's OTLP receiver on 127.0.0.1:4317 did not start: " + collector.stdout.read()[-2000:])
+            outcomes = self.run_session(members)
+            deadline = time.monotonic() + 15  # the last batch of spans is exported at exit
+            while not spans.read_text().strip() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        finally:
+            _kill_group(collector.pid)
+            collector.wait()
+        if not spans.read_text().strip() and outcomes:
+            outcomes[-1].problem = "the section's commands sent no span to the collector at 127.0.0.1:4317"
         return outcomes
 
 
@@ -644,6 +698,8 @@ def check(outcome: Outcome, workdir: Path) -> str | None:
     command = outcome.command
     if outcome.timed_out:
         return outcome.report(f"timed out ({timeout_of(command):.0f}s)")
+    if outcome.problem:
+        return outcome.report(outcome.problem)
     if outcome.code is None:
         return outcome.report("never finished (an earlier command of its section ended the session)")
     if command.kind == "background":
