@@ -35,7 +35,7 @@ from mlmesh.common.v1 import common_pb2
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
-from services.evaluator.report import profile_page
+from services.evaluator.report import deck_html, profile_page
 from services.runtime.client import (
     LINEAGE,
     ConfigError,
@@ -381,7 +381,7 @@ def load(source: str, target_column: str, task_kind: str, column_roles: dict[str
     )
     # Flyte's view of the data going in: the loader's profile, with a histogram per column.
     profile = json.loads(_stored_page(dataset.profile, "profile"))
-    Deck("Data profile", profile_page(profile))
+    Deck("Data profile", deck_html(profile_page(profile)))
     return dataset
 
 
@@ -486,7 +486,7 @@ def evaluate(
     evaluation = call(lambda c, progress: _evaluate(c, config, trained, features, splits, dataset, progress), "evaluate")
     # The deck is the evaluator's own HTML report, read (and digest-checked) from the store,
     # in an iframe so that its styles never touch Flyte's page around it.
-    Deck("Evaluation", _stored_page(evaluation.html_report, "html_report").decode())
+    Deck("Evaluation", deck_html(_stored_page(evaluation.html_report, "html_report").decode()))
     return evaluation
 
 
