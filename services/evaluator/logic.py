@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -498,6 +496,8 @@ def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, A
                     and not isinstance(duration, bool) and math.isfinite(duration) else None,
                     "cache_key": bounded(str(manifest.get("cache_key", "")), 64),
                     "params": params,
+                    # Recorded by runtimes that write the producing run into manifests; absent otherwise.
+                    **({"run_id": bounded(str(manifest["run_id"]), 128)} if manifest.get("run_id") else {}),
                 }
             inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
             for ref in inputs.values():
@@ -512,17 +512,3 @@ def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, A
     ordered = {name: stages[name] for name in PIPELINE_STAGES if name in stages}
     return {"stages": ordered, "notes": notes}
 
-
-_RUN_ID_TIME = re.compile(r"-(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})-[0-9a-f]+$")
-
-
-def time_in_run_id(run_id: str) -> str:
-    """When a run started, if its id says so (the CLI's run-20261124T203512-3fa9c1, Flyte's
-    local-...); empty otherwise. The report's one time of its own comes from here, not a clock."""
-    found = _RUN_ID_TIME.search(run_id or "")
-    if not found:
-        return ""
-    try:
-        return datetime(*map(int, found.groups()), tzinfo=UTC).isoformat()
-    except ValueError:  # digits that are no date
-        return ""

@@ -527,18 +527,18 @@ def _params_inline(params: Any, limit: int = 12) -> str:
 def _what_ran(report: dict[str, Any]) -> str:
     provenance = report.get("provenance") if isinstance(report.get("provenance"), dict) else {}
     stages = provenance.get("stages") if isinstance(provenance.get("stages"), dict) else {}
-    produced = provenance.get("produced_by") if isinstance(provenance.get("produced_by"), dict) else {}
     model = report.get("model") if isinstance(report.get("model"), dict) else {}
     facts = []
 
-    run_id, started = produced.get("run_id"), produced.get("run_started_at")
-    if run_id:
-        by = f"run <code>{_text(run_id, 128)}</code>" + (f", started {_when(started)}" if started else "")
-    else:
-        by = "a call outside any pipeline run (no mlmesh-run-id metadata)"
+    # The report names no run of its own: it is a pure function of its inputs and their manifests,
+    # so any run that asks the same (or recomputes it) gets these very bytes. When the manifests
+    # name the run that computed a stage, the stage table shows it.
+    times = sorted(str(stage.get("created_at")) for stage in stages.values() if isinstance(stage, dict) and stage.get("created_at"))
+    latest = f" The newest input was computed at {_when(times[-1])} UTC." if times else ""
     facts.append(
-        f"<tr><th>produced by</th><td>{by}. The evaluator memoizes by its inputs' digests: a later identical "
-        "request gets this same report back, still naming the run that computed it.</td></tr>"
+        "<tr><th>produced</th><td>from the inputs below and their manifests, nothing else: any run that sends the "
+        "same request gets this same report (the evaluator memoizes by its inputs' digests), so it names no run. "
+        f"The runs that computed or reused it: <code>mlmesh lineage</code> on this report.{latest}</td></tr>"
     )
 
     loader = stages.get("loader") if isinstance(stages.get("loader"), dict) else {}
@@ -588,7 +588,9 @@ def _what_ran(report: dict[str, Any]) -> str:
             continue
         stage_rows.append(
             f"<tr><th>{_text(name, 20)}</th><td>{_text(stage.get('stage_version', ''), 40)}</td>"
-            f"<td>{_when(stage.get('created_at', ''))}</td><td>{_duration(stage.get('duration_seconds'))}</td>"
+            f"<td>{_when(stage.get('created_at', ''))}"
+            + (f"<br><code>{_text(stage['run_id'], 128)}</code>" if stage.get("run_id") else "")
+            + f"</td><td>{_duration(stage.get('duration_seconds'))}</td>"
             f'<td class="text">{_params_inline(stage.get("params"))}</td></tr>'
         )
     if provenance.get("evaluator_version"):

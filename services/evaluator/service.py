@@ -11,7 +11,7 @@ from services.evaluator.report import render_html
 from services.runtime.errors import FailedPrecondition
 from services.runtime.formats import HTML, JSON, json_bytes_to_doc, skops_to_model, to_json_bytes
 from services.runtime.server import StageSpec
-from services.runtime.stage import Job, Run, StageRuntime, current_rpc, require
+from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.store import ref_from_dict, ref_to_dict
 from services.runtime.tasks import task_kind_value
 
@@ -56,13 +56,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
                 for name in CONTEXT_REFS if request.HasField(name)
             }
             evaluation = logic.evaluate(model, x, y)
-            # Who computed this report: the caller's run (gRPC metadata mlmesh-run-id). A later
-            # identical request gets this same report from the memo, so it names the run that
-            # computed it, never "this run". Everything else in it comes from the inputs and the
-            # store's manifests: no clock of its own, so a recomputation in the same run is byte-identical.
-            record = current_rpc.get()
-            produced_by = {"run_id": record.run_id if record is not None else ""}
-            produced_by["run_started_at"] = logic.time_in_run_id(produced_by["run_id"])
+            # No run id and no clock: the report is a pure function of the inputs and the store's
+            # manifests, so a recomputation in any run (after the report object was deleted, or
+            # forced) makes the same bytes, and the memo hands the same report to every later run.
             lineage = logic.provenance(run.store, request.model.sha256, request.x_test.sha256)
             promote, reasons = logic.decide(evaluation, minimums, maximums)
             applied_minimums, applied_maximums, _ = logic.effective_thresholds(evaluation.task, minimums, maximums)
@@ -86,7 +82,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
                 "per_class": evaluation.per_class,
                 "residuals": evaluation.residuals,
                 "model": {**logic.model_description(model), "features": int(x.shape[1])},
-                "provenance": {**lineage, "evaluator_version": VERSION, "produced_by": produced_by},
+                "provenance": {**lineage, "evaluator_version": VERSION},
             }
             return evaluator_pb2.EvaluateResponse(
                 metrics_report=run.put("metrics_report", to_json_bytes(report), JSON),
