@@ -198,6 +198,7 @@ EXPECT = [
     (r"^make run\b", r"PROMOTE"),
     (r"mlmesh status", r"(?s)(SERVING.*){5}"),
     (r"mlmesh run ", r"(?i)decision|PROMOTE|REJECT"),
+    (r"ProgressService/WatchCall", r"parsing, deciding column roles"),
     (r"mlmesh models", r"breast_cancer"),  # `make run` registered its model
     (r"mlmesh lineage ", r"\S"),
     (r"grpcurl -plaintext localhost:50051 list|\$G -plaintext localhost:50051 list|\$G \$TLS localhost:50051 list",

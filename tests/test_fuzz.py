@@ -26,6 +26,7 @@ from google.longrunning import operations_proto_pb2
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlmesh.common.v1 import progress_pb2
 from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
@@ -60,6 +61,7 @@ METHODS = {
     "ListOperations": ("trainer", "/google.longrunning.Operations/ListOperations", False),
     "CancelOperation": ("trainer", "/google.longrunning.Operations/CancelOperation", False),
     "DeleteOperation": ("trainer", "/google.longrunning.Operations/DeleteOperation", False),
+    "WatchCall": ("features", "/mlmesh.common.v1.ProgressService/WatchCall", True),
 }
 
 INT32 = (0, 1, -1, 2, 3, 4, 5, 2**31 - 1, -(2**31), 2**15, 255, 256, 1000)
@@ -369,6 +371,12 @@ def gen_list(g: Gen) -> operations_proto_pb2.ListOperationsRequest:
     )
 
 
+def gen_watch(g: Gen) -> progress_pb2.WatchCallRequest:
+    # A well-formed id of no call waits a few seconds for it (then NOT_FOUND): keep those rare.
+    well_formed = "".join(g.r.choice("abcdef0123456789-_") for _ in range(g.r.randint(8, 64)))
+    return progress_pb2.WatchCallRequest(call_id=g.pick([well_formed], [g.text(), "", "a" * 65, "short"], p_usual=0.03))
+
+
 def gen_cancel(g: Gen) -> operations_proto_pb2.CancelOperationRequest:
     return operations_proto_pb2.CancelOperationRequest(name=operation_name(g))
 
@@ -381,7 +389,7 @@ GENERATORS = {
     "Load": gen_load, "Preprocess": gen_preprocess, "BuildFeatures": gen_features,
     "Train": gen_train, "Evaluate": gen_evaluate, "RegisterModel": gen_register,
     "StartTraining": gen_train, "GetOperation": gen_get, "WaitOperation": gen_wait, "ListOperations": gen_list,
-    "CancelOperation": gen_cancel, "DeleteOperation": gen_delete,
+    "CancelOperation": gen_cancel, "DeleteOperation": gen_delete, "WatchCall": gen_watch,
 }
 
 

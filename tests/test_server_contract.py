@@ -127,6 +127,8 @@ async def test_reflection_lists_and_describes_the_stage(mesh: dict[str, RunningS
     operations = {"google.longrunning.Operations"} if name == "trainer" else set()
     assert services == {
         stage.spec.service_name, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", *operations,
+        # Every stage lets a caller follow its unary calls (services/runtime/watch.py).
+        "mlmesh.common.v1.ProgressService",
     }
 
     described = await _reflect(

@@ -40,6 +40,7 @@ from services.runtime.client import (
     LINEAGE,
     ConfigError,
     MeshClient,
+    OnCallProgress,
     PipelineConfig,
     StageCallError,
     default_registry_name,
@@ -205,10 +206,10 @@ class PipelineResult:
         }
 
     def __str__(self) -> str:
-        # What `pyflyte run` prints at the end (it echoes the workflow's result).
+        # What `pyflyte run` prints at the end (it echoes the workflow's result), a line below the progress.
         if _json_output():
             return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-        return render(self.outcome())
+        return "\n" + render(self.outcome())
 
 
 @dataclass
@@ -232,8 +233,8 @@ class SweepResult:
             rows.append(f"{mark} {index}  {candidate.model:<24} {self.metric} "
                         f"{'-' if score is None else f'{score:.4f}'}  ({params})")
         return "\n".join([
-            f"sweep     {len(self.candidates)} candidates by {self.metric}; * marks the winner", *rows,
-            f"compared  {local_path(self.comparison_report.uri)}", "", str(self.best),
+            "", f"sweep     {len(self.candidates)} candidates by {self.metric}; * marks the winner", *rows,
+            f"compared  {local_path(self.comparison_report.uri)}", "", render(self.best.outcome()),
         ])
 
 
@@ -344,10 +345,11 @@ def _ctrl_c_cancels() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-async def _one(progress: PipelineProgress, stage: str, rpc: Awaitable[T], count: Callable[[T], int] = lambda _: 0) -> T:
-    """One unary stage call, shown on the progress display."""
+async def _one(progress: PipelineProgress, stage: str, rpc: Callable[[OnCallProgress], Awaitable[T]],
+               count: Callable[[T], int] = lambda _: 0) -> T:
+    """One unary stage call, shown on the progress display with the stage's own reports."""
     with progress.stage(stage) as shown:
-        reply = await rpc
+        reply = await rpc(shown.step)
         shown.done(stage_outcome(stage, reply.stage, count(reply)))
     return reply
 
@@ -372,7 +374,8 @@ _TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK
 def load(source: str, target_column: str, task_kind: str, column_roles: dict[str, str], recompute: bool) -> Dataset:
     config = PipelineConfig(source=source, target_column=target_column, task_kind=task_kind,
                             column_roles=column_roles, force_recompute=recompute)
-    reply = call(lambda c, shown: _one(shown, "loader", c.load(load_request(config)), lambda r: r.rows), "load")
+    reply = call(lambda c, shown: _one(shown, "loader", lambda watch: c.load(load_request(config), watch), lambda r: r.rows),
+                 "load")
     dataset = Dataset(
         dataset=ArtifactRef.of(reply.dataset), rows=reply.rows, task_kind=_TASKS[reply.task_kind],
         task_kind_reason=reply.task_kind_reason, schema=ArtifactRef.of(reply.schema),
@@ -391,8 +394,9 @@ def preprocess(
 ) -> Splits:
     config = PipelineConfig(test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
                             drop_incomplete_rows=drop_incomplete_rows, force_recompute=recompute)
-    reply = call(lambda c, shown: _one(shown, "preprocess", c.preprocess(preprocess_request(config, dataset.dataset.proto())),
-                                       lambda r: r.rows_in), "preprocess")
+    request = preprocess_request(config, dataset.dataset.proto())
+    reply = call(lambda c, shown: _one(shown, "preprocess", lambda watch: c.preprocess(request, watch), lambda r: r.rows_in),
+                 "preprocess")
     return Splits(
         train=ArtifactRef.of(reply.train), test=ArtifactRef.of(reply.test), class_names=list(reply.class_names),
         split_report=ArtifactRef.of(reply.split_report),
@@ -411,7 +415,7 @@ def build_features(
         select_k_best=select_k_best, force_recompute=recompute,
     )
     request = features_request(config, splits.train.proto(), splits.test.proto(), model)
-    reply = call(lambda c, shown: _one(shown, "features", c.build_features(request)), "build_features")
+    reply = call(lambda c, shown: _one(shown, "features", lambda watch: c.build_features(request, watch)), "build_features")
     return Features(*(ArtifactRef.of(getattr(reply, n)) for n in (
         "x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")), stage=StageTiming.of(reply.stage))
 
@@ -468,7 +472,7 @@ async def _evaluate(
     prepared = preprocess_pb2.PreprocessResponse(class_names=splits.class_names, split_report=splits.split_report.proto())
     with progress.stage("evaluator", label) as shown:
         reply = await client.evaluate(evaluate_request(
-            config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto()))
+            config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto()), shown.step)
         shown.done(stage_outcome("evaluator", reply.stage) + f", {_DECISIONS[reply.decision]}")
     return Evaluation(
         metrics=dict(reply.metrics), decision=_DECISIONS[reply.decision], reasons=list(reply.reasons),

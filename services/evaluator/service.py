@@ -47,6 +47,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         )
 
         def work(run: Run) -> evaluator_pb2.EvaluateResponse:
+            run.progress(0.05, "reading the model and the test split")
             model = skops_to_model(run.read(request.model, "model"), "model")
             logic.check_is_model(model)
             x = run.read_array(request.x_test, "x_test")
@@ -55,7 +56,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
                 name: json_bytes_to_doc(run.read(getattr(request, name), name), name)
                 for name in CONTEXT_REFS if request.HasField(name)
             }
+            run.progress(0.2, f"scoring {len(y):,} test rows: metrics, curves, importances")
             evaluation = logic.evaluate(model, x, y)
+            run.progress(0.8, "writing the report")
             # No run id and no clock: the report is a pure function of the inputs and the store's
             # manifests, so a recomputation in any run (after the report object was deleted, or
             # forced) makes the same bytes, and the memo hands the same report to every later run.

@@ -83,6 +83,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         max_bytes = self.runtime.settings.max_dataset_bytes
 
         def work(run: Run) -> features_pb2.BuildFeaturesResponse:
+            run.progress(0.05, "reading the splits")
             train, meta = run.read_frame(request.train, "train")
             test, test_meta = run.read_frame(request.test, "test")
             if meta.get("split") != "train" or test_meta.get("split") != "test":
@@ -93,9 +94,11 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             if any(meta.get(key) != test_meta.get(key) for key in same_run):
                 raise FailedPrecondition("train and test must both come from the same preprocess run")
             task = meta["task_kind"]
+            run.progress(0.2, f"fitting encoders on {len(train):,} rows, transforming both splits")
             result = logic.engineer(
                 train, test, meta["target_column"], task, meta["roles"], meta.get("class_names", []), options, max_bytes
             )
+            run.progress(0.8, f"writing {result.x_train.shape[1]} model inputs")
             return features_pb2.BuildFeaturesResponse(
                 x_train=run.put_array("x_train", result.x_train),
                 y_train=run.put_array("y_train", result.y_train),

@@ -45,12 +45,17 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
         if source.kind == "file":
             # Files change under the same name; their content is part of the key. Read once,
             # here, and parsed by work() below on a miss.
+            self.runtime.tell(0.0, f"reading {source.name[-80:]}")
             data, params["source_sha256"] = await self._read(source, context)
         job = Job(inputs={}, params=params, force_recompute=request.force_recompute)
         max_bytes = self.runtime.settings.max_dataset_bytes
 
         def work(run: Run) -> loader_pb2.LoadResponse:
+            # Phases, for a caller following the call (ProgressService): parsing and profiling
+            # take most of the time; writing the table is the rest.
+            run.progress(0.1, "parsing, deciding column roles, profiling")
             loaded = logic.load_dataset(source, request.target_column, requested_task, max_bytes, roles, data)
+            run.progress(0.7, f"writing {len(loaded.frame):,} rows × {loaded.frame.shape[1]} columns")
             schema_doc = loaded.schema()
             schema = run.put("schema", to_json_bytes(schema_doc), JSON)
             profile = run.put("profile", to_json_bytes(loaded.profile), JSON)

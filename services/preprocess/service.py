@@ -40,14 +40,17 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         )
 
         def work(run: Run) -> preprocess_pb2.PreprocessResponse:
+            run.progress(0.05, "reading the dataset")
             frame, meta = run.read_frame(request.dataset, "dataset")
             if "target_column" not in meta or "task_kind" not in meta or "roles" not in meta:
                 raise FailedPrecondition("dataset lacks mlmesh metadata; pass a dataset written by the loader")
             target_column = meta["target_column"]
+            run.progress(0.3, f"cleaning and splitting {len(frame):,} rows")
             prepared = logic.preprocess(
                 frame, target_column, meta["task_kind"], fraction, request.seed,
                 drop_duplicates=request.drop_duplicate_rows, drop_incomplete=request.drop_incomplete_rows,
             )
+            run.progress(0.7, f"writing {len(prepared.train):,} train and {len(prepared.test):,} test rows")
             out_meta = {**meta, "class_names": prepared.class_names}
             # Each split says which it is, so the features stage can refuse a swapped or foreign ref.
             train = run.put_frame("train", prepared.train, {**out_meta, "split": "train"})

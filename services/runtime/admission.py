@@ -14,7 +14,9 @@ from typing import Any
 import grpc
 
 # Services that must answer however busy the stage is.
-ALWAYS_ADMITTED = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Watching a call's progress takes no slot: it would otherwise compete with the very call it
+# follows. Watches are bounded on their own (watch.py).
+ALWAYS_ADMITTED = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/mlmesh.common.v1.ProgressService/")
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):

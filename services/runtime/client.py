@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import grpc
 from google.longrunning import operations_grpc_pb2, operations_proto_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlmesh.common.v1 import progress_pb2, progress_pb2_grpc
 from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
@@ -35,6 +37,7 @@ from services.runtime import tracing
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
 from services.runtime.security import call_metadata, open_channel
 from services.runtime.settings import STAGES, Settings
+from services.runtime.watch import CALL_ID_METADATA
 from services.runtime.tasks import task_kind_value
 
 STUBS = {
@@ -69,6 +72,9 @@ RETRY_SERVICE_CONFIG = json.dumps(
         ]
     }
 )
+
+# Sees a unary call's progress reports (ProgressService.WatchCall) while it runs.
+OnCallProgress = Callable[[progress_pb2.WatchCallResponse], None]
 
 RECOVERABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -335,14 +341,38 @@ class MeshClient:
     def stub(self, stage: str) -> Any:
         return STUBS[stage](self.channel(stage))
 
-    async def _unary(self, stage: str, method: str, request: Any) -> Any:
+    async def _unary(self, stage: str, method: str, request: Any, on_progress: OnCallProgress | None = None) -> Any:
+        """One call, retried while the stage is unreachable; `on_progress` sees the stage's
+        progress reports while it works (a WatchCall stream beside the call)."""
+        call_id = secrets.token_hex(8) if on_progress is not None else ""
+        tag = ((CALL_ID_METADATA, call_id),) if call_id else ()
+
         async def call() -> Any:
             # With tracing on, each attempt is a client span, and its context travels in the metadata.
             with tracing.client_span(f"/{SERVICES[stage]}/{method}") as trace_context:
                 return await getattr(self.stub(stage), method)(
-                    request, timeout=self.timeout, metadata=(*self.metadata, *trace_context))
+                    request, timeout=self.timeout, metadata=(*self.metadata, *tag, *trace_context))
 
-        return await self._reconnecting(stage, call)
+        if on_progress is None:
+            return await self._reconnecting(stage, call)
+        watching = asyncio.ensure_future(self._watch(stage, call_id, on_progress))
+        try:
+            return await self._reconnecting(stage, call)
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+
+    async def _watch(self, stage: str, call_id: str, on_progress: OnCallProgress) -> None:
+        """Follow one call's progress until it ends. Best effort: progress is for people, and a
+        stage that cannot report it (an older version, a lost stream) must not fail the call."""
+        stub = progress_pb2_grpc.ProgressServiceStub(self.channel(stage))
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for update in stub.WatchCall(progress_pb2.WatchCallRequest(call_id=call_id), timeout=self.timeout,
+                                               metadata=self.metadata):
+                if update.done:
+                    return
+                on_progress(update)
 
     async def _reconnecting(self, stage: str, call: Callable[[], Any]) -> Any:
         """`call()`, tried again while the stage is unreachable, for up to MLMESH_RECONNECT_SECONDS.
@@ -368,14 +398,14 @@ class MeshClient:
             pause = min(pause * 2, 5.0)
 
     # ---- one call per stage ---------------------------------------------------------
-    async def load(self, request: loader_pb2.LoadRequest) -> loader_pb2.LoadResponse:
-        return await self._unary("loader", "Load", request)
+    async def load(self, request: loader_pb2.LoadRequest, on_progress: OnCallProgress | None = None) -> loader_pb2.LoadResponse:
+        return await self._unary("loader", "Load", request, on_progress)
 
-    async def preprocess(self, request: preprocess_pb2.PreprocessRequest) -> preprocess_pb2.PreprocessResponse:
-        return await self._unary("preprocess", "Preprocess", request)
+    async def preprocess(self, request: preprocess_pb2.PreprocessRequest, on_progress: OnCallProgress | None = None) -> preprocess_pb2.PreprocessResponse:
+        return await self._unary("preprocess", "Preprocess", request, on_progress)
 
-    async def build_features(self, request: features_pb2.BuildFeaturesRequest) -> features_pb2.BuildFeaturesResponse:
-        return await self._unary("features", "BuildFeatures", request)
+    async def build_features(self, request: features_pb2.BuildFeaturesRequest, on_progress: OnCallProgress | None = None) -> features_pb2.BuildFeaturesResponse:
+        return await self._unary("features", "BuildFeatures", request, on_progress)
 
     async def train(
         self,
@@ -445,8 +475,8 @@ class MeshClient:
                                            timeout=timeout, metadata=self.metadata)
         return names
 
-    async def evaluate(self, request: evaluator_pb2.EvaluateRequest) -> evaluator_pb2.EvaluateResponse:
-        return await self._unary("evaluator", "Evaluate", request)
+    async def evaluate(self, request: evaluator_pb2.EvaluateRequest, on_progress: OnCallProgress | None = None) -> evaluator_pb2.EvaluateResponse:
+        return await self._unary("evaluator", "Evaluate", request, on_progress)
 
     async def register_model(self, request: evaluator_pb2.RegisterModelRequest) -> evaluator_pb2.RegisterModelResponse:
         return await self._unary("evaluator", "RegisterModel", request)
@@ -457,19 +487,21 @@ class MeshClient:
         display = progress or PipelineProgress(quiet=True)
         started = time.perf_counter()
         with display.stage("loader") as shown:
-            loaded = await self.load(load_request(config))
+            loaded = await self.load(load_request(config), shown.step)
             shown.done(stage_outcome("loader", loaded.stage, loaded.rows))
         with display.stage("preprocess") as shown:
-            prepared = await self.preprocess(preprocess_request(config, loaded.dataset))
+            prepared = await self.preprocess(preprocess_request(config, loaded.dataset), shown.step)
             shown.done(stage_outcome("preprocess", prepared.stage, prepared.rows_in))
         with display.stage("features") as shown:
-            features = await self.build_features(features_request(config, prepared.train, prepared.test, config.model))
+            features = await self.build_features(features_request(config, prepared.train, prepared.test, config.model),
+                                                 shown.step)
             shown.done(stage_outcome("features", features.stage) + f", {len(features.feature_names)} inputs")
         with display.stage("trainer") as shown:
             trained = await self.train(train_request(config, features), shown.fit)
             shown.done(stage_outcome("trainer", trained.stage) + f", {trained.model_name}")
         with display.stage("evaluator") as shown:
-            evaluated = await self.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile))
+            evaluated = await self.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile),
+                                            shown.step)
             shown.done(stage_outcome("evaluator", evaluated.stage)
                        + f", {evaluator_pb2.Decision.Name(evaluated.decision).removeprefix('DECISION_')}")
         return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started, self.run_id)

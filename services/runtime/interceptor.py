@@ -17,6 +17,7 @@ from services.runtime.errors import InvalidArgument, StageError, bounded, status
 from services.runtime.metrics import StageMetrics
 from services.runtime.runs import RUN_ID_METADATA, check_run_id
 from services.runtime.stage import RpcRecord, current_rpc
+from services.runtime.watch import CallWatch, call_id_of
 
 log = logging.getLogger("mlmesh.rpc")
 
@@ -44,11 +45,18 @@ async def _map_error(exc: BaseException, method: str, context: grpc.aio.Servicer
     await context.abort(grpc.StatusCode.INTERNAL, outcome.error)
 
 
+# Calls that only follow another call (WatchCall) are logged at DEBUG when they succeed: at INFO,
+# every watched call would appear twice.
+_FOLLOWING = ("/mlmesh.common.v1.ProgressService/",)
+
+
 def _log(method: str, outcome: _Outcome, seconds: float, record: RpcRecord) -> None:
     """One line per call: text for people, the same fields as JSON for log pipelines (logs.py)."""
     cache = "-" if record.cache_hit is None else str(record.cache_hit).lower()
     error = f" error={outcome.error!r}" if outcome.error else ""
-    log.info(
+    quiet = method.startswith(_FOLLOWING) and outcome.code == grpc.StatusCode.OK
+    log.log(
+        logging.DEBUG if quiet else logging.INFO,
         "rpc method=%s status=%s duration_ms=%.1f cache_hit=%s run_id=%s caller=%s%s",
         method,
         outcome.code.name,
@@ -74,7 +82,8 @@ def _details(context: grpc.aio.ServicerContext) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _rpc_scope(method: str, context: grpc.aio.ServicerContext, metrics: StageMetrics, unary: bool) -> AsyncIterator[None]:
+async def _rpc_scope(method: str, context: grpc.aio.ServicerContext, metrics: StageMetrics, unary: bool,
+                     watch: CallWatch) -> AsyncIterator[None]:
     """Around one RPC: expose its record to the handler, map errors, count, trace and log it."""
     started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
     # Each RPC runs in its own task and context, so this never leaks between calls.
@@ -84,6 +93,10 @@ async def _rpc_scope(method: str, context: grpc.aio.ServicerContext, metrics: St
     with tracing.server_span(method, metadata) as span:
         try:
             record.run_id = _run_id_of(metadata)
+            # A caller following this call (WatchCall) sees it from here until it ends, below.
+            record.call_id = call_id_of(metadata)
+            if record.call_id:
+                watch.begin(record.call_id)
             yield
         except grpc.aio.AbortError:
             outcome.code = context.code() or grpc.StatusCode.UNKNOWN
@@ -96,6 +109,8 @@ async def _rpc_scope(method: str, context: grpc.aio.ServicerContext, metrics: St
         except Exception as exc:  # noqa: BLE001 - mapped to a status just below
             await _map_error(exc, method, context, outcome)
         finally:
+            if record.call_id:
+                watch.finish(record.call_id)
             if outcome.code == grpc.StatusCode.OK and _is_cancelled(context):
                 # The handler finished, but too late: the caller saw CANCELLED or DEADLINE_EXCEEDED.
                 outcome.code = _cancellation_code(context)
@@ -161,9 +176,10 @@ async def _refuse_undecodable(request: _Undecodable, method: str, context: grpc.
     )
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str, metrics: StageMetrics) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str, metrics: StageMetrics,
+                watch: CallWatch) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _rpc_scope(method, context, metrics, unary=True):
+        async with _rpc_scope(method, context, metrics, unary=True, watch=watch):
             if isinstance(request, _Undecodable):
                 await _refuse_undecodable(request, method, context)
             return await behavior(request, context)
@@ -171,9 +187,10 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str, metrics: S
     return handler
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str, metrics: StageMetrics) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str, metrics: StageMetrics,
+                 watch: CallWatch) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async with _rpc_scope(method, context, metrics, unary=False):
+        async with _rpc_scope(method, context, metrics, unary=False, watch=watch):
             if isinstance(request, _Undecodable):
                 await _refuse_undecodable(request, method, context)
             async for response in behavior(request, context):
@@ -189,9 +206,10 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
     and probes would drown the log and the metrics.
     """
 
-    def __init__(self, metrics: StageMetrics, *service_names: str):
+    def __init__(self, metrics: StageMetrics, *service_names: str, watch: CallWatch | None = None):
         self._metrics = metrics
         self._prefixes = tuple(f"/{name}/" for name in service_names)
+        self._watch = watch or CallWatch()
 
     async def intercept_service(
         self,
@@ -204,13 +222,13 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, self._metrics),
+                _wrap_unary(handler.unary_unary, method, self._metrics, self._watch),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, self._metrics),
+                _wrap_stream(handler.unary_stream, method, self._metrics, self._watch),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )

@@ -17,12 +17,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
-
+from mlmesh.common.v1 import progress_pb2
 from mlmesh.trainer.v1 import trainer_pb2
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 # How each stage's answer is described when it arrives: its own count of work done.
 _NOUNS = {"loader": "rows", "preprocess": "rows"}
@@ -63,14 +64,16 @@ class FitLines:
         self.write, self.prefix = write, prefix
         self.last_decile, self.last_time = -1, 0.0
 
-    def __call__(self, event: trainer_pb2.TrainProgress) -> None:
+    def __call__(self, event: trainer_pb2.TrainProgress | progress_pb2.WatchCallResponse) -> None:
         decile = int(event.fraction_done * 10 + 1e-9)
         now = time.monotonic()
-        notable = event.message.startswith("warning: ") or (event.resumed_from_step and event.step == event.resumed_from_step)
+        resumed = getattr(event, "resumed_from_step", 0)
+        notable = event.message.startswith("warning: ") or (resumed and event.step == resumed)
         if decile == self.last_decile and now - self.last_time < 15 and not notable:
             return
         self.last_decile, self.last_time = decile, now
-        eta = f", about {event.eta_seconds:.0f}s left" if event.eta_seconds >= 1 and event.fraction_done < 1 else ""
+        eta_seconds = getattr(event, "eta_seconds", 0.0)
+        eta = f", about {eta_seconds:.0f}s left" if eta_seconds >= 1 and event.fraction_done < 1 else ""
         self.write(f"{self.prefix}{event.fraction_done:4.0%} {event.message}{eta}")
 
 
@@ -81,6 +84,7 @@ class StageTracker:
         self.display, self.stage, self.label = display, stage, label
         self.started = time.monotonic()
         self.task: TaskID | None = None
+        self.fraction = 0.0  # the last fraction shown, kept when the call fails or is interrupted
         self._lines = FitLines(display.line, prefix=f"{label}: ")
         if display.live is not None:
             self.task = display.live.add_task(label, total=None, eta="", detail="")
@@ -91,11 +95,29 @@ class StageTracker:
             self._lines(event)
             return
         stepped = event.total_steps > 0 or 0 < event.fraction_done < 1
+        self.fraction = event.fraction_done if stepped else self.fraction
         self.display.live.update(
             self.task,
             total=1.0 if stepped else None, completed=event.fraction_done if stepped else 0,
             eta=_eta(event.eta_seconds) if event.fraction_done < 1 else "",
             detail=event.message[:60],
+        )
+
+    def step(self, update: progress_pb2.WatchCallResponse) -> None:
+        """A unary stage's progress report (ProgressService): its phase, and a bar when it counts.
+
+        In plain lines, only a call that has run for a second or more says what it is doing,
+        so that the usual quick calls stay one line each.
+        """
+        if self.task is None:
+            if update.elapsed_seconds >= 1:
+                self._lines(update)
+            return
+        counted = update.total_steps > 0 or update.fraction_done > 0
+        self.fraction = update.fraction_done if counted else self.fraction
+        self.display.live.update(
+            self.task, total=1.0 if counted else None, completed=update.fraction_done if counted else 0,
+            detail=update.message[:60],
         )
 
     def done(self, outcome: str) -> None:
@@ -109,8 +131,32 @@ class StageTracker:
         if self.task is None:
             self.display.line(f"{self.label}: {why}")
             return
-        self.display.live.update(self.task, eta="", detail=f"[red]{why}[/red]")
+        self.display.live.update(self.task, total=1.0, completed=self.fraction, eta="", detail=f"[red]{why}[/red]")
         self.display.live.stop_task(self.task)
+
+
+def _live_display(stream: IO[str]) -> Progress | None:
+    """rich's live display on `stream`, or None where rich is not installed.
+
+    rich comes with the workflow's dependencies (flytekit); the service image has the
+    `mlmesh` CLI without it, and there a terminal gets the plain lines instead.
+    """
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+    except ImportError:
+        return None
+    return Progress(
+        SpinnerColumn(finished_text="[green]✓[/green]"),
+        TextColumn("{task.description:<11}"),
+        BarColumn(bar_width=24),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]:>9}"),
+        TextColumn("{task.fields[detail]}"),
+        console=Console(file=stream, stderr=stream is sys.stderr),
+        transient=False,
+    )
 
 
 class PipelineProgress:
@@ -123,20 +169,7 @@ class PipelineProgress:
         self.stream = stream or sys.stderr
         self.quiet = quiet
         use_live = (self.stream.isatty() if live is None else live) and not quiet
-        self.console = Console(file=self.stream, stderr=self.stream is sys.stderr)
-        self.live: Progress | None = None
-        if use_live:
-            self.live = Progress(
-                SpinnerColumn(finished_text="[green]✓[/green]"),
-                TextColumn("{task.description:<11}"),
-                BarColumn(bar_width=24),
-                TaskProgressColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[eta]:>9}"),
-                TextColumn("{task.fields[detail]}"),
-                console=self.console,
-                transient=False,
-            )
+        self.live: Progress | None = _live_display(self.stream) if use_live else None
 
     def __enter__(self) -> PipelineProgress:
         if self.live is not None:

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mlmesh.common.v1 import progress_pb2_grpc
 from services.runtime import tracing
 from services.runtime.errors import StageError
 from services.runtime.admission import AdmissionInterceptor
@@ -32,6 +33,7 @@ from services.runtime.operations import OPERATIONS_SERVICE, OperationsService, a
 from services.runtime.security import server_credentials, server_interceptor
 from services.runtime.settings import LAUNCHER_PID, Settings, SettingsError
 from services.runtime.stage import StageRuntime
+from services.runtime.watch import SERVICE_NAME as PROGRESS_SERVICE, ProgressServicer
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,8 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    ours = (spec.service_name, OPERATIONS_SERVICE) if spec.long_running else (spec.service_name,)
+    # Every stage also serves ProgressService, to follow its unary calls (watch.py).
+    ours = (spec.service_name, *((OPERATIONS_SERVICE,) if spec.long_running else ()), PROGRESS_SERVICE)
     try:
         credentials = server_credentials(settings)
         auth = server_interceptor(settings)
@@ -122,7 +125,7 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
     # Outermost first. Identity and admission inside the stage interceptor, so a refused call
     # is logged, counted and traced like any other; identity before admission, so strangers take no slot.
     interceptors = [
-        StageInterceptor(metrics, *ours),
+        StageInterceptor(metrics, *ours, watch=runtime.watch),
         *([auth] if auth else []),
         AdmissionInterceptor(settings.max_concurrent_rpcs, on_reject=metrics.rejected.inc),
     ]
@@ -133,6 +136,8 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
     spec.add_servicer(servicer, server)
     if spec.long_running:
         add_operations_service(OperationsService(runtime.operations, servicer.recall_operation), server)
+    # Every stage also lets a caller follow its unary calls (watch.py).
+    progress_pb2_grpc.add_ProgressServiceServicer_to_server(ProgressServicer(runtime.watch), server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

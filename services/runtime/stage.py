@@ -43,6 +43,7 @@ from services.runtime.operations import OperationRegistry
 from services.runtime.runs import execution_doc, new_run_id, record_execution, refs_in, summary_of
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore, canonical_json, ref_to_dict, sha256_hex
+from services.runtime.watch import CallWatch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class RpcRecord:
     run_id: str = ""
     # Who called: "token:<name>" and/or "cert:<subject>" when the mesh checks identity.
     caller: str = ""
+    # The caller's id for following this call's progress (metadata mlmesh-call-id; watch.py).
+    call_id: str = ""
 
 
 current_rpc: contextvars.ContextVar[RpcRecord | None] = contextvars.ContextVar(
@@ -198,6 +201,8 @@ class StageRuntime:
         self._memo_lock = threading.Lock()  # the loop and store threads both use the index
         self.stopping = threading.Event()
         self.operations = OperationRegistry(settings.operation_idle_seconds)
+        # Unary calls a caller is following (ProgressService.WatchCall).
+        self.watch = CallWatch()
         self.metrics.watch_operations(self._operations_running)
 
     def _operations_running(self) -> int:
@@ -253,7 +258,37 @@ class StageRuntime:
         result_type: type[ResultT],
         on_progress: Callable[[Progress], None] | None = None,
     ) -> ResultT:
-        """Serve `job` from the memo or compute it once; fills in `result.stage`."""
+        """Serve `job` from the memo or compute it once; fills in `result.stage`.
+
+        When the caller tagged the call with a call id, its progress reports also go
+        to whoever watches that id (watch.py).
+        """
+        record = current_rpc.get()
+        call_id = record.call_id if record is not None else ""
+        if not call_id:
+            return await self._execute(job, work, result_type, on_progress)
+
+        def report(progress: Progress) -> None:
+            self.watch.update(call_id, progress.fraction, progress.message, progress.step, progress.total_steps)
+            if on_progress is not None:
+                on_progress(progress)
+
+        return await self._execute(job, work, result_type, report)
+
+    def tell(self, fraction: float, message: str) -> None:
+        """Progress of the current call from the handler itself, before or around `execute`
+        (on the event loop; work on a worker thread reports through `run.progress`)."""
+        record = current_rpc.get()
+        if record is not None and record.call_id:
+            self.watch.update(record.call_id, fraction, message)
+
+    async def _execute(
+        self,
+        job: Job,
+        work: Callable[[Run], ResultT],
+        result_type: type[ResultT],
+        on_progress: Callable[[Progress], None] | None,
+    ) -> ResultT:
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         self.check_inputs(job)
@@ -463,7 +498,11 @@ class StageRuntime:
         result = await self.to_thread(self._measured, work, run)
         seconds = time.perf_counter() - started
         result.ClearField("stage")
-        await asyncio.to_thread(self._remember, key, job, run, result, created, seconds)
+        # The run of the caller that started this computation (a task copies its creator's
+        # context): its outputs' manifests name it, so lineage and the report can say which run made them.
+        record = current_rpc.get()
+        run_id = record.run_id if record is not None else ""
+        await asyncio.to_thread(self._remember, key, job, run, result, created, seconds, run_id)
         return result.SerializeToString()
 
     def _measured(self, work: Callable[[Run], ResultT], run: Run) -> ResultT:
@@ -471,7 +510,8 @@ class StageRuntime:
         with self.metrics.computation(), tracing.span(f"{self.name}.compute", {"mlmesh.cache_key": run.cache_key}):
             return _then_return_memory(work, run)
 
-    def _remember(self, key: str, job: Job, run: Run, result: Message, created: datetime, seconds: float) -> None:
+    def _remember(self, key: str, job: Job, run: Run, result: Message, created: datetime, seconds: float,
+                  run_id: str = "") -> None:
         manifest_base = {
             "stage": self.name,
             "stage_version": self.version,
@@ -481,6 +521,7 @@ class StageRuntime:
             "params": job.params,
             "created_at": created.isoformat(),
             "duration_seconds": round(seconds, 6),
+            **({"run_id": run_id} if run_id else {}),
         }
         for name, ref in run.outputs.items():
             self.store.write_manifest(ref.sha256, {**manifest_base, "output": name, "artifact": ref_to_dict(ref)})
