@@ -139,7 +139,7 @@ def test_ctrl_c_stops_the_run_and_its_fit_with_one_line(env: dict[str, str], tmp
     code, stderr = _interrupt([str(BIN / "mlmesh"), "run", "--source", "sklearn:digits", *SLOW_FIT], env,
                               tmp_path / "run.err")
     assert code == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and "mlmesh: interrupted; the trainer was asked to stop its fit" in stderr
+    assert "Traceback" not in stderr and "mlmesh: interrupted; the trainer was asked to stop its fit" in stderr, stderr[-3000:]
     _wait_for(lambda: not _running_fits(env), 30, "the trainer to stop the fit")
 
 

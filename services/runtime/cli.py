@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 
 from mlmesh.evaluator.v1 import evaluator_pb2
@@ -454,7 +455,13 @@ async def _run_pipeline(client: MeshClient, config: PipelineConfig, args: argpar
                 return run, ""
             name = args.registry_name or default_registry_name(config.source, run.train.model_name)
             with progress.stage("registry") as shown:
-                reply = await client.register_model(register_request(run, name))
+                try:
+                    reply = await client.register_model(register_request(run, name))
+                except StageCallError as refused:
+                    if refused.code != grpc.StatusCode.PERMISSION_DENIED:
+                        raise
+                    raise StageCallError(refused.stage, refused.address, refused.code, refused.details
+                                         + "; or run with --no-register to keep the model out of the registry") from None
                 version = reply.model_version
                 shown.done(f"{version.name} v{version.version}" + (" (already registered)" if reply.already_registered else ""))
     return run, f"{version.name} v{version.version}"
