@@ -3,11 +3,11 @@
 `chromium()` returns a `Chromium` that takes screenshots of local pages:
 
 - `chromium-headless-shell` on the PATH: that program;
-- else a cache, ~/.cache/mlmesh-tests/chromium-<arch>/ (or under $XDG_CACHE_HOME), filled once
-  with `apt-get download` and `dpkg-deb -x` (about 90 MB of packages, a few seconds): the shell,
-  `chromium-common` (its resources), and every library it depends on, recursively, that this
-  machine lacks (libopus0, libpulse0, ...). Nothing is installed and no maintainer script runs;
-  the program then runs with LD_LIBRARY_PATH pointing into the cache.
+- else a cache, ~/.cache/mlmesh-tests/chromium-<arch>/, filled once from Debian's packages
+  (tests/debian_packages.py; about 90 MB, a few seconds): the shell, `chromium-common` (its
+  resources), and every library it depends on, recursively, that this machine lacks (libopus0,
+  libpulse0, ...). Nothing is installed and no maintainer script runs; the program then runs
+  with LD_LIBRARY_PATH pointing into the cache.
 
 When neither works the test is skipped with the reason; with CI=true it fails instead, as
 everywhere in this suite: a skip in CI would hide a check that never ran.
@@ -15,7 +15,6 @@ everywhere in this suite: a skip in CI would hide a check that never ran.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 import shutil
@@ -24,25 +23,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
+from tests.debian_packages import download, fetched, install, run, unavailable
 
 PACKAGE = "chromium-headless-shell"
 PROGRAM = "chromium-headless-shell"
-
-
-def _unavailable(reason: str) -> None:
-    """Skip with a visible reason; in CI (CI=true) a skip is a failure."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"headless Chromium unavailable: {reason} (CI=true: not skipping)")
-    pytest.skip(f"headless Chromium unavailable: {reason}")
-
-
-def _run(cmd: list[str], cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C", **(env or {})}
-    try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return subprocess.CompletedProcess(cmd, 127, "", str(exc))
+WHAT = "headless Chromium"
 
 
 @dataclass(frozen=True)
@@ -58,21 +43,16 @@ class Chromium:
         return {"LD_LIBRARY_PATH": ":".join([*self.library_path, *([inherited] if inherited else [])])}
 
     def version(self) -> subprocess.CompletedProcess:
-        return _run([str(self.program), "--no-sandbox", "--version"], timeout=60, env=self.env)
+        return run([str(self.program), "--no-sandbox", "--version"], timeout=60, env=self.env)
 
     def screenshot(self, page: Path, png: Path, width: int = 1280, height: int = 2400, timeout: float = 120) -> subprocess.CompletedProcess:
         """Render a local page (no network: the page is self-contained) and write a PNG of the window."""
         with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-            return _run([
+            return run([
                 str(self.program), "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
                 "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
                 f"--window-size={width},{height}", f"--screenshot={png}", page.resolve().as_uri(),
             ], timeout=timeout, env=self.env)
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mlmesh-tests"
 
 
 def _unpacked(root: Path) -> Chromium:
@@ -86,13 +66,13 @@ def _works(found: Chromium) -> bool:
 
 
 def _installed(package: str) -> bool:
-    status = _run(["dpkg-query", "-W", "-f=${Status}", package], timeout=30)
+    status = run(["dpkg-query", "-W", "-f=${Status}", package], timeout=30)
     return status.returncode == 0 and "install ok installed" in status.stdout
 
 
 def _packages_to_fetch() -> list[str]:
     """The shell, its resources, and the libraries among its dependencies (recursively) this machine lacks."""
-    listed = _run([
+    listed = run([
         "apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
         "--no-breaks", "--no-replaces", "--no-enhances", PACKAGE,
     ], timeout=120)
@@ -103,41 +83,19 @@ def _packages_to_fetch() -> list[str]:
     return [PACKAGE, "chromium-common", *wanted]
 
 
-def _download(cache: Path) -> Chromium:
-    """Fetch and unpack the packages into `cache`. Caller holds the lock."""
+def _fill(cache: Path) -> Chromium:
+    """The unpacked packages in `cache`, fetched when they are not there yet."""
     found = _unpacked(cache / "root")
     if _works(found):
         return found
-    for tool in ("apt-get", "apt-cache", "dpkg-deb", "dpkg-query"):
-        if not shutil.which(tool):
-            _unavailable(f"not on the PATH, and {tool} (Debian) is not there to fetch Debian's {PACKAGE} package")
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fetch-", dir=cache) as tmp:
-        work = Path(tmp)
-        work.chmod(0o755)  # apt-get downloads as the user _apt, which must be able to write here
-        packages = _packages_to_fetch()
-        fetched = _run(["apt-get", "download", *packages], cwd=work)
-        if fetched.returncode != 0 and os.geteuid() == 0:
-            updated = _run(["apt-get", "update", "-q"], timeout=600)
-            fetched = _run(["apt-get", "download", *_packages_to_fetch()], cwd=work)
-            if fetched.returncode != 0:
-                fetched.stderr += f"\n(after apt-get update: exit {updated.returncode} {updated.stderr[-500:]})"
-        debs = sorted(work.glob("*.deb"))
-        if fetched.returncode != 0 or not any(d.name.startswith(f"{PACKAGE}_") for d in debs):
-            _unavailable(f"`apt-get download {PACKAGE} ...` failed (exit {fetched.returncode}): {fetched.stderr[-1500:]}")
-        unpacked = work / "root"
-        for deb in debs:
-            extracted = _run(["dpkg-deb", "-x", str(deb), str(unpacked)])
-            if extracted.returncode != 0:
-                _unavailable(f"`dpkg-deb -x {deb.name}` failed: {extracted.stderr[-1500:]}")
+        unpacked = download(Path(tmp), _packages_to_fetch, WHAT, tools=("apt-cache", "dpkg-query"))
         candidate = _unpacked(unpacked)
         if not _works(candidate):
-            missing = _run(["ldd", str(candidate.program)], env=candidate.env).stdout
+            missing = run(["ldd", str(candidate.program)], env=candidate.env).stdout
             lacking = [line.strip() for line in missing.splitlines() if "not found" in line]
-            _unavailable(f"the unpacked {PACKAGE} does not run; missing libraries: {lacking[:10]}")
-        shutil.rmtree(cache / "root", ignore_errors=True)
-        unpacked.rename(cache / "root")
-    return _unpacked(cache / "root")
+            unavailable(WHAT, f"the unpacked {PACKAGE} does not run; missing libraries: {lacking[:10]}")
+        return _unpacked(install(unpacked, cache))
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,13 +103,7 @@ def _cached() -> Chromium:
     on_path = shutil.which(PROGRAM)
     if on_path and _works(Chromium(Path(on_path))):
         return Chromium(Path(on_path))
-    arch = _run(["dpkg", "--print-architecture"], timeout=30).stdout.strip() or os.uname().machine
-    cache = _cache_root() / f"chromium-{arch}"
-    cache.mkdir(parents=True, exist_ok=True)
-    # One fetch at a time, across processes (xdist workers, several checkouts on one machine).
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _download(cache)
+    return fetched("chromium", _fill)
 
 
 def chromium() -> Chromium:
