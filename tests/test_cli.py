@@ -120,12 +120,14 @@ def _running_fits(env: dict[str, str]) -> list:
 
 def _interrupt(command: list[str], env: dict[str, str], log: Path) -> tuple[int, str]:
     """Start `command` in its own process group, Ctrl-C it (SIGINT to the group, as a terminal does)
-    once a fit is running, and return its exit code and stderr."""
+    once it shows a fit running, as a person would, and return its exit code and stderr."""
     with log.open("w+") as err:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
                                    start_new_session=True)
         try:
-            _wait_for(lambda: bool(_running_fits(env)) or process.poll() is not None, 120, "a fit to start")
+            _wait_for(lambda: bool(re.search(r"^trainer: +\d+% ", log.read_text(), re.M)) or process.poll() is not None,
+                      120, "the fit's progress on stderr")
+            assert _running_fits(env), log.read_text()[-2000:]
             assert process.poll() is None, log.read_text()[-2000:]
             os.killpg(process.pid, signal.SIGINT)
             code = process.wait(timeout=30)
