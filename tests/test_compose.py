@@ -488,7 +488,7 @@ def test_pipeline_service_runs_to_success(stack: Stack) -> None:
     FIGURES["pipeline in compose, cold (compose run --rm)"] = f"{cold:.1f}s"
 
     # Reading the report, as docs/deploy.md says: it is in the store, next to the services.
-    html_uri = re.search(r"html_report=ArtifactRef\(uri='file://(/artifacts/objects/\S+?\.html)'", result.stdout)
+    html_uri = re.search(r"^report +(/artifacts/objects/\S+?\.html)$", result.stdout, re.M)  # the summary's report line
     assert html_uri, result.stdout
     report = stack.compose("exec", "-T", "evaluator", "cat", html_uri.group(1), timeout=60)
     assert report.returncode == 0 and "<html" in report.stdout.lower() and "accuracy" in report.stdout
