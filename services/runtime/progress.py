@@ -129,8 +129,7 @@ class StageTracker:
 
     def failed(self, why: str) -> None:
         if self.task is None:
-            self.display.line(f"{self.label}: {why}")
-            return
+            return  # in plain lines, the error (or the interrupt's line) that follows says it all
         self.display.live.update(self.task, total=1.0, completed=self.fraction, eta="", detail=f"[red]{why}[/red]")
         self.display.live.stop_task(self.task)
 
