@@ -46,8 +46,15 @@ def main() -> None:
     plans = (configs() * (args.pipelines // len(configs()) + 1))[: args.pipelines]
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as root:
-        env = on_new_ports({**os.environ, "MLMESH_ARTIFACT_ROOT": root, "MLMESH_GRACE_SECONDS": "1",
-                            "MLMESH_CHECKPOINT_SECONDS": "0.2", "MLMESH_RESTART_LIMIT": "1000"})
+        env = on_new_ports(
+            {
+                **os.environ,
+                "MLMESH_ARTIFACT_ROOT": root,
+                "MLMESH_GRACE_SECONDS": "1",
+                "MLMESH_CHECKPOINT_SECONDS": "0.2",
+                "MLMESH_RESTART_LIMIT": "1000",
+            }
+        )
         up = UpProcess(env, {s: int(env[f"MLMESH_{s.upper()}_PORT"]) for s in STAGES})
         up.wait_for("mesh is up")
         threading.Thread(target=lambda: [up.output.append(line) for line in up.process.stdout], daemon=True).start()
@@ -77,8 +84,11 @@ def main() -> None:
                 killer.join()
                 same += got == expected
                 costs.append(faulted_seconds - clean_seconds)
-                print(f"  pipeline {index}: killed {stage} at {delay:.2f}s, identical={got == expected}, "
-                      f"{clean_seconds:.1f}s clean, {faulted_seconds:.1f}s with the kill", flush=True)
+                print(
+                    f"  pipeline {index}: killed {stage} at {delay:.2f}s, identical={got == expected}, "
+                    f"{clean_seconds:.1f}s clean, {faulted_seconds:.1f}s with the kill",
+                    flush=True,
+                )
         finally:
             up.process.terminate()
             try:

@@ -52,7 +52,11 @@ async def features_for(client: MeshClient, rows: int) -> features_pb2.BuildFeatu
 
 def forest(features: features_pb2.BuildFeaturesResponse, trees: int, force: bool) -> trainer_pb2.TrainRequest:
     return trainer_pb2.TrainRequest(
-        x_train=features.x_train, y_train=features.y_train, model="random_forest", seed=3, force_recompute=force,
+        x_train=features.x_train,
+        y_train=features.y_train,
+        model="random_forest",
+        seed=3,
+        force_recompute=force,
         hyperparameters={"n_estimators": str(trees), "max_depth": "12", "n_jobs": "1"},
     )
 
@@ -61,7 +65,7 @@ async def overhead(args: argparse.Namespace) -> None:
     saves: list[tuple[float, int]] = []
     real_save = checkpoints.Checkpoints.save
 
-    def timed_save(self, estimator, step, total):  # noqa: ANN001
+    def timed_save(self, estimator, step, total):
         started = time.perf_counter()
         real_save(self, estimator, step, total)
         size = len(self.store.read_blob((*self.folder, "state.skops")) or b"")
@@ -78,32 +82,53 @@ async def overhead(args: argparse.Namespace) -> None:
         counts: dict[float, list[tuple[float, int]]] = {k: [] for k in times}
         for _ in range(args.pairs):
             for interval in times:
-                trainer = await start_stage(stage_spec("trainer"), dataclasses.replace(base, checkpoint_seconds=interval), port=0)
+                trainer = await start_stage(
+                    stage_spec("trainer"), dataclasses.replace(base, checkpoint_seconds=interval), port=0
+                )
                 saves.clear()
                 async with MeshClient(base, addresses={**addresses, "trainer": trainer.address}) as client:
                     result = await client.train(forest(features, args.trees, force=True))
                 await trainer.stop(1)
                 times[interval].append(result.stage.seconds)
                 counts[interval] = list(saves)
-                print(f"  interval {interval:>4}s: fit {result.stage.seconds:7.2f}s, {len(saves)} checkpoints", flush=True)
+                print(
+                    f"  interval {interval:>4}s: fit {result.stage.seconds:7.2f}s, {len(saves)} checkpoints", flush=True
+                )
         for stage in stages.values():
             await stage.stop(1)
     off = statistics.median(times[0.0])
-    print(f"\nrandom forest, {args.trees} trees (max_depth 12), {args.rows} rows x 32 features; medians of {args.pairs}:")
+    print(
+        f"\nrandom forest, {args.trees} trees (max_depth 12), {args.rows} rows x 32 features; medians of {args.pairs}:"
+    )
     for interval, values in times.items():
         label = "off" if interval == 0 else f"every {interval:g}s"
         saved = counts[interval]
-        detail = (f", {len(saved)} saves of {statistics.median(s for _, s in saved) / 1e6:.1f} MB "
-                  f"taking {statistics.median(t for t, _ in saved):.2f}s each") if saved else ""
-        print(f"  checkpoints {label:<10} {statistics.median(values):8.2f}s  ratio {statistics.median(values) / off:5.3f}{detail}")
+        detail = (
+            (
+                f", {len(saved)} saves of {statistics.median(s for _, s in saved) / 1e6:.1f} MB "
+                f"taking {statistics.median(t for t, _ in saved):.2f}s each"
+            )
+            if saved
+            else ""
+        )
+        print(
+            f"  checkpoints {label:<10} {statistics.median(values):8.2f}s  ratio {statistics.median(values) / off:5.3f}{detail}"
+        )
 
 
 async def kills(args: argparse.Namespace) -> None:
     from tests.test_mesh_processes import UpProcess, on_new_ports, stage_pid
 
     with tempfile.TemporaryDirectory() as root:
-        env = on_new_ports({**os.environ, "MLMESH_ARTIFACT_ROOT": root, "MLMESH_GRACE_SECONDS": "1",
-                            "MLMESH_CHECKPOINT_SECONDS": str(args.interval), "MLMESH_RESTART_LIMIT": "1000"})
+        env = on_new_ports(
+            {
+                **os.environ,
+                "MLMESH_ARTIFACT_ROOT": root,
+                "MLMESH_GRACE_SECONDS": "1",
+                "MLMESH_CHECKPOINT_SECONDS": str(args.interval),
+                "MLMESH_RESTART_LIMIT": "1000",
+            }
+        )
         up = UpProcess(env, {s: int(env[f"MLMESH_{s.upper()}_PORT"]) for s in STAGES})
         up.wait_for("mesh is up")
         rng = random.Random(args.seed)
@@ -119,10 +144,12 @@ async def kills(args: argparse.Namespace) -> None:
                 lost, recovery = [], []
                 for k in range(args.kills):
                     events: list[tuple[float, trainer_pb2.TrainProgress]] = []
-                    training = asyncio.ensure_future(client.train(
-                        forest(features, args.trees, force=True),
-                        on_progress=lambda p: events.append((time.perf_counter(), p)),
-                    ))
+                    training = asyncio.ensure_future(
+                        client.train(
+                            forest(features, args.trees, force=True),
+                            on_progress=lambda p, events=events: events.append((time.perf_counter(), p)),
+                        )
+                    )
                     await asyncio.sleep(rng.uniform(0.1, 0.9) * fit_seconds)
                     before = max((p.step for _, p in events), default=0)
                     os.kill(stage_pid(up, "trainer"), signal.SIGKILL)
@@ -134,14 +161,19 @@ async def kills(args: argparse.Namespace) -> None:
                     lost.append((before - resumed_from) * per_tree)
                     recovery.append(resumed[0][0] - killed if resumed else float("nan"))
                     same = result.model == reference.model
-                    print(f"  kill {k + 1}: at tree {before}, resumed from {resumed_from}, lost {lost[-1]:.1f}s of fit, "
-                          f"back in {recovery[-1]:.1f}s, model identical: {same}", flush=True)
+                    print(
+                        f"  kill {k + 1}: at tree {before}, resumed from {resumed_from}, lost {lost[-1]:.1f}s of fit, "
+                        f"back in {recovery[-1]:.1f}s, model identical: {same}",
+                        flush=True,
+                    )
                     assert same, "a resumed fit stored different bytes"
         finally:
             up.process.terminate()
             up.process.wait(timeout=30)
-    print(f"\nwork lost per kill (checkpoint every {args.interval:g}s): median {statistics.median(lost):.1f}s, "
-          f"max {max(lost):.1f}s of fit; recovery (kill to first resumed step) median {statistics.median(recovery):.1f}s")
+    print(
+        f"\nwork lost per kill (checkpoint every {args.interval:g}s): median {statistics.median(lost):.1f}s, "
+        f"max {max(lost):.1f}s of fit; recovery (kill to first resumed step) median {statistics.median(recovery):.1f}s"
+    )
 
 
 def main() -> None:

@@ -41,8 +41,16 @@ from tests import corpus  # noqa: E402
 from tests.test_mesh_processes import free_ports  # noqa: E402
 
 MLMESH = Path(sys.executable).parent / "mlmesh"
-SHORT = {"numeric": "num", "boolean": "bool", "categorical": "cat", "datetime": "date", "identifier": "id",
-         "text": "text", "constant": "const", "ignore": "ignore"}
+SHORT = {
+    "numeric": "num",
+    "boolean": "bool",
+    "categorical": "cat",
+    "datetime": "date",
+    "identifier": "id",
+    "text": "text",
+    "constant": "const",
+    "ignore": "ignore",
+}
 
 
 def roles_found(summary: dict) -> str:
@@ -54,7 +62,10 @@ def run_table(table: corpus.Table, folder: Path, fmt: str, env: dict[str, str]) 
     started = time.perf_counter()
     result = subprocess.run(
         [str(MLMESH), "run", "--source", f"{table.name}.{fmt}", *table.cli_args(), "--force", "--json"],
-        cwd=folder, env=env, capture_output=True, text=True,
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     wall = time.perf_counter() - started
     if result.returncode != 0:
@@ -117,9 +128,12 @@ def main() -> int:
                 mesh.stop()
     print("\n".join(lines))
     allowances = [t for t in tables if t.allowance_reason]
-    print(f"\n{len(tables)} tables x {len(corpus.FORMATS)} formats in {time.perf_counter() - started:.0f}s. "
-          "diff = mlmesh - baseline; the bar is diff >= -0.01"
-          + "".join(f"; {t.name} may be {t.allowance} worse: {t.allowance_reason}" for t in allowances) + ".")
+    print(
+        f"\n{len(tables)} tables x {len(corpus.FORMATS)} formats in {time.perf_counter() - started:.0f}s. "
+        "diff = mlmesh - baseline; the bar is diff >= -0.01"
+        + "".join(f"; {t.name} may be {t.allowance} worse: {t.allowance_reason}" for t in allowances)
+        + "."
+    )
     return 0
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.preprocess.logic import repeated_rows  # noqa: E402
+from services.preprocess.logic import repeated_rows
 
 
 def frame_of(rows: int, columns: int, seed: int = 0) -> pd.DataFrame:
@@ -56,8 +56,10 @@ def main() -> None:
         exact, theirs = timed(lambda f: f.duplicated().to_numpy(), frame, args.repeats)
         assert (ours == theirs).all(), "the two methods disagree"
         first = first or (hashed, exact)
-        print(f"| {rows:,} | {hashed:.2f} | {exact:.2f} | {hashed / exact:.2f} | {hashed / first[0]:.1f}x "
-              f"| {exact / first[1]:.1f}x |")
+        print(
+            f"| {rows:,} | {hashed:.2f} | {exact:.2f} | {hashed / exact:.2f} | {hashed / first[0]:.1f}x "
+            f"| {exact / first[1]:.1f}x |"
+        )
         del frame
 
 

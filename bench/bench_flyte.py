@@ -65,8 +65,10 @@ def main() -> None:
     medians = {k: statistics.median(v) for k, v in results.items()}
     for key, value in medians.items():
         print(f"{key:<14} median {value:6.2f} s  ({', '.join(f'{x:.2f}' for x in results[key])})")
-    print(f"pyflyte/client cold = {medians['pyflyte cold'] / medians['client cold']:.2f}x, "
-          f"warm = {medians['pyflyte warm'] / medians['client warm']:.2f}x")
+    print(
+        f"pyflyte/client cold = {medians['pyflyte cold'] / medians['client cold']:.2f}x, "
+        f"warm = {medians['pyflyte warm'] / medians['client warm']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlmesh.loader.v1 import loader_pb2
+from services.evaluator import logic as evaluator_logic
 from services.features import logic as features_logic
 from services.loader import logic as loader_logic
 from services.preprocess import logic as preprocess_logic
@@ -31,7 +32,6 @@ from services.runtime.server import stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
 from services.runtime.stage import Run
 from services.trainer import logic as trainer_logic
-from services.evaluator import logic as evaluator_logic
 
 
 async def start_mesh(root: str):
@@ -54,8 +54,16 @@ def in_process(config: PipelineConfig) -> None:
     target, task = loaded.target_column, loaded.task.kind
     roles = {c.name: c.role for c in loaded.columns}
     prepared = preprocess_logic.preprocess(loaded.frame, target, task, config.test_fraction, config.seed)
-    eng = features_logic.engineer(prepared.train, prepared.test, target, task, roles, prepared.class_names,
-                                  features_logic.FeatureOptions(seed=config.seed), 2**31)
+    eng = features_logic.engineer(
+        prepared.train,
+        prepared.test,
+        target,
+        task,
+        roles,
+        prepared.class_names,
+        features_logic.FeatureOptions(seed=config.seed),
+        2**31,
+    )
     model_name = config.model or trainer_logic.DEFAULT_MODELS[task]
     model = trainer_logic.build_estimator(task, model_name, config.hyperparameters, config.seed)
     model, _ = trainer_logic.fit(model, eng.x_train, eng.y_train, Run.detached())
@@ -118,19 +126,29 @@ async def health_under_load() -> tuple[list[float], list[float], float]:
         idle = await health_latency(trainer, None, 100)
         config = PipelineConfig(
             source="synthetic:classification?rows=20000&features=40&classes=2&seed=1",
-            model="random_forest", hyperparameters={"n_estimators": "300"},
+            model="random_forest",
+            hyperparameters={"n_estimators": "300"},
         )
         # Prepare the trainer's inputs first, so only the fit overlaps the checks.
         loaded = await client.load(loader_pb2.LoadRequest(source=config.source))
         from mlmesh.features.v1 import features_pb2
         from mlmesh.preprocess.v1 import preprocess_pb2
         from mlmesh.trainer.v1 import trainer_pb2
+
         prep = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset, seed=1))
         feats = await client.build_features(features_pb2.BuildFeaturesRequest(train=prep.train, test=prep.test))
         started = time.perf_counter()
-        training = asyncio.ensure_future(client.train(trainer_pb2.TrainRequest(
-            x_train=feats.x_train, y_train=feats.y_train, model=config.model,
-            hyperparameters=config.hyperparameters, seed=1)))
+        training = asyncio.ensure_future(
+            client.train(
+                trainer_pb2.TrainRequest(
+                    x_train=feats.x_train,
+                    y_train=feats.y_train,
+                    model=config.model,
+                    hyperparameters=config.hyperparameters,
+                    seed=1,
+                )
+            )
+        )
         busy: list[float] = []
         while not training.done():
             busy += await health_latency(trainer, None, 10)

@@ -81,8 +81,17 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(ROOT)]  # bench_scale,
 
 import bench_scale  # noqa: E402 - standard library only at module level; the helpers below come from it
 from bench_scale import (  # noqa: E402
-    MAX_DATASET_BYTES, PYTHON, STAGES, Processes, clean_env, cpu_seconds, median, percentiles,
-    print_table, run_measured, synthetic_source,
+    MAX_DATASET_BYTES,
+    PYTHON,
+    STAGES,
+    Processes,
+    clean_env,
+    cpu_seconds,
+    median,
+    percentiles,
+    print_table,
+    run_measured,
+    synthetic_source,
 )
 
 CONFIGS = ("off", "metrics", "metrics+tracing", "metrics+tracing@10%")
@@ -108,13 +117,15 @@ def config_env(config: str, base: Path, otlp_endpoint: str) -> dict[str, str]:
     """The environment of one measurement: its mesh's and its client's (they must agree)."""
     # No inherited OTEL_* either: a collector set in the caller's shell would turn tracing on in `off`.
     env = {k: v for k, v in clean_env().items() if not k.startswith("OTEL_")}
-    env.update({
-        "MLMESH_ARTIFACT_ROOT": str(base / "artifacts"),
-        "MLMESH_MAX_DATASET_BYTES": str(MAX_DATASET_BYTES),
-        "MLMESH_RPC_TIMEOUT_SECONDS": "3600",
-        "MLMESH_METRICS": "off" if config == "off" else "on",
-        "MLMESH_METRICS_HOST": "127.0.0.1",
-    })
+    env.update(
+        {
+            "MLMESH_ARTIFACT_ROOT": str(base / "artifacts"),
+            "MLMESH_MAX_DATASET_BYTES": str(MAX_DATASET_BYTES),
+            "MLMESH_RPC_TIMEOUT_SECONDS": "3600",
+            "MLMESH_METRICS": "off" if config == "off" else "on",
+            "MLMESH_METRICS_HOST": "127.0.0.1",
+        }
+    )
     # Never the default ports (50051.., 9451..): another mesh may be up on this machine.
     ports = free_ports(2 * len(STAGES))
     for i, stage in enumerate(STAGES):
@@ -207,12 +218,15 @@ async def child_measure(args: argparse.Namespace, settings: Any, pids: dict[str,
             hits = [s.stage for s in run.stages if s.cache_hit]
             if hits:
                 raise RuntimeError(f"forced recompute answered from cache: {hits}")
-            runs.append({
-                "seconds": seconds, "stages": {s.stage: s.seconds for s in run.stages},
-                # CPU, beside wall time: on a shared 2-core machine it moves less with other load.
-                "stages_cpu_seconds": sum(cpu_seconds(pid) for pid in pids.values()) - stages_cpu,
-                "client_cpu_seconds": time.process_time() - client_cpu,
-            })
+            runs.append(
+                {
+                    "seconds": seconds,
+                    "stages": {s.stage: s.seconds for s in run.stages},
+                    # CPU, beside wall time: on a shared 2-core machine it moves less with other load.
+                    "stages_cpu_seconds": sum(cpu_seconds(pid) for pid in pids.values()) - stages_cpu,
+                    "client_cpu_seconds": time.process_time() - client_cpu,
+                }
+            )
         result["pipeline"] = runs
 
     if "hits" in args.only:
@@ -237,7 +251,8 @@ async def child_measure(args: argparse.Namespace, settings: Any, pids: dict[str,
                     raise RuntimeError(f"{misses} of {args.hits} repeated {stage} calls were not cache hits")
                 result["hits"][stage] = {
                     **percentiles(latencies),
-                    "mean": sum(latencies) / len(latencies), "seconds": elapsed,
+                    "mean": sum(latencies) / len(latencies),
+                    "seconds": elapsed,
                     # CPU per call: where an overhead goes, when latency alone is noisy.
                     "stage_cpu_per_call": (cpu_seconds(pids[stage]) - stage_cpu) / args.hits,
                     "client_cpu_per_call": (time.process_time() - client_cpu) / args.hits,
@@ -265,8 +280,9 @@ def child_main(args: argparse.Namespace) -> int:
             pages = {stage: scrape(port) for stage, port in metrics_ports(env).items()}
             result["scrape"] = {
                 "bytes": {stage: len(text) for stage, text in pages.items()},
-                "loader_cache_hits": metric_value(pages["loader"], "mlmesh_cache_requests_total",
-                                                  stage="loader", result="hit"),
+                "loader_cache_hits": metric_value(
+                    pages["loader"], "mlmesh_cache_requests_total", stage="loader", result="hit"
+                ),
             }
     finally:
         mesh.stop()  # the stages flush their spans as they stop (tracing.shutdown)
@@ -281,9 +297,23 @@ def measure(config: str, args: argparse.Namespace, receiver: Any) -> dict:
         base = Path(tmp)
         env = config_env(config, base, receiver.endpoint)
         before = len(receiver.spans())
-        command = [PYTHON, __file__, "--child", "--rows", str(args.rows), "--features", str(args.features),
-                   "--seed", str(args.seed), "--pipelines", str(args.pipelines), "--hits", str(args.hits),
-                   "--only", ",".join(args.only)]
+        command = [
+            PYTHON,
+            __file__,
+            "--child",
+            "--rows",
+            str(args.rows),
+            "--features",
+            str(args.features),
+            "--seed",
+            str(args.seed),
+            "--pipelines",
+            str(args.pipelines),
+            "--hits",
+            str(args.hits),
+            "--only",
+            ",".join(args.only),
+        ]
         parent_cpu = time.process_time()
         with Scraper(metrics_ports(env), args.scrape_every) as scraper:
             process = run_measured(command, env, base / "child.out", args.timeout)
@@ -306,7 +336,7 @@ def collect(args: argparse.Namespace, results: dict, errors: dict[str, str]) -> 
 
     with OtlpReceiver() as receiver:
         for repeat in range(args.repeats):
-            order = CONFIGS[repeat % len(CONFIGS):] + CONFIGS[:repeat % len(CONFIGS)]
+            order = CONFIGS[repeat % len(CONFIGS) :] + CONFIGS[: repeat % len(CONFIGS)]
             for config in order:
                 print(f"  repeat {repeat + 1}/{args.repeats} {config} ...", end="", flush=True)
                 started = time.perf_counter()
@@ -359,11 +389,14 @@ def summarize(args: argparse.Namespace, results: dict) -> dict:
         if "hits" in args.only:
             entry["hits"] = {}
             for stage in HIT_STAGES:
-                hit = {key: median([hit_value(r, stage, key) for r in runs])
-                       for key in ("p50", "p99", "mean", "stage_cpu_per_call", "client_cpu_per_call")}
+                hit = {
+                    key: median([hit_value(r, stage, key) for r in runs])
+                    for key in ("p50", "p99", "mean", "stage_cpu_per_call", "client_cpu_per_call")
+                }
                 for key in ("p50", "p99", "mean", "stage_cpu_per_call", "client_cpu_per_call"):
-                    hit[f"{key}_added"] = paired(results, config, lambda r, k=key, s=stage: hit_value(r, s, k),
-                                                 lambda a, b: a - b)
+                    hit[f"{key}_added"] = paired(
+                        results, config, lambda r, k=key, s=stage: hit_value(r, s, k), lambda a, b: a - b
+                    )
                 entry["hits"][stage] = hit
         entry["spans"] = {}
         for r in runs:
@@ -396,30 +429,51 @@ def _text(value: float | None, fmt: str) -> str:
 
 
 def report(args: argparse.Namespace, results: dict, summary: dict, errors: dict[str, str]) -> None:
-    print(f"\n{args.rows:,} rows x {args.features} features, {args.repeats} repeat(s) of each configuration "
-          f"(interleaved), {args.pipelines} forced pipeline(s) and {args.hits} hits per stage per measurement, "
-          f"{os.cpu_count()} cores; medians, differences and ratios paired against `off` within a repeat")
+    print(
+        f"\n{args.rows:,} rows x {args.features} features, {args.repeats} repeat(s) of each configuration "
+        f"(interleaved), {args.pipelines} forced pipeline(s) and {args.hits} hits per stage per measurement, "
+        f"{os.cpu_count()} cores; medians, differences and ratios paired against `off` within a repeat"
+    )
     if "pipeline" in args.only:
-        print("\nPipeline (force_recompute: every stage computes): wall time as the caller sees it, and the CPU "
-              "of the five stages and the client together:")
+        print(
+            "\nPipeline (force_recompute: every stage computes): wall time as the caller sees it, and the CPU "
+            "of the five stages and the client together:"
+        )
         rows = []
         for config in CONFIGS:
             s = summary[config]
             per_run = [pipeline_seconds(r) for r in results["runs"][config]]
             stages = s["pipeline_stage_seconds"]
-            rows.append([config, _text(s["pipeline_seconds"], ".3f"),
-                         _text(s["pipeline_ratio"], ".3f") + "x" if config != "off" else "1",
-                         _text(s["pipeline_cpu_seconds"], ".3f"),
-                         _text(s["pipeline_cpu_ratio"], ".3f") + "x" if config != "off" else "1",
-                         ", ".join(_text(v, ".2f") for v in per_run),
-                         " ".join(f"{_text(stages[st], '.2f')}" for st in STAGES)])
-        print_table(["config", "seconds", "vs off", "CPU s", "vs off", "each repeat (s)",
-                     f"per stage (server s: {' '.join(STAGES)})"], rows)
+            rows.append(
+                [
+                    config,
+                    _text(s["pipeline_seconds"], ".3f"),
+                    _text(s["pipeline_ratio"], ".3f") + "x" if config != "off" else "1",
+                    _text(s["pipeline_cpu_seconds"], ".3f"),
+                    _text(s["pipeline_cpu_ratio"], ".3f") + "x" if config != "off" else "1",
+                    ", ".join(_text(v, ".2f") for v in per_run),
+                    " ".join(f"{_text(stages[st], '.2f')}" for st in STAGES),
+                ]
+            )
+        print_table(
+            [
+                "config",
+                "seconds",
+                "vs off",
+                "CPU s",
+                "vs off",
+                "each repeat (s)",
+                f"per stage (server s: {' '.join(STAGES)})",
+            ],
+            rows,
+        )
         # A ratio nearer 1 than the baseline's own spread is not resolved by this run.
         baseline = [v for v in (pipeline_seconds(r) for r in results["runs"]["off"]) if v is not None]
         if len(baseline) > 1:
-            print(f"  noise: `off` alone spreads {100 * (max(baseline) - min(baseline)) / median(baseline):.0f}% "
-                  f"(max - min over median) across its {len(baseline)} repeats")
+            print(
+                f"  noise: `off` alone spreads {100 * (max(baseline) - min(baseline)) / median(baseline):.0f}% "
+                f"(max - min over median) across its {len(baseline)} repeats"
+            )
     if "hits" in args.only:
         print("\nCache hits, one call at a time (ms per call; added = median of the paired differences to `off`):")
         rows = []
@@ -430,56 +484,102 @@ def report(args: argparse.Namespace, results: dict, summary: dict, errors: dict[
                 def added(key: str, h: dict = h, config: str = config) -> str:
                     return "" if config == "off" else _text(_ms(h[key]), "+.3f")
 
-                rows.append([stage, config, _text(_ms(h["p50"]), ".3f"), added("p50_added"),
-                             _text(_ms(h["p99"]), ".3f"), added("p99_added"),
-                             _text(_ms(h["stage_cpu_per_call"]), ".3f"), added("stage_cpu_per_call_added"),
-                             _text(_ms(h["client_cpu_per_call"]), ".3f"), added("client_cpu_per_call_added")])
-        print_table(["stage", "config", "p50", "added", "p99", "added", "stage CPU", "added", "client CPU", "added"], rows)
+                rows.append(
+                    [
+                        stage,
+                        config,
+                        _text(_ms(h["p50"]), ".3f"),
+                        added("p50_added"),
+                        _text(_ms(h["p99"]), ".3f"),
+                        added("p99_added"),
+                        _text(_ms(h["stage_cpu_per_call"]), ".3f"),
+                        added("stage_cpu_per_call_added"),
+                        _text(_ms(h["client_cpu_per_call"]), ".3f"),
+                        added("client_cpu_per_call_added"),
+                    ]
+                )
+        print_table(
+            ["stage", "config", "p50", "added", "p99", "added", "stage CPU", "added", "client CPU", "added"], rows
+        )
     spans = {c: summary[c]["spans"] for c in CONFIGS}
-    print("\nSpans received by the OTLP receiver: " + "; ".join(
-        f"{c}: " + (", ".join(f"{k} {v}" for k, v in sorted(s.items())) or "none") for c, s in spans.items()))
+    print(
+        "\nSpans received by the OTLP receiver: "
+        + "; ".join(
+            f"{c}: " + (", ".join(f"{k} {v}" for k, v in sorted(s.items())) or "none") for c, s in spans.items()
+        )
+    )
     scrapes = {c: sum((r or {}).get("scrapes", 0) for r in results["runs"][c]) for c in CONFIGS}
     receiver = {c: median([(r or {}).get("receiver_scraper_cpu_seconds") for r in results["runs"][c]]) for c in CONFIGS}
-    print("CPU of this process (receiver, scraper) per measurement, median: "
-          + ", ".join(f"{c} {_text(v, '.2f')} s" for c, v in receiver.items()))
+    print(
+        "CPU of this process (receiver, scraper) per measurement, median: "
+        + ", ".join(f"{c} {_text(v, '.2f')} s" for c, v in receiver.items())
+    )
     load = results.get("load_average", {})
     if load:
-        print(f"Load average (1 min) before / after the run: {load.get('before', 0):.2f} / {load.get('after', 0):.2f} "
-              f"on {os.cpu_count()} cores (other work on the machine shows here)")
-    print(f"/metrics scrapes during the measurements (every {args.scrape_every:g} s, five stages): "
-          + ", ".join(f"{c} {n}" for c, n in scrapes.items()))
+        print(
+            f"Load average (1 min) before / after the run: {load.get('before', 0):.2f} / {load.get('after', 0):.2f} "
+            f"on {os.cpu_count()} cores (other work on the machine shows here)"
+        )
+    print(
+        f"/metrics scrapes during the measurements (every {args.scrape_every:g} s, five stages): "
+        + ", ".join(f"{c} {n}" for c, n in scrapes.items())
+    )
 
     print("\nGoals:")
     rows = []
     for config in CONFIGS[1:]:
         if "pipeline" in args.only:
             ratio = summary[config]["pipeline_ratio"]
-            rows.append([f"pipeline, {config} / off", _text(ratio, ".3f") + "x", f"<= {PIPELINE_GOAL:.2f}x",
-                         "MET" if _met(ratio, PIPELINE_GOAL) else "MISSED"])
+            rows.append(
+                [
+                    f"pipeline, {config} / off",
+                    _text(ratio, ".3f") + "x",
+                    f"<= {PIPELINE_GOAL:.2f}x",
+                    "MET" if _met(ratio, PIPELINE_GOAL) else "MISSED",
+                ]
+            )
         if "hits" in args.only:
             for stage in HIT_STAGES:
                 added = _ms(summary[config]["hits"][stage]["p50_added"])
-                rows.append([f"{stage} cache hit p50, {config} - off", _text(added, "+.3f") + " ms",
-                             f"<= {HIT_GOAL_MS} ms", "MET" if _met(added, HIT_GOAL_MS) else "MISSED"])
+                rows.append(
+                    [
+                        f"{stage} cache hit p50, {config} - off",
+                        _text(added, "+.3f") + " ms",
+                        f"<= {HIT_GOAL_MS} ms",
+                        "MET" if _met(added, HIT_GOAL_MS) else "MISSED",
+                    ]
+                )
     print_table(["figure", "measured", "goal", "status"], rows)
     for name, text in errors.items():
         print(f"\nFAILED: {name}\n{text}", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=lambda text: int(text.replace("_", "")), default=100_000,
-                        help="rows of the synthetic table the pipeline runs on")
-    parser.add_argument("--repeats", type=int, default=5, help="measurements of each configuration; medians are reported")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rows",
+        type=lambda text: int(text.replace("_", "")),
+        default=100_000,
+        help="rows of the synthetic table the pipeline runs on",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="measurements of each configuration; medians are reported"
+    )
     parser.add_argument("--hits", type=int, default=500, help="cache-hit calls per stage per measurement")
-    parser.add_argument("--pipelines", type=int, default=3,
-                        help="forced pipelines per measurement (their median is the measurement's)")
+    parser.add_argument(
+        "--pipelines", type=int, default=3, help="forced pipelines per measurement (their median is the measurement's)"
+    )
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {', '.join(SECTIONS)}")
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--scrape-every", type=float, default=5.0,
-                        help="seconds between scrapes of each stage's /metrics in the metrics configurations; 0: none")
+    parser.add_argument(
+        "--scrape-every",
+        type=float,
+        default=5.0,
+        help="seconds between scrapes of each stage's /metrics in the metrics configurations; 0: none",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one measurement may take")
     parser.add_argument("--json", type=Path, help="write every raw number here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one measurement, in its env
@@ -500,9 +600,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child_main(args)
     results: dict[str, Any] = {
-        "config": {"rows": args.rows, "features": args.features, "seed": args.seed, "repeats": args.repeats,
-                   "hits": args.hits, "pipelines": args.pipelines, "sections": args.only,
-                   "scrape_every": args.scrape_every, "cpus": os.cpu_count(), "configs": list(CONFIGS)},
+        "config": {
+            "rows": args.rows,
+            "features": args.features,
+            "seed": args.seed,
+            "repeats": args.repeats,
+            "hits": args.hits,
+            "pipelines": args.pipelines,
+            "sections": args.only,
+            "scrape_every": args.scrape_every,
+            "cpus": os.cpu_count(),
+            "configs": list(CONFIGS),
+        },
         "runs": {config: [] for config in CONFIGS},  # one entry per repeat, None where it failed
     }
     errors: dict[str, str] = {}

@@ -31,10 +31,12 @@ from services.runtime.settings import STAGES, Settings  # noqa: E402
 from tests.conftest import free_ports  # noqa: E402
 
 BIN = Path(sys.executable).parent
-CANDIDATES = json.dumps([
-    {"model": "random_forest", "hyperparameters": {"n_estimators": "60", "max_depth": str(depth)}}
-    for depth in (6, 8, 10, 12)
-])
+CANDIDATES = json.dumps(
+    [
+        {"model": "random_forest", "hyperparameters": {"n_estimators": "60", "max_depth": str(depth)}}
+        for depth in (6, 8, 10, 12)
+    ]
+)
 
 
 def one_sweep(rows: int, workers: int | None) -> float:
@@ -48,9 +50,20 @@ def one_sweep(rows: int, workers: int | None) -> float:
             run_env = dict(env) if workers is None else {**env, "MLMESH_WORKER_THREADS": str(workers)}
             started = time.perf_counter()
             done = subprocess.run(
-                [str(BIN / "pyflyte"), "run", "workflow/pipeline.py", "sweep_pipeline",
-                 "--source", f"synthetic:classification?rows={rows}&features=20", "--candidates", CANDIDATES],
-                cwd=ROOT, env=run_env, capture_output=True, text=True,
+                [
+                    str(BIN / "pyflyte"),
+                    "run",
+                    "workflow/pipeline.py",
+                    "sweep_pipeline",
+                    "--source",
+                    f"synthetic:classification?rows={rows}&features=20",
+                    "--candidates",
+                    CANDIDATES,
+                ],
+                cwd=ROOT,
+                env=run_env,
+                capture_output=True,
+                text=True,
             )
             seconds = time.perf_counter() - started
             if done.returncode != 0:

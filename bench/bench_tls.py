@@ -104,8 +104,11 @@ class Material:
         if config != "plaintext":
             env["MLMESH_TLS_CA"] = str(self.ca)
         if config == "mtls+token":
-            env |= {"MLMESH_TLS_CLIENT_CERT": str(self.client.cert), "MLMESH_TLS_CLIENT_KEY": str(self.client.key),
-                    "MLMESH_AUTH_TOKEN": self.token}
+            env |= {
+                "MLMESH_TLS_CLIENT_CERT": str(self.client.cert),
+                "MLMESH_TLS_CLIENT_KEY": str(self.client.key),
+                "MLMESH_AUTH_TOKEN": self.token,
+            }
         return env
 
 
@@ -224,7 +227,8 @@ async def one_connection(mesh: Mesh) -> float:
     started = time.perf_counter()
     async with open_channel(mesh.addresses["loader"], settings) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=10, metadata=call_metadata(settings))
+            health_pb2.HealthCheckRequest(), timeout=10, metadata=call_metadata(settings)
+        )
     seconds = time.perf_counter() - started
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         raise SystemExit(f"{mesh.config}: loader is not SERVING")
@@ -253,12 +257,20 @@ def percentile(values: list[float], q: float) -> float:
 def command(args: argparse.Namespace) -> str:
     if args.quick:
         return ".venv/bin/python bench/bench_tls.py --quick"
-    return (f".venv/bin/python bench/bench_tls.py --repeats {args.repeats} --rows {args.rows} "
-            f"--hits {args.hits} --connects {args.connects}")
+    return (
+        f".venv/bin/python bench/bench_tls.py --repeats {args.repeats} --rows {args.rows} "
+        f"--hits {args.hits} --connects {args.connects}"
+    )
 
 
-def report(args: argparse.Namespace, runs: dict[str, list[Timing]], hits: dict[str, list[float]],
-           connects: dict[str, list[float]], seconds: float, load: tuple[float, float]) -> str:
+def report(
+    args: argparse.Namespace,
+    runs: dict[str, list[Timing]],
+    hits: dict[str, list[float]],
+    connects: dict[str, list[float]],
+    seconds: float,
+    load: tuple[float, float],
+) -> str:
     plain_wall = statistics.median(t.wall for t in runs["plaintext"])
     lines = [
         f"## Cost of TLS: {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, "
@@ -284,17 +296,28 @@ def report(args: argparse.Namespace, runs: dict[str, list[Timing]], hits: dict[s
             f"| {config} | {statistics.median(walls):.3f} | {statistics.median(walls) / base:.3f} | {paired:.3f} "
             f"| {statistics.median(t.stages for t in runs[config]):.3f} "
             f"| {statistics.median(t.wall - t.stages for t in runs[config]):.3f} "
-            f"| {cpu:.3f} | {cpu / cpu_base:.3f} | {', '.join(f'{w:.2f}' for w in walls)} |")
+            f"| {cpu:.3f} | {cpu / cpu_base:.3f} | {', '.join(f'{w:.2f}' for w in walls)} |"
+        )
     # What sections 2 and 3 say the pipeline should pay: five new connections and five calls.
-    expected = {config: STAGE_COUNT * (statistics.median(connects[config]) - statistics.median(connects["plaintext"])
-                                       + statistics.median(hits[config]) - statistics.median(hits["plaintext"]))
-                for config in CONFIGS[1:]}
+    expected = {
+        config: STAGE_COUNT
+        * (
+            statistics.median(connects[config])
+            - statistics.median(connects["plaintext"])
+            + statistics.median(hits[config])
+            - statistics.median(hits["plaintext"])
+        )
+        for config in CONFIGS[1:]
+    }
     lines += [
         "",
         f"Each pipeline's five replies carry {runs['plaintext'][0].reply_bytes:,} bytes in all (data goes through "
         "the store, not gRPC). Expected transport cost from sections 2 and 3 (5 handshakes + 5 calls): "
-        + "; ".join(f"{config} {ms * 1000:+.1f} ms = {ms / plain_wall:+.2%} of plaintext's median"
-                    for config, ms in expected.items()) + ".",
+        + "; ".join(
+            f"{config} {ms * 1000:+.1f} ms = {ms / plain_wall:+.2%} of plaintext's median"
+            for config, ms in expected.items()
+        )
+        + ".",
     ]
     lines += [
         "",
@@ -307,8 +330,10 @@ def report(args: argparse.Namespace, runs: dict[str, list[Timing]], hits: dict[s
     hit_base = statistics.median(hits["plaintext"])
     for config in CONFIGS:
         values = hits[config]
-        lines.append(f"| {config} | {statistics.median(values) * 1000:.2f} | {percentile(values, 90) * 1000:.2f} "
-                     f"| {percentile(values, 99) * 1000:.2f} | {statistics.median(values) / hit_base:.3f} |")
+        lines.append(
+            f"| {config} | {statistics.median(values) * 1000:.2f} | {percentile(values, 90) * 1000:.2f} "
+            f"| {percentile(values, 99) * 1000:.2f} | {statistics.median(values) / hit_base:.3f} |"
+        )
     lines += [
         "",
         f"### 3. New connection: open a channel + one health Check + close (handshake included), "
@@ -320,10 +345,15 @@ def report(args: argparse.Namespace, runs: dict[str, list[Timing]], hits: dict[s
     conn_base = statistics.median(connects["plaintext"])
     for config in CONFIGS:
         median = statistics.median(connects[config])
-        lines.append(f"| {config} | {median * 1000:.2f} | {percentile(connects[config], 90) * 1000:.2f} "
-                     f"| {median / conn_base:.3f} | {(median - conn_base) * 1000:+.2f} |")
-    lines += ["", f"Total bench time {seconds:.0f}s; load average {load[0]:.2f} at the start, {load[1]:.2f} at the end "
-              "(one process: the client and the servers share one event loop)."]
+        lines.append(
+            f"| {config} | {median * 1000:.2f} | {percentile(connects[config], 90) * 1000:.2f} "
+            f"| {median / conn_base:.3f} | {(median - conn_base) * 1000:+.2f} |"
+        )
+    lines += [
+        "",
+        f"Total bench time {seconds:.0f}s; load average {load[0]:.2f} at the start, {load[1]:.2f} at the end "
+        "(one process: the client and the servers share one event loop).",
+    ]
     return "\n".join(lines)
 
 
@@ -333,7 +363,9 @@ async def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the synthetic dataset (default 100000)")
     parser.add_argument("--hits", type=int, default=300, help="timed cache hits per configuration (default 300)")
     parser.add_argument("--connects", type=int, default=50, help="timed new connections per configuration (default 50)")
-    parser.add_argument("--quick", action="store_true", help="a fast smoke: 2 repeats, 20000 rows, 50 hits, 20 connects")
+    parser.add_argument(
+        "--quick", action="store_true", help="a fast smoke: 2 repeats, 20000 rows, 50 hits, 20 connects"
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.rows, args.hits, args.connects = 2, 20_000, 50, 20

@@ -76,12 +76,23 @@ def preprocess(frame: pd.DataFrame, target_column: str, task_kind: str, seed: in
 
 @task(cache=False)
 def build_features(
-    train: pd.DataFrame, test: pd.DataFrame, target_column: str, task_kind: str, roles: dict[str, str],
-    class_names: list[str], seed: int,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    target_column: str,
+    task_kind: str,
+    roles: dict[str, str],
+    class_names: list[str],
+    seed: int,
 ) -> Matrices:
     engineered = features_logic.engineer(
-        train, test, target_column, task_kind, roles, class_names,
-        features_logic.FeatureOptions(seed=seed), Settings.from_env().max_dataset_bytes,
+        train,
+        test,
+        target_column,
+        task_kind,
+        roles,
+        class_names,
+        features_logic.FeatureOptions(seed=seed),
+        Settings.from_env().max_dataset_bytes,
     )
     return Matrices(engineered.x_train, engineered.y_train, engineered.x_test, engineered.y_test)
 
@@ -104,8 +115,13 @@ def plain_pipeline(rows: int = 100_000, features: int = 32, seed: int = 1) -> di
     loaded = load(rows=rows, features=features, seed=seed)
     splits = preprocess(frame=loaded.frame, target_column=loaded.target_column, task_kind=loaded.task_kind, seed=seed)
     matrices = build_features(
-        train=splits.train, test=splits.test, target_column=loaded.target_column, task_kind=loaded.task_kind,
-        roles=loaded.roles, class_names=splits.class_names, seed=seed,
+        train=splits.train,
+        test=splits.test,
+        target_column=loaded.target_column,
+        task_kind=loaded.task_kind,
+        roles=loaded.roles,
+        class_names=splits.class_names,
+        seed=seed,
     )
     model = train(x_train=matrices.x_train, y_train=matrices.y_train, task_kind=loaded.task_kind, seed=seed)
     return evaluate(model=model, x_test=matrices.x_test, y_test=matrices.y_test)

@@ -29,8 +29,16 @@ import pyte
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS, LINES = 120, 60
 _COLOURS = {
-    "black": "#1e1e1e", "red": "#e06c75", "green": "#98c379", "brown": "#e5c07b", "yellow": "#e5c07b",
-    "blue": "#61afef", "magenta": "#c678dd", "cyan": "#56b6c2", "white": "#dcdfe4", "default": "#dcdfe4",
+    "black": "#1e1e1e",
+    "red": "#e06c75",
+    "green": "#98c379",
+    "brown": "#e5c07b",
+    "yellow": "#e5c07b",
+    "blue": "#61afef",
+    "magenta": "#c678dd",
+    "cyan": "#56b6c2",
+    "white": "#dcdfe4",
+    "default": "#dcdfe4",
 }
 
 
@@ -68,8 +76,10 @@ def _colour(name: str, default: str) -> str:
 
 
 def last_line(screen: pyte.Screen) -> int:
-    return max((y for y in range(screen.lines) if "".join(screen.buffer[y][x].data for x in range(screen.columns)).strip()),
-               default=0)
+    return max(
+        (y for y in range(screen.lines) if "".join(screen.buffer[y][x].data for x in range(screen.columns)).strip()),
+        default=0,
+    )
 
 
 def screen_html(screen: pyte.Screen, title: str) -> str:
@@ -93,8 +103,8 @@ def screen_html(screen: pyte.Screen, title: str) -> str:
 
 
 def main() -> int:
-    output, command = Path(sys.argv[1]), sys.argv[sys.argv.index("--") + 1:]
-    options = sys.argv[2:sys.argv.index("--")]
+    output, command = Path(sys.argv[1]), sys.argv[sys.argv.index("--") + 1 :]
+    options = sys.argv[2 : sys.argv.index("--")]
     interrupt_after = float(options[options.index("--interrupt-after") + 1]) if "--interrupt-after" in options else None
     screen = run_on_a_terminal(command, interrupt_after)
     sys.path.insert(0, str(ROOT))
@@ -105,9 +115,19 @@ def main() -> int:
         page.write_text(screen_html(screen, "$ " + " ".join(command)))
         browser = chromium()
         shot = subprocess.run(
-            [str(browser.program), "--no-sandbox", "--hide-scrollbars", f"--screenshot={output.resolve()}",
-             f"--window-size={COLUMNS * 9 + 40},{(last_line(screen) + 1) * 19 + 70}", page.as_uri()],
-            env={**os.environ, **browser.env}, capture_output=True, text=True, timeout=120)
+            [
+                str(browser.program),
+                "--no-sandbox",
+                "--hide-scrollbars",
+                f"--screenshot={output.resolve()}",
+                f"--window-size={COLUMNS * 9 + 40},{(last_line(screen) + 1) * 19 + 70}",
+                page.as_uri(),
+            ],
+            env={**os.environ, **browser.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     print(shot.stderr[-500:] if shot.returncode else f"wrote {output}")
     return shot.returncode
 

@@ -72,8 +72,12 @@ def build_image(path: Path) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         imports = google_imports(Path(scratch) / "google-imports.binpb")
         args = [
-            "grpc_tools.protoc", f"--descriptor_set_in={imports}", f"-I{PROTO_ROOT}",
-            "--include_imports", "--include_source_info", f"--descriptor_set_out={path}",
+            "grpc_tools.protoc",
+            f"--descriptor_set_in={imports}",
+            f"-I{PROTO_ROOT}",
+            "--include_imports",
+            "--include_source_info",
+            f"--descriptor_set_out={path}",
             *(str(p.relative_to(PROTO_ROOT)) for p in proto_files()),
         ]
         if protoc.main(args) != 0:

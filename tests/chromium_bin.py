@@ -45,14 +45,28 @@ class Chromium:
     def version(self) -> subprocess.CompletedProcess:
         return run([str(self.program), "--no-sandbox", "--version"], timeout=60, env=self.env)
 
-    def screenshot(self, page: Path, png: Path, width: int = 1280, height: int = 2400, timeout: float = 120) -> subprocess.CompletedProcess:
+    def screenshot(
+        self, page: Path, png: Path, width: int = 1280, height: int = 2400, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         """Render a local page (no network: the page is self-contained) and write a PNG of the window."""
         with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-            return run([
-                str(self.program), "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
-                "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
-                f"--window-size={width},{height}", f"--screenshot={png}", page.resolve().as_uri(),
-            ], timeout=timeout, env=self.env)
+            return run(
+                [
+                    str(self.program),
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--hide-scrollbars",
+                    "--mute-audio",
+                    "--no-first-run",
+                    "--disable-extensions",
+                    f"--user-data-dir={profile}",
+                    f"--window-size={width},{height}",
+                    f"--screenshot={png}",
+                    page.resolve().as_uri(),
+                ],
+                timeout=timeout,
+                env=self.env,
+            )
 
 
 def _unpacked(root: Path) -> Chromium:
@@ -72,10 +86,21 @@ def _installed(package: str) -> bool:
 
 def _packages_to_fetch() -> list[str]:
     """The shell, its resources, and the libraries among its dependencies (recursively) this machine lacks."""
-    listed = run([
-        "apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
-        "--no-breaks", "--no-replaces", "--no-enhances", PACKAGE,
-    ], timeout=120)
+    listed = run(
+        [
+            "apt-cache",
+            "depends",
+            "--recurse",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+            PACKAGE,
+        ],
+        timeout=120,
+    )
     names = sorted({line.strip() for line in listed.stdout.splitlines() if line and not line.startswith((" ", "<"))})
     # Only shared libraries: fonts, debconf and the like are not needed to draw a page (the
     # system's fonts serve), and libelogind0 would stand in for systemd's libraries.

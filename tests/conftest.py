@@ -13,8 +13,8 @@ import pytest
 import pytest_asyncio
 
 from services.runtime.client import MeshClient
-from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.launcher import LocalMesh
+from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
 
 __all__ = ["expect_error", "free_ports", "stage_spec", "start_local_mesh", "use_free_ports"]

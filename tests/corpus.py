@@ -247,11 +247,30 @@ def iris_labels() -> pd.DataFrame:
 
 
 PENGUIN_MEASURES = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
-RAW_MEASURES = ["Culmen Length (mm)", "Culmen Depth (mm)", "Flipper Length (mm)", "Body Mass (g)",
-                "Delta 15 N (o/oo)", "Delta 13 C (o/oo)"]
+RAW_MEASURES = [
+    "Culmen Length (mm)",
+    "Culmen Depth (mm)",
+    "Flipper Length (mm)",
+    "Body Mass (g)",
+    "Delta 15 N (o/oo)",
+    "Delta 13 C (o/oo)",
+]
 FERTILITY_YEARS = [str(year) for year in range(1960, 2011)]
-STAR98_FEATURES = ["NBELOW", "LOWINC", "PERASIAN", "PERBLACK", "PERHISP", "PERMINTE", "AVYRSEXP", "AVSALK",
-                   "PERSPENK", "PTRATIO", "PCTAF", "PCTCHRT", "PCTYRRND"]  # the interaction columns are redundant
+STAR98_FEATURES = [
+    "NBELOW",
+    "LOWINC",
+    "PERASIAN",
+    "PERBLACK",
+    "PERHISP",
+    "PERMINTE",
+    "AVYRSEXP",
+    "AVSALK",
+    "PERSPENK",
+    "PTRATIO",
+    "PCTAF",
+    "PCTCHRT",
+    "PCTYRRND",
+]  # the interaction columns are redundant
 
 
 # ---- generated edge cases -----------------------------------------------------------------------
@@ -267,8 +286,15 @@ def dates_with_gaps() -> pd.DataFrame:
     text[rng.random(n) < 0.10] = None
     # A typed datetime with times of day: a timestamp in Parquet, "YYYY-MM-DD HH:MM:SS" text in CSV.
     signup = pd.Timestamp("2010-06-01") + pd.to_timedelta(rng.integers(0, 400 * 86_400, size=n), unit="s")
-    return pd.DataFrame({"visit_date": text, "signup_ts": signup.astype("datetime64[s]"),
-                         "x1": x1.round(4), "x2": x2.round(4), "outcome": y.round(4)})
+    return pd.DataFrame(
+        {
+            "visit_date": text,
+            "signup_ts": signup.astype("datetime64[s]"),
+            "x1": x1.round(4),
+            "x2": x2.round(4),
+            "outcome": y.round(4),
+        }
+    )
 
 
 def infinite_values() -> pd.DataFrame:
@@ -299,8 +325,14 @@ def unseen_categories() -> pd.DataFrame:
     x1 = rng.normal(size=n)
     logit = np.array([effect.get(s, 0.0) for s in shop]) + 1.2 * x1 + np.where(channel == "web", 0.5, 0.0)
     bought = rng.random(n) < 1 / (1 + np.exp(-logit))
-    return pd.DataFrame({"shop": pd.Series(shop, dtype="str"), "channel": channel, "x1": x1.round(4),
-                         "bought": np.where(bought, "yes", "no")})
+    return pd.DataFrame(
+        {
+            "shop": pd.Series(shop, dtype="str"),
+            "channel": channel,
+            "x1": x1.round(4),
+            "bought": np.where(bought, "yes", "no"),
+        }
+    )
 
 
 def identifiers() -> pd.DataFrame:
@@ -317,8 +349,18 @@ def identifiers() -> pd.DataFrame:
     x1, x2 = rng.normal(size=(2, n))
     logit = 1.5 * x1 - 0.8 * x2 + np.where(member, -1.0, 0.3) + np.where(plan == "free", 0.8, -0.2)
     churned = rng.random(n) < 1 / (1 + np.exp(-logit))
-    return pd.DataFrame({"row_id": np.arange(n), "uuid": uuids, "note": notes, "plan": plan, "is_member": member,
-                         "x1": x1.round(4), "x2": x2.round(4), "churned": churned})
+    return pd.DataFrame(
+        {
+            "row_id": np.arange(n),
+            "uuid": uuids,
+            "note": notes,
+            "plan": plan,
+            "is_member": member,
+            "x1": x1.round(4),
+            "x2": x2.round(4),
+            "churned": churned,
+        }
+    )
 
 
 def integer_target() -> pd.DataFrame:
@@ -329,8 +371,15 @@ def integer_target() -> pd.DataFrame:
     store = rng.choice(["north", "south", "east", "west", "online"], size=n)
     store_effect = pd.Series(store).map({"north": 0.3, "south": -0.2, "east": 0.0, "west": 0.1, "online": 0.5})
     rate = np.exp(1.5 + 0.5 * x1 - 0.3 * x2 + 0.1 * x3 + store_effect.to_numpy())
-    return pd.DataFrame({"x1": x1.round(4), "x2": x2.round(4), "x3": x3.round(4), "store": store,
-                         "visits": rng.poisson(rate).astype("int64")})
+    return pd.DataFrame(
+        {
+            "x1": x1.round(4),
+            "x2": x2.round(4),
+            "x3": x3.round(4),
+            "store": store,
+            "visits": rng.poisson(rate).astype("int64"),
+        }
+    )
 
 
 def high_cardinality() -> pd.DataFrame:
@@ -349,8 +398,7 @@ def high_cardinality() -> pd.DataFrame:
 def wide() -> pd.DataFrame:
     """500 feature columns: 495 numbers (10 informative) and 5 noise categories."""
     rng = np.random.default_rng(7)
-    x, y = make_classification(n_samples=2000, n_features=495, n_informative=10, n_redundant=5,
-                               random_state=7)
+    x, y = make_classification(n_samples=2000, n_features=495, n_informative=10, n_redundant=5, random_state=7)
     frame = pd.DataFrame(x.round(4), columns=[f"f{i:03d}" for i in range(495)])
     for i in range(5):
         frame[f"cat{i}"] = rng.choice(["a", "b", "c"], size=len(frame))
@@ -406,138 +454,216 @@ def repeated_rows() -> pd.DataFrame:
 # ---- the corpus ----------------------------------------------------------------------------------
 TABLES: list[Table] = [
     Table(
-        "penguins", penguins, "species", CLASSIFICATION,
+        "penguins",
+        penguins,
+        "species",
+        CLASSIFICATION,
         {"island": "categorical", "sex": "categorical", "bill_length_mm": "numeric", "year": "numeric"},
         "logistic_regression",
         lambda: columns(num=(numbers(), [*PENGUIN_MEASURES, "year"]), cat=(one_hot(), ["island", "sex"])),
         class_names=("Adelie", "Chinstrap", "Gentoo"),
     ),
     Table(
-        "penguins_raw", penguins_raw, "Species", CLASSIFICATION,
-        {"Individual ID": "identifier", "Date Egg": "datetime", "Region": "constant", "Stage": "constant",
-         "Comments": "categorical", "Island": "categorical", "Clutch Completion": "categorical",
-         "Culmen Length (mm)": "numeric"},
+        "penguins_raw",
+        penguins_raw,
+        "Species",
+        CLASSIFICATION,
+        {
+            "Individual ID": "identifier",
+            "Date Egg": "datetime",
+            "Region": "constant",
+            "Stage": "constant",
+            "Comments": "categorical",
+            "Island": "categorical",
+            "Clutch Completion": "categorical",
+            "Culmen Length (mm)": "numeric",
+        },
         "random_forest",
         # By hand: the measurements, the study and place, the egg date as a day number; the
         # individual's ID, the sample number and the lab comments say nothing about the species.
-        lambda: columns(num=(numbers(), RAW_MEASURES),
-                        cat=(one_hot(), ["studyName", "Island", "Sex", "Clutch Completion"]),
-                        date=(day_number(), ["Date Egg"])),
+        lambda: columns(
+            num=(numbers(), RAW_MEASURES),
+            cat=(one_hot(), ["studyName", "Island", "Sex", "Clutch Completion"]),
+            date=(day_number(), ["Date Egg"]),
+        ),
         note="Comments has 10 distinct values over 54 rows, so it is a category, not free text",
     ),
     Table(
-        "penguins_mass", penguins, "body_mass_g", REGRESSION,
+        "penguins_mass",
+        penguins,
+        "body_mass_g",
+        REGRESSION,
         {"species": "categorical", "island": "categorical", "sex": "categorical", "flipper_length_mm": "numeric"},
         "ridge",
-        lambda: columns(num=(numbers(), ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "year"]),
-                        cat=(one_hot(), ["species", "island", "sex"])),
+        lambda: columns(
+            num=(numbers(), ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "year"]),
+            cat=(one_hot(), ["species", "island", "sex"]),
+        ),
         rows_dropped={"missing_target": 2},
     ),
     Table(
-        "fair", lambda: _statsmodels("fair"), "affairs", REGRESSION,
+        "fair",
+        lambda: _statsmodels("fair"),
+        "affairs",
+        REGRESSION,
         {"occupation": "numeric", "rate_marriage": "numeric"},
         "ridge",
         # occupation codes are categories to a person; mlmesh sees small whole numbers.
-        lambda: columns(num=(numbers(), ["rate_marriage", "age", "yrs_married", "children", "religious", "educ"]),
-                        cat=(one_hot(), ["occupation", "occupation_husb"])),
+        lambda: columns(
+            num=(numbers(), ["rate_marriage", "age", "yrs_married", "children", "religious", "educ"]),
+            cat=(one_hot(), ["occupation", "occupation_husb"]),
+        ),
     ),
     Table(
-        "randhie", lambda: _statsmodels("randhie"), "mdvis", REGRESSION,
+        "randhie",
+        lambda: _statsmodels("randhie"),
+        "mdvis",
+        REGRESSION,
         {"idp": "numeric", "lncoins": "numeric"},
         "hist_gradient_boosting",
-        lambda: columns(num=(numbers(), ["lncoins", "idp", "lpi", "fmde", "physlm", "disea", "hlthg", "hlthf",
-                                         "hlthp"])),
+        lambda: columns(
+            num=(numbers(), ["lncoins", "idp", "lpi", "fmde", "physlm", "disea", "hlthg", "hlthf", "hlthp"])
+        ),
         note="mdvis counts doctor visits: 59 whole numbers with a long tail, so a regression",
     ),
     Table(
-        "grunfeld", lambda: _statsmodels("grunfeld"), "invest", REGRESSION,
+        "grunfeld",
+        lambda: _statsmodels("grunfeld"),
+        "invest",
+        REGRESSION,
         {"firm": "categorical", "year": "numeric", "value": "numeric"},
         "random_forest",
         lambda: columns(num=(numbers(), ["value", "capital", "year"]), cat=(one_hot(), ["firm"])),
     ),
     Table(
-        "anes96", lambda: _statsmodels("anes96"), "vote", CLASSIFICATION,
+        "anes96",
+        lambda: _statsmodels("anes96"),
+        "vote",
+        CLASSIFICATION,
         {"PID": "numeric", "logpopul": "numeric"},
         "sgd",
-        lambda: columns(num=(numbers(), ["popul", "TVnews", "selfLR", "ClinLR", "DoleLR", "PID", "age", "educ",
-                                         "income", "logpopul"])),
+        lambda: columns(
+            num=(
+                numbers(),
+                ["popul", "TVnews", "selfLR", "ClinLR", "DoleLR", "PID", "age", "educ", "income", "logpopul"],
+            )
+        ),
         class_names=("0", "1"),
     ),
     Table(
-        "fertility", fertility, "2011", REGRESSION,
-        {"Country Name": "identifier", "Country Code": "identifier", "Indicator Name": "constant",
-         "Indicator Code": "constant", "2012": "constant", "2013": "constant", "1960": "numeric"},
+        "fertility",
+        fertility,
+        "2011",
+        REGRESSION,
+        {
+            "Country Name": "identifier",
+            "Country Code": "identifier",
+            "Indicator Name": "constant",
+            "Indicator Code": "constant",
+            "2012": "constant",
+            "2013": "constant",
+            "1960": "numeric",
+        },
         "ridge",
         lambda: columns(num=(numbers(), FERTILITY_YEARS)),
         rows_dropped={"missing_target": 17},
         note="2012 and 2013 are empty in this release, so the latest year with values is the target",
     ),
     Table(
-        "star98", lambda: _statsmodels("star98"), "NABOVE", REGRESSION,
+        "star98",
+        lambda: _statsmodels("star98"),
+        "NABOVE",
+        REGRESSION,
         {"NBELOW": "numeric", "PCTCHRT": "numeric"},
         "ridge",
         lambda: columns(num=(numbers(), STAR98_FEATURES)),
         note="NABOVE is a count of pupils: 235 distinct whole numbers, a regression",
     ),
     Table(
-        "modechoice", lambda: _statsmodels("modechoice"), "choice", CLASSIFICATION,
+        "modechoice",
+        lambda: _statsmodels("modechoice"),
+        "choice",
+        CLASSIFICATION,
         {"mode": "categorical", "individual": "ignore", "ttme": "numeric"},
         "logistic_regression",
-        lambda: columns(num=(numbers(), ["ttme", "invc", "invt", "gc", "hinc", "psize"]),
-                        cat=(one_hot(), ["mode"])),
+        lambda: columns(num=(numbers(), ["ttme", "invc", "invt", "gc", "hinc", "psize"]), cat=(one_hot(), ["mode"])),
         column_roles={"mode": "categorical", "individual": "ignore"},
         note="one row per traveller and travel mode: mode is a label, individual a group key",
     ),
     Table(
-        "statecrime", statecrime, "violent", REGRESSION,
+        "statecrime",
+        statecrime,
+        "violent",
+        REGRESSION,
         {"state": "identifier", "murder": "numeric"},
         "ridge",
         lambda: columns(num=(numbers(), ["murder", "hs_grad", "poverty", "single", "white", "urban"])),
     ),
     Table(
-        "iris_labels", iris_labels, "species", CLASSIFICATION,
+        "iris_labels",
+        iris_labels,
+        "species",
+        CLASSIFICATION,
         {"sepal length (cm)": "numeric"},
         "logistic_regression",
-        lambda: columns(num=(numbers(), ["sepal length (cm)", "sepal width (cm)", "petal length (cm)",
-                                         "petal width (cm)"])),
+        lambda: columns(
+            num=(numbers(), ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"])
+        ),
         class_names=("setosa", "versicolor", "virginica"),
     ),
     Table(
-        "dates_with_gaps", dates_with_gaps, "outcome", REGRESSION,
+        "dates_with_gaps",
+        dates_with_gaps,
+        "outcome",
+        REGRESSION,
         {"visit_date": "datetime", "signup_ts": "datetime", "x1": "numeric"},
         "ridge",
         lambda: columns(num=(numbers(), ["x1", "x2"]), date=(day_number(), ["visit_date", "signup_ts"])),
     ),
     Table(
-        "infinite_values", infinite_values, "y", REGRESSION,
+        "infinite_values",
+        infinite_values,
+        "y",
+        REGRESSION,
         {"ratio": "numeric", "x1": "numeric"},
         "ridge",
         lambda: columns(num=(numbers(), ["x1", "x2"]), ratio=(finite_numbers(), ["ratio"])),
         rows_dropped={"missing_target": 10, "invalid_target": 5},
     ),
     Table(
-        "unseen_categories", unseen_categories, "bought", CLASSIFICATION,
+        "unseen_categories",
+        unseen_categories,
+        "bought",
+        CLASSIFICATION,
         {"shop": "categorical", "channel": "categorical"},
         "logistic_regression",
         lambda: columns(num=(numbers(), ["x1"]), cat=(one_hot(), ["shop", "channel"])),
         class_names=("no", "yes"),
     ),
     Table(
-        "identifiers", identifiers, "churned", CLASSIFICATION,
-        {"row_id": "identifier", "uuid": "identifier", "note": "text", "plan": "categorical",
-         "is_member": "boolean"},
+        "identifiers",
+        identifiers,
+        "churned",
+        CLASSIFICATION,
+        {"row_id": "identifier", "uuid": "identifier", "note": "text", "plan": "categorical", "is_member": "boolean"},
         "logistic_regression",
         lambda: columns(num=(numbers(), ["x1", "x2", "is_member"]), cat=(one_hot(), ["plan"])),
         class_names=("False", "True"),
     ),
     Table(
-        "integer_target", integer_target, "visits", REGRESSION,
+        "integer_target",
+        integer_target,
+        "visits",
+        REGRESSION,
         {"store": "categorical", "x1": "numeric"},
         "ridge",
         lambda: columns(num=(numbers(), ["x1", "x2", "x3"]), cat=(one_hot(), ["store"])),
     ),
     Table(
-        "high_cardinality", high_cardinality, "amount", REGRESSION,
+        "high_cardinality",
+        high_cardinality,
+        "amount",
+        REGRESSION,
         {"merchant": "categorical"},
         "ridge",
         lambda: columns(num=(numbers(), ["x1"]), cat=(one_hot(sparse=True), ["merchant"])),
@@ -550,27 +676,40 @@ TABLES: list[Table] = [
         ),
     ),
     Table(
-        "wide_500", wide, "label", CLASSIFICATION,
+        "wide_500",
+        wide,
+        "label",
+        CLASSIFICATION,
         {"f000": "numeric", "f494": "numeric", "cat0": "categorical"},
         "logistic_regression",
-        lambda: columns(num=(numbers(), [f"f{i:03d}" for i in range(495)]),
-                        cat=(one_hot(), [f"cat{i}" for i in range(5)])),
+        lambda: columns(
+            num=(numbers(), [f"f{i:03d}" for i in range(495)]), cat=(one_hot(), [f"cat{i}" for i in range(5)])
+        ),
     ),
     Table(
-        "million_rows", million_rows, "label", CLASSIFICATION,
+        "million_rows",
+        million_rows,
+        "label",
+        CLASSIFICATION,
         {"x0": "numeric", "segment": "categorical", "region": "categorical"},
         "logistic_regression",
         lambda: columns(num=(numbers(), [f"x{i}" for i in range(8)]), cat=(one_hot(), ["segment", "region"])),
     ),
     Table(
-        "zip_codes", zip_codes, "price_k", REGRESSION,
+        "zip_codes",
+        zip_codes,
+        "price_k",
+        REGRESSION,
         {"zip": "categorical", "sqft": "numeric"},
         "ridge",
         lambda: columns(num=(numbers(), ["sqft"]), cat=(one_hot(), ["zip"])),
         column_roles={"zip": "categorical"},
     ),
     Table(
-        "repeated_rows", repeated_rows, "label", CLASSIFICATION,
+        "repeated_rows",
+        repeated_rows,
+        "label",
+        CLASSIFICATION,
         {"x1": "numeric", "color": "categorical"},
         "logistic_regression",
         lambda: columns(num=(numbers(), ["x1", "x2"]), cat=(one_hot(), ["color"])),

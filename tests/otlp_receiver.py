@@ -1,9 +1,9 @@
 """A local OTLP/gRPC trace receiver: what a collector would get, kept in memory for assertions.
 
-    with OtlpReceiver() as receiver:   # listens on 127.0.0.1:<free port>
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
-        ...
-        spans = receiver.spans()      # flat list of dicts: name, trace_id, span_id, parent_id, service, attributes
+with OtlpReceiver() as receiver:   # listens on 127.0.0.1:<free port>
+    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+    ...
+    spans = receiver.spans()      # flat list of dicts: name, trace_id, span_id, parent_id, service, attributes
 """
 
 from __future__ import annotations
@@ -32,18 +32,20 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    received.append({
-                        "name": span.name,
-                        "trace_id": span.trace_id.hex(),
-                        "span_id": span.span_id.hex(),
-                        "parent_id": span.parent_span_id.hex(),
-                        "kind": span.kind,
-                        "service": resource.get("service.name", ""),
-                        "attributes": {a.key: _value(a.value) for a in span.attributes},
-                        "status_code": span.status.code,
-                        "start": span.start_time_unix_nano,
-                        "end": span.end_time_unix_nano,
-                    })
+                    received.append(
+                        {
+                            "name": span.name,
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_id": span.parent_span_id.hex(),
+                            "kind": span.kind,
+                            "service": resource.get("service.name", ""),
+                            "attributes": {a.key: _value(a.value) for a in span.attributes},
+                            "status_code": span.status.code,
+                            "start": span.start_time_unix_nano,
+                            "end": span.end_time_unix_nano,
+                        }
+                    )
         with self.lock:
             self.spans.extend(received)
         return trace_service_pb2.ExportTraceServiceResponse()

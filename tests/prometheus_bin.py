@@ -32,8 +32,10 @@ def _on_path() -> Path | None:
 
 
 def _works(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in PROGRAMS) and \
-        run([str(folder / "promtool"), "--version"], timeout=60).returncode == 0
+    return (
+        all((folder / name).is_file() for name in PROGRAMS)
+        and run([str(folder / "promtool"), "--version"], timeout=60).returncode == 0
+    )
 
 
 def _fill(cache: Path) -> Path:

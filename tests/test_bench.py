@@ -25,8 +25,18 @@ def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
 def test_the_readme_quick_scale_benchmark_measures_every_figure_it_prints(tmp_path: Path) -> None:
     report = tmp_path / "scale.json"
     # The README's quick command, plus --json to read the numbers back.
-    done = run_bench("bench/bench_scale.py", "--rows", "20000", "--repeats", "1", "--only", "pipeline,rss,hits",
-                     "--json", str(report), timeout=900)
+    done = run_bench(
+        "bench/bench_scale.py",
+        "--rows",
+        "20000",
+        "--repeats",
+        "1",
+        "--only",
+        "pipeline,rss,hits",
+        "--json",
+        str(report),
+        timeout=900,
+    )
     results = json.loads(report.read_text())
     assert results["errors"] == {} or results["errors"] == [], results["errors"]
     figures = {figure["name"]: figure for figure in results["figures"]}
@@ -47,9 +57,20 @@ def test_the_readme_corpus_benchmark_prints_its_table() -> None:
 def test_the_observability_benchmark_compares_metrics_and_tracing_against_neither(tmp_path: Path) -> None:
     report = tmp_path / "observability.json"
     # The quick command from the benchmark's docstring, plus --json to read the numbers back.
-    done = run_bench("bench/bench_observability.py", "--rows", "5000", "--repeats", "1", "--pipelines", "1",
-                     "--hits", "50",
-                     "--json", str(report), timeout=600)
+    done = run_bench(
+        "bench/bench_observability.py",
+        "--rows",
+        "5000",
+        "--repeats",
+        "1",
+        "--pipelines",
+        "1",
+        "--hits",
+        "50",
+        "--json",
+        str(report),
+        timeout=600,
+    )
     results = json.loads(report.read_text())
     assert results["errors"] == {}, results["errors"]
     configs = ("off", "metrics", "metrics+tracing", "metrics+tracing@10%")

@@ -30,8 +30,12 @@ SEED = 20261124
 
 def configs() -> list[list[str]]:
     """Twenty small pipelines: several sources, a forest (long enough to be hit mid-fit) or a linear model."""
-    sources = ["sklearn:wine", "sklearn:breast_cancer", "synthetic:classification?rows=3000&features=12",
-               "synthetic:regression?rows=3000&features=10"]
+    sources = [
+        "sklearn:wine",
+        "sklearn:breast_cancer",
+        "synthetic:classification?rows=3000&features=12",
+        "synthetic:regression?rows=3000&features=10",
+    ]
     runs = []
     for i in range(PIPELINES):
         source = sources[i % len(sources)]
@@ -41,8 +45,9 @@ def configs() -> list[list[str]]:
 
 
 def run_pipeline(env: dict[str, str], args: list[str]) -> dict:
-    done = subprocess.run([str(BIN / "mlmesh"), "run", "--json", "--force", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "mlmesh"), "run", "--json", "--force", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stderr[-3000:]}"
     return json.loads(done.stdout)
 
@@ -53,8 +58,15 @@ def outcome(summary: dict) -> tuple:
 
 @pytest.fixture
 def chaos_mesh(tmp_path: Path):
-    env = on_new_ports({**os.environ, "MLMESH_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "MLMESH_GRACE_SECONDS": "1",
-                        "MLMESH_CHECKPOINT_SECONDS": "0.2", "MLMESH_RESTART_LIMIT": "1000"})
+    env = on_new_ports(
+        {
+            **os.environ,
+            "MLMESH_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+            "MLMESH_GRACE_SECONDS": "1",
+            "MLMESH_CHECKPOINT_SECONDS": "0.2",
+            "MLMESH_RESTART_LIMIT": "1000",
+        }
+    )
     up = UpProcess(env, {s: int(env[f"MLMESH_{s.upper()}_PORT"]) for s in STAGES})
     up.wait_for("mesh is up")
     # `mlmesh up` prints every restart; drain its output so it never blocks on a full pipe.

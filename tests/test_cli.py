@@ -37,7 +37,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 
 def mlmesh(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mlmesh"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "mlmesh"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_run_ends_with_the_summary_and_registers_a_promote(env: dict[str, str]) -> None:
@@ -49,7 +51,9 @@ def test_run_ends_with_the_summary_and_registers_a_promote(env: dict[str, str]) 
     assert "registered as wine-logistic_regression v1" in out
     report = Path(re.search(r"^report +(\S+)$", out, re.M).group(1))
     assert report.is_file() and report.read_bytes().startswith(b"<!DOCTYPE html>")
-    assert re.search(r"^stages    loader +\S+  computed$", out, re.M) and "0 of 5 answered from the stages' memos" in out
+    assert (
+        re.search(r"^stages    loader +\S+  computed$", out, re.M) and "0 of 5 answered from the stages' memos" in out
+    )
     # Progress is on stderr, a line per stage (plain: this is not a terminal), and never on stdout.
     for stage in ("loader", "preprocess", "features", "trainer", "evaluator"):
         assert re.search(rf"^{stage}: computed in \d", result.stderr, re.M), result.stderr
@@ -73,7 +77,9 @@ def test_run_ends_with_the_summary_and_registers_a_promote(env: dict[str, str]) 
 def test_a_retrain_is_not_registered_and_says_why(env: dict[str, str]) -> None:
     result = mlmesh(env, "run", "--source", "sklearn:diabetes", "--min", "r2=0.99")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^decision  RETRAIN .*\n +r2 0\.\d{4} is below minimum 0\.99$", result.stdout, re.M), result.stdout
+    assert re.search(r"^decision  RETRAIN .*\n +r2 0\.\d{4} is below minimum 0\.99$", result.stdout, re.M), (
+        result.stdout
+    )
     assert "not registered (only PROMOTE is)" in result.stdout and "registry:" not in result.stderr
 
 
@@ -82,9 +88,23 @@ def test_a_stage_error_is_one_paragraph(env: dict[str, str], tmp_path: Path) -> 
     result = mlmesh(env, "run", "--source", str(missing), "--target", "y")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "NOT_FOUND" in result.stderr and result.stdout == ""
-    flyte = subprocess.run([str(BIN / "pyflyte"), "run", "workflow/pipeline.py", "training_pipeline",
-                            "--source", str(missing), "--target_column", "y"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    flyte = subprocess.run(
+        [
+            str(BIN / "pyflyte"),
+            "run",
+            "workflow/pipeline.py",
+            "training_pipeline",
+            "--source",
+            str(missing),
+            "--target_column",
+            "y",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert flyte.returncode == 1
     assert "Traceback" not in flyte.stderr + flyte.stdout and "╭" not in flyte.stderr
     # It ends with the stage's own message.
@@ -94,13 +114,33 @@ def test_a_stage_error_is_one_paragraph(env: dict[str, str], tmp_path: Path) -> 
 
 def test_pyflyte_takes_numbers_as_people_type_them(env: dict[str, str]) -> None:
     result = subprocess.run(
-        [str(BIN / "pyflyte"), "run", "workflow/pipeline.py", "training_pipeline", "--source", "sklearn:breast_cancer",
-         "--model", "random_forest", "--hyperparameters", '{"n_estimators": 30, "max_depth": 4.0}',
-         "--minimums", '{"accuracy": 1}'],
-        cwd=ROOT, env={**env, "MLMESH_OUTPUT": "json"}, capture_output=True, text=True, timeout=300)
+        [
+            str(BIN / "pyflyte"),
+            "run",
+            "workflow/pipeline.py",
+            "training_pipeline",
+            "--source",
+            "sklearn:breast_cancer",
+            "--model",
+            "random_forest",
+            "--hyperparameters",
+            '{"n_estimators": 30, "max_depth": 4.0}',
+            "--minimums",
+            '{"accuracy": 1}',
+        ],
+        cwd=ROOT,
+        env={**env, "MLMESH_OUTPUT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    outcome = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
-    assert outcome["decision"] == "RETRAIN" and "accuracy" in outcome["reasons"][0] and "minimum 1" in outcome["reasons"][0]
+    outcome = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
+    assert (
+        outcome["decision"] == "RETRAIN"
+        and "accuracy" in outcome["reasons"][0]
+        and "minimum 1" in outcome["reasons"][0]
+    )
     assert outcome["model_name"] == "random_forest"
 
 
@@ -122,11 +162,15 @@ def _interrupt(command: list[str], env: dict[str, str], log: Path) -> tuple[int,
     """Start `command` in its own process group, Ctrl-C it (SIGINT to the group, as a terminal does)
     once it shows a fit running, as a person would, and return its exit code and stderr."""
     with log.open("w+") as err:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
         try:
-            _wait_for(lambda: bool(re.search(r"^trainer: +\d+% ", log.read_text(), re.M)) or process.poll() is not None,
-                      120, "the fit's progress on stderr")
+            _wait_for(
+                lambda: bool(re.search(r"^trainer: +\d+% ", log.read_text(), re.M)) or process.poll() is not None,
+                120,
+                "the fit's progress on stderr",
+            )
             assert _running_fits(env), log.read_text()[-2000:]
             assert process.poll() is None, log.read_text()[-2000:]
             os.killpg(process.pid, signal.SIGINT)
@@ -138,10 +182,13 @@ def _interrupt(command: list[str], env: dict[str, str], log: Path) -> tuple[int,
 
 
 def test_ctrl_c_stops_the_run_and_its_fit_with_one_line(env: dict[str, str], tmp_path: Path) -> None:
-    code, stderr = _interrupt([str(BIN / "mlmesh"), "run", "--source", "sklearn:digits", *SLOW_FIT], env,
-                              tmp_path / "run.err")
+    code, stderr = _interrupt(
+        [str(BIN / "mlmesh"), "run", "--source", "sklearn:digits", *SLOW_FIT], env, tmp_path / "run.err"
+    )
     assert code == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and "mlmesh: interrupted; the trainer was asked to stop its fit" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr and "mlmesh: interrupted; the trainer was asked to stop its fit" in stderr, stderr[
+        -3000:
+    ]
     _wait_for(lambda: not _running_fits(env), 30, "the trainer to stop the fit")
 
 
@@ -151,9 +198,21 @@ def test_ctrl_c_under_pyflyte_and_with_mesh(tmp_path: Path) -> None:
     base.mkdir()
     mesh, env = start_local_mesh(base)
     mesh.stop()  # only its ports and folders: with-mesh starts its own mesh on them
-    command = [str(BIN / "mlmesh"), "with-mesh", "--", str(BIN / "pyflyte"), "run", "workflow/pipeline.py",
-               "training_pipeline", "--source", "sklearn:digits", "--model", "random_forest",
-               "--hyperparameters", '{"n_estimators": 4000}']
+    command = [
+        str(BIN / "mlmesh"),
+        "with-mesh",
+        "--",
+        str(BIN / "pyflyte"),
+        "run",
+        "workflow/pipeline.py",
+        "training_pipeline",
+        "--source",
+        "sklearn:digits",
+        "--model",
+        "random_forest",
+        "--hyperparameters",
+        '{"n_estimators": 4000}',
+    ]
     started = time.monotonic()
     code, stderr = _interrupt(command, env, tmp_path / "flyte.err")
     assert code == 130, stderr[-3000:]
@@ -163,21 +222,34 @@ def test_ctrl_c_under_pyflyte_and_with_mesh(tmp_path: Path) -> None:
     settings = Settings.from_env(env)
     assert not _running_fits(env)
     probe = subprocess.run([str(BIN / "mlmesh"), "status", "--timeout", "1"], env=env, capture_output=True, text=True)
-    assert probe.returncode == 1 and "SERVING" not in probe.stdout.replace("NOT_SERVING", ""), (settings.addresses, probe.stdout)
+    assert probe.returncode == 1 and "SERVING" not in probe.stdout.replace("NOT_SERVING", ""), (
+        settings.addresses,
+        probe.stdout,
+    )
 
 
 def test_a_closed_pipe_is_quiet(env: dict[str, str]) -> None:
     # `mlmesh runs | head -1` with more than one line: the reader leaves early.
-    result = subprocess.run(["bash", "-c", f"{BIN / 'mlmesh'} runs --json | head -c 1"], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", f"{BIN / 'mlmesh'} runs --json | head -c 1"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and result.stdout == "[" and result.stderr == "", result.stderr
 
 
 def test_help_lists_sources_models_and_choices() -> None:
-    text = subprocess.run([str(BIN / "mlmesh"), "run", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}).stdout
-    for expected in ("breast_cancer, diabetes, digits, iris, wine", "synthetic:classification?rows=1000",
-                     "logistic_regression, random_forest, hist_gradient_boosting, sgd", "ridge, random_forest",
-                     "{standard,minmax,robust,none}", "default: standard", "--registry-name", "--no-register"):
+    text = subprocess.run(
+        [str(BIN / "mlmesh"), "run", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+    ).stdout
+    for expected in (
+        "breast_cancer, diabetes, digits, iris, wine",
+        "synthetic:classification?rows=1000",
+        "logistic_regression, random_forest, hist_gradient_boosting, sgd",
+        "ridge, random_forest",
+        "{standard,minmax,robust,none}",
+        "default: standard",
+        "--registry-name",
+        "--no-register",
+    ):
         assert expected in text, expected
 
 

@@ -58,8 +58,12 @@ PROMETHEUS_IMAGE = f"mlmesh-prometheus:{IMAGE_TAG}"
 OBSERVABILITY = ("--profile", "observability")
 TEST_LABEL = "org.mlmesh.test-image=1"
 DOCKERD_LOG = Path("/var/log/mlmesh-dockerd.log")
-APT_PACKAGES = {"docker": "docker.io", "dockerd": "docker.io", "docker-compose": "docker-compose",
-                "debootstrap": "debootstrap"}
+APT_PACKAGES = {
+    "docker": "docker.io",
+    "dockerd": "docker.io",
+    "docker-compose": "docker-compose",
+    "debootstrap": "debootstrap",
+}
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -94,10 +98,11 @@ def apt_install(packages: set[str]) -> None:
         unavailable(f"{', '.join(sorted(packages))} missing, and apt-get as root is not available here")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     update = run(["apt-get", "update", "-q"], timeout=600, env=env)
-    install = run(["apt-get", "install", "-y", "-q", *sorted(packages)],
-                  timeout=900, env=env)
+    install = run(["apt-get", "install", "-y", "-q", *sorted(packages)], timeout=900, env=env)
     if install.returncode != 0:
-        unavailable(f"apt-get install {' '.join(sorted(packages))} failed:\n{tail(update.stderr)}\n{tail(install.stderr)}")
+        unavailable(
+            f"apt-get install {' '.join(sorted(packages))} failed:\n{tail(update.stderr)}\n{tail(install.stderr)}"
+        )
 
 
 def engine_answers(docker: str) -> bool:
@@ -121,8 +126,13 @@ def start_dockerd(docker: str) -> str:
         with open(DOCKERD_LOG, "ab") as log:
             log.write(f"\n==== mlmesh tests: dockerd {' '.join(options)} ====\n".encode())
             log.flush()
-            process = subprocess.Popen([dockerd, *options], stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                [dockerd, *options],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.poll() is None:
             if engine_answers(docker):
@@ -191,7 +201,9 @@ def engine() -> Engine:
     else:
         unavailable("neither `docker compose` nor docker-compose is installed")
     engine = Engine(docker, build, build_env, compose, started, host_network_builds="iptables=false" in started)
-    versions = run([docker, "version", "--format", "server {{.Server.Version}}, client {{.Client.Version}}"], timeout=30)
+    versions = run(
+        [docker, "version", "--format", "server {{.Server.Version}}, client {{.Client.Version}}"], timeout=30
+    )
     compose_version = run([*compose, "version", "--short"], timeout=30).stdout.strip()
     FIGURES["engine"] = (
         f"{versions.stdout.strip()}; dockerd: {started}; compose: {' '.join(compose)} {compose_version}; "
@@ -207,8 +219,10 @@ def debian_mirror() -> str:
     for path in sorted(sources.glob("*.sources")) if sources.is_dir() else []:
         for block in path.read_text().split("\n\n"):
             fields = dict(
-                (k.strip().lower(), v.strip()) for k, _, v in
-                (line.partition(":") for line in block.splitlines() if ":" in line and not line.startswith("#"))
+                (k.strip().lower(), v.strip())
+                for k, _, v in (
+                    line.partition(":") for line in block.splitlines() if ":" in line and not line.startswith("#")
+                )
             )
             if "deb" in fields.get("types", "").split() and "bookworm" in fields.get("suites", "").split():
                 return fields["uris"].split()[0]
@@ -231,8 +245,17 @@ def ensure_base_image(engine: Engine) -> str:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mlmesh-rootfs-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        boot = run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-                    "bookworm", str(rootfs), mirror], timeout=1200)
+        boot = run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                "bookworm",
+                str(rootfs),
+                mirror,
+            ],
+            timeout=1200,
+        )
         if boot.returncode != 0:
             pytest.fail(f"debootstrap from {mirror} failed:\n{tail(boot.stdout)}\n{tail(boot.stderr)}")
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
@@ -241,8 +264,11 @@ def ensure_base_image(engine: Engine) -> str:
                     item.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         imported = subprocess.run(
-            [engine.docker, "import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python3"]',
-             "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True, text=True, timeout=600,
+            [engine.docker, "import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python3"]', "-", BASE_IMAGE],
+            stdin=tar.stdout,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         tar.stdout.close()
         tar.wait()
@@ -259,14 +285,25 @@ def pip_settings() -> tuple[list[str], list[str]]:
         key, _, value = line.partition("=")
         config[key.split(".", 1)[-1]] = value.strip().strip("'\"")
     ca = next(
-        (c for c in (os.environ.get("PIP_CERT"), config.get("cert"), os.environ.get("REQUESTS_CA_BUNDLE"),
-                     os.environ.get("SSL_CERT_FILE")) if c and Path(c).is_file()),
+        (
+            c
+            for c in (
+                os.environ.get("PIP_CERT"),
+                config.get("cert"),
+                os.environ.get("REQUESTS_CA_BUNDLE"),
+                os.environ.get("SSL_CERT_FILE"),
+            )
+            if c and Path(c).is_file()
+        ),
         None,
     )
     secrets = ["--secret", f"id=pip_ca,src={ca}"] if ca else []
     args = []
-    for name, key in (("PIP_INDEX_URL", "index-url"), ("PIP_EXTRA_INDEX_URL", "extra-index-url"),
-                      ("PIP_TRUSTED_HOST", "trusted-host")):
+    for name, key in (
+        ("PIP_INDEX_URL", "index-url"),
+        ("PIP_EXTRA_INDEX_URL", "extra-index-url"),
+        ("PIP_TRUSTED_HOST", "trusted-host"),
+    ):
         value = os.environ.get(name) or config.get(key)
         if value:
             args += ["--build-arg", f"{name}={value}"]
@@ -293,9 +330,20 @@ def images(engine: Engine) -> Images:
     for name, tag, options, context in builds:
         started = time.monotonic()
         result = run(
-            [*engine.build, *options, "-t", tag, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--label", TEST_LABEL,
-             *network, str(context)],
-            timeout=1500, env={**os.environ, **engine.build_env},
+            [
+                *engine.build,
+                *options,
+                "-t",
+                tag,
+                "--build-arg",
+                f"BASE_IMAGE={BASE_IMAGE}",
+                "--label",
+                TEST_LABEL,
+                *network,
+                str(context),
+            ],
+            timeout=1500,
+            env={**os.environ, **engine.build_env},
         )
         assert result.returncode == 0, f"building {name} failed:\n{tail(result.stdout, 60)}\n{tail(result.stderr, 60)}"
         FIGURES[f"build {name}"] = f"{time.monotonic() - started:.0f}s"
@@ -327,8 +375,10 @@ def test_both_image_flavours(images: Images) -> None:
     assert service["Healthcheck"]["Test"][-2:] == ["-m", "services.runtime.probe"]
     assert pipeline["Healthcheck"]["Test"] == ["NONE"]
 
-    check = ("import importlib.util as u, os, sys; "
-             "print(u.find_spec('flytekit') is not None, u.find_spec('services.runtime.probe') is not None, os.getuid())")
+    check = (
+        "import importlib.util as u, os, sys; "
+        "print(u.find_spec('flytekit') is not None, u.find_spec('services.runtime.probe') is not None, os.getuid())"
+    )
     in_service = run([docker, "run", "--rm", "--entrypoint", "/opt/venv/bin/python", SERVICE_IMAGE, "-c", check])
     assert in_service.stdout.split() == ["False", "True", "10001"], in_service.stdout + in_service.stderr
     in_pipeline = run([docker, "run", "--rm", "--entrypoint", "/opt/venv/bin/python", PIPELINE_IMAGE, "-c", check])
@@ -341,9 +391,27 @@ def test_stage_serves_read_only_without_privileges(images: Images) -> None:
     """The Kubernetes security context, in Docker: read-only root, no capabilities, user 10001."""
     docker = images.engine.docker
     name = f"mlmesh-ro-{uuid.uuid4().hex[:8]}"
-    started = run([docker, "run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
-                   "--security-opt", "no-new-privileges", "-e", "MLMESH_STAGE=features",
-                   "-e", "MLMESH_ARTIFACT_ROOT=/tmp/artifacts", SERVICE_IMAGE])
+    started = run(
+        [
+            docker,
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "-e",
+            "MLMESH_STAGE=features",
+            "-e",
+            "MLMESH_ARTIFACT_ROOT=/tmp/artifacts",
+            SERVICE_IMAGE,
+        ]
+    )
     assert started.returncode == 0, started.stderr
     try:
         deadline, answer = time.monotonic() + 120, None
@@ -369,8 +437,9 @@ class Stack:
     containers: dict[str, str] = field(default_factory=dict)
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return run([*self.engine.compose, "-p", self.project, "-f", str(COMPOSE_FILE), *args],
-                   timeout=timeout, env=self.env)
+        return run(
+            [*self.engine.compose, "-p", self.project, "-f", str(COMPOSE_FILE), *args], timeout=timeout, env=self.env
+        )
 
     def inspect(self, stage: str) -> dict:
         result = run([self.engine.docker, "inspect", self.containers[stage]], timeout=60)
@@ -412,10 +481,17 @@ def stack(images: Images, request: pytest.FixtureRequest) -> Iterator[Stack]:
     # The loader's /data: a host folder holding one table, readable by the images' uid 10001.
     data = Path(tempfile.mkdtemp(prefix="mlmesh-data-"))
     data.chmod(0o755)
-    (data / "houses.csv").write_text("rooms,price\n" + "".join(f"{i % 7 + 1},{100 + 25 * (i % 7) + i % 3}\n" for i in range(60)))
+    (data / "houses.csv").write_text(
+        "rooms,price\n" + "".join(f"{i % 7 + 1},{100 + 25 * (i % 7) + i % 3}\n" for i in range(60))
+    )
     (data / "houses.csv").chmod(0o644)
-    env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "MLMESH_IMAGE_TAG": IMAGE_TAG,
-           "MLMESH_PUBLISH_ADDRESS": "127.0.0.1", "MLMESH_DATA_DIR": str(data)}
+    env = {
+        **os.environ,
+        "BASE_IMAGE": BASE_IMAGE,
+        "MLMESH_IMAGE_TAG": IMAGE_TAG,
+        "MLMESH_PUBLISH_ADDRESS": "127.0.0.1",
+        "MLMESH_DATA_DIR": str(data),
+    }
     env.update({f"MLMESH_{s.upper()}_HOST_PORT": str(p) for s, p in ports.items()})
     env.pop("MLMESH_LOG_LEVEL", None)
     stack = Stack(engine, f"mlmeshtest{uuid.uuid4().hex[:10]}", env, ports)
@@ -462,12 +538,14 @@ def test_grpcurl_from_the_host(stack: Stack) -> None:
     reply = json.loads(loaded.stdout)
     assert reply["rows"] == "150" and reply["dataset"]["uri"].startswith("file:///artifacts/objects/")
     # The loader reads the mounted /data, and nothing else of the container.
-    table = grpcurl("-d", '{"source": "/data/houses.csv", "target_column": "price"}', loader,
-                    "mlmesh.loader.v1.LoaderService/Load")
+    table = grpcurl(
+        "-d", '{"source": "/data/houses.csv", "target_column": "price"}', loader, "mlmesh.loader.v1.LoaderService/Load"
+    )
     assert table.returncode == 0 and json.loads(table.stdout)["rows"] == "60", table.stderr
     for outside in ("/etc/passwd::x.csv", "/app/../etc/shadow.csv", "/artifacts/x.csv", "/proc/self/environ.csv"):
-        refused = grpcurl("-d", json.dumps({"source": outside, "target_column": "x"}), loader,
-                          "mlmesh.loader.v1.LoaderService/Load")
+        refused = grpcurl(
+            "-d", json.dumps({"source": outside, "target_column": "x"}), loader, "mlmesh.loader.v1.LoaderService/Load"
+        )
         assert refused.returncode != 0 and "Code: PermissionDenied" in refused.stderr, (outside, refused.stderr)
         assert "root:" not in refused.stderr
     # Every published port answers, and the CLI's status sees the mesh from the host.
@@ -484,7 +562,9 @@ def test_pipeline_service_runs_to_success(stack: Stack) -> None:
     result = stack.compose("run", "--rm", "pipeline", timeout=900)
     cold = time.monotonic() - started
     assert result.returncode == 0, tail(result.stdout, 60) + tail(result.stderr, 60) + stack.logs()
-    assert "decision  PROMOTE" in result.stdout and "registered as breast_cancer-logistic_regression v1" in result.stdout
+    assert (
+        "decision  PROMOTE" in result.stdout and "registered as breast_cancer-logistic_regression v1" in result.stdout
+    )
     FIGURES["pipeline in compose, cold (compose run --rm)"] = f"{cold:.1f}s"
 
     # Reading the report, as docs/deploy.md says: it is in the store, next to the services.
@@ -493,7 +573,9 @@ def test_pipeline_service_runs_to_success(stack: Stack) -> None:
     report = stack.compose("exec", "-T", "evaluator", "cat", html_uri.group(1), timeout=60)
     assert report.returncode == 0 and "<html" in report.stdout.lower() and "accuracy" in report.stdout
     models = stack.compose("run", "--rm", "--no-deps", "--entrypoint", "mlmesh", "pipeline", "models", timeout=300)
-    assert models.returncode == 0 and "breast_cancer-logistic_regression" in models.stdout, models.stdout + models.stderr
+    assert models.returncode == 0 and "breast_cancer-logistic_regression" in models.stdout, (
+        models.stdout + models.stderr
+    )
 
     started = time.monotonic()
     again = stack.compose("run", "--rm", "pipeline", timeout=900)
@@ -515,8 +597,7 @@ def test_prometheus_scrapes_the_five_stages_and_counts_the_pipeline(stack: Stack
     up and the loader's Load calls with grpc_code OK, from the stages' own /metrics."""
     wanted = {
         "up": 'up{job="mlmesh"} == 1',
-        "loads": 'sum(grpc_server_handled_total{job="mlmesh", stage="loader", '
-                 'grpc_method="Load", grpc_code="OK"})',
+        "loads": 'sum(grpc_server_handled_total{job="mlmesh", stage="loader", grpc_method="Load", grpc_code="OK"})',
         "hits": 'sum by (stage) (mlmesh_cache_requests_total{job="mlmesh", result="hit"})',
     }
     started, seen, last_error = time.monotonic(), {}, ""
@@ -530,8 +611,12 @@ def test_prometheus_scrapes_the_five_stages_and_counts_the_pipeline(stack: Stack
             continue
         # The warm run's last calls may be younger than the last scrape: wait for every number.
         hit_stages = {r["metric"]["stage"] for r in seen["hits"] if float(r["value"][1]) > 0}
-        if len(seen["up"]) == len(STAGES) and seen["loads"] and float(seen["loads"][0]["value"][1]) >= 2 \
-                and hit_stages == set(STAGES):
+        if (
+            len(seen["up"]) == len(STAGES)
+            and seen["loads"]
+            and float(seen["loads"][0]["value"][1]) >= 2
+            and hit_stages == set(STAGES)
+        ):
             break
         time.sleep(1)
     FIGURES["Prometheus: all five up and the loads counted after"] = f"{time.monotonic() - started:.1f}s"
@@ -565,8 +650,18 @@ def test_hung_service_is_reported_unhealthy(stack: Stack) -> None:
         FIGURES["hung evaluator reported unhealthy after"] = f"{waited:.0f}s"
         log = stack.inspect("evaluator")["Health"]["Log"][-1]
         assert log["ExitCode"] != 0 and ("DEADLINE_EXCEEDED" in log["Output"] or "timeout" in log["Output"]), log
-        probe = run([sys.executable, "-m", "services.runtime.probe", "--address", published(stack, "evaluator"),
-                     "--timeout", "2"], timeout=60)
+        probe = run(
+            [
+                sys.executable,
+                "-m",
+                "services.runtime.probe",
+                "--address",
+                published(stack, "evaluator"),
+                "--timeout",
+                "2",
+            ],
+            timeout=60,
+        )
         assert probe.returncode == 1 and "UNREACHABLE" in probe.stdout
     finally:
         run([docker, "kill", "--signal", "SIGCONT", container], timeout=60)
@@ -584,8 +679,18 @@ def test_stopped_service_is_unhealthy_and_the_pipeline_names_it(stack: Stack) ->
 
     # --no-deps: otherwise compose would start the trainer again before running the pipeline.
     started = time.monotonic()
-    result = stack.compose("run", "--rm", "--no-deps", "pipeline",
-                           "run", "workflow/pipeline.py", "training_pipeline", "--seed", "7", timeout=600)
+    result = stack.compose(
+        "run",
+        "--rm",
+        "--no-deps",
+        "pipeline",
+        "run",
+        "workflow/pipeline.py",
+        "training_pipeline",
+        "--seed",
+        "7",
+        timeout=600,
+    )
     FIGURES["pipeline failing on the stopped trainer"] = f"{time.monotonic() - started:.1f}s"
     assert result.returncode != 0
     output = re.sub(r"\s+", " ", result.stdout + result.stderr)
@@ -607,7 +712,9 @@ def test_down_removes_containers_and_the_volume(stack: Stack) -> None:
     assert down.returncode == 0, down.stderr
     docker = stack.engine.docker
     left = run([docker, "ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"]).stdout
-    volumes = run([docker, "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"]).stdout
+    volumes = run(
+        [docker, "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={stack.project}"]
+    ).stdout
     assert not left.strip() and not volumes.strip(), (left, volumes)
 
 
@@ -622,19 +729,28 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
     recipe = next(block for block in blocks if "openssl req -x509" in block)
     compose_block = next(block for block in blocks if "docker-compose.tls.yml" in block)
     permissions, up_line = [line.strip() for line in compose_block.splitlines() if line.strip()]
-    assert up_line == ("docker compose -f deploy/docker-compose.yml -f deploy/docker-compose.tls.yml "
-                       "up --build --exit-code-from pipeline")
+    assert up_line == (
+        "docker compose -f deploy/docker-compose.yml -f deploy/docker-compose.tls.yml "
+        "up --build --exit-code-from pipeline"
+    )
     for script in (recipe, permissions):
-        made = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120)
+        made = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
         assert made.returncode == 0, script + made.stderr
     certs = tmp_path / "certs"
     tmp_path.chmod(0o755)
     certs.chmod(0o755)
     engine = images.engine
     ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
-    env = {**os.environ, "BASE_IMAGE": BASE_IMAGE, "MLMESH_IMAGE_TAG": IMAGE_TAG, "MLMESH_PUBLISH_ADDRESS": "127.0.0.1",
-           "MLMESH_CERTS_DIR": str(certs), **{f"MLMESH_{s.upper()}_HOST_PORT": str(p) for s, p in ports.items()}}
+    env = {
+        **os.environ,
+        "BASE_IMAGE": BASE_IMAGE,
+        "MLMESH_IMAGE_TAG": IMAGE_TAG,
+        "MLMESH_PUBLISH_ADDRESS": "127.0.0.1",
+        "MLMESH_CERTS_DIR": str(certs),
+        **{f"MLMESH_{s.upper()}_HOST_PORT": str(p) for s, p in ports.items()},
+    }
     env.pop("MLMESH_LOG_LEVEL", None)
     project = f"mlmeshtls{uuid.uuid4().hex[:10]}"
     compose = [*engine.compose, "-p", project, "-f", str(COMPOSE_FILE), "-f", str(TLS_COMPOSE_FILE)]
@@ -647,7 +763,9 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
         assert result.returncode == 0, tail(result.stdout, 60) + tail(result.stderr, 60) + stack_logs
         assert "decision  PROMOTE" in result.stdout
         logs = run([*compose, "logs", "--no-color", "loader"], timeout=120, env=env).stdout
-        assert "mTLS, bearer tokens" in logs and re.search(r"caller=token:workflow,cert:\S*pipeline-runner", logs), tail(logs)
+        assert "mTLS, bearer tokens" in logs and re.search(r"caller=token:workflow,cert:\S*pipeline-runner", logs), (
+            tail(logs)
+        )
 
         # From the host: the published ports need the CA, a client certificate and a token.
         up = run([*compose, "up", "-d", "--no-build", *STAGES], timeout=300, env=env)
@@ -659,11 +777,23 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
         while run([str(GRPCURL), *tls, loader, "grpc.health.v1.Health/Check"], timeout=30).returncode != 0:
             assert time.monotonic() < deadline, "the TLS loader never answered"
             time.sleep(1)
-        loaded = run([str(GRPCURL), *tls, *token, "-d", '{"source": "sklearn:iris"}', loader,
-                      "mlmesh.loader.v1.LoaderService/Load"], timeout=60)
+        loaded = run(
+            [
+                str(GRPCURL),
+                *tls,
+                *token,
+                "-d",
+                '{"source": "sklearn:iris"}',
+                loader,
+                "mlmesh.loader.v1.LoaderService/Load",
+            ],
+            timeout=60,
+        )
         assert loaded.returncode == 0 and json.loads(loaded.stdout)["rows"] == "150", loaded.stderr
-        anonymous = run([str(GRPCURL), *tls, "-d", '{"source": "sklearn:iris"}', loader,
-                         "mlmesh.loader.v1.LoaderService/Load"], timeout=60)
+        anonymous = run(
+            [str(GRPCURL), *tls, "-d", '{"source": "sklearn:iris"}', loader, "mlmesh.loader.v1.LoaderService/Load"],
+            timeout=60,
+        )
         assert anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr
         assert run([str(GRPCURL), "-plaintext", loader, "list"], timeout=60).returncode != 0
         assert run([str(GRPCURL), "-cacert", str(certs / "ca.pem"), loader, "list"], timeout=60).returncode != 0

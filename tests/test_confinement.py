@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import fsspec
 import grpc
@@ -50,7 +51,9 @@ DENIED, INVALID = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARG
 NOT_FOUND, FAILED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION
 EXHAUSTED, LATE = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED
 
-GOOD_CSV = ("a,b,label\n" + "".join(f"{(i * 3) % 13 + 0.5},{(i * 7) % 11},{'yes' if i % 2 else 'no'}\n" for i in range(60))).encode()
+GOOD_CSV = (
+    "a,b,label\n" + "".join(f"{(i * 3) % 13 + 0.5},{(i * 7) % 11},{'yes' if i % 2 else 'no'}\n" for i in range(60))
+).encode()
 
 
 # ---- the files: a root, and a secret outside it -------------------------------------------
@@ -92,14 +95,14 @@ class Web:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - the http.server name
+            def do_GET(self) -> None:
                 web.paths.append(self.path)
                 web.route(self, other)
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
 
-            def get_request(self):  # noqa: ANN202
+            def get_request(self):
                 request = super().get_request()
                 web.connections += 1
                 return request
@@ -226,11 +229,17 @@ async def make_loader(world: World, servers: Servers, tmp_path: Path) -> AsyncIt
     running: list[tuple[RunningStage, MeshClient]] = []
 
     async def start(roots: str, read_seconds: float = READ_SECONDS) -> Loader:
-        settings = Settings.from_env({
-            "MLMESH_ARTIFACT_ROOT": str(tmp_path / f"artifacts{len(running)}"), "MLMESH_GRACE_SECONDS": "0.5",
-            "MLMESH_DATA_ROOTS": roots, "MLMESH_WORKER_THREADS": "1", "MLMESH_MAX_DATASET_BYTES": str(CAP),
-            "MLMESH_SOURCE_CONNECT_SECONDS": "1", "MLMESH_SOURCE_READ_SECONDS": str(read_seconds),
-        })
+        settings = Settings.from_env(
+            {
+                "MLMESH_ARTIFACT_ROOT": str(tmp_path / f"artifacts{len(running)}"),
+                "MLMESH_GRACE_SECONDS": "0.5",
+                "MLMESH_DATA_ROOTS": roots,
+                "MLMESH_WORKER_THREADS": "1",
+                "MLMESH_MAX_DATASET_BYTES": str(CAP),
+                "MLMESH_SOURCE_CONNECT_SECONDS": "1",
+                "MLMESH_SOURCE_READ_SECONDS": str(read_seconds),
+            }
+        )
         stage = await start_stage(stage_spec("loader"), settings, port=0)
         client = MeshClient(settings, addresses={"loader": stage.address})
         await client.__aenter__()
@@ -309,16 +318,28 @@ async def test_local_paths_outside_the_root_are_refused_unread(loader: Loader, w
 @pytest.mark.asyncio
 async def test_fsspec_chains_and_other_schemes_are_refused(loader: Loader, world: World, servers: Servers) -> None:
     for source in (
-        "/etc/passwd::x.csv", "/etc/shadow::x.csv", f"{world.outside}/secret.txt::x.csv",
-        f"{world.root}/good.csv::x.csv", "simplecache::file:///etc/passwd.csv", "zip://x.csv::file:///tmp/a.zip",
+        "/etc/passwd::x.csv",
+        "/etc/shadow::x.csv",
+        f"{world.outside}/secret.txt::x.csv",
+        f"{world.root}/good.csv::x.csv",
+        "simplecache::file:///etc/passwd.csv",
+        "zip://x.csv::file:///tmp/a.zip",
     ):
         await refused(loader, source, DENIED, "chains URLs with '::'")
     for source in (
-        "memory://x.csv", "local:///etc/passwd.csv", "s3://bucket/x.csv", "gs://bucket/x.parquet",
-        "ftp://127.0.0.1/x.csv", "nosuchproto://x.csv", "https://example.com/x.csv",
-        f"{servers.other.url}/x.csv", f"HTTP://127.0.0.1:{servers.other.url.rsplit(':', 1)[1]}/x.csv",
+        "memory://x.csv",
+        "local:///etc/passwd.csv",
+        "s3://bucket/x.csv",
+        "gs://bucket/x.parquet",
+        "ftp://127.0.0.1/x.csv",
+        "nosuchproto://x.csv",
+        "https://example.com/x.csv",
+        f"{servers.other.url}/x.csv",
+        f"HTTP://127.0.0.1:{servers.other.url.rsplit(':', 1)[1]}/x.csv",
         f"http://localhost:{servers.other.url.rsplit(':', 1)[1]}/x.csv",
-        "http://169.254.169.254/latest/meta-data/x.csv", "http://[::1]:9/x.csv", "http://[fd00::1]/data/x.csv",
+        "http://169.254.169.254/latest/meta-data/x.csv",
+        "http://[::1]:9/x.csv",
+        "http://[fd00::1]/data/x.csv",
     ):
         await refused(loader, source, DENIED)
     assert servers.other.connections == 0, "a refused URL was fetched"
@@ -339,8 +360,12 @@ async def test_fifos_folders_and_control_characters_get_their_own_codes(loader: 
 @pytest.mark.asyncio
 async def test_files_under_the_root_load(loader: Loader, world: World) -> None:
     root = world.root
-    for source in (f"{root}/good.csv", f"file://{root}/good.csv", f"file://localhost{root}/good.csv",
-                   f"{root}/sub/../good.csv"):
+    for source in (
+        f"{root}/good.csv",
+        f"file://{root}/good.csv",
+        f"file://localhost{root}/good.csv",
+        f"{root}/sub/../good.csv",
+    ):
         await loads(loader, source)
     # An allowed file may be named in messages by its columns, bounded.
     details = await refused(loader, f"{root}/good.csv", INVALID, "its columns are: 'a', 'b', 'label'", target="zz")
@@ -356,7 +381,10 @@ async def test_proc_sys_and_dev_are_refused_even_under_a_root_of_slash(make_load
         "/proc/self/environ::x.csv",
         f"/proc/self/root{world.secret}",
         "/proc/self/cwd/pyproject.csv",
-        "/proc/1/environ.csv", "/sys/kernel/x.csv", "/dev/zero.csv", "/dev/stdin.csv",
+        "/proc/1/environ.csv",
+        "/sys/kernel/x.csv",
+        "/dev/zero.csv",
+        "/dev/stdin.csv",
     ):
         await refused(loader, source, DENIED)
     # /proc/self/environ itself is not even taken for a table.
@@ -372,10 +400,16 @@ async def test_urls_under_a_url_root_load_and_others_are_not_fetched(loader: Loa
     await loads(loader, f"{web}/data/redirect-in.csv")  # a redirect to an allowed URL is followed
     before = list(servers.web.paths)
     for source in (
-        f"{web}/secret.csv", f"{web}/database.csv",  # outside /data/, even though the prefix matches as text
-        f"{web}/data/../secret.csv", f"{web}/data/./../secret.csv", f"{web}/data/%2e%2e/secret.csv",
-        f"{web}/data/%252e%252e/secret.csv", f"{web}/data/..%2fsecret.csv", f"{web}/data\\..\\secret.csv",
-        f"http://user@127.0.0.1:{port}/data/good.csv", f"http://127.0.0.1:{port}@127.0.0.1:9/data/good.csv",
+        f"{web}/secret.csv",
+        f"{web}/database.csv",  # outside /data/, even though the prefix matches as text
+        f"{web}/data/../secret.csv",
+        f"{web}/data/./../secret.csv",
+        f"{web}/data/%2e%2e/secret.csv",
+        f"{web}/data/%252e%252e/secret.csv",
+        f"{web}/data/..%2fsecret.csv",
+        f"{web}/data\\..\\secret.csv",
+        f"http://user@127.0.0.1:{port}/data/good.csv",
+        f"http://127.0.0.1:{port}@127.0.0.1:9/data/good.csv",
         f"{web}/data/ good.csv",
     ):
         await refused(loader, source, DENIED)
@@ -394,15 +428,17 @@ async def test_urls_under_a_url_root_load_and_others_are_not_fetched(loader: Loa
 @pytest.mark.asyncio
 async def test_too_big_is_refused_before_or_while_reading(loader: Loader, servers: Servers) -> None:
     started = time.monotonic()
-    await refused(loader, f"{servers.web.url}/data/big-length.csv", EXHAUSTED, "Content-Length",
-                  "MLMESH_MAX_DATASET_BYTES")
+    await refused(
+        loader, f"{servers.web.url}/data/big-length.csv", EXHAUSTED, "Content-Length", "MLMESH_MAX_DATASET_BYTES"
+    )
     assert time.monotonic() - started < 5, "the loader waited for a body it had refused"
     await refused(loader, f"{servers.web.url}/data/stream.csv", EXHAUSTED, "larger than the limit of 64.0 KiB")
 
 
 @pytest.mark.asyncio
-async def test_a_silent_server_is_deadline_exceeded_and_the_worker_is_free(loader: Loader, servers: Servers,
-                                                                            world: World) -> None:
+async def test_a_silent_server_is_deadline_exceeded_and_the_worker_is_free(
+    loader: Loader, servers: Servers, world: World
+) -> None:
     started = time.monotonic()
     await refused(loader, f"{servers.silent.url}/x.csv", LATE, "sent nothing for 1 s", "MLMESH_SOURCE_READ_SECONDS")
     assert time.monotonic() - started < READ_SECONDS + 3
@@ -442,8 +478,9 @@ def policy(*roots: str, max_bytes: int = CAP) -> sources.SourcePolicy:
     )
 
 
-def test_a_folder_swapped_for_a_symlink_after_the_check_is_caught(world: World, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_swapped_for_a_symlink_after_the_check_is_caught(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "root"
     (root / "dir").mkdir(parents=True)
     (root / "dir" / "table.csv").write_text("harmless\n")
@@ -474,8 +511,8 @@ class StoreFS(MemoryFileSystem):
     """An in-memory stand-in for an object store, under its own scheme."""
 
     protocol = "mlmeshtest"
-    store: dict = {}
-    pseudo_dirs = [""]
+    store: ClassVar[dict] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
 
     @classmethod
     def _strip_protocol(cls, path: str) -> str:
@@ -490,12 +527,15 @@ def test_object_store_urls_are_read_through_fsspec_with_the_cap() -> None:
     fs.pipe("/bucket/secret.csv", MARKER.encode())
     allowed = policy("mlmeshtest://bucket/data/")
     assert sources.read_source("mlmeshtest://bucket/data/good.csv", allowed) == GOOD_CSV
-    with pytest.raises(ResourceExhausted, match="over the limit of 64.0 KiB"):
+    with pytest.raises(ResourceExhausted, match=r"over the limit of 64.0 KiB"):
         sources.read_source("mlmeshtest://bucket/data/big.csv", allowed)
     with pytest.raises(NotFound):
         sources.read_source("mlmeshtest://bucket/data/absent.csv", allowed)
-    for refused_source in ("mlmeshtest://bucket/secret.csv", "mlmeshtest://bucket/data/../secret.csv",
-                           "mlmeshtest://bucket/data/good.csv::memory://x"):
+    for refused_source in (
+        "mlmeshtest://bucket/secret.csv",
+        "mlmeshtest://bucket/data/../secret.csv",
+        "mlmeshtest://bucket/data/good.csv::memory://x",
+    ):
         with pytest.raises(PermissionDenied) as caught:
             sources.read_source(refused_source, allowed)
         assert MARKER not in str(caught.value)
@@ -507,18 +547,35 @@ def test_object_store_urls_are_read_through_fsspec_with_the_cap() -> None:
 
 # ---- through `mlmesh run` against `mlmesh up` ----------------------------------------------------
 def test_mlmesh_run_is_refused_outside_the_roots_and_trains_inside(world: World, tmp_path: Path) -> None:
-    env = on_new_ports({**os.environ, "MLMESH_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-                        "MLMESH_GRACE_SECONDS": "1", "MLMESH_DATA_ROOTS": str(world.root)})
+    env = on_new_ports(
+        {
+            **os.environ,
+            "MLMESH_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+            "MLMESH_GRACE_SECONDS": "1",
+            "MLMESH_DATA_ROOTS": str(world.root),
+        }
+    )
     up = UpProcess(env, {})
     try:
         up.wait_for("mesh is up")
 
         def run(*args: str) -> subprocess.CompletedProcess:
-            return subprocess.run([str(BIN / "mlmesh"), "run", *args], cwd=world.root, env=env,
-                                  capture_output=True, text=True, timeout=180)
+            return subprocess.run(
+                [str(BIN / "mlmesh"), "run", *args],
+                cwd=world.root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
 
-        for source in (str(world.secret), f"../{world.outside.name}/secret.csv", "link.csv",
-                       f"{world.secret}::x.csv", "/etc/passwd::x.csv"):
+        for source in (
+            str(world.secret),
+            f"../{world.outside.name}/secret.csv",
+            "link.csv",
+            f"{world.secret}::x.csv",
+            "/etc/passwd::x.csv",
+        ):
             result = run("--source", source, "--target", "zz")
             output = result.stdout + result.stderr
             assert result.returncode == 2, output

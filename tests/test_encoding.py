@@ -21,8 +21,12 @@ BIG = 2 * 1024**3
 
 
 def engineer(
-    train: pd.DataFrame, test: pd.DataFrame, roles: dict[str, str], task: str = "classification",
-    class_names: list[str] | None = None, **options,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    roles: dict[str, str],
+    task: str = "classification",
+    class_names: list[str] | None = None,
+    **options,
 ) -> logic.Engineered:
     names = ["0", "1"] if class_names is None and task == "classification" else (class_names or [])
     return logic.engineer(train, test, "y", task, roles, names, logic.FeatureOptions(**options), BIG)
@@ -42,8 +46,13 @@ def colours(rows: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.RandomState(seed)
     values = ["red", "green", "blue"] * (rows // 3)
     values[:2] = ["violet", "violet"]
-    return pd.DataFrame({"colour": pd.Series(values, dtype="str"), "size": rng.normal(size=len(values)),
-                         "y": np.arange(len(values)) % 2})
+    return pd.DataFrame(
+        {
+            "colour": pd.Series(values, dtype="str"),
+            "size": rng.normal(size=len(values)),
+            "y": np.arange(len(values)) % 2,
+        }
+    )
 
 
 ROLES = {"colour": "categorical", "size": "numeric"}
@@ -52,8 +61,9 @@ ROLES = {"colour": "categorical", "size": "numeric"}
 # ---- categorical --------------------------------------------------------------------------
 def test_one_hot_groups_rare_levels_and_sends_unseen_test_levels_there() -> None:
     train = colours(60)
-    test = pd.DataFrame({"colour": pd.Series(["red", "teal", "violet", "blue"], dtype="str"),
-                         "size": [0.0] * 4, "y": [0, 1, 0, 1]})
+    test = pd.DataFrame(
+        {"colour": pd.Series(["red", "teal", "violet", "blue"], dtype="str"), "size": [0.0] * 4, "y": [0, 1, 0, 1]}
+    )
     result = engineer(train, test, ROLES, scaling="none")
     assert entry(result, "colour")["encoder"] == "one_hot"
     assert result.feature_names == ["size", "colour_blue", "colour_green", "colour_red", "colour_infrequent_sklearn"]
@@ -95,8 +105,13 @@ def test_many_levels_use_target_encoding_and_stay_narrow() -> None:
     rows, levels = 12_000, 5_000
     city = rng.randint(0, levels, rows)
     rate = rng.rand(levels)  # each city has its own rate of positives
-    frame = pd.DataFrame({"city": pd.Series([f"city-{c}" for c in city], dtype="str"),
-                          "size": rng.normal(size=rows), "y": (rng.rand(rows) < rate[city]).astype(np.int64)})
+    frame = pd.DataFrame(
+        {
+            "city": pd.Series([f"city-{c}" for c in city], dtype="str"),
+            "size": rng.normal(size=rows),
+            "y": (rng.rand(rows) < rate[city]).astype(np.int64),
+        }
+    )
     train, test = frame.iloc[:10_000].reset_index(drop=True), frame.iloc[10_000:].reset_index(drop=True)
     result = engineer(train, test, {"city": "categorical", "size": "numeric"})
     city_entry = entry(result, "city")
@@ -125,13 +140,13 @@ def test_target_encoding_needs_enough_rows_to_cross_fit() -> None:
     )
 
 
-
 def test_auto_falls_back_to_grouped_one_hot_when_target_encoding_cannot_cross_fit() -> None:
     train = colours(6)
     train["colour"] = pd.Series([f"shade-{i}" for i in range(6)], dtype="str")  # more levels than allowed
     result = engineer(train, colours(6), ROLES, max_one_hot_levels=2, min_level_count=1)
     assert entry(result, "colour")["encoder"] == "one_hot"
     assert len([n for n in result.feature_names if n.startswith("colour_")]) <= 3  # two levels and the rest
+
 
 def test_ordinal_codes_are_marked_as_categorical_features() -> None:
     train = colours(60)
@@ -151,7 +166,9 @@ def test_ordinal_codes_are_marked_as_categorical_features() -> None:
 def gappy_splits() -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train with gaps and a skewed column; test on another scale, so global statistics would differ."""
     rng = np.random.RandomState(1)
-    train = pd.DataFrame({"a": rng.exponential(1, 80), "b": rng.randint(0, 4, 80).astype(float), "y": np.arange(80) % 2})
+    train = pd.DataFrame(
+        {"a": rng.exponential(1, 80), "b": rng.randint(0, 4, 80).astype(float), "y": np.arange(80) % 2}
+    )
     train.loc[[3, 10, 40], "a"] = np.nan
     train.loc[[5, 6], "b"] = np.nan
     test = pd.DataFrame({"a": rng.normal(100, 5, 20), "b": np.full(20, 3.0), "y": np.arange(20) % 2})
@@ -197,7 +214,7 @@ def test_missing_indicators_add_a_column_per_gappy_train_column() -> None:
 def test_huge_numbers_that_overflow_when_scaled_are_a_failed_precondition() -> None:
     train, test = gappy_splits()
     train["a"] = train["a"] * 1e307
-    with pytest.raises(FailedPrecondition, match="^encoding the features overflowed: some numbers are too large"):
+    with pytest.raises(FailedPrecondition, match=r"^encoding the features overflowed: some numbers are too large"):
         engineer(train, test, {"a": "numeric", "b": "numeric"})
     # Min-max scaling divides by the range and stays finite.
     assert np.isfinite(engineer(train, test, {"a": "numeric", "b": "numeric"}, scaling="minmax").x_train).all()
@@ -208,10 +225,18 @@ def test_datetimes_become_calendar_parts_with_a_missing_flag() -> None:
     when = pd.Series(pd.date_range("2024-02-26 10:30", periods=40, freq="25h")).astype("datetime64[us]")
     when[[4, 9]] = pd.NaT
     train = pd.DataFrame({"when": when, "y": np.arange(40) % 2})
-    test = pd.DataFrame({"when": pd.Series(pd.to_datetime(["2024-02-29 10:30", None])).astype("datetime64[us]"), "y": [0, 1]})
+    test = pd.DataFrame(
+        {"when": pd.Series(pd.to_datetime(["2024-02-29 10:30", None])).astype("datetime64[us]"), "y": [0, 1]}
+    )
     result = engineer(train, test, {"when": "datetime"}, scaling="none")
     assert result.feature_names == [
-        "when_year", "when_month", "when_day", "when_dayofweek", "when_hour", "when_days_elapsed", "when_missing",
+        "when_year",
+        "when_month",
+        "when_day",
+        "when_dayofweek",
+        "when_hour",
+        "when_days_elapsed",
+        "when_missing",
     ]
     # 2024-02-29 is a Thursday (3), 3 days and 3 hours after the first train value.
     np.testing.assert_allclose(result.x_test[0], [2024, 2, 29, 3, 10, 3.0, 0])
@@ -249,10 +274,14 @@ def shop(rows: int = 240, seed: int = 3) -> pd.DataFrame:
 
 
 @pytest.mark.asyncio
-async def test_the_stored_transformer_encodes_raw_loader_columns(client: MeshClient, settings: Settings, tmp_path: Path) -> None:
+async def test_the_stored_transformer_encodes_raw_loader_columns(
+    client: MeshClient, settings: Settings, tmp_path: Path
+) -> None:
     path = tmp_path / "shop.parquet"
     shop().to_parquet(path)
-    run = await client.run_pipeline(PipelineConfig(source=str(path), target_column="returned", minimums={"accuracy": 0.6}))
+    run = await client.run_pipeline(
+        PipelineConfig(source=str(path), target_column="returned", minimums={"accuracy": 0.6})
+    )
     assert list(run.load.feature_names) == ["basket", "store", "member", "visited"]
     assert run.features.missing_values_imputed == 12 + 9 + 15  # basket, store, visited
     store = ArtifactStore(settings.artifact_root)
@@ -266,7 +295,10 @@ async def test_the_stored_transformer_encodes_raw_loader_columns(client: MeshCli
     assert encoded.shape == (240, len(run.features.feature_names)) and np.isfinite(encoded).all()
     schema = json_bytes_to_doc(store.get(run.features.feature_schema), "feature_schema")
     assert [(c["name"], c["encoder"]) for c in schema["columns"]] == [
-        ("basket", "numeric"), ("store", "one_hot"), ("member", "numeric"), ("visited", "datetime_parts"),
+        ("basket", "numeric"),
+        ("store", "one_hot"),
+        ("member", "numeric"),
+        ("visited", "datetime_parts"),
     ]
     assert schema["feature_names"] == list(run.features.feature_names)
     assert "store_(missing)" in schema["feature_names"] and "visited_missing" in schema["feature_names"]
@@ -274,12 +306,19 @@ async def test_the_stored_transformer_encodes_raw_loader_columns(client: MeshCli
 
 
 @pytest.mark.asyncio
-async def test_hist_gradient_boosting_gets_native_categorical_features(client: MeshClient, settings: Settings, tmp_path: Path) -> None:
+async def test_hist_gradient_boosting_gets_native_categorical_features(
+    client: MeshClient, settings: Settings, tmp_path: Path
+) -> None:
     path = tmp_path / "shop.csv"
     shop().to_csv(path, index=False)
     run = await client.run_pipeline(
-        PipelineConfig(source=str(path), target_column="returned", model="hist_gradient_boosting",
-                       hyperparameters={"max_iter": "20"}, minimums={"accuracy": 0.6})
+        PipelineConfig(
+            source=str(path),
+            target_column="returned",
+            model="hist_gradient_boosting",
+            hyperparameters={"max_iter": "20"},
+            minimums={"accuracy": 0.6},
+        )
     )
     store = ArtifactStore(settings.artifact_root)
     schema = json_bytes_to_doc(store.get(run.features.feature_schema), "feature_schema")

@@ -22,7 +22,15 @@ from services.evaluator import logic
 from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, check_health
 from services.runtime.client import evaluate_request as client_evaluate_request
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.formats import JSON, NPY, array_to_npy, json_bytes_to_doc, npy_to_array, skops_to_model, to_json_bytes
+from services.runtime.formats import (
+    JSON,
+    NPY,
+    array_to_npy,
+    json_bytes_to_doc,
+    npy_to_array,
+    skops_to_model,
+    to_json_bytes,
+)
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 from tests.conftest import expect_error
@@ -160,9 +168,7 @@ def classified(**values: float) -> logic.Evaluation:
 
 
 def test_decide_promotes_when_every_threshold_is_met() -> None:
-    passed, reasons = logic.decide(
-        classified(accuracy=0.9, log_loss=0.3), {"accuracy": 0.9}, {"log_loss": 0.5}
-    )
+    passed, reasons = logic.decide(classified(accuracy=0.9, log_loss=0.3), {"accuracy": 0.9}, {"log_loss": 0.5})
     assert passed
     assert reasons == ["accuracy 0.9000 meets minimum 0.9", "log_loss 0.3000 meets maximum 0.5"]
 
@@ -190,16 +196,20 @@ def test_decide_retrains_and_says_why() -> None:
 def test_decide_on_regression_maximums() -> None:
     evaluation = logic.Evaluation(task="regression", metrics={"r2": 0.5, "mae": 40.0, "rmse": 50.0})
     assert logic.decide(evaluation, {}, {"rmse": 60, "mae": 40}) == (
-        True, ["mae 40.0000 meets maximum 40", "rmse 50.0000 meets maximum 60"]
+        True,
+        ["mae 40.0000 meets maximum 40", "rmse 50.0000 meets maximum 60"],
     )
     assert logic.decide(evaluation, {"r2": 0.4}, {"rmse": 49.5}) == (
-        False, ["r2 0.5000 meets minimum 0.4", "rmse 50.0000 is above maximum 49.5"]
+        False,
+        ["r2 0.5000 meets minimum 0.4", "rmse 50.0000 is above maximum 49.5"],
     )
     # With no thresholds at all, a regression is judged by the regression default, r2 >= 0.3.
     assert logic.decide(evaluation, {}, {}) == (
         True,
-        ["r2 0.5000 meets minimum 0.3",
-         "no thresholds were given, so the regression default applies; set minimums/maximums to choose"],
+        [
+            "r2 0.5000 meets minimum 0.3",
+            "no thresholds were given, so the regression default applies; set minimums/maximums to choose",
+        ],
     )
 
 
@@ -252,8 +262,11 @@ async def assert_serving(mesh) -> None:
 
 def evaluate_request(run: PipelineRun, **kwargs) -> evaluator_pb2.EvaluateRequest:
     fields = {
-        "model": run.train.model, "x_test": run.features.x_test, "y_test": run.features.y_test,
-        "class_names": run.preprocess.class_names, **kwargs,
+        "model": run.train.model,
+        "x_test": run.features.x_test,
+        "y_test": run.features.y_test,
+        "class_names": run.preprocess.class_names,
+        **kwargs,
     }
     return evaluator_pb2.EvaluateRequest(**fields)
 
@@ -350,7 +363,10 @@ async def test_decisions_follow_thresholds(client: MeshClient) -> None:
 
     lenient = await client.evaluate(evaluate_request(run, maximums={"rmse": rmse + 1, "mae": mae}))
     assert lenient.decision == PROMOTE
-    assert list(lenient.reasons) == [f"mae {mae:.4f} meets maximum {mae:g}", f"rmse {rmse:.4f} meets maximum {rmse + 1:g}"]
+    assert list(lenient.reasons) == [
+        f"mae {mae:.4f} meets maximum {mae:g}",
+        f"rmse {rmse:.4f} meets maximum {rmse + 1:g}",
+    ]
 
     strict = await client.evaluate(evaluate_request(run, minimums={"r2": 0.1}, maximums={"rmse": 10}))
     assert strict.decision == RETRAIN
@@ -419,7 +435,8 @@ async def test_classification_threshold_on_a_regressor(client: MeshClient, mesh)
     run = await client.run_pipeline(PipelineConfig(source="sklearn:diabetes", model="ridge"))
     await expect_error(
         client.evaluate(evaluate_request(run, minimums={"accuracy": 0.5})),
-        INVALID, "threshold on 'accuracy' does not apply to a regression model",
+        INVALID,
+        "threshold on 'accuracy' does not apply to a regression model",
     )
     await assert_serving(mesh)
 
@@ -432,7 +449,9 @@ async def test_test_data_must_come_from_the_same_features_run(client: MeshClient
     )
     await expect_error(
         client.evaluate(evaluate_request(run, x_test=wider.x_test)),
-        FAILED, "the model expects 8 features but x_test has shape (80, 44)", "same features run",
+        FAILED,
+        "the model expects 8 features but x_test has shape (80, 44)",
+        "same features run",
     )
     await assert_serving(mesh)
 
@@ -455,7 +474,8 @@ async def test_test_data_must_come_from_the_same_features_run(client: MeshClient
     three = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE.replace("classes=2", "classes=3")))
     await expect_error(
         client.evaluate(evaluate_request(run, y_test=three.features.y_test)),
-        FAILED, "y_test holds classes [2] the model was not trained on",
+        FAILED,
+        "y_test holds classes [2] the model was not trained on",
     )
     await assert_serving(mesh)
 
@@ -464,7 +484,8 @@ async def test_test_data_must_come_from_the_same_features_run(client: MeshClient
     )
     await expect_error(
         client.evaluate(evaluate_request(run, y_test=regression.features.y_test)),
-        FAILED, "classifier but y_test holds float64 values",
+        FAILED,
+        "classifier but y_test holds float64 values",
     )
     await assert_serving(mesh)
 
@@ -482,9 +503,7 @@ async def test_missing_or_wrong_refs(client: MeshClient, mesh) -> None:
     )
     await assert_serving(mesh)
     # A JSON artifact is not a model either.
-    await expect_error(
-        client.evaluate(evaluate_request(run, model=run.evaluate.metrics_report)), FAILED, "model"
-    )
+    await expect_error(client.evaluate(evaluate_request(run, model=run.evaluate.metrics_report)), FAILED, "model")
     await assert_serving(mesh)
 
 
@@ -532,22 +551,29 @@ async def test_a_profile_ref_of_the_wrong_shape_never_breaks_the_report(
     store = ArtifactStore(settings.artifact_root)
     # Other JSON artifacts of the pipeline, and JSON that is not an object: no profile section.
     for wrong in (
-        run.preprocess.split_report, run.evaluate.metrics_report,
-        store.put(to_json_bytes([1, 2, 3]), JSON), store.put(to_json_bytes("profile"), JSON),
+        run.preprocess.split_report,
+        run.evaluate.metrics_report,
+        store.put(to_json_bytes([1, 2, 3]), JSON),
+        store.put(to_json_bytes("profile"), JSON),
     ):
         reply = await client.evaluate(evaluate_request(run, profile=wrong, minimums={"accuracy": 0.5}))
         assert reply.decision == PROMOTE and dict(reply.metrics) == dict(run.evaluate.metrics)
         assert "Data profile" not in html_of(settings, reply)
     # A profile-like object with malformed entries renders what it can, escaped.
-    malformed = store.put(to_json_bytes({
-        "rows": "many",
-        "columns": [
-            {"name": "top-not-pairs", "top": [1, ["a", 2, 3], ["ok", 4]]},
-            {"name": "<b>bold</b>", "histogram": {"counts": 7}, "min": "low"},
-            {"name": "negative", "histogram": {"counts": [1, -2, "x"]}, "missing": "<i>"},
-            "not a column",
-        ],
-    }), JSON)
+    malformed = store.put(
+        to_json_bytes(
+            {
+                "rows": "many",
+                "columns": [
+                    {"name": "top-not-pairs", "top": [1, ["a", 2, 3], ["ok", 4]]},
+                    {"name": "<b>bold</b>", "histogram": {"counts": 7}, "min": "low"},
+                    {"name": "negative", "histogram": {"counts": [1, -2, "x"]}, "missing": "<i>"},
+                    "not a column",
+                ],
+            }
+        ),
+        JSON,
+    )
     reply = await client.evaluate(evaluate_request(run, profile=malformed, minimums={"accuracy": 0.5}))
     assert reply.decision == PROMOTE
     html = html_of(settings, reply)
@@ -555,7 +581,11 @@ async def test_a_profile_ref_of_the_wrong_shape_never_breaks_the_report(
     assert "top: ok (4)" in html and "&lt;b&gt;bold&lt;/b&gt;" in html and "&lt;i&gt;" in html
     assert "<b>bold</b>" not in html and "<i>" not in html
     # Bytes that are not JSON at all are a broken artifact, not an internal error.
-    await expect_error(client.evaluate(evaluate_request(run, profile=run.load.dataset)), FAILED, "profile is not a readable JSON document")
+    await expect_error(
+        client.evaluate(evaluate_request(run, profile=run.load.dataset)),
+        FAILED,
+        "profile is not a readable JSON document",
+    )
     await assert_serving(mesh)
 
 
@@ -570,17 +600,20 @@ async def test_infinite_test_data_is_a_failed_precondition(client: MeshClient, m
     y_inf = y.copy()
     y_inf[0] = -np.inf
     await expect_error(
-        client.evaluate(evaluate_request(run, x_test=store.put(array_to_npy(x), NPY))), FAILED,
+        client.evaluate(evaluate_request(run, x_test=store.put(array_to_npy(x), NPY))),
+        FAILED,
         "x_test holds infinite values; evaluate with the x_test the features stage returned",
     )
     await expect_error(
-        client.evaluate(evaluate_request(run, y_test=store.put(array_to_npy(y_inf), NPY))), FAILED,
+        client.evaluate(evaluate_request(run, y_test=store.put(array_to_npy(y_inf), NPY))),
+        FAILED,
         "y_test holds missing or infinite targets; evaluate with the y_test the features stage returned",
     )
     # Finite but huge inputs make a linear model predict infinity.
     huge = np.full_like(x, 1e308)
     await expect_error(
-        client.evaluate(evaluate_request(run, x_test=store.put(array_to_npy(huge), NPY))), FAILED,
+        client.evaluate(evaluate_request(run, x_test=store.put(array_to_npy(huge), NPY))),
+        FAILED,
         f"the model predicts non-finite values for {len(y)} of {len(y)} test rows",
     )
     await assert_serving(mesh)

@@ -32,7 +32,7 @@ from services.evaluator import registry
 from services.runtime import store as store_module
 from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, check_health
 from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
-from services.runtime.server import RunningStage, start_stage, stage_spec
+from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 from tests.conftest import expect_error
@@ -100,13 +100,22 @@ def fill_disk_for(monkeypatch: pytest.MonkeyPatch, folder: str, code: int = errn
     ],
 )
 async def test_a_full_disk_is_resource_exhausted_and_leaves_no_partial_file(
-    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, artifact_root: Path,
-    monkeypatch: pytest.MonkeyPatch, folder: str, code: int, reason: str,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    settings: Settings,
+    artifact_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    folder: str,
+    code: int,
+    reason: str,
 ) -> None:
     fill_disk_for(monkeypatch, folder, code)
     details = await expect_error(
-        client.load(IRIS), grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"the artifact store {settings.artifact_root} is full", reason, "MLMESH_ARTIFACT_ROOT",
+        client.load(IRIS),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"the artifact store {settings.artifact_root} is full",
+        reason,
+        "MLMESH_ARTIFACT_ROOT",
     )
     assert ".tmp-" not in details and "Traceback" not in details
     assert temp_files(artifact_root) == []
@@ -121,16 +130,18 @@ async def test_a_full_disk_is_resource_exhausted_and_leaves_no_partial_file(
 
 @pytest.mark.asyncio
 async def test_a_full_disk_while_registering_keeps_the_registry(
-    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, artifact_root: Path,
-    iris_run: PipelineRun, monkeypatch: pytest.MonkeyPatch,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    settings: Settings,
+    artifact_root: Path,
+    iris_run: PipelineRun,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     request = evaluator_pb2.RegisterModelRequest(
         name="iris", model=iris_run.train.model, metrics_report=iris_run.evaluate.metrics_report
     )
     fill_disk_for(monkeypatch, "registry")
-    await expect_error(
-        client.register_model(request), grpc.StatusCode.RESOURCE_EXHAUSTED, "is full", "registry/iris"
-    )
+    await expect_error(client.register_model(request), grpc.StatusCode.RESOURCE_EXHAUSTED, "is full", "registry/iris")
     assert temp_files(artifact_root) == [] and not (artifact_root / "registry" / "iris.json").exists()
     await assert_serving(mesh["evaluator"])
     monkeypatch.undo()
@@ -157,15 +168,16 @@ async def test_a_really_full_tmpfs_is_resource_exhausted(tmp_path: Path) -> None
         stage = await start_stage(stage_spec("loader"), settings, port=0)
         try:
             # Fill the volume, then free one page: the start-up write fitted, a dataset does not.
-            with open(root / "ballast", "wb", buffering=0) as ballast:
-                with contextlib.suppress(OSError):
-                    while True:
-                        ballast.write(b"\0" * 4096)
+            with open(root / "ballast", "wb", buffering=0) as ballast, contextlib.suppress(OSError):
+                while True:
+                    ballast.write(b"\0" * 4096)
             os.truncate(root / "ballast", os.path.getsize(root / "ballast") - 4096)
             async with MeshClient(settings, addresses={"loader": stage.address}) as client:
                 await expect_error(
-                    client.load(IRIS), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the artifact store {root} is full", "no space left on device",
+                    client.load(IRIS),
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the artifact store {root} is full",
+                    "no space left on device",
                 )
                 assert temp_files(root) == []
                 await assert_serving(stage)
@@ -189,7 +201,8 @@ async def test_control_characters_in_a_ref_uri_are_invalid_argument(
     digest = "ab" * 32
     ref = ArtifactRef(uri=f"file://{settings.artifact_root}/objects/ab/{digest}{bad}.npy" + "x" * 5000, sha256=digest)
     call = (
-        client.preprocess(preprocess_pb2.PreprocessRequest(dataset=ref)) if stage == "preprocess"
+        client.preprocess(preprocess_pb2.PreprocessRequest(dataset=ref))
+        if stage == "preprocess"
         else client.evaluate(evaluator_pb2.EvaluateRequest(model=ref, x_test=ref, y_test=ref))
     )
     details = await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT, "control character")
@@ -208,14 +221,17 @@ async def test_a_folder_named_by_a_ref_is_failed_precondition(
     ref = ArtifactRef(uri=f"file://{os.path.realpath(folder)}", sha256=digest)
     await expect_error(
         client.preprocess(preprocess_pb2.PreprocessRequest(dataset=ref)),
-        grpc.StatusCode.FAILED_PRECONDITION, "dataset", "names a folder in the artifact store, not an object",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "dataset",
+        "names a folder in the artifact store, not an object",
     )
     # A path through a file (objects/<file>/x) is simply not there.
     loaded = await client.load(IRIS)
     through = ArtifactRef(uri=loaded.dataset.uri + "/x", sha256=digest)
     await expect_error(
         client.preprocess(preprocess_pb2.PreprocessRequest(dataset=through)),
-        grpc.StatusCode.NOT_FOUND, "is not in the artifact store",
+        grpc.StatusCode.NOT_FOUND,
+        "is not in the artifact store",
     )
     await assert_serving(mesh["preprocess"])
 
@@ -230,7 +246,9 @@ async def test_a_folder_in_the_way_of_a_write_is_failed_precondition(
     path.mkdir()
     await expect_error(
         client.load(loader_pb2.LoadRequest(source="sklearn:iris", force_recompute=True)),
-        grpc.StatusCode.FAILED_PRECONDITION, "has a folder at objects/", "remove that folder",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "has a folder at objects/",
+        "remove that folder",
     )
     await assert_serving(mesh["loader"])
     path.rmdir()
@@ -251,10 +269,14 @@ async def test_a_non_model_passed_as_model_is_failed_precondition(
         "dict": lambda: {"coef": np.ones(3), "intercept": 0.5},
     }[kind]()
     model = store.put(model_to_skops(obj), SKOPS)
-    request = evaluator_pb2.EvaluateRequest(model=model, x_test=iris_run.features.x_test, y_test=iris_run.features.y_test)
+    request = evaluator_pb2.EvaluateRequest(
+        model=model, x_test=iris_run.features.x_test, y_test=iris_run.features.y_test
+    )
     await expect_error(
-        client.evaluate(request), grpc.StatusCode.FAILED_PRECONDITION,
-        f"model is a {kind}, not a model", "no predict method",
+        client.evaluate(request),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"model is a {kind}, not a model",
+        "no predict method",
     )
     await assert_serving(mesh["evaluator"])
 
@@ -272,8 +294,11 @@ WRONG_MEMOS = {
 @pytest.mark.asyncio
 @pytest.mark.parametrize("case", sorted(WRONG_MEMOS))
 async def test_a_memo_entry_of_the_wrong_shape_is_a_miss_and_rewritten(
-    client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path,
-    caplog: pytest.LogCaptureFixture, case: str,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    artifact_root: Path,
+    caplog: pytest.LogCaptureFixture,
+    case: str,
 ) -> None:
     first = await client.load(IRIS)
     entry = artifact_root / "memo" / "loader" / f"{first.stage.cache_key}.json"
@@ -290,8 +315,12 @@ async def test_a_memo_entry_of_the_wrong_shape_is_a_miss_and_rewritten(
 @pytest.mark.asyncio
 @pytest.mark.parametrize("wrong", [[], {"stage": 3}, {"stage": "loader", "inputs": {"x": "y"}}])
 async def test_a_manifest_of_the_wrong_shape_is_rewritten(
-    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, artifact_root: Path,
-    caplog: pytest.LogCaptureFixture, wrong: object,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    settings: Settings,
+    artifact_root: Path,
+    caplog: pytest.LogCaptureFixture,
+    wrong: object,
 ) -> None:
     loaded = await client.load(IRIS)
     manifest = artifact_root / "manifests" / f"{loaded.dataset.sha256}.json"
@@ -406,13 +435,22 @@ async def test_a_completed_call_is_still_logged_ok(
 
 
 # ---- 8. the model registry never resets ------------------------------------------------------
-async def _registered_twice(client: MeshClient, settings: Settings, run: PipelineRun) -> evaluator_pb2.RegisterModelRequest:
+async def _registered_twice(
+    client: MeshClient, settings: Settings, run: PipelineRun
+) -> evaluator_pb2.RegisterModelRequest:
     """Versions 1 and 2 of "iris" registered; returns the request for a third model (other seeds)."""
-    requests = [evaluator_pb2.RegisterModelRequest(name="iris", model=run.train.model, metrics_report=run.evaluate.metrics_report)]
+    requests = [
+        evaluator_pb2.RegisterModelRequest(
+            name="iris", model=run.train.model, metrics_report=run.evaluate.metrics_report
+        )
+    ]
     for seed in (7, 8):
         other = await client.run_pipeline(PipelineConfig(source="sklearn:iris", seed=seed, minimums={"accuracy": 0.5}))
-        requests.append(evaluator_pb2.RegisterModelRequest(
-            name="iris", model=other.train.model, metrics_report=other.evaluate.metrics_report))
+        requests.append(
+            evaluator_pb2.RegisterModelRequest(
+                name="iris", model=other.train.model, metrics_report=other.evaluate.metrics_report
+            )
+        )
     assert len({request.model.sha256 for request in requests}) == 3
     assert (await client.register_model(requests[0])).model_version.version == 1
     assert (await client.register_model(requests[1])).model_version.version == 2
@@ -430,8 +468,13 @@ async def _registered_twice(client: MeshClient, settings: Settings, run: Pipelin
     ],
 )
 async def test_a_damaged_registry_is_data_loss_and_never_reset(
-    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, artifact_root: Path,
-    iris_run: PipelineRun, damage: str, problem: str,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    settings: Settings,
+    artifact_root: Path,
+    iris_run: PipelineRun,
+    damage: str,
+    problem: str,
 ) -> None:
     third = await _registered_twice(client, settings, iris_run)
     current = artifact_root / "registry" / "iris.json"
@@ -448,9 +491,13 @@ async def test_a_damaged_registry_is_data_loss_and_never_reset(
     damaged = None if damage == "delete" else current.read_text()
 
     await expect_error(
-        client.register_model(third), grpc.StatusCode.DATA_LOSS,
-        "model registry for 'iris' is damaged", problem, "nothing was registered",
-        "registry/iris/2.json (version 2)", "copy it over registry/iris.json",
+        client.register_model(third),
+        grpc.StatusCode.DATA_LOSS,
+        "model registry for 'iris' is damaged",
+        problem,
+        "nothing was registered",
+        "registry/iris/2.json (version 2)",
+        "copy it over registry/iris.json",
     )
     # Nothing was reset or overwritten.
     assert (current.read_text() if current.exists() else None) == damaged
@@ -463,7 +510,10 @@ async def test_a_damaged_registry_is_data_loss_and_never_reset(
     if damage != "delete":
         assert listed[0]["name"] == "iris" and listed[0]["versions"] == [] and problem in listed[0]["damaged"]
         models = subprocess.run(
-            [str(Path(sys.executable).parent / "mlmesh"), "models"], capture_output=True, text=True, timeout=60,
+            [str(Path(sys.executable).parent / "mlmesh"), "models"],
+            capture_output=True,
+            text=True,
+            timeout=60,
             env={**os.environ, "MLMESH_ARTIFACT_ROOT": settings.artifact_root},
         )
         assert models.returncode == 0, models.stderr
@@ -485,23 +535,34 @@ async def test_a_damaged_registry_without_revisions_says_how_to_recover(
         name="legacy", model=iris_run.train.model, metrics_report=iris_run.evaluate.metrics_report
     )
     await expect_error(
-        client.register_model(request), grpc.StatusCode.DATA_LOSS,
-        "model registry for 'legacy' is damaged", "no saved revision exists", "delete it to start this name afresh",
+        client.register_model(request),
+        grpc.StatusCode.DATA_LOSS,
+        "model registry for 'legacy' is damaged",
+        "no saved revision exists",
+        "delete it to start this name afresh",
     )
     await assert_serving(mesh["evaluator"])
-
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("lineage", "code", "fragment"),
     [
-        ({"source": ArtifactRef(uri="file:///etc/passwd", sha256="not-a-digest")}, grpc.StatusCode.INVALID_ARGUMENT,
-         "lineage['source'].sha256 must be 64 lowercase hex"),
-        ({"source": ArtifactRef(uri="file:///etc/passwd", sha256="a" * 64)}, grpc.StatusCode.INVALID_ARGUMENT,
-         "points outside the store's objects folder"),
-        ({"source": ArtifactRef(uri="s3://bucket/objects/aa/x", sha256="a" * 64)}, grpc.StatusCode.INVALID_ARGUMENT,
-         "uses scheme 's3'"),
+        (
+            {"source": ArtifactRef(uri="file:///etc/passwd", sha256="not-a-digest")},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "lineage['source'].sha256 must be 64 lowercase hex",
+        ),
+        (
+            {"source": ArtifactRef(uri="file:///etc/passwd", sha256="a" * 64)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "points outside the store's objects folder",
+        ),
+        (
+            {"source": ArtifactRef(uri="s3://bucket/objects/aa/x", sha256="a" * 64)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "uses scheme 's3'",
+        ),
         ({"../escape": None}, grpc.StatusCode.INVALID_ARGUMENT, "lineage names must be 1-64 letters"),
         ({f"k{i}": None for i in range(65)}, grpc.StatusCode.INVALID_ARGUMENT, "lineage has 65 refs; at most 64"),
         ({"dataset": "missing"}, grpc.StatusCode.NOT_FOUND, "lineage['dataset']"),
@@ -509,8 +570,13 @@ async def test_a_damaged_registry_without_revisions_says_how_to_recover(
     ],
 )
 async def test_register_model_keeps_only_lineage_refs_of_this_store(
-    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, iris_run: PipelineRun,
-    lineage: dict, code: grpc.StatusCode, fragment: str,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    settings: Settings,
+    iris_run: PipelineRun,
+    lineage: dict,
+    code: grpc.StatusCode,
+    fragment: str,
 ) -> None:
     real = iris_run.load.dataset
     refs = {}
@@ -523,7 +589,10 @@ async def test_register_model_keeps_only_lineage_refs_of_this_store(
             ref = ArtifactRef(uri=real.uri, sha256=iris_run.train.model.sha256, size_bytes=real.size_bytes)
         refs[name] = ref
     request = evaluator_pb2.RegisterModelRequest(
-        name="iris", model=iris_run.train.model, metrics_report=iris_run.evaluate.metrics_report, lineage=refs,
+        name="iris",
+        model=iris_run.train.model,
+        metrics_report=iris_run.evaluate.metrics_report,
+        lineage=refs,
     )
     details = await expect_error(client.register_model(request), code, fragment)
     assert "root:" not in details and len(details.encode()) <= 1024
@@ -533,17 +602,26 @@ async def test_register_model_keeps_only_lineage_refs_of_this_store(
 
 @pytest.mark.asyncio
 async def test_register_model_refuses_another_models_report(
-    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, iris_run: PipelineRun,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    settings: Settings,
+    iris_run: PipelineRun,
 ) -> None:
     """A PROMOTE report vouches only for the model the evaluator scored."""
     store = ArtifactStore(settings.artifact_root)
     other = store.put(b"not the scored model", SKOPS)
-    request = evaluator_pb2.RegisterModelRequest(name="iris", model=other, metrics_report=iris_run.evaluate.metrics_report)
-    await expect_error(client.register_model(request), grpc.StatusCode.FAILED_PRECONDITION,
-                       "the metrics report was not made by evaluating this model")
+    request = evaluator_pb2.RegisterModelRequest(
+        name="iris", model=other, metrics_report=iris_run.evaluate.metrics_report
+    )
+    await expect_error(
+        client.register_model(request),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "the metrics report was not made by evaluating this model",
+    )
     lineage = {"dataset": iris_run.load.dataset, "x_train": iris_run.features.x_train}
     good = evaluator_pb2.RegisterModelRequest(
-        name="iris", model=iris_run.train.model, metrics_report=iris_run.evaluate.metrics_report, lineage=lineage)
+        name="iris", model=iris_run.train.model, metrics_report=iris_run.evaluate.metrics_report, lineage=lineage
+    )
     registered = (await client.register_model(good)).model_version
     assert registered.version == 1 and registered.lineage["dataset"].sha256 == iris_run.load.dataset.sha256
     await assert_serving(mesh["evaluator"])

@@ -8,7 +8,6 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest import expect_error
 
 from mlmesh.common.v1.common_pb2 import TaskKind
 from mlmesh.features.v1 import features_pb2
@@ -20,6 +19,7 @@ from services.runtime.errors import FailedPrecondition, InvalidArgument, Resourc
 from services.runtime.formats import json_bytes_to_doc, npy_to_array, read_table, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
+from tests.conftest import expect_error
 
 INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -73,7 +73,7 @@ def test_standard_scaler_sees_only_the_train_split() -> None:
 
 
 def test_minmax_and_robust_scalers_use_train_statistics() -> None:
-    train, test = splits()
+    train, _test = splits()
     x_train = train[["a", "b", "c"]].to_numpy()
     minmax = engineer("minmax")
     scaler = numeric_step(minmax.transformer, "scale")
@@ -141,9 +141,11 @@ def test_select_k_best_keeps_k_informative_columns() -> None:
 
 
 def test_logic_errors() -> None:
-    with pytest.raises(InvalidArgument, match="select_k_best=4 exceeds the 3 features available$"):
+    with pytest.raises(InvalidArgument, match=r"select_k_best=4 exceeds the 3 features available$"):
         engineer(k=4)
-    with pytest.raises(InvalidArgument, match="select_k_best=10 exceeds the 9 features available after polynomial expansion$"):
+    with pytest.raises(
+        InvalidArgument, match=r"select_k_best=10 exceeds the 9 features available after polynomial expansion$"
+    ):
         engineer(degree=2, k=10)
     assert engineer(degree=2, k=9).x_train.shape == (80, 9)  # all nine products and powers
     with pytest.raises(ResourceExhausted, match="polynomial_degree=4 on 3 features makes 34 columns"):
@@ -152,7 +154,9 @@ def test_logic_errors() -> None:
 
     train, test = splits()
     with pytest.raises(FailedPrecondition, match="different feature columns"):
-        logic.engineer(train, test.rename(columns={"c": "d"}), "y", "classification", NUMERIC, ["0", "1"], options(), BIG)
+        logic.engineer(
+            train, test.rename(columns={"c": "d"}), "y", "classification", NUMERIC, ["0", "1"], options(), BIG
+        )
     with pytest.raises(FailedPrecondition, match="test has no target column 'y'"):
         logic.engineer(train, test.drop(columns="y"), "y", "classification", NUMERIC, ["0", "1"], options(), BIG)
     with pytest.raises(FailedPrecondition, match="train has columns without a role; pass splits written by preprocess"):
@@ -304,7 +308,10 @@ async def test_features_are_deterministic(client: MeshClient) -> None:
         ({"polynomial_degree": 5}, ["polynomial_degree must be between 0 and 4, got 5"]),
         ({"polynomial_degree": -1}, ["polynomial_degree must be between 0 and 4, got -1"]),
         ({"select_k_best": 9}, ["select_k_best=9 exceeds the 8 features available"]),
-        ({"polynomial_degree": 2, "select_k_best": 45}, ["select_k_best=45 exceeds the 44 features available after polynomial expansion"]),
+        (
+            {"polynomial_degree": 2, "select_k_best": 45},
+            ["select_k_best=45 exceeds the 44 features available after polynomial expansion"],
+        ),
         ({"select_k_best": -2}, ["select_k_best must be 0 (keep all) or positive, got -2"]),
         ({"scaling": 42}, ["scaling=42 is not a known Scaling"]),
         ({"numeric_imputation": 42}, ["numeric_imputation=42 is not a known NumericImputation"]),
@@ -337,12 +344,16 @@ async def test_bad_inputs(client: MeshClient, mesh) -> None:
     await expect_error(client.build_features(mixed), FAILED, "must both come from the same preprocess run")
     await assert_serving(mesh)
     swapped = features_pb2.BuildFeaturesRequest(train=prepared.test, test=prepared.train)
-    await expect_error(client.build_features(swapped), FAILED, "the train and test refs preprocess returned, in that order")
+    await expect_error(
+        client.build_features(swapped), FAILED, "the train and test refs preprocess returned, in that order"
+    )
     await assert_serving(mesh)
 
     wide = await prepare(client, "synthetic:classification?rows=1000&features=60&seed=2")
     await expect_error(
         client.build_features(build(wide, polynomial_degree=4)),
-        EXHAUSTED, "polynomial_degree=4 on 60 features", "lower the degree",
+        EXHAUSTED,
+        "polynomial_degree=4 on 60 features",
+        "lower the degree",
     )
     await assert_serving(mesh)

@@ -118,8 +118,12 @@ def test_skops_bytes_match_across_processes() -> None:
     in_process = " ".join(hashlib.sha256(model_to_skops(m)).hexdigest() for m in (_forest(), _pipeline()))
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", _DIGEST_SCRIPT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, "PYTHONHASHSEED": seed},
+            [sys.executable, "-c", _DIGEST_SCRIPT],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
         )
         for seed in ("1", "2")
     ]
@@ -188,7 +192,9 @@ def test_features_transformers_round_trip_deterministically(task: str, options: 
     classes = ["0", "1", "2"] if task == "classification" else []
     result = engineer(train, test, "y", task, roles, classes, FeatureOptions(**options), 2**31)
     data = model_to_skops(result.transformer)
-    assert data == model_to_skops(engineer(train, test, "y", task, roles, classes, FeatureOptions(**options), 2**31).transformer)
+    assert data == model_to_skops(
+        engineer(train, test, "y", task, roles, classes, FeatureOptions(**options), 2**31).transformer
+    )
     loaded = skops_to_model(data, "transformer")
     np.testing.assert_array_equal(loaded.transform(test.drop(columns="y")), result.x_test)
     assert list(loaded.get_feature_names_out()) == result.feature_names
@@ -244,7 +250,7 @@ def test_a_tampered_model_file_is_refused_before_any_code_runs() -> None:
 
 @pytest.mark.parametrize("data", [b"", b"not a zip at all", b"PK\x03\x04broken"])
 def test_unreadable_skops_is_the_wrong_artifact(data: bytes) -> None:
-    with pytest.raises(FailedPrecondition, match="transformer is not a readable .skops file"):
+    with pytest.raises(FailedPrecondition, match=r"transformer is not a readable .skops file"):
         skops_to_model(data, "transformer")
 
 
@@ -280,11 +286,13 @@ def test_arrow_tables_span_batches_with_stable_types_and_bytes() -> None:
     """More rows than one record batch: a column whose first batch is all missing keeps the
     type the whole column has, categories survive, and equal frames give equal bytes."""
     rows = 300_000
-    frame = pd.DataFrame({
-        "x": np.arange(rows, dtype="float64"),
-        "late_text": [None] * 200_000 + ["a"] * 100_000,
-        "level": pd.Categorical(np.where(np.arange(rows) % 3 == 0, "red", "blue")),
-    })
+    frame = pd.DataFrame(
+        {
+            "x": np.arange(rows, dtype="float64"),
+            "late_text": [None] * 200_000 + ["a"] * 100_000,
+            "level": pd.Categorical(np.where(np.arange(rows) % 3 == 0, "red", "blue")),
+        }
+    )
     data = _arrow(frame, {"k": 1})
     back, _ = read_table(data, "train")
     pd.testing.assert_frame_equal(back, frame)
@@ -339,8 +347,12 @@ def test_table_metadata_that_is_not_an_object_is_the_wrong_artifact() -> None:
 # ---- NumPy and JSON ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "array",
-    [np.arange(12, dtype=np.float64).reshape(3, 4), np.array([0, 1, 2], dtype=np.int64),
-     np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.arange(10.0)[::2]],
+    [
+        np.arange(12, dtype=np.float64).reshape(3, 4),
+        np.array([0, 1, 2], dtype=np.int64),
+        np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        np.arange(10.0)[::2],
+    ],
     ids=["matrix", "labels", "fortran", "strided"],
 )
 def test_npy_round_trip_and_determinism(array: np.ndarray) -> None:
@@ -370,18 +382,20 @@ def test_npy_streamed_in_chunks_is_the_same_file() -> None:
 
 
 @pytest.mark.parametrize(
-    "cut", [lambda d: d[:-8], lambda d: d + b"\x00" * 8, lambda d: d[:40]], ids=["short-body", "long-body", "header-only"]
+    "cut",
+    [lambda d: d[:-8], lambda d: d + b"\x00" * 8, lambda d: d[:40]],
+    ids=["short-body", "long-body", "header-only"],
 )
 def test_npy_whose_body_does_not_fit_its_header_is_refused(cut) -> None:
     data = array_to_npy(np.arange(12.0).reshape(3, 4))
-    with pytest.raises(FailedPrecondition, match="x_train is not a readable .npy array"):
+    with pytest.raises(FailedPrecondition, match=r"x_train is not a readable .npy array"):
         npy_to_array(cut(data), "x_train")
 
 
 def test_npy_with_pickled_objects_is_refused() -> None:
     sink = io.BytesIO()
     np.save(sink, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(FailedPrecondition, match="x_test is not a readable .npy array"):
+    with pytest.raises(FailedPrecondition, match=r"x_test is not a readable .npy array"):
         npy_to_array(sink.getvalue(), "x_test")
     with pytest.raises(FailedPrecondition, match="pass the x_test ref its stage returned"):
         npy_to_array(b"garbage", "x_test")

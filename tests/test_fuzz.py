@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.longrunning import operations_proto_pb2
 import pytest
+from google.longrunning import operations_proto_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlmesh.common.v1 import progress_pb2
@@ -66,8 +66,25 @@ METHODS = {
 
 INT32 = (0, 1, -1, 2, 3, 4, 5, 2**31 - 1, -(2**31), 2**15, 255, 256, 1000)
 INT64 = (0, 1, -1, 42, 2**63 - 1, -(2**63), 2**32, 2**31 - 1, -(2**31))
-FLOATS = (0.0, -0.0, 1.0, -1.0, 0.5, 0.2, 0.999999, 1e-308, 5e-324, 1e308, -1e308,
-          math.inf, -math.inf, math.nan, 2.0, 0.9, 100.0)
+FLOATS = (
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    0.5,
+    0.2,
+    0.999999,
+    1e-308,
+    5e-324,
+    1e308,
+    -1e308,
+    math.inf,
+    -math.inf,
+    math.nan,
+    2.0,
+    0.9,
+    100.0,
+)
 
 
 @dataclass
@@ -126,7 +143,9 @@ class Gen:
         if kind == 8:
             return "🙂" * self.r.randint(1, 300)
         if kind == 9:
-            return "".join(self.r.choice("abcdefghijklmnopqrstuvwxyz_.-0123456789") for _ in range(self.r.randint(1, 30)))
+            return "".join(
+                self.r.choice("abcdefghijklmnopqrstuvwxyz_.-0123456789") for _ in range(self.r.randint(1, 30))
+            )
         return "\u202e\ufeff\U0010ffff"
 
     # ---- numbers ----------------------------------------------------------------------
@@ -173,31 +192,59 @@ class Gen:
             ref.sha256 = other.sha256
             self.data_loss_ok = self.data_loss_ok or other.uri != ref.uri
         elif choice == 12:
-            ref.sha256 = self.r.choice(["", "ABC", good.sha256.upper(), good.sha256[:-1], good.sha256 + "0",
-                                        self.long_text(), "g" * 64, "\x00" * 64])
+            ref.sha256 = self.r.choice(
+                [
+                    "",
+                    "ABC",
+                    good.sha256.upper(),
+                    good.sha256[:-1],
+                    good.sha256 + "0",
+                    self.long_text(),
+                    "g" * 64,
+                    "\x00" * 64,
+                ]
+            )
         elif choice == 13:
             ref.uri = good.uri + self.r.choice(["\x00", "\n", "\x7f", "\x1b"]) + "x"
         elif choice == 14:
             objects = f"file://{self.root}/objects"
-            ref.uri = self.r.choice([
-                f"{objects}/../../../etc/passwd", f"{objects}/..", f"{objects}/ab/../../secret",
-                f"{objects}/", f"{objects}", f"file://{self.root}", "file:///etc/passwd",
-                f"{objects}/{self.long_text()}", f"{objects}/zz/{'a' * 300}/{'b' * 300}.npy",
-                good.uri.replace("file://", ""), "file://" + good.uri,
-            ])
+            ref.uri = self.r.choice(
+                [
+                    f"{objects}/../../../etc/passwd",
+                    f"{objects}/..",
+                    f"{objects}/ab/../../secret",
+                    f"{objects}/",
+                    f"{objects}",
+                    f"file://{self.root}",
+                    "file:///etc/passwd",
+                    f"{objects}/{self.long_text()}",
+                    f"{objects}/zz/{'a' * 300}/{'b' * 300}.npy",
+                    good.uri.replace("file://", ""),
+                    "file://" + good.uri,
+                ]
+            )
         elif choice == 15:
-            ref.uri = self.r.choice([
-                "s3://bucket/mlmesh/objects/ab/x.npy", "gs://b/objects/x", "http://127.0.0.1:9/x",
-                "memory://objects/x", "data:,hello", "nosuchproto://x", "ftp://h/x", "zip://x::file:///etc",
-            ]) + self.r.choice(["", self.text()])
+            ref.uri = self.r.choice(
+                [
+                    "s3://bucket/mlmesh/objects/ab/x.npy",
+                    "gs://b/objects/x",
+                    "http://127.0.0.1:9/x",
+                    "memory://objects/x",
+                    "data:,hello",
+                    "nosuchproto://x",
+                    "ftp://h/x",
+                    "zip://x::file:///etc",
+                ]
+            ) + self.r.choice(["", self.text()])
         elif choice == 16:
             ref.uri = self.text()
         elif choice == 17:
             ref.size_bytes = self.int64()
             ref.media_type = self.text()
         elif choice == 18:
-            ref.uri = self.r.choice([f"{self.refs[k].uri}.bak" for k in self.refs] + [
-                f"file://{self.root}/objects/00/{'0' * 64}.npy"])
+            ref.uri = self.r.choice(
+                [f"{self.refs[k].uri}.bak" for k in self.refs] + [f"file://{self.root}/objects/00/{'0' * 64}.npy"]
+            )
         else:
             ref.Clear()
         return ref
@@ -217,71 +264,166 @@ CSV_COLUMNS = ["num", "cat", "flag", "when", "label", "row_id"]
 
 def gen_load(g: Gen) -> loader_pb2.LoadRequest:
     r = g.r
-    source = r.choice(["sklearn:iris", str(g.csv_path), f"file://{g.csv_path}"]) if g.chance(0.5) else r.choice([
-        "sklearn:iris", "sklearn:iris", str(g.csv_path), str(g.csv_path), f"file://{g.csv_path}",
-        f"sklearn:{g.text()}", "sklearn:", "sklearn:IRIS", "synthetic:classification?rows=60&features=4&seed=1",
-        f"synthetic:classification?rows={r.choice([0, -1, 1, 2, 50, 10**12, 2**63])}&features={r.choice([0, 1, 3, 10**9])}&classes={r.choice([0, 1, 2, 3, 100])}",
-        f"synthetic:regression?rows={r.choice([1, 30, 10**15])}&features={r.choice([1, 2, 10**6])}&noise={r.choice(['nan', 'inf', '-1', '0.5', 'x'])}",
-        f"synthetic:{g.text()}", f"synthetic:classification?{g.text()}", "synthetic:classification?rows=nan",
-        f"{g.csv_path.parent}/../{g.csv_path.parent.name}/{g.csv_path.name}", str(g.csv_path.parent),
-        str(g.csv_path.parent / "missing.csv"), f"{g.csv_path}\x00.csv", str(g.csv_path.parent / "data.parquet"),
-        "relative/missing.csv", "nosuchproto://x.csv", "memory://nothing.csv", g.text(), g.long_text(),
-        f"/{g.long_text()}.csv", "", "   ",
-    ])
+    source = (
+        r.choice(["sklearn:iris", str(g.csv_path), f"file://{g.csv_path}"])
+        if g.chance(0.5)
+        else r.choice(
+            [
+                "sklearn:iris",
+                "sklearn:iris",
+                str(g.csv_path),
+                str(g.csv_path),
+                f"file://{g.csv_path}",
+                f"sklearn:{g.text()}",
+                "sklearn:",
+                "sklearn:IRIS",
+                "synthetic:classification?rows=60&features=4&seed=1",
+                f"synthetic:classification?rows={r.choice([0, -1, 1, 2, 50, 10**12, 2**63])}&features={r.choice([0, 1, 3, 10**9])}&classes={r.choice([0, 1, 2, 3, 100])}",
+                f"synthetic:regression?rows={r.choice([1, 30, 10**15])}&features={r.choice([1, 2, 10**6])}&noise={r.choice(['nan', 'inf', '-1', '0.5', 'x'])}",
+                f"synthetic:{g.text()}",
+                f"synthetic:classification?{g.text()}",
+                "synthetic:classification?rows=nan",
+                f"{g.csv_path.parent}/../{g.csv_path.parent.name}/{g.csv_path.name}",
+                str(g.csv_path.parent),
+                str(g.csv_path.parent / "missing.csv"),
+                f"{g.csv_path}\x00.csv",
+                str(g.csv_path.parent / "data.parquet"),
+                "relative/missing.csv",
+                "nosuchproto://x.csv",
+                "memory://nothing.csv",
+                g.text(),
+                g.long_text(),
+                f"/{g.long_text()}.csv",
+                "",
+                "   ",
+            ]
+        )
+    )
     if "csv" in source:
         target = g.pick(["label", "label", "num", "cat", "flag"], ["", "when", "row_id", "nope", g.text()])
     else:
         target = g.pick(["", "target"], ["sepal length (cm)", "label", g.text()])
     roles = g.str_map(IRIS_COLUMNS + CSV_COLUMNS, lambda: g.enum(8)) if g.chance(0.6) else {}
-    return loader_pb2.LoadRequest(source=source, target_column=target, task_kind=g.enum(2),
-                                  force_recompute=g.chance(0.1), column_roles=roles)
+    return loader_pb2.LoadRequest(
+        source=source, target_column=target, task_kind=g.enum(2), force_recompute=g.chance(0.1), column_roles=roles
+    )
 
 
 def gen_preprocess(g: Gen) -> preprocess_pb2.PreprocessRequest:
     return preprocess_pb2.PreprocessRequest(
         dataset=g.ref(g.r.choice(["dataset", "dataset", "dataset", "csv_dataset"])),
-        test_fraction=g.pick([0.0, 0.2, 0.3, 0.5, 0.1, 0.9, 0.05, 0.95, 0.999, 0.001], list(FLOATS)), seed=g.seed(), force_recompute=g.chance(0.05),
-        drop_duplicate_rows=g.chance(0.5), drop_incomplete_rows=g.chance(0.5),
+        test_fraction=g.pick([0.0, 0.2, 0.3, 0.5, 0.1, 0.9, 0.05, 0.95, 0.999, 0.001], list(FLOATS)),
+        seed=g.seed(),
+        force_recompute=g.chance(0.05),
+        drop_duplicate_rows=g.chance(0.5),
+        drop_incomplete_rows=g.chance(0.5),
     )
 
 
 def gen_features(g: Gen) -> features_pb2.BuildFeaturesRequest:
     csv = g.chance(0.3)
     return features_pb2.BuildFeaturesRequest(
-        train=g.ref("csv_train" if csv else "train"), test=g.ref("csv_test" if csv else "test"),
-        scaling=g.enum(4), polynomial_degree=g.pick([0, 0, 1, 2, 3, 4], [5, -1, 2**31 - 1, -(2**31)]),
-        select_k_best=g.pick([0, 0, 1, 2, 3, 100, 10**6], [-1, 2**31 - 1, -(2**31)]), force_recompute=g.chance(0.05),
-        numeric_imputation=g.enum(3), missing_indicators=g.chance(0.5), categorical_encoding=g.enum(3),
-        max_one_hot_levels=g.pick([0, 0, 1, 2, 3, 30], [g.int32()]), min_level_count=g.pick([0, 0, 1, 2, 5, 100], [g.int32()]),
+        train=g.ref("csv_train" if csv else "train"),
+        test=g.ref("csv_test" if csv else "test"),
+        scaling=g.enum(4),
+        polynomial_degree=g.pick([0, 0, 1, 2, 3, 4], [5, -1, 2**31 - 1, -(2**31)]),
+        select_k_best=g.pick([0, 0, 1, 2, 3, 100, 10**6], [-1, 2**31 - 1, -(2**31)]),
+        force_recompute=g.chance(0.05),
+        numeric_imputation=g.enum(3),
+        missing_indicators=g.chance(0.5),
+        categorical_encoding=g.enum(3),
+        max_one_hot_levels=g.pick([0, 0, 1, 2, 3, 30], [g.int32()]),
+        min_level_count=g.pick([0, 0, 1, 2, 5, 100], [g.int32()]),
         seed=g.seed(),
     )
 
 
 # Hyperparameters that count fitting work: only small positive values, so nothing trains for long.
 _WORK = {"n_estimators", "max_iter", "n_iter_no_change", "n_jobs", "max_fun"}
-_HP_NAMES = ["C", "alpha", "max_depth", "min_samples_leaf", "penalty", "solver", "learning_rate", "loss",
-             "max_bins", "l2_regularization", "tol", "fit_intercept", "class_weight", "criterion",
-             "max_features", "bootstrap", "max_samples", "l1_ratio", "early_stopping", "verbose",
-             "max_leaf_nodes", "min_samples_split", "warm_start", "random_state", "categorical_features",
-             "interaction_cst", "monotonic_cst", "eta0", "average", "epsilon", *sorted(_WORK)]
+_HP_NAMES = [
+    "C",
+    "alpha",
+    "max_depth",
+    "min_samples_leaf",
+    "penalty",
+    "solver",
+    "learning_rate",
+    "loss",
+    "max_bins",
+    "l2_regularization",
+    "tol",
+    "fit_intercept",
+    "class_weight",
+    "criterion",
+    "max_features",
+    "bootstrap",
+    "max_samples",
+    "l1_ratio",
+    "early_stopping",
+    "verbose",
+    "max_leaf_nodes",
+    "min_samples_split",
+    "warm_start",
+    "random_state",
+    "categorical_features",
+    "interaction_cst",
+    "monotonic_cst",
+    "eta0",
+    "average",
+    "epsilon",
+    *sorted(_WORK),
+]
 
 
 def hp_value(g: Gen, name: str) -> str:
     r = g.r
     if name in _WORK and g.chance(0.8):
-        return r.choice(["1", "2", "3", "0", "-1", "1.5", "\"2\"", "null", "true"])
-    return r.choice([
-        "0", "1", "-1", "2", "0.5", "1e308", "-1e308", "NaN", "Infinity", "-Infinity", "9223372036854775807",
-        "18446744073709551616", "1e400", "true", "false", "null", "\"sqrt\"", "sqrt", "\"l1\"", "l2", "elasticnet",
-        "[]", "{}", "[1, 2]", "{\"a\": 1}", "\"balanced\"", "balanced", "saga", "\"log_loss\"", "hinge",
-        "[[0, 1]]", "\"\"", g.text(),
-    ])
+        return r.choice(["1", "2", "3", "0", "-1", "1.5", '"2"', "null", "true"])
+    return r.choice(
+        [
+            "0",
+            "1",
+            "-1",
+            "2",
+            "0.5",
+            "1e308",
+            "-1e308",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "9223372036854775807",
+            "18446744073709551616",
+            "1e400",
+            "true",
+            "false",
+            "null",
+            '"sqrt"',
+            "sqrt",
+            '"l1"',
+            "l2",
+            "elasticnet",
+            "[]",
+            "{}",
+            "[1, 2]",
+            '{"a": 1}',
+            '"balanced"',
+            "balanced",
+            "saga",
+            '"log_loss"',
+            "hinge",
+            "[[0, 1]]",
+            '""',
+            g.text(),
+        ]
+    )
 
 
 def gen_train(g: Gen) -> trainer_pb2.TrainRequest:
     r = g.r
-    model = g.pick(["", "logistic_regression", "logistic_regression", "sgd", "random_forest", "hist_gradient_boosting"],
-                   ["ridge", g.text(), "LOGISTIC_REGRESSION", "logistic_regression "])
+    model = g.pick(
+        ["", "logistic_regression", "logistic_regression", "sgd", "random_forest", "hist_gradient_boosting"],
+        ["ridge", g.text(), "LOGISTIC_REGRESSION", "logistic_regression "],
+    )
     names = _HP_NAMES
     hyper = {}
     for _ in range(r.choice([0, 0, 1, 1, 2, 3, 6]) if model else r.choice([0, 0, 0, 1])):
@@ -297,8 +439,12 @@ def gen_train(g: Gen) -> trainer_pb2.TrainRequest:
     csv = g.chance(0.25)
     prefix = "csv_" if csv else ""
     return trainer_pb2.TrainRequest(
-        x_train=g.ref(prefix + "x_train"), y_train=g.ref(prefix + "y_train"), model=model, hyperparameters=hyper,
-        seed=g.seed(), force_recompute=g.chance(0.02),
+        x_train=g.ref(prefix + "x_train"),
+        y_train=g.ref(prefix + "y_train"),
+        model=model,
+        hyperparameters=hyper,
+        seed=g.seed(),
+        force_recompute=g.chance(0.02),
         feature_schema=g.ref(prefix + "feature_schema") if g.chance(0.8) else None,
     )
 
@@ -318,9 +464,13 @@ def gen_evaluate(g: Gen) -> evaluator_pb2.EvaluateRequest:
     if g.chance(0.3):
         class_names = [g.text() for _ in range(r.choice([0, 1, 2, 3, 4, 50]))]
     return evaluator_pb2.EvaluateRequest(
-        model=g.ref("model"), x_test=g.ref("x_test"), y_test=g.ref("y_test"),
-        minimums=g.str_map(METRIC_NAMES, threshold), maximums=g.str_map(METRIC_NAMES, threshold),
-        class_names=class_names, force_recompute=g.chance(0.02),
+        model=g.ref("model"),
+        x_test=g.ref("x_test"),
+        y_test=g.ref("y_test"),
+        minimums=g.str_map(METRIC_NAMES, threshold),
+        maximums=g.str_map(METRIC_NAMES, threshold),
+        class_names=class_names,
+        force_recompute=g.chance(0.02),
         profile=g.ref("profile") if g.chance(0.5) else None,
         split_report=g.ref("split_report") if g.chance(0.5) else None,
         feature_schema=g.ref("feature_schema") if g.chance(0.5) else None,
@@ -329,15 +479,19 @@ def gen_evaluate(g: Gen) -> evaluator_pb2.EvaluateRequest:
 
 def gen_register(g: Gen) -> evaluator_pb2.RegisterModelRequest:
     r = g.r
-    name = g.pick([f"iris-fuzz-{r.randint(0, 20)}", "iris.model_v1", "a" * 128, "Z"],
-                  [g.text(), "a/b", "..", ".", "-x", "a" * 129, "a" * 300, "名前", "x\x00y", ""], 0.7)
+    name = g.pick(
+        [f"iris-fuzz-{r.randint(0, 20)}", "iris.model_v1", "a" * 128, "Z"],
+        [g.text(), "a/b", "..", ".", "-x", "a" * 129, "a" * 300, "名前", "x\x00y", ""],
+        0.7,
+    )
     lineage = {}
     for _ in range(r.choice([0, 0, 1, 3, 10])):
         key = r.choice(["dataset", "train", "model", "x_train"]) if g.chance(0.6) else g.text()
         ref = g.ref(r.choice(sorted(g.refs)))
         lineage[key] = ref if ref is not None else ArtifactRef()
     return evaluator_pb2.RegisterModelRequest(
-        name=name, model=g.ref(r.choice(["model", "model", "model", "csv_model"])),
+        name=name,
+        model=g.ref(r.choice(["model", "model", "model", "csv_model"])),
         metrics_report=g.ref(r.choice(["metrics_report", "metrics_report", "metrics_report", "csv_metrics_report"])),
         lineage=lineage,
     )
@@ -346,8 +500,15 @@ def gen_register(g: Gen) -> evaluator_pb2.RegisterModelRequest:
 def operation_name(g: Gen) -> str:
     return g.pick(
         [f"operations/train-{g.hex64()}", f"operations/train-{'0' * 64}"],
-        [g.text(), "", "operations/", f"operations/load-{g.hex64()}", f"operations/train-{g.hex64().upper()}",
-         f"operations/train-{g.hex64()}/x", f"../operations/train-{g.hex64()}"],
+        [
+            g.text(),
+            "",
+            "operations/",
+            f"operations/load-{g.hex64()}",
+            f"operations/train-{g.hex64().upper()}",
+            f"operations/train-{g.hex64()}/x",
+            f"../operations/train-{g.hex64()}",
+        ],
         p_usual=0.5,
     )
 
@@ -366,8 +527,10 @@ def gen_wait(g: Gen) -> operations_proto_pb2.WaitOperationRequest:
 
 def gen_list(g: Gen) -> operations_proto_pb2.ListOperationsRequest:
     return operations_proto_pb2.ListOperationsRequest(
-        name=g.pick(["", "operations"], [g.text()]), filter=g.pick(["", "done=false", "done=true"], [g.text(), "done=maybe"]),
-        page_size=g.pick([0, 1, 10, 100], [g.int32()]), page_token=g.pick(["", "0", "1"], [g.text(), "-1", "99999999999999999999"]),
+        name=g.pick(["", "operations"], [g.text()]),
+        filter=g.pick(["", "done=false", "done=true"], [g.text(), "done=maybe"]),
+        page_size=g.pick([0, 1, 10, 100], [g.int32()]),
+        page_token=g.pick(["", "0", "1"], [g.text(), "-1", "99999999999999999999"]),
     )
 
 
@@ -386,16 +549,34 @@ def gen_delete(g: Gen) -> operations_proto_pb2.DeleteOperationRequest:
 
 
 GENERATORS = {
-    "Load": gen_load, "Preprocess": gen_preprocess, "BuildFeatures": gen_features,
-    "Train": gen_train, "Evaluate": gen_evaluate, "RegisterModel": gen_register,
-    "StartTraining": gen_train, "GetOperation": gen_get, "WaitOperation": gen_wait, "ListOperations": gen_list,
-    "CancelOperation": gen_cancel, "DeleteOperation": gen_delete, "WatchCall": gen_watch,
+    "Load": gen_load,
+    "Preprocess": gen_preprocess,
+    "BuildFeatures": gen_features,
+    "Train": gen_train,
+    "Evaluate": gen_evaluate,
+    "RegisterModel": gen_register,
+    "StartTraining": gen_train,
+    "GetOperation": gen_get,
+    "WaitOperation": gen_wait,
+    "ListOperations": gen_list,
+    "CancelOperation": gen_cancel,
+    "DeleteOperation": gen_delete,
+    "WatchCall": gen_watch,
 }
 
 
 def raw_bodies(r: random.Random, valid: bytes) -> list[bytes]:
-    bodies = [b"\xff", b"\x0a", b"\x0a\xff\xff\xff\xff\x0f", b"\x08" + b"\xff" * 11, b"\x0a\x05ab",
-              b"\x12\x80\x80\x80\x80\x10", b"\x07", b"\x00" * 8, b"\xfa\xff\xff\xff\x0f\x00"]
+    bodies = [
+        b"\xff",
+        b"\x0a",
+        b"\x0a\xff\xff\xff\xff\x0f",
+        b"\x08" + b"\xff" * 11,
+        b"\x0a\x05ab",
+        b"\x12\x80\x80\x80\x80\x10",
+        b"\x07",
+        b"\x00" * 8,
+        b"\xfa\xff\xff\xff\x0f\x00",
+    ]
     while len(bodies) < RAW_PER_METHOD:
         kind = r.randrange(4)
         if kind == 0:
@@ -418,20 +599,31 @@ def _small_csv(path: Path) -> None:
     rnd = random.Random(7)
     for i in range(60):
         num = "" if i % 11 == 0 else f"{rnd.uniform(-5, 5):.3f}"
-        rows.append(f"{num},{rnd.choice('abc')},{rnd.choice(['yes', 'no'])},2024-01-{1 + i % 28:02d},"
-                    f"{rnd.choice(['x', 'y'])},{i}")
+        rows.append(
+            f"{num},{rnd.choice('abc')},{rnd.choice(['yes', 'no'])},2024-01-{1 + i % 28:02d},"
+            f"{rnd.choice(['x', 'y'])},{i}"
+        )
     path.write_text("\n".join(rows) + "\n")
 
 
 async def _pipeline(client: MeshClient, source: str, target: str, prefix: str) -> dict[str, ArtifactRef]:
     run = await client.run_pipeline(PipelineConfig(source=source, target_column=target, minimums={"accuracy": 0.0}))
     refs = {
-        "dataset": run.load.dataset, "schema": run.load.schema, "profile": run.load.profile,
-        "train": run.preprocess.train, "test": run.preprocess.test, "split_report": run.preprocess.split_report,
-        "x_train": run.features.x_train, "y_train": run.features.y_train, "x_test": run.features.x_test,
-        "y_test": run.features.y_test, "transformer": run.features.transformer,
-        "feature_schema": run.features.feature_schema, "model": run.train.model,
-        "metrics_report": run.evaluate.metrics_report, "html_report": run.evaluate.html_report,
+        "dataset": run.load.dataset,
+        "schema": run.load.schema,
+        "profile": run.load.profile,
+        "train": run.preprocess.train,
+        "test": run.preprocess.test,
+        "split_report": run.preprocess.split_report,
+        "x_train": run.features.x_train,
+        "y_train": run.features.y_train,
+        "x_test": run.features.x_test,
+        "y_test": run.features.y_test,
+        "transformer": run.features.transformer,
+        "feature_schema": run.features.feature_schema,
+        "model": run.train.model,
+        "metrics_report": run.evaluate.metrics_report,
+        "html_report": run.evaluate.html_report,
     }
     return {prefix + k: v for k, v in refs.items()}
 
@@ -469,9 +661,7 @@ async def _call(channel: grpc.aio.Channel, path: str, streaming: bool, body: Any
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(240)
-async def test_fuzz_every_rpc(
-    settings, mesh: dict[str, RunningStage], client: MeshClient, tmp_path: Path
-) -> None:
+async def test_fuzz_every_rpc(settings, mesh: dict[str, RunningStage], client: MeshClient, tmp_path: Path) -> None:
     csv_path = tmp_path / "small.csv"
     _small_csv(csv_path)
     refs = await _pipeline(client, "sklearn:iris", "", "")
@@ -515,9 +705,13 @@ async def test_fuzz_every_rpc(
     failed = [op.to_proto() for op in trainer.listed()]
     for operation in failed:
         code = next((c for c in grpc.StatusCode if c.value[0] == operation.error.code), grpc.StatusCode.UNKNOWN)
-        if operation.HasField("error") and (code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-                                            or len(operation.error.message.encode()) > MAX_DETAIL_BYTES):
-            problems.append(f"StartTraining: operation {operation.name} ended {code.name}: {operation.error.message[:300]!r}")
+        if operation.HasField("error") and (
+            code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+            or len(operation.error.message.encode()) > MAX_DETAIL_BYTES
+        ):
+            problems.append(
+                f"StartTraining: operation {operation.name} ended {code.name}: {operation.error.message[:300]!r}"
+            )
     assert len(failed) >= 20, "StartTraining started too few fits to judge their outcomes"
 
     for name in STAGES:

@@ -116,11 +116,19 @@ def test_parse_source_rejects(text: str, fragments: list[str]) -> None:
     [
         (["a", "b", "a"], logic.CLASSIFICATION, "target 'y' holds text labels; pass task_kind (--task regression)"),
         ([True, False, True], logic.CLASSIFICATION, "target 'y' holds labels"),
-        ([0, 1, 1, 0], logic.CLASSIFICATION, "target 'y' holds two distinct values; pass task_kind (--task regression)"),
+        (
+            [0, 1, 1, 0],
+            logic.CLASSIFICATION,
+            "target 'y' holds two distinct values; pass task_kind (--task regression)",
+        ),
         ([0.0, 1.0, np.nan, 1.0], logic.CLASSIFICATION, "target 'y' holds two distinct values"),
         ([0.5, 1.25, 3.0], logic.REGRESSION, "target 'y' holds fractional numbers"),
         # more distinct whole numbers than MAX_INFERRED_CLASSES
-        (list(range(21)) * 10, logic.REGRESSION, "21 distinct whole numbers, more than 20 classes; pass task_kind (--task classification)"),
+        (
+            list(range(21)) * 10,
+            logic.REGRESSION,
+            "21 distinct whole numbers, more than 20 classes; pass task_kind (--task classification)",
+        ),
         # few distinct values, but some held by fewer than 10 rows: a count, not labels
         (list(range(20)), logic.REGRESSION, "20 distinct whole numbers and some have fewer than 10 rows, like a count"),
         ([0, 1, 2] * 10, logic.CLASSIFICATION, "3 distinct whole numbers, each with at least 10 rows"),
@@ -140,7 +148,9 @@ def test_load_csv_plain_path_and_file_url_with_named_target(tmp_path: Path) -> N
         frame, target, task = loaded.frame, loaded.target_column, loaded.task.kind
         assert (target, task) == ("species", logic.CLASSIFICATION)
         assert [(c.name, c.role) for c in loaded.columns] == [
-            ("height", "numeric"), ("weight", "numeric"), ("flag", "boolean")
+            ("height", "numeric"),
+            ("weight", "numeric"),
+            ("flag", "boolean"),
         ]
         assert loaded.feature_names == ["height", "weight", "flag"] and loaded.warnings == []
         assert list(frame.columns) == ["height", "weight", "flag", "species"]
@@ -260,8 +270,11 @@ async def test_load_sklearn_iris_writes_a_labelled_arrow_table(client: MeshClien
     store = ArtifactStore(settings.artifact_root)
     frame, meta = read_table(store.get(reply.dataset), "dataset")
     assert meta == {
-        "target_column": "target", "task_kind": "classification", "source": "sklearn:iris",
-        "roles": {name: "numeric" for name in reply.feature_names}, "schema_sha256": reply.schema.sha256,
+        "target_column": "target",
+        "task_kind": "classification",
+        "source": "sklearn:iris",
+        "roles": {name: "numeric" for name in reply.feature_names},
+        "schema_sha256": reply.schema.sha256,
     }
     assert list(frame.columns) == [*reply.feature_names, "target"]
     assert frame["target"].value_counts().to_dict() == {"setosa": 50, "versicolor": 50, "virginica": 50}
@@ -270,7 +283,11 @@ async def test_load_sklearn_iris_writes_a_labelled_arrow_table(client: MeshClien
         (name, ColumnRole.COLUMN_ROLE_NUMERIC, False) for name in reply.feature_names
     ]
     schema = json_bytes_to_doc(store.get(reply.schema), "schema")
-    assert (schema["rows"], schema["features"], schema["task_kind"]) == (150, list(reply.feature_names), "classification")
+    assert (schema["rows"], schema["features"], schema["task_kind"]) == (
+        150,
+        list(reply.feature_names),
+        "classification",
+    )
     profile = json_bytes_to_doc(store.get(reply.profile), "profile")
     assert profile["rows"] == 150 and [c["name"] for c in profile["columns"]] == list(reply.feature_names)
     assert profile["target"]["top"] == [["setosa", 50], ["versicolor", 50], ["virginica", 50]]
@@ -389,7 +406,9 @@ async def test_load_missing_file_is_not_found(client: MeshClient, mesh, tmp_path
     missing = tmp_path / "absent.csv"
     await expect_error(client.load(load(str(missing), "y")), NOT_FOUND, f"source file {str(missing)!r} does not exist")
     await assert_serving(mesh)
-    await expect_error(client.load(load(missing.as_uri(), "y")), NOT_FOUND, f"source file {str(missing)!r} does not exist")
+    await expect_error(
+        client.load(load(missing.as_uri(), "y")), NOT_FOUND, f"source file {str(missing)!r} does not exist"
+    )
     await assert_serving(mesh)
 
 
@@ -405,7 +424,8 @@ async def test_load_file_errors(client: MeshClient, mesh, tmp_path: Path) -> Non
         source=str(path), target_column="height", column_roles={"species": ColumnRole.COLUMN_ROLE_NUMERIC}
     )
     details = await expect_error(
-        client.load(declared), FAILED,
+        client.load(declared),
+        FAILED,
         "column 'species' was declared numeric, but 40 of its values are not numbers; "
         "declare it categorical or fix the values",
     )
@@ -450,7 +470,8 @@ async def test_load_unusable_data(client: MeshClient, mesh, tmp_path: Path) -> N
     nothing = tmp_path / "nothing.parquet"
     pd.DataFrame({"name": [f"n{i}" for i in range(30)], "unit": ["kg"] * 30, "y": [0, 1] * 15}).to_parquet(nothing)
     await expect_error(
-        client.load(load(str(nothing), "y")), FAILED,
+        client.load(load(str(nothing), "y")),
+        FAILED,
         "no column is usable as a feature: 'name' (identifier), 'unit' (constant); "
         "set roles with column_roles (--column NAME=ROLE)",
     )
@@ -461,7 +482,11 @@ async def test_load_unusable_data(client: MeshClient, mesh, tmp_path: Path) -> N
 @pytest_asyncio.fixture
 async def small_loader(artifact_root: Path, data_roots: str) -> AsyncIterator[tuple[MeshClient, RunningStage]]:
     settings = Settings.from_env(
-        {"MLMESH_ARTIFACT_ROOT": str(artifact_root), "MLMESH_MAX_DATASET_BYTES": "20000", "MLMESH_DATA_ROOTS": data_roots}
+        {
+            "MLMESH_ARTIFACT_ROOT": str(artifact_root),
+            "MLMESH_MAX_DATASET_BYTES": "20000",
+            "MLMESH_DATA_ROOTS": data_roots,
+        }
     )
     stage = await start_stage(stage_spec("loader"), settings, port=0)
     try:
@@ -477,13 +502,9 @@ async def test_small_limit_refuses_large_datasets(small_loader, tmp_path: Path) 
     assert (await client.load(load("sklearn:iris"))).rows == 150  # 150 x 5 x 8 bytes fits
     assert await check_health(stage.address) == "SERVING"
 
-    await expect_error(
-        client.load(load(SYNTH)), EXHAUSTED, "500 rows x 8 features", "MLMESH_MAX_DATASET_BYTES"
-    )
+    await expect_error(client.load(load(SYNTH)), EXHAUSTED, "500 rows x 8 features", "MLMESH_MAX_DATASET_BYTES")
     assert await check_health(stage.address) == "SERVING"
-    await expect_error(
-        client.load(load("sklearn:breast_cancer")), EXHAUSTED, "569 rows x 30 features"
-    )
+    await expect_error(client.load(load("sklearn:breast_cancer")), EXHAUSTED, "569 rows x 30 features")
     assert await check_health(stage.address) == "SERVING"
 
     big = tmp_path / "big.csv"

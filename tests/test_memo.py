@@ -14,7 +14,6 @@ from pathlib import Path
 import grpc
 import pytest
 import sklearn
-from services.runtime.server import stage_spec
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.features.v1 import features_pb2
@@ -22,12 +21,12 @@ from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.runtime.client import MeshClient, PipelineConfig
-from services.runtime.server import RunningStage
+from services.runtime.server import RunningStage, stage_spec
 from services.runtime.settings import Settings
 from services.runtime.stage import Job, StageRuntime
 from services.runtime.store import ArtifactStore, ref_to_dict
-from tests.conftest import expect_error
 from services.trainer import logic as trainer_logic
+from tests.conftest import expect_error
 
 
 @pytest.fixture
@@ -50,7 +49,9 @@ def object_path(ref: ArtifactRef) -> Path:
     return Path(ref.uri.removeprefix("file://"))
 
 
-async def features_for(client: MeshClient, source: str = "sklearn:iris", **features_args) -> features_pb2.BuildFeaturesResponse:
+async def features_for(
+    client: MeshClient, source: str = "sklearn:iris", **features_args
+) -> features_pb2.BuildFeaturesResponse:
     loaded = await client.load(loader_pb2.LoadRequest(source=source))
     prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
     return await client.build_features(
@@ -77,8 +78,11 @@ def fit_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 # ---- one computation per key -------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_identical_concurrent_requests_compute_once(
-    client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path,
-    fit_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    artifact_root: Path,
+    fit_calls: list[int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     features = await features_for(client)
     runtime = mesh["trainer"].runtime
@@ -100,8 +104,12 @@ async def test_identical_concurrent_requests_compute_once(
 
     monkeypatch.setattr(trainer_logic, "fit", fit_after_all_joined)
     request = trainer_pb2.TrainRequest(
-        x_train=features.x_train, y_train=features.y_train, model="random_forest",
-        hyperparameters={"n_estimators": "20"}, seed=3, force_recompute=False,
+        x_train=features.x_train,
+        y_train=features.y_train,
+        model="random_forest",
+        hyperparameters={"n_estimators": "20"},
+        seed=3,
+        force_recompute=False,
     )
     progress: list[list[float]] = [[] for _ in range(callers)]
     results = await asyncio.gather(
@@ -115,7 +123,8 @@ async def test_identical_concurrent_requests_compute_once(
     assert len({r.stage.cache_key for r in results}) == 1
     assert len(memo_files(artifact_root, "trainer")) == 1
     trainer_manifests = [
-        m for m in (json.loads(p.read_text()) for p in (artifact_root / "manifests").glob("*.json"))
+        m
+        for m in (json.loads(p.read_text()) for p in (artifact_root / "manifests").glob("*.json"))
         if m["stage"] == "trainer"
     ]
     assert len(trainer_manifests) == 1 and trainer_manifests[0]["artifact"]["sha256"] == results[0].model.sha256
@@ -133,7 +142,9 @@ async def test_different_requests_do_not_share_a_computation(
 ) -> None:
     features = await features_for(client)
     requests = [
-        trainer_pb2.TrainRequest(x_train=features.x_train, y_train=features.y_train, model="logistic_regression", seed=s)
+        trainer_pb2.TrainRequest(
+            x_train=features.x_train, y_train=features.y_train, model="logistic_regression", seed=s
+        )
         for s in (1, 2)
     ]
     results = await asyncio.gather(*(client.train(r) for r in requests))
@@ -153,8 +164,10 @@ def runtime(settings: Settings) -> StageRuntime:
 
 def _job(**overrides) -> Job:
     base = {
-        "inputs": {"x_train": ArtifactRef(uri="file:///a/objects/aa/x", sha256="a" * 64),
-                   "y_train": ArtifactRef(uri="file:///a/objects/bb/y", sha256="b" * 64)},
+        "inputs": {
+            "x_train": ArtifactRef(uri="file:///a/objects/aa/x", sha256="a" * 64),
+            "y_train": ArtifactRef(uri="file:///a/objects/bb/y", sha256="b" * 64),
+        },
         "params": {"model": "ridge", "hyperparameters": {"alpha": 1.0}, "seed": 0},
         "force_recompute": False,
     }
@@ -168,8 +181,10 @@ def test_cache_key_follows_params_and_input_digests_only(runtime: StageRuntime, 
 
     # Not part of the key: force_recompute, where an input lives, the order of params.
     assert runtime.cache_key(_job(force_recompute=True)) == key
-    moved = {"x_train": ArtifactRef(uri="s3://elsewhere/x", sha256="a" * 64, size_bytes=9),
-             "y_train": ArtifactRef(uri="memory:///y", sha256="b" * 64)}
+    moved = {
+        "x_train": ArtifactRef(uri="s3://elsewhere/x", sha256="a" * 64, size_bytes=9),
+        "y_train": ArtifactRef(uri="memory:///y", sha256="b" * 64),
+    }
     assert runtime.cache_key(_job(inputs=moved)) == key
     assert runtime.cache_key(_job(params={"seed": 0, "hyperparameters": {"alpha": 1.0}, "model": "ridge"})) == key
 
@@ -179,10 +194,18 @@ def test_cache_key_follows_params_and_input_digests_only(runtime: StageRuntime, 
         _job(params={"model": "ridge", "hyperparameters": {"alpha": 1.0}, "seed": 1}),
         _job(params={"model": "ridge", "hyperparameters": {}, "seed": 0}),
         _job(params={"model": "ridge", "hyperparameters": {"alpha": "1.0"}, "seed": 0}),
-        _job(inputs={"x_train": ArtifactRef(uri="file:///a/objects/aa/x", sha256="c" * 64),
-                     "y_train": ArtifactRef(uri="file:///a/objects/bb/y", sha256="b" * 64)}),
-        _job(inputs={"x_train": ArtifactRef(uri="file:///a/objects/bb/y", sha256="b" * 64),
-                     "y_train": ArtifactRef(uri="file:///a/objects/aa/x", sha256="a" * 64)}),
+        _job(
+            inputs={
+                "x_train": ArtifactRef(uri="file:///a/objects/aa/x", sha256="c" * 64),
+                "y_train": ArtifactRef(uri="file:///a/objects/bb/y", sha256="b" * 64),
+            }
+        ),
+        _job(
+            inputs={
+                "x_train": ArtifactRef(uri="file:///a/objects/bb/y", sha256="b" * 64),
+                "y_train": ArtifactRef(uri="file:///a/objects/aa/x", sha256="a" * 64),
+            }
+        ),
     ]
     keys = [runtime.cache_key(job) for job in changed]
     assert key not in keys and len(set(keys)) == len(keys)
@@ -223,7 +246,9 @@ async def test_cache_key_over_grpc(client: MeshClient, fit_calls: list[int]) -> 
 
 # ---- no dangling refs ----------------------------------------------------------------------
 @pytest.mark.asyncio
-async def test_deleted_output_is_recomputed_not_served(client: MeshClient, artifact_root: Path, fit_calls: list[int]) -> None:
+async def test_deleted_output_is_recomputed_not_served(
+    client: MeshClient, artifact_root: Path, fit_calls: list[int]
+) -> None:
     features = await features_for(client)
     request = trainer_pb2.TrainRequest(x_train=features.x_train, y_train=features.y_train, model="logistic_regression")
     first = await client.train(request)
@@ -374,20 +399,30 @@ async def test_every_output_has_a_complete_manifest(client: MeshClient, artifact
         "features": (run.features, {"train": run.preprocess.train, "test": run.preprocess.test}),
         "trainer": (
             run.train,
-            {"x_train": run.features.x_train, "y_train": run.features.y_train,
-             "feature_schema": run.features.feature_schema},
+            {
+                "x_train": run.features.x_train,
+                "y_train": run.features.y_train,
+                "feature_schema": run.features.feature_schema,
+            },
         ),
         "evaluator": (
             run.evaluate,
-            {"model": run.train.model, "x_test": run.features.x_test, "y_test": run.features.y_test,
-             "profile": run.load.profile, "split_report": run.preprocess.split_report,
-             "feature_schema": run.features.feature_schema},
+            {
+                "model": run.train.model,
+                "x_test": run.features.x_test,
+                "y_test": run.features.y_test,
+                "profile": run.load.profile,
+                "split_report": run.preprocess.split_report,
+                "feature_schema": run.features.feature_schema,
+            },
         ),
     }
     expected_outputs = {
-        "loader": {"dataset", "schema", "profile"}, "preprocess": {"train", "test", "split_report"},
+        "loader": {"dataset", "schema", "profile"},
+        "preprocess": {"train", "test", "split_report"},
         "features": {"x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema"},
-        "trainer": {"model"}, "evaluator": {"metrics_report", "html_report"},
+        "trainer": {"model"},
+        "evaluator": {"metrics_report", "html_report"},
     }
     for stage, (response, inputs) in stages.items():
         info = response.stage
@@ -428,7 +463,9 @@ async def test_recomputing_keeps_the_first_manifest(client: MeshClient, artifact
 # ---- cancellation -------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_a_retry_after_everyone_cancelled_computes_afresh(
-    client: MeshClient, mesh: dict[str, RunningStage], monkeypatch: pytest.MonkeyPatch,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Cancel the only caller of a unary stage mid-work, retry at once: the retry must not inherit the cancellation."""
     import services.loader.logic as loader_logic
@@ -476,8 +513,11 @@ async def test_a_retry_after_everyone_cancelled_computes_afresh(
 
 @pytest.mark.asyncio
 async def test_a_fit_goes_on_when_its_caller_leaves_and_a_retry_reattaches(
-    client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path,
-    fit_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    artifact_root: Path,
+    fit_calls: list[int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A fit is a long-running operation: the caller going away does not stop it, and the same request joins it."""
     features = await features_for(client)
@@ -492,7 +532,10 @@ async def test_a_fit_goes_on_when_its_caller_leaves_and_a_retry_reattaches(
 
     monkeypatch.setattr(trainer_logic, "fit", fit_waits)
     request = trainer_pb2.TrainRequest(
-        x_train=features.x_train, y_train=features.y_train, model="random_forest", hyperparameters={"n_estimators": "10"},
+        x_train=features.x_train,
+        y_train=features.y_train,
+        model="random_forest",
+        hyperparameters={"n_estimators": "10"},
     )
     first = asyncio.ensure_future(client.train(request))
     try:
@@ -519,10 +562,15 @@ async def test_a_fit_goes_on_when_its_caller_leaves_and_a_retry_reattaches(
 
 @pytest.mark.asyncio
 async def test_a_cache_hit_is_served_while_every_worker_is_busy(
-    client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, monkeypatch: pytest.MonkeyPatch,
+    client: MeshClient,
+    mesh: dict[str, RunningStage],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     features = await features_for(client)
-    remembered = trainer_pb2.TrainRequest(x_train=features.x_train, y_train=features.y_train, model="logistic_regression")
+    remembered = trainer_pb2.TrainRequest(
+        x_train=features.x_train, y_train=features.y_train, model="logistic_regression"
+    )
     original = await client.train(remembered)
 
     # Occupy every worker thread of the trainer with a fit that waits for the test.
@@ -537,9 +585,17 @@ async def test_a_cache_hit_is_served_while_every_worker_is_busy(
     monkeypatch.setattr(trainer_logic, "fit", held_fit)
     assert settings.worker_threads == 2
     fits = [
-        asyncio.ensure_future(client.train(trainer_pb2.TrainRequest(
-            x_train=features.x_train, y_train=features.y_train, model="random_forest",
-            hyperparameters={"n_estimators": "5"}, seed=seed)))
+        asyncio.ensure_future(
+            client.train(
+                trainer_pb2.TrainRequest(
+                    x_train=features.x_train,
+                    y_train=features.y_train,
+                    model="random_forest",
+                    hyperparameters={"n_estimators": "5"},
+                    seed=seed,
+                )
+            )
+        )
         for seed in range(settings.worker_threads)
     ]
     try:
@@ -569,6 +625,7 @@ async def test_data_loss_names_the_flag_of_the_front_end(
         path.write_bytes(bytes(data))
         details = await expect_error(
             client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset)),
-            grpc.StatusCode.DATA_LOSS, f"with {flag} (force_recompute=true)",
+            grpc.StatusCode.DATA_LOSS,
+            f"with {flag} (force_recompute=true)",
         )
         assert "corrupt or was replaced" in details

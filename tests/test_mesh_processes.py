@@ -28,7 +28,11 @@ class UpProcess:
     def __init__(self, env: dict[str, str], ports: dict[str, int], cwd: Path | None = None, args: tuple[str, ...] = ()):
         self.env, self.ports = env, ports
         self.process = subprocess.Popen(
-            [str(BIN / "mlmesh"), "up", *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [str(BIN / "mlmesh"), "up", *args],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         self.output: list[str] = []
@@ -114,7 +118,9 @@ def test_grpcurl_lists_describes_checks_and_calls(running_mesh: UpProcess) -> No
     listed = grpcurl(loader, "list")
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) >= {
-        "mlmesh.loader.v1.LoaderService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+        "mlmesh.loader.v1.LoaderService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
     }
     described = grpcurl(loader, "describe", "mlmesh.loader.v1.LoadRequest")
     assert described.returncode == 0 and "string source = 1;" in described.stdout
@@ -140,7 +146,7 @@ def test_grpcurl_lists_describes_checks_and_calls(running_mesh: UpProcess) -> No
 def json_objects(text: str) -> list[dict]:
     """Consecutive JSON objects, as grpcurl prints them one after another."""
     decoder, objects, position = json.JSONDecoder(), [], 0
-    while (position := len(text) - len(text[position:].lstrip()) ) < len(text):
+    while (position := len(text) - len(text[position:].lstrip())) < len(text):
         found, position = decoder.raw_decode(text, position)
         objects.append(found)
     return objects
@@ -159,16 +165,20 @@ def test_readme_grpcurl_commands_run_as_written(running_mesh: UpProcess, tmp_pat
     script = script.replace("G=.venv/bin/grpcurl", f"G={GRPCURL}")
     for stage, port in running_mesh.ports.items():
         script = script.replace(f"localhost:{DEFAULT_PORTS[stage]}", f"localhost:{port}")
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    replies = json_objects(result.stdout[result.stdout.index('"status": "SERVING"'):].split("}", 1)[1])
+    replies = json_objects(result.stdout[result.stdout.index('"status": "SERVING"') :].split("}", 1)[1])
     loads = [r for r in replies if "dataset" in r]
     houses = next(r for r in loads if r["target_column"] == "price")
     assert houses["task_kind"] == "TASK_KIND_REGRESSION"
     roles = {c["name"]: (c["role"], c.get("overridden", False)) for c in houses["columns"]}
-    assert roles == {"zip": ("COLUMN_ROLE_CATEGORICAL", True), "row_id": ("COLUMN_ROLE_IGNORE", True),
-                     "rooms": ("COLUMN_ROLE_NUMERIC", False)}
+    assert roles == {
+        "zip": ("COLUMN_ROLE_CATEGORICAL", True),
+        "row_id": ("COLUMN_ROLE_IGNORE", True),
+        "rooms": ("COLUMN_ROLE_NUMERIC", False),
+    }
     progress = [r["progress"] for r in replies if "progress" in r]
     [result_event] = [r["result"] for r in replies if "result" in r]
     assert progress and progress[-1]["fraction_done"] == 1
@@ -195,14 +205,19 @@ def write_house_prices(folder: Path, rows: int = 400) -> Path:
     return path
 
 
-def test_readme_mlmesh_run_commands_run_as_written(running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path) -> None:
+def test_readme_mlmesh_run_commands_run_as_written(
+    running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path
+) -> None:
     write_house_prices(tmp_path)
-    lines = [line.split("  #")[0] for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
-             if line.startswith(".venv/bin/mlmesh run ")]
+    lines = [
+        line.split("  #")[0]
+        for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
+        if line.startswith(".venv/bin/mlmesh run ")
+    ]
     assert len(lines) == 3
     summaries = []
     for line in lines:
-        argv = shlex.split(line.replace(".venv/bin/", f"{BIN}/")) + ["--json"]
+        argv = [*shlex.split(line.replace(".venv/bin/", f"{BIN}/")), "--json"]
         result = subprocess.run(argv, env=mesh_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, line + "\n" + result.stdout[-2000:] + result.stderr[-2000:]
         summaries.append(json.loads(result.stdout))
@@ -217,6 +232,7 @@ def test_readme_mlmesh_run_commands_run_as_written(running_mesh: UpProcess, mesh
     assert overridden["metrics"]["r2"] > ridge["metrics"]["r2"] + 0.1
     assert overridden["decision"] == "PROMOTE" and any("regression default" in r for r in overridden["reasons"])
 
+
 def test_stopped_stage_is_named_with_its_address(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:
     env = {**mesh_env, "MLMESH_TRAINER_ADDRESS": f"localhost:{free_ports(1)[0]}", "MLMESH_RPC_TIMEOUT_SECONDS": "10"}
     result = mlmesh(env, "run", "--force")
@@ -225,7 +241,9 @@ def test_stopped_stage_is_named_with_its_address(running_mesh: UpProcess, mesh_e
     assert "Traceback" not in result.stderr
 
 
-def test_a_second_up_over_a_running_mesh_says_so_and_exits_non_zero(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:
+def test_a_second_up_over_a_running_mesh_says_so_and_exits_non_zero(
+    running_mesh: UpProcess, mesh_env: dict[str, str]
+) -> None:
     second = subprocess.run([str(BIN / "mlmesh"), "up"], env=mesh_env, capture_output=True, text=True, timeout=60)
     assert second.returncode == 1, second.stdout + second.stderr
     assert "mesh is up" not in second.stdout
@@ -272,7 +290,7 @@ def test_up_restarts_a_killed_stage_and_status_counts_it(running_mesh: UpProcess
             break
         time.sleep(0.5)
     assert status.returncode == 0, status.stdout
-    line = next(l for l in status.stdout.splitlines() if l.startswith("features"))
+    line = next(row for row in status.stdout.splitlines() if row.startswith("features"))
     assert "SERVING" in line and "restarts 1" in line and str(killed) not in line
     assert stage_pid(running_mesh, "features") != killed
     # The restarted stage serves the pipeline again.
@@ -296,7 +314,6 @@ def test_up_stops_the_mesh_when_a_stage_is_over_its_restart_limit(mesh_env: dict
     assert "mesh stopped" in output
 
 
-
 def test_killing_up_with_sigkill_takes_its_stages_down_too(mesh_env: dict[str, str]) -> None:
     up = UpProcess(on_new_ports(mesh_env), {})
     up.wait_for("mesh is up")
@@ -307,9 +324,14 @@ def test_killing_up_with_sigkill_takes_its_stages_down_too(mesh_env: dict[str, s
     alive = children
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        alive = [pid for pid in alive if subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode == 0
-                 and "Z" not in subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout]
+        alive = [
+            pid
+            for pid in alive
+            if subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode == 0
+            and "Z" not in subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+        ]
     assert not alive, f"stages {alive} outlived their launcher"
+
 
 def test_up_stops_cleanly_on_sigterm(mesh_env: dict[str, str]) -> None:
     up = UpProcess(on_new_ports(mesh_env), {})
@@ -344,11 +366,20 @@ def test_a_deleted_object_is_recomputed_by_the_next_mlmesh_run(
 def test_each_run_has_its_own_exact_lineage(running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path) -> None:
     # Two sources whose label vectors are byte-identical: a run's graph must still name only its own source.
     iris = tmp_path / "iris.csv"
-    subprocess.run([sys.executable, "-c", f"from sklearn.datasets import load_iris; "
-                    f"load_iris(as_frame=True).frame.to_csv({str(iris)!r}, index=False)"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from sklearn.datasets import load_iris; "
+            f"load_iris(as_frame=True).frame.to_csv({str(iris)!r}, index=False)",
+        ],
+        check=True,
+    )
     extra = tmp_path / "iris_with_notes.csv"
-    extra.write_text("\n".join(line + (",note" if i == 0 else f",n{i % 7}") for i, line in
-                               enumerate(iris.read_text().splitlines())) + "\n")
+    extra.write_text(
+        "\n".join(line + (",note" if i == 0 else f",n{i % 7}") for i, line in enumerate(iris.read_text().splitlines()))
+        + "\n"
+    )
     runs = []
     for source in (iris, extra, iris):
         roles = ("--column", "note=ignore") if source == extra else ()
@@ -372,7 +403,9 @@ def test_each_run_has_its_own_exact_lineage(running_mesh: UpProcess, mesh_env: d
             assert run["artifacts"][name]["sha256"] in made, name
         assert {run["model"]["sha256"], run["metrics_report"]["sha256"], run["html_report"]["sha256"]} <= made
         assert steps[0]["params"]["source"].endswith(source.name)
-    assert [s["cache_hit"] for s in json.loads(mlmesh(mesh_env, "lineage", "--run", runs[2]["run_id"], "--json").stdout)] == [True] * 5
+    assert [
+        s["cache_hit"] for s in json.loads(mlmesh(mesh_env, "lineage", "--run", runs[2]["run_id"], "--json").stdout)
+    ] == [True] * 5
 
     # The note column is ignored, so all three runs train on the same matrix: one model with three
     # producing executions (one fit, two cache hits), each in its own run.
@@ -391,14 +424,22 @@ def test_each_run_has_its_own_exact_lineage(running_mesh: UpProcess, mesh_env: d
     assert runs[2]["run_id"] in table.stdout and "5 cache hits" in table.stdout
 
 
-def test_readme_mlmesh_commands_run_as_written(running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path) -> None:
+def test_readme_mlmesh_commands_run_as_written(
+    running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path
+) -> None:
     """Every `.venv/bin/mlmesh` line of "Running the mesh yourself", its placeholders filled with real values."""
     write_house_prices(tmp_path)
     done = json.loads(mlmesh(mesh_env, "run", "--json", "--source", "sklearn:iris").stdout)
-    fill = {"<run id>": done["run_id"], "<sha256, 6+ digit prefix, or artifact URI>": done["model"]["sha256"][:8],
-            "-- CMD ARGS": "-- true"}
-    lines = [line.split("  #")[0].strip() for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
-             if line.startswith(".venv/bin/mlmesh ")]
+    fill = {
+        "<run id>": done["run_id"],
+        "<sha256, 6+ digit prefix, or artifact URI>": done["model"]["sha256"][:8],
+        "-- CMD ARGS": "-- true",
+    }
+    lines = [
+        line.split("  #")[0].strip()
+        for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
+        if line.startswith(".venv/bin/mlmesh ")
+    ]
     ran = set()
     for line in lines:
         for placeholder, value in fill.items():
@@ -416,12 +457,21 @@ def test_readme_mlmesh_commands_run_as_written(running_mesh: UpProcess, mesh_env
 
 def test_output_cut_short_by_a_pipe_is_no_error(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:
     done = json.loads(mlmesh(mesh_env, "run", "--json", "--source", "sklearn:iris").stdout)
-    piped = subprocess.run(f"{BIN / 'mlmesh'} lineage --run {done['run_id']} | head -1", shell=True, env=mesh_env,
-                           capture_output=True, text=True, timeout=60, executable="/bin/bash")
+    piped = subprocess.run(
+        f"{BIN / 'mlmesh'} lineage --run {done['run_id']} | head -1",
+        shell=True,
+        env=mesh_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        executable="/bin/bash",
+    )
     assert piped.stdout.startswith(f"run {done['run_id']}") and "Traceback" not in piped.stderr, piped.stderr
 
 
-def test_a_script_that_starts_a_mesh_is_not_run_again_inside_its_stages(tmp_path: Path, mesh_env: dict[str, str]) -> None:
+def test_a_script_that_starts_a_mesh_is_not_run_again_inside_its_stages(
+    tmp_path: Path, mesh_env: dict[str, str]
+) -> None:
     """Stages are forked from a fork server; multiprocessing would import the launching
     script again in each of them, running its top-level code five more times."""
     script = tmp_path / "launch.py"
@@ -435,7 +485,13 @@ def test_a_script_that_starts_a_mesh_is_not_run_again_inside_its_stages(tmp_path
         "        print('mesh up', flush=True)\n"
         "asyncio.run(main())\n"
     )
-    done = subprocess.run([str(BIN / "python"), str(script)], env=on_new_ports(mesh_env), cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [str(BIN / "python"), str(script)],
+        env=on_new_ports(mesh_env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("script body ran") == 1 and "mesh up" in done.stdout, done.stdout

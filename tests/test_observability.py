@@ -56,7 +56,8 @@ def scrape(url: str) -> dict[tuple[str, frozenset], float]:
         text = response.read().decode()
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text) for sample in family.samples
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
     }
 
 
@@ -83,7 +84,9 @@ async def loader(settings: Settings) -> AsyncIterator[RunningStage]:
 
 
 @pytest.mark.asyncio
-async def test_every_outcome_is_counted_with_its_real_code(loader: RunningStage, caplog: pytest.LogCaptureFixture) -> None:
+async def test_every_outcome_is_counted_with_its_real_code(
+    loader: RunningStage, caplog: pytest.LogCaptureFixture
+) -> None:
     assert loader.metrics_url
     before = scrape(loader.metrics_url)
     assert value(before, "mlmesh_build_info", stage="loader", stage_version=loader.spec.version) == 1
@@ -99,8 +102,12 @@ async def test_every_outcome_is_counted_with_its_real_code(loader: RunningStage,
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             # Two slow calls hold both slots (MLMESH_MAX_CONCURRENT_RPCS=2), one computing on the only
             # worker thread and one waiting for it; a third call is refused.
-            busy = [asyncio.ensure_future(stub.Load(
-                loader_pb2.LoadRequest(source=SLOW_SOURCE.replace("seed=9", f"seed={i}")), timeout=60)) for i in (1, 2)]
+            busy = [
+                asyncio.ensure_future(
+                    stub.Load(loader_pb2.LoadRequest(source=SLOW_SOURCE.replace("seed=9", f"seed={i}")), timeout=60)
+                )
+                for i in (1, 2)
+            ]
             await asyncio.sleep(0.5)
             during = scrape(loader.metrics_url)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -142,16 +149,21 @@ async def test_every_outcome_is_counted_with_its_real_code(loader: RunningStage,
     assert value(after, "process_start_time_seconds") > 0
     assert value(after, "mlmesh_worker_queue_depth") == 0 and value(after, "mlmesh_computations_running") == 0
     # The log line of each call says the same, with the message the caller got for a failure.
-    statuses = [re.search(r"status=(\w+)", r.getMessage()).group(1) for r in caplog.records if r.getMessage().startswith("rpc ")]
-    assert sorted(statuses) == sorted(["OK", "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "CANCELLED", "CANCELLED",
-                                       "DEADLINE_EXCEEDED"]), statuses
+    statuses = [
+        re.search(r"status=(\w+)", r.getMessage()).group(1) for r in caplog.records if r.getMessage().startswith("rpc ")
+    ]
+    assert sorted(statuses) == sorted(
+        ["OK", "OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "CANCELLED", "CANCELLED", "DEADLINE_EXCEEDED"]
+    ), statuses
     refused_line = next(r.getMessage() for r in caplog.records if "status=INVALID_ARGUMENT" in r.getMessage())
     assert "error=" in refused_line and "nope" in refused_line
 
 
 @pytest.mark.asyncio
 async def test_an_internal_error_logs_incident_and_traceback_as_json(
-    loader: RunningStage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    loader: RunningStage,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     def broken(*args, **kwargs):
         raise RuntimeError("secret-internal-detail")
@@ -160,7 +172,9 @@ async def test_an_internal_error_logs_incident_and_traceback_as_json(
     with caplog.at_level(logging.INFO, logger="mlmesh.rpc"):
         async with grpc.aio.insecure_channel(loader.address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await loader_pb2_grpc.LoaderServiceStub(channel).Load(loader_pb2.LoadRequest(source="sklearn:iris"), timeout=30)
+                await loader_pb2_grpc.LoaderServiceStub(channel).Load(
+                    loader_pb2.LoadRequest(source="sklearn:iris"), timeout=30
+                )
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     incident = re.search(r"incident ([0-9a-f]{8})", caught.value.details()).group(1)
     formatter = json_formatter("loader")
@@ -175,8 +189,12 @@ async def test_an_internal_error_logs_incident_and_traceback_as_json(
 
 @pytest.mark.parametrize("command", [["-m", "services.loader"], ["-m", "services.runtime.cli", "run"]])
 def test_an_unknown_trace_exporter_stops_the_process_with_its_name(command: list[str], tmp_path: Path) -> None:
-    env = {**os.environ, "MLMESH_ARTIFACT_ROOT": str(tmp_path), "OTEL_TRACES_EXPORTER": "zipkin",
-           "MLMESH_LOADER_PORT": str(free_ports(1)[0])}
+    env = {
+        **os.environ,
+        "MLMESH_ARTIFACT_ROOT": str(tmp_path),
+        "OTEL_TRACES_EXPORTER": "zipkin",
+        "MLMESH_LOADER_PORT": str(free_ports(1)[0]),
+    }
     result = subprocess.run([str(BIN / "python"), *command], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "invalid tracing configuration" in result.stderr and "OTEL_TRACES_EXPORTER='zipkin'" in result.stderr
@@ -188,8 +206,13 @@ async def test_a_corrupt_artifact_counts_as_a_verification_failure(settings: Set
     loader = await start_stage(stage_spec("loader"), settings, port=0)
     preprocess = await start_stage(stage_spec("preprocess"), settings, port=0)
     try:
-        async with grpc.aio.insecure_channel(loader.address) as one, grpc.aio.insecure_channel(preprocess.address) as two:
-            loaded = await loader_pb2_grpc.LoaderServiceStub(one).Load(loader_pb2.LoadRequest(source="sklearn:iris"), timeout=30)
+        async with (
+            grpc.aio.insecure_channel(loader.address) as one,
+            grpc.aio.insecure_channel(preprocess.address) as two,
+        ):
+            loaded = await loader_pb2_grpc.LoaderServiceStub(one).Load(
+                loader_pb2.LoadRequest(source="sklearn:iris"), timeout=30
+            )
             path = Path(urllib.parse.urlparse(loaded.dataset.uri).path)
             path.chmod(0o644)
             data = bytearray(path.read_bytes())
@@ -197,9 +220,16 @@ async def test_a_corrupt_artifact_counts_as_a_verification_failure(settings: Set
             path.write_bytes(bytes(data))
             with pytest.raises(grpc.aio.AioRpcError) as lost:
                 await preprocess_pb2_grpc.PreprocessServiceStub(two).Preprocess(
-                    preprocess_pb2.PreprocessRequest(dataset=ArtifactRef(
-                        uri=loaded.dataset.uri, sha256=loaded.dataset.sha256, size_bytes=loaded.dataset.size_bytes,
-                        media_type=loaded.dataset.media_type)), timeout=30)
+                    preprocess_pb2.PreprocessRequest(
+                        dataset=ArtifactRef(
+                            uri=loaded.dataset.uri,
+                            sha256=loaded.dataset.sha256,
+                            size_bytes=loaded.dataset.size_bytes,
+                            media_type=loaded.dataset.media_type,
+                        )
+                    ),
+                    timeout=30,
+                )
         assert lost.value.code() == grpc.StatusCode.DATA_LOSS
         samples = scrape(preprocess.metrics_url)
         assert value(samples, "mlmesh_store_verification_failures_total", stage="preprocess") == 1
@@ -222,9 +252,14 @@ async def test_metrics_off_serves_nothing(settings: Settings) -> None:
 @pytest.mark.asyncio
 async def test_garbage_on_the_metrics_port_harms_nothing(loader: RunningStage) -> None:
     rng = random.Random(13)
-    junk = [b"\x00" * 64, b"GET /" + b"A" * 70000 + b" HTTP/1.1\r\n\r\n", b"POST /metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-            b"GET /metrics?name[]=" + b"%ff" * 3000 + b" HTTP/1.0\r\n\r\n", b"\r\n" * 5000,
-            *(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4096))) for _ in range(20))]
+    junk = [
+        b"\x00" * 64,
+        b"GET /" + b"A" * 70000 + b" HTTP/1.1\r\n\r\n",
+        b"POST /metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"GET /metrics?name[]=" + b"%ff" * 3000 + b" HTTP/1.0\r\n\r\n",
+        b"\r\n" * 5000,
+        *(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4096))) for _ in range(20)),
+    ]
     for payload in junk:
         reader, writer = await asyncio.open_connection("127.0.0.1", loader.metrics_port)
         writer.write(payload)
@@ -246,10 +281,15 @@ def test_a_stage_whose_metrics_port_is_taken_refuses_to_start(tmp_path: Path) ->
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        env = {**os.environ, "MLMESH_ARTIFACT_ROOT": str(tmp_path), "MLMESH_LOADER_PORT": str(free_ports(1)[0]),
-               "MLMESH_LOADER_METRICS_PORT": str(taken)}
-        result = subprocess.run([str(BIN / "python"), "-m", "services.loader"], env=env, capture_output=True,
-                                text=True, timeout=60)
+        env = {
+            **os.environ,
+            "MLMESH_ARTIFACT_ROOT": str(tmp_path),
+            "MLMESH_LOADER_PORT": str(free_ports(1)[0]),
+            "MLMESH_LOADER_METRICS_PORT": str(taken),
+        }
+        result = subprocess.run(
+            [str(BIN / "python"), "-m", "services.loader"], env=env, capture_output=True, text=True, timeout=60
+        )
     assert result.returncode != 0
     assert f"cannot serve metrics on 127.0.0.1:{taken}" in result.stderr
     assert "MLMESH_LOADER_METRICS_PORT" in result.stderr and "MLMESH_METRICS=off" in result.stderr
@@ -332,21 +372,27 @@ def assert_one_tree(spans: list[dict], root_name: str) -> dict:
             assert span["parent_id"] in by_id, f"{span['service']} {span['name']} has a parent not in the trace"
             parent = by_id[span["parent_id"]]
             assert parent["start"] <= span["start"] and span["end"] <= parent["end"] + 5_000_000, (
-                f"{span['name']} lies outside its parent {parent['name']}")
+                f"{span['name']} lies outside its parent {parent['name']}"
+            )
     return by_id
 
 
 def stage_server_spans(spans: list[dict]) -> dict[str, dict]:
     server_kind = 2  # SPAN_KIND_SERVER
-    return {s["service"]: s for s in spans if s["kind"] == server_kind and s["service"] in STAGES
-            and not s["name"].endswith("/RegisterModel")}
+    return {
+        s["service"]: s
+        for s in spans
+        if s["kind"] == server_kind and s["service"] in STAGES and not s["name"].endswith("/RegisterModel")
+    }
 
 
 def test_up_prints_where_each_stage_serves_metrics(mesh_up: Mesh) -> None:
     for stage in STAGES:
         line = next(line for line in mesh_up.banner if line.startswith(stage))
         assert f"metrics http://127.0.0.1:{mesh_up.metrics[stage]}/metrics" in line, line
-        assert value(scrape(f"http://127.0.0.1:{mesh_up.metrics[stage]}/metrics"), "mlmesh_build_info", stage=stage) == 1
+        assert (
+            value(scrape(f"http://127.0.0.1:{mesh_up.metrics[stage]}/metrics"), "mlmesh_build_info", stage=stage) == 1
+        )
 
 
 def test_pyflyte_run_is_one_trace_across_the_five_stages(mesh_up: Mesh) -> None:
@@ -356,8 +402,13 @@ def test_pyflyte_run_is_one_trace_across_the_five_stages(mesh_up: Mesh) -> None:
     spans = spans_of(mesh_up.receiver, tracing.trace_id_of(run_id), until=40)
     by_id = assert_one_tree(spans, "flyte run")
     tasks = {s["name"] for s in spans if s["name"].startswith("flyte.task ")}
-    assert {"flyte.task load", "flyte.task preprocess", "flyte.task build_features", "flyte.task train",
-            "flyte.task evaluate"} <= tasks
+    assert {
+        "flyte.task load",
+        "flyte.task preprocess",
+        "flyte.task build_features",
+        "flyte.task train",
+        "flyte.task evaluate",
+    } <= tasks
     servers = stage_server_spans(spans)
     assert set(servers) == set(STAGES)
     for stage, server in servers.items():
@@ -410,7 +461,9 @@ def test_every_log_line_is_json_with_the_call_fields(mesh_up: Mesh) -> None:
             assert call["code"] in grpc.StatusCode.__members__ and call["duration_ms"] >= 0
             assert isinstance(call["cache_hit"], (bool, type(None))) and call["run_id"]
             assert len(call["trace_id"]) == 32 and len(call["span_id"]) == 16
-    loader_calls = [json.loads(line) for line in (mesh_up.logs / "loader.log").read_text().splitlines() if '"method"' in line]
+    loader_calls = [
+        json.loads(line) for line in (mesh_up.logs / "loader.log").read_text().splitlines() if '"method"' in line
+    ]
     refused = [c for c in loader_calls if c["code"] != "OK"]
     assert refused and all(c["error"] and "no-such-file.csv" in c["error"] for c in refused), refused
 
@@ -433,15 +486,25 @@ def test_a_real_prometheus_scrapes_the_mesh(mesh_up: Mesh, tmp_path: Path) -> No
     binaries = prometheus_binaries()
     config = tmp_path / "prometheus.yml"
     targets = [f"127.0.0.1:{mesh_up.metrics[s]}" for s in STAGES]
-    config.write_text(json.dumps({  # JSON is YAML
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "mlmesh", "static_configs": [{"targets": targets}]}],
-    }))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [{"job_name": "mlmesh", "static_configs": [{"targets": targets}]}],
+            }
+        )
+    )
     [port] = free_ports(1)
     prometheus = subprocess.Popen(
-        [str(binaries / "prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            str(binaries / "prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
     def query(promql: str) -> list[dict]:
@@ -480,13 +543,20 @@ def test_a_real_prometheus_scrapes_the_mesh(mesh_up: Mesh, tmp_path: Path) -> No
         )
         methods = {s["metric"]["grpc_method"] for s in per_method if float(s["value"][1]) > 0}
         assert {"Load", "Preprocess", "BuildFeatures", "Train", "Evaluate"} <= methods
-        eventually(f'sum(grpc_server_handled_total{{grpc_method="Load"}}) - {done}', lambda r: r and float(r[0]["value"][1]) >= 3)
-        hits = eventually('sum by (stage) (mlmesh_cache_requests_total{result="hit"})',
-                          lambda r: len([s for s in r if float(s["value"][1]) >= 1]) == 5)
+        eventually(
+            f'sum(grpc_server_handled_total{{grpc_method="Load"}}) - {done}',
+            lambda r: r and float(r[0]["value"][1]) >= 3,
+        )
+        hits = eventually(
+            'sum by (stage) (mlmesh_cache_requests_total{result="hit"})',
+            lambda r: len([s for s in r if float(s["value"][1]) >= 1]) == 5,
+        )
         assert {s["metric"]["stage"] for s in hits} == set(STAGES)
         errors = eventually('grpc_server_handled_total{grpc_method="Load", grpc_code!="OK"} > 0', lambda r: len(r) >= 1)
         assert {s["metric"]["grpc_code"] for s in errors} & {"INVALID_ARGUMENT", "NOT_FOUND"}, errors
-        latency = query('histogram_quantile(0.5, sum by (le) (rate(grpc_server_handling_seconds_bucket{grpc_method="Load"}[1m])))')
+        latency = query(
+            'histogram_quantile(0.5, sum by (le) (rate(grpc_server_handling_seconds_bucket{grpc_method="Load"}[1m])))'
+        )
         assert latency and float(latency[0]["value"][1]) >= 0
     finally:
         prometheus.terminate()
@@ -507,8 +577,14 @@ def test_readme_observability_commands_run_as_written(mesh_up: Mesh) -> None:
         script = script.replace(f"127.0.0.1:{DEFAULT_METRICS_PORTS[stage]}", f"127.0.0.1:{mesh_up.metrics[stage]}")
     script = script.replace("http://127.0.0.1:4317", mesh_up.receiver.endpoint)
     roots_before = len([s for s in mesh_up.receiver.spans() if s["name"] == "flyte run"])
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=mesh_up.env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env=mesh_up.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'grpc_code="OK",grpc_method="Load"' in result.stdout and 'result="hit"' in result.stdout
     assert result.stdout.count("SERVING") == 5

@@ -16,24 +16,48 @@ from services.runtime.client import MeshClient, PipelineConfig
 # jsonschema checks "uuid" itself; URIs and times get explicit patterns (their format checkers are optional extras).
 _URI = {"type": "string", "pattern": r"^[a-z][a-z0-9+.-]*://\S+$"}
 _TIME = {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"}
-_FACET = {"type": "object", "required": ["_producer", "_schemaURL"], "properties": {"_producer": _URI, "_schemaURL": _URI}}
-_DATASET = {"type": "object", "required": ["namespace", "name"],
-            "properties": {"namespace": {"type": "string", "minLength": 1}, "name": {"type": "string", "minLength": 1},
-                           "facets": {"type": "object", "additionalProperties": _FACET}}}
+_FACET = {
+    "type": "object",
+    "required": ["_producer", "_schemaURL"],
+    "properties": {"_producer": _URI, "_schemaURL": _URI},
+}
+_DATASET = {
+    "type": "object",
+    "required": ["namespace", "name"],
+    "properties": {
+        "namespace": {"type": "string", "minLength": 1},
+        "name": {"type": "string", "minLength": 1},
+        "facets": {"type": "object", "additionalProperties": _FACET},
+    },
+}
 RUN_EVENT = {
     "type": "object",
     "required": ["eventTime", "producer", "schemaURL", "run", "job"],
     "properties": {
         "eventTime": _TIME,
         "producer": _URI,
-        "schemaURL": {"type": "string", "pattern": r"^https://openlineage\.io/spec/\d+-\d+-\d+/OpenLineage\.json#/\$defs/RunEvent$"},
+        "schemaURL": {
+            "type": "string",
+            "pattern": r"^https://openlineage\.io/spec/\d+-\d+-\d+/OpenLineage\.json#/\$defs/RunEvent$",
+        },
         "eventType": {"enum": ["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"]},
-        "run": {"type": "object", "required": ["runId"],
-                "properties": {"runId": {"type": "string", "format": "uuid"},
-                               "facets": {"type": "object", "additionalProperties": _FACET}}},
-        "job": {"type": "object", "required": ["namespace", "name"],
-                "properties": {"namespace": {"type": "string", "minLength": 1}, "name": {"type": "string", "minLength": 1},
-                               "facets": {"type": "object", "additionalProperties": _FACET}}},
+        "run": {
+            "type": "object",
+            "required": ["runId"],
+            "properties": {
+                "runId": {"type": "string", "format": "uuid"},
+                "facets": {"type": "object", "additionalProperties": _FACET},
+            },
+        },
+        "job": {
+            "type": "object",
+            "required": ["namespace", "name"],
+            "properties": {
+                "namespace": {"type": "string", "minLength": 1},
+                "name": {"type": "string", "minLength": 1},
+                "facets": {"type": "object", "additionalProperties": _FACET},
+            },
+        },
         "inputs": {"type": "array", "items": _DATASET},
         "outputs": {"type": "array", "items": _DATASET},
     },
@@ -60,8 +84,9 @@ async def test_every_stage_call_is_exported_as_valid_openlineage_events(
     broken["run"]["runId"], broken["eventTime"] = "not-a-uuid", "yesterday"
     assert len(list(checker.iter_errors(broken))) == 2
     assert [e["eventType"] for e in events] == ["START", "COMPLETE"] * 5
-    assert [e["job"]["name"] for e in events[::2]] == [f"mlmesh-test.{s}" for s in
-                                                        ("loader", "preprocess", "features", "trainer", "evaluator")]
+    assert [e["job"]["name"] for e in events[::2]] == [
+        f"mlmesh-test.{s}" for s in ("loader", "preprocess", "features", "trainer", "evaluator")
+    ]
     # One pipeline run is the parent of all five; each execution has its own run id.
     parents = {e["run"]["facets"]["parent"]["run"]["runId"] for e in events}
     assert parents == {openlineage.run_uuid(run.run_id)}

@@ -43,15 +43,25 @@ async def features_for(client: MeshClient, rows: int = 4000) -> features_pb2.Bui
     return await client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test))
 
 
-def forest_request(features: features_pb2.BuildFeaturesResponse, trees: int = 60, force: bool = False) -> trainer_pb2.TrainRequest:
+def forest_request(
+    features: features_pb2.BuildFeaturesResponse, trees: int = 60, force: bool = False
+) -> trainer_pb2.TrainRequest:
     return trainer_pb2.TrainRequest(
-        x_train=features.x_train, y_train=features.y_train, model="random_forest",
-        hyperparameters={"n_estimators": str(trees)}, seed=7, force_recompute=force,
+        x_train=features.x_train,
+        y_train=features.y_train,
+        model="random_forest",
+        hyperparameters={"n_estimators": str(trees)},
+        seed=7,
+        force_recompute=force,
     )
 
 
 def checkpoint_folders(artifact_root: Path) -> list[Path]:
-    return sorted((artifact_root / "checkpoints" / "trainer").glob("*")) if (artifact_root / "checkpoints").exists() else []
+    return (
+        sorted((artifact_root / "checkpoints" / "trainer").glob("*"))
+        if (artifact_root / "checkpoints").exists()
+        else []
+    )
 
 
 # ---- in process: one mesh with short idle time and frequent checkpoints ----------------------
@@ -102,7 +112,9 @@ async def test_start_returns_at_once_and_wait_operation_returns_the_result(
         # The same request joins the same operation.
         again = await trainer.StartTraining(forest_request(features), timeout=10)
         assert again.name == operation.name
-        listed = await operations.ListOperations(operations_proto_pb2.ListOperationsRequest(filter="done=false"), timeout=5)
+        listed = await operations.ListOperations(
+            operations_proto_pb2.ListOperationsRequest(filter="done=false"), timeout=5
+        )
         assert [op.name for op in listed.operations] == [operation.name]
         while not operation.done:
             request = operations_proto_pb2.WaitOperationRequest(name=operation.name)
@@ -164,12 +176,18 @@ async def test_cancel_operation_stops_the_fit_and_the_same_request_resumes_from_
             operation = await trainer.StartTraining(forest_request(features), timeout=10)
             progress = trainer_pb2.TrainProgress()
             while progress.step < 10:
-                operation = await operations.GetOperation(operations_proto_pb2.GetOperationRequest(name=operation.name), timeout=5)
+                operation = await operations.GetOperation(
+                    operations_proto_pb2.GetOperationRequest(name=operation.name), timeout=5
+                )
                 operation.metadata.Unpack(progress)
                 await asyncio.sleep(0.05)
-            await operations.CancelOperation(operations_proto_pb2.CancelOperationRequest(name=operation.name), timeout=5)
+            await operations.CancelOperation(
+                operations_proto_pb2.CancelOperationRequest(name=operation.name), timeout=5
+            )
             while not operation.done:
-                operation = await operations.GetOperation(operations_proto_pb2.GetOperationRequest(name=operation.name), timeout=5)
+                operation = await operations.GetOperation(
+                    operations_proto_pb2.GetOperationRequest(name=operation.name), timeout=5
+                )
                 await asyncio.sleep(0.05)
             assert operation.error.code == grpc.StatusCode.CANCELLED.value[0]
             assert len(checkpoint_folders(artifact_root)) == 1, "the cancelled fit kept no checkpoint"
@@ -192,7 +210,9 @@ async def test_a_fit_nobody_asks_about_is_stopped_after_the_idle_time(
     async with MeshClient(settings) as client:
         features = await features_for(client)
         async with grpc.aio.insecure_channel(stages["trainer"].address) as channel:
-            operation = await trainer_pb2_grpc.TrainerServiceStub(channel).StartTraining(forest_request(features, trees=400), timeout=10)
+            operation = await trainer_pb2_grpc.TrainerServiceStub(channel).StartTraining(
+                forest_request(features, trees=400), timeout=10
+            )
             # Nobody asks for 1 s (MLMESH_OPERATION_IDLE_SECONDS in this mesh): the fit stops.
             deadline = time.monotonic() + 20
             while runtime.operations.in_flight() or runtime._flights:
@@ -208,8 +228,14 @@ async def test_a_fit_nobody_asks_about_is_stopped_after_the_idle_time(
 # ---- real processes: `mlmesh up`, SIGKILL and SIGTERM of the trainer, the CLI, grpcurl --------
 @pytest.fixture
 def up(tmp_path: Path) -> UpProcess:
-    env = on_new_ports({**os.environ, "MLMESH_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "MLMESH_GRACE_SECONDS": "5",
-                        "MLMESH_CHECKPOINT_SECONDS": "0.5"})
+    env = on_new_ports(
+        {
+            **os.environ,
+            "MLMESH_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+            "MLMESH_GRACE_SECONDS": "5",
+            "MLMESH_CHECKPOINT_SECONDS": "0.5",
+        }
+    )
     process = UpProcess(env, {s: int(env[f"MLMESH_{s.upper()}_PORT"]) for s in STAGES})
     process.wait_for("mesh is up")
     yield process
@@ -220,7 +246,9 @@ def _client_settings(up: UpProcess) -> Settings:
     return Settings.from_env(up.env)
 
 
-async def _kill_mid_fit(up: UpProcess, how: signal.Signals) -> tuple[trainer_pb2.TrainResult, list[trainer_pb2.TrainProgress], int, float]:
+async def _kill_mid_fit(
+    up: UpProcess, how: signal.Signals
+) -> tuple[trainer_pb2.TrainResult, list[trainer_pb2.TrainProgress], int, float]:
     """Train a forest, hit the trainer with `how` once a checkpoint past 40% exists, and follow the fit to the end."""
     artifact_root = Path(up.env["MLMESH_ARTIFACT_ROOT"])
     async with MeshClient(_client_settings(up)) as client:
@@ -275,8 +303,18 @@ def test_a_fit_longer_than_the_client_deadline_completes_by_reattaching(up: UpPr
     # Each call may take at most 2 s; the forest takes several times that.
     env = {**up.env, "MLMESH_RPC_TIMEOUT_SECONDS": "2"}
     started = time.monotonic()
-    run = mlmesh(env, "run", "--json", "--source", "synthetic:classification?rows=20000&features=12",
-                 "--model", "random_forest", "--hp", "n_estimators=120", timeout=300)
+    run = mlmesh(
+        env,
+        "run",
+        "--json",
+        "--source",
+        "synthetic:classification?rows=20000&features=12",
+        "--model",
+        "random_forest",
+        "--hp",
+        "n_estimators=120",
+        timeout=300,
+    )
     elapsed = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert elapsed > 4, f"the fit took {elapsed:.1f}s: too short to outlive a 2 s deadline"
@@ -298,8 +336,17 @@ def test_status_shows_a_running_fit(up: UpProcess) -> None:
     assert status.returncode == 0, status.stdout
     assert f"running {name}" in status.stdout, status.stdout
     cancel = subprocess.run(
-        [str(GRPCURL), "-plaintext", "-d", json.dumps({"name": name}), f"localhost:{up.ports['trainer']}",
-         "google.longrunning.Operations/CancelOperation"], capture_output=True, text=True, timeout=60,
+        [
+            str(GRPCURL),
+            "-plaintext",
+            "-d",
+            json.dumps({"name": name}),
+            f"localhost:{up.ports['trainer']}",
+            "google.longrunning.Operations/CancelOperation",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cancel.returncode == 0, cancel.stderr
 
@@ -311,11 +358,14 @@ def test_grpcurl_starts_follows_and_reads_a_fit(up: UpProcess) -> None:
 
     built = asyncio.run(features())
     trainer = f"localhost:{up.ports['trainer']}"
-    body = json.dumps({
-        "x_train": {"uri": built.x_train.uri, "sha256": built.x_train.sha256},
-        "y_train": {"uri": built.y_train.uri, "sha256": built.y_train.sha256},
-        "model": "random_forest", "hyperparameters": FOREST,
-    })
+    body = json.dumps(
+        {
+            "x_train": {"uri": built.x_train.uri, "sha256": built.x_train.sha256},
+            "y_train": {"uri": built.y_train.uri, "sha256": built.y_train.sha256},
+            "model": "random_forest",
+            "hyperparameters": FOREST,
+        }
+    )
 
     def grpcurl(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(GRPCURL), "-plaintext", *args], capture_output=True, text=True, timeout=120)

@@ -12,7 +12,6 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest import expect_error
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, TaskKind
 from mlmesh.loader.v1 import loader_pb2
@@ -23,6 +22,7 @@ from services.runtime.errors import FailedPrecondition
 from services.runtime.formats import NPY, PARQUET, array_to_npy, json_bytes_to_doc, read_table
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
+from tests.conftest import expect_error
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 FAILED, DATA_LOSS = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS
@@ -51,8 +51,13 @@ def labelled_frame(counts: dict[str, int]) -> pd.DataFrame:
 
 
 def run(
-    frame: pd.DataFrame, target: str, task: str, fraction: float = 0.2, seed: int = 0,
-    drop_duplicates: bool = False, drop_incomplete: bool = False,
+    frame: pd.DataFrame,
+    target: str,
+    task: str,
+    fraction: float = 0.2,
+    seed: int = 0,
+    drop_duplicates: bool = False,
+    drop_incomplete: bool = False,
 ) -> logic.Prepared:
     return logic.preprocess(frame, target, task, fraction, seed, drop_duplicates, drop_incomplete)
 
@@ -83,13 +88,21 @@ def test_duplicates_are_counted_and_kept_unless_asked() -> None:
     assert kept.rows_in == 12
     # one copy of (1, .5) and two of (3, 2) repeat an earlier row
     assert counts(kept) == {
-        "missing_target": 2, "invalid_target": 0, "incomplete": 0,
-        "duplicates_found": 3, "duplicates_removed": 0, "rows_out": 10,
+        "missing_target": 2,
+        "invalid_target": 0,
+        "incomplete": 0,
+        "duplicates_found": 3,
+        "duplicates_removed": 0,
+        "rows_out": 10,
     }
     dropped = run(repeats_frame(), "y", "regression", drop_duplicates=True)
     assert counts(dropped) == {
-        "missing_target": 2, "invalid_target": 0, "incomplete": 0,
-        "duplicates_found": 3, "duplicates_removed": 3, "rows_out": 7,
+        "missing_target": 2,
+        "invalid_target": 0,
+        "incomplete": 0,
+        "duplicates_found": 3,
+        "duplicates_removed": 3,
+        "rows_out": 7,
     }
     # The missing feature value is kept for the features stage to impute.
     both = pd.concat([dropped.train, dropped.test])
@@ -99,7 +112,9 @@ def test_duplicates_are_counted_and_kept_unless_asked() -> None:
 def test_legitimately_repeated_rows_are_kept_by_default() -> None:
     """Survey answers: few distinct answer patterns, every row a real observation."""
     rng = np.random.RandomState(5)
-    frame = pd.DataFrame({"age_band": rng.randint(0, 3, 200).astype(float), "smoker": rng.randint(0, 2, 200).astype(float)})
+    frame = pd.DataFrame(
+        {"age_band": rng.randint(0, 3, 200).astype(float), "smoker": rng.randint(0, 2, 200).astype(float)}
+    )
     frame["answer"] = np.where(frame["smoker"] == 1, "yes", "no")
     prepared = run(frame, "answer", "classification")
     assert counts(prepared)["rows_out"] == 200 and prepared.duplicate_rows_removed == 0
@@ -113,8 +128,12 @@ def test_infinite_regression_targets_are_invalid_and_counted() -> None:
     frame.loc[11, "y"] = np.nan
     prepared = run(frame, "y", "regression")
     assert counts(prepared) == {
-        "missing_target": 1, "invalid_target": 2, "incomplete": 0,
-        "duplicates_found": 0, "duplicates_removed": 0, "rows_out": 17,
+        "missing_target": 1,
+        "invalid_target": 2,
+        "incomplete": 0,
+        "duplicates_found": 0,
+        "duplicates_removed": 0,
+        "rows_out": 17,
     }
     kept = pd.concat([prepared.train, prepared.test])
     assert np.isfinite(kept["y"]).all() and set(kept["x"]).isdisjoint({2.0, 7.0, 11.0})
@@ -141,8 +160,11 @@ def test_same_row_with_different_targets_is_not_a_duplicate() -> None:
     frame = pd.DataFrame({"a": [1.0] * 4 + [2.0] * 4, "y": [1.0, 2.0, 1.0, 2.0] * 2})
     prepared = run(frame, "y", "regression", fraction=0.5, drop_duplicates=True)
     assert prepared.duplicate_rows_found == prepared.duplicate_rows_removed == 4
-    assert sorted(zip(*[pd.concat([prepared.train, prepared.test])[c] for c in "ay"])) == [
-        (1.0, 1.0), (1.0, 2.0), (2.0, 1.0), (2.0, 2.0)
+    assert sorted(zip(*[pd.concat([prepared.train, prepared.test])[c] for c in "ay"], strict=False)) == [
+        (1.0, 1.0),
+        (1.0, 2.0),
+        (2.0, 1.0),
+        (2.0, 2.0),
     ]
 
 
@@ -210,7 +232,9 @@ def test_unsplittable_data_is_refused() -> None:
         "only 1 usable rows remain of 3 (missing target: 1, invalid target: 0, incomplete: 0, "
         "duplicates dropped: 1); at least 2 are needed for a split"
     )
-    with pytest.raises(FailedPrecondition, match="the dataset has no target column; pass a dataset written by the loader"):
+    with pytest.raises(
+        FailedPrecondition, match="the dataset has no target column; pass a dataset written by the loader"
+    ):
         run(pd.DataFrame({"x": [1.0, 2.0]}), "y", "regression")
 
 
@@ -251,7 +275,11 @@ async def test_iris_is_split_and_encoded(client: MeshClient, settings: Settings)
     assert report["duplicate_rows_found"] == 1 and report["rows_dropped"]["duplicate"] == 0
 
     deduplicated = await client.preprocess(request(loaded.dataset, seed=1, drop_duplicate_rows=True))
-    assert (deduplicated.rows_out, deduplicated.duplicate_rows_found, deduplicated.duplicate_rows_removed) == (149, 1, 1)
+    assert (deduplicated.rows_out, deduplicated.duplicate_rows_found, deduplicated.duplicate_rows_removed) == (
+        149,
+        1,
+        1,
+    )
     assert (deduplicated.train_rows, deduplicated.test_rows) == (119, 30)
 
 
@@ -282,8 +310,13 @@ async def test_cleaning_counts_over_the_service(client: MeshClient, settings: Se
 
     def reasons(reply: preprocess_pb2.PreprocessResponse) -> tuple[int, ...]:
         return (
-            reply.rows_in, reply.missing_target_rows_removed, reply.invalid_target_rows_removed,
-            reply.incomplete_rows_removed, reply.duplicate_rows_found, reply.duplicate_rows_removed, reply.rows_out,
+            reply.rows_in,
+            reply.missing_target_rows_removed,
+            reply.invalid_target_rows_removed,
+            reply.incomplete_rows_removed,
+            reply.duplicate_rows_found,
+            reply.duplicate_rows_removed,
+            reply.rows_out,
         )
 
     kept = await client.preprocess(request(loaded.dataset))
@@ -309,7 +342,8 @@ async def test_bad_test_fraction(client: MeshClient, mesh, fraction: float) -> N
     loaded = await load(client, "sklearn:iris")
     await expect_error(
         client.preprocess(request(loaded.dataset, test_fraction=fraction)),
-        INVALID, "test_fraction must be between 0 and 1",
+        INVALID,
+        "test_fraction must be between 0 and 1",
     )
     await assert_serving(mesh)
 
@@ -330,8 +364,10 @@ async def test_bad_dataset_refs(client: MeshClient, mesh, settings: Settings) ->
     loaded = await load(client, "sklearn:iris")
     absent = "ab" * 32
     missing = ArtifactRef(
-        uri=f"file://{settings.artifact_root}/objects/ab/{absent}.parquet", sha256=absent,
-        size_bytes=10, media_type=PARQUET,
+        uri=f"file://{settings.artifact_root}/objects/ab/{absent}.parquet",
+        sha256=absent,
+        size_bytes=10,
+        media_type=PARQUET,
     )
     await expect_error(client.preprocess(request(missing)), NOT_FOUND, "dataset", "not in the artifact store")
     await assert_serving(mesh)
@@ -377,7 +413,8 @@ async def test_unsplittable_datasets_over_the_service(client: MeshClient, mesh, 
     sparse.write_text("a,y\n1,1.5\n2,\n3,\n")
     loaded = await load(client, str(sparse), "y")
     await expect_error(
-        client.preprocess(request(loaded.dataset)), FAILED,
+        client.preprocess(request(loaded.dataset)),
+        FAILED,
         "only 1 usable rows remain of 3 (missing target: 2, invalid target: 0, incomplete: 0, duplicates dropped: 0)",
     )
     await assert_serving(mesh)
@@ -391,11 +428,16 @@ def test_repeated_rows_by_hashing_match_pandas_exactly() -> None:
     rng = np.random.default_rng(0)
     for _ in range(300):
         n = int(rng.integers(0, 80))
-        frame = pd.DataFrame({
-            "a": rng.choice([0.0, -0.0, 1.0, np.nan, np.inf], n), "b": rng.choice(["x", "y", None], n),
-            "c": pd.Categorical(rng.choice(["p", "q"], n)), "d": rng.integers(0, 2, n),
-            "e": pd.to_datetime(rng.choice(["2020-01-01", None], n)), "f": rng.choice([True, False], n),
-        })
+        frame = pd.DataFrame(
+            {
+                "a": rng.choice([0.0, -0.0, 1.0, np.nan, np.inf], n),
+                "b": rng.choice(["x", "y", None], n),
+                "c": pd.Categorical(rng.choice(["p", "q"], n)),
+                "d": rng.integers(0, 2, n),
+                "e": pd.to_datetime(rng.choice(["2020-01-01", None], n)),
+                "f": rng.choice([True, False], n),
+            }
+        )
         assert (repeated_rows(frame) == frame.duplicated().to_numpy()).all()
     unique = pd.DataFrame({"a": np.arange(1000.0), "b": np.arange(1000) % 7})
     assert not repeated_rows(unique).any()
@@ -406,6 +448,7 @@ def test_a_hash_collision_never_drops_a_row(monkeypatch: pytest.MonkeyPatch) -> 
     from services.preprocess import logic
 
     frame = pd.DataFrame({"a": [1.0, 2.0, 1.0, 3.0], "b": ["x", "y", "x", "z"]})
-    monkeypatch.setattr(logic.pd.util, "hash_pandas_object",
-                        lambda f, index=False: pd.Series(np.zeros(len(f), dtype="uint64")))
+    monkeypatch.setattr(
+        logic.pd.util, "hash_pandas_object", lambda f, index=False: pd.Series(np.zeros(len(f), dtype="uint64"))
+    )
     assert logic.repeated_rows(frame).tolist() == [False, False, True, False]

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from mlmesh.common.v1 import progress_pb2, progress_pb2_grpc
+from services.runtime import watch as watch_module
 from services.runtime.client import MeshClient, PipelineConfig, load_request
 from services.runtime.errors import NotFound, ResourceExhausted
-from services.runtime import watch as watch_module
 from services.runtime.watch import CallWatch
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -23,19 +23,28 @@ BIG = "synthetic:classification?rows=200000&features=20&seed=3"
 
 @pytest.mark.asyncio
 async def test_every_stage_reports_its_phases_to_a_watching_caller(client: MeshClient) -> None:
-    seen: dict[str, list[progress_pb2.WatchCallResponse]] = {stage: [] for stage in ("loader", "preprocess", "features", "evaluator")}
+    seen: dict[str, list[progress_pb2.WatchCallResponse]] = {
+        stage: [] for stage in ("loader", "preprocess", "features", "evaluator")
+    }
     config = PipelineConfig(source=BIG, model="sgd")
     loaded = await client.load(load_request(config), seen["loader"].append)
     assert loaded.rows == 200_000
     from services.runtime.client import evaluate_request, features_request, preprocess_request, train_request
 
     prepared = await client.preprocess(preprocess_request(config, loaded.dataset), seen["preprocess"].append)
-    features = await client.build_features(features_request(config, prepared.train, prepared.test, "sgd"),
-                                           seen["features"].append)
+    features = await client.build_features(
+        features_request(config, prepared.train, prepared.test, "sgd"), seen["features"].append
+    )
     trained = await client.train(train_request(config, features))
-    await client.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile), seen["evaluator"].append)
-    expected = {"loader": "parsing", "preprocess": "cleaning and splitting 200,000 rows",
-                "features": "fitting encoders on", "evaluator": "scoring"}
+    await client.evaluate(
+        evaluate_request(config, trained.model, features, prepared, loaded.profile), seen["evaluator"].append
+    )
+    expected = {
+        "loader": "parsing",
+        "preprocess": "cleaning and splitting 200,000 rows",
+        "features": "fitting encoders on",
+        "evaluator": "scoring",
+    }
     for stage, updates in seen.items():
         messages = [u.message for u in updates]
         assert any(expected[stage] in m for m in messages), (stage, messages)
@@ -50,8 +59,21 @@ async def test_every_stage_reports_its_phases_to_a_watching_caller(client: MeshC
 
 
 def _grpcurl(address: str, body: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([str(GRPCURL), "-plaintext", "-max-time", "20", "-d", json.dumps(body), address,
-                           "mlmesh.common.v1.ProgressService/WatchCall"], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            str(GRPCURL),
+            "-plaintext",
+            "-max-time",
+            "20",
+            "-d",
+            json.dumps(body),
+            address,
+            "mlmesh.common.v1.ProgressService/WatchCall",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.asyncio

@@ -37,8 +37,11 @@ def test_buf_lint_passes(tmp_path: Path) -> None:
     # buf cannot fetch the googleapis module offline, so it lints protoc's image of
     # the protos (generate.py supplies google/longrunning from the installed package).
     image = tmp_path / "image.binpb"
-    subprocess.run([sys.executable, "-c", f"import generate; generate.build_image(__import__('pathlib').Path({str(image)!r}))"],
-                   cwd=PROTO, check=True)
+    subprocess.run(
+        [sys.executable, "-c", f"import generate; generate.build_image(__import__('pathlib').Path({str(image)!r}))"],
+        cwd=PROTO,
+        check=True,
+    )
     result = subprocess.run([_buf(), "lint", str(image), "--path", "mlmesh"], cwd=PROTO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

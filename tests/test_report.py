@@ -128,8 +128,11 @@ def stored(settings: Settings, run: PipelineRun, reply: evaluator_pb2.EvaluateRe
 
 def evaluate_request(run: PipelineRun, **kwargs) -> evaluator_pb2.EvaluateRequest:
     fields = {
-        "model": run.train.model, "x_test": run.features.x_test, "y_test": run.features.y_test,
-        "class_names": run.preprocess.class_names, **kwargs,
+        "model": run.train.model,
+        "x_test": run.features.x_test,
+        "y_test": run.features.y_test,
+        "class_names": run.preprocess.class_names,
+        **kwargs,
     }
     return evaluator_pb2.EvaluateRequest(**fields)
 
@@ -152,9 +155,14 @@ def check_what_ran(page: Page, client: MeshClient, source: str) -> None:
 
 # ---- classification -----------------------------------------------------------------------------
 @pytest.mark.asyncio
-async def test_binary_report_shows_what_ran_curves_and_per_class_metrics(client: MeshClient, settings: Settings) -> None:
-    run = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE, minimums={"accuracy": 0.5}, model="logistic_regression",
-                                                   hyperparameters={"C": "0.5"}))
+async def test_binary_report_shows_what_ran_curves_and_per_class_metrics(
+    client: MeshClient, settings: Settings
+) -> None:
+    run = await client.run_pipeline(
+        PipelineConfig(
+            source=BINARY_SOURCE, minimums={"accuracy": 0.5}, model="logistic_regression", hyperparameters={"C": "0.5"}
+        )
+    )
     model, x, y, report, html = stored(settings, run)
     page = Page(html)
     check_what_ran(page, client, BINARY_SOURCE)
@@ -169,7 +177,14 @@ async def test_binary_report_shows_what_ran_curves_and_per_class_metrics(client:
     assert report["model"]["hyperparameters"]["C"] == 0.5
 
     assert {"roc", "precision-recall", "calibration", "importance-chart"} <= set(page.svgs)
-    for heading in ("ROC curve", "Precision-recall curve", "Calibration", "Confusion matrix", "Per class", "Most important inputs"):
+    for heading in (
+        "ROC curve",
+        "Precision-recall curve",
+        "Calibration",
+        "Confusion matrix",
+        "Per class",
+        "Most important inputs",
+    ):
         assert heading in page.headings, heading
     proba = model.predict_proba(x)[:, 1]
     positive = model.classes_[1]
@@ -191,7 +206,8 @@ async def test_binary_report_shows_what_ran_curves_and_per_class_metrics(client:
 
 def check_per_class_table(page: Page, model, x, y, names: list[str]) -> None:
     precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        y, model.predict(x), labels=model.classes_, zero_division=0)
+        y, model.predict(x), labels=model.classes_, zero_division=0
+    )
     rows = page.tables["per-class"]
     assert rows[0] == ["class", "precision", "recall", "f1", "support"]
     expected = [
@@ -225,7 +241,9 @@ async def test_multiclass_report_names_every_class(client: MeshClient, settings:
 
 # ---- regression -----------------------------------------------------------------------------
 @pytest.mark.asyncio
-async def test_regression_report_shows_residuals_and_permutation_importance(client: MeshClient, settings: Settings) -> None:
+async def test_regression_report_shows_residuals_and_permutation_importance(
+    client: MeshClient, settings: Settings
+) -> None:
     # Gradient boosting has neither feature_importances_ nor coef_: permutation importance it is.
     run = await client.run_pipeline(PipelineConfig(source="sklearn:diabetes", model="hist_gradient_boosting"))
     model, x, y, report, html = stored(settings, run)
@@ -242,11 +260,19 @@ async def test_regression_report_shows_residuals_and_permutation_importance(clie
     residuals = y - model.predict(x)
     histogram = report["residuals"]["histogram"]
     assert sum(histogram["counts"]) == len(y)
-    assert histogram["edges"][0] == pytest.approx(residuals.min()) and histogram["edges"][-1] == pytest.approx(residuals.max())
+    assert histogram["edges"][0] == pytest.approx(residuals.min()) and histogram["edges"][-1] == pytest.approx(
+        residuals.max()
+    )
     assert report["residuals"]["mean"] == pytest.approx(residuals.mean())
     # The same request again: the memo answers, with the same report naming the same run.
-    again = await client.evaluate(evaluate_request(run, profile=run.load.profile, split_report=run.preprocess.split_report,
-                                                   feature_schema=run.features.feature_schema))
+    again = await client.evaluate(
+        evaluate_request(
+            run,
+            profile=run.load.profile,
+            split_report=run.preprocess.split_report,
+            feature_schema=run.features.feature_schema,
+        )
+    )
     assert again.stage.cache_hit and again.html_report.sha256 == run.evaluate.html_report.sha256
 
 
@@ -274,7 +300,7 @@ def test_permutation_importance_is_bounded_and_deterministic() -> None:
 async def test_report_edge_cases_never_fail(client: MeshClient, settings: Settings) -> None:
     store = ArtifactStore(settings.artifact_root)
     run = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE, minimums={"accuracy": 0.5}))
-    model, x, y, _, _ = stored(settings, run)
+    _model, x, y, _, _ = stored(settings, run)
 
     # A test split of one class: no ROC or PR curve, a calibration curve and a per-class table still.
     single = await client.evaluate(evaluate_request(run, y_test=store.put(array_to_npy(np.zeros_like(y)), NPY)))
@@ -302,8 +328,9 @@ async def test_regression_edge_cases_never_fail(client: MeshClient, settings: Se
     # Zero-variance residuals: every test row the same, every target its prediction plus one.
     same = np.repeat(x.to_numpy()[:1], len(y), axis=0)
     shifted = np.full(len(y), float(model.predict(x.iloc[:1])[0]) + 1.0)
-    reply = await client.evaluate(evaluate_request(
-        run, x_test=store.put(array_to_npy(same), NPY), y_test=store.put(array_to_npy(shifted), NPY)))
+    reply = await client.evaluate(
+        evaluate_request(run, x_test=store.put(array_to_npy(same), NPY), y_test=store.put(array_to_npy(shifted), NPY))
+    )
     _, _, _, report, html = stored(settings, run, reply)
     assert reply.metrics["mae"] == pytest.approx(1.0) and report["residuals"]["std"] < 1e-9
     assert "r2" in reply.metrics  # constant targets: scikit-learn's finite r2
@@ -321,9 +348,15 @@ async def test_regression_edge_cases_never_fail(client: MeshClient, settings: Se
 @pytest.mark.asyncio
 async def test_two_hundred_classes_keep_the_report_small(client: MeshClient, settings: Settings) -> None:
     source = "synthetic:classification?rows=6000&features=12&classes=200&seed=1"
-    run = await client.run_pipeline(PipelineConfig(
-        source=source, model="random_forest", hyperparameters={"n_estimators": "10", "max_depth": "6"}, minimums={"accuracy": 0.0}))
-    model, x, y, report, html = stored(settings, run)
+    run = await client.run_pipeline(
+        PipelineConfig(
+            source=source,
+            model="random_forest",
+            hyperparameters={"n_estimators": "10", "max_depth": "6"},
+            minimums={"accuracy": 0.0},
+        )
+    )
+    model, _x, _y, report, html = stored(settings, run)
     assert len(model.classes_) == 200
     page = Page(html)
     assert len(page.legends[0]) == logic.MAX_CURVE_CLASSES == len(report["roc_curves"]) == len(report["pr_curves"])
@@ -339,11 +372,17 @@ async def test_hostile_manifests_are_escaped_or_left_out(client: MeshClient, set
     run = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE, minimums={"accuracy": 0.5}))
     evil = "<script>alert(1)</script>"
     # The trainer's manifest rewritten with markup, odd types and huge text; the loader's removed.
-    store.write_doc(("manifests", f"{run.train.model.sha256}.json"), {
-        "stage": "trainer", "stage_version": evil, "created_at": evil, "duration_seconds": "NaN",
-        "params": {"model": evil * 1000, evil: [evil], "n": float("inf")},
-        "inputs": {"x_train": {"sha256": run.features.x_train.sha256}},
-    })
+    store.write_doc(
+        ("manifests", f"{run.train.model.sha256}.json"),
+        {
+            "stage": "trainer",
+            "stage_version": evil,
+            "created_at": evil,
+            "duration_seconds": "NaN",
+            "params": {"model": evil * 1000, evil: [evil], "n": float("inf")},
+            "inputs": {"x_train": {"sha256": run.features.x_train.sha256}},
+        },
+    )
     for ref in (run.load.dataset, run.load.profile, run.load.schema):
         store.remove(("manifests", f"{ref.sha256}.json"))
     reply = await client.evaluate(evaluate_request(run, force_recompute=True, minimums={"accuracy": 0.5}))
@@ -359,8 +398,13 @@ async def test_hostile_manifests_are_escaped_or_left_out(client: MeshClient, set
 @pytest.mark.asyncio
 async def test_a_recomputation_in_another_run_makes_the_same_bytes(client: MeshClient, settings: Settings) -> None:
     run = await client.run_pipeline(PipelineConfig(source="sklearn:iris"))
-    request = evaluate_request(run, profile=run.load.profile, split_report=run.preprocess.split_report,
-                               feature_schema=run.features.feature_schema, force_recompute=True)
+    request = evaluate_request(
+        run,
+        profile=run.load.profile,
+        split_report=run.preprocess.split_report,
+        feature_schema=run.features.feature_schema,
+        force_recompute=True,
+    )
     async with MeshClient(settings, addresses=client.addresses, run_id="run-20300101T000000-abcdef") as other:
         again = await other.evaluate(request)
     assert not again.stage.cache_hit
@@ -380,12 +424,22 @@ def test_report_for_a_200k_row_split_stays_under_a_megabyte() -> None:
     assert all(len(c["fpr"]) <= logic.MAX_CURVE_POINTS for c in evaluation.roc_curves)
     assert all(len(c["recall"]) <= logic.MAX_CURVE_POINTS for c in evaluation.pr_curves)
     report = {
-        "task_kind": evaluation.task, "metrics": evaluation.metrics, "thresholds": {"minimums": {}, "maximums": {}},
-        "importances": {"kind": evaluation.importance_kind, "values": evaluation.importances}, "decision": "RETRAIN",
-        "reasons": [], "notes": evaluation.notes, "test_rows": len(y), "class_names": ["a", "b", "c"],
-        "confusion_matrix": evaluation.confusion_matrix, "roc_curves": evaluation.roc_curves,
-        "predictions": evaluation.predictions, "pr_curves": evaluation.pr_curves, "calibration": evaluation.calibration,
-        "per_class": evaluation.per_class, "residuals": evaluation.residuals,
+        "task_kind": evaluation.task,
+        "metrics": evaluation.metrics,
+        "thresholds": {"minimums": {}, "maximums": {}},
+        "importances": {"kind": evaluation.importance_kind, "values": evaluation.importances},
+        "decision": "RETRAIN",
+        "reasons": [],
+        "notes": evaluation.notes,
+        "test_rows": len(y),
+        "class_names": ["a", "b", "c"],
+        "confusion_matrix": evaluation.confusion_matrix,
+        "roc_curves": evaluation.roc_curves,
+        "predictions": evaluation.predictions,
+        "pr_curves": evaluation.pr_curves,
+        "calibration": evaluation.calibration,
+        "per_class": evaluation.per_class,
+        "residuals": evaluation.residuals,
     }
     assert len(to_json_bytes(report)) < 1_000_000 and len(render_html(report).encode()) < 1_000_000
 
@@ -393,8 +447,17 @@ def test_report_for_a_200k_row_split_stays_under_a_megabyte() -> None:
     from sklearn.linear_model import Ridge
 
     evaluation = logic.evaluate(Ridge().fit(x[:5000], regression_y[:5000]), x, regression_y)
-    report.update(task_kind="regression", metrics=evaluation.metrics, predictions=evaluation.predictions,
-                  residuals=evaluation.residuals, class_names=[], per_class=[], roc_curves=[], pr_curves=[], calibration={})
+    report.update(
+        task_kind="regression",
+        metrics=evaluation.metrics,
+        predictions=evaluation.predictions,
+        residuals=evaluation.residuals,
+        class_names=[],
+        per_class=[],
+        roc_curves=[],
+        pr_curves=[],
+        calibration={},
+    )
     assert len(to_json_bytes(report)) < 1_000_000 and len(render_html(report).encode()) < 1_000_000
 
 
@@ -416,8 +479,8 @@ def png_pixels(data: bytes) -> np.ndarray:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     offset, chunks, header = 8, [], None
     while offset < len(data):
-        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
-        body = data[offset + 8:offset + 8 + length]
+        length, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        body = data[offset + 8 : offset + 8 + length]
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":

@@ -48,8 +48,14 @@ def people(rows: int = ROWS, seed: int = 0) -> pd.DataFrame:
 
 
 EXPECTED_ROLES = {
-    "row_id": "identifier", "height": "numeric", "member": "boolean", "colour": "categorical",
-    "joined": "datetime", "email": "identifier", "remark": "text", "unit": "constant",
+    "row_id": "identifier",
+    "height": "numeric",
+    "member": "boolean",
+    "colour": "categorical",
+    "joined": "datetime",
+    "email": "identifier",
+    "remark": "text",
+    "unit": "constant",
 }
 
 
@@ -61,7 +67,9 @@ def write(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def load_file(path: Path, target: str = "label", task: str | None = None, roles: dict | None = None) -> logic.LoadedDataset:
+def load_file(
+    path: Path, target: str = "label", task: str | None = None, roles: dict | None = None
+) -> logic.LoadedDataset:
     return logic.load_dataset(logic.parse_source(str(path)), target, task, BIG, roles)
 
 
@@ -78,9 +86,7 @@ def test_every_role_is_inferred_from_values(tmp_path: Path, suffix: str) -> None
     reasons = {c.name: c.reason for c in loaded.columns}
     assert reasons["row_id"] == "whole numbers, every one distinct, that look like a row key"
     assert reasons["email"] == "every one of its 60 values is distinct"
-    assert reasons["remark"] == (
-        "free text: 40 distinct values in 60 rows; declare it categorical to encode it anyway"
-    )
+    assert reasons["remark"] == ("free text: 40 distinct values in 60 rows; declare it categorical to encode it anyway")
     assert reasons["unit"] == "it holds a single value"
     assert not any(c.overridden for c in loaded.columns)
     # Only feature roles reach the dataset, in canonical types, followed by the target.
@@ -110,12 +116,13 @@ def test_iso_date_text_and_typed_datetimes_give_the_same_values_with_gaps(tmp_pa
     from_csv = load_file(write(as_text, tmp_path / "dates.csv"), "y")
     from_parquet = load_file(write(typed, tmp_path / "dates.parquet"), "y")
     for loaded in (from_csv, from_parquet):
-        when = [c for c in loaded.columns if c.name == "when"][0]
+        when = next(c for c in loaded.columns if c.name == "when")
         assert (when.role, when.missing_ratio, when.distinct_values) == ("datetime", pytest.approx(1 / 3, abs=1e-6), 2)
         assert loaded.frame["when"].dtype == "datetime64[us]"
     # Converted to UTC and stored without a zone; the gaps stay missing.
     assert from_csv.frame["when"].iloc[:3].tolist()[:2] == [
-        pd.Timestamp("2024-02-29 10:30:00"), pd.Timestamp("2024-02-29 22:00:00")
+        pd.Timestamp("2024-02-29 10:30:00"),
+        pd.Timestamp("2024-02-29 22:00:00"),
     ]
     assert from_csv.frame["when"].isna().sum() == 10
     pd.testing.assert_series_equal(from_csv.frame["when"], from_parquet.frame["when"])
@@ -148,12 +155,11 @@ def test_an_integer_zip_code_declared_categorical_keeps_its_levels(tmp_path: Pat
     path = write(frame, tmp_path / f"homes{suffix}")
     assert {c.name: c.role for c in load_file(path, "price").columns}["zip"] == "numeric"
     loaded = load_file(path, "price", roles={"zip": "categorical"})
-    zip_column = [c for c in loaded.columns if c.name == "zip"][0]
+    zip_column = next(c for c in loaded.columns if c.name == "zip")
     assert (zip_column.role, zip_column.overridden, zip_column.reason) == ("categorical", True, "set by the caller")
     # "2134", not "2134.0"; the gap stays missing rather than becoming the text "nan".
     assert sorted(loaded.frame["zip"].dropna().unique()) == ["10001", "2134", "94105"]
     assert loaded.frame["zip"].isna().sum() == 10
-
 
 
 def test_a_zip_code_with_leading_zeros_keeps_its_spelling_from_csv_and_parquet(tmp_path: Path) -> None:
@@ -175,6 +181,7 @@ def test_whole_floats_declared_categorical_give_the_same_levels_from_csv_and_par
         levels.append(sorted(loaded.frame["mode"].dropna().unique()))
     assert levels[0] == levels[1] == ["1", "2", "3"]
 
+
 def test_whole_numbers_are_identifiers_only_when_they_look_like_a_key() -> None:
     rng = np.random.RandomState(3)
     frame = pd.DataFrame(
@@ -189,8 +196,11 @@ def test_whole_numbers_are_identifiers_only_when_they_look_like_a_key() -> None:
     )
     _, decisions, _ = logic.decide_columns(frame, "y", {})
     assert {c.name: c.role for c in decisions} == {
-        "row_id": "identifier", "customer_id": "identifier", "step": "identifier",
-        "income": "numeric", "visits": "numeric",
+        "row_id": "identifier",
+        "customer_id": "identifier",
+        "step": "identifier",
+        "income": "numeric",
+        "visits": "numeric",
     }
 
 
@@ -251,7 +261,7 @@ def test_numbers_beyond_the_float_range_span_are_profiled_without_a_histogram(tm
 def test_every_role_can_be_set(tmp_path: Path, role: str) -> None:
     column = {"boolean": "member", "datetime": "joined"}.get(role, "height")
     loaded = load_file(write(people(), tmp_path / "people.parquet"), roles={column: role})
-    decision = [c for c in loaded.columns if c.name == column][0]
+    decision = next(c for c in loaded.columns if c.name == column)
     assert (decision.role, decision.overridden, decision.reason) == (role, True, "set by the caller")
     assert (column in loaded.feature_names) == (role in FEATURE_ROLES)
     # The other columns keep their inferred roles.
@@ -274,19 +284,34 @@ def test_overrides_convert_values_to_the_declared_role(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("roles", "error", "message"),
     [
-        ({"colour_typo": "numeric"}, InvalidArgument,
-         "column_roles names 1 column(s) the dataset does not have, e.g. 'colour_typo'; its columns are: 'row_id', "),
-        ({"label": "categorical"}, InvalidArgument,
-         "column_roles sets a role for the target column 'label'; the target is chosen with target_column "
-         "and its kind with task_kind"),
-        ({"colour": "numeric"}, FailedPrecondition,
-         "column 'colour' was declared numeric, but 60 of its values are not numbers; "
-         "declare it categorical or fix the values"),
-        ({"colour": "boolean"}, FailedPrecondition,
-         "column 'colour' was declared boolean, but its values are not all true/false, yes/no or 0/1; "
-         "declare it categorical instead"),
-        ({"height": "datetime"}, FailedPrecondition,
-         "column 'height' was declared datetime, but its values are not all ISO 8601 dates or times"),
+        (
+            {"colour_typo": "numeric"},
+            InvalidArgument,
+            "column_roles names 1 column(s) the dataset does not have, e.g. 'colour_typo'; its columns are: 'row_id', ",
+        ),
+        (
+            {"label": "categorical"},
+            InvalidArgument,
+            "column_roles sets a role for the target column 'label'; the target is chosen with target_column "
+            "and its kind with task_kind",
+        ),
+        (
+            {"colour": "numeric"},
+            FailedPrecondition,
+            "column 'colour' was declared numeric, but 60 of its values are not numbers; "
+            "declare it categorical or fix the values",
+        ),
+        (
+            {"colour": "boolean"},
+            FailedPrecondition,
+            "column 'colour' was declared boolean, but its values are not all true/false, yes/no or 0/1; "
+            "declare it categorical instead",
+        ),
+        (
+            {"height": "datetime"},
+            FailedPrecondition,
+            "column 'height' was declared datetime, but its values are not all ISO 8601 dates or times",
+        ),
     ],
 )
 def test_impossible_overrides_are_refused(tmp_path: Path, roles: dict, error: type, message: str) -> None:
@@ -307,7 +332,11 @@ TEXTBOOK = np.random.RandomState(11)
         (pd.Series(TEXTBOOK.poisson(3, 1000)), "regression", "some have fewer than 10 rows, like a count"),
         # A sum of integers: many distinct values.
         (pd.Series(TEXTBOOK.randint(0, 50, (1000, 4)).sum(axis=1)), "regression", "more than 20 classes"),
-        (pd.Series(TEXTBOOK.choice([1, 2, 3], 300)), "classification", "3 distinct whole numbers, each with at least 10 rows"),
+        (
+            pd.Series(TEXTBOOK.choice([1, 2, 3], 300)),
+            "classification",
+            "3 distinct whole numbers, each with at least 10 rows",
+        ),
         (pd.Series(TEXTBOOK.choice([1.0, 2.0, 3.0, np.nan], 300)), "classification", "3 distinct whole numbers"),
         (pd.Series(TEXTBOOK.choice(["cat", "dog", "eel"], 30)), "classification", "holds text labels"),
         (pd.Series(TEXTBOOK.choice(["1", "2"], 30)), "classification", "holds two distinct values"),
@@ -322,7 +351,7 @@ def test_task_is_inferred_from_the_target_values(target: pd.Series, kind: str, r
 
 
 def test_a_target_without_finite_values_is_refused() -> None:
-    with pytest.raises(FailedPrecondition, match="^target column 'y' has no finite values$"):
+    with pytest.raises(FailedPrecondition, match=r"^target column 'y' has no finite values$"):
         logic.decide_task(pd.Series([np.inf, -np.inf, np.nan]), "y")
 
 
@@ -347,8 +376,14 @@ async def test_every_role_can_be_set_over_the_service(client: MeshClient, settin
     frame = people().assign(answer=["yes", "no"] * 30)
     path = write(frame, tmp_path / "people.csv")
     overrides = {
-        "row_id": "numeric", "answer": "boolean", "email": "categorical", "joined": "datetime",
-        "height": "identifier", "colour": "text", "member": "constant", "remark": "ignore",
+        "row_id": "numeric",
+        "answer": "boolean",
+        "email": "categorical",
+        "joined": "datetime",
+        "height": "identifier",
+        "colour": "text",
+        "member": "constant",
+        "remark": "ignore",
     }
     assert set(overrides.values()) == set(ROLES)
     reply = await client.load(load_request(path, **{name: role_value(role) for name, role in overrides.items()}))
@@ -371,21 +406,25 @@ async def test_every_role_can_be_set_over_the_service(client: MeshClient, settin
 async def test_bad_overrides_over_the_service(client: MeshClient, tmp_path: Path) -> None:
     path = write(people(), tmp_path / "people.parquet")
     await expect_error(
-        client.load(load_request(path, colour_typo=ColumnRole.COLUMN_ROLE_NUMERIC)), INVALID,
+        client.load(load_request(path, colour_typo=ColumnRole.COLUMN_ROLE_NUMERIC)),
+        INVALID,
         "column_roles names 1 column(s) the dataset does not have, e.g. 'colour_typo'",
     )
     await expect_error(
-        client.load(load_request(path, label=ColumnRole.COLUMN_ROLE_CATEGORICAL)), INVALID,
+        client.load(load_request(path, label=ColumnRole.COLUMN_ROLE_CATEGORICAL)),
+        INVALID,
         "column_roles sets a role for the target column 'label'",
     )
     details = await expect_error(
-        client.load(load_request(path, colour=ColumnRole.COLUMN_ROLE_NUMERIC)), FAILED,
+        client.load(load_request(path, colour=ColumnRole.COLUMN_ROLE_NUMERIC)),
+        FAILED,
         "column 'colour' was declared numeric, but 60 of its values are not numbers",
     )
     assert not any(word in details for word in ("'red'", "green", "blue"))
     for number in (0, 99):  # UNSPECIFIED, and a number the enum does not have
         await expect_error(
-            client.load(load_request(path, colour=number)), INVALID,
+            client.load(load_request(path, colour=number)),
+            INVALID,
             f"column_roles['colour'] has role number {number}; use one of COLUMN_ROLE_NUMERIC, COLUMN_ROLE_BOOLEAN",
         )
 
@@ -398,7 +437,11 @@ async def test_csv_and_parquet_train_the_same_model(client: MeshClient, tmp_path
     runs = []
     for suffix in (".csv", ".parquet"):
         path = write(table, tmp_path / f"people{suffix}")
-        runs.append(await client.run_pipeline(PipelineConfig(source=str(path), target_column="label", minimums={"accuracy": 0.5})))
+        runs.append(
+            await client.run_pipeline(
+                PipelineConfig(source=str(path), target_column="label", minimums={"accuracy": 0.5})
+            )
+        )
     from_csv, from_parquet = runs
     assert [(c.name, c.role, c.reason, c.missing_ratio, c.distinct_values) for c in from_csv.load.columns] == [
         (c.name, c.role, c.reason, c.missing_ratio, c.distinct_values) for c in from_parquet.load.columns

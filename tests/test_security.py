@@ -23,7 +23,6 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlmesh.evaluator.v1 import evaluator_pb2
 from services.runtime.client import MeshClient, PipelineConfig, StageCallError, check_health, load_request
@@ -53,21 +52,25 @@ class Material:
         self.runner_token, self.release_token = secrets.token_hex(32), secrets.token_hex(32)
         self.tokens = folder / "tokens"
         self.tokens.write_text(
-            "# name roles token\n"
-            f"runner pipeline {self.runner_token}\n"
-            f"release pipeline,register {self.release_token}\n"
+            f"# name roles token\nrunner pipeline {self.runner_token}\nrelease pipeline,register {self.release_token}\n"
         )
 
     def server_env(self, artifacts: Path, mtls: bool = False, tokens: bool = False, **extra: str) -> dict[str, str]:
-        env = {"MLMESH_ARTIFACT_ROOT": str(artifacts), "MLMESH_GRACE_SECONDS": "0.5",
-               "MLMESH_TLS_CERT": str(self.server.cert), "MLMESH_TLS_KEY": str(self.server.key)}
+        env = {
+            "MLMESH_ARTIFACT_ROOT": str(artifacts),
+            "MLMESH_GRACE_SECONDS": "0.5",
+            "MLMESH_TLS_CERT": str(self.server.cert),
+            "MLMESH_TLS_KEY": str(self.server.key),
+        }
         if mtls:
             env["MLMESH_TLS_CLIENT_CA"] = str(self.ca.cert)
         if tokens:
             env["MLMESH_AUTH_TOKENS_FILE"] = str(self.tokens)
         return {**env, **extra}
 
-    def client_env(self, artifacts: Path, ca: Path | None = None, cert: Issued | None = None, token: str = "") -> dict[str, str]:
+    def client_env(
+        self, artifacts: Path, ca: Path | None = None, cert: Issued | None = None, token: str = ""
+    ) -> dict[str, str]:
         env = {"MLMESH_ARTIFACT_ROOT": str(artifacts), "MLMESH_RECONNECT_SECONDS": "20"}
         if ca is not None:
             env["MLMESH_TLS_CA"] = str(ca)
@@ -126,7 +129,9 @@ async def tls_mesh(material: Material, tmp_path: Path) -> AsyncIterator[dict[str
 
 @pytest.mark.asyncio
 async def test_a_tls_mesh_runs_the_pipeline_for_clients_that_trust_its_ca(
-    material: Material, tls_mesh: dict[str, RunningStage], tmp_path: Path,
+    material: Material,
+    tls_mesh: dict[str, RunningStage],
+    tmp_path: Path,
 ) -> None:
     env = material.client_env(tmp_path / "artifacts", ca=material.ca.cert)
     async with MeshClient(Settings.from_env(env), addresses=_addresses(tls_mesh)) as client:
@@ -137,7 +142,9 @@ async def test_a_tls_mesh_runs_the_pipeline_for_clients_that_trust_its_ca(
 
 @pytest.mark.asyncio
 async def test_plaintext_and_untrusting_clients_are_refused_with_what_to_set(
-    material: Material, tls_mesh: dict[str, RunningStage], tmp_path: Path,
+    material: Material,
+    tls_mesh: dict[str, RunningStage],
+    tmp_path: Path,
 ) -> None:
     plaintext = await _refused(material.client_env(tmp_path), tls_mesh)
     assert plaintext.code == grpc.StatusCode.UNAVAILABLE and "set MLMESH_TLS_CA" in plaintext.details
@@ -157,8 +164,12 @@ async def test_a_tls_client_of_a_plaintext_stage_is_told_so(material: Material, 
 
 
 @pytest.mark.asyncio
-async def test_a_stage_will_not_start_with_an_expired_or_unreadable_certificate(material: Material, tmp_path: Path) -> None:
-    env = material.server_env(tmp_path, MLMESH_TLS_CERT=str(material.expired.cert), MLMESH_TLS_KEY=str(material.expired.key))
+async def test_a_stage_will_not_start_with_an_expired_or_unreadable_certificate(
+    material: Material, tmp_path: Path
+) -> None:
+    env = material.server_env(
+        tmp_path, MLMESH_TLS_CERT=str(material.expired.cert), MLMESH_TLS_KEY=str(material.expired.key)
+    )
     with pytest.raises(OSError, match="the certificate expired on"):
         await _start(("loader",), env)
     garbage = tmp_path / "garbage.pem"
@@ -174,7 +185,9 @@ async def test_a_stage_will_not_start_with_an_expired_or_unreadable_certificate(
 # ---- mTLS --------------------------------------------------------------------------------------
 @pytest.mark.asyncio
 async def test_mtls_admits_only_certificates_of_the_client_ca(
-    material: Material, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    material: Material,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     stages = await _start(("loader",), material.server_env(tmp_path / "artifacts", mtls=True))
     try:
@@ -225,7 +238,10 @@ async def _raw_load(stages: dict[str, RunningStage], material: Material, metadat
     ],
 )
 async def test_stage_calls_need_a_valid_bearer_token(
-    material: Material, token_mesh: dict[str, RunningStage], metadata: tuple, code: grpc.StatusCode,
+    material: Material,
+    token_mesh: dict[str, RunningStage],
+    metadata: tuple,
+    code: grpc.StatusCode,
 ) -> None:
     metadata = tuple((key, value.replace("RUNNER", material.runner_token)) for key, value in metadata)
     assert await _raw_load(token_mesh, material, metadata) == code
@@ -236,35 +252,55 @@ async def test_stage_calls_need_a_valid_bearer_token(
 
 @pytest.mark.asyncio
 async def test_fuzzed_authorization_metadata_is_always_unauthenticated(
-    material: Material, token_mesh: dict[str, RunningStage],
+    material: Material,
+    token_mesh: dict[str, RunningStage],
 ) -> None:
     """Random schemes, lengths, bytes and near-misses of a real token: never INTERNAL, never admitted."""
     import random
 
     rng = random.Random(11)
     real = material.runner_token
-    values = ["", " ", "Bearer", "bearer  ", f"Bearer {real[:-1]}", f"Bearer {real}x", f"Bearer {real.upper()}",
-              f"Token {real}", f"Bearer  {real}x", "Bearer " + "a" * 4000]
+    values = [
+        "",
+        " ",
+        "Bearer",
+        "bearer  ",
+        f"Bearer {real[:-1]}",
+        f"Bearer {real}x",
+        f"Bearer {real.upper()}",
+        f"Token {real}",
+        f"Bearer  {real}x",
+        "Bearer " + "a" * 4000,
+    ]
     alphabet = "".join(chr(c) for c in range(33, 127))
     for _ in range(40):
         length = rng.choice([1, 16, 63, 64, 65, 500])
-        values.append(rng.choice(["Bearer ", "bearer ", "", "Basic "]) + "".join(rng.choice(alphabet) for _ in range(length)))
+        values.append(
+            rng.choice(["Bearer ", "bearer ", "", "Basic "]) + "".join(rng.choice(alphabet) for _ in range(length))
+        )
     codes = {await _raw_load(token_mesh, material, (("authorization", value),)) for value in values}
     assert codes == {grpc.StatusCode.UNAUTHENTICATED}
     # Binary metadata under the same key is not a token either.
-    assert await _raw_load(token_mesh, material, (("authorization-bin", bytes(range(256))),)) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        await _raw_load(token_mesh, material, (("authorization-bin", bytes(range(256))),))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
 
 
 @pytest.mark.asyncio
 async def test_registering_a_model_needs_the_register_role(
-    material: Material, token_mesh: dict[str, RunningStage], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    material: Material,
+    token_mesh: dict[str, RunningStage],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     runner_env = material.client_env(tmp_path / "artifacts", ca=material.ca.cert, token=material.runner_token)
     release_env = material.client_env(tmp_path / "artifacts", ca=material.ca.cert, token=material.release_token)
     async with MeshClient(Settings.from_env(runner_env), addresses=_addresses(token_mesh)) as runner:
         run = await runner.run_pipeline(IRIS)
         request = evaluator_pb2.RegisterModelRequest(
-            name="iris", model=run.train.model, metrics_report=run.evaluate.metrics_report)
+            name="iris", model=run.train.model, metrics_report=run.evaluate.metrics_report
+        )
         with caplog.at_level(logging.INFO, logger="mlmesh.rpc"), pytest.raises(StageCallError) as refused:
             await runner.register_model(request)
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -307,7 +343,8 @@ def _grpcurl(*args: str) -> subprocess.CompletedProcess:
 async def _grpcurl_async(*args: str) -> subprocess.CompletedProcess:
     """grpcurl against a stage served by this very event loop, which must keep running meanwhile."""
     process = await asyncio.create_subprocess_exec(
-        str(GRPCURL), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        str(GRPCURL), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     return subprocess.CompletedProcess(args, process.returncode, out.decode(), err.decode())
 
@@ -344,10 +381,16 @@ def test_every_token_is_compared_and_the_right_one_found(tmp_path: Path) -> None
 
 # ---- real processes: mlmesh up, the CLI, the probe, grpcurl ------------------------------------
 @pytest.fixture(scope="module")
-def secured_up(material: Material, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[UpProcess, dict[str, str]]]:
+def secured_up(
+    material: Material, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[UpProcess, dict[str, str]]]:
     artifacts = tmp_path_factory.mktemp("secured-artifacts")
-    env = {**os.environ, **material.server_env(artifacts, mtls=True, tokens=True),
-           **material.full_client_env(artifacts), "MLMESH_GRACE_SECONDS": "1"}
+    env = {
+        **os.environ,
+        **material.server_env(artifacts, mtls=True, tokens=True),
+        **material.full_client_env(artifacts),
+        "MLMESH_GRACE_SECONDS": "1",
+    }
     ports = use_free_ports(env)
     up = UpProcess({**env}, ports)
     up.wait_for("mesh is up")
@@ -355,13 +398,20 @@ def secured_up(material: Material, tmp_path_factory: pytest.TempPathFactory) -> 
     up.stop()
 
 
-def test_the_cli_and_probe_work_over_mtls_with_a_token(secured_up: tuple[UpProcess, dict[str, str]], material: Material) -> None:
-    up, env = secured_up
+def test_the_cli_and_probe_work_over_mtls_with_a_token(
+    secured_up: tuple[UpProcess, dict[str, str]], material: Material
+) -> None:
+    _up, env = secured_up
     status = subprocess.run([str(BIN / "mlmesh"), "status"], env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and status.stdout.count("SERVING") == 5, status.stdout + status.stderr
     # The runner token may not register models (it has "pipeline" only), so the run does not ask to.
-    run = subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:iris", "--json", "--no-register"], env=env,
-                         capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [str(BIN / "mlmesh"), "run", "--source", "sklearn:iris", "--json", "--no-register"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)
     assert summary["metrics"]["accuracy"] >= 0.9
@@ -372,7 +422,9 @@ def test_the_cli_and_probe_work_over_mtls_with_a_token(secured_up: tuple[UpProce
     probe = [sys.executable, "-m", "services.runtime.probe", "--stage", "trainer"]
     ok = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr
-    untrusting = {k: v for k, v in env.items() if not k.startswith(("MLMESH_TLS_CA", "MLMESH_TLS_CERT", "MLMESH_TLS_KEY"))}
+    untrusting = {
+        k: v for k, v in env.items() if not k.startswith(("MLMESH_TLS_CA", "MLMESH_TLS_CERT", "MLMESH_TLS_KEY"))
+    }
     untrusting = {k: v for k, v in untrusting.items() if k != "MLMESH_TLS_CLIENT_CA"}
     bad = subprocess.run(probe, env=untrusting, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and "SERVING" not in bad.stdout.replace("NOT_SERVING", ""), bad.stdout
@@ -380,13 +432,20 @@ def test_the_cli_and_probe_work_over_mtls_with_a_token(secured_up: tuple[UpProce
     status = subprocess.run([str(BIN / "mlmesh"), "status"], env=untrusting, capture_output=True, text=True, timeout=60)
     assert status.returncode == 1 and status.stdout.count("set MLMESH_TLS_CA") == 5, status.stdout
     anonymous = {k: v for k, v in env.items() if k != "MLMESH_AUTH_TOKEN"}
-    refused = subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"], env=anonymous,
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"],
+        env=anonymous,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_pyflyte_runs_the_workflow_over_mtls_with_a_token(
-    secured_up: tuple[UpProcess, dict[str, str]], material: Material, tmp_path: Path,
+    secured_up: tuple[UpProcess, dict[str, str]],
+    material: Material,
+    tmp_path: Path,
 ) -> None:
     """The Flyte tasks are clients too: the same variables secure their calls."""
     _, env = secured_up
@@ -401,11 +460,15 @@ def test_pyflyte_runs_the_workflow_over_mtls_with_a_token(
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "decision  PROMOTE" in result.stdout and "registered as wine-logistic_regression v1" in result.stdout
     # "runner" may train and evaluate, but the promotion step is refused, by name.
-    runner = subprocess.run([*command, "--seed", "3"], cwd=root, env=flyte_env, capture_output=True, text=True, timeout=300)
+    runner = subprocess.run(
+        [*command, "--seed", "3"], cwd=root, env=flyte_env, capture_output=True, text=True, timeout=300
+    )
     output = " ".join((runner.stdout + runner.stderr).split())
     assert runner.returncode != 0 and "PERMISSION_DENIED: token 'runner' may not call RegisterModel" in output
     anonymous = {k: v for k, v in flyte_env.items() if k != "MLMESH_AUTH_TOKEN"}
-    refused = subprocess.run([*command, "--seed", "4"], cwd=root, env=anonymous, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [*command, "--seed", "4"], cwd=root, env=anonymous, capture_output=True, text=True, timeout=300
+    )
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stdout + refused.stderr
 
 
@@ -430,17 +493,26 @@ def test_real_grpcurl_over_mtls(secured_up: tuple[UpProcess, dict[str, str]], ma
 
 def test_each_call_is_logged_with_its_caller(secured_up: tuple[UpProcess, dict[str, str]]) -> None:
     up, env = secured_up
-    subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:wine", "--json", "--no-register"], env=env,
-                   capture_output=True, text=True, timeout=180, check=True)
+    subprocess.run(
+        [str(BIN / "mlmesh"), "run", "--source", "sklearn:wine", "--json", "--no-register"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
     up.stop()
     output = up.rest()
     calls = [line for line in output.splitlines() if " rpc method=/mlmesh." in line]
     succeeded = [line for line in calls if "status=OK" in line]
     # Every call names its token and certificate: "runner" from the CLI, "release" from the workflow's run.
-    assert succeeded and all(re.search(r"caller=token:(runner|release),cert:\S*pipeline-runner", line)
-                             for line in succeeded), "\n".join(succeeded[-5:])
+    assert succeeded and all(
+        re.search(r"caller=token:(runner|release),cert:\S*pipeline-runner", line) for line in succeeded
+    ), "\n".join(succeeded[-5:])
     assert any("caller=token:runner," in line for line in succeeded)
-    assert any("status=UNAUTHENTICATED" in line and "caller=cert:" in line for line in calls)  # the earlier anonymous run
+    assert any(
+        "status=UNAUTHENTICATED" in line and "caller=cert:" in line for line in calls
+    )  # the earlier anonymous run
     assert any("status=PERMISSION_DENIED" in line and "caller=token:runner," in line for line in calls)  # RegisterModel
 
 
@@ -453,14 +525,24 @@ def _block(blocks: list[str], marker: str) -> str:
 def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> None:
     blocks = readme_section_blocks("Securing the mesh")
     make_certs, settings, up_block, clients = (
-        _block(blocks, "openssl req -x509"), _block(blocks, "export MLMESH_TLS_CERT"),
-        _block(blocks, "mlmesh up"), _block(blocks, "mlmesh status"))
+        _block(blocks, "openssl req -x509"),
+        _block(blocks, "export MLMESH_TLS_CERT"),
+        _block(blocks, "mlmesh up"),
+        _block(blocks, "mlmesh status"),
+    )
     assert up_block.strip() == ".venv/bin/mlmesh up"
-    made = subprocess.run(["bash", "-euo", "pipefail", "-c", make_certs], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    made = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", make_certs], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert made.returncode == 0, made.stderr
     # The environment the settings block leaves behind, exactly.
-    exported = subprocess.run(["bash", "-euo", "pipefail", "-c", settings + "\nenv -0"], cwd=tmp_path,
-                              capture_output=True, timeout=30, env=dict(os.environ))
+    exported = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", settings + "\nenv -0"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        env=dict(os.environ),
+    )
     assert exported.returncode == 0, exported.stderr
     env = dict(item.split("=", 1) for item in exported.stdout.decode().split("\0") if "=" in item)
     assert len(Path(tmp_path, env["MLMESH_AUTH_TOKEN_FILE"]).read_text().strip()) == 64
@@ -472,16 +554,28 @@ def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> Non
         script = clients.replace(".venv/bin/", f"{BIN}/")
         for stage, port in ports.items():
             script = script.replace(f"localhost:{50051 + STAGES.index(stage)}", f"localhost:{port}")
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         out = result.stdout
         assert out.count("SERVING") >= 6  # mlmesh status (5) and the probe
         assert "PROMOTE" in out and "mlmesh.loader.v1.LoaderService" in out and '"rows": "150"' in out
         # The same mesh refuses a caller without the token or the certificate.
         anonymous = {k: v for k, v in env.items() if k != "MLMESH_AUTH_TOKEN_FILE"}
-        refused = subprocess.run([str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"], cwd=tmp_path,
-                                 env=anonymous, capture_output=True, text=True, timeout=60)
+        refused = subprocess.run(
+            [str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"],
+            cwd=tmp_path,
+            env=anonymous,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
     finally:
         up.stop()

@@ -20,8 +20,6 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from services.runtime.server import stage_spec
-from tests.conftest import expect_error
 from google.longrunning import operations_grpc_pb2, operations_proto_pb2
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,9 +33,10 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.runtime.client import MeshClient, PipelineConfig
 from services.runtime.formats import NPY, array_to_npy, npy_to_array
-from services.runtime.server import RunningStage, start_stage
+from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
 from services.runtime.store import ArtifactStore
+from tests.conftest import expect_error
 
 REPO = Path(__file__).resolve().parents[1]
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -55,7 +54,9 @@ async def health_status(address: str, service: str = "", timeout: float = 2.0) -
 async def assert_serving(stage: RunningStage) -> None:
     for service in ("", stage.spec.service_name):
         status = await health_status(stage.address, service)
-        assert status == SERVING, f"{stage.spec.name} {service!r}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+        assert status == SERVING, (
+            f"{stage.spec.name} {service!r}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+        )
 
 
 # ---- health ---------------------------------------------------------------------------------
@@ -108,7 +109,9 @@ async def test_health_is_not_serving_until_the_store_accepts_a_write(
 
 
 # ---- reflection -----------------------------------------------------------------------------
-async def _reflect(address: str, request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:
+async def _reflect(
+    address: str, request: reflection_pb2.ServerReflectionRequest
+) -> reflection_pb2.ServerReflectionResponse:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = stub.ServerReflectionInfo(iter([request]), timeout=5)
@@ -126,7 +129,10 @@ async def test_reflection_lists_and_describes_the_stage(mesh: dict[str, RunningS
     # The trainer's fits are long-running operations, followed through google.longrunning.
     operations = {"google.longrunning.Operations"} if name == "trainer" else set()
     assert services == {
-        stage.spec.service_name, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", *operations,
+        stage.spec.service_name,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        *operations,
         # Every stage lets a caller follow its unary calls (services/runtime/watch.py).
         "mlmesh.common.v1.ProgressService",
     }
@@ -180,9 +186,7 @@ async def test_a_taken_port_is_a_clear_start_error(settings: Settings) -> None:
 async def _pipeline_refs(client: MeshClient) -> dict[str, object]:
     loaded = await client.load(loader_pb2.LoadRequest(source="sklearn:iris"))
     prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
-    features = await client.build_features(
-        features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test)
-    )
+    features = await client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test))
     trained = await client.train(
         trainer_pb2.TrainRequest(x_train=features.x_train, y_train=features.y_train, model="logistic_regression")
     )
@@ -305,17 +309,29 @@ async def test_request_over_the_message_limit_is_resource_exhausted(
     stage = mesh[name]
     kind, request = _oversized(name, settings.max_message_bytes + 1024)
     assert request.ByteSize() > settings.max_message_bytes
-    method = "/" + stage.spec.service_name + "/" + {
-        "loader": "Load", "preprocess": "Preprocess", "features": "BuildFeatures",
-        "trainer": "Train", "evaluator": "Evaluate",
-    }[name]
+    method = (
+        "/"
+        + stage.spec.service_name
+        + "/"
+        + {
+            "loader": "Load",
+            "preprocess": "Preprocess",
+            "features": "BuildFeatures",
+            "trainer": "Train",
+            "evaluator": "Evaluate",
+        }[name]
+    )
     # A raw channel without the client's own send limit, so the server is what refuses.
     async with grpc.aio.insecure_channel(stage.address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             if kind == "unary":
-                await channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString())(request, timeout=10)
+                await channel.unary_unary(method, request_serializer=lambda m: m.SerializeToString())(
+                    request, timeout=10
+                )
             else:
-                call = channel.unary_stream(method, request_serializer=lambda m: m.SerializeToString())(request, timeout=10)
+                call = channel.unary_stream(method, request_serializer=lambda m: m.SerializeToString())(
+                    request, timeout=10
+                )
                 async for _ in call:
                     pass
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
@@ -333,15 +349,15 @@ async def test_health_answers_within_deadline_while_trainer_is_busy(
 ) -> None:
     loaded = await client.load(loader_pb2.LoadRequest(source="synthetic:classification?rows=20000&features=30"))
     prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
-    features = await client.build_features(
-        features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test)
-    )
+    features = await client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test))
     trainer = mesh["trainer"]
     training = asyncio.ensure_future(
         client.train(
             trainer_pb2.TrainRequest(
-                x_train=features.x_train, y_train=features.y_train,
-                model="random_forest", hyperparameters={"n_estimators": "300"},
+                x_train=features.x_train,
+                y_train=features.y_train,
+                model="random_forest",
+                hyperparameters={"n_estimators": "300"},
             )
         )
     )
@@ -412,12 +428,15 @@ async def test_infinite_feature_and_target_values_run_through_the_pipeline(
 
 
 @pytest.mark.asyncio
-async def test_infinite_values_are_refused_with_their_own_codes(client: MeshClient, mesh, settings: Settings, tmp_path: Path) -> None:
+async def test_infinite_values_are_refused_with_their_own_codes(
+    client: MeshClient, mesh, settings: Settings, tmp_path: Path
+) -> None:
     failed, invalid = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT
     x = np.linspace(0, 1, 40)
     no_target = _write_table(tmp_path / "no_target.parquet", pd.DataFrame({"x": x, "y": [np.inf, -np.inf] * 20}))
     await expect_error(
-        client.load(loader_pb2.LoadRequest(source=no_target, target_column="y")), failed,
+        client.load(loader_pb2.LoadRequest(source=no_target, target_column="y")),
+        failed,
         "target column 'y' has no finite values",
     )
     # Finite numbers whose range is beyond float64: loaded and profiled, refused when scaling overflows.
@@ -426,11 +445,13 @@ async def test_infinite_values_are_refused_with_their_own_codes(client: MeshClie
     prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
     await expect_error(
         client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test)),
-        failed, "encoding the features overflowed: some numbers are too large (near 1e308) to scale or multiply",
+        failed,
+        "encoding the features overflowed: some numbers are too large (near 1e308) to scale or multiply",
     )
     await expect_error(
         client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset, test_fraction=float("inf"))),
-        invalid, "test_fraction must be between 0 and 1",
+        invalid,
+        "test_fraction must be between 0 and 1",
     )
 
     refs = await _pipeline_refs(client)
@@ -439,23 +460,44 @@ async def test_infinite_values_are_refused_with_their_own_codes(client: MeshClie
     x_train = npy_to_array(store.get(features.x_train), "x_train").copy()  # decoded arrays are read-only views
     x_train[0, 0] = np.inf
     await expect_error(
-        client.train(trainer_pb2.TrainRequest(
-            x_train=store.put(array_to_npy(x_train), NPY), y_train=features.y_train, model="logistic_regression")),
-        failed, "x_train holds infinite values; pass the x_train the features stage returned",
+        client.train(
+            trainer_pb2.TrainRequest(
+                x_train=store.put(array_to_npy(x_train), NPY), y_train=features.y_train, model="logistic_regression"
+            )
+        ),
+        failed,
+        "x_train holds infinite values; pass the x_train the features stage returned",
     )
     # JSON's Infinity as a hyperparameter: scikit-learn's constraints decide.
-    unregularized = await client.train(trainer_pb2.TrainRequest(
-        x_train=features.x_train, y_train=features.y_train, model="logistic_regression", hyperparameters={"C": "Infinity"}))
+    unregularized = await client.train(
+        trainer_pb2.TrainRequest(
+            x_train=features.x_train,
+            y_train=features.y_train,
+            model="logistic_regression",
+            hyperparameters={"C": "Infinity"},
+        )
+    )
     assert unregularized.effective_hyperparameters["C"] == "Infinity"
     await expect_error(
-        client.train(trainer_pb2.TrainRequest(
-            x_train=features.x_train, y_train=features.y_train, model="sgd", hyperparameters={"alpha": "Infinity"})),
-        invalid, "invalid hyperparameter for sgd: The 'alpha' parameter of SGDClassifier",
+        client.train(
+            trainer_pb2.TrainRequest(
+                x_train=features.x_train, y_train=features.y_train, model="sgd", hyperparameters={"alpha": "Infinity"}
+            )
+        ),
+        invalid,
+        "invalid hyperparameter for sgd: The 'alpha' parameter of SGDClassifier",
     )
     await expect_error(
-        client.evaluate(evaluator_pb2.EvaluateRequest(
-            model=refs["trained"].model, x_test=features.x_test, y_test=features.y_test, maximums={"log_loss": float("inf")})),
-        invalid, "maximums['log_loss'] must be a finite number",
+        client.evaluate(
+            evaluator_pb2.EvaluateRequest(
+                model=refs["trained"].model,
+                x_test=features.x_test,
+                y_test=features.y_test,
+                maximums={"log_loss": float("inf")},
+            )
+        ),
+        invalid,
+        "maximums['log_loss'] must be a finite number",
     )
     for stage in mesh.values():
         await assert_serving(stage)
@@ -474,8 +516,12 @@ def start_loader_process(tmp_path: Path) -> tuple[subprocess.Popen, int]:
         "MLMESH_GRACE_SECONDS": "1",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.loader"], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "services.loader"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 30
     status = None
@@ -516,9 +562,8 @@ def test_sigterm_ends_a_stage_whose_worker_is_busy_within_its_grace_period(tmp_p
     source = "synthetic:classification?rows=1000000&features=40&seed=5"  # about 10 s of loading
 
     def load() -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            with contextlib.suppress(grpc.RpcError):
-                loader_pb2_grpc.LoaderServiceStub(channel).Load(loader_pb2.LoadRequest(source=source), timeout=60)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, contextlib.suppress(grpc.RpcError):
+            loader_pb2_grpc.LoaderServiceStub(channel).Load(loader_pb2.LoadRequest(source=source), timeout=60)
 
     caller = threading.Thread(target=load, daemon=True)
     caller.start()
@@ -539,14 +584,30 @@ async def test_garbage_in_the_table_fields_gets_an_honest_code(client: MeshClien
 
     rng = np.random.RandomState(12)
     table = tmp_path / "table.csv"
-    pd.DataFrame({"city": rng.choice(["a", "b", "c"], 80), "size": rng.normal(size=80),
-                  "when": pd.date_range("2024-01-01", periods=80).astype(str), "y": rng.randint(0, 2, 80)}).to_csv(table, index=False)
+    pd.DataFrame(
+        {
+            "city": rng.choice(["a", "b", "c"], 80),
+            "size": rng.normal(size=80),
+            "when": pd.date_range("2024-01-01", periods=80).astype(str),
+            "y": rng.randint(0, 2, 80),
+        }
+    ).to_csv(table, index=False)
     config = PipelineConfig(source=str(table), target_column="y")
     loaded = await client.load(load_request(config))
     prepared = await client.preprocess(preprocess_request(config, loaded.dataset))
     features = await client.build_features(features_request(config, prepared.train, prepared.test))
-    refs = [loaded.dataset, loaded.schema, loaded.profile, prepared.train, prepared.test, prepared.split_report,
-            features.x_train, features.y_train, features.transformer, features.feature_schema]
+    refs = [
+        loaded.dataset,
+        loaded.schema,
+        loaded.profile,
+        prepared.train,
+        prepared.test,
+        prepared.split_report,
+        features.x_train,
+        features.y_train,
+        features.transformer,
+        features.feature_schema,
+    ]
     words = ["", "city", "size", "when", "y", "nope", "\x00", "é" * 50, "x" * 2000]
 
     def garbage_int() -> int:
@@ -555,22 +616,56 @@ async def test_garbage_in_the_table_fields_gets_an_honest_code(client: MeshClien
     calls = []
     for _ in range(20):
         roles = {str(rng.choice(words)): garbage_int() for _ in range(rng.randint(0, 4))}
-        calls.append(client.load(loader_pb2.LoadRequest(
-            source=str(table), target_column=str(rng.choice(words)), task_kind=garbage_int() % 5, column_roles=roles)))
+        calls.append(
+            client.load(
+                loader_pb2.LoadRequest(
+                    source=str(table),
+                    target_column=str(rng.choice(words)),
+                    task_kind=garbage_int() % 5,
+                    column_roles=roles,
+                )
+            )
+        )
         request = features_pb2.BuildFeaturesRequest(
-            train=refs[rng.randint(len(refs))], test=refs[rng.randint(len(refs))], scaling=garbage_int(),
-            numeric_imputation=garbage_int(), categorical_encoding=garbage_int(), max_one_hot_levels=garbage_int(),
-            min_level_count=garbage_int(), polynomial_degree=garbage_int() % 6, select_k_best=garbage_int(),
-            missing_indicators=bool(rng.randint(2)), seed=garbage_int())
+            train=refs[rng.randint(len(refs))],
+            test=refs[rng.randint(len(refs))],
+            scaling=garbage_int(),
+            numeric_imputation=garbage_int(),
+            categorical_encoding=garbage_int(),
+            max_one_hot_levels=garbage_int(),
+            min_level_count=garbage_int(),
+            polynomial_degree=garbage_int() % 6,
+            select_k_best=garbage_int(),
+            missing_indicators=bool(rng.randint(2)),
+            seed=garbage_int(),
+        )
         calls.append(client.build_features(request))
-        calls.append(client.preprocess(preprocess_pb2.PreprocessRequest(
-            dataset=refs[rng.randint(len(refs))], drop_duplicate_rows=bool(rng.randint(2)),
-            drop_incomplete_rows=bool(rng.randint(2)), seed=garbage_int())))
-        calls.append(client.train(trainer_pb2.TrainRequest(
-            x_train=features.x_train, y_train=features.y_train, feature_schema=refs[rng.randint(len(refs))],
-            model=str(rng.choice(["", "ridge", "hist_gradient_boosting", "nope"])))))
-    honest = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
-              grpc.StatusCode.RESOURCE_EXHAUSTED}
+        calls.append(
+            client.preprocess(
+                preprocess_pb2.PreprocessRequest(
+                    dataset=refs[rng.randint(len(refs))],
+                    drop_duplicate_rows=bool(rng.randint(2)),
+                    drop_incomplete_rows=bool(rng.randint(2)),
+                    seed=garbage_int(),
+                )
+            )
+        )
+        calls.append(
+            client.train(
+                trainer_pb2.TrainRequest(
+                    x_train=features.x_train,
+                    y_train=features.y_train,
+                    feature_schema=refs[rng.randint(len(refs))],
+                    model=str(rng.choice(["", "ridge", "hist_gradient_boosting", "nope"])),
+                )
+            )
+        )
+    honest = {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
     refused = [o for o in outcomes if isinstance(o, StageCallError)]
     assert all(not isinstance(o, Exception) or isinstance(o, StageCallError) for o in outcomes), outcomes
@@ -591,8 +686,11 @@ async def test_a_stage_at_its_call_limit_refuses_calls_but_always_answers_health
     try:
         async with grpc.aio.insecure_channel(stage.address) as channel:
             loader = loader_pb2_grpc.LoaderServiceStub(channel)
-            busy = asyncio.ensure_future(loader.Load(
-                loader_pb2.LoadRequest(source="synthetic:classification?rows=300000&features=20&seed=9"), timeout=60))
+            busy = asyncio.ensure_future(
+                loader.Load(
+                    loader_pb2.LoadRequest(source="synthetic:classification?rows=300000&features=20&seed=9"), timeout=60
+                )
+            )
             await asyncio.sleep(0.5)  # the first call holds the only slot
             assert not busy.done()
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -602,7 +700,8 @@ async def test_a_stage_at_its_call_limit_refuses_calls_but_always_answers_health
             for _ in range(5):  # health is never counted against the limit
                 started = time.perf_counter()
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service="mlmesh.loader.v1.LoaderService"), timeout=2)
+                    health_pb2.HealthCheckRequest(service="mlmesh.loader.v1.LoaderService"), timeout=2
+                )
                 assert reply.status == SERVING and time.perf_counter() - started < 1
             assert (await busy).rows == 300000
             # The slot is free again.

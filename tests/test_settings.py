@@ -17,8 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     settings = Settings.from_env({})
-    assert settings.ports == {"loader": 50051, "preprocess": 50052, "features": 50053, "trainer": 50054, "evaluator": 50055}
-    assert DEFAULT_PORTS == settings.ports and list(settings.ports) == list(STAGES)
+    assert settings.ports == {
+        "loader": 50051,
+        "preprocess": 50052,
+        "features": 50053,
+        "trainer": 50054,
+        "evaluator": 50055,
+    }
+    assert settings.ports == DEFAULT_PORTS and list(settings.ports) == list(STAGES)
     assert settings.addresses == {stage: f"127.0.0.1:{port}" for stage, port in settings.ports.items()}
     assert settings.artifact_root == str(tmp_path.resolve() / "artifacts")
     assert os.path.isabs(settings.artifact_root)
@@ -77,7 +83,9 @@ def test_overrides(tmp_path: Path) -> None:
     assert settings.artifact_root == str((tmp_path / "store").resolve())
     assert settings.bind_host == "0.0.0.0"
     assert settings.ports == {**DEFAULT_PORTS, "loader": 6001, "evaluator": 0}
-    assert settings.addresses["loader"] == "127.0.0.1:6001"  # follows the overridden port; a wildcard bind is dialled locally
+    assert (
+        settings.addresses["loader"] == "127.0.0.1:6001"
+    )  # follows the overridden port; a wildcard bind is dialled locally
     assert settings.addresses["features"] == "features.internal:7000"
     assert settings.addresses["trainer"] == "127.0.0.1:50054"
     assert settings.log_level == "DEBUG"
@@ -163,12 +171,16 @@ def test_out_of_range_values_are_refused_as_typed(variable: str, value: str, fra
     assert fragment in str(caught.value)
 
 
-def test_data_roots_default_to_the_working_folder_and_resolve_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_roots_default_to_the_working_folder_and_resolve_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     assert Settings.from_env({}).data_roots == (str(tmp_path.resolve()),)
-    roots = Settings.from_env({"MLMESH_DATA_ROOTS": " link , file:///srv/x/../data ,s3://bucket/sets,https://h/p/"}).data_roots
+    roots = Settings.from_env(
+        {"MLMESH_DATA_ROOTS": " link , file:///srv/x/../data ,s3://bucket/sets,https://h/p/"}
+    ).data_roots
     assert roots == (str((tmp_path / "real").resolve()), "/srv/data", "s3://bucket/sets/", "https://h/p/")
     assert Settings.from_env({"MLMESH_DATA_ROOTS": ""}).data_roots == (str(tmp_path.resolve()),)  # empty is unset
     with pytest.raises(SettingsError, match="chains URLs with '::'"):
@@ -180,7 +192,7 @@ def test_security_settings_are_checked_at_start(tmp_path: Path) -> None:
     pem.write_text("x")
     with pytest.raises(SettingsError, match="MLMESH_TLS_CLIENT_CERT and MLMESH_TLS_CLIENT_KEY must be set together"):
         Settings.from_env({"MLMESH_TLS_CLIENT_CERT": str(pem)})
-    with pytest.raises(SettingsError, match="MLMESH_TLS_CLIENT_CA .mTLS. needs TLS"):
+    with pytest.raises(SettingsError, match=r"MLMESH_TLS_CLIENT_CA .mTLS. needs TLS"):
         Settings.from_env({"MLMESH_TLS_CLIENT_CA": str(pem)})
     with pytest.raises(SettingsError, match="MLMESH_REFLECTION='maybe' must be one of: open, token, off"):
         Settings.from_env({"MLMESH_REFLECTION": "maybe"})

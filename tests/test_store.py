@@ -16,7 +16,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from tests.conftest import expect_error
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.evaluator.v1 import evaluator_pb2
@@ -30,6 +29,7 @@ from services.runtime.errors import DataLoss, InvalidArgument, NotFound, Resourc
 from services.runtime.formats import JSON, NPY, PARQUET, SKOPS, array_to_npy, npy_to_array
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
+from tests.conftest import expect_error
 
 DIGEST_OF_NOTHING_STORED = "0" * 64
 
@@ -72,8 +72,14 @@ def test_put_get_round_trip_and_ref_shape(store: ArtifactStore, artifact_root: P
 
 @pytest.mark.parametrize(
     ("media_type", "suffix"),
-    [(PARQUET, ".parquet"), (NPY, ".npy"), (SKOPS, ".skops"), (JSON, ".json"), ("text/html", ".html"),
-     ("application/octet-stream", "")],
+    [
+        (PARQUET, ".parquet"),
+        (NPY, ".npy"),
+        (SKOPS, ".skops"),
+        (JSON, ".json"),
+        ("text/html", ".html"),
+        ("application/octet-stream", ""),
+    ],
 )
 def test_uri_suffix_follows_media_type(store: ArtifactStore, media_type: str, suffix: str) -> None:
     ref = store.put(f"payload for {media_type}".encode(), media_type)
@@ -179,7 +185,7 @@ def test_a_buffered_read_verifies_the_digest_and_decodes_in_place(store: Artifac
     tampered = bytearray(data)
     tampered[-1] ^= 0x01
     local_path(ref).write_bytes(bytes(tampered))
-    with pytest.raises(DataLoss, match="x_train .* is corrupt or was replaced") as caught:
+    with pytest.raises(DataLoss, match=r"x_train .* is corrupt or was replaced") as caught:
         store.get_buffer(ref, "x_train")
     assert "force_recompute=true" in str(caught.value)
     # Truncated, and emptied: never a crash, always DATA_LOSS.
@@ -230,7 +236,7 @@ def test_get_of_a_missing_object_is_not_found(store: ArtifactStore) -> None:
     ref = store.put(b"soon gone", NPY)
     local_path(ref).unlink()
     assert not store.exists(ref)
-    with pytest.raises(NotFound, match="x_train .* is not in the artifact store"):
+    with pytest.raises(NotFound, match=r"x_train .* is not in the artifact store"):
         store.get(ref, "x_train")
 
 
@@ -362,9 +368,7 @@ def test_memory_root_put_get_manifest_and_lineage(memory_store: ArtifactStore) -
         assert store.get(ref) == name.encode()
         assert store.exists(ref)
     assert store.manifest(refs["source"].sha256) == {"stage": "loader", "inputs": {}}
-    assert [m["stage"] for m in store.lineage(refs["joined"].sha256)] == [
-        "trainer", "preprocess", "features", "loader"
-    ]
+    assert [m["stage"] for m in store.lineage(refs["joined"].sha256)] == ["trainer", "preprocess", "features", "loader"]
     assert store.find_digest(refs["right"].sha256[:8]) == refs["right"].sha256
     assert store.find_digest(refs["right"].uri) == refs["right"].sha256
     store.write_doc(("memo", "loader", "k.json"), {"ok": True})
@@ -400,7 +404,10 @@ async def test_tampered_dataset_gives_data_loss_then_force_recompute_repairs(cli
     details = await expect_error(
         client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset)),
         grpc.StatusCode.DATA_LOSS,
-        "dataset", "corrupt", loaded.dataset.sha256, "force_recompute=true",
+        "dataset",
+        "corrupt",
+        loaded.dataset.sha256,
+        "force_recompute=true",
     )
     assert "Traceback" not in details
 
@@ -421,20 +428,28 @@ def _bad_refs(settings: Settings) -> dict[str, tuple[ArtifactRef, grpc.StatusCod
     return {
         "traversal": (
             ArtifactRef(uri=f"file://{root}/objects/../../etc/passwd", sha256=digest),
-            grpc.StatusCode.INVALID_ARGUMENT, "outside the store",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outside the store",
         ),
-        "s3": (ArtifactRef(uri="s3://bucket/objects/ab/x.npy", sha256=digest), grpc.StatusCode.INVALID_ARGUMENT, "'s3'"),
+        "s3": (
+            ArtifactRef(uri="s3://bucket/objects/ab/x.npy", sha256=digest),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "'s3'",
+        ),
         "http": (
             ArtifactRef(uri="http://169.254.169.254/latest/meta-data", sha256=digest),
-            grpc.StatusCode.INVALID_ARGUMENT, "'http'",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "'http'",
         ),
         "missing": (
             ArtifactRef(uri=f"file://{root}/objects/ab/{digest}.npy", sha256=digest),
-            grpc.StatusCode.NOT_FOUND, "is not in the artifact store",
+            grpc.StatusCode.NOT_FOUND,
+            "is not in the artifact store",
         ),
         "bad-sha": (
             ArtifactRef(uri=f"file://{root}/objects/ab/{digest}.npy", sha256="xyz"),
-            grpc.StatusCode.INVALID_ARGUMENT, "sha256 must be 64 lowercase hex",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sha256 must be 64 lowercase hex",
         ),
         "empty-uri": (ArtifactRef(sha256=digest), grpc.StatusCode.INVALID_ARGUMENT, "uri is required"),
     }

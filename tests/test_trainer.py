@@ -8,7 +8,6 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest import expect_error
 from sklearn.ensemble import (
     HistGradientBoostingClassifier,
     HistGradientBoostingRegressor,
@@ -29,6 +28,7 @@ from services.runtime.settings import Settings
 from services.runtime.stage import Run
 from services.runtime.store import ArtifactStore
 from services.trainer import logic
+from tests.conftest import expect_error
 
 INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
 CLASSIFICATION_SOURCE = "synthetic:classification?rows=300&features=6&classes=3&seed=1"
@@ -90,9 +90,7 @@ def test_literal_round_trips() -> None:
 
 # ---- the catalogue ------------------------------------------------------------------------
 def test_all_model_names() -> None:
-    assert logic.all_model_names() == [
-        "hist_gradient_boosting", "logistic_regression", "random_forest", "ridge", "sgd"
-    ]
+    assert logic.all_model_names() == ["hist_gradient_boosting", "logistic_regression", "random_forest", "ridge", "sgd"]
 
 
 @pytest.mark.parametrize(("task", "model"), list(ESTIMATORS))
@@ -108,9 +106,16 @@ def test_build_estimator_uses_seed_and_our_defaults(task: str, model: str) -> No
 
 def test_build_estimator_types_hyperparameters() -> None:
     forest = logic.build_estimator(
-        "classification", "random_forest",
-        {"n_estimators": "7", "max_features": "sqrt", "bootstrap": "false", "max_depth": "null",
-         "min_samples_leaf": "0.1", "class_weight": '"balanced"'},
+        "classification",
+        "random_forest",
+        {
+            "n_estimators": "7",
+            "max_features": "sqrt",
+            "bootstrap": "false",
+            "max_depth": "null",
+            "min_samples_leaf": "0.1",
+            "class_weight": '"balanced"',
+        },
         seed=3,
     )
     assert forest.n_estimators == 7 and isinstance(forest.n_estimators, int)
@@ -260,8 +265,12 @@ async def features_for(client: MeshClient, source: str, seed: int = 0, fraction:
 
 def train_request(built, model: str, hyperparameters: dict[str, str] | None = None, seed: int = 5, force: bool = False):
     return trainer_pb2.TrainRequest(
-        x_train=built.x_train, y_train=built.y_train, model=model,
-        hyperparameters=hyperparameters or {}, seed=seed, force_recompute=force,
+        x_train=built.x_train,
+        y_train=built.y_train,
+        model=model,
+        hyperparameters=hyperparameters or {},
+        seed=seed,
+        force_recompute=force,
     )
 
 
@@ -271,7 +280,9 @@ async def assert_serving(mesh) -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("task", "model"), list(ESTIMATORS))
-async def test_every_model_trains_deterministically(client: MeshClient, settings: Settings, task: str, model: str) -> None:
+async def test_every_model_trains_deterministically(
+    client: MeshClient, settings: Settings, task: str, model: str
+) -> None:
     source = CLASSIFICATION_SOURCE if task == "classification" else REGRESSION_SOURCE
     built = await features_for(client, source)
     quick = QUICK.get(model, {})
@@ -301,7 +312,9 @@ async def test_every_model_trains_deterministically(client: MeshClient, settings
 async def test_progress_is_streamed_step_by_step(client: MeshClient) -> None:
     built = await features_for(client, CLASSIFICATION_SOURCE)
     events: list[trainer_pb2.TrainProgress] = []
-    result = await client.train(train_request(built, "random_forest", {"n_estimators": "40"}), on_progress=events.append)
+    result = await client.train(
+        train_request(built, "random_forest", {"n_estimators": "40"}), on_progress=events.append
+    )
     assert result.model.sha256 and not result.stage.cache_hit
     assert [e.message for e in events] == [*(f"n_estimators {n}/40" for n in range(41)), "fit complete"]
     assert [e.fraction_done for e in events] == pytest.approx([*(n / 40 for n in range(41)), 1.0])
@@ -367,7 +380,9 @@ async def test_task_specific_hyperparameters_are_accepted(client: MeshClient, se
     )
     assert forest.effective_hyperparameters["criterion"] == '"entropy"'
     assert forest.effective_hyperparameters["class_weight"] == '"balanced"'
-    boosted = await client.train(train_request(built, "hist_gradient_boosting", {"class_weight": "balanced", "max_iter": "5"}))
+    boosted = await client.train(
+        train_request(built, "hist_gradient_boosting", {"class_weight": "balanced", "max_iter": "5"})
+    )
     assert boosted.effective_hyperparameters["class_weight"] == '"balanced"'
 
     regression = await features_for(client, REGRESSION_SOURCE)
@@ -376,7 +391,9 @@ async def test_task_specific_hyperparameters_are_accepted(client: MeshClient, se
     )
     assert forest.task_kind == TaskKind.TASK_KIND_REGRESSION
     assert forest.effective_hyperparameters["criterion"] == '"absolute_error"'
-    boosted = await client.train(train_request(regression, "hist_gradient_boosting", {"loss": "absolute_error", "max_iter": "5"}))
+    boosted = await client.train(
+        train_request(regression, "hist_gradient_boosting", {"loss": "absolute_error", "max_iter": "5"})
+    )
     assert boosted.effective_hyperparameters["loss"] == '"absolute_error"'
 
 
@@ -418,12 +435,16 @@ async def test_hyperparameter_combinations_refused_at_fit(client: MeshClient, me
     built = await features_for(client, CLASSIFICATION_SOURCE)
     await expect_error(
         client.train(train_request(built, "logistic_regression", {"penalty": "l1"})),
-        INVALID, "LogisticRegression cannot be fitted with these hyperparameters", "l1",
+        INVALID,
+        "LogisticRegression cannot be fitted with these hyperparameters",
+        "l1",
     )
     await assert_serving(mesh)
     await expect_error(
         client.train(train_request(built, "random_forest", {"bootstrap": "false", "max_samples": "0.5"})),
-        INVALID, "RandomForestClassifier cannot be fitted", "bootstrap",
+        INVALID,
+        "RandomForestClassifier cannot be fitted",
+        "bootstrap",
     )
     await assert_serving(mesh)
     # Fixing the combination makes the same request valid.
@@ -436,12 +457,16 @@ async def test_models_must_suit_the_task(client: MeshClient, mesh) -> None:
     diabetes = await features_for(client, "sklearn:diabetes")
     await expect_error(
         client.train(train_request(diabetes, "logistic_regression")),
-        INVALID, "model 'logistic_regression' is not available for regression", "classification model",
+        INVALID,
+        "model 'logistic_regression' is not available for regression",
+        "classification model",
     )
     await assert_serving(mesh)
     await expect_error(
         client.train(train_request(diabetes, "random_forest", {"criterion": "entropy"})),
-        INVALID, "'criterion'", "RandomForestRegressor",
+        INVALID,
+        "'criterion'",
+        "RandomForestRegressor",
     )
     await assert_serving(mesh)
     classes = await features_for(client, CLASSIFICATION_SOURCE)
@@ -477,10 +502,15 @@ async def test_bad_training_data(client: MeshClient, mesh) -> None:
 async def test_the_feature_schema_names_the_models_inputs(client: MeshClient, mesh, settings: Settings) -> None:
     built = await features_for(client, CLASSIFICATION_SOURCE)
     store = ArtifactStore(settings.artifact_root)
-    named = await client.train(trainer_pb2.TrainRequest(
-        x_train=built.x_train, y_train=built.y_train, feature_schema=built.feature_schema, model="random_forest",
-        hyperparameters={"n_estimators": "5"},
-    ))
+    named = await client.train(
+        trainer_pb2.TrainRequest(
+            x_train=built.x_train,
+            y_train=built.y_train,
+            feature_schema=built.feature_schema,
+            model="random_forest",
+            hyperparameters={"n_estimators": "5"},
+        )
+    )
     model = skops_to_model(store.get(named.model), "model")
     assert list(model.feature_names_in_) == list(built.feature_names) == [f"x{i}" for i in range(6)]
     unnamed = await client.train(train_request(built, "random_forest", {"n_estimators": "5"}))
@@ -493,17 +523,19 @@ async def test_the_feature_schema_names_the_models_inputs(client: MeshClient, me
         x_train=built.x_train, y_train=built.y_train, feature_schema=prepared.split_report, model="sgd"
     )
     await expect_error(
-        client.train(wrong_shape), FAILED,
+        client.train(wrong_shape),
+        FAILED,
         "feature_schema is not a features stage schema; pass the feature_schema ref it returned",
     )
-    wider = await client.build_features(features_pb2.BuildFeaturesRequest(
-        train=prepared.train, test=prepared.test, polynomial_degree=2
-    ))
+    wider = await client.build_features(
+        features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test, polynomial_degree=2)
+    )
     mismatched = trainer_pb2.TrainRequest(
         x_train=built.x_train, y_train=built.y_train, feature_schema=wider.feature_schema, model="sgd"
     )
     await expect_error(
-        client.train(mismatched), FAILED,
+        client.train(mismatched),
+        FAILED,
         "feature_schema names 27 features but x_train has 6 columns; pass both from one features run",
     )
     await assert_serving(mesh)
@@ -515,7 +547,9 @@ async def test_the_feature_schema_names_the_models_inputs(client: MeshClient, me
 @pytest.mark.parametrize(
     ("task", "model"), [(task, model) for task, catalogue in logic.MODELS.items() for model in sorted(catalogue)]
 )
-async def test_the_stored_model_predicts_exactly_as_a_one_shot_fit(client: MeshClient, task: str, model: str, rows: int) -> None:
+async def test_the_stored_model_predicts_exactly_as_a_one_shot_fit(
+    client: MeshClient, task: str, model: str, rows: int
+) -> None:
     """However the trainer fits (in steps, with checkpoints, with progress), the model is scikit-learn's own."""
     source = f"synthetic:{task}?rows={rows}&features=8&seed=3"
     built = await features_for(client, source)
@@ -532,7 +566,9 @@ async def test_the_stored_model_predicts_exactly_as_a_one_shot_fit(client: MeshC
     x_test = npy_to_array(store.get(built.x_test), "x_test")
     names = list(built.feature_names)
     # The frame as the trainer builds it (the same memory: BLAS sums in layout order, to the last bit).
-    one_shot = cls(**params).fit(logic.FeatureColumns(names).frame(x_train), npy_to_array(store.get(built.y_train), "y_train"))
+    one_shot = cls(**params).fit(
+        logic.FeatureColumns(names).frame(x_train), npy_to_array(store.get(built.y_train), "y_train")
+    )
     test_frame = pd.DataFrame(x_test, columns=names)
     np.testing.assert_array_equal(stored.predict(test_frame), one_shot.predict(test_frame))
     if hasattr(one_shot, "predict_proba"):

@@ -32,22 +32,28 @@ def flyte_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     mesh.stop()
 
 
-def pyflyte(env: dict[str, str], *args: str, timeout: float = 300, summary: bool = False) -> subprocess.CompletedProcess:
+def pyflyte(
+    env: dict[str, str], *args: str, timeout: float = 300, summary: bool = False
+) -> subprocess.CompletedProcess:
     """`pyflyte ...`; its result as JSON on stdout (MLMESH_OUTPUT=json), or as people see it with `summary`."""
     return subprocess.run(
-        [str(BIN / "pyflyte"), *args], cwd=ROOT, env={**env, "MLMESH_OUTPUT": "" if summary else "json"},
-        capture_output=True, text=True, timeout=timeout,
+        [str(BIN / "pyflyte"), *args],
+        cwd=ROOT,
+        env={**env, "MLMESH_OUTPUT": "" if summary else "json"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def result_of(stdout: str) -> dict:
     """The workflow's result from `MLMESH_OUTPUT=json pyflyte run` (after pyflyte's own first line)."""
     assert "{" in stdout, stdout[-2000:]
-    return json.loads(stdout[stdout.index("\n{") + 1:] if not stdout.startswith("{") else stdout)
+    return json.loads(stdout[stdout.index("\n{") + 1 :] if not stdout.startswith("{") else stdout)
 
 
 def rpc_lines(env: dict[str, str], stage: str) -> list[str]:
-    return [l for l in (Path(env["_LOG_DIR"]) / f"{stage}.log").read_text().splitlines() if "rpc method=" in l]
+    return [line for line in (Path(env["_LOG_DIR"]) / f"{stage}.log").read_text().splitlines() if "rpc method=" in line]
 
 
 def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str]) -> None:
@@ -55,14 +61,20 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     assert first.returncode == 0, first.stdout + first.stderr
     # The summary people read: decision, metrics, the registry, where the report and deck are.
     summary = first.stdout
-    assert "PipelineResult(" not in summary and "decision  PROMOTE  (sklearn:breast_cancer · logistic_regression" in summary
+    assert (
+        "PipelineResult(" not in summary
+        and "decision  PROMOTE  (sklearn:breast_cancer · logistic_regression" in summary
+    )
     accuracy = float(re.search(r"accuracy ([0-9.]+)", summary).group(1))
     assert accuracy >= 0.95
     assert "registered as breast_cancer-logistic_regression v1" in summary
     report = re.search(r"^report +(\S+)$", summary, re.M).group(1)
     assert Path(report).is_file() and b"mlmesh evaluation" in Path(report).read_bytes()
     assert Path(re.search(r"^deck +(\S+)$", summary, re.M).group(1)).is_file()
-    assert re.search(r"^stages +loader +\S+ +computed$", summary, re.M) and "0 of 5 answered from the stages' memos" in summary
+    assert (
+        re.search(r"^stages +loader +\S+ +computed$", summary, re.M)
+        and "0 of 5 answered from the stages' memos" in summary
+    )
     # Progress went to stderr, one line per stage (not a terminal here, so plain lines).
     for stage in STAGES:
         assert re.search(rf"^{stage}: computed in ", first.stderr, re.M), first.stderr
@@ -79,9 +91,16 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
 
     # Every stage recorded its execution under the run's id (one per local pyflyte run).
     run_id = re.search(r"^run +(local-[0-9T]+-[0-9a-f]+) ", summary, re.M).group(1)
-    graph = subprocess.run([str(BIN / "mlmesh"), "lineage", "--run", run_id, "--json"], env=flyte_env,
-                           capture_output=True, text=True)
-    assert [s["stage"] for s in json.loads(graph.stdout)] == ["loader", "preprocess", "features", "trainer", "evaluator"]
+    graph = subprocess.run(
+        [str(BIN / "mlmesh"), "lineage", "--run", run_id, "--json"], env=flyte_env, capture_output=True, text=True
+    )
+    assert [s["stage"] for s in json.loads(graph.stdout)] == [
+        "loader",
+        "preprocess",
+        "features",
+        "trainer",
+        "evaluator",
+    ]
 
     before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
     second = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
@@ -95,7 +114,7 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     # Every stage is asked again and answers from its memo, which checks its outputs still exist.
     for stage in ("loader", "preprocess", "features", "trainer"):
         assert len(after[stage]) == before[stage] + 1 and "cache_hit=true" in after[stage][-1], stage
-    evaluator_calls = after["evaluator"][before["evaluator"]:]
+    evaluator_calls = after["evaluator"][before["evaluator"] :]
     assert "Evaluate" in evaluator_calls[0] and "cache_hit=true" in evaluator_calls[0]
     # The registry found the model already registered.
     assert "RegisterModel" in evaluator_calls[-1]
@@ -116,7 +135,7 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     fourth = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline", "--recompute")
     assert fourth.returncode == 0, fourth.stderr
     for stage in STAGES:
-        new_calls = rpc_lines(flyte_env, stage)[before[stage]:]
+        new_calls = rpc_lines(flyte_env, stage)[before[stage] :]
         computed = [line for line in new_calls if "cache_hit=false" in line]
         assert computed, f"--recompute did not make {stage} compute: {new_calls}"
 
@@ -193,13 +212,24 @@ def test_readme_sweep_command_picks_the_best_default_candidate(flyte_env: dict[s
 
 def test_sweep_picks_the_candidate_that_is_really_best(flyte_env: dict[str, str]) -> None:
     features_calls = len(rpc_lines(flyte_env, "features"))
-    candidates = json.dumps([
-        {"model": "random_forest", "hyperparameters": {"n_estimators": "1", "max_depth": "1"}},  # a stump: weak
-        {"model": "logistic_regression", "hyperparameters": {"C": "1.0"}},
-        {"model": "sgd", "hyperparameters": {"max_iter": "5", "tol": "null"}},
-    ])
-    args = ["run", "workflow/pipeline.py", "sweep_pipeline", "--source", "sklearn:wine", "--candidates", candidates,
-            "--seed", "3"]
+    candidates = json.dumps(
+        [
+            {"model": "random_forest", "hyperparameters": {"n_estimators": "1", "max_depth": "1"}},  # a stump: weak
+            {"model": "logistic_regression", "hyperparameters": {"C": "1.0"}},
+            {"model": "sgd", "hyperparameters": {"max_iter": "5", "tol": "null"}},
+        ]
+    )
+    args = [
+        "run",
+        "workflow/pipeline.py",
+        "sweep_pipeline",
+        "--source",
+        "sklearn:wine",
+        "--candidates",
+        candidates,
+        "--seed",
+        "3",
+    ]
     result = pyflyte(flyte_env, *args, "--metric", "f1_macro")
     assert result.returncode == 0, result.stdout + result.stderr
     metric, best, scores = _sweep_result(result.stdout)
@@ -219,7 +249,7 @@ def test_sweep_picks_the_candidate_that_is_really_best(flyte_env: dict[str, str]
 def test_regression_sweep_defaults_follow_the_task_kind(flyte_env: dict[str, str]) -> None:
     result = pyflyte(flyte_env, "run", "workflow/pipeline.py", "sweep_pipeline", "--source", "sklearn:diabetes")
     assert result.returncode == 0, result.stdout + result.stderr
-    metric, best, scores = _sweep_result(result.stdout)
+    metric, _best, scores = _sweep_result(result.stdout)
     assert metric == "r2" and len(scores) == 3  # ridge, random_forest, hist_gradient_boosting
     assert all("accuracy" not in s for s in scores)
     assert any("the regression default applies" in r for r in result_of(result.stdout)["best"]["reasons"])
@@ -233,12 +263,22 @@ def test_roles_task_kind_and_deduplication_from_pyflyte(flyte_env: dict[str, str
     table = tmp_path / "zips.csv"
     table.write_text("\n".join(rows) + "\n")
     base = ["run", "workflow/pipeline.py", "training_pipeline", "--source", str(table), "--target_column", "label"]
-    kept = pyflyte(flyte_env, *base, "--column_roles", '{"zip": "categorical", "row_id": "ignore"}',
-                   "--task_kind", "regression")
+    kept = pyflyte(
+        flyte_env, *base, "--column_roles", '{"zip": "categorical", "row_id": "ignore"}', "--task_kind", "regression"
+    )
     assert kept.returncode == 0, kept.stdout + kept.stderr
-    assert result_of(kept.stdout)["task_kind"] == "regression" and result_of(kept.stdout)["rows_dropped"]["duplicate"] == 0
-    deduplicated = pyflyte(flyte_env, *base, "--column_roles", '{"zip": "categorical", "row_id": "ignore"}',
-                           "--task_kind", "regression", "--drop_duplicates")
+    assert (
+        result_of(kept.stdout)["task_kind"] == "regression" and result_of(kept.stdout)["rows_dropped"]["duplicate"] == 0
+    )
+    deduplicated = pyflyte(
+        flyte_env,
+        *base,
+        "--column_roles",
+        '{"zip": "categorical", "row_id": "ignore"}',
+        "--task_kind",
+        "regression",
+        "--drop_duplicates",
+    )
     assert deduplicated.returncode == 0, deduplicated.stdout + deduplicated.stderr
     assert result_of(deduplicated.stdout)["rows_dropped"]["duplicate"] == 40
     schema_ref = result_of(deduplicated.stdout)["lineage"]["schema"]["uri"].removeprefix("file://")
@@ -260,8 +300,14 @@ def test_readme_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_
     write_house_prices(tmp_path)
     (tmp_path / "workflow").symlink_to(ROOT / "workflow")
     script = script.replace(".venv/bin/", f"{BIN}/")
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=flyte_env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=flyte_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Six summaries (a sweep ends with its winner's), two of them after a sweep's table.
     decisions = re.findall(r"^decision  (PROMOTE|RETRAIN)  \((.*)\)$", result.stdout, re.M)
@@ -271,13 +317,14 @@ def test_readme_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_
     assert "registered as data.csv-ridge v1" in result.stdout
     assert "data.csv-ridge" in result.stdout.rsplit("\nsweep     ", 1)[1]  # `mlmesh models` lists it
 
+
 def test_pyflyte_package_needs_no_backend(tmp_path: Path, flyte_env: dict[str, str]) -> None:
     output = tmp_path / "flyte-package.tgz"
     result = pyflyte(flyte_env, "--pkgs", "workflow", "package", "-o", str(output), "--force")
     assert result.returncode == 0, result.stdout + result.stderr
-    archive = tarfile.open(output)
-    names = archive.getnames()
-    train_spec = archive.extractfile(next(n for n in names if n.endswith("workflow.pipeline.train_1.pb"))).read()
+    with tarfile.open(output) as archive:
+        names = archive.getnames()
+        train_spec = archive.extractfile(next(n for n in names if n.endswith("workflow.pipeline.train_1.pb"))).read()
     assert b"mlmesh-pipeline:latest" in train_spec  # tasks name the pipeline image
     for expected in ("training_pipeline", "sweep_pipeline", "training_pipeline_nightly", "training_pipeline_demo"):
         assert any(expected in n for n in names), f"{expected} missing from {names}"

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar, Union
+from typing import TypeVar
 
 import flytekit
 from flytekit import CronSchedule, Deck, LaunchPlan, task, workflow
@@ -36,6 +36,7 @@ from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from services.evaluator.report import deck_html, profile_page
+from services.runtime import tracing
 from services.runtime.client import (
     LINEAGE,
     ConfigError,
@@ -51,13 +52,12 @@ from services.runtime.client import (
     rows_dropped,
     train_request,
 )
-from services.runtime import tracing
 from services.runtime.progress import PipelineProgress, stage_outcome
-from services.runtime.summary import RunOutcome, local_path, render
 from services.runtime.roles import role_name
 from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
+from services.runtime.summary import RunOutcome, local_path, render
 
 T = TypeVar("T")
 
@@ -197,11 +197,20 @@ class PipelineResult:
 
     def outcome(self) -> RunOutcome:
         return {
-            "run_id": self.run_id, "source": self.source, "task_kind": self.task_kind, "decision": self.decision,
-            "reasons": self.reasons, "metrics": self.metrics, "model_name": self.model_name,
-            "model_uri": self.model.uri, "model_sha256": self.model.sha256, "registered_as": self.registered_as,
-            "report_path": local_path(self.html_report.uri), "deck_path": self.deck,
-            "stages": [dataclasses.asdict(s) for s in self.stages], "seconds": self.seconds,
+            "run_id": self.run_id,
+            "source": self.source,
+            "task_kind": self.task_kind,
+            "decision": self.decision,
+            "reasons": self.reasons,
+            "metrics": self.metrics,
+            "model_name": self.model_name,
+            "model_uri": self.model.uri,
+            "model_sha256": self.model.sha256,
+            "registered_as": self.registered_as,
+            "report_path": local_path(self.html_report.uri),
+            "deck_path": self.deck,
+            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "seconds": self.seconds,
             **({"trace_id": tracing.trace_id_of(self.run_id)} if tracing.enabled() else {}),
         }
 
@@ -230,12 +239,20 @@ class SweepResult:
             params = ", ".join(f"{k}={v}" for k, v in sorted(candidate.hyperparameters.items())) or "defaults"
             mark = "*" if index == self.best_index else " "
             score = metrics.get(self.metric)
-            rows.append(f"{mark} {index}  {candidate.model:<24} {self.metric} "
-                        f"{'-' if score is None else f'{score:.4f}'}  ({params})")
-        return "\n".join([
-            "", f"sweep     {len(self.candidates)} candidates by {self.metric}; * marks the winner", *rows,
-            f"compared  {local_path(self.comparison_report.uri)}", "", render(self.best.outcome()),
-        ])
+            rows.append(
+                f"{mark} {index}  {candidate.model:<24} {self.metric} "
+                f"{'-' if score is None else f'{score:.4f}'}  ({params})"
+            )
+        return "\n".join(
+            [
+                "",
+                f"sweep     {len(self.candidates)} candidates by {self.metric}; * marks the winner",
+                *rows,
+                f"compared  {local_path(self.comparison_report.uri)}",
+                "",
+                render(self.best.outcome()),
+            ]
+        )
 
 
 def _json_output() -> bool:
@@ -276,8 +293,9 @@ def _close_run_trace(**attributes: str) -> None:
     if not tracing.enabled():
         return
     started = int(run_started().timestamp() * 1e9)
-    with tracing.run_span(run_id(), "flyte run", start_time_ns=started,
-                          **{f"mlmesh.{k}": v for k, v in attributes.items()}):
+    with tracing.run_span(
+        run_id(), "flyte run", start_time_ns=started, **{f"mlmesh.{k}": v for k, v in attributes.items()}
+    ):
         pass
 
 
@@ -345,8 +363,12 @@ def _ctrl_c_cancels() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-async def _one(progress: PipelineProgress, stage: str, rpc: Callable[[OnCallProgress], Awaitable[T]],
-               count: Callable[[T], int] = lambda _: 0) -> T:
+async def _one(
+    progress: PipelineProgress,
+    stage: str,
+    rpc: Callable[[OnCallProgress], Awaitable[T]],
+    count: Callable[[T], int] = lambda _: 0,
+) -> T:
     """One unary stage call, shown on the progress display with the stage's own reports."""
     with progress.stage(stage) as shown:
         reply = await rpc(shown.step)
@@ -372,15 +394,26 @@ _TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK
 # name can change.
 @task(enable_deck=True, **_TASK_DEFAULTS)
 def load(source: str, target_column: str, task_kind: str, column_roles: dict[str, str], recompute: bool) -> Dataset:
-    config = PipelineConfig(source=source, target_column=target_column, task_kind=task_kind,
-                            column_roles=column_roles, force_recompute=recompute)
-    reply = call(lambda c, shown: _one(shown, "loader", lambda watch: c.load(load_request(config), watch), lambda r: r.rows),
-                 "load")
+    config = PipelineConfig(
+        source=source,
+        target_column=target_column,
+        task_kind=task_kind,
+        column_roles=column_roles,
+        force_recompute=recompute,
+    )
+    reply = call(
+        lambda c, shown: _one(shown, "loader", lambda watch: c.load(load_request(config), watch), lambda r: r.rows),
+        "load",
+    )
     dataset = Dataset(
-        dataset=ArtifactRef.of(reply.dataset), rows=reply.rows, task_kind=_TASKS[reply.task_kind],
-        task_kind_reason=reply.task_kind_reason, schema=ArtifactRef.of(reply.schema),
+        dataset=ArtifactRef.of(reply.dataset),
+        rows=reply.rows,
+        task_kind=_TASKS[reply.task_kind],
+        task_kind_reason=reply.task_kind_reason,
+        schema=ArtifactRef.of(reply.schema),
         profile=ArtifactRef.of(reply.profile),
-        roles={c.name: role_name(c.role, c.name) for c in reply.columns}, stage=StageTiming.of(reply.stage),
+        roles={c.name: role_name(c.role, c.name) for c in reply.columns},
+        stage=StageTiming.of(reply.stage),
     )
     # Flyte's view of the data going in: the loader's profile, with a histogram per column.
     profile = json.loads(_stored_page(dataset.profile, "profile"))
@@ -390,41 +423,78 @@ def load(source: str, target_column: str, task_kind: str, column_roles: dict[str
 
 @task(**_TASK_DEFAULTS)
 def preprocess(
-    dataset: Dataset, test_fraction: float, seed: int, drop_duplicates: bool, drop_incomplete_rows: bool, recompute: bool,
+    dataset: Dataset,
+    test_fraction: float,
+    seed: int,
+    drop_duplicates: bool,
+    drop_incomplete_rows: bool,
+    recompute: bool,
 ) -> Splits:
-    config = PipelineConfig(test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
-                            drop_incomplete_rows=drop_incomplete_rows, force_recompute=recompute)
+    config = PipelineConfig(
+        test_fraction=test_fraction,
+        seed=seed,
+        drop_duplicates=drop_duplicates,
+        drop_incomplete_rows=drop_incomplete_rows,
+        force_recompute=recompute,
+    )
     request = preprocess_request(config, dataset.dataset.proto())
-    reply = call(lambda c, shown: _one(shown, "preprocess", lambda watch: c.preprocess(request, watch), lambda r: r.rows_in),
-                 "preprocess")
+    reply = call(
+        lambda c, shown: _one(shown, "preprocess", lambda watch: c.preprocess(request, watch), lambda r: r.rows_in),
+        "preprocess",
+    )
     return Splits(
-        train=ArtifactRef.of(reply.train), test=ArtifactRef.of(reply.test), class_names=list(reply.class_names),
+        train=ArtifactRef.of(reply.train),
+        test=ArtifactRef.of(reply.test),
+        class_names=list(reply.class_names),
         split_report=ArtifactRef.of(reply.split_report),
-        rows_dropped=rows_dropped(reply), stage=StageTiming.of(reply.stage),
+        rows_dropped=rows_dropped(reply),
+        stage=StageTiming.of(reply.stage),
     )
 
 
 @task(**_TASK_DEFAULTS)
 def build_features(
-    splits: Splits, model: str, seed: int, numeric_imputation: str, missing_indicators: bool,
-    categorical_encoding: str, scaling: str, polynomial_degree: int, select_k_best: int, recompute: bool,
+    splits: Splits,
+    model: str,
+    seed: int,
+    numeric_imputation: str,
+    missing_indicators: bool,
+    categorical_encoding: str,
+    scaling: str,
+    polynomial_degree: int,
+    select_k_best: int,
+    recompute: bool,
 ) -> Features:
     config = PipelineConfig(
-        seed=seed, numeric_imputation=numeric_imputation, missing_indicators=missing_indicators,
-        categorical_encoding=categorical_encoding, scaling=scaling, polynomial_degree=polynomial_degree,
-        select_k_best=select_k_best, force_recompute=recompute,
+        seed=seed,
+        numeric_imputation=numeric_imputation,
+        missing_indicators=missing_indicators,
+        categorical_encoding=categorical_encoding,
+        scaling=scaling,
+        polynomial_degree=polynomial_degree,
+        select_k_best=select_k_best,
+        force_recompute=recompute,
     )
     request = features_request(config, splits.train.proto(), splits.test.proto(), model)
-    reply = call(lambda c, shown: _one(shown, "features", lambda watch: c.build_features(request, watch)), "build_features")
-    return Features(*(ArtifactRef.of(getattr(reply, n)) for n in (
-        "x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")), stage=StageTiming.of(reply.stage))
+    reply = call(
+        lambda c, shown: _one(shown, "features", lambda watch: c.build_features(request, watch)), "build_features"
+    )
+    return Features(
+        *(
+            ArtifactRef.of(getattr(reply, n))
+            for n in ("x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")
+        ),
+        stage=StageTiming.of(reply.stage),
+    )
 
 
 def _features_reply(features: Features) -> features_pb2.BuildFeaturesResponse:
-    return features_pb2.BuildFeaturesResponse(**{
-        name: getattr(features, name).proto()
-        for name in ("x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")
-    })
+    return features_pb2.BuildFeaturesResponse(
+        **{
+            name: getattr(features, name).proto()
+            for name in ("x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")
+        }
+    )
 
 
 # A fit may run for hours: no gRPC deadline bounds it (the client follows the
@@ -437,8 +507,8 @@ _TRAIN_DEFAULTS = {**_TASK_DEFAULTS, "timeout": timedelta(hours=24)}
 # Hyperparameters and thresholds as people type them on the pyflyte command line:
 # --hyperparameters '{"n_estimators": 300}' and '{"n_estimators": "300"}' mean the same,
 # as do --minimums '{"rmse": 5000}' and '{"rmse": 5000.0}'.
-HyperparameterValue = Union[str, int, float]
-Threshold = Union[float, int]
+HyperparameterValue = str | int | float
+Threshold = float | int
 
 
 def _hyperparameters(values: dict[str, HyperparameterValue]) -> dict[str, str]:
@@ -451,43 +521,74 @@ def _thresholds(values: dict[str, Threshold]) -> dict[str, float]:
 
 
 @task(**_TRAIN_DEFAULTS)
-def train(features: Features, model: str, hyperparameters: dict[str, HyperparameterValue], seed: int, recompute: bool) -> TrainedModel:
-    config = PipelineConfig(model=model, hyperparameters=_hyperparameters(hyperparameters), seed=seed, force_recompute=recompute)
+def train(
+    features: Features, model: str, hyperparameters: dict[str, HyperparameterValue], seed: int, recompute: bool
+) -> TrainedModel:
+    config = PipelineConfig(
+        model=model, hyperparameters=_hyperparameters(hyperparameters), seed=seed, force_recompute=recompute
+    )
     return call(lambda c, progress: _train(c, config, features, progress), "train")
 
 
-async def _train(client: MeshClient, config: PipelineConfig, features: Features, progress: PipelineProgress,
-                 label: str = "trainer") -> TrainedModel:
+async def _train(
+    client: MeshClient, config: PipelineConfig, features: Features, progress: PipelineProgress, label: str = "trainer"
+) -> TrainedModel:
     with progress.stage("trainer", label) as shown:
         result = await client.train(train_request(config, _features_reply(features)), shown.fit)
         shown.done(stage_outcome("trainer", result.stage) + f", {result.model_name}")
-    return TrainedModel(ArtifactRef.of(result.model), result.model_name, dict(result.effective_hyperparameters),
-                        StageTiming.of(result.stage))
+    return TrainedModel(
+        ArtifactRef.of(result.model),
+        result.model_name,
+        dict(result.effective_hyperparameters),
+        StageTiming.of(result.stage),
+    )
 
 
 async def _evaluate(
-    client: MeshClient, config: PipelineConfig, trained: TrainedModel, features: Features, splits: Splits, dataset: Dataset,
-    progress: PipelineProgress, label: str = "evaluator",
+    client: MeshClient,
+    config: PipelineConfig,
+    trained: TrainedModel,
+    features: Features,
+    splits: Splits,
+    dataset: Dataset,
+    progress: PipelineProgress,
+    label: str = "evaluator",
 ) -> Evaluation:
-    prepared = preprocess_pb2.PreprocessResponse(class_names=splits.class_names, split_report=splits.split_report.proto())
+    prepared = preprocess_pb2.PreprocessResponse(
+        class_names=splits.class_names, split_report=splits.split_report.proto()
+    )
     with progress.stage("evaluator", label) as shown:
-        reply = await client.evaluate(evaluate_request(
-            config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto()), shown.step)
+        reply = await client.evaluate(
+            evaluate_request(
+                config, trained.model.proto(), _features_reply(features), prepared, dataset.profile.proto()
+            ),
+            shown.step,
+        )
         shown.done(stage_outcome("evaluator", reply.stage) + f", {_DECISIONS[reply.decision]}")
     return Evaluation(
-        metrics=dict(reply.metrics), decision=_DECISIONS[reply.decision], reasons=list(reply.reasons),
-        metrics_report=ArtifactRef.of(reply.metrics_report), html_report=ArtifactRef.of(reply.html_report),
+        metrics=dict(reply.metrics),
+        decision=_DECISIONS[reply.decision],
+        reasons=list(reply.reasons),
+        metrics_report=ArtifactRef.of(reply.metrics_report),
+        html_report=ArtifactRef.of(reply.html_report),
         stage=StageTiming.of(reply.stage),
     )
 
 
 @task(enable_deck=True, **_TASK_DEFAULTS)
 def evaluate(
-    trained: TrainedModel, features: Features, splits: Splits, dataset: Dataset,
-    minimums: dict[str, Threshold], maximums: dict[str, Threshold], recompute: bool,
+    trained: TrainedModel,
+    features: Features,
+    splits: Splits,
+    dataset: Dataset,
+    minimums: dict[str, Threshold],
+    maximums: dict[str, Threshold],
+    recompute: bool,
 ) -> Evaluation:
     config = PipelineConfig(minimums=_thresholds(minimums), maximums=_thresholds(maximums), force_recompute=recompute)
-    evaluation = call(lambda c, progress: _evaluate(c, config, trained, features, splits, dataset, progress), "evaluate")
+    evaluation = call(
+        lambda c, progress: _evaluate(c, config, trained, features, splits, dataset, progress), "evaluate"
+    )
     # The deck is the evaluator's own HTML report, read (and digest-checked) from the store,
     # in an iframe so that its styles never touch Flyte's page around it.
     Deck("Evaluation", deck_html(_stored_page(evaluation.html_report, "html_report").decode()))
@@ -511,8 +612,13 @@ def _local_deck() -> str:
 
 @task(**_TASK_DEFAULTS)
 def promote(
-    registry_name: str, source: str, trained: TrainedModel, evaluation: Evaluation, dataset: Dataset,
-    splits: Splits, features: Features,
+    registry_name: str,
+    source: str,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    dataset: Dataset,
+    splits: Splits,
+    features: Features,
 ) -> PipelineResult:
     """Register the model when the decision is PROMOTE; always assemble the result."""
     replies = {"load": dataset, "preprocess": splits, "features": features, "train": trained, "evaluate": evaluation}
@@ -521,25 +627,40 @@ def promote(
     if evaluation.decision == "PROMOTE":
         name = registry_name or default_registry_name(source, trained.model_name)
         request = evaluator_pb2.RegisterModelRequest(
-            name=name, model=trained.model.proto(), metrics_report=evaluation.metrics_report.proto(),
-            lineage={k: v.proto() for k, v in lineage.items()})
+            name=name,
+            model=trained.model.proto(),
+            metrics_report=evaluation.metrics_report.proto(),
+            lineage={k: v.proto() for k, v in lineage.items()},
+        )
 
         async def register(client: MeshClient, progress: PipelineProgress) -> evaluator_pb2.RegisterModelResponse:
             with progress.stage("registry") as shown:
                 reply = await client.register_model(request)
-                shown.done(f"{reply.model_version.name} v{reply.model_version.version}"
-                           + (" (already registered)" if reply.already_registered else ""))
+                shown.done(
+                    f"{reply.model_version.name} v{reply.model_version.version}"
+                    + (" (already registered)" if reply.already_registered else "")
+                )
             return reply
 
         reply = call(register, "promote")
         registered = f"{reply.model_version.name} v{reply.model_version.version}"
     result = PipelineResult(
-        model=trained.model, task_kind=dataset.task_kind, metrics=evaluation.metrics, decision=evaluation.decision,
-        reasons=evaluation.reasons, rows_dropped=splits.rows_dropped, report=evaluation.metrics_report,
-        html_report=evaluation.html_report, lineage=lineage, registered_as=registered, run_id=run_id(),
-        source=source, model_name=trained.model_name,
+        model=trained.model,
+        task_kind=dataset.task_kind,
+        metrics=evaluation.metrics,
+        decision=evaluation.decision,
+        reasons=evaluation.reasons,
+        rows_dropped=splits.rows_dropped,
+        report=evaluation.metrics_report,
+        html_report=evaluation.html_report,
+        lineage=lineage,
+        registered_as=registered,
+        run_id=run_id(),
+        source=source,
+        model_name=trained.model_name,
         stages=[dataset.stage, splits.stage, features.stage, trained.stage, evaluation.stage],
-        deck=_local_deck(), seconds=(datetime.now(UTC) - run_started()).total_seconds(),
+        deck=_local_deck(),
+        seconds=(datetime.now(UTC) - run_started()).total_seconds(),
     )
     _close_run_trace(decision=evaluation.decision)
     return result
@@ -571,21 +692,47 @@ def training_pipeline(
     registry_name: str = "",
     recompute: bool = False,
 ) -> PipelineResult:
-    dataset = load(source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles,
-                   recompute=recompute)
-    splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
-                        drop_incomplete_rows=drop_incomplete_rows, recompute=recompute)
+    dataset = load(
+        source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles, recompute=recompute
+    )
+    splits = preprocess(
+        dataset=dataset,
+        test_fraction=test_fraction,
+        seed=seed,
+        drop_duplicates=drop_duplicates,
+        drop_incomplete_rows=drop_incomplete_rows,
+        recompute=recompute,
+    )
     features = build_features(
-        splits=splits, model=model, seed=seed, numeric_imputation=numeric_imputation,
-        missing_indicators=missing_indicators, categorical_encoding=categorical_encoding, scaling=scaling,
-        polynomial_degree=polynomial_degree, select_k_best=select_k_best, recompute=recompute,
+        splits=splits,
+        model=model,
+        seed=seed,
+        numeric_imputation=numeric_imputation,
+        missing_indicators=missing_indicators,
+        categorical_encoding=categorical_encoding,
+        scaling=scaling,
+        polynomial_degree=polynomial_degree,
+        select_k_best=select_k_best,
+        recompute=recompute,
     )
     trained = train(features=features, model=model, hyperparameters=hyperparameters, seed=seed, recompute=recompute)
-    evaluation = evaluate(trained=trained, features=features, splits=splits, dataset=dataset,
-                          minimums=minimums, maximums=maximums, recompute=recompute)
+    evaluation = evaluate(
+        trained=trained,
+        features=features,
+        splits=splits,
+        dataset=dataset,
+        minimums=minimums,
+        maximums=maximums,
+        recompute=recompute,
+    )
     return promote(
-        registry_name=registry_name, source=source, trained=trained, evaluation=evaluation,
-        dataset=dataset, splits=splits, features=features,
+        registry_name=registry_name,
+        source=source,
+        trained=trained,
+        evaluation=evaluation,
+        dataset=dataset,
+        splits=splits,
+        features=features,
     )
 
 
@@ -625,8 +772,13 @@ def _sweep_concurrency() -> int:
 
 @task(**_TRAIN_DEFAULTS)
 def train_candidates(
-    candidates: list[ModelCandidate], dataset: Dataset, splits: Splits, features: Features, seed: int,
-    minimums: dict[str, Threshold], maximums: dict[str, Threshold],
+    candidates: list[ModelCandidate],
+    dataset: Dataset,
+    splits: Splits,
+    features: Features,
+    seed: int,
+    minimums: dict[str, Threshold],
+    maximums: dict[str, Threshold],
 ) -> list[CandidateOutcome]:
     """Train and evaluate every candidate, concurrently, on the one feature build upstream.
 
@@ -636,9 +788,16 @@ def train_candidates(
     chosen = _candidates(candidates, dataset.task_kind)
     gate = asyncio.Semaphore(_sweep_concurrency())
 
-    async def one(client: MeshClient, progress: PipelineProgress, index: int, candidate: ModelCandidate) -> CandidateOutcome:
-        config = PipelineConfig(model=candidate.model, hyperparameters=candidate.hyperparameters, seed=seed,
-                                minimums=_thresholds(minimums), maximums=_thresholds(maximums))
+    async def one(
+        client: MeshClient, progress: PipelineProgress, index: int, candidate: ModelCandidate
+    ) -> CandidateOutcome:
+        config = PipelineConfig(
+            model=candidate.model,
+            hyperparameters=candidate.hyperparameters,
+            seed=seed,
+            minimums=_thresholds(minimums),
+            maximums=_thresholds(maximums),
+        )
         label = f"#{index} {candidate.model}"
         async with gate:
             trained = await _train(client, config, features, progress, label)
@@ -670,15 +829,21 @@ def pick_best(metric: str, dataset: Dataset, outcomes: list[CandidateOutcome]) -
 
 
 @task(enable_deck=True, **_TASK_DEFAULTS)
-def compare(metric: str, dataset: Dataset, outcomes: list[CandidateOutcome], choice: SweepChoice, best: PipelineResult) -> SweepResult:
+def compare(
+    metric: str, dataset: Dataset, outcomes: list[CandidateOutcome], choice: SweepChoice, best: PipelineResult
+) -> SweepResult:
     """The sweep's result and its one comparison report: every candidate side by side, stored and shown as a deck."""
     metric = metric or DEFAULT_METRICS[dataset.task_kind]
     page = comparison_page(metric, outcomes, choice.index)
     stored = ArtifactStore(Settings.from_env().artifact_root).put(page.encode(), "text/html")
     Deck("Sweep comparison", page)
     return SweepResult(
-        metric=metric, best_index=choice.index, best=best, candidates=[o.candidate for o in outcomes],
-        candidate_metrics=[o.evaluation.metrics for o in outcomes], comparison_report=ArtifactRef.of(stored),
+        metric=metric,
+        best_index=choice.index,
+        best=best,
+        candidates=[o.candidate for o in outcomes],
+        candidate_metrics=[o.evaluation.metrics for o in outcomes],
+        comparison_report=ArtifactRef.of(stored),
     )
 
 
@@ -697,15 +862,15 @@ def comparison_page(metric: str, outcomes: list[CandidateOutcome], best: int) ->
         rows.append(
             f"<tr{mark}><td>{index}</td><td>{html.escape(outcome.candidate.model)}</td><td>{html.escape(params)}</td>"
             f"{cells}<td>{outcome.evaluation.decision}</td>"
-            f"<td><a href=\"{html.escape(outcome.evaluation.html_report.uri)}\">report</a></td></tr>"
+            f'<td><a href="{html.escape(outcome.evaluation.html_report.uri)}">report</a></td></tr>'
         )
     return (
-        "<section class=\"mlmesh-sweep\"><style>.mlmesh-sweep table{border-collapse:collapse}"
+        '<section class="mlmesh-sweep"><style>.mlmesh-sweep table{border-collapse:collapse}'
         ".mlmesh-sweep td,.mlmesh-sweep th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         ".mlmesh-sweep tr.winner{background:#e6f4e6;font-weight:bold}</style>"
         f"<h2>Sweep: {len(outcomes)} candidates by {html.escape(metric)}</h2>"
         f"<p>Winner: candidate {best}, {html.escape(outcomes[best].candidate.model)}. Only the winner is registered.</p>"
-        f"<table class=\"comparison\"><tr><th>#</th><th>model</th><th>hyperparameters</th>{head}<th>decision</th>"
+        f'<table class="comparison"><tr><th>#</th><th>model</th><th>hyperparameters</th>{head}<th>decision</th>'
         f"<th>report</th></tr>{''.join(rows)}</table></section>"
     )
 
@@ -727,23 +892,50 @@ def sweep_pipeline(
     minimums: dict[str, Threshold] = {},  # noqa: B006
     maximums: dict[str, Threshold] = {},  # noqa: B006
 ) -> SweepResult:
-    dataset = load(source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles,
-                   recompute=False)
-    splits = preprocess(dataset=dataset, test_fraction=test_fraction, seed=seed, drop_duplicates=drop_duplicates,
-                        drop_incomplete_rows=False, recompute=False)
+    dataset = load(
+        source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles, recompute=False
+    )
+    splits = preprocess(
+        dataset=dataset,
+        test_fraction=test_fraction,
+        seed=seed,
+        drop_duplicates=drop_duplicates,
+        drop_incomplete_rows=False,
+        recompute=False,
+    )
     # One feature build serves every candidate, so categorical columns get the general encoding.
     features = build_features(
-        splits=splits, model="", seed=seed, numeric_imputation="median", missing_indicators=False,
-        categorical_encoding="auto", scaling="standard", polynomial_degree=0, select_k_best=0, recompute=False,
+        splits=splits,
+        model="",
+        seed=seed,
+        numeric_imputation="median",
+        missing_indicators=False,
+        categorical_encoding="auto",
+        scaling="standard",
+        polynomial_degree=0,
+        select_k_best=0,
+        recompute=False,
     )
     outcomes = train_candidates(
-        candidates=candidates, dataset=dataset, splits=splits, features=features, seed=seed,
-        minimums=minimums, maximums=maximums,
+        candidates=candidates,
+        dataset=dataset,
+        splits=splits,
+        features=features,
+        seed=seed,
+        minimums=minimums,
+        maximums=maximums,
     )
     choice = pick_best(metric=metric, dataset=dataset, outcomes=outcomes)
     # Only the winner is registered (if it passes its thresholds).
-    best = promote(registry_name="", source=source, trained=choice.trained, evaluation=choice.evaluation,
-                   dataset=dataset, splits=splits, features=features)
+    best = promote(
+        registry_name="",
+        source=source,
+        trained=choice.trained,
+        evaluation=choice.evaluation,
+        dataset=dataset,
+        splits=splits,
+        features=features,
+    )
     return compare(metric=metric, dataset=dataset, outcomes=outcomes, choice=choice, best=best)
 
 

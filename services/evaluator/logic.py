@@ -79,8 +79,7 @@ def check_is_model(model: Any) -> None:
     if not callable(getattr(model, "predict", None)):
         kind = type(model).__name__
         raise FailedPrecondition(
-            f"model is a {kind}, not a model: it has no predict method; "
-            "pass the model ref the trainer returned"
+            f"model is a {kind}, not a model: it has no predict method; pass the model ref the trainer returned"
         )
 
 
@@ -124,7 +123,9 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
     if np.issubdtype(x.dtype, np.floating) and np.isinf(x).any():
         raise FailedPrecondition("x_test holds infinite values; evaluate with the x_test the features stage returned")
     if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
-        raise FailedPrecondition("y_test holds missing or infinite targets; evaluate with the y_test the features stage returned")
+        raise FailedPrecondition(
+            "y_test holds missing or infinite targets; evaluate with the y_test the features stage returned"
+        )
     names = getattr(model, "feature_names_in_", None)
     if names is not None:
         # The model was fitted with its feature names; predicting with them keeps scikit-learn quiet.
@@ -153,7 +154,9 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
                 "rmse": float(np.sqrt(metrics.mean_squared_error(y, predicted))),
             },
             predictions={"true": y[shown].tolist(), "predicted": predicted[shown].tolist()},
-            importances=importances, importance_kind=importance_kind, notes=importance_notes,
+            importances=importances,
+            importance_kind=importance_kind,
+            notes=importance_notes,
         )
         if "r2" not in result.metrics:
             result.notes.append("r2 is undefined for a test split with fewer than two rows, so it is not reported")
@@ -167,12 +170,16 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
         task="classification",
         metrics={
             "accuracy": float(metrics.accuracy_score(y, predicted)),
-            "precision_macro": float(metrics.precision_score(y, predicted, average="macro", labels=labels, zero_division=0)),
+            "precision_macro": float(
+                metrics.precision_score(y, predicted, average="macro", labels=labels, zero_division=0)
+            ),
             "recall_macro": float(metrics.recall_score(y, predicted, average="macro", labels=labels, zero_division=0)),
             "f1_macro": float(metrics.f1_score(y, predicted, average="macro", labels=labels, zero_division=0)),
         },
         confusion_matrix=metrics.confusion_matrix(y, predicted, labels=labels).tolist(),
-        importances=importances, importance_kind=importance_kind, notes=importance_notes,
+        importances=importances,
+        importance_kind=importance_kind,
+        notes=importance_notes,
     )
     result.per_class = _per_class(y, predicted, labels)
     if len(labels) > MAX_PER_CLASS:
@@ -235,15 +242,21 @@ def _pr(positives: np.ndarray, scores: np.ndarray, label: int) -> dict[str, Any]
     # scikit-learn returns recall falling; drawn left to right it reads better rising.
     recall_shown, precision_shown = _thin(recall[::-1], precision[::-1])
     return {
-        "class": label, "average_precision": average, "prevalence": float(np.mean(positives)),
-        "recall": recall_shown, "precision": precision_shown,
+        "class": label,
+        "average_precision": average,
+        "prevalence": float(np.mean(positives)),
+        "recall": recall_shown,
+        "precision": precision_shown,
     }
 
 
 def _drawn_classes(y: np.ndarray, labels: np.ndarray) -> list[int]:
     """Indices of the classes whose curves are drawn: the most frequent, ties by label order."""
-    support = np.array([np.count_nonzero(y == label) for label in labels]) if len(labels) <= 64 else \
-        np.bincount(np.searchsorted(labels, y), minlength=len(labels))
+    support = (
+        np.array([np.count_nonzero(y == label) for label in labels])
+        if len(labels) <= 64
+        else np.bincount(np.searchsorted(labels, y), minlength=len(labels))
+    )
     order = np.argsort(-support, kind="stable")[:MAX_CURVE_CLASSES]
     return sorted(int(i) for i in order)
 
@@ -275,9 +288,13 @@ def _calibration(y: np.ndarray, proba: np.ndarray, labels: np.ndarray) -> dict[s
     predicted_sum = np.bincount(which, weights=confidence, minlength=CALIBRATION_BINS)
     observed_sum = np.bincount(which, weights=correct.astype("float64"), minlength=CALIBRATION_BINS)
     bins = [
-        {"predicted": float(predicted_sum[b] / counts[b]), "observed": float(observed_sum[b] / counts[b]),
-         "count": int(counts[b])}
-        for b in range(CALIBRATION_BINS) if counts[b]
+        {
+            "predicted": float(predicted_sum[b] / counts[b]),
+            "observed": float(observed_sum[b] / counts[b]),
+            "count": int(counts[b]),
+        }
+        for b in range(CALIBRATION_BINS)
+        if counts[b]
     ]
     error = float(sum(b["count"] * abs(b["observed"] - b["predicted"]) for b in bins) / max(len(y), 1))
     return {"kind": kind, "class": label, "bins": bins, "expected_calibration_error": error}
@@ -291,9 +308,12 @@ def _residuals(y: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
     if not len(finite):
         return {}
     summary = {
-        "mean": float(np.mean(finite)), "std": float(np.std(finite)),
-        "min": float(finite.min()), "max": float(finite.max()),
-        "p05": float(np.percentile(finite, 5)), "p50": float(np.percentile(finite, 50)),
+        "mean": float(np.mean(finite)),
+        "std": float(np.std(finite)),
+        "min": float(finite.min()),
+        "max": float(finite.max()),
+        "p05": float(np.percentile(finite, 5)),
+        "p50": float(np.percentile(finite, 50)),
         "p95": float(np.percentile(finite, 95)),
     }
     try:
@@ -306,7 +326,9 @@ def _residuals(y: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
     return {**summary, "histogram": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
 
-def _permutation_importances(model: Any, names: Any, x: Any, y: np.ndarray) -> tuple[str, list[tuple[str, float]], list[str]]:
+def _permutation_importances(
+    model: Any, names: Any, x: Any, y: np.ndarray
+) -> tuple[str, list[tuple[str, float]], list[str]]:
     """How much the score drops when one input is shuffled, on a bounded, seeded subsample."""
     values = np.asarray(x)
     width = values.shape[1]
@@ -385,8 +407,7 @@ def decide(evaluation: Evaluation, minimums: dict[str, float], maximums: dict[st
     for name in [*minimums, *maximums]:
         if name not in own:
             raise InvalidArgument(
-                f"threshold on {name!r} does not apply to a {evaluation.task} model; "
-                f"use one of {', '.join(own)}"
+                f"threshold on {name!r} does not apply to a {evaluation.task} model; use one of {', '.join(own)}"
             )
     reasons, passed = [], True
     for name, bound in sorted(minimums.items()):
@@ -410,7 +431,9 @@ def decide(evaluation: Evaluation, minimums: dict[str, float], maximums: dict[st
             passed = False
             reasons.append(f"{name} {value:.4f} is above maximum {bound:g}")
     if defaulted:
-        reasons.append(f"no thresholds were given, so the {evaluation.task} default applies; set minimums/maximums to choose")
+        reasons.append(
+            f"no thresholds were given, so the {evaluation.task} default applies; set minimums/maximums to choose"
+        )
     return passed, reasons
 
 
@@ -437,7 +460,10 @@ def shown_value(value: Any, limit: int = MAX_SHOWN_TEXT) -> Any:
 def shown_params(params: Any) -> dict[str, Any]:
     if not isinstance(params, dict):
         return {}
-    return {bounded(str(k), 80): shown_value(v) for k, v in sorted(params.items(), key=lambda kv: str(kv[0]))[:MAX_SHOWN_PARAMS]}
+    return {
+        bounded(str(k), 80): shown_value(v)
+        for k, v in sorted(params.items(), key=lambda kv: str(kv[0]))[:MAX_SHOWN_PARAMS]
+    }
 
 
 def redact_source(source: Any) -> str:
@@ -492,8 +518,9 @@ def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, A
                 stages[stage] = {
                     "stage_version": bounded(str(manifest.get("stage_version", "")), 40),
                     "created_at": bounded(str(manifest.get("created_at", "")), 40),
-                    "duration_seconds": float(duration) if isinstance(duration, (int, float))
-                    and not isinstance(duration, bool) and math.isfinite(duration) else None,
+                    "duration_seconds": float(duration)
+                    if isinstance(duration, (int, float)) and not isinstance(duration, bool) and math.isfinite(duration)
+                    else None,
                     "cache_key": bounded(str(manifest.get("cache_key", "")), 64),
                     "params": params,
                     # Recorded by runtimes that write the producing run into manifests; absent otherwise.
@@ -511,4 +538,3 @@ def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, A
         notes.append("x_test comes from another features computation than the model's training data")
     ordered = {name: stages[name] for name in PIPELINE_STAGES if name in stages}
     return {"stages": ordered, "notes": notes}
-

@@ -56,7 +56,8 @@ def _shape_problem(name: str, document: dict[str, Any]) -> str | None:
         if not isinstance(version, dict) or version.get("version") != index:
             return f"entry {index} is not version {index}"
         if not (
-            isinstance(version.get("model"), dict) and isinstance(version["model"].get("sha256"), str)
+            isinstance(version.get("model"), dict)
+            and isinstance(version["model"].get("sha256"), str)
             and isinstance(version.get("metrics_report"), dict)
             and isinstance(version.get("metrics"), dict)
             and isinstance(version.get("lineage"), dict)
@@ -88,8 +89,9 @@ def _corrupt(store: ArtifactStore, name: str, problem: str) -> DataLoss:
             f"no saved revision exists; restore registry/{name}.json in {store.root_url} from a backup, "
             "or delete it to start this name afresh"
         )
-    return DataLoss(f"the model registry for {name!r} is damaged: registry/{name}.json {problem}; "
-                    f"nothing was registered. {advice}")
+    return DataLoss(
+        f"the model registry for {name!r} is damaged: registry/{name}.json {problem}; nothing was registered. {advice}"
+    )
 
 
 def load(store: ArtifactStore, name: str) -> dict[str, Any]:

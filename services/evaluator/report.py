@@ -16,7 +16,18 @@ from html import escape
 from typing import Any
 
 # Tableau 10: distinct, colour-blind friendlier than the rainbow.
-_COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+_COLOURS = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+)
 _INK, _GRID, _MUTED = "#1f2933", "#e4e7eb", "#7b8794"
 # Shown at most: classes in the confusion matrix and the per-class table, names' length.
 MAX_MATRIX_CLASSES = 30
@@ -103,7 +114,9 @@ class _Frame:
 
     def y(self, v: float) -> float:
         try:
-            return _clamp(self.H - self.BOTTOM - (v - self.ylo) / (self.yhi - self.ylo) * (self.H - self.TOP - self.BOTTOM))
+            return _clamp(
+                self.H - self.BOTTOM - (v - self.ylo) / (self.yhi - self.ylo) * (self.H - self.TOP - self.BOTTOM)
+            )
         except (OverflowError, ZeroDivisionError):
             return 0.0
 
@@ -115,18 +128,26 @@ class _Frame:
 
     def axes(self, x_label: str, y_label: str) -> str:
         left, right, top, bottom = self.LEFT, self.W - self.RIGHT, self.TOP, self.H - self.BOTTOM
-        parts = [f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="#fff" stroke="{_GRID}"/>']
+        parts = [
+            f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="#fff" stroke="{_GRID}"/>'
+        ]
         for tick in _ticks(self.xlo, self.xhi):
             x = self.x(tick)
             parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="{_GRID}"/>')
-            parts.append(f'<text x="{x:.1f}" y="{bottom + 15}" text-anchor="middle" font-size="11" fill="{_MUTED}">{_tick_label(tick)}</text>')
+            parts.append(
+                f'<text x="{x:.1f}" y="{bottom + 15}" text-anchor="middle" font-size="11" fill="{_MUTED}">{_tick_label(tick)}</text>'
+            )
         for tick in _ticks(self.ylo, self.yhi):
             y = self.y(tick)
             parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="{_GRID}"/>')
-            parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="{_MUTED}">{_tick_label(tick)}</text>')
+            parts.append(
+                f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="{_MUTED}">{_tick_label(tick)}</text>'
+            )
         parts.append(f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="{_MUTED}"/>')
         parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="{_MUTED}"/>')
-        parts.append(f'<text x="{(left + right) / 2:.1f}" y="{self.H - 8}" text-anchor="middle" font-size="12" fill="{_INK}">{escape(x_label)}</text>')
+        parts.append(
+            f'<text x="{(left + right) / 2:.1f}" y="{self.H - 8}" text-anchor="middle" font-size="12" fill="{_INK}">{escape(x_label)}</text>'
+        )
         middle = (top + bottom) / 2
         parts.append(
             f'<text x="14" y="{middle:.1f}" text-anchor="middle" font-size="12" fill="{_INK}" '
@@ -152,7 +173,9 @@ class _Frame:
     def dots(self, xs: list[Any], ys: list[Any], colour: str, size: float = 4.5) -> str:
         """Many points as one path of zero-length round-capped segments: a few bytes per point."""
         path = "".join(
-            f"M{self.x(x):.1f} {self.y(y):.1f}h0" for x, y in zip(xs, ys, strict=False) if _is_number(x) and _is_number(y)
+            f"M{self.x(x):.1f} {self.y(y):.1f}h0"
+            for x, y in zip(xs, ys, strict=False)
+            if _is_number(x) and _is_number(y)
         )
         return (
             f'<path d="{path}" stroke="{colour}" stroke-opacity="0.55" stroke-width="{size}" '
@@ -183,7 +206,11 @@ def _class_label(index: Any, class_names: list[str]) -> str:
 def roc_svg(curves: list[dict[str, Any]], class_names: list[str]) -> tuple[str, str]:
     """The ROC curves and their legend (class name and AUC)."""
     frame = _Frame(0.0, 1.0, 0.0, 1.0)
-    parts = [frame.open("roc", "ROC curve"), frame.axes("false positive rate", "true positive rate"), frame.line(0, 0, 1, 1)]
+    parts = [
+        frame.open("roc", "ROC curve"),
+        frame.axes("false positive rate", "true positive rate"),
+        frame.line(0, 0, 1, 1),
+    ]
     legend = []
     for i, curve in enumerate(curves):
         colour = _COLOURS[i % len(_COLOURS)]
@@ -213,14 +240,22 @@ def pr_svg(curves: list[dict[str, Any]], class_names: list[str]) -> tuple[str, s
 
 
 def calibration_svg(calibration: dict[str, Any], class_names: list[str]) -> tuple[str, str, str]:
-    bins = [b for b in calibration.get("bins", []) if isinstance(b, dict) and _is_number(b.get("predicted"))
-            and _is_number(b.get("observed")) and _is_number(b.get("count"))]
+    bins = [
+        b
+        for b in calibration.get("bins", [])
+        if isinstance(b, dict)
+        and _is_number(b.get("predicted"))
+        and _is_number(b.get("observed"))
+        and _is_number(b.get("count"))
+    ]
     frame = _Frame(0.0, 1.0, 0.0, 1.0)
     top = calibration.get("kind") == "top class"
     parts = [
         frame.open("calibration", "calibration curve"),
-        frame.axes("mean predicted probability" if not top else "confidence in the predicted class",
-                   "observed frequency" if not top else "accuracy"),
+        frame.axes(
+            "mean predicted probability" if not top else "confidence in the predicted class",
+            "observed frequency" if not top else "accuracy",
+        ),
         frame.line(0, 0, 1, 1),
     ]
     colour = _COLOURS[0]
@@ -231,7 +266,7 @@ def calibration_svg(calibration: dict[str, Any], class_names: list[str]) -> tupl
         parts.append(
             f'<circle cx="{frame.x(b["predicted"]):.1f}" cy="{frame.y(b["observed"]):.1f}" r="{radius:.1f}" '
             f'fill="{colour}" fill-opacity="0.85" stroke="#fff"><title>{b["count"]} rows: predicted '
-            f'{b["predicted"]:.3f}, observed {b["observed"]:.3f}</title></circle>'
+            f"{b['predicted']:.3f}, observed {b['observed']:.3f}</title></circle>"
         )
     parts.append("</svg>")
     if top:
@@ -240,28 +275,41 @@ def calibration_svg(calibration: dict[str, Any], class_names: list[str]) -> tupl
         label = f"positive class: {escape(_class_label(calibration.get('class'), class_names))}"
     error = calibration.get("expected_calibration_error")
     caption = f"{len(bins)} bins of width 0.1, dot area by rows" + (
-        f"; expected calibration error {error:.3f}" if _is_number(error) else "")
+        f"; expected calibration error {error:.3f}" if _is_number(error) else ""
+    )
     return "".join(parts), _legend([(colour, label)]), caption
 
 
 def scatter_svg(true: list[float], predicted: list[float]) -> str:
     lo, hi = _range([*true, *predicted])
     frame = _Frame(lo, hi, lo, hi)
-    return "".join([
-        frame.open("predicted-vs-true", "predicted against true"), frame.axes("true value", "predicted value"),
-        frame.line(lo, lo, hi, hi), frame.dots(true, predicted, _COLOURS[0]), "</svg>",
-    ])
+    return "".join(
+        [
+            frame.open("predicted-vs-true", "predicted against true"),
+            frame.axes("true value", "predicted value"),
+            frame.line(lo, lo, hi, hi),
+            frame.dots(true, predicted, _COLOURS[0]),
+            "</svg>",
+        ]
+    )
 
 
 def residual_svg(true: list[float], predicted: list[float]) -> str:
-    residuals = [t - p if _is_number(t) and _is_number(p) else float("nan") for t, p in zip(true, predicted, strict=False)]
+    residuals = [
+        t - p if _is_number(t) and _is_number(p) else float("nan") for t, p in zip(true, predicted, strict=False)
+    ]
     xlo, xhi = _range(predicted)
     ylo, yhi = _range([*residuals, 0.0])
     frame = _Frame(xlo, xhi, ylo, yhi)
-    return "".join([
-        frame.open("residuals", "residuals against predicted"), frame.axes("predicted value", "residual (true − predicted)"),
-        frame.line(xlo, 0, xhi, 0, colour=_COLOURS[2], dash="6 3"), frame.dots(predicted, residuals, _COLOURS[1]), "</svg>",
-    ])
+    return "".join(
+        [
+            frame.open("residuals", "residuals against predicted"),
+            frame.axes("predicted value", "residual (true − predicted)"),
+            frame.line(xlo, 0, xhi, 0, colour=_COLOURS[2], dash="6 3"),
+            frame.dots(predicted, residuals, _COLOURS[1]),
+            "</svg>",
+        ]
+    )
 
 
 def residual_histogram_svg(residuals: dict[str, Any]) -> str:
@@ -273,7 +321,10 @@ def residual_histogram_svg(residuals: dict[str, Any]) -> str:
         return ""
     peak = max(counts) or 1
     frame = _Frame(edges[0], edges[-1], 0, peak * 1.08)
-    parts = [frame.open("residual-histogram", "distribution of residuals"), frame.axes("residual (true − predicted)", "rows")]
+    parts = [
+        frame.open("residual-histogram", "distribution of residuals"),
+        frame.axes("residual (true − predicted)", "rows"),
+    ]
     bottom = frame.y(0)
     for left, right, count in zip(edges, edges[1:], counts, strict=False):
         x0, x1, top = frame.x(left), frame.x(right), frame.y(count)
@@ -312,7 +363,7 @@ def importance_svg(values: list[Any]) -> str:
         shown = name if len(name) <= 34 else name[:33] + "…"
         parts.append(
             f'<text x="{label_width}" y="{y + 14}" text-anchor="end" font-size="12" fill="{_INK}">'
-            f'<title>{escape(name[:200])}</title>{escape(shown)}</text>'
+            f"<title>{escape(name[:200])}</title>{escape(shown)}</text>"
             f'<rect x="{x0:.1f}" y="{y + 3}" width="{max(x1 - x0, 0.8):.1f}" height="{row_height - 6}" rx="2" '
             f'fill="{_COLOURS[0] if value >= 0 else _COLOURS[2]}"/>'
             f'<text x="{max(x1, zero) + 4:.1f}" y="{y + 14}" font-size="11" fill="{_MUTED}">{value:.3g}</text>'
@@ -320,7 +371,9 @@ def importance_svg(values: list[Any]) -> str:
     axis = top + row_height * len(rows) + 4
     parts.append(f'<line x1="{zero:.1f}" y1="{top}" x2="{zero:.1f}" y2="{axis}" stroke="{_MUTED}"/>')
     for tick in _ticks(lo, hi, 4):
-        parts.append(f'<text x="{sx(tick):.1f}" y="{axis + 14}" text-anchor="middle" font-size="10" fill="{_MUTED}">{_tick_label(tick)}</text>')
+        parts.append(
+            f'<text x="{sx(tick):.1f}" y="{axis + 14}" text-anchor="middle" font-size="10" fill="{_MUTED}">{_tick_label(tick)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -351,20 +404,27 @@ def per_class_table(per_class: list[dict[str, Any]], class_names: list[str]) -> 
     entries = [e for e in per_class if isinstance(e, dict)]
     if not entries:
         return ""
-    shown = sorted(entries, key=lambda e: -e.get("support", 0) if _is_number(e.get("support")) else 0)[:MAX_TABLE_CLASSES]
+    shown = sorted(entries, key=lambda e: -e.get("support", 0) if _is_number(e.get("support")) else 0)[
+        :MAX_TABLE_CLASSES
+    ]
     shown.sort(key=lambda e: e.get("class", 0) if _is_number(e.get("class")) else 0)
     rows = []
     for entry in shown:
         cells = "".join(
-            f'<td style="background:rgba(78,121,167,{entry[k] * 0.22:.2f})">{entry[k]:.3f}</td>' if _is_number(entry.get(k))
-            else "<td></td>" for k in ("precision", "recall", "f1")
+            f'<td style="background:rgba(78,121,167,{entry[k] * 0.22:.2f})">{entry[k]:.3f}</td>'
+            if _is_number(entry.get(k))
+            else "<td></td>"
+            for k in ("precision", "recall", "f1")
         )
         rows.append(
             f"<tr><th>{escape(_class_label(entry.get('class'), class_names))}</th>{cells}"
             f"<td>{_fmt(entry.get('support'))}</td></tr>"
         )
-    note = (f"<p class=\"caption\">The {len(shown)} most frequent of {len(entries)} classes.</p>"
-            if len(shown) < len(entries) else "")
+    note = (
+        f'<p class="caption">The {len(shown)} most frequent of {len(entries)} classes.</p>'
+        if len(shown) < len(entries)
+        else ""
+    )
     return (
         '<section class="card"><h2>Per class</h2><div class="scroll"><table class="per-class">'
         "<tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>"
@@ -419,7 +479,7 @@ def profile_section(profile: dict[str, Any]) -> str:
         rows.append(
             f"<tr><th>{escape(str(column.get('name', '')))}</th><td>{escape(str(column.get('role', '')))}</td>"
             f"<td>{escape(str(column.get('count', '')))}</td><td>{escape(missing)}</td>"
-            f"<td>{escape(str(column.get('distinct', '')))}</td><td class=\"text\">{_column_summary(column)}</td>"
+            f'<td>{escape(str(column.get("distinct", "")))}</td><td class="text">{_column_summary(column)}</td>'
             f"<td>{_bars(histogram.get('counts', []))}</td></tr>"
         )
     return (
@@ -456,7 +516,9 @@ def _split_section(split: dict[str, Any]) -> str:
 
 
 def _encoding_section(schema: dict[str, Any]) -> str:
-    columns = [c for c in schema.get("columns", []) if isinstance(c, dict)] if isinstance(schema.get("columns"), list) else []
+    columns = (
+        [c for c in schema.get("columns", []) if isinstance(c, dict)] if isinstance(schema.get("columns"), list) else []
+    )
     rows = "".join(
         f"<tr><th>{escape(str(c.get('name', '')))}</th><td>{escape(str(c.get('role', '')))}</td>"
         f"<td>{escape(str(c.get('encoder', '')))}</td><td>{escape(str(c.get('levels_in_train', '')))}</td>"
@@ -477,7 +539,8 @@ def _importance_section(importances: dict[str, Any]) -> str:
         return ""
     rows = "".join(
         f"<tr><th>{_text(v[0], 200)}</th><td>{_fmt(v[1])}</td></tr>"
-        for v in values if isinstance(v, (list, tuple)) and len(v) == 2
+        for v in values
+        if isinstance(v, (list, tuple)) and len(v) == 2
     )
     return (
         f"<h2>Most important inputs</h2><p>{_text(importances.get('kind', ''), 200)}</p>{importance_svg(values)}"
@@ -533,7 +596,9 @@ def _what_ran(report: dict[str, Any]) -> str:
     # The report names no run of its own: it is a pure function of its inputs and their manifests,
     # so any run that asks the same (or recomputes it) gets these very bytes. When the manifests
     # name the run that computed a stage, the stage table shows it.
-    times = sorted(str(stage.get("created_at")) for stage in stages.values() if isinstance(stage, dict) and stage.get("created_at"))
+    times = sorted(
+        str(stage.get("created_at")) for stage in stages.values() if isinstance(stage, dict) and stage.get("created_at")
+    )
     latest = f" The newest input was computed at {_when(times[-1])} UTC." if times else ""
     facts.append(
         "<tr><th>produced</th><td>from the inputs below and their manifests, nothing else: any run that sends the "
@@ -556,12 +621,16 @@ def _what_ran(report: dict[str, Any]) -> str:
         shape = ""
         if isinstance(columns, list):
             target = 1 if isinstance(profile.get("target"), dict) else 0
-            shape = f" × {len(columns) + target} columns" + (f" ({len(columns)} features and the target)" if target else "")
+            shape = f" × {len(columns) + target} columns" + (
+                f" ({len(columns)} features and the target)" if target else ""
+            )
         dataset.append(f"{_fmt(rows)} rows{shape}")
     test_rows = report.get("test_rows")
     if _is_number(test_rows):
-        dataset.append(f"{_fmt(test_rows)} test rows" + (
-            f" × {_fmt(model['features'])} model inputs" if _is_number(model.get("features")) else ""))
+        dataset.append(
+            f"{_fmt(test_rows)} test rows"
+            + (f" × {_fmt(model['features'])} model inputs" if _is_number(model.get("features")) else "")
+        )
     if dataset:
         facts.append(f"<tr><th>dataset</th><td>{'; '.join(dataset)}</td></tr>")
 
@@ -569,14 +638,20 @@ def _what_ran(report: dict[str, Any]) -> str:
         trainer = stages.get("trainer") if isinstance(stages.get("trainer"), dict) else {}
         trainer_params = trainer.get("params") if isinstance(trainer.get("params"), dict) else {}
         asked = trainer_params.get("model")
-        named = f" (asked for as <code>{_text(asked)}</code>)" if asked else (" (the task's default model)" if trainer else "")
+        named = (
+            f" (asked for as <code>{_text(asked)}</code>)"
+            if asked
+            else (" (the task's default model)" if trainer else "")
+        )
         hyper = model.get("hyperparameters") if isinstance(model.get("hyperparameters"), dict) else {}
-        requested = trainer_params.get("hyperparameters") if isinstance(trainer_params.get("hyperparameters"), dict) else {}
+        requested = (
+            trainer_params.get("hyperparameters") if isinstance(trainer_params.get("hyperparameters"), dict) else {}
+        )
         cells = "".join(
             f'<span class="param{" set" if k in requested else ""}">{_text(k, 40)}=<code>{_literal(v)}</code></span>'
             for k, v in hyper.items()
         )
-        legend = " <span class=\"caption\">(bold: set in the request)</span>" if requested else ""
+        legend = ' <span class="caption">(bold: set in the request)</span>' if requested else ""
         facts.append(
             f"<tr><th>model</th><td><b>{_text(model['class'])}</b>{named}{legend}"
             f'<div class="params">{cells}</div></td></tr>'
@@ -602,11 +677,14 @@ def _what_ran(report: dict[str, Any]) -> str:
     missing = [s for s in ("loader", "preprocess", "features", "trainer") if s not in stages] if provenance else []
     notes = [_text(n, 200) for n in provenance.get("notes", []) if isinstance(n, str)] if provenance else []
     if missing:
-        notes.append(f"no manifest found for {', '.join(missing)}: those inputs were not produced by a stage of this store")
+        notes.append(
+            f"no manifest found for {', '.join(missing)}: those inputs were not produced by a stage of this store"
+        )
     table = (
         '<div class="scroll"><table class="stages"><tr><th>stage</th><th>version</th><th>computed at (UTC)</th>'
         f'<th>took</th><th class="text">parameters</th></tr>{"".join(stage_rows)}</table></div>'
-        if stage_rows else ""
+        if stage_rows
+        else ""
     )
     note_html = "".join(f'<p class="caption">{n}</p>' for n in notes)
     return (
@@ -689,7 +767,7 @@ def _page(title: str, body: str) -> str:
     # without restyling Flyte's own tabs (deck_html adds an iframe around it as well).
     return (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
-        f'<title>{escape(title)}</title><style>{_STYLE}</style></head>'
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head>"
         f'<body style="margin:0;background:#f5f7fa"><div class="mlmesh-report">{body}</div></body></html>\n'
     )
 
@@ -714,12 +792,15 @@ def render_html(report: dict[str, Any]) -> str:
     classes = [str(c) for c in (report.get("class_names") or [])]
     decision = str(report["decision"])
     tone = "promote" if decision == "PROMOTE" else "retrain"
-    shown_classes = ", ".join(" ".join(c.split())[:MAX_NAME] for c in classes[:50]) + (", …" if len(classes) > 50 else "")
+    shown_classes = ", ".join(" ".join(c.split())[:MAX_NAME] for c in classes[:50]) + (
+        ", …" if len(classes) > 50 else ""
+    )
     sections = [
         f'<header class="card head {tone}"><span class="badge">{escape(decision)}</span>'
         f"<h1>Evaluation: {escape(decision)}</h1>"
         f'<p class="sub">{escape(report["task_kind"])} model, {report["test_rows"]} held-out rows'
-        + (f"; classes: {escape(shown_classes)}" if classes else "") + f'.</p><ul class="reasons">{reasons}</ul></header>',
+        + (f"; classes: {escape(shown_classes)}" if classes else "")
+        + f'.</p><ul class="reasons">{reasons}</ul></header>',
         _metric_cards(report),
         _what_ran(report),
     ]
@@ -727,11 +808,23 @@ def render_html(report: dict[str, Any]) -> str:
     if report["task_kind"] == "classification":
         if report.get("roc_curves"):
             svg, legend = roc_svg(report["roc_curves"], classes)
-            charts.append(_figure("ROC curve", svg, legend, "one against the rest per class" if len(report["roc_curves"]) > 1 else ""))
+            charts.append(
+                _figure(
+                    "ROC curve", svg, legend, "one against the rest per class" if len(report["roc_curves"]) > 1 else ""
+                )
+            )
         if report.get("pr_curves"):
             svg, legend = pr_svg(report["pr_curves"], classes)
-            charts.append(_figure("Precision-recall curve", svg, legend,
-                                  "dashed: the positive class's share, what guessing achieves" if len(report["pr_curves"]) == 1 else ""))
+            charts.append(
+                _figure(
+                    "Precision-recall curve",
+                    svg,
+                    legend,
+                    "dashed: the positive class's share, what guessing achieves"
+                    if len(report["pr_curves"]) == 1
+                    else "",
+                )
+            )
         if isinstance(report.get("calibration"), dict) and report["calibration"].get("bins"):
             svg, legend, caption = calibration_svg(report["calibration"], classes)
             charts.append(_figure("Calibration", svg, legend, caption))
@@ -741,15 +834,31 @@ def render_html(report: dict[str, Any]) -> str:
     else:
         preds = report.get("predictions") or {}
         if preds.get("true"):
-            charts.append(_figure("Predicted vs true", scatter_svg(preds["true"], preds["predicted"]),
-                                  caption="dashed: a perfect prediction"))
-            charts.append(_figure("Residuals vs predicted", residual_svg(preds["true"], preds["predicted"]),
-                                  caption="a residual is true − predicted; look for a trend or a funnel"))
+            charts.append(
+                _figure(
+                    "Predicted vs true",
+                    scatter_svg(preds["true"], preds["predicted"]),
+                    caption="dashed: a perfect prediction",
+                )
+            )
+            charts.append(
+                _figure(
+                    "Residuals vs predicted",
+                    residual_svg(preds["true"], preds["predicted"]),
+                    caption="a residual is true − predicted; look for a trend or a funnel",
+                )
+            )
         residuals = report.get("residuals") if isinstance(report.get("residuals"), dict) else {}
         histogram = residual_histogram_svg(residuals)
         if histogram:
-            summary = ", ".join(f"{k} {_fmt(residuals[k])}" for k in ("mean", "std", "p05", "p50", "p95") if _is_number(residuals.get(k)))
-            charts.append(_figure("Error distribution", histogram, caption=f"all {report['test_rows']} test rows; {summary}"))
+            summary = ", ".join(
+                f"{k} {_fmt(residuals[k])}"
+                for k in ("mean", "std", "p05", "p50", "p95")
+                if _is_number(residuals.get(k))
+            )
+            charts.append(
+                _figure("Error distribution", histogram, caption=f"all {report['test_rows']} test rows; {summary}")
+            )
     if report["task_kind"] == "classification":
         charts.append(per_class_table(report.get("per_class") or [], classes))
     importances = _importance_section(report.get("importances", {}))

@@ -15,7 +15,6 @@ from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.store import ref_from_dict, ref_to_dict
 from services.runtime.tasks import task_kind_value
 
-
 # Optional JSON artifacts from earlier stages that the HTML report shows.
 CONTEXT_REFS = ("profile", "split_report", "feature_schema")
 MAX_CLASS_NAMES = 100_000
@@ -35,7 +34,10 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         minimums, maximums = dict(request.minimums), dict(request.maximums)
         logic.check_threshold_names(minimums, maximums)
         class_names = list(request.class_names)
-        require(len(class_names) <= MAX_CLASS_NAMES, f"class_names has {len(class_names)} entries; at most {MAX_CLASS_NAMES}")
+        require(
+            len(class_names) <= MAX_CLASS_NAMES,
+            f"class_names has {len(class_names)} entries; at most {MAX_CLASS_NAMES}",
+        )
         inputs = {"model": request.model, "x_test": request.x_test, "y_test": request.y_test}
         for name in CONTEXT_REFS:
             if request.HasField(name):
@@ -54,7 +56,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             y = run.read_array(request.y_test, "y_test")
             context = {
                 name: json_bytes_to_doc(run.read(getattr(request, name), name), name)
-                for name in CONTEXT_REFS if request.HasField(name)
+                for name in CONTEXT_REFS
+                if request.HasField(name)
             }
             run.progress(0.2, f"scoring {len(y):,} test rows: metrics, curves, importances")
             evaluation = logic.evaluate(model, x, y)
@@ -75,7 +78,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
                 "decision": evaluator_pb2.Decision.Name(decision).removeprefix("DECISION_"),
                 "reasons": reasons,
                 "notes": evaluation.notes,
-                "test_rows": int(len(y)),
+                "test_rows": len(y),
                 "class_names": class_names,
                 "confusion_matrix": evaluation.confusion_matrix,
                 "roc_curves": evaluation.roc_curves,
@@ -93,9 +96,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
                 metrics=evaluation.metrics,
                 decision=decision,
                 reasons=[*reasons, *evaluation.notes],
-                confusion_matrix=[
-                    evaluator_pb2.ConfusionMatrixRow(counts=row) for row in evaluation.confusion_matrix
-                ],
+                confusion_matrix=[evaluator_pb2.ConfusionMatrixRow(counts=row) for row in evaluation.confusion_matrix],
                 task_kind=task_kind_value(evaluation.task),
             )
 
@@ -107,11 +108,15 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         registry.check_name(request.name)
         for name in ("model", "metrics_report"):
             require(request.HasField(name), f"{name} is required: pass the refs the trainer and evaluator returned")
-        require(len(request.lineage) <= MAX_LINEAGE_REFS,
-                f"lineage has {len(request.lineage)} refs; at most {MAX_LINEAGE_REFS} are kept")
+        require(
+            len(request.lineage) <= MAX_LINEAGE_REFS,
+            f"lineage has {len(request.lineage)} refs; at most {MAX_LINEAGE_REFS} are kept",
+        )
         for name in request.lineage:
-            require(bool(_LINEAGE_NAME.match(name)),
-                    "lineage names must be 1-64 letters, digits, '_', '.' or '-', such as 'dataset' or 'x_train'")
+            require(
+                bool(_LINEAGE_NAME.match(name)),
+                "lineage names must be 1-64 letters, digits, '_', '.' or '-', such as 'dataset' or 'x_train'",
+            )
         store = self.runtime.store
 
         def check_promoted() -> dict:

@@ -42,7 +42,7 @@ class DatetimeParts(TransformerMixin, BaseEstimator):
     times of day), days since the earliest train value, and a missing flag (when
     train had missing values). Missing values take the train median."""
 
-    def fit(self, X, y=None):  # noqa: N803 - scikit-learn's signature
+    def fit(self, X, y=None):
         frame = pd.DataFrame(X)
         self.feature_names_in_ = np.asarray([str(c) for c in frame.columns], dtype=object)
         self.n_features_in_ = frame.shape[1]
@@ -60,7 +60,7 @@ class DatetimeParts(TransformerMixin, BaseEstimator):
         self.has_missing_ = np.asarray(has_missing, dtype=bool)
         return self
 
-    def transform(self, X):  # noqa: N803
+    def transform(self, X):
         check_is_fitted(self, "fill_seconds_")
         frame = pd.DataFrame(X)
         if frame.shape[1] != self.n_features_in_:

@@ -106,7 +106,11 @@ def _encoder_for(levels: int, options: FeatureOptions, can_cross_fit: bool) -> s
 
 
 def _branches(
-    roles: dict[str, str], train: pd.DataFrame, task: str, options: FeatureOptions, n_classes: int,
+    roles: dict[str, str],
+    train: pd.DataFrame,
+    task: str,
+    options: FeatureOptions,
+    n_classes: int,
     max_fold_rows: int,
 ) -> tuple[list[tuple[str, Any, list[str]]], list[dict[str, Any]], int]:
     """The ColumnTransformer branches, the per-column entries of the schema, and the expected width.
@@ -130,9 +134,11 @@ def _branches(
         else:
             levels = _levels(train, column)
             encoder = _encoder_for(len(levels), options, max_fold_rows >= TARGET_ENCODING_FOLDS)
-            entry["levels_in_train"] = int(len(levels))
+            entry["levels_in_train"] = len(levels)
             entry["levels"] = [[str(level), int(count)] for level, count in levels.head(LISTED_LEVELS).items()]
-            width += {"one_hot": min(len(levels), options.max_one_hot_levels) + 1, "target": target_width}.get(encoder, 1)
+            width += {"one_hot": min(len(levels), options.max_one_hot_levels) + 1, "target": target_width}.get(
+                encoder, 1
+            )
         entry["encoder"] = encoder
         groups["datetime" if encoder == "datetime_parts" else encoder].append(column)
         entries.append(entry)
@@ -146,12 +152,16 @@ def _branches(
     branches: list[tuple[str, Any, list[str]]] = []
     if groups["numeric"]:
         strategy = median_or_zero if options.imputation == "median" else options.imputation
-        imputer = SimpleImputer(strategy=strategy, add_indicator=options.missing_indicators,
-                                keep_empty_features=True)
+        imputer = SimpleImputer(strategy=strategy, add_indicator=options.missing_indicators, keep_empty_features=True)
         branches.append(("numeric", Pipeline([("impute", imputer), ("scale", _scaler(options))]), groups["numeric"]))
     if groups["one_hot"]:
-        one_hot = OneHotEncoder(handle_unknown="infrequent_if_exist", min_frequency=min_count,
-                                max_categories=options.max_one_hot_levels + 1, sparse_output=False, dtype=np.float64)
+        one_hot = OneHotEncoder(
+            handle_unknown="infrequent_if_exist",
+            min_frequency=min_count,
+            max_categories=options.max_one_hot_levels + 1,
+            sparse_output=False,
+            dtype=np.float64,
+        )
         branches.append(("one_hot", categorical(one_hot), groups["one_hot"]))
     if groups["target"]:
         if max_fold_rows < TARGET_ENCODING_FOLDS:
@@ -163,16 +173,26 @@ def _branches(
             )
         # Cross-fitting folds, seeded: train rows are encoded by the other folds' statistics.
         folds = (KFold if task == "regression" else StratifiedKFold)(
-            TARGET_ENCODING_FOLDS, shuffle=True, random_state=options.seed)
+            TARGET_ENCODING_FOLDS, shuffle=True, random_state=options.seed
+        )
         target = TargetEncoder(target_type="continuous" if task == "regression" else "auto", cv=folds)
-        branches.append(("target", Pipeline([*categorical(target).steps, ("scale", _scaler(options))]), groups["target"]))
+        branches.append(
+            ("target", Pipeline([*categorical(target).steps, ("scale", _scaler(options))]), groups["target"])
+        )
     if groups["ordinal"]:
         # Unseen levels become -1, which hist_gradient_boosting treats as missing.
-        ordinal = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1, min_frequency=min_count,
-                                 max_categories=MAX_ORDINAL_LEVELS, dtype=np.float64)
+        ordinal = OrdinalEncoder(
+            handle_unknown="use_encoded_value",
+            unknown_value=-1,
+            min_frequency=min_count,
+            max_categories=MAX_ORDINAL_LEVELS,
+            dtype=np.float64,
+        )
         branches.append(("ordinal", categorical(ordinal), groups["ordinal"]))
     if groups["datetime"]:
-        branches.append(("datetime", Pipeline([("parts", DatetimeParts()), ("scale", _scaler(options))]), groups["datetime"]))
+        branches.append(
+            ("datetime", Pipeline([("parts", DatetimeParts()), ("scale", _scaler(options))]), groups["datetime"])
+        )
     return branches, entries, width
 
 
@@ -181,8 +201,14 @@ def _branches(
 MAX_FEATURE_COLUMNS = 100_000
 
 
-def build_pipeline(branches: list[tuple[str, Any, list[str]]], task: str, options: FeatureOptions,
-                   width: int, rows: int, max_bytes: int) -> Pipeline:
+def build_pipeline(
+    branches: list[tuple[str, Any, list[str]]],
+    task: str,
+    options: FeatureOptions,
+    width: int,
+    rows: int,
+    max_bytes: int,
+) -> Pipeline:
     columns = ColumnTransformer(branches, remainder="drop", verbose_feature_names_out=False)
     steps: list[tuple[str, Any]] = [("columns", columns)]
     if width * rows * 8 > max_bytes or width > MAX_FEATURE_COLUMNS:
@@ -247,13 +273,21 @@ def _categorical_indices(pipeline: Pipeline) -> list[int]:
 
 
 def engineer(
-    train: pd.DataFrame, test: pd.DataFrame, target_column: str, task: str, roles: dict[str, str],
-    class_names: list[str], options: FeatureOptions, max_bytes: int,
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    target_column: str,
+    task: str,
+    roles: dict[str, str],
+    class_names: list[str],
+    options: FeatureOptions,
+    max_bytes: int,
 ) -> Engineered:
     x_train, y_train = split_xy(train, target_column, task, "train")
     x_test, y_test = split_xy(test, target_column, task, "test")
     if list(x_train.columns) != list(x_test.columns):
-        raise FailedPrecondition("train and test have different feature columns; pass splits from the same preprocess run")
+        raise FailedPrecondition(
+            "train and test have different feature columns; pass splits from the same preprocess run"
+        )
     unknown = [c for c in x_train.columns if c not in roles]
     if unknown:
         raise FailedPrecondition("train has columns without a role; pass splits written by preprocess")
@@ -301,10 +335,14 @@ def engineer(
         "feature_names": names,
         "categorical_feature_indices": categorical,
         "options": {
-            "scaling": options.scaling, "polynomial_degree": options.polynomial_degree,
-            "select_k_best": options.select_k_best, "numeric_imputation": options.imputation,
-            "missing_indicators": options.missing_indicators, "categorical_encoding": options.categorical_encoding,
-            "max_one_hot_levels": options.max_one_hot_levels, "min_level_count": options.min_level_count,
+            "scaling": options.scaling,
+            "polynomial_degree": options.polynomial_degree,
+            "select_k_best": options.select_k_best,
+            "numeric_imputation": options.imputation,
+            "missing_indicators": options.missing_indicators,
+            "categorical_encoding": options.categorical_encoding,
+            "max_one_hot_levels": options.max_one_hot_levels,
+            "min_level_count": options.min_level_count,
         },
     }
     return Engineered(

@@ -43,7 +43,9 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
     def __init__(self, runtime: StageRuntime):
         self.runtime = runtime
 
-    async def BuildFeatures(self, request: features_pb2.BuildFeaturesRequest, context) -> features_pb2.BuildFeaturesResponse:
+    async def BuildFeatures(
+        self, request: features_pb2.BuildFeaturesRequest, context
+    ) -> features_pb2.BuildFeaturesResponse:
         require(request.HasField("train"), "train is required: pass the train ref preprocess returned")
         require(request.HasField("test"), "test is required: pass the test ref preprocess returned")
         degree = request.polynomial_degree
@@ -51,7 +53,9 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
             0 <= degree <= logic.MAX_POLYNOMIAL_DEGREE,
             f"polynomial_degree must be between 0 and {logic.MAX_POLYNOMIAL_DEGREE}, got {degree}",
         )
-        require(request.select_k_best >= 0, f"select_k_best must be 0 (keep all) or positive, got {request.select_k_best}")
+        require(
+            request.select_k_best >= 0, f"select_k_best must be 0 (keep all) or positive, got {request.select_k_best}"
+        )
         require(
             0 <= request.max_one_hot_levels <= MAX_ONE_HOT_LEVELS,
             f"max_one_hot_levels must be between 1 and {MAX_ONE_HOT_LEVELS} (0 for the default), "

@@ -81,9 +81,7 @@ def parse_source(source: str) -> Source:
         options: dict[str, float | int] = dict(_SYNTHETIC_DEFAULTS[task])
         for key, raw in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
             if key not in options:
-                raise InvalidArgument(
-                    f"unknown option {shown(key)} for synthetic:{task}; valid: {', '.join(options)}"
-                )
+                raise InvalidArgument(f"unknown option {shown(key)} for synthetic:{task}; valid: {', '.join(options)}")
             try:
                 options[key] = float(raw) if key == "noise" else int(raw)
             except ValueError:
@@ -118,9 +116,7 @@ MAX_COLUMNS = 10_000
 
 def _check_columns(columns: int) -> None:
     if columns > MAX_COLUMNS:
-        raise ResourceExhausted(
-            f"a dataset of {columns} columns is over the loader's limit of {MAX_COLUMNS} columns"
-        )
+        raise ResourceExhausted(f"a dataset of {columns} columns is over the loader's limit of {MAX_COLUMNS} columns")
 
 
 def _check_size(rows: int, features: int, max_bytes: int) -> None:
@@ -150,17 +146,24 @@ def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, str]:
             )
         try:
             x, y = _datasets().make_classification(
-                n_samples=rows, n_features=features, n_informative=informative,
-                n_redundant=min(2, features - informative), n_classes=classes,
-                n_clusters_per_class=1, random_state=seed,
+                n_samples=rows,
+                n_features=features,
+                n_informative=informative,
+                n_redundant=min(2, features - informative),
+                n_classes=classes,
+                n_clusters_per_class=1,
+                random_state=seed,
             )
         except ValueError as exc:
             raise InvalidArgument(f"cannot make that synthetic classification: {bounded(exc)}") from None
     else:
         try:
             x, y = _datasets().make_regression(
-                n_samples=rows, n_features=features, n_informative=max(1, features // 2),
-                noise=float(opts["noise"]), random_state=seed,
+                n_samples=rows,
+                n_features=features,
+                n_informative=max(1, features // 2),
+                noise=float(opts["noise"]),
+                random_state=seed,
             )
         except ValueError as exc:  # e.g. a negative noise or a seed out of range
             raise InvalidArgument(f"cannot make that synthetic regression: {bounded(exc)}") from None
@@ -192,8 +195,12 @@ def _read_file(source: Source, max_bytes: int, text_columns: list[str] = (), dat
         if source.file_format == "csv":
             compression = "gzip" if source.name.lower().endswith(".gz") else None
             # low_memory=False reads each column whole, so its type does not depend on chunking.
-            frame = pd.read_csv(io.BytesIO(data), compression=compression, low_memory=False,
-                                dtype={name: "str" for name in text_columns} or None)
+            frame = pd.read_csv(
+                io.BytesIO(data),
+                compression=compression,
+                low_memory=False,
+                dtype={name: "str" for name in text_columns} or None,
+            )
         else:
             frame = pd.read_parquet(io.BytesIO(data))
     except (ValueError, pd.errors.ParserError, OSError) as exc:
@@ -229,8 +236,12 @@ class LoadedDataset:
 
 
 def load_dataset(
-    source: Source, target_column: str, requested_task: str | None, max_bytes: int,
-    roles: dict[str, str] | None = None, data: bytes | None = None,
+    source: Source,
+    target_column: str,
+    requested_task: str | None,
+    max_bytes: int,
+    roles: dict[str, str] | None = None,
+    data: bytes | None = None,
 ) -> LoadedDataset:
     """Read the source, decide every column's role and the task, and profile the table.
 
@@ -277,8 +288,7 @@ def load_dataset(
         distinct = target.dropna().unique()
         if len(distinct) < 2:
             raise FailedPrecondition(
-                f"classification needs at least two classes, but target {shown(target_column)} has "
-                f"{len(distinct)}"
+                f"classification needs at least two classes, but target {shown(target_column)} has {len(distinct)}"
             )
 
     features, columns, warnings = decide_columns(frame, target_column, roles or {})
@@ -290,6 +300,10 @@ def load_dataset(
     out = features.copy()
     out[target_column] = target.to_numpy()
     return LoadedDataset(
-        frame=out, target_column=target_column, task=decision, columns=columns, warnings=warnings,
+        frame=out,
+        target_column=target_column,
+        task=decision,
+        columns=columns,
+        warnings=warnings,
         profile=profile(frame, features, target, target_column, columns),
     )

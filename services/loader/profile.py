@@ -50,7 +50,8 @@ def _datetime(values: pd.Series) -> dict[str, Any]:
     counts, edges = np.histogram(seconds, bins=HISTOGRAM_BINS)
     as_text = [pd.Timestamp(e * 1e6, unit="us").isoformat() for e in edges]
     return {
-        "min": present.min().isoformat(), "max": present.max().isoformat(),
+        "min": present.min().isoformat(),
+        "max": present.max().isoformat(),
         "histogram": {"edges": as_text, "counts": [int(c) for c in counts]},
     }
 
@@ -66,7 +67,10 @@ def _levels(values: pd.Series) -> dict[str, Any]:
 def column_profile(name: str, role: str, values: pd.Series, distinct: int) -> dict[str, Any]:
     missing = int(values.isna().sum())
     entry: dict[str, Any] = {
-        "name": name, "role": role, "count": int(len(values) - missing), "missing": missing,
+        "name": name,
+        "role": role,
+        "count": int(len(values) - missing),
+        "missing": missing,
         "distinct": distinct,
     }
     if pd.api.types.is_datetime64_any_dtype(values):
@@ -81,7 +85,10 @@ def column_profile(name: str, role: str, values: pd.Series, distinct: int) -> di
 
 
 def profile(
-    raw: pd.DataFrame, features: pd.DataFrame, target: pd.Series, target_column: str,
+    raw: pd.DataFrame,
+    features: pd.DataFrame,
+    target: pd.Series,
+    target_column: str,
     decisions: list[ColumnDecision],
 ) -> dict[str, Any]:
     """Profile every column: canonical values for features, the source values for the rest."""
@@ -93,4 +100,4 @@ def profile(
             entry["infinite"] = decision.infinite_values
         columns.append(entry)
     target_entry = column_profile(target_column, "target", target, int(target.nunique(dropna=True)))
-    return {"rows": int(len(raw)), "target": target_entry, "columns": columns}
+    return {"rows": len(raw), "target": target_entry, "columns": columns}

@@ -48,9 +48,7 @@ MIN_ROWS_FOR_CARDINALITY_RULES = 20
 TEXT_DISTINCT_RATIO = 0.5
 
 _ID_NAME = re.compile(r"(^|[^a-z])(id|ids|key|uuid|guid|index)$|^unnamed: ?0$|^row_?(id|number|num|no)$", re.IGNORECASE)
-_ISO_DATE = re.compile(
-    r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
-)
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$")
 # Whole numbers written with leading zeros are codes (zip codes, "007"), not quantities.
 _ZERO_PADDED = re.compile(r"^\s*-?0\d")
 _TRUE = {"true", "t", "yes", "y", "1"}
@@ -136,8 +134,8 @@ def _text_as_booleans(text: pd.Series, spellings: set[str]) -> pd.Series | None:
     lowered = text.dropna().astype(str).str.strip().str.lower()
     if lowered.empty or not set(lowered.unique()) <= spellings:
         return None
-    mapped = text.astype("str").str.strip().str.lower().map(
-        lambda v: 1.0 if v in _TRUE else 0.0 if v in _FALSE else np.nan
+    mapped = (
+        text.astype("str").str.strip().str.lower().map(lambda v: 1.0 if v in _TRUE else 0.0 if v in _FALSE else np.nan)
     )
     return mapped.astype("float64")
 
@@ -250,8 +248,7 @@ def _infer_role(name: str, kind: str, values: pd.Series | None, distinct: int, p
             return "identifier", f"named like a key, with {distinct} distinct values in {present} rows"
         if distinct > TEXT_DISTINCT_RATIO * present:
             return "text", (
-                f"free text: {distinct} distinct values in {present} rows; "
-                "declare it categorical to encode it anyway"
+                f"free text: {distinct} distinct values in {present} rows; declare it categorical to encode it anyway"
             )
     return "categorical", f"text with {distinct} levels"
 
@@ -351,11 +348,18 @@ def decide_columns(
             # Also when declared categorical or boolean, unless the text "inf" was kept as a level.
             if infinite and int(values.isna().sum()) > int(raw.isna().sum()):
                 warnings.append(f"column {shown(name)}: {infinite} infinite value(s) treated as missing")
-        decisions.append(ColumnDecision(
-            name=name, role=role, reason=reason, overridden=overridden, source_dtype=str(raw.dtype),
-            missing_ratio=round(missing / rows, 6) if rows else 0.0, distinct_values=distinct,
-            infinite_values=infinite,
-        ))
+        decisions.append(
+            ColumnDecision(
+                name=name,
+                role=role,
+                reason=reason,
+                overridden=overridden,
+                source_dtype=str(raw.dtype),
+                missing_ratio=round(missing / rows, 6) if rows else 0.0,
+                distinct_values=distinct,
+                infinite_values=infinite,
+            )
+        )
     return pd.DataFrame(features, index=frame.index), decisions, warnings
 
 
@@ -386,15 +390,24 @@ def decide_task(target: pd.Series, name: str) -> TaskDecision:
         return TaskDecision(CLASSIFICATION, f"target {shown(name)} holds two distinct values; {how}", False)
     if len(counts) > MAX_INFERRED_CLASSES:
         return TaskDecision(
-            REGRESSION, f"target {shown(name)} holds {len(counts)} distinct whole numbers, "
-            f"more than {MAX_INFERRED_CLASSES} classes; {as_classes}", False)
+            REGRESSION,
+            f"target {shown(name)} holds {len(counts)} distinct whole numbers, "
+            f"more than {MAX_INFERRED_CLASSES} classes; {as_classes}",
+            False,
+        )
     if int(counts.min()) < MIN_ROWS_PER_INFERRED_CLASS:
         return TaskDecision(
-            REGRESSION, f"target {shown(name)} holds {len(counts)} distinct whole numbers and some have fewer "
-            f"than {MIN_ROWS_PER_INFERRED_CLASS} rows, like a count; {as_classes}", False)
+            REGRESSION,
+            f"target {shown(name)} holds {len(counts)} distinct whole numbers and some have fewer "
+            f"than {MIN_ROWS_PER_INFERRED_CLASS} rows, like a count; {as_classes}",
+            False,
+        )
     return TaskDecision(
-        CLASSIFICATION, f"target {shown(name)} holds {len(counts)} distinct whole numbers, each with at least "
-        f"{MIN_ROWS_PER_INFERRED_CLASS} rows; {how}", False)
+        CLASSIFICATION,
+        f"target {shown(name)} holds {len(counts)} distinct whole numbers, each with at least "
+        f"{MIN_ROWS_PER_INFERRED_CLASS} rows; {how}",
+        False,
+    )
 
 
 def canonical_target(target: pd.Series, name: str, task: str) -> pd.Series:

@@ -78,9 +78,14 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
                 task_kind_reason=loaded.task.reason,
                 columns=[
                     loader_pb2.ColumnSummary(
-                        name=c.name, role=role_value(c.role), reason=c.reason, overridden=c.overridden,
-                        source_dtype=c.source_dtype, missing_ratio=c.missing_ratio,
-                        distinct_values=c.distinct_values, infinite_values=c.infinite_values,
+                        name=c.name,
+                        role=role_value(c.role),
+                        reason=c.reason,
+                        overridden=c.overridden,
+                        source_dtype=c.source_dtype,
+                        missing_ratio=c.missing_ratio,
+                        distinct_values=c.distinct_values,
+                        infinite_values=c.infinite_values,
                     )
                     for c in loaded.columns
                 ],

@@ -57,10 +57,26 @@ NEVER_READ = ("/proc", "/sys", "/dev")
 
 # fsspec schemes that are never a data source: in-process memory, and wrappers or
 # archives that open another URL or local file named inside them.
-REFUSED_SCHEMES = frozenset({
-    "memory", "local", "file", "data", "reference", "zip", "tar", "libarchive", "dir", "cached",
-    "simplecache", "filecache", "blockcache", "dask", "jupyter", "jlab",
-})
+REFUSED_SCHEMES = frozenset(
+    {
+        "memory",
+        "local",
+        "file",
+        "data",
+        "reference",
+        "zip",
+        "tar",
+        "libarchive",
+        "dir",
+        "cached",
+        "simplecache",
+        "filecache",
+        "blockcache",
+        "dask",
+        "jupyter",
+        "jlab",
+    }
+)
 
 CHUNK = 1024 * 1024  # bytes per read; cancellation and the deadline are checked between reads
 MAX_REDIRECTS = 3
@@ -90,8 +106,11 @@ class SourcePolicy:
             else:
                 local.append(root)
         return cls(
-            local_roots=tuple(local), url_roots=tuple(urls), max_bytes=settings.max_dataset_bytes,
-            connect_seconds=settings.source_connect_seconds, read_seconds=settings.source_read_seconds,
+            local_roots=tuple(local),
+            url_roots=tuple(urls),
+            max_bytes=settings.max_dataset_bytes,
+            connect_seconds=settings.source_connect_seconds,
+            read_seconds=settings.source_read_seconds,
             longest_seconds=settings.rpc_timeout_seconds,
         )
 
@@ -190,8 +209,7 @@ def _under(path: str, root: str) -> bool:
 def _refuse_kernel_trees(path: str, shown: str) -> None:
     if any(_under(path, tree) for tree in NEVER_READ):
         raise PermissionDenied(
-            f"source {shown} is under {', '.join(NEVER_READ)}, which the loader never reads, "
-            f"whatever {ROOTS_HELP} says"
+            f"source {shown} is under {', '.join(NEVER_READ)}, which the loader never reads, whatever {ROOTS_HELP} says"
         )
 
 
@@ -285,7 +303,9 @@ def _check_time(cancelled: threading.Event, deadline: float) -> None:
         raise DeadlineExceeded("reading the source took longer than the call's deadline; it stopped")
 
 
-def _capped(read: Callable[[], bytes], max_bytes: int, cancelled: threading.Event, deadline: float, subject: str) -> bytes:
+def _capped(
+    read: Callable[[], bytes], max_bytes: int, cancelled: threading.Event, deadline: float, subject: str
+) -> bytes:
     """read() until it returns b'', at most max_bytes in all, stopping when cancelled or late.
 
     The size known before reading may be missing (a streamed HTTP body) or stale (a growing file)."""
@@ -426,8 +446,9 @@ class _HttpGet:
                         "(MLMESH_SOURCE_CONNECT_SECONDS)"
                     ) from None
                 self.connection.sock.settimeout(self.policy.read_seconds)
-                threading.Thread(target=self._watch, args=(self.connection.sock,), daemon=True,
-                                 name="mlmesh-source-watchdog").start()
+                threading.Thread(
+                    target=self._watch, args=(self.connection.sock,), daemon=True, name="mlmesh-source-watchdog"
+                ).start()
                 target = (split.path or "/") + (f"?{split.query}" if split.query else "")
                 self.connection.putrequest("GET", target, skip_accept_encoding=True)
                 self.connection.putheader("Accept-Encoding", "identity")  # Content-Length is then the real size
@@ -456,21 +477,26 @@ class _HttpGet:
             _check_size(length, self.policy.max_bytes, f"source {self.shown} (by its Content-Length)")
         with self._network_errors():
             # read1: at most one socket read per call, so the checks between chunks run.
-            data = _capped(lambda: self.response.read1(CHUNK), self.policy.max_bytes, self.cancelled, self.deadline,
-                           f"source {self.shown}")
+            data = _capped(
+                lambda: self.response.read1(CHUNK),
+                self.policy.max_bytes,
+                self.cancelled,
+                self.deadline,
+                f"source {self.shown}",
+            )
         self._raise_if_fired()  # a socket the watchdog shut reads as the end of the body
         if length is not None and len(data) != length:
-            raise FailedPrecondition(f"source {self.shown} closed the connection after {len(data)} of its {length} bytes")
+            raise FailedPrecondition(
+                f"source {self.shown} closed the connection after {len(data)} of its {length} bytes"
+            )
         return data
 
     def _watch(self, sock: socket.socket) -> None:
         while not self._done.wait(min(0.05, max(0.0, self.deadline - time.monotonic()))):
             if self.cancelled.is_set() or time.monotonic() >= self.deadline:
                 self.fired = "cancelled" if self.cancelled.is_set() else "deadline"
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)  # a blocked recv returns at once
-                except OSError:
-                    pass
                 return
 
     def _raise_if_fired(self) -> None:
@@ -494,7 +520,9 @@ class _HttpGet:
                     f"source {self.shown} sent nothing for {self.policy.read_seconds:g} s (MLMESH_SOURCE_READ_SECONDS)"
                 ) from None
             if isinstance(exc, socket.gaierror):
-                raise FailedPrecondition(f"source {self.shown}: its host name does not resolve ({bounded(exc, 80)})") from None
+                raise FailedPrecondition(
+                    f"source {self.shown}: its host name does not resolve ({bounded(exc, 80)})"
+                ) from None
             if isinstance(exc, ssl.SSLError):
                 raise FailedPrecondition(f"source {self.shown}: TLS failed ({bounded(exc, 120)})") from None
             if isinstance(exc, ConnectionRefusedError):
@@ -528,7 +556,9 @@ def _fetch_fsspec(url: str, policy: SourcePolicy, cancelled: threading.Event, de
             f"the loader cannot read {scheme}:// sources: {bounded(exc, 120)}; install its fsspec driver (e.g. s3fs, gcsfs)"
         ) from None
     except Exception as exc:  # noqa: BLE001 - drivers raise their own types; all are the source's problem
-        raise FailedPrecondition(f"source {shown} could not be read: {type(exc).__name__} {bounded(exc, 120)}") from None
+        raise FailedPrecondition(
+            f"source {shown} could not be read: {type(exc).__name__} {bounded(exc, 120)}"
+        ) from None
 
 
 def _storage_options(scheme: str, policy: SourcePolicy) -> dict:
@@ -536,5 +566,3 @@ def _storage_options(scheme: str, policy: SourcePolicy) -> dict:
     if scheme in ("s3", "s3a"):
         return {"config_kwargs": {"connect_timeout": policy.connect_seconds, "read_timeout": policy.read_seconds}}
     return {}
-
-

@@ -47,8 +47,13 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             target_column = meta["target_column"]
             run.progress(0.3, f"cleaning and splitting {len(frame):,} rows")
             prepared = logic.preprocess(
-                frame, target_column, meta["task_kind"], fraction, request.seed,
-                drop_duplicates=request.drop_duplicate_rows, drop_incomplete=request.drop_incomplete_rows,
+                frame,
+                target_column,
+                meta["task_kind"],
+                fraction,
+                request.seed,
+                drop_duplicates=request.drop_duplicate_rows,
+                drop_incomplete=request.drop_incomplete_rows,
             )
             run.progress(0.7, f"writing {len(prepared.train):,} train and {len(prepared.test):,} test rows")
             out_meta = {**meta, "class_names": prepared.class_names}

@@ -15,6 +15,8 @@ import grpc
 from google.protobuf import json_format
 
 from mlmesh.evaluator.v1 import evaluator_pb2
+from services.runtime import runs as run_records
+from services.runtime import tracing
 from services.runtime.client import (
     CHOICES,
     ConfigError,
@@ -28,16 +30,14 @@ from services.runtime.client import (
     rows_dropped,
     running_operations,
 )
-from services.runtime.progress import PipelineProgress
-from services.runtime.summary import RunOutcome, local_path, render, stage_time
 from services.runtime.errors import StageError, bounded
 from services.runtime.launcher import LocalMesh, MeshStartError
 from services.runtime.metrics import metrics_url, read_vitals
-from services.runtime import runs as run_records
-from services.runtime import tracing
+from services.runtime.progress import PipelineProgress
 from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
 from services.runtime.settings import STAGES, Settings, SettingsError
 from services.runtime.store import ArtifactStore
+from services.runtime.summary import RunOutcome, local_path, render, stage_time
 from services.runtime.tasks import task_kind_name
 
 
@@ -79,8 +79,11 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
     for stage in STAGES:
         print(f"{stage:<11} {mesh.addresses[stage]:<22} SERVING  metrics {metrics.get(stage, 'off')}")
     print(f"artifacts   {settings.artifact_root}")
-    print(f"mesh is up; a stage that dies is restarted (at most {settings.restart_limit} times in 10 min); "
-          "Ctrl-C or SIGTERM stops it", flush=True)
+    print(
+        f"mesh is up; a stage that dies is restarted (at most {settings.restart_limit} times in 10 min); "
+        "Ctrl-C or SIGTERM stops it",
+        flush=True,
+    )
     exit_code = 0
     while not stop.is_set():
         if state_file is not None:
@@ -92,8 +95,11 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
             for message in messages:
                 print(f"mlmesh up: {message}", flush=True)
             if exhausted:
-                print(f"mlmesh up: stage(s) exited unexpectedly and are over the restart limit: {exhausted}; "
-                      "stopping the mesh (see the stage logs)", file=sys.stderr)
+                print(
+                    f"mlmesh up: stage(s) exited unexpectedly and are over the restart limit: {exhausted}; "
+                    "stopping the mesh (see the stage logs)",
+                    file=sys.stderr,
+                )
                 exit_code = 1
                 break
     codes = mesh.stop()
@@ -119,7 +125,11 @@ def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600}h" if seconds >= 86400 else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return (
+        f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+        if seconds >= 86400
+        else f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    )
 
 
 async def _vitals(settings: Settings, stage: str, timeout: float) -> str:
@@ -132,7 +142,11 @@ async def _vitals(settings: Settings, stage: str, timeout: float) -> str:
     except (OSError, ValueError) as exc:
         return f"metrics unreachable at {url} ({bounded(exc, 80)})"
     looked_up = vitals["cache_hits"] + vitals["cache_misses"]
-    cache = f"cache {vitals['cache_hits']:.0f}/{looked_up:.0f} hits ({vitals['cache_hits'] / looked_up:.0%})" if looked_up else "cache unused"
+    cache = (
+        f"cache {vitals['cache_hits']:.0f}/{looked_up:.0f} hits ({vitals['cache_hits'] / looked_up:.0%})"
+        if looked_up
+        else "cache unused"
+    )
     parts = [
         f"up {_duration(vitals['uptime_seconds'])}" if "uptime_seconds" in vitals else "",
         f"{vitals.get('rpcs_in_flight', 0):.0f} calls in flight",
@@ -143,7 +157,9 @@ async def _vitals(settings: Settings, stage: str, timeout: float) -> str:
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
-    results = await asyncio.gather(*(check_health(settings.addresses[s], timeout=args.timeout, settings=settings) for s in STAGES))
+    results = await asyncio.gather(
+        *(check_health(settings.addresses[s], timeout=args.timeout, settings=settings) for s in STAGES)
+    )
     vitals = await asyncio.gather(*(_vitals(settings, s, args.timeout) for s in STAGES))
     launched = _launcher_state(settings)
     for stage, status, stage_vitals in zip(STAGES, results, vitals, strict=True):
@@ -189,8 +205,9 @@ def _lineage(settings: Settings, args: argparse.Namespace) -> int:
     if touching:
         print(f"runs that produced or used {digest[:12]}:")
     for execution in touching:
-        how = ", ".join([*(f"produced as {n}" for n in execution["produced_as"]),
-                         *(f"used as {n}" for n in execution["used_as"])])
+        how = ", ".join(
+            [*(f"produced as {n}" for n in execution["produced_as"]), *(f"used as {n}" for n in execution["used_as"])]
+        )
         hit = " (cache hit)" if execution.get("cache_hit") else ""
         print(f"  {execution['run_id']}  {execution['stage']}{hit}: {how}  at {execution['started_at']}")
     return 0
@@ -203,8 +220,10 @@ def _run_graph(store: ArtifactStore, args: argparse.Namespace) -> int:
         print(f"mlmesh lineage: {exc}", file=sys.stderr)
         return 2
     if not steps:
-        print(f"mlmesh lineage: no run {args.run[:80]!r} in {store.root_url}; `mlmesh runs` lists the runs",
-              file=sys.stderr)
+        print(
+            f"mlmesh lineage: no run {args.run[:80]!r} in {store.root_url}; `mlmesh runs` lists the runs",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         print(json.dumps(steps, indent=2, sort_keys=True))
@@ -231,16 +250,20 @@ def _runs(settings: Settings, args: argparse.Namespace) -> int:
         metrics = run["metrics"]
         key = next((m for m in ("accuracy", "r2") if m in metrics), next(iter(sorted(metrics)), ""))
         shown = f"{key} {metrics[key]:.4f}" if key else ""
-        print(f"{run['run_id']:<32} {str(run['started_at'])[:19]}  {run['decision'] or '-':<8} {shown:<16} "
-              f"{len(run['stages'])} stage calls, {run['cache_hits']} cache hits")
+        print(
+            f"{run['run_id']:<32} {str(run['started_at'])[:19]}  {run['decision'] or '-':<8} {shown:<16} "
+            f"{len(run['stages'])} stage calls, {run['cache_hits']} cache hits"
+        )
     return 0
 
 
 def _print_chain(chain: list[dict[str, Any]]) -> None:
     for manifest in chain:
         artifact = manifest["artifact"]
-        print(f"{artifact['sha256'][:12]}  {manifest['output']:<15} from {manifest['stage']} {manifest['stage_version']}"
-              f"  at {manifest['created_at']} ({manifest['duration_seconds']:.3f}s)")
+        print(
+            f"{artifact['sha256'][:12]}  {manifest['output']:<15} from {manifest['stage']} {manifest['stage_version']}"
+            f"  at {manifest['created_at']} ({manifest['duration_seconds']:.3f}s)"
+        )
         print(f"    uri     {artifact['uri']}")
         if manifest["params"]:
             print(f"    params  {json.dumps(manifest['params'], sort_keys=True)}")
@@ -264,7 +287,9 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  DAMAGED: {document['damaged']}")
         for version in document["versions"]:
             metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(version["metrics"].items()))
-            print(f"  v{version['version']:<3} {version['registered_at']}  {version['model']['sha256'][:12]}  {metrics}")
+            print(
+                f"  v{version['version']:<3} {version['registered_at']}  {version['model']['sha256'][:12]}  {metrics}"
+            )
     return 0
 
 
@@ -300,12 +325,19 @@ def _as_dict(message: Any) -> dict[str, Any]:
 def _outcome(run: PipelineRun, source: str, registered_as: str) -> RunOutcome:
     """What the run ends with on the terminal (services/runtime/summary.py)."""
     outcome: RunOutcome = {
-        "run_id": run.run_id, "source": source, "task_kind": task_kind_name(run.load.task_kind, "task_kind"),
+        "run_id": run.run_id,
+        "source": source,
+        "task_kind": task_kind_name(run.load.task_kind, "task_kind"),
         "decision": evaluator_pb2.Decision.Name(run.evaluate.decision).removeprefix("DECISION_"),
-        "reasons": list(run.evaluate.reasons), "metrics": dict(run.evaluate.metrics),
-        "model_name": run.train.model_name, "model_uri": run.train.model.uri, "model_sha256": run.train.model.sha256,
-        "registered_as": registered_as, "report_path": local_path(run.evaluate.html_report.uri),
-        "stages": [stage_time(info) for info in run.stages], "seconds": run.seconds,
+        "reasons": list(run.evaluate.reasons),
+        "metrics": dict(run.evaluate.metrics),
+        "model_name": run.train.model_name,
+        "model_uri": run.train.model.uri,
+        "model_sha256": run.train.model.sha256,
+        "registered_as": registered_as,
+        "report_path": local_path(run.evaluate.html_report.uri),
+        "stages": [stage_time(info) for info in run.stages],
+        "seconds": run.seconds,
     }
     if tracing.enabled():
         outcome["trace_id"] = tracing.trace_id_of(run.run_id)
@@ -322,13 +354,14 @@ def _summary(run: PipelineRun, registered_as: str) -> dict[str, Any]:
         "task_kind": task_kind_name(loaded.task_kind, "task_kind"),
         "task_kind_reason": loaded.task_kind_reason,
         "target_column": loaded.target_column,
-        "columns": [
-            {**_as_dict(c), "role": role_name(c.role, c.name)} for c in loaded.columns
-        ],
+        "columns": [{**_as_dict(c), "role": role_name(c.role, c.name)} for c in loaded.columns],
         "warnings": list(loaded.warnings),
         "rows": {
-            "in": prepared.rows_in, "train": prepared.train_rows, "test": prepared.test_rows,
-            "dropped": rows_dropped(prepared), "duplicates_found": prepared.duplicate_rows_found,
+            "in": prepared.rows_in,
+            "train": prepared.train_rows,
+            "test": prepared.test_rows,
+            "dropped": rows_dropped(prepared),
+            "duplicates_found": prepared.duplicate_rows_found,
         },
         "class_names": list(prepared.class_names),
         "feature_names": list(run.features.feature_names),
@@ -340,9 +373,13 @@ def _summary(run: PipelineRun, registered_as: str) -> dict[str, Any]:
         "metrics_report": _as_dict(evaluation.metrics_report),
         "html_report": _as_dict(evaluation.html_report),
         "artifacts": {
-            name: _as_dict(ref) for name, ref in (
-                ("dataset", loaded.dataset), ("schema", loaded.schema), ("profile", loaded.profile),
-                ("split_report", prepared.split_report), ("feature_schema", run.features.feature_schema),
+            name: _as_dict(ref)
+            for name, ref in (
+                ("dataset", loaded.dataset),
+                ("schema", loaded.schema),
+                ("profile", loaded.profile),
+                ("split_report", prepared.split_report),
+                ("feature_schema", run.features.feature_schema),
                 ("transformer", run.features.transformer),
             )
         },
@@ -367,8 +404,10 @@ def _print_run(run: PipelineRun, outcome: RunOutcome) -> None:
     for warning in summary["warnings"]:
         print(f"  warning: {warning}")
     dropped = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["rows"]["dropped"].items())
-    print(f"rows:    {prepared.rows_in} in; dropped: {dropped}; {prepared.train_rows} train, {prepared.test_rows} test"
-          f" (exact repeats found: {prepared.duplicate_rows_found})")
+    print(
+        f"rows:    {prepared.rows_in} in; dropped: {dropped}; {prepared.train_rows} train, {prepared.test_rows} test"
+        f" (exact repeats found: {prepared.duplicate_rows_found})"
+    )
     if prepared.class_names:
         shown = ", ".join(prepared.class_names[:20]) + (" ..." if len(prepared.class_names) > 20 else "")
         print(f"classes: {shown}")
@@ -445,25 +484,35 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
 _INTERRUPTED: list[str] = []
 
 
-async def _run_pipeline(client: MeshClient, config: PipelineConfig, args: argparse.Namespace) -> tuple[PipelineRun, str]:
+async def _run_pipeline(
+    client: MeshClient, config: PipelineConfig, args: argparse.Namespace
+) -> tuple[PipelineRun, str]:
     """The five stages with progress on stderr, then the registry when the decision is PROMOTE."""
     # With OTEL_* set, the root of the run's trace: every stage call below is its child.
-    with tracing.run_span(client.run_id, "mlmesh run", **{"mlmesh.source": config.source, "mlmesh.model": config.model}):
-        with PipelineProgress(quiet=args.quiet) as progress:
-            run = await client.run_pipeline(config, progress)
-            if run.evaluate.decision != evaluator_pb2.DECISION_PROMOTE or not args.register:
-                return run, ""
-            name = args.registry_name or default_registry_name(config.source, run.train.model_name)
-            with progress.stage("registry") as shown:
-                try:
-                    reply = await client.register_model(register_request(run, name))
-                except StageCallError as refused:
-                    if refused.code != grpc.StatusCode.PERMISSION_DENIED:
-                        raise
-                    raise StageCallError(refused.stage, refused.address, refused.code, refused.details
-                                         + "; or run with --no-register to keep the model out of the registry") from None
-                version = reply.model_version
-                shown.done(f"{version.name} v{version.version}" + (" (already registered)" if reply.already_registered else ""))
+    with (
+        tracing.run_span(client.run_id, "mlmesh run", **{"mlmesh.source": config.source, "mlmesh.model": config.model}),
+        PipelineProgress(quiet=args.quiet) as progress,
+    ):
+        run = await client.run_pipeline(config, progress)
+        if run.evaluate.decision != evaluator_pb2.DECISION_PROMOTE or not args.register:
+            return run, ""
+        name = args.registry_name or default_registry_name(config.source, run.train.model_name)
+        with progress.stage("registry") as shown:
+            try:
+                reply = await client.register_model(register_request(run, name))
+            except StageCallError as refused:
+                if refused.code != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                raise StageCallError(
+                    refused.stage,
+                    refused.address,
+                    refused.code,
+                    refused.details + "; or run with --no-register to keep the model out of the registry",
+                ) from None
+            version = reply.model_version
+            shown.done(
+                f"{version.name} v{version.version}" + (" (already registered)" if reply.already_registered else "")
+            )
     return run, f"{version.name} v{version.version}"
 
 
@@ -498,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", type=Path, help="write each stage's log to DIR/<stage>.log")
 
     status = commands.add_parser(
-        "status", help="gRPC health of each service, with uptime, calls in flight, cache hit ratio and restarts",
+        "status",
+        help="gRPC health of each service, with uptime, calls in flight, cache hit ratio and restarts",
     )
     status.add_argument("--timeout", type=float, default=2.0)
 
@@ -520,40 +570,82 @@ def build_parser() -> argparse.ArgumentParser:
     with_mesh.add_argument("--log-dir", type=Path, help="write each stage's log to DIR/<stage>.log")
     with_mesh.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
-    run = commands.add_parser("run", help="run the pipeline against the mesh", epilog=_RUN_EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline against the mesh",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("--start-mesh", action="store_true", help="start the mesh for this run and stop it after")
-    run.add_argument("--source", default="sklearn:breast_cancer",
-                     help="sklearn:NAME, synthetic:..., or a CSV/Parquet path or URL, listed below (default: %(default)s)")
+    run.add_argument(
+        "--source",
+        default="sklearn:breast_cancer",
+        help="sklearn:NAME, synthetic:..., or a CSV/Parquet path or URL, listed below (default: %(default)s)",
+    )
     run.add_argument("--target", default="", help="target column (required for files)")
-    run.add_argument("--task", default="", choices=CHOICES["task_kind"][1:],
-                     help="classification or regression (default: inferred from the target)")
-    run.add_argument("--column", action="append", default=[], metavar="NAME=ROLE",
-                     help=f"set a column's role, repeatable; roles: {', '.join(ROLES)}")
-    run.add_argument("--model", default="", metavar="MODEL", help="the model to train, listed below "
-                                           "(default: logistic_regression for classification, ridge for regression)")
+    run.add_argument(
+        "--task",
+        default="",
+        choices=CHOICES["task_kind"][1:],
+        help="classification or regression (default: inferred from the target)",
+    )
+    run.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="NAME=ROLE",
+        help=f"set a column's role, repeatable; roles: {', '.join(ROLES)}",
+    )
+    run.add_argument(
+        "--model",
+        default="",
+        metavar="MODEL",
+        help="the model to train, listed below (default: logistic_regression for classification, ridge for regression)",
+    )
     run.add_argument("--hp", action="append", default=[], metavar="NAME=VALUE", help="hyperparameter, repeatable")
-    run.add_argument("--min", action="append", default=[], metavar="METRIC=VALUE",
-                     help="lowest acceptable value, repeatable (default: accuracy=0.9 or r2=0.3 by task kind)")
+    run.add_argument(
+        "--min",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="lowest acceptable value, repeatable (default: accuracy=0.9 or r2=0.3 by task kind)",
+    )
     run.add_argument("--max", action="append", default=[], metavar="METRIC=VALUE", help="highest acceptable value")
     run.add_argument("--test-fraction", type=float, default=0.2, help="default: %(default)s")
     run.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     run.add_argument("--drop-duplicates", action="store_true", help="drop rows that repeat an earlier row exactly")
-    run.add_argument("--drop-incomplete-rows", action="store_true",
-                     help="drop rows with a missing feature instead of imputing it")
-    run.add_argument("--impute", default="median", choices=CHOICES["numeric_imputation"],
-                     help="how missing numbers are filled in (default: %(default)s)")
+    run.add_argument(
+        "--drop-incomplete-rows", action="store_true", help="drop rows with a missing feature instead of imputing it"
+    )
+    run.add_argument(
+        "--impute",
+        default="median",
+        choices=CHOICES["numeric_imputation"],
+        help="how missing numbers are filled in (default: %(default)s)",
+    )
     run.add_argument("--missing-indicators", action="store_true", help="add a 0/1 column per numeric column with gaps")
-    run.add_argument("--categorical-encoding", default="auto", choices=CHOICES["categorical_encoding"],
-                     help="auto: one-hot for few levels, target encoding for many, native categories for "
-                          "hist_gradient_boosting (default: %(default)s)")
+    run.add_argument(
+        "--categorical-encoding",
+        default="auto",
+        choices=CHOICES["categorical_encoding"],
+        help="auto: one-hot for few levels, target encoding for many, native categories for "
+        "hist_gradient_boosting (default: %(default)s)",
+    )
     run.add_argument("--scaling", default="standard", choices=CHOICES["scaling"], help="default: %(default)s")
     run.add_argument("--polynomial-degree", type=int, default=0, help="default: %(default)s (none)")
     run.add_argument("--select-k-best", type=int, default=0, help="default: %(default)s (keep all)")
-    run.add_argument("--registry-name", default="", metavar="NAME",
-                     help="register a PROMOTE under this name (default: <source>-<model>, as the workflow does)")
-    run.add_argument("--no-register", dest="register", action="store_false",
-                     help="do not register the model even when the decision is PROMOTE")
+    run.add_argument(
+        "--registry-name",
+        default="",
+        metavar="NAME",
+        help="register a PROMOTE under this name (default: <source>-<model>, as the workflow does)",
+    )
+    run.add_argument(
+        "--no-register",
+        dest="register",
+        action="store_false",
+        help="do not register the model even when the decision is PROMOTE",
+    )
     run.add_argument("--force", action="store_true", help="recompute every stage")
     run.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -30,15 +30,15 @@ from mlmesh.features.v1 import features_pb2, features_pb2_grpc
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.runtime import tracing
 from services.runtime.errors import InvalidArgument
 from services.runtime.progress import PipelineProgress, stage_outcome
 from services.runtime.roles import parse_role, role_value
-from services.runtime import tracing
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
 from services.runtime.security import call_metadata, open_channel
 from services.runtime.settings import STAGES, Settings
-from services.runtime.watch import CALL_ID_METADATA
 from services.runtime.tasks import task_kind_value
+from services.runtime.watch import CALL_ID_METADATA
 
 STUBS = {
     "loader": loader_pb2_grpc.LoaderServiceStub,
@@ -51,8 +51,13 @@ STUBS = {
 # Each stage's service, for naming calls (trace spans).
 SERVICES = {
     stage: module.DESCRIPTOR.services_by_name[STUBS[stage].__name__.removesuffix("Stub")].full_name
-    for stage, module in (("loader", loader_pb2), ("preprocess", preprocess_pb2), ("features", features_pb2),
-                          ("trainer", trainer_pb2), ("evaluator", evaluator_pb2))
+    for stage, module in (
+        ("loader", loader_pb2),
+        ("preprocess", preprocess_pb2),
+        ("features", features_pb2),
+        ("trainer", trainer_pb2),
+        ("evaluator", evaluator_pb2),
+    )
 }
 
 # Transient failures (a restarting service) are retried by gRPC itself, with backoff.
@@ -105,11 +110,15 @@ def transport_mismatch(error: grpc.aio.AioRpcError) -> str:
     if error.code() != grpc.StatusCode.UNAVAILABLE or "failed to connect" not in details:
         return ""
     if "handshake failed" in details.lower():
-        return ("the TLS handshake failed: check MLMESH_TLS_CA (the CA that signed the stages' certificates), "
-                "MLMESH_TLS_SERVER_NAME (a name in their certificates), and that the stage serves TLS")
+        return (
+            "the TLS handshake failed: check MLMESH_TLS_CA (the CA that signed the stages' certificates), "
+            "MLMESH_TLS_SERVER_NAME (a name in their certificates), and that the stage serves TLS"
+        )
     if "Socket closed" in details:
-        return ("the stage closed the connection before answering: if the mesh serves TLS, set MLMESH_TLS_CA; "
-                "if it requires client certificates (mTLS), set MLMESH_TLS_CLIENT_CERT and MLMESH_TLS_CLIENT_KEY")
+        return (
+            "the stage closed the connection before answering: if the mesh serves TLS, set MLMESH_TLS_CA; "
+            "if it requires client certificates (mTLS), set MLMESH_TLS_CLIENT_CERT and MLMESH_TLS_CLIENT_KEY"
+        )
     return ""
 
 
@@ -174,7 +183,9 @@ class ConfigError(ValueError):
 
 def checked(option: str, value: str) -> str:
     if value not in CHOICES[option]:
-        raise ConfigError(f"{option} {value[:40]!r} is not one of: {', '.join(c or '(infer)' for c in CHOICES[option])}")
+        raise ConfigError(
+            f"{option} {value[:40]!r} is not one of: {', '.join(c or '(infer)' for c in CHOICES[option])}"
+        )
     return value
 
 
@@ -203,7 +214,8 @@ def _role_values(roles: dict[str, str]) -> dict[str, int]:
 # ---- requests, built in one place for the CLI, the tests and the Flyte tasks ----------------
 def load_request(config: PipelineConfig) -> loader_pb2.LoadRequest:
     return loader_pb2.LoadRequest(
-        source=resolve_source(config.source), target_column=config.target_column,
+        source=resolve_source(config.source),
+        target_column=config.target_column,
         task_kind=task_kind_value(checked("task_kind", config.task_kind)) if config.task_kind else 0,
         column_roles=_role_values(config.column_roles),
         force_recompute=config.force_recompute,
@@ -212,45 +224,71 @@ def load_request(config: PipelineConfig) -> loader_pb2.LoadRequest:
 
 def preprocess_request(config: PipelineConfig, dataset: ArtifactRef) -> preprocess_pb2.PreprocessRequest:
     return preprocess_pb2.PreprocessRequest(
-        dataset=dataset, test_fraction=config.test_fraction, seed=config.seed,
-        drop_duplicate_rows=config.drop_duplicates, drop_incomplete_rows=config.drop_incomplete_rows,
+        dataset=dataset,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        drop_duplicate_rows=config.drop_duplicates,
+        drop_incomplete_rows=config.drop_incomplete_rows,
         force_recompute=config.force_recompute,
     )
 
 
-def features_request(config: PipelineConfig, train: ArtifactRef, test: ArtifactRef, model: str = "") -> features_pb2.BuildFeaturesRequest:
+def features_request(
+    config: PipelineConfig, train: ArtifactRef, test: ArtifactRef, model: str = ""
+) -> features_pb2.BuildFeaturesRequest:
     encoding = categorical_encoding_for(model, checked("categorical_encoding", config.categorical_encoding))
     return features_pb2.BuildFeaturesRequest(
-        train=train, test=test,
+        train=train,
+        test=test,
         scaling=features_pb2.Scaling.Value(f"SCALING_{checked('scaling', config.scaling).upper()}"),
         numeric_imputation=features_pb2.NumericImputation.Value(
-            f"NUMERIC_IMPUTATION_{checked('numeric_imputation', config.numeric_imputation).upper()}"),
+            f"NUMERIC_IMPUTATION_{checked('numeric_imputation', config.numeric_imputation).upper()}"
+        ),
         categorical_encoding=features_pb2.CategoricalEncoding.Value(
-            "CATEGORICAL_ENCODING_UNSPECIFIED" if encoding == "auto" else f"CATEGORICAL_ENCODING_{encoding.upper()}"),
+            "CATEGORICAL_ENCODING_UNSPECIFIED" if encoding == "auto" else f"CATEGORICAL_ENCODING_{encoding.upper()}"
+        ),
         missing_indicators=config.missing_indicators,
-        polynomial_degree=config.polynomial_degree, select_k_best=config.select_k_best,
-        seed=config.seed, force_recompute=config.force_recompute,
+        polynomial_degree=config.polynomial_degree,
+        select_k_best=config.select_k_best,
+        seed=config.seed,
+        force_recompute=config.force_recompute,
     )
 
 
-def train_request(config: PipelineConfig, features: features_pb2.BuildFeaturesResponse, model: str = "",
-                  hyperparameters: dict[str, str] | None = None) -> trainer_pb2.TrainRequest:
+def train_request(
+    config: PipelineConfig,
+    features: features_pb2.BuildFeaturesResponse,
+    model: str = "",
+    hyperparameters: dict[str, str] | None = None,
+) -> trainer_pb2.TrainRequest:
     return trainer_pb2.TrainRequest(
-        x_train=features.x_train, y_train=features.y_train, feature_schema=features.feature_schema,
+        x_train=features.x_train,
+        y_train=features.y_train,
+        feature_schema=features.feature_schema,
         model=model or config.model,
         hyperparameters=config.hyperparameters if hyperparameters is None else hyperparameters,
-        seed=config.seed, force_recompute=config.force_recompute,
+        seed=config.seed,
+        force_recompute=config.force_recompute,
     )
 
 
 def evaluate_request(
-    config: PipelineConfig, model: ArtifactRef, features: features_pb2.BuildFeaturesResponse,
-    prepared: preprocess_pb2.PreprocessResponse, profile: ArtifactRef | None,
+    config: PipelineConfig,
+    model: ArtifactRef,
+    features: features_pb2.BuildFeaturesResponse,
+    prepared: preprocess_pb2.PreprocessResponse,
+    profile: ArtifactRef | None,
 ) -> evaluator_pb2.EvaluateRequest:
     return evaluator_pb2.EvaluateRequest(
-        model=model, x_test=features.x_test, y_test=features.y_test,
-        minimums=config.minimums, maximums=config.maximums, class_names=prepared.class_names,
-        profile=profile, split_report=prepared.split_report, feature_schema=features.feature_schema,
+        model=model,
+        x_test=features.x_test,
+        y_test=features.y_test,
+        minimums=config.minimums,
+        maximums=config.maximums,
+        class_names=prepared.class_names,
+        profile=profile,
+        split_report=prepared.split_report,
+        feature_schema=features.feature_schema,
         force_recompute=config.force_recompute,
     )
 
@@ -273,11 +311,21 @@ def default_registry_name(source: str, model: str) -> str:
 
 # The refs a registered model records as its lineage, by name, and where each comes from.
 LINEAGE = {
-    "dataset": "load", "schema": "load", "profile": "load",
-    "train": "preprocess", "test": "preprocess", "split_report": "preprocess",
-    "x_train": "features", "y_train": "features", "x_test": "features", "y_test": "features",
-    "transformer": "features", "feature_schema": "features",
-    "model": "train", "metrics_report": "evaluate", "html_report": "evaluate",
+    "dataset": "load",
+    "schema": "load",
+    "profile": "load",
+    "train": "preprocess",
+    "test": "preprocess",
+    "split_report": "preprocess",
+    "x_train": "features",
+    "y_train": "features",
+    "x_test": "features",
+    "y_test": "features",
+    "transformer": "features",
+    "feature_schema": "features",
+    "model": "train",
+    "metrics_report": "evaluate",
+    "html_report": "evaluate",
 }
 
 
@@ -301,12 +349,16 @@ class PipelineRun:
 
 def register_request(run: PipelineRun, name: str) -> evaluator_pb2.RegisterModelRequest:
     return evaluator_pb2.RegisterModelRequest(
-        name=name, model=run.train.model, metrics_report=run.evaluate.metrics_report, lineage=run.lineage())
+        name=name, model=run.train.model, metrics_report=run.evaluate.metrics_report, lineage=run.lineage()
+    )
 
 
 class MeshClient:
     def __init__(
-        self, settings: Settings | None = None, addresses: dict[str, str] | None = None, recompute_flag: str = "",
+        self,
+        settings: Settings | None = None,
+        addresses: dict[str, str] | None = None,
+        recompute_flag: str = "",
         run_id: str = "",
     ):
         """`recompute_flag` is how the caller's user asks for recomputation (`--force`,
@@ -351,7 +403,8 @@ class MeshClient:
             # With tracing on, each attempt is a client span, and its context travels in the metadata.
             with tracing.client_span(f"/{SERVICES[stage]}/{method}") as trace_context:
                 return await getattr(self.stub(stage), method)(
-                    request, timeout=self.timeout, metadata=(*self.metadata, *tag, *trace_context))
+                    request, timeout=self.timeout, metadata=(*self.metadata, *tag, *trace_context)
+                )
 
         if on_progress is None:
             return await self._reconnecting(stage, call)
@@ -368,8 +421,9 @@ class MeshClient:
         stage that cannot report it (an older version, a lost stream) must not fail the call."""
         stub = progress_pb2_grpc.ProgressServiceStub(self.channel(stage))
         with contextlib.suppress(grpc.aio.AioRpcError):
-            async for update in stub.WatchCall(progress_pb2.WatchCallRequest(call_id=call_id), timeout=self.timeout,
-                                               metadata=self.metadata):
+            async for update in stub.WatchCall(
+                progress_pb2.WatchCallRequest(call_id=call_id), timeout=self.timeout, metadata=self.metadata
+            ):
                 if update.done:
                     return
                 on_progress(update)
@@ -398,13 +452,19 @@ class MeshClient:
             pause = min(pause * 2, 5.0)
 
     # ---- one call per stage ---------------------------------------------------------
-    async def load(self, request: loader_pb2.LoadRequest, on_progress: OnCallProgress | None = None) -> loader_pb2.LoadResponse:
+    async def load(
+        self, request: loader_pb2.LoadRequest, on_progress: OnCallProgress | None = None
+    ) -> loader_pb2.LoadResponse:
         return await self._unary("loader", "Load", request, on_progress)
 
-    async def preprocess(self, request: preprocess_pb2.PreprocessRequest, on_progress: OnCallProgress | None = None) -> preprocess_pb2.PreprocessResponse:
+    async def preprocess(
+        self, request: preprocess_pb2.PreprocessRequest, on_progress: OnCallProgress | None = None
+    ) -> preprocess_pb2.PreprocessResponse:
         return await self._unary("preprocess", "Preprocess", request, on_progress)
 
-    async def build_features(self, request: features_pb2.BuildFeaturesRequest, on_progress: OnCallProgress | None = None) -> features_pb2.BuildFeaturesResponse:
+    async def build_features(
+        self, request: features_pb2.BuildFeaturesRequest, on_progress: OnCallProgress | None = None
+    ) -> features_pb2.BuildFeaturesResponse:
         return await self._unary("features", "BuildFeatures", request, on_progress)
 
     async def train(
@@ -430,7 +490,9 @@ class MeshClient:
                 # ends early (deadline, lost connection, a trainer that checkpointed and
                 # stopped) is simply opened again on the same operation.
                 with tracing.client_span(f"/{SERVICES['trainer']}/Train") as trace_context:
-                    stream = self.stub("trainer").Train(request, timeout=self.timeout, metadata=(*self.metadata, *trace_context))
+                    stream = self.stub("trainer").Train(
+                        request, timeout=self.timeout, metadata=(*self.metadata, *trace_context)
+                    )
                     async for event in stream:
                         if event.HasField("result"):
                             # The result is the stream's last event; reading on to the stream's status
@@ -471,11 +533,14 @@ class MeshClient:
         stub = operations_grpc_pb2.OperationsStub(self.channel("trainer"))
         for name in names:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.CancelOperation(operations_proto_pb2.CancelOperationRequest(name=name),
-                                           timeout=timeout, metadata=self.metadata)
+                await stub.CancelOperation(
+                    operations_proto_pb2.CancelOperationRequest(name=name), timeout=timeout, metadata=self.metadata
+                )
         return names
 
-    async def evaluate(self, request: evaluator_pb2.EvaluateRequest, on_progress: OnCallProgress | None = None) -> evaluator_pb2.EvaluateResponse:
+    async def evaluate(
+        self, request: evaluator_pb2.EvaluateRequest, on_progress: OnCallProgress | None = None
+    ) -> evaluator_pb2.EvaluateResponse:
         return await self._unary("evaluator", "Evaluate", request, on_progress)
 
     async def register_model(self, request: evaluator_pb2.RegisterModelRequest) -> evaluator_pb2.RegisterModelResponse:
@@ -493,29 +558,36 @@ class MeshClient:
             prepared = await self.preprocess(preprocess_request(config, loaded.dataset), shown.step)
             shown.done(stage_outcome("preprocess", prepared.stage, prepared.rows_in))
         with display.stage("features") as shown:
-            features = await self.build_features(features_request(config, prepared.train, prepared.test, config.model),
-                                                 shown.step)
+            features = await self.build_features(
+                features_request(config, prepared.train, prepared.test, config.model), shown.step
+            )
             shown.done(stage_outcome("features", features.stage) + f", {len(features.feature_names)} inputs")
         with display.stage("trainer") as shown:
             trained = await self.train(train_request(config, features), shown.fit)
             shown.done(stage_outcome("trainer", trained.stage) + f", {trained.model_name}")
         with display.stage("evaluator") as shown:
-            evaluated = await self.evaluate(evaluate_request(config, trained.model, features, prepared, loaded.profile),
-                                            shown.step)
-            shown.done(stage_outcome("evaluator", evaluated.stage)
-                       + f", {evaluator_pb2.Decision.Name(evaluated.decision).removeprefix('DECISION_')}")
+            evaluated = await self.evaluate(
+                evaluate_request(config, trained.model, features, prepared, loaded.profile), shown.step
+            )
+            shown.done(
+                stage_outcome("evaluator", evaluated.stage)
+                + f", {evaluator_pb2.Decision.Name(evaluated.decision).removeprefix('DECISION_')}"
+            )
         return PipelineRun(loaded, prepared, features, trained, evaluated, time.perf_counter() - started, self.run_id)
 
 
 async def running_operations(
-    address: str, timeout: float = 2.0, settings: Settings | None = None,
+    address: str,
+    timeout: float = 2.0,
+    settings: Settings | None = None,
 ) -> list[trainer_pb2.TrainProgress]:
     """The latest progress of each fit running at the trainer at `address` (empty if unreachable)."""
     settings = settings or Settings.from_env()
     async with open_channel(address, settings) as channel:
         try:
             reply = await operations_grpc_pb2.OperationsStub(channel).ListOperations(
-                operations_proto_pb2.ListOperationsRequest(filter="done=false"), timeout=timeout,
+                operations_proto_pb2.ListOperationsRequest(filter="done=false"),
+                timeout=timeout,
                 metadata=call_metadata(settings),
             )
         except grpc.aio.AioRpcError:
@@ -537,7 +609,9 @@ async def check_health(address: str, service: str = "", timeout: float = 2.0, se
     async with open_channel(address, settings) as channel:
         try:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=call_metadata(settings),
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=call_metadata(settings),
             )
         except grpc.aio.AioRpcError as error:
             mismatch = transport_mismatch(error)

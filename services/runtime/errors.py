@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import grpc
 
-
 MAX_DETAIL = 200
 
 

@@ -75,7 +75,9 @@ _NPY_LOAD_LOCK = threading.Lock()
 def _not_a(what: str, kind: str, exc: Exception) -> FailedPrecondition:
     """A digest-verified artifact that does not decode is the wrong artifact for this field,
     not damaged bytes: the caller passed another ref than the one the producing stage returned."""
-    return FailedPrecondition(f"{what} is not a readable {kind}: {bounded(exc)}; pass the {what} ref its stage returned")
+    return FailedPrecondition(
+        f"{what} is not a readable {kind}: {bounded(exc)}; pass the {what} ref its stage returned"
+    )
 
 
 def human_bytes(count: float) -> str:
@@ -85,7 +87,6 @@ def human_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count:.1f} GiB"
-
 
 
 # ---- tables ---------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def write_table(sink: Any, frame: pd.DataFrame, metadata: dict[str, Any], compre
     options = pa.ipc.IpcWriteOptions(compression="zstd" if compress else None)
     with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema, options=options) as writer:
         for start in range(0, max(len(frame), 1), _ROWS_PER_BATCH):
-            chunk = frame.iloc[start:start + _ROWS_PER_BATCH]
+            chunk = frame.iloc[start : start + _ROWS_PER_BATCH]
             writer.write_batch(pa.RecordBatch.from_pandas(chunk, schema=schema, preserve_index=False))
 
 
@@ -167,7 +168,9 @@ def npy_to_array(data: bytes | memoryview, what: str) -> np.ndarray:
         count = math.prod(shape)
         offset = stream.tell()
         if len(view) - offset != count * dtype.itemsize:
-            raise ValueError(f"its body has {len(view) - offset} bytes where shape {shape} needs {count * dtype.itemsize}")
+            raise ValueError(
+                f"its body has {len(view) - offset} bytes where shape {shape} needs {count * dtype.itemsize}"
+            )
         array = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
     except (ValueError, OSError, EOFError) as exc:
         raise _not_a(what, ".npy array", exc) from exc
@@ -264,9 +267,7 @@ def skops_to_model(data: bytes, what: str) -> Any:
         raise _not_a(what, ".skops file", exc) from exc
     refused = sorted(untrusted - set(TRUSTED_MODEL_TYPES))
     if refused:
-        raise DataLoss(
-            f"{what} contains types outside the allow-list and was not loaded: {', '.join(refused)}"
-        )
+        raise DataLoss(f"{what} contains types outside the allow-list and was not loaded: {', '.join(refused)}")
     try:
         with _NPY_LOAD_LOCK:
             return sio.loads(data, trusted=sorted(untrusted))

@@ -40,8 +40,13 @@ async def _map_error(exc: BaseException, method: str, context: grpc.aio.Servicer
     incident = secrets.token_hex(4)
     outcome.code, outcome.incident = grpc.StatusCode.INTERNAL, incident
     outcome.error = f"internal error while handling {method} (incident {incident}); the service log has details"
-    log.error("incident=%s unhandled error in %s", incident, method, exc_info=exc,
-              extra={"method": method, "code": "INTERNAL", "incident": incident})
+    log.error(
+        "incident=%s unhandled error in %s",
+        incident,
+        method,
+        exc_info=exc,
+        extra={"method": method, "code": "INTERNAL", "incident": incident},
+    )
     await context.abort(grpc.StatusCode.INTERNAL, outcome.error)
 
 
@@ -66,8 +71,12 @@ def _log(method: str, outcome: _Outcome, seconds: float, record: RpcRecord) -> N
         (record.caller or "-").replace(" ", "_"),
         error,
         extra={
-            "method": method, "code": outcome.code.name, "duration_ms": round(seconds * 1000, 3),
-            "cache_hit": record.cache_hit, "run_id": record.run_id or None, "caller": record.caller or None,
+            "method": method,
+            "code": outcome.code.name,
+            "duration_ms": round(seconds * 1000, 3),
+            "cache_hit": record.cache_hit,
+            "run_id": record.run_id or None,
+            "caller": record.caller or None,
             **({"error": outcome.error} if outcome.error else {}),
             **({"incident": outcome.incident} if outcome.incident else {}),
         },
@@ -82,8 +91,9 @@ def _details(context: grpc.aio.ServicerContext) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _rpc_scope(method: str, context: grpc.aio.ServicerContext, metrics: StageMetrics, unary: bool,
-                     watch: CallWatch) -> AsyncIterator[None]:
+async def _rpc_scope(
+    method: str, context: grpc.aio.ServicerContext, metrics: StageMetrics, unary: bool, watch: CallWatch
+) -> AsyncIterator[None]:
     """Around one RPC: expose its record to the handler, map errors, count, trace and log it."""
     started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
     # Each RPC runs in its own task and context, so this never leaks between calls.
@@ -116,9 +126,16 @@ async def _rpc_scope(method: str, context: grpc.aio.ServicerContext, metrics: St
                 outcome.code = _cancellation_code(context)
             seconds = time.perf_counter() - started
             metrics.rpc_handled(method, unary, outcome.code, seconds)
-            tracing.end_server_span(span, outcome.code, outcome.error, **{
-                "mlmesh.run_id": record.run_id, "mlmesh.cache_hit": record.cache_hit, "mlmesh.caller": record.caller,
-            })
+            tracing.end_server_span(
+                span,
+                outcome.code,
+                outcome.error,
+                **{
+                    "mlmesh.run_id": record.run_id,
+                    "mlmesh.cache_hit": record.cache_hit,
+                    "mlmesh.caller": record.caller,
+                },
+            )
             _log(method, outcome, seconds, record)
 
 
@@ -176,8 +193,9 @@ async def _refuse_undecodable(request: _Undecodable, method: str, context: grpc.
     )
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str, metrics: StageMetrics,
-                watch: CallWatch) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    behavior: Callable[..., Awaitable[Any]], method: str, metrics: StageMetrics, watch: CallWatch
+) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with _rpc_scope(method, context, metrics, unary=True, watch=watch):
             if isinstance(request, _Undecodable):
@@ -187,8 +205,9 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str, metrics: S
     return handler
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str, metrics: StageMetrics,
-                 watch: CallWatch) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(
+    behavior: Callable[..., AsyncIterator[Any]], method: str, metrics: StageMetrics, watch: CallWatch
+) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _rpc_scope(method, context, metrics, unary=False, watch=watch):
             if isinstance(request, _Undecodable):

@@ -40,10 +40,10 @@ def _run_stage(stage: str, env: dict[str, str], log_path: str | None) -> None:
     # here, it would keep the server, and so the stages, running after the launcher died.
     from multiprocessing import forkserver
 
-    server = forkserver._forkserver  # noqa: SLF001 - no public way to drop it
-    if server._forkserver_alive_fd is not None:  # noqa: SLF001
-        os.close(server._forkserver_alive_fd)  # noqa: SLF001
-        server._forkserver_alive_fd = None  # noqa: SLF001
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
     if log_path is not None:
         descriptor = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(descriptor, 1)
@@ -169,7 +169,10 @@ class LocalMesh:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = str(self.log_dir / f"{stage}.log")
         process = fork_context().Process(
-            target=_run_stage, args=(stage, dict(self.env), log_path), name=stage, daemon=False,
+            target=_run_stage,
+            args=(stage, dict(self.env), log_path),
+            name=stage,
+            daemon=False,
         )
         with _main_module_hidden():
             process.start()
@@ -212,7 +215,9 @@ class LocalMesh:
 
     async def running_elsewhere(self) -> bool:
         """True when every stage's address already answers SERVING: a mesh this launcher did not start."""
-        statuses = await asyncio.gather(*(check_health(self.addresses[s], timeout=1.0, settings=self.settings) for s in STAGES))
+        statuses = await asyncio.gather(
+            *(check_health(self.addresses[s], timeout=1.0, settings=self.settings) for s in STAGES)
+        )
         return all(status == "SERVING" for status in statuses)
 
     async def start_or_reuse(self) -> bool:
@@ -243,9 +248,7 @@ class LocalMesh:
                     if await check_health(self.addresses[stage], timeout=1.0, settings=self.settings) == "SERVING":
                         pending.discard(stage)
                 if pending and time.monotonic() > deadline:
-                    raise MeshStartError(
-                        f"{', '.join(sorted(pending))} not SERVING after {timeout:.0f}s"
-                    )
+                    raise MeshStartError(f"{', '.join(sorted(pending))} not SERVING after {timeout:.0f}s")
                 if pending:
                     await asyncio.sleep(0.1)
         except BaseException:

@@ -44,8 +44,28 @@ disable_created_metrics()
 
 # Calls last from a cache hit (a millisecond) to a fit (hours).
 RPC_SECONDS_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+    14400,
 )
 STORE_SECONDS_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 120)
 
@@ -94,68 +114,104 @@ class StageMetrics:
         rpc = ("grpc_type", "grpc_service", "grpc_method")
         self._started = Counter("grpc_server_started_total", "RPCs started on the server.", rpc, registry=registry)
         self._handled = Counter(
-            "grpc_server_handled_total", "RPCs completed on the server, whatever their status.",
-            (*rpc, "grpc_code"), registry=registry,
+            "grpc_server_handled_total",
+            "RPCs completed on the server, whatever their status.",
+            (*rpc, "grpc_code"),
+            registry=registry,
         )
         self._handling = Histogram(
-            "grpc_server_handling_seconds", "Time from the start of an RPC to its status.", rpc,
-            buckets=RPC_SECONDS_BUCKETS, registry=registry,
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its status.",
+            rpc,
+            buckets=RPC_SECONDS_BUCKETS,
+            registry=registry,
         )
         self.in_flight = Gauge(
-            "mlmesh_rpcs_in_flight", "Stage RPCs being handled now (health and reflection excluded).",
+            "mlmesh_rpcs_in_flight",
+            "Stage RPCs being handled now (health and reflection excluded).",
             registry=registry,
         )
         Gauge(
-            "mlmesh_max_concurrent_rpcs", "MLMESH_MAX_CONCURRENT_RPCS: calls admitted at once before RESOURCE_EXHAUSTED.",
+            "mlmesh_max_concurrent_rpcs",
+            "MLMESH_MAX_CONCURRENT_RPCS: calls admitted at once before RESOURCE_EXHAUSTED.",
             registry=registry,
         ).set(max_concurrent_rpcs)
         self.rejected = Counter(
-            "mlmesh_rpcs_rejected_total", "Calls refused with RESOURCE_EXHAUSTED because the stage was at its limit.",
+            "mlmesh_rpcs_rejected_total",
+            "Calls refused with RESOURCE_EXHAUSTED because the stage was at its limit.",
             registry=registry,
         )
         cache = Counter(
-            "mlmesh_cache_requests_total", "Stage requests answered from the memo (hit) or computed (miss).",
-            ("stage", "result"), registry=registry,
+            "mlmesh_cache_requests_total",
+            "Stage requests answered from the memo (hit) or computed (miss).",
+            ("stage", "result"),
+            registry=registry,
         )
         self._cache = {True: cache.labels(stage, "hit"), False: cache.labels(stage, "miss")}
         store_bytes = Counter(
-            "mlmesh_store_bytes_total", "Artifact bytes read (digest-verified) and written.",
-            ("stage", "direction"), registry=registry,
+            "mlmesh_store_bytes_total",
+            "Artifact bytes read (digest-verified) and written.",
+            ("stage", "direction"),
+            registry=registry,
         )
         self._store_bytes = {"read": store_bytes.labels(stage, "read"), "write": store_bytes.labels(stage, "write")}
         store_seconds = Histogram(
-            "mlmesh_store_operation_seconds", "Time to read and verify, or to write and sync, one artifact.",
-            ("stage", "operation"), buckets=STORE_SECONDS_BUCKETS, registry=registry,
+            "mlmesh_store_operation_seconds",
+            "Time to read and verify, or to write and sync, one artifact.",
+            ("stage", "operation"),
+            buckets=STORE_SECONDS_BUCKETS,
+            registry=registry,
         )
-        self._store_seconds = {"read": store_seconds.labels(stage, "read"), "write": store_seconds.labels(stage, "write")}
+        self._store_seconds = {
+            "read": store_seconds.labels(stage, "read"),
+            "write": store_seconds.labels(stage, "write"),
+        }
         self.verification_failures = Counter(
             "mlmesh_store_verification_failures_total",
             "Artifacts whose bytes did not match their sha256 (answered DATA_LOSS).",
-            ("stage",), registry=registry,
+            ("stage",),
+            registry=registry,
         ).labels(stage)
         computation = Histogram(
-            "mlmesh_computation_seconds", "Time a stage's work ran on its worker thread (cache misses only; fits for the trainer).",
-            ("stage", "outcome"), buckets=RPC_SECONDS_BUCKETS, registry=registry,
+            "mlmesh_computation_seconds",
+            "Time a stage's work ran on its worker thread (cache misses only; fits for the trainer).",
+            ("stage", "outcome"),
+            buckets=RPC_SECONDS_BUCKETS,
+            registry=registry,
         )
         self._computation = {o: computation.labels(stage, o) for o in ("ok", "error", "cancelled")}
         self.computations_running = Gauge(
-            "mlmesh_computations_running", "Computations running on worker threads now.", ("stage",), registry=registry,
+            "mlmesh_computations_running",
+            "Computations running on worker threads now.",
+            ("stage",),
+            registry=registry,
         ).labels(stage)
         self._queue_depth = Gauge(
-            "mlmesh_worker_queue_depth", "Computations waiting for a free worker thread (MLMESH_WORKER_THREADS).",
-            ("stage",), registry=registry,
+            "mlmesh_worker_queue_depth",
+            "Computations waiting for a free worker thread (MLMESH_WORKER_THREADS).",
+            ("stage",),
+            registry=registry,
         ).labels(stage)
         self._operations = Gauge(
-            "mlmesh_operations_active", "Long-running operations (the trainer's fits) not finished yet.",
-            ("stage",), registry=registry,
+            "mlmesh_operations_active",
+            "Long-running operations (the trainer's fits) not finished yet.",
+            ("stage",),
+            registry=registry,
         ).labels(stage)
         Gauge(
-            "mlmesh_build_info", "Always 1; the labels say what is running.",
+            "mlmesh_build_info",
+            "Always 1; the labels say what is running.",
             ("stage", "stage_version", "mlmesh", "grpcio", "scikit_learn", "numpy", "python", "machine"),
             registry=registry,
         ).labels(
-            stage, stage_version, _version("mlmesh"), _version("grpcio"), _version("scikit-learn"),
-            _version("numpy"), platform.python_version(), platform.machine(),
+            stage,
+            stage_version,
+            _version("mlmesh"),
+            _version("grpcio"),
+            _version("scikit-learn"),
+            _version("numpy"),
+            platform.python_version(),
+            platform.machine(),
         ).set(1)
         # Per method, the label children resolved once: a call then costs a few dict lookups.
         self._children: dict[tuple[str, bool], tuple[Any, Any, dict[grpc.StatusCode, Any]]] = {}
@@ -286,7 +342,7 @@ def read_vitals(url: str, timeout: float) -> dict[str, float]:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own http:// URL
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         text = response.read(8 * 1024 * 1024).decode("utf-8", "replace")
     vitals = {"cache_hits": 0.0, "cache_misses": 0.0}
     for family in text_string_to_metric_families(text):

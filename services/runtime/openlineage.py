@@ -69,23 +69,39 @@ def events(execution: dict[str, Any], store_namespace: str) -> list[Any]:
     this_run = run_uuid(execution["run_id"], execution["stage"], execution["started_at"], execution["cache_key"])
     facets = {
         "parent": parent_run.ParentRunFacet(
-            run=parent_run.Run(runId=pipeline), job=parent_run.Job(namespace=ns, name=f"{ns}.pipeline"),
+            run=parent_run.Run(runId=pipeline),
+            job=parent_run.Job(namespace=ns, name=f"{ns}.pipeline"),
         ),
         "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
-            version=str(execution["stage_version"]), name=f"mlmesh {execution['stage']}",
+            version=str(execution["stage_version"]),
+            name=f"mlmesh {execution['stage']}",
         ),
     }
     job = Job(
-        namespace=ns, name=f"{ns}.{execution['stage']}",
+        namespace=ns,
+        name=f"{ns}.{execution['stage']}",
         facets={"jobType": job_type_job.JobTypeJobFacet(processingType="BATCH", integration="MLMESH", jobType="STAGE")},
     )
     inputs = [InputDataset(namespace=store_namespace, name=ref["sha256"]) for ref in execution["inputs"].values()]
     outputs = [OutputDataset(namespace=store_namespace, name=ref["sha256"]) for ref in execution["outputs"].values()]
     return [
-        RunEvent(eventType=RunState.START, eventTime=execution["started_at"], run=Run(runId=this_run, facets=facets),
-                 job=job, inputs=inputs, producer=PRODUCER),
-        RunEvent(eventType=RunState.COMPLETE, eventTime=execution["ended_at"], run=Run(runId=this_run, facets=facets),
-                 job=job, inputs=inputs, outputs=outputs, producer=PRODUCER),
+        RunEvent(
+            eventType=RunState.START,
+            eventTime=execution["started_at"],
+            run=Run(runId=this_run, facets=facets),
+            job=job,
+            inputs=inputs,
+            producer=PRODUCER,
+        ),
+        RunEvent(
+            eventType=RunState.COMPLETE,
+            eventTime=execution["ended_at"],
+            run=Run(runId=this_run, facets=facets),
+            job=job,
+            inputs=inputs,
+            outputs=outputs,
+            producer=PRODUCER,
+        ),
     ]
 
 

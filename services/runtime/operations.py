@@ -251,7 +251,9 @@ class OperationRegistry:
             now = time.monotonic()
             for operation in self.in_flight():
                 if now - operation.last_seen > self.idle_seconds:
-                    self.cancel(operation, f"nobody asked about it for {self.idle_seconds:g}s (MLMESH_OPERATION_IDLE_SECONDS)")
+                    self.cancel(
+                        operation, f"nobody asked about it for {self.idle_seconds:g}s (MLMESH_OPERATION_IDLE_SECONDS)"
+                    )
 
 
 class OperationsService(OperationsServicer):
@@ -280,7 +282,9 @@ class OperationsService(OperationsServicer):
     async def GetOperation(self, request: operations_pb2.GetOperationRequest, context: Any) -> operations_pb2.Operation:
         return (await self._find(request.name)).to_proto()
 
-    async def WaitOperation(self, request: operations_pb2.WaitOperationRequest, context: Any) -> operations_pb2.Operation:
+    async def WaitOperation(
+        self, request: operations_pb2.WaitOperationRequest, context: Any
+    ) -> operations_pb2.Operation:
         operation = await self._find(request.name)
         timeout = MAX_WAIT_SECONDS
         if request.HasField("timeout"):
@@ -295,7 +299,9 @@ class OperationsService(OperationsServicer):
         await self.registry.wait_done(operation, timeout)
         return operation.to_proto()
 
-    async def ListOperations(self, request: operations_pb2.ListOperationsRequest, context: Any) -> operations_pb2.ListOperationsResponse:
+    async def ListOperations(
+        self, request: operations_pb2.ListOperationsRequest, context: Any
+    ) -> operations_pb2.ListOperationsResponse:
         if request.filter not in ("", "done=false", "done=true"):
             raise InvalidArgument("filter must be empty, 'done=false' or 'done=true'")
         if request.page_size < 0:
@@ -332,4 +338,3 @@ class OperationsService(OperationsServicer):
 
 def add_operations_service(service: OperationsService, server: grpc.aio.Server) -> None:
     add_OperationsServicer_to_server(service, server)
-

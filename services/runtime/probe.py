@@ -45,7 +45,9 @@ def check(address: str, service: str = "", timeout: float = 3.0, settings: Setti
     with open_sync_channel(address, settings) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout, metadata=call_metadata(settings),
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=call_metadata(settings),
             )
         except grpc.RpcError as error:
             if not isinstance(error, grpc.Call):

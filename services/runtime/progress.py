@@ -33,7 +33,13 @@ def _rate(count: float, seconds: float, noun: str) -> str:
     if seconds <= 0 or count <= 0:
         return ""
     per_second = count / seconds
-    shown = f"{per_second / 1e6:.1f}M" if per_second >= 1e6 else f"{per_second / 1e3:.1f}k" if per_second >= 1e3 else f"{per_second:.0f}"
+    shown = (
+        f"{per_second / 1e6:.1f}M"
+        if per_second >= 1e6
+        else f"{per_second / 1e3:.1f}k"
+        if per_second >= 1e3
+        else f"{per_second:.0f}"
+    )
     return f"{shown} {noun}/s"
 
 
@@ -53,7 +59,11 @@ def _eta(seconds: float) -> str:
     if seconds < 1:
         return ""
     seconds = int(seconds)
-    return f"ETA {seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"ETA {seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"ETA {seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"ETA {seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class FitLines:
@@ -98,7 +108,8 @@ class StageTracker:
         self.fraction = event.fraction_done if stepped else self.fraction
         self.display.live.update(
             self.task,
-            total=1.0 if stepped else None, completed=event.fraction_done if stepped else 0,
+            total=1.0 if stepped else None,
+            completed=event.fraction_done if stepped else 0,
             eta=_eta(event.eta_seconds) if event.fraction_done < 1 else "",
             detail=event.message[:60],
         )
@@ -116,7 +127,9 @@ class StageTracker:
         counted = update.total_steps > 0 or update.fraction_done > 0
         self.fraction = update.fraction_done if counted else self.fraction
         self.display.live.update(
-            self.task, total=1.0 if counted else None, completed=update.fraction_done if counted else 0,
+            self.task,
+            total=1.0 if counted else None,
+            completed=update.fraction_done if counted else 0,
             detail=update.message[:60],
         )
 
@@ -194,5 +207,7 @@ class PipelineProgress:
         try:
             yield tracker
         except BaseException as error:
-            tracker.failed("interrupted" if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)) else "failed")
+            tracker.failed(
+                "interrupted" if isinstance(error, (KeyboardInterrupt, asyncio.CancelledError)) else "failed"
+            )
             raise

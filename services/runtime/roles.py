@@ -6,7 +6,14 @@ from mlmesh.common.v1.common_pb2 import ColumnRole
 from services.runtime.errors import InvalidArgument
 
 ROLES: tuple[str, ...] = (
-    "numeric", "boolean", "categorical", "datetime", "identifier", "text", "constant", "ignore",
+    "numeric",
+    "boolean",
+    "categorical",
+    "datetime",
+    "identifier",
+    "text",
+    "constant",
+    "ignore",
 )
 # Roles whose columns become model inputs; the others are left out with a reason.
 FEATURE_ROLES: tuple[str, ...] = ("numeric", "boolean", "categorical", "datetime")
@@ -18,7 +25,9 @@ _NAMES = {value: name for name, value in _VALUES.items()}
 def role_name(value: int, what: str) -> str:
     """The short name of a ColumnRole number; UNSPECIFIED or an unknown number is the caller's mistake."""
     if value not in _NAMES:
-        raise InvalidArgument(f"{what} has role number {value}; use one of COLUMN_ROLE_{', COLUMN_ROLE_'.join(r.upper() for r in ROLES)}")
+        raise InvalidArgument(
+            f"{what} has role number {value}; use one of COLUMN_ROLE_{', COLUMN_ROLE_'.join(r.upper() for r in ROLES)}"
+        )
     return _NAMES[value]
 
 

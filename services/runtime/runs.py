@@ -49,8 +49,7 @@ def check_run_id(text: str) -> str:
 def refs_in(message: Message) -> dict[str, ArtifactRef]:
     """The artifact references a response carries, by field name."""
     return {
-        field.name: value for field, value in message.ListFields()
-        if isinstance(value, ArtifactRef) and value.sha256
+        field.name: value for field, value in message.ListFields() if isinstance(value, ArtifactRef) and value.sha256
     }
 
 
@@ -65,8 +64,11 @@ def summary_of(message: Message) -> dict[str, Any]:
         elif field.is_repeated or field.message_type is not None:
             continue
         elif field.enum_type is not None:
-            summary[field.name] = field.enum_type.values_by_number[value].name.removeprefix(f"{field.enum_type.name.upper()}_") \
-                if value in field.enum_type.values_by_number else value
+            summary[field.name] = (
+                field.enum_type.values_by_number[value].name.removeprefix(f"{field.enum_type.name.upper()}_")
+                if value in field.enum_type.values_by_number
+                else value
+            )
         elif isinstance(value, str):
             summary[field.name] = bounded(value, 200)
         else:
@@ -83,17 +85,34 @@ def record_execution(store: ArtifactStore, execution: dict[str, Any]) -> None:
 
 
 def execution_doc(
-    run_id: str, stage: str, version: str, cache_key: str, cache_hit: bool,
-    inputs: dict[str, ArtifactRef], outputs: dict[str, ArtifactRef], params: dict[str, Any],
-    started: datetime, ended: datetime, summary: dict[str, Any], caller: str = "",
+    run_id: str,
+    stage: str,
+    version: str,
+    cache_key: str,
+    cache_hit: bool,
+    inputs: dict[str, ArtifactRef],
+    outputs: dict[str, ArtifactRef],
+    params: dict[str, Any],
+    started: datetime,
+    ended: datetime,
+    summary: dict[str, Any],
+    caller: str = "",
 ) -> dict[str, Any]:
     """One stage call of a run; `caller` is who made it ("token:<name>", "cert:<subject>") when the mesh checks identity."""
     return {
-        "run_id": run_id, "stage": stage, "stage_version": version, "cache_key": cache_key, "cache_hit": cache_hit,
+        "run_id": run_id,
+        "stage": stage,
+        "stage_version": version,
+        "cache_key": cache_key,
+        "cache_hit": cache_hit,
         "inputs": {name: ref_to_dict(ref) for name, ref in inputs.items()},
         "outputs": {name: ref_to_dict(ref) for name, ref in outputs.items()},
-        "params": params, "started_at": started.isoformat(), "ended_at": ended.isoformat(), "host": HOST,
-        "summary": summary, **({"caller": caller} if caller else {}),
+        "params": params,
+        "started_at": started.isoformat(),
+        "ended_at": ended.isoformat(),
+        "host": HOST,
+        "summary": summary,
+        **({"caller": caller} if caller else {}),
     }
 
 
@@ -128,15 +147,17 @@ def runs(store: ArtifactStore, limit: int) -> list[dict[str, Any]]:
             continue
         evaluated = [e for e in steps if e.get("stage") == "evaluator" and "decision" in (e.get("summary") or {})]
         summary = evaluated[-1]["summary"] if evaluated else {}
-        found.append({
-            "run_id": run_id,
-            "started_at": steps[0].get("started_at"),
-            "ended_at": steps[-1].get("ended_at"),
-            "stages": [e.get("stage") for e in steps],
-            "cache_hits": sum(bool(e.get("cache_hit")) for e in steps),
-            "decision": summary.get("decision", ""),
-            "metrics": summary.get("metrics", {}),
-        })
+        found.append(
+            {
+                "run_id": run_id,
+                "started_at": steps[0].get("started_at"),
+                "ended_at": steps[-1].get("ended_at"),
+                "stages": [e.get("stage") for e in steps],
+                "cache_hits": sum(bool(e.get("cache_hit")) for e in steps),
+                "decision": summary.get("decision", ""),
+                "metrics": summary.get("metrics", {}),
+            }
+        )
     found.sort(key=lambda r: str(r["started_at"]), reverse=True)
     return found[:limit]
 

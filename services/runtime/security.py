@@ -56,6 +56,7 @@ AUTHORIZATION = "authorization"
 MIN_TOKEN_CHARACTERS = 16  # shorter secrets can be guessed; `openssl rand -hex 32` gives 64
 _TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
+
 @dataclass(frozen=True)
 class Token:
     name: str
@@ -120,7 +121,9 @@ def check_certificate(path: str, setting: str) -> None:
     if certificate.not_valid_after_utc < now:
         raise SettingsError(f"{setting}: the certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}")
     if certificate.not_valid_before_utc > now:
-        raise SettingsError(f"{setting}: the certificate is not valid before {certificate.not_valid_before_utc:%Y-%m-%d}")
+        raise SettingsError(
+            f"{setting}: the certificate is not valid before {certificate.not_valid_before_utc:%Y-%m-%d}"
+        )
 
 
 # ---- server -------------------------------------------------------------------------------
@@ -131,7 +134,9 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     check_certificate(settings.tls_cert, "MLMESH_TLS_CERT")
     pair = [(_read(settings.tls_key), _read(settings.tls_cert))]
     if settings.tls_client_ca:
-        return grpc.ssl_server_credentials(pair, root_certificates=_read(settings.tls_client_ca), require_client_auth=True)
+        return grpc.ssl_server_credentials(
+            pair, root_certificates=_read(settings.tls_client_ca), require_client_auth=True
+        )
     return grpc.ssl_server_credentials(pair)
 
 
@@ -224,7 +229,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             )
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
@@ -238,6 +244,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 await check(method, role, context)
                 return await behavior(request, context)
+
             return wrapped
 
         def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
@@ -245,6 +252,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 await check(method, role, context)
                 async for response in behavior(request, context):
                     yield response
+
             return wrapped
 
         # Health's Watch and reflection are streams; the stages' own methods unary or server-streaming.

@@ -25,15 +25,16 @@ from grpc_reflection.v1alpha import reflection
 
 from mlmesh.common.v1 import progress_pb2_grpc
 from services.runtime import tracing
-from services.runtime.errors import StageError
 from services.runtime.admission import AdmissionInterceptor
+from services.runtime.errors import StageError
 from services.runtime.interceptor import StageInterceptor
 from services.runtime.logs import configure_logging
 from services.runtime.operations import OPERATIONS_SERVICE, OperationsService, add_operations_service
 from services.runtime.security import server_credentials, server_interceptor
 from services.runtime.settings import LAUNCHER_PID, Settings, SettingsError
 from services.runtime.stage import StageRuntime
-from services.runtime.watch import SERVICE_NAME as PROGRESS_SERVICE, ProgressServicer
+from services.runtime.watch import SERVICE_NAME as PROGRESS_SERVICE
+from services.runtime.watch import ProgressServicer
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,14 @@ class StageSpec:
 
     @classmethod
     def of(
-        cls, name: str, version: str, pb2: Any, pb2_grpc: Any, service: str,
-        make_servicer: Callable[[StageRuntime], Any], long_running: bool = False,
+        cls,
+        name: str,
+        version: str,
+        pb2: Any,
+        pb2_grpc: Any,
+        service: str,
+        make_servicer: Callable[[StageRuntime], Any],
+        long_running: bool = False,
     ) -> StageSpec:
         """Build a spec from the generated modules, e.g. of("loader", "1.0.0", loader_pb2, loader_pb2_grpc, "LoaderService", ...)."""
         return cls(
@@ -162,7 +169,9 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
     if settings.metrics:
         # Tests start stages on port 0; their metrics take any free port too.
         try:
-            metrics_port = metrics.serve(settings.metrics_host, settings.metrics_ports[spec.name] if port is None else 0)
+            metrics_port = metrics.serve(
+                settings.metrics_host, settings.metrics_ports[spec.name] if port is None else 0
+            )
         except OSError:
             runtime.close()
             raise
@@ -195,8 +204,15 @@ async def _serve(spec: StageSpec, settings: Settings) -> None:
     metrics = f"http://{settings.metrics_host}:{stage.metrics_port}/metrics" if stage.metrics_port else "off"
     log.info(
         "%s %s serving %s on %s:%d (%s; artifacts: %s; metrics: %s; tracing: %s)",
-        spec.name, spec.version, spec.service_name, settings.bind_host, stage.port, _security_summary(settings),
-        settings.artifact_root, metrics, "on" if tracing.enabled() else "off",
+        spec.name,
+        spec.version,
+        spec.service_name,
+        settings.bind_host,
+        stage.port,
+        _security_summary(settings),
+        settings.artifact_root,
+        metrics,
+        "on" if tracing.enabled() else "off",
     )
     await stop.wait()
     log.info("%s stopping: draining for up to %.1fs", spec.name, settings.grace_seconds)

@@ -122,7 +122,9 @@ def _data_roots(env: Mapping[str, str]) -> tuple[str, ...]:
     roots = []
     for entry in entries:
         if "::" in entry:
-            raise SettingsError(f"MLMESH_DATA_ROOTS entry {entry[:80]!r} chains URLs with '::'; the loader never reads those")
+            raise SettingsError(
+                f"MLMESH_DATA_ROOTS entry {entry[:80]!r} chains URLs with '::'; the loader never reads those"
+            )
         if "://" in entry and not entry.startswith("file://"):
             roots.append(entry if entry.endswith("/") else entry + "/")
         else:
@@ -204,9 +206,7 @@ class Settings:
         raw_level = env.get("MLMESH_LOG_LEVEL") or "INFO"
         log_level = raw_level.upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise SettingsError(
-                f"MLMESH_LOG_LEVEL={raw_level!r} must be DEBUG, INFO, WARNING or ERROR"
-            )
+            raise SettingsError(f"MLMESH_LOG_LEVEL={raw_level!r} must be DEBUG, INFO, WARNING or ERROR")
         return cls(
             artifact_root=_artifact_root(env),
             bind_host=bind_host,

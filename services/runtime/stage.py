@@ -36,8 +36,8 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
-from services.runtime.errors import Cancelled, InvalidArgument, bounded
 from services.runtime import formats, openlineage, tracing
+from services.runtime.errors import Cancelled, InvalidArgument, bounded
 from services.runtime.metrics import StageMetrics
 from services.runtime.operations import OperationRegistry
 from services.runtime.runs import execution_doc, new_run_id, record_execution, refs_in, summary_of
@@ -68,9 +68,7 @@ class RpcRecord:
     call_id: str = ""
 
 
-current_rpc: contextvars.ContextVar[RpcRecord | None] = contextvars.ContextVar(
-    "current_rpc", default=None
-)
+current_rpc: contextvars.ContextVar[RpcRecord | None] = contextvars.ContextVar("current_rpc", default=None)
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,9 @@ class Run:
         """A Run for calling stage logic directly (benchmarks, unit tests): no store, never cancelled."""
         return cls(store=None, settings=None, cancelled=threading.Event(), report=report or (lambda _: None))  # type: ignore[arg-type]
 
-    def progress(self, fraction: float, message: str, step: int = 0, total_steps: int = 0, resumed_from_step: int = 0) -> None:
+    def progress(
+        self, fraction: float, message: str, step: int = 0, total_steps: int = 0, resumed_from_step: int = 0
+    ) -> None:
         self.report(Progress(fraction, message, step, total_steps, resumed_from_step))
 
     def put(self, name: str, data: bytes, media_type: str) -> ArtifactRef:
@@ -120,8 +120,10 @@ class Run:
     def put_frame(self, name: str, frame: pd.DataFrame, metadata: dict[str, Any]) -> ArtifactRef:
         """A table output, streamed to the store as Arrow IPC (compressed on an object store)."""
         compress = not self.store.is_local
-        return self._output(name, self.store.put_streamed(
-            formats.ARROW, lambda sink: formats.write_table(sink, frame, metadata, compress)))
+        return self._output(
+            name,
+            self.store.put_streamed(formats.ARROW, lambda sink: formats.write_table(sink, frame, metadata, compress)),
+        )
 
     def put_array(self, name: str, array: np.ndarray) -> ArtifactRef:
         """A matrix or vector output, streamed to the store as .npy."""
@@ -160,8 +162,14 @@ class _Remembered:
     paths: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, store: ArtifactStore, payload: bytes, entry_fingerprint: list[Any],
-           outputs: dict[str, ArtifactRef], fingerprints: dict[str, Any]) -> _Remembered:
+    def of(
+        cls,
+        store: ArtifactStore,
+        payload: bytes,
+        entry_fingerprint: list[Any],
+        outputs: dict[str, ArtifactRef],
+        fingerprints: dict[str, Any],
+    ) -> _Remembered:
         paths = {name: store.resolve(ref.uri) for name, ref in outputs.items()}
         return cls(payload, entry_fingerprint, outputs, fingerprints, paths)
 
@@ -186,9 +194,7 @@ class StageRuntime:
         self.version = version
         self.settings = settings
         self.store = store or ArtifactStore(settings.artifact_root)
-        self.executor = ThreadPoolExecutor(
-            max_workers=settings.worker_threads, thread_name_prefix=f"{name}-work"
-        )
+        self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix=f"{name}-work")
         self.metrics = StageMetrics(name, version, settings.max_concurrent_rpcs)
         self.store.metrics = self.metrics
         # Work handed to the executor that no worker thread has started yet.
@@ -317,14 +323,27 @@ class StageRuntime:
         await self.record_execution(job, key, result, cache_hit, started_at)
         return result
 
-    async def record_execution(self, job: Job, key: str, result: Message, cache_hit: bool, started_at: datetime) -> None:
+    async def record_execution(
+        self, job: Job, key: str, result: Message, cache_hit: bool, started_at: datetime
+    ) -> None:
         """One line of the run's log (see runs.py); never fails the call it describes."""
         record = current_rpc.get()
         run_id = record.run_id if record is not None and record.run_id else new_run_id("call")
         execution = execution_doc(
-            run_id, self.name, self.version, key, cache_hit, job.inputs, refs_in(result), job.params,
-            started_at, datetime.now(UTC), summary_of(result), caller=record.caller if record is not None else "",
+            run_id,
+            self.name,
+            self.version,
+            key,
+            cache_hit,
+            job.inputs,
+            refs_in(result),
+            job.params,
+            started_at,
+            datetime.now(UTC),
+            summary_of(result),
+            caller=record.caller if record is not None else "",
         )
+
         def write_and_export() -> None:
             record_execution(self.store, execution)
             openlineage.emit(execution, self.store.root_url)  # only when OpenLineage is configured
@@ -416,7 +435,9 @@ class StageRuntime:
             # Valid JSON of the wrong shape (hand edits, an older layout): a miss, rewritten below.
             log.warning(
                 "memo entry %s/%s has the wrong shape (%s); treating it as a miss and recomputing",
-                self.name, key[:12], bounded(f"{type(exc).__name__}: {exc}", 120),
+                self.name,
+                key[:12],
+                bounded(f"{type(exc).__name__}: {exc}", 120),
             )
             return None
         # An output must be there with its bytes: a matching fingerprint (taken when it was
@@ -428,7 +449,9 @@ class StageRuntime:
         # Outputs just re-hashed vouch for themselves from now on by their current fingerprint.
         current = {name: self.store.fingerprint(ref) for name, ref in outputs.items()}
         if entry_fingerprint is not None:
-            self._index(key, _Remembered.of(self.store, result.SerializeToString(), entry_fingerprint, outputs, current))
+            self._index(
+                key, _Remembered.of(self.store, result.SerializeToString(), entry_fingerprint, outputs, current)
+            )
         return result
 
     async def _compute_once(
@@ -490,8 +513,12 @@ class StageRuntime:
                 loop.call_soon_threadsafe(listener, progress)
 
         run = Run(
-            store=self.store, settings=self.settings, cancelled=cancelled, report=report,
-            cache_key=key, stopping=self.stopping,
+            store=self.store,
+            settings=self.settings,
+            cancelled=cancelled,
+            report=report,
+            cache_key=key,
+            stopping=self.stopping,
         )
         created = datetime.now(UTC)
         started = time.perf_counter()
@@ -510,8 +537,9 @@ class StageRuntime:
         with self.metrics.computation(), tracing.span(f"{self.name}.compute", {"mlmesh.cache_key": run.cache_key}):
             return _then_return_memory(work, run)
 
-    def _remember(self, key: str, job: Job, run: Run, result: Message, created: datetime, seconds: float,
-                  run_id: str = "") -> None:
+    def _remember(
+        self, key: str, job: Job, run: Run, result: Message, created: datetime, seconds: float, run_id: str = ""
+    ) -> None:
         manifest_base = {
             "stage": self.name,
             "stage_version": self.version,
@@ -536,8 +564,12 @@ class StageRuntime:
         self.store.write_doc(self._memo_parts(key), entry)
         entry_fingerprint = self.store.doc_fingerprint(self._memo_parts(key))
         if entry_fingerprint is not None:
-            self._index(key, _Remembered.of(self.store, result.SerializeToString(), entry_fingerprint,
-                                            dict(run.outputs), fingerprints))
+            self._index(
+                key,
+                _Remembered.of(
+                    self.store, result.SerializeToString(), entry_fingerprint, dict(run.outputs), fingerprints
+                ),
+            )
 
 
 def _then_return_memory(work: Callable[[Run], ResultT], run: Run) -> ResultT:

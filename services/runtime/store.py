@@ -37,7 +37,6 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef
-from services.runtime.metrics import NO_STORE_METRICS, StoreMetrics
 from services.runtime.errors import (
     DataLoss,
     FailedPrecondition,
@@ -48,6 +47,7 @@ from services.runtime.errors import (
     Unavailable,
     bounded,
 )
+from services.runtime.metrics import NO_STORE_METRICS, StoreMetrics
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,7 @@ class ArtifactStore:
         self.root_url = root
         self.fs, root_path = fsspec.core.url_to_fs(root)
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.root_path = posixpath.normpath(
-            os.path.realpath(root_path) if self.is_local else root_path
-        )
+        self.root_path = posixpath.normpath(os.path.realpath(root_path) if self.is_local else root_path)
         # Where reads, writes and digest failures are counted; a stage puts its metrics here.
         self.metrics: StoreMetrics = NO_STORE_METRICS
 
@@ -208,15 +206,12 @@ class ArtifactStore:
             own = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
             if protocol not in own:
                 raise InvalidArgument(
-                    f"artifact uri {_show(uri)} is not in the store {self.root_url}; "
-                    "pass a ref this store produced"
+                    f"artifact uri {_show(uri)} is not in the store {self.root_url}; pass a ref this store produced"
                 )
             path = posixpath.normpath(self.fs._strip_protocol(uri))
         objects = f"{self.root_path}/objects/"
         if not path.startswith(objects):
-            raise InvalidArgument(
-                f"artifact uri {_show(uri)} points outside the store's objects folder {objects}"
-            )
+            raise InvalidArgument(f"artifact uri {_show(uri)} points outside the store's objects folder {objects}")
         return path
 
     @staticmethod
@@ -225,9 +220,7 @@ class ArtifactStore:
         if not ref.uri:
             raise InvalidArgument(f"{field}.uri is required: pass the ref a previous stage returned")
         if not _SHA256_HEX.match(ref.sha256):
-            raise InvalidArgument(
-                f"{field}.sha256 must be 64 lowercase hex characters, got {_show(ref.sha256)}"
-            )
+            raise InvalidArgument(f"{field}.sha256 must be 64 lowercase hex characters, got {_show(ref.sha256)}")
 
     # ---- objects --------------------------------------------------------------------
     def put(self, data: bytes, media_type: str) -> ArtifactRef:
@@ -333,10 +326,10 @@ class ArtifactStore:
             digest = hashlib.sha256()
             filled = 0
             while filled < size:
-                count = handle.readinto(view[filled:filled + _READ_CHUNK])
+                count = handle.readinto(view[filled : filled + _READ_CHUNK])
                 if not count:
                     break  # the file shrank since fstat: the digest check below refuses it
-                digest.update(view[filled:filled + count])
+                digest.update(view[filled : filled + count])
                 filled += count
         self._verify(ref, field, digest.hexdigest())
         return view[:filled].toreadonly()
@@ -503,10 +496,8 @@ class ArtifactStore:
             os.replace(tmp, path)
         except BaseException:
             # Never leave a partial object behind, whatever failed (a full disk included).
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
             raise
 
     # ---- small JSON documents (manifests, memo entries) ------------------------------
@@ -540,10 +531,8 @@ class ArtifactStore:
     def remove(self, parts: tuple[str, ...]) -> None:
         """Delete a named path and everything under it; absent is fine."""
         path = self._doc_path(*parts)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
 
     def load_doc(self, parts: tuple[str, ...]) -> dict[str, Any] | None:
         """A document, None when absent; DamagedDocument when present but not a JSON object."""

@@ -52,7 +52,7 @@ def _metrics(metrics: dict[str, float], task_kind: str) -> list[str]:
     cells = [f"{name} {metrics[name]:.4f}" for name in ordered]
     # Three to a line, aligned in columns.
     width = max((len(c) for c in cells), default=0) + 3
-    return ["".join(c.ljust(width) for c in cells[i:i + 3]).rstrip() for i in range(0, len(cells), 3)]
+    return ["".join(c.ljust(width) for c in cells[i : i + 3]).rstrip() for i in range(0, len(cells), 3)]
 
 
 def _stages(stages: list[StageTime]) -> list[str]:
@@ -74,7 +74,9 @@ def _field(name: str, lines: list[str]) -> list[str]:
 def render(outcome: RunOutcome) -> str:
     """The run's summary as aligned plain text (no colour: it may be a log)."""
     decision = outcome.get("decision", "")
-    what = " · ".join(p for p in (outcome.get("source", ""), outcome.get("model_name", ""), outcome.get("task_kind", "")) if p)
+    what = " · ".join(
+        p for p in (outcome.get("source", ""), outcome.get("model_name", ""), outcome.get("task_kind", "")) if p
+    )
     lines = _field("decision", [f"{decision}  ({what})" if what else decision, *outcome.get("reasons", [])])
     lines += _field("metrics", _metrics(outcome.get("metrics", {}), outcome.get("task_kind", "")))
     model = outcome.get("model_sha256", "")[:12]

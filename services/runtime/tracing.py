@@ -80,7 +80,9 @@ def _exporter(env: Mapping[str, str]) -> Any:
         return ConsoleSpanExporter()
     if name != "otlp":
         raise ValueError(f"OTEL_TRACES_EXPORTER={name[:40]!r}: mlmesh supports otlp, console or none")
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip()
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    ).strip()
     if protocol != "grpc":
         raise ValueError(
             f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol[:40]!r}: mlmesh exports OTLP over grpc; "
@@ -186,7 +188,9 @@ def run_span(run_id: str, name: str, start_time_ns: int | None = None, **attribu
     token = _forced_ids.set(run_ids(run_id))
     try:
         with _tracer().start_as_current_span(
-            name, context=otel_context.Context(), start_time=start_time_ns,
+            name,
+            context=otel_context.Context(),
+            start_time=start_time_ns,
             attributes={"mlmesh.run_id": run_id, **attributes},
         ) as root:
             _forced_ids.set(None)
@@ -206,11 +210,18 @@ def run_task_span(run_id: str, name: str, **attributes: Any) -> Iterator[Any]:
 
     trace_id, root_id = run_ids(run_id)
     sampled = _provider.sampler.should_sample(None, trace_id, name).decision.is_sampled()
-    parent = NonRecordingSpan(SpanContext(
-        trace_id, root_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else 0),
-    ))
+    parent = NonRecordingSpan(
+        SpanContext(
+            trace_id,
+            root_id,
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else 0),
+        )
+    )
     with _tracer().start_as_current_span(
-        name, context=trace.set_span_in_context(parent), attributes={"mlmesh.run_id": run_id, **attributes},
+        name,
+        context=trace.set_span_in_context(parent),
+        attributes={"mlmesh.run_id": run_id, **attributes},
     ) as current:
         yield current
 
@@ -262,8 +273,12 @@ def server_span(full_method: str, metadata: Any) -> Iterator[Any]:
     carrier = {key: value for key, value in metadata or () if key in (TRACEPARENT, TRACESTATE)}
     parent = _w3c().extract(carrier) if carrier else None
     with _tracer().start_as_current_span(
-        full_method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=_rpc_attributes(full_method),
-        record_exception=False, set_status_on_exception=False,
+        full_method.lstrip("/"),
+        context=parent,
+        kind=SpanKind.SERVER,
+        attributes=_rpc_attributes(full_method),
+        record_exception=False,
+        set_status_on_exception=False,
     ) as current:
         yield current
 
@@ -293,8 +308,11 @@ def client_span(full_method: str) -> Iterator[tuple[tuple[str, str], ...]]:
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
     with _tracer().start_as_current_span(
-        full_method.lstrip("/"), kind=SpanKind.CLIENT, attributes=_rpc_attributes(full_method),
-        record_exception=False, set_status_on_exception=False,
+        full_method.lstrip("/"),
+        kind=SpanKind.CLIENT,
+        attributes=_rpc_attributes(full_method),
+        record_exception=False,
+        set_status_on_exception=False,
     ) as current:
         carrier: dict[str, str] = {}
         _w3c().inject(carrier)

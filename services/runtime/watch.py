@@ -88,21 +88,32 @@ class CallWatch:
         call = self._calls.get(call_id)
         if call is None or call.finished_at is not None:
             return
-        call.publish(progress_pb2.WatchCallResponse(
-            fraction_done=min(max(fraction, 0.0), 1.0), message=message[:MAX_MESSAGE_CHARS], step=step,
-            total_steps=total_steps, elapsed_seconds=time.monotonic() - call.started))
+        call.publish(
+            progress_pb2.WatchCallResponse(
+                fraction_done=min(max(fraction, 0.0), 1.0),
+                message=message[:MAX_MESSAGE_CHARS],
+                step=step,
+                total_steps=total_steps,
+                elapsed_seconds=time.monotonic() - call.started,
+            )
+        )
 
     def finish(self, call_id: str) -> None:
         call = self._calls.get(call_id)
         if call is None:
             return
         call.finished_at = time.monotonic()
-        call.publish(progress_pb2.WatchCallResponse(
-            fraction_done=1.0, message="done", done=True, elapsed_seconds=time.monotonic() - call.started))
+        call.publish(
+            progress_pb2.WatchCallResponse(
+                fraction_done=1.0, message="done", done=True, elapsed_seconds=time.monotonic() - call.started
+            )
+        )
 
     def _forget_finished(self) -> None:
         now = time.monotonic()
-        for call_id in [c for c, call in self._calls.items() if call.finished_at and now - call.finished_at > KEEP_FINISHED_SECONDS]:
+        for call_id in [
+            c for c, call in self._calls.items() if call.finished_at and now - call.finished_at > KEEP_FINISHED_SECONDS
+        ]:
             del self._calls[call_id]
 
     async def _arrival(self, call_id: str, timeout: float) -> _Call:
@@ -128,7 +139,9 @@ class CallWatch:
                 self._arrived.pop(call_id, None)
         return self._calls[call_id]
 
-    async def follow(self, call_id: str, timeout: float = WAIT_FOR_CALL_SECONDS) -> AsyncIterator[progress_pb2.WatchCallResponse]:
+    async def follow(
+        self, call_id: str, timeout: float = WAIT_FOR_CALL_SECONDS
+    ) -> AsyncIterator[progress_pb2.WatchCallResponse]:
         check_call_id(call_id)
         if self._open >= MAX_WATCHES:
             raise ResourceExhausted(f"{MAX_WATCHES} watches are open at this stage; try again when some have ended")
@@ -157,7 +170,9 @@ class ProgressServicer(progress_pb2_grpc.ProgressServiceServicer):
     def __init__(self, watch: CallWatch):
         self.watch = watch
 
-    async def WatchCall(self, request: progress_pb2.WatchCallRequest, context: Any) -> AsyncIterator[progress_pb2.WatchCallResponse]:
+    async def WatchCall(
+        self, request: progress_pb2.WatchCallRequest, context: Any
+    ) -> AsyncIterator[progress_pb2.WatchCallResponse]:
         async for update in self.watch.follow(request.call_id):
             yield update
 

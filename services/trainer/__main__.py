@@ -1,4 +1,4 @@
-from services.trainer.service import SPEC
 from services.runtime.server import serve
+from services.trainer.service import SPEC
 
 serve(SPEC)

@@ -120,7 +120,9 @@ class FeatureColumns:
     @classmethod
     def from_schema(cls, schema: Any, x: np.ndarray) -> FeatureColumns:
         if not isinstance(schema, dict) or not isinstance(schema.get("feature_names"), list):
-            raise FailedPrecondition("feature_schema is not a features stage schema; pass the feature_schema ref it returned")
+            raise FailedPrecondition(
+                "feature_schema is not a features stage schema; pass the feature_schema ref it returned"
+            )
         names = [str(n) for n in schema["feature_names"]]
         width = x.shape[1] if x.ndim == 2 else -1
         if len(names) != width or len(set(names)) != len(names):
@@ -165,7 +167,9 @@ def check_fit_inputs(x: Any, y: np.ndarray) -> None:
     if np.issubdtype(values.dtype, np.floating) and np.isinf(values).any():
         raise FailedPrecondition("x_train holds infinite values; pass the x_train the features stage returned")
     if np.issubdtype(y.dtype, np.floating) and not np.isfinite(y).all():
-        raise FailedPrecondition("y_train holds missing or infinite targets; pass the y_train the features stage returned")
+        raise FailedPrecondition(
+            "y_train holds missing or infinite targets; pass the y_train the features stage returned"
+        )
 
 
 def fit(

@@ -88,17 +88,26 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
             def on_progress(progress: Progress) -> None:
                 # Progress goes to the service log as well as to the operation's followers.
-                log.info("train %s: %.0f%% %s", request.model or "default model", progress.fraction * 100, progress.message)
+                log.info(
+                    "train %s: %.0f%% %s", request.model or "default model", progress.fraction * 100, progress.message
+                )
                 elapsed = time.monotonic() - started
                 if not first_fraction:
                     first_fraction.append(progress.fraction)  # where this run started (0, or the checkpoint)
                 gained = progress.fraction - first_fraction[0]
                 eta = elapsed * (1 - progress.fraction) / gained if gained > 0 else 0.0
-                operation.update(trainer_pb2.TrainProgress(
-                    fraction_done=progress.fraction, message=progress.message, step=progress.step,
-                    total_steps=progress.total_steps, elapsed_seconds=elapsed, eta_seconds=eta,
-                    resumed_from_step=progress.resumed_from_step, operation_name=name,
-                ))
+                operation.update(
+                    trainer_pb2.TrainProgress(
+                        fraction_done=progress.fraction,
+                        message=progress.message,
+                        step=progress.step,
+                        total_steps=progress.total_steps,
+                        elapsed_seconds=elapsed,
+                        eta_seconds=eta,
+                        resumed_from_step=progress.resumed_from_step,
+                        operation_name=name,
+                    )
+                )
 
             # What GetOperation shows before the first step (not a progress event).
             operation.metadata = trainer_pb2.TrainProgress(message="waiting for a worker", operation_name=name)
