@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: run test up proto lint clean
+.PHONY: run test test-fast lint format up proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,21 @@ run: $(STAMP)
 ## Run the whole test suite.
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest
+
+## The fast tier, for the edit-test loop: everything but Docker, slow end-to-end and network tests.
+test-fast: $(STAMP) $(NODE_STAMP)
+	$(BIN)/python -m pytest -m "not docker and not slow and not network"
+
+## Lint, format check and types: what CI checks before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## Apply the formatter and ruff's safe fixes.
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 ## Start the five services until Ctrl-C.
 up: $(STAMP)
