@@ -39,6 +39,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """A part of the report that should be an object; anything else reads as an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    """A part of the report that should be an array; anything else reads as an empty one."""
+    return value if isinstance(value, list) else []
+
+
 def _text(value: Any, limit: int = MAX_NAME) -> str:
     """Untrusted text for the page: bounded, then escaped."""
     text = " ".join(str(value).split())
@@ -313,7 +323,7 @@ def residual_svg(true: list[float], predicted: list[float]) -> str:
 
 
 def residual_histogram_svg(residuals: dict[str, Any]) -> str:
-    histogram = residuals.get("histogram") if isinstance(residuals.get("histogram"), dict) else {}
+    histogram = _dict(residuals.get("histogram"))
     edges, counts = histogram.get("edges", []), histogram.get("counts", [])
     if not (isinstance(edges, list) and isinstance(counts, list) and len(edges) == len(counts) + 1 and counts):
         return ""
@@ -474,7 +484,7 @@ def profile_section(profile: dict[str, Any]) -> str:
     target = profile.get("target") if isinstance(profile.get("target"), dict) else None
     rows = []
     for column in ([target] if target else []) + [c for c in columns if isinstance(c, dict)]:
-        histogram = column.get("histogram") if isinstance(column.get("histogram"), dict) else {}
+        histogram = _dict(column.get("histogram"))
         missing = f"{column.get('missing', 0)}" + (f" (+{column['infinite']} inf)" if column.get("infinite") else "")
         rows.append(
             f"<tr><th>{escape(str(column.get('name', '')))}</th><td>{escape(str(column.get('role', '')))}</td>"
@@ -495,7 +505,7 @@ def profile_page(profile: dict[str, Any]) -> str:
 
 
 def _split_section(split: dict[str, Any]) -> str:
-    dropped = split.get("rows_dropped") if isinstance(split.get("rows_dropped"), dict) else {}
+    dropped = _dict(split.get("rows_dropped"))
     reasons = ", ".join(f"{escape(str(k).replace('_', ' '))}: {escape(str(v))}" for k, v in dropped.items()) or "none"
     parts = [
         "<h2>Rows</h2>",
@@ -506,7 +516,7 @@ def _split_section(split: dict[str, Any]) -> str:
     ]
     balance = split.get("class_balance")
     if isinstance(balance, dict) and isinstance(balance.get("train"), dict):
-        test = balance.get("test") if isinstance(balance.get("test"), dict) else {}
+        test = _dict(balance.get("test"))
         rows = "".join(
             f"<tr><th>{escape(str(name))}</th><td>{escape(str(count))}</td><td>{escape(str(test.get(name, '')))}</td></tr>"
             for name, count in balance["train"].items()
@@ -525,7 +535,7 @@ def _encoding_section(schema: dict[str, Any]) -> str:
         f"<td>{escape(str(c.get('missing_in_train', '')))}</td></tr>"
         for c in columns
     )
-    names = schema.get("feature_names") if isinstance(schema.get("feature_names"), list) else []
+    names = _list(schema.get("feature_names"))
     return (
         f"<h2>Features</h2><p>{len(columns)} source columns became {len(names)} model inputs, fitted on the train split.</p>"
         '<table class="encoding"><tr><th>column</th><th>role</th><th>encoder</th><th>levels in train</th>'
@@ -588,9 +598,9 @@ def _params_inline(params: Any, limit: int = 12) -> str:
 
 
 def _what_ran(report: dict[str, Any]) -> str:
-    provenance = report.get("provenance") if isinstance(report.get("provenance"), dict) else {}
-    stages = provenance.get("stages") if isinstance(provenance.get("stages"), dict) else {}
-    model = report.get("model") if isinstance(report.get("model"), dict) else {}
+    provenance = _dict(report.get("provenance"))
+    stages = _dict(provenance.get("stages"))
+    model = _dict(report.get("model"))
     facts = []
 
     # The report names no run of its own: it is a pure function of its inputs and their manifests,
@@ -606,15 +616,15 @@ def _what_ran(report: dict[str, Any]) -> str:
         f"The runs that computed or reused it: <code>mlmesh lineage</code> on this report.{latest}</td></tr>"
     )
 
-    loader = stages.get("loader") if isinstance(stages.get("loader"), dict) else {}
-    loader_params = loader.get("params") if isinstance(loader.get("params"), dict) else {}
+    loader = _dict(stages.get("loader"))
+    loader_params = _dict(loader.get("params"))
     dataset = []
     if "source" in loader_params:
         dataset.append(f"<code>{_text(loader_params['source'], 200)}</code>")
     if loader_params.get("target_column"):
         dataset.append(f"target <code>{_text(loader_params['target_column'])}</code>")
-    profile = report.get("profile") if isinstance(report.get("profile"), dict) else {}
-    split = report.get("split_report") if isinstance(report.get("split_report"), dict) else {}
+    profile = _dict(report.get("profile"))
+    split = _dict(report.get("split_report"))
     rows = profile.get("rows", split.get("rows_in"))
     if _is_number(rows):
         columns = profile.get("columns")
@@ -635,18 +645,16 @@ def _what_ran(report: dict[str, Any]) -> str:
         facts.append(f"<tr><th>dataset</th><td>{'; '.join(dataset)}</td></tr>")
 
     if model.get("class"):
-        trainer = stages.get("trainer") if isinstance(stages.get("trainer"), dict) else {}
-        trainer_params = trainer.get("params") if isinstance(trainer.get("params"), dict) else {}
+        trainer = _dict(stages.get("trainer"))
+        trainer_params = _dict(trainer.get("params"))
         asked = trainer_params.get("model")
         named = (
             f" (asked for as <code>{_text(asked)}</code>)"
             if asked
             else (" (the task's default model)" if trainer else "")
         )
-        hyper = model.get("hyperparameters") if isinstance(model.get("hyperparameters"), dict) else {}
-        requested = (
-            trainer_params.get("hyperparameters") if isinstance(trainer_params.get("hyperparameters"), dict) else {}
-        )
+        hyper = _dict(model.get("hyperparameters"))
+        requested = _dict(trainer_params.get("hyperparameters"))
         cells = "".join(
             f'<span class="param{" set" if k in requested else ""}">{_text(k, 40)}=<code>{_literal(v)}</code></span>'
             for k, v in hyper.items()
@@ -697,9 +705,9 @@ _LOWER_IS_BETTER = {"log_loss", "mae", "rmse"}
 
 
 def _metric_cards(report: dict[str, Any]) -> str:
-    thresholds = report.get("thresholds") if isinstance(report.get("thresholds"), dict) else {}
-    minimums = thresholds.get("minimums") if isinstance(thresholds.get("minimums"), dict) else {}
-    maximums = thresholds.get("maximums") if isinstance(thresholds.get("maximums"), dict) else {}
+    thresholds = _dict(report.get("thresholds"))
+    minimums = _dict(thresholds.get("minimums"))
+    maximums = _dict(thresholds.get("maximums"))
     cards = []
     for name, value in sorted(report["metrics"].items()):
         bound = ""
@@ -773,9 +781,9 @@ def _page(title: str, body: str) -> str:
 
 
 def render_html(report: dict[str, Any]) -> str:
-    thresholds = report.get("thresholds") if isinstance(report.get("thresholds"), dict) else {}
-    minimums = thresholds.get("minimums") if isinstance(thresholds.get("minimums"), dict) else {}
-    maximums = thresholds.get("maximums") if isinstance(thresholds.get("maximums"), dict) else {}
+    thresholds = _dict(report.get("thresholds"))
+    minimums = _dict(thresholds.get("minimums"))
+    maximums = _dict(thresholds.get("maximums"))
 
     def bound(name: str) -> str:
         if _is_number(minimums.get(name)):
@@ -848,7 +856,7 @@ def render_html(report: dict[str, Any]) -> str:
                     caption="a residual is true − predicted; look for a trend or a funnel",
                 )
             )
-        residuals = report.get("residuals") if isinstance(report.get("residuals"), dict) else {}
+        residuals = _dict(report.get("residuals"))
         histogram = residual_histogram_svg(residuals)
         if histogram:
             summary = ", ".join(
