@@ -93,21 +93,23 @@ class StageTracker:
     def __init__(self, display: PipelineProgress, stage: str, label: str):
         self.display, self.stage, self.label = display, stage, label
         self.started = time.monotonic()
-        self.task: TaskID | None = None
+        # The live display and this stage's line on it; None in plain lines.
+        self.bar: tuple[Progress, TaskID] | None = None
         self.fraction = 0.0  # the last fraction shown, kept when the call fails or is interrupted
         self._lines = FitLines(display.line, prefix=f"{label}: ")
         if display.live is not None:
-            self.task = display.live.add_task(label, total=None, eta="", detail="")
+            self.bar = display.live, display.live.add_task(label, total=None, eta="", detail="")
 
     def fit(self, event: trainer_pb2.TrainProgress) -> None:
         """A trainer progress event: a bar with steps, or a message while the fit has none."""
-        if self.task is None:
+        if self.bar is None:
             self._lines(event)
             return
+        live, task = self.bar
         stepped = event.total_steps > 0 or 0 < event.fraction_done < 1
         self.fraction = event.fraction_done if stepped else self.fraction
-        self.display.live.update(
-            self.task,
+        live.update(
+            task,
             total=1.0 if stepped else None,
             completed=event.fraction_done if stepped else 0,
             eta=_eta(event.eta_seconds) if event.fraction_done < 1 else "",
@@ -120,31 +122,34 @@ class StageTracker:
         In plain lines, only a call that has run for a second or more says what it is doing,
         so that the usual quick calls stay one line each.
         """
-        if self.task is None:
+        if self.bar is None:
             if update.elapsed_seconds >= 1:
                 self._lines(update)
             return
+        live, task = self.bar
         counted = update.total_steps > 0 or update.fraction_done > 0
         self.fraction = update.fraction_done if counted else self.fraction
-        self.display.live.update(
-            self.task,
+        live.update(
+            task,
             total=1.0 if counted else None,
             completed=update.fraction_done if counted else 0,
             detail=update.message[:60],
         )
 
     def done(self, outcome: str) -> None:
-        if self.task is None:
+        if self.bar is None:
             self.display.line(f"{self.label}: {outcome}")
             return
-        self.display.live.update(self.task, total=1.0, completed=1.0, eta="", detail=outcome)
-        self.display.live.stop_task(self.task)
+        live, task = self.bar
+        live.update(task, total=1.0, completed=1.0, eta="", detail=outcome)
+        live.stop_task(task)
 
     def failed(self, why: str) -> None:
-        if self.task is None:
+        if self.bar is None:
             return  # in plain lines, the error (or the interrupt's line) that follows says it all
-        self.display.live.update(self.task, total=1.0, completed=self.fraction, eta="", detail=f"[red]{why}[/red]")
-        self.display.live.stop_task(self.task)
+        live, task = self.bar
+        live.update(task, total=1.0, completed=self.fraction, eta="", detail=f"[red]{why}[/red]")
+        live.stop_task(task)
 
 
 def _live_display(stream: IO[str]) -> Progress | None:
