@@ -58,14 +58,16 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(ALWAYS_ADMITTED):
             return handler
+        # types-grpcio describes the sync server's handler: at runtime it is a namedtuple (it has
+        # _replace), and under grpc.aio a server-streaming behaviour is an async generator.
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary))
+            return handler._replace(unary_unary=self._unary(handler.unary_unary))  # type: ignore[attr-defined]
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(handler.unary_stream))
+            return handler._replace(unary_stream=self._stream(handler.unary_stream))  # type: ignore[attr-defined,arg-type]
         return handler  # the stages define no client-streaming methods

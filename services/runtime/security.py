@@ -147,7 +147,7 @@ def certificate_identity(context: grpc.aio.ServicerContext) -> str:
     except Exception:  # noqa: BLE001 - identity is a detail; never fail a call over it
         return ""
     for key in ("x509_subject", "x509_common_name"):
-        values = auth.get(key) or []
+        values = list(auth.get(key) or ())
         if values:
             return "cert:" + values[0].decode("utf-8", "replace")[:200]
     return ""
@@ -230,9 +230,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -256,13 +256,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
 
         # Health's Watch and reflection are streams; the stages' own methods unary or server-streaming.
+        # types-grpcio describes the sync server's handler: at runtime it is a namedtuple (it has
+        # _replace), and under grpc.aio a response-streaming behaviour is an async generator. A handler
+        # has exactly one behaviour, so the last one left is stream_stream.
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
+            return handler._replace(unary_unary=unary(handler.unary_unary))  # type: ignore[attr-defined]
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
+            return handler._replace(stream_unary=unary(handler.stream_unary))  # type: ignore[attr-defined]
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))
-        return handler._replace(stream_stream=streaming(handler.stream_stream))
+            return handler._replace(unary_stream=streaming(handler.unary_stream))  # type: ignore[attr-defined,arg-type]
+        return handler._replace(stream_stream=streaming(handler.stream_stream))  # type: ignore[attr-defined,arg-type]
 
 
 def server_interceptor(settings: Settings) -> AuthInterceptor | None:
