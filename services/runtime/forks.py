@@ -8,12 +8,12 @@ then overlap with the launcher's own.
 from __future__ import annotations
 
 import multiprocessing
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkServerContext
 
 PRELOAD = "services.runtime.preload"
 
 
-def fork_context() -> BaseContext:
+def fork_context() -> ForkServerContext:
     """A fork server, started by exec (so it is clean of the caller's gRPC threads), that
     imports what every stage needs once and never gRPC; started on first call."""
     context = multiprocessing.get_context("forkserver")

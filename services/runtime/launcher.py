@@ -40,10 +40,12 @@ def _run_stage(stage: str, env: dict[str, str], log_path: str | None) -> None:
     # here, it would keep the server, and so the stages, running after the launcher died.
     from multiprocessing import forkserver
 
+    # _forkserver_alive_fd is CPython's private attribute, which typeshed does not declare.
     server = forkserver._forkserver
-    if server._forkserver_alive_fd is not None:
-        os.close(server._forkserver_alive_fd)
-        server._forkserver_alive_fd = None
+    alive_fd = server._forkserver_alive_fd  # type: ignore[attr-defined]
+    if alive_fd is not None:
+        os.close(alive_fd)
+        server._forkserver_alive_fd = None  # type: ignore[attr-defined]
     if log_path is not None:
         descriptor = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(descriptor, 1)
@@ -89,11 +91,13 @@ class StageProcess:
     """A forked stage, with the part of subprocess.Popen's interface the launcher uses."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess):
+        assert process.pid is not None, "a StageProcess is a started process"
         self._process = process
+        self._pid: int = process.pid
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return self._pid
 
     @property
     def returncode(self) -> int | None:
@@ -105,7 +109,7 @@ class StageProcess:
     def send_signal(self, signum: int) -> None:
         if self._process.exitcode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self._process.pid, signum)
+                os.kill(self._pid, signum)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -256,7 +260,7 @@ class LocalMesh:
             raise
 
     def dead_stages(self) -> dict[str, int]:
-        return {s: p.returncode for s, p in self.processes.items() if p.poll() is not None}
+        return {s: code for s, p in self.processes.items() if (code := p.poll()) is not None}
 
     def supervise(self, now: float | None = None) -> tuple[list[str], dict[str, int]]:
         """Restart dead stages with backoff; returns (messages, stages over the restart limit).
