@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,18 +13,19 @@ import pytest_asyncio
 from mlmesh.common.v1.common_pb2 import ColumnRole, TaskKind
 from mlmesh.loader.v1 import loader_pb2
 from services.loader import logic
-from services.runtime.client import MeshClient, check_health
+from services.runtime import vocabulary
+from services.runtime.client import MeshClient
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.runtime.formats import json_bytes_to_doc, read_table
-from services.runtime.server import RunningStage, start_stage
+from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.conftest import expect_error, stage_spec
+from tests.helpers import EXHAUSTED, FAILED, INVALID, NOT_FOUND, StartedStagesClient, assert_serving, expect_error
 
 BIG = 2 * 1024**3
-INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
-FAILED, EXHAUSTED = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED
 SYNTH = "synthetic:classification?rows=500&features=8&classes=3&seed=1"
+# Every test here calls the loader alone.
+pytestmark = pytest.mark.stages("loader")
 
 
 def example_frame() -> pd.DataFrame:
@@ -43,11 +43,6 @@ def example_frame() -> pd.DataFrame:
 def write_csv(path: Path, frame: pd.DataFrame) -> Path:
     frame.to_csv(path, index=False)
     return path
-
-
-async def assert_serving(mesh: dict[str, RunningStage], stage: str = "loader") -> None:
-    assert await check_health(mesh[stage].address) == "SERVING"
-    assert await check_health(mesh[stage].address, mesh[stage].spec.service_name) == "SERVING"
 
 
 def load(source: str, target: str = "", task: int = 0, force: bool = False) -> loader_pb2.LoadRequest:
@@ -114,24 +109,32 @@ def test_parse_source_rejects(text: str, fragments: list[str]) -> None:
 @pytest.mark.parametrize(
     ("values", "task", "reason"),
     [
-        (["a", "b", "a"], logic.CLASSIFICATION, "target 'y' holds text labels; pass task_kind (--task regression)"),
-        ([True, False, True], logic.CLASSIFICATION, "target 'y' holds labels"),
+        (
+            ["a", "b", "a"],
+            vocabulary.TaskKind.CLASSIFICATION,
+            "target 'y' holds text labels; pass task_kind (--task regression)",
+        ),
+        ([True, False, True], vocabulary.TaskKind.CLASSIFICATION, "target 'y' holds labels"),
         (
             [0, 1, 1, 0],
-            logic.CLASSIFICATION,
+            vocabulary.TaskKind.CLASSIFICATION,
             "target 'y' holds two distinct values; pass task_kind (--task regression)",
         ),
-        ([0.0, 1.0, np.nan, 1.0], logic.CLASSIFICATION, "target 'y' holds two distinct values"),
-        ([0.5, 1.25, 3.0], logic.REGRESSION, "target 'y' holds fractional numbers"),
+        ([0.0, 1.0, np.nan, 1.0], vocabulary.TaskKind.CLASSIFICATION, "target 'y' holds two distinct values"),
+        ([0.5, 1.25, 3.0], vocabulary.TaskKind.REGRESSION, "target 'y' holds fractional numbers"),
         # more distinct whole numbers than MAX_INFERRED_CLASSES
         (
             list(range(21)) * 10,
-            logic.REGRESSION,
+            vocabulary.TaskKind.REGRESSION,
             "21 distinct whole numbers, more than 20 classes; pass task_kind (--task classification)",
         ),
         # few distinct values, but some held by fewer than 10 rows: a count, not labels
-        (list(range(20)), logic.REGRESSION, "20 distinct whole numbers and some have fewer than 10 rows, like a count"),
-        ([0, 1, 2] * 10, logic.CLASSIFICATION, "3 distinct whole numbers, each with at least 10 rows"),
+        (
+            list(range(20)),
+            vocabulary.TaskKind.REGRESSION,
+            "20 distinct whole numbers and some have fewer than 10 rows, like a count",
+        ),
+        ([0, 1, 2] * 10, vocabulary.TaskKind.CLASSIFICATION, "3 distinct whole numbers, each with at least 10 rows"),
     ],
 )
 def test_decide_task(values: list, task: str, reason: str) -> None:
@@ -146,7 +149,7 @@ def test_load_csv_plain_path_and_file_url_with_named_target(tmp_path: Path) -> N
     for text in (str(path), path.as_uri()):
         loaded = logic.load_dataset(logic.parse_source(text), "species", None, BIG)
         frame, target, task = loaded.frame, loaded.target_column, loaded.task.kind
-        assert (target, task) == ("species", logic.CLASSIFICATION)
+        assert (target, task) == ("species", vocabulary.TaskKind.CLASSIFICATION)
         assert [(c.name, c.role) for c in loaded.columns] == [
             ("height", "numeric"),
             ("weight", "numeric"),
@@ -168,7 +171,7 @@ def test_load_parquet_with_regression_target(tmp_path: Path) -> None:
     source.to_parquet(path)
     loaded = logic.load_dataset(logic.parse_source(path.as_uri()), "price", None, BIG)
     frame = loaded.frame
-    assert (loaded.target_column, loaded.task.kind) == ("price", logic.REGRESSION)
+    assert (loaded.target_column, loaded.task.kind) == ("price", vocabulary.TaskKind.REGRESSION)
     assert loaded.task.reason == "target 'price' holds fractional numbers"
     assert frame["price"].dtype == np.float64
     np.testing.assert_allclose(frame["price"], source["price"])
@@ -182,7 +185,7 @@ def test_numbers_are_numeric_and_words_are_categorical(tmp_path: Path) -> None:
     assert loaded.frame["b"].tolist() == ["x", "y", "x", "z"]
     assert np.isnan(loaded.frame["c"][1]) and loaded.frame["c"][2] == 2.5
     by_words = logic.load_dataset(logic.parse_source(str(path)), "b", None, BIG)
-    assert by_words.task.kind == logic.CLASSIFICATION and by_words.feature_names == ["a", "c", "y"]
+    assert by_words.task.kind == vocabulary.TaskKind.CLASSIFICATION and by_words.feature_names == ["a", "c", "y"]
 
 
 def test_requested_regression_needs_a_numeric_target(tmp_path: Path) -> None:
@@ -191,23 +194,30 @@ def test_requested_regression_needs_a_numeric_target(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "animals.csv", frame)
     for target in ("species", "flag"):  # text and booleans are not regression targets
         with pytest.raises(FailedPrecondition, match=f"regression needs a numeric target, but '{target}'"):
-            logic.load_dataset(logic.parse_source(str(path)), target, logic.REGRESSION, BIG)
+            logic.load_dataset(logic.parse_source(str(path)), target, vocabulary.TaskKind.REGRESSION, BIG)
     # Three whole numbers, each on 13 or more rows, are inferred as classes but can be forced to regression.
     inferred = logic.load_dataset(logic.parse_source(str(path)), "legs", None, BIG)
-    forced = logic.load_dataset(logic.parse_source(str(path)), "legs", logic.REGRESSION, BIG)
-    assert (inferred.task.kind, forced.task.kind) == (logic.CLASSIFICATION, logic.REGRESSION)
-    assert forced.task == logic.TaskDecision(logic.REGRESSION, "regression, as requested", True)
+    forced = logic.load_dataset(logic.parse_source(str(path)), "legs", vocabulary.TaskKind.REGRESSION, BIG)
+    assert (inferred.task.kind, forced.task.kind) == (
+        vocabulary.TaskKind.CLASSIFICATION,
+        vocabulary.TaskKind.REGRESSION,
+    )
+    assert forced.task == logic.TaskDecision(vocabulary.TaskKind.REGRESSION, "regression, as requested", True)
     assert pd.api.types.is_integer_dtype(inferred.frame["legs"]) and forced.frame["legs"].dtype == np.float64
     assert "species" in inferred.feature_names  # a text feature is categorical, not refused
 
 
 def test_sklearn_sources_use_readable_labels() -> None:
     iris = logic.load_dataset(logic.parse_source("sklearn:iris"), "", None, BIG)
-    assert (iris.target_column, iris.task.kind, len(iris.frame)) == ("target", logic.CLASSIFICATION, 150)
+    assert (iris.target_column, iris.task.kind, len(iris.frame)) == ("target", vocabulary.TaskKind.CLASSIFICATION, 150)
     assert iris.task.reason == "classification, as defined by sklearn:iris"
     assert sorted(iris.frame["target"].unique()) == ["setosa", "versicolor", "virginica"]
     diabetes = logic.load_dataset(logic.parse_source("sklearn:diabetes"), "", None, BIG)
-    assert (diabetes.task.kind, len(diabetes.frame), diabetes.frame.shape[1]) == (logic.REGRESSION, 442, 11)
+    assert (diabetes.task.kind, len(diabetes.frame), diabetes.frame.shape[1]) == (
+        vocabulary.TaskKind.REGRESSION,
+        442,
+        11,
+    )
     assert {c.role for c in diabetes.columns} == {"numeric"}
 
 
@@ -217,7 +227,7 @@ def test_synthetic_is_seeded() -> None:
     first, task = loaded.frame, loaded.task.kind
     again = logic.load_dataset(source, "", None, BIG).frame
     other = logic.load_dataset(logic.parse_source(SYNTH.replace("seed=1", "seed=2")), "", None, BIG).frame
-    assert task == logic.CLASSIFICATION and first.shape == (500, 9)
+    assert task == vocabulary.TaskKind.CLASSIFICATION and first.shape == (500, 9)
     assert sorted(first["target"].unique()) == [0, 1, 2]
     pd.testing.assert_frame_equal(first, again)
     assert not np.allclose(first.drop(columns="target"), other.drop(columns="target"))
@@ -352,7 +362,7 @@ async def test_load_directory_is_an_invalid_argument(client: MeshClient, mesh, t
     folder.mkdir()
     pd.DataFrame({"a": [1.0, 2.0], "y": [0, 1]}).to_parquet(folder / "part-0.parquet")
     await expect_error(client.load(load(str(folder), "y")), INVALID, "is a directory", "single CSV or Parquet file")
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
 
 @pytest.mark.asyncio
@@ -398,27 +408,27 @@ async def test_synthetic_load_is_deterministic(client: MeshClient) -> None:
 )
 async def test_load_rejects_bad_sources(client: MeshClient, mesh, source, code, fragments) -> None:
     await expect_error(client.load(load(source)), code, *fragments)
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
 
 @pytest.mark.asyncio
 async def test_load_missing_file_is_not_found(client: MeshClient, mesh, tmp_path: Path) -> None:
     missing = tmp_path / "absent.csv"
     await expect_error(client.load(load(str(missing), "y")), NOT_FOUND, f"source file {str(missing)!r} does not exist")
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
     await expect_error(
         client.load(load(missing.as_uri(), "y")), NOT_FOUND, f"source file {str(missing)!r} does not exist"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
 
 @pytest.mark.asyncio
 async def test_load_file_errors(client: MeshClient, mesh, tmp_path: Path) -> None:
     path = write_csv(tmp_path / "animals.csv", example_frame())
     await expect_error(client.load(load(str(path), "label")), INVALID, "'label'", "not in the dataset")
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
     await expect_error(client.load(load(str(path))), INVALID, "target_column is required")
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
     # A column of words declared numeric is refused; the message names the column, not its values.
     declared = loader_pb2.LoadRequest(
         source=str(path), target_column="height", column_roles={"species": ColumnRole.COLUMN_ROLE_NUMERIC}
@@ -430,9 +440,9 @@ async def test_load_file_errors(client: MeshClient, mesh, tmp_path: Path) -> Non
         "declare it categorical or fix the values",
     )
     assert not any(word in details for word in ("'cat'", "dog", "eel"))
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
     await expect_error(client.load(load(str(path), "species", 9)), INVALID, "task_kind=9")
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
 
 @pytest.mark.asyncio
@@ -440,24 +450,24 @@ async def test_load_unusable_data(client: MeshClient, mesh, tmp_path: Path) -> N
     header_only = tmp_path / "empty.csv"
     header_only.write_text("a,b,y\n")
     await expect_error(client.load(load(str(header_only), "y")), FAILED, "has no rows")
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
     single = tmp_path / "single.csv"
     single.write_text("a,b,y\n1,2,yes\n3,4,yes\n5,6,yes\n")
     await expect_error(
         client.load(load(str(single), "y")), FAILED, "classification needs at least two classes, but target 'y' has 1"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
     only_target = tmp_path / "only_target.csv"
     only_target.write_text("y\n1\n2\n")
     await expect_error(client.load(load(str(only_target), "y")), FAILED, "no feature columns")
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
     blank = tmp_path / "blank.csv"
     blank.write_bytes(b"")
     await expect_error(client.load(load(str(blank), "y")), FAILED, "cannot parse")
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
     # Short columns of words are categorical features now, not refused.
     words = tmp_path / "words.parquet"
@@ -475,7 +485,7 @@ async def test_load_unusable_data(client: MeshClient, mesh, tmp_path: Path) -> N
         "no column is usable as a feature: 'name' (identifier), 'unit' (constant); "
         "set roles with column_roles (--column NAME=ROLE)",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["loader"])
 
 
 # ---- a loader with a small MLMESH_MAX_DATASET_BYTES ---------------------------------------
@@ -490,7 +500,7 @@ async def small_loader(artifact_root: Path, data_roots: str) -> AsyncIterator[tu
     )
     stage = await start_stage(stage_spec("loader"), settings, port=0)
     try:
-        async with MeshClient(settings, addresses={"loader": stage.address}) as mesh_client:
+        async with StartedStagesClient(settings, {"loader": stage}) as mesh_client:
             yield mesh_client, stage
     finally:
         await stage.stop(0.5)
@@ -500,18 +510,18 @@ async def small_loader(artifact_root: Path, data_roots: str) -> AsyncIterator[tu
 async def test_small_limit_refuses_large_datasets(small_loader, tmp_path: Path) -> None:
     client, stage = small_loader
     assert (await client.load(load("sklearn:iris"))).rows == 150  # 150 x 5 x 8 bytes fits
-    assert await check_health(stage.address) == "SERVING"
+    await assert_serving(stage)
 
     await expect_error(client.load(load(SYNTH)), EXHAUSTED, "500 rows x 8 features", "MLMESH_MAX_DATASET_BYTES")
-    assert await check_health(stage.address) == "SERVING"
+    await assert_serving(stage)
     await expect_error(client.load(load("sklearn:breast_cancer")), EXHAUSTED, "569 rows x 30 features")
-    assert await check_health(stage.address) == "SERVING"
+    await assert_serving(stage)
 
     big = tmp_path / "big.csv"
     pd.DataFrame(np.random.default_rng(0).normal(size=(600, 5)), columns=list("abcde")).to_csv(big, index=False)
     assert big.stat().st_size > 20000
     await expect_error(client.load(load(str(big), "e")), EXHAUSTED, "source file is", "MLMESH_MAX_DATASET_BYTES")
-    assert await check_health(stage.address) == "SERVING"
+    await assert_serving(stage)
 
 
 def test_distinct_counts_by_sorting_equal_pandas_nunique() -> None:

@@ -33,7 +33,9 @@ from services.runtime.client import MeshClient, PipelineConfig, PipelineRun
 from services.runtime.formats import NPY, array_to_npy, json_bytes_to_doc, npy_to_array, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
+from services.runtime.vocabulary import TaskKind
 from tests.chromium_bin import chromium
+from tests.helpers import evaluate_request
 
 PROMOTE, RETRAIN = evaluator_pb2.DECISION_PROMOTE, evaluator_pb2.DECISION_RETRAIN
 BINARY_SOURCE = "synthetic:classification?rows=400&features=8&classes=2&seed=3"
@@ -124,17 +126,6 @@ def stored(settings: Settings, run: PipelineRun, reply: evaluator_pb2.EvaluateRe
     report = json_bytes_to_doc(store.get(reply.metrics_report), "metrics_report")
     html = store.get(reply.html_report).decode()
     return model, x, y, report, html
-
-
-def evaluate_request(run: PipelineRun, **kwargs) -> evaluator_pb2.EvaluateRequest:
-    fields = {
-        "model": run.train.model,
-        "x_test": run.features.x_test,
-        "y_test": run.features.y_test,
-        "class_names": run.preprocess.class_names,
-        **kwargs,
-    }
-    return evaluator_pb2.EvaluateRequest(**fields)
 
 
 def check_what_ran(page: Page, client: MeshClient, source: str) -> None:
@@ -289,9 +280,9 @@ def test_permutation_importance_is_bounded_and_deterministic() -> None:
             return super().predict(data)
 
     model = Calls().fit(x, y)
-    first = logic._permutation_importances(model, None, x, y)
+    first = logic._permutation_importances(model, TaskKind.of_model(model), None, x, y)
     assert Calls.rows == logic.PERMUTATION_ROWS * (1 + 4 * logic.PERMUTATION_REPEATS)
-    assert first == logic._permutation_importances(model, None, x, y)
+    assert first == logic._permutation_importances(model, TaskKind.of_model(model), None, x, y)
     assert first[1][0][0] == "x0" and first[1][0][1] > 0.3
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,16 +20,18 @@ from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
-from services.runtime.client import MeshClient, check_health
+from services.runtime import vocabulary
+from services.runtime.client import MeshClient
 from services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
 from services.runtime.formats import npy_to_array, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.stage import Run
 from services.runtime.store import ArtifactStore
 from services.trainer import logic
-from tests.conftest import expect_error
+from tests.helpers import FAILED, INVALID, assert_serving, expect_error, features_for
 
-INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
+# The service tests here run the pipeline up to the trainer: the evaluator is never called.
+pytestmark = pytest.mark.stages("loader", "preprocess", "features", "trainer")
 CLASSIFICATION_SOURCE = "synthetic:classification?rows=300&features=6&classes=3&seed=1"
 REGRESSION_SOURCE = "synthetic:regression?rows=300&features=6&noise=5&seed=1"
 
@@ -145,8 +146,8 @@ def test_build_estimator_rejects(task, model, hyperparameters, fragments) -> Non
 
 
 def test_task_of_target() -> None:
-    assert logic.task_of_target(np.array([0, 1, 2])) == "classification"
-    assert logic.task_of_target(np.array([0.0, 1.0])) == "regression"
+    assert vocabulary.TaskKind.of_target(np.array([0, 1, 2])) == vocabulary.TaskKind.CLASSIFICATION
+    assert vocabulary.TaskKind.of_target(np.array([0.0, 1.0])) == vocabulary.TaskKind.REGRESSION
 
 
 # ---- fitting ------------------------------------------------------------------------------
@@ -255,14 +256,6 @@ def test_fit_checks_shapes() -> None:
 
 
 # ---- the real service ---------------------------------------------------------------------
-async def features_for(client: MeshClient, source: str, seed: int = 0, fraction: float = 0.2):
-    loaded = await client.load(loader_pb2.LoadRequest(source=source))
-    prepared = await client.preprocess(
-        preprocess_pb2.PreprocessRequest(dataset=loaded.dataset, seed=seed, test_fraction=fraction)
-    )
-    return await client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test))
-
-
 def train_request(built, model: str, hyperparameters: dict[str, str] | None = None, seed: int = 5, force: bool = False):
     return trainer_pb2.TrainRequest(
         x_train=built.x_train,
@@ -272,10 +265,6 @@ def train_request(built, model: str, hyperparameters: dict[str, str] | None = No
         seed=seed,
         force_recompute=force,
     )
-
-
-async def assert_serving(mesh) -> None:
-    assert await check_health(mesh["trainer"].address) == "SERVING"
 
 
 @pytest.mark.asyncio
@@ -415,7 +404,7 @@ async def test_task_specific_hyperparameters_are_accepted(client: MeshClient, se
 async def test_bad_train_requests(client: MeshClient, mesh, model, hyperparameters, seed, fragments) -> None:
     built = await features_for(client, CLASSIFICATION_SOURCE)
     await expect_error(client.train(train_request(built, model, hyperparameters, seed=seed)), INVALID, *fragments)
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
 
 
 @pytest.mark.asyncio
@@ -439,14 +428,14 @@ async def test_hyperparameter_combinations_refused_at_fit(client: MeshClient, me
         "LogisticRegression cannot be fitted with these hyperparameters",
         "l1",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
     await expect_error(
         client.train(train_request(built, "random_forest", {"bootstrap": "false", "max_samples": "0.5"})),
         INVALID,
         "RandomForestClassifier cannot be fitted",
         "bootstrap",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
     # Fixing the combination makes the same request valid.
     fixed = await client.train(train_request(built, "logistic_regression", {"penalty": "l1", "solver": "saga"}))
     assert fixed.effective_hyperparameters["solver"] == '"saga"'
@@ -461,19 +450,19 @@ async def test_models_must_suit_the_task(client: MeshClient, mesh) -> None:
         "model 'logistic_regression' is not available for regression",
         "classification model",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
     await expect_error(
         client.train(train_request(diabetes, "random_forest", {"criterion": "entropy"})),
         INVALID,
         "'criterion'",
         "RandomForestRegressor",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
     classes = await features_for(client, CLASSIFICATION_SOURCE)
     await expect_error(
         client.train(train_request(classes, "ridge")), INVALID, "not available for classification", "regression model"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
 
 
 @pytest.mark.asyncio
@@ -482,20 +471,20 @@ async def test_bad_training_data(client: MeshClient, mesh) -> None:
     await expect_error(
         client.train(trainer_pb2.TrainRequest(y_train=built.y_train, model="sgd")), INVALID, "x_train is required"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
     await expect_error(
         client.train(trainer_pb2.TrainRequest(x_train=built.x_train, model="sgd")), INVALID, "y_train is required"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
 
-    other = await features_for(client, CLASSIFICATION_SOURCE, fraction=0.5)
+    other = await features_for(client, CLASSIFICATION_SOURCE, test_fraction=0.5)
     mixed = trainer_pb2.TrainRequest(x_train=built.x_train, y_train=other.y_train, model="sgd")
     await expect_error(client.train(mixed), FAILED, "x_train has 240 rows but y_train has 150")
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
 
     swapped = trainer_pb2.TrainRequest(x_train=built.y_train, y_train=built.y_train, model="sgd")
     await expect_error(client.train(swapped), FAILED, "2-D matrix")
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
 
 
 @pytest.mark.asyncio
@@ -538,7 +527,7 @@ async def test_the_feature_schema_names_the_models_inputs(client: MeshClient, me
         FAILED,
         "feature_schema names 27 features but x_train has 6 columns; pass both from one features run",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["trainer"])
 
 
 # ---- the model is exactly scikit-learn's --------------------------------------------------

@@ -58,6 +58,7 @@ from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 from services.runtime.summary import RunOutcome, local_path, render
+from services.runtime.vocabulary import Decision, TaskKind
 
 T = TypeVar("T")
 
@@ -382,8 +383,14 @@ def _stored_page(ref: ArtifactRef, what: str) -> bytes:
         return ArtifactStore(Settings.from_env().artifact_root).get(ref.proto(), what)
 
 
-_DECISIONS = {evaluator_pb2.DECISION_PROMOTE: "PROMOTE", evaluator_pb2.DECISION_RETRAIN: "RETRAIN"}
-_TASKS = {common_pb2.TASK_KIND_CLASSIFICATION: "classification", common_pb2.TASK_KIND_REGRESSION: "regression"}
+def _task_kind(value: int) -> str:
+    kind = TaskKind.from_proto(value, "task_kind")
+    return kind.value if kind is not None else ""
+
+
+def _decision(value: int) -> str:
+    decision = Decision.from_proto(value)
+    return decision.value if decision is not None else ""
 
 
 # ---- the five stage tasks ----------------------------------------------------------------
@@ -408,7 +415,7 @@ def load(source: str, target_column: str, task_kind: str, column_roles: dict[str
     dataset = Dataset(
         dataset=ArtifactRef.of(reply.dataset),
         rows=reply.rows,
-        task_kind=_TASKS[reply.task_kind],
+        task_kind=_task_kind(reply.task_kind),
         task_kind_reason=reply.task_kind_reason,
         schema=ArtifactRef.of(reply.schema),
         profile=ArtifactRef.of(reply.profile),
@@ -564,10 +571,10 @@ async def _evaluate(
             ),
             shown.step,
         )
-        shown.done(stage_outcome("evaluator", reply.stage) + f", {_DECISIONS[reply.decision]}")
+        shown.done(stage_outcome("evaluator", reply.stage) + f", {_decision(reply.decision)}")
     return Evaluation(
         metrics=dict(reply.metrics),
-        decision=_DECISIONS[reply.decision],
+        decision=_decision(reply.decision),
         reasons=list(reply.reasons),
         metrics_report=ArtifactRef.of(reply.metrics_report),
         html_report=ArtifactRef.of(reply.html_report),
@@ -624,7 +631,7 @@ def promote(
     replies = {"load": dataset, "preprocess": splits, "features": features, "train": trained, "evaluate": evaluation}
     lineage = {name: getattr(replies[task_name], name) for name, task_name in LINEAGE.items()}
     registered = ""
-    if evaluation.decision == "PROMOTE":
+    if evaluation.decision == Decision.PROMOTE:
         name = registry_name or default_registry_name(source, trained.model_name)
         request = evaluator_pb2.RegisterModelRequest(
             name=name,
@@ -738,19 +745,19 @@ def training_pipeline(
 
 # What a sweep tries, and by which metric it picks, when the caller does not say.
 DEFAULT_CANDIDATES = {
-    "classification": [
+    TaskKind.CLASSIFICATION: [
         ModelCandidate("logistic_regression"),
         ModelCandidate("random_forest", {"n_estimators": "200"}),
         ModelCandidate("hist_gradient_boosting"),
         ModelCandidate("sgd"),
     ],
-    "regression": [
+    TaskKind.REGRESSION: [
         ModelCandidate("ridge"),
         ModelCandidate("random_forest", {"n_estimators": "200"}),
         ModelCandidate("hist_gradient_boosting"),
     ],
 }
-DEFAULT_METRICS = {"classification": "f1_macro", "regression": "r2"}
+DEFAULT_METRICS = {TaskKind.CLASSIFICATION: "f1_macro", TaskKind.REGRESSION: "r2"}
 LOWER_IS_BETTER = frozenset({"log_loss", "mae", "rmse"})
 
 

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn import metrics
-from sklearn.base import is_classifier
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument, bounded
+from services.runtime.vocabulary import TaskKind
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +22,9 @@ REGRESSION_METRICS = ("r2", "mae", "rmse")
 ALL_METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
 # Applied when a request gives no thresholds at all, by the model's task kind, so the
 # CLI, the workflow, the sweep and grpcurl callers all get the same gate.
-DEFAULT_THRESHOLDS: dict[str, tuple[dict[str, float], dict[str, float]]] = {
-    "classification": ({"accuracy": 0.9}, {}),
-    "regression": ({"r2": 0.3}, {}),
+DEFAULT_THRESHOLDS: dict[TaskKind, tuple[dict[str, float], dict[str, float]]] = {
+    TaskKind.CLASSIFICATION: ({"accuracy": 0.9}, {}),
+    TaskKind.REGRESSION: ({"r2": 0.3}, {}),
 }
 # Points drawn in the predicted-vs-true plot; more add bytes, not insight.
 MAX_PLOTTED_POINTS = 2000
@@ -49,7 +49,7 @@ PERMUTATION_SEED = 0
 
 @dataclass
 class Evaluation:
-    task: str
+    task: TaskKind
     metrics: dict[str, float]
     confusion_matrix: list[list[int]] = field(default_factory=list)
     roc_curves: list[dict[str, Any]] = field(default_factory=list)
@@ -106,7 +106,8 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
         )
     if len(x) != len(y):
         raise FailedPrecondition(f"x_test has {len(x)} rows but y_test has {len(y)}")
-    if is_classifier(model):
+    task = TaskKind.of_model(model)
+    if task == TaskKind.CLASSIFICATION:
         if not np.issubdtype(y.dtype, np.integer):
             raise FailedPrecondition(
                 f"the model is a classifier but y_test holds {y.dtype} values, not class labels; "
@@ -135,8 +136,8 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
     importance_kind, importances = _importances(model, names, x.shape[1])
     importance_notes: list[str] = []
     if not importances:
-        importance_kind, importances, importance_notes = _permutation_importances(model, names, x, y)
-    if not is_classifier(model):
+        importance_kind, importances, importance_notes = _permutation_importances(model, task, names, x, y)
+    if task == TaskKind.REGRESSION:
         with np.errstate(over="ignore", invalid="ignore"):
             predicted = np.asarray(predicted, dtype="float64")
         overflowed = int((~np.isfinite(predicted)).sum())
@@ -147,7 +148,7 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
             )
         shown = np.unique(np.linspace(0, len(y) - 1, min(len(y), MAX_PLOTTED_POINTS)).astype(int))
         result = Evaluation(
-            task="regression",
+            task=TaskKind.REGRESSION,
             metrics={
                 **({"r2": float(metrics.r2_score(y, predicted))} if len(y) > 1 else {}),
                 "mae": float(metrics.mean_absolute_error(y, predicted)),
@@ -167,7 +168,7 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
 
     labels = model.classes_
     result = Evaluation(
-        task="classification",
+        task=TaskKind.CLASSIFICATION,
         metrics={
             "accuracy": float(metrics.accuracy_score(y, predicted)),
             "precision_macro": float(
@@ -327,7 +328,7 @@ def _residuals(y: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
 
 
 def _permutation_importances(
-    model: Any, names: Any, x: Any, y: np.ndarray
+    model: Any, task: TaskKind, names: Any, x: Any, y: np.ndarray
 ) -> tuple[str, list[tuple[str, float]], list[str]]:
     """How much the score drops when one input is shuffled, on a bounded, seeded subsample."""
     values = np.asarray(x)
@@ -349,7 +350,7 @@ def _permutation_importances(
     def score(matrix: np.ndarray) -> float:
         with np.errstate(all="ignore"):
             guess = model.predict(frame(matrix))
-        if is_classifier(model):
+        if task == TaskKind.CLASSIFICATION:
             return float(np.mean(guess == truth))
         guess = np.asarray(guess, dtype="float64")
         if not np.isfinite(guess).all():
@@ -369,7 +370,7 @@ def _permutation_importances(
     if not np.isfinite(drops).all():
         return "", [], ["permutation importance could not be computed: the model's score is undefined on the subsample"]
     order = np.argsort(-drops, kind="stable")[:TOP_IMPORTANCES]
-    metric = "accuracy" if is_classifier(model) else "r2"
+    metric = "accuracy" if task == TaskKind.CLASSIFICATION else "r2"
     kind = f"permutation importance: mean drop in {metric} over {repeats} shuffles of {len(truth)} test rows"
     return kind, [(labels[i], float(drops[i])) for i in order], []
 
@@ -391,7 +392,7 @@ def _importances(model: Any, names: Any, width: int) -> tuple[str, list[tuple[st
 
 
 def effective_thresholds(
-    task: str, minimums: dict[str, float], maximums: dict[str, float]
+    task: TaskKind, minimums: dict[str, float], maximums: dict[str, float]
 ) -> tuple[dict[str, float], dict[str, float], bool]:
     """The caller's thresholds, or the task kind's defaults when there are none (third value True)."""
     if minimums or maximums:
@@ -403,7 +404,7 @@ def effective_thresholds(
 def decide(evaluation: Evaluation, minimums: dict[str, float], maximums: dict[str, float]) -> tuple[bool, list[str]]:
     """PROMOTE (True) only if every threshold that applies is met; reasons say why."""
     minimums, maximums, defaulted = effective_thresholds(evaluation.task, minimums, maximums)
-    own = CLASSIFICATION_METRICS if evaluation.task == "classification" else REGRESSION_METRICS
+    own = CLASSIFICATION_METRICS if evaluation.task == TaskKind.CLASSIFICATION else REGRESSION_METRICS
     for name in [*minimums, *maximums]:
         if name not in own:
             raise InvalidArgument(

@@ -9,11 +9,11 @@ from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.evaluator import VERSION, logic, registry
 from services.evaluator.report import render_html
 from services.runtime.errors import FailedPrecondition
-from services.runtime.formats import HTML, JSON, json_bytes_to_doc, skops_to_model, to_json_bytes
+from services.runtime.formats import HTML, json_bytes_to_doc
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.store import ref_from_dict, ref_to_dict
-from services.runtime.tasks import task_kind_value
+from services.runtime.vocabulary import Decision, TaskKind
 
 # Optional JSON artifacts from earlier stages that the HTML report shows.
 CONTEXT_REFS = ("profile", "split_report", "feature_schema")
@@ -50,14 +50,12 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
 
         def work(run: Run) -> evaluator_pb2.EvaluateResponse:
             run.progress(0.05, "reading the model and the test split")
-            model = skops_to_model(run.read(request.model, "model"), "model")
+            model = run.read_model(request.model, "model")
             logic.check_is_model(model)
             x = run.read_array(request.x_test, "x_test")
             y = run.read_array(request.y_test, "y_test")
             context = {
-                name: json_bytes_to_doc(run.read(getattr(request, name), name), name)
-                for name in CONTEXT_REFS
-                if request.HasField(name)
+                name: run.read_doc(getattr(request, name), name) for name in CONTEXT_REFS if request.HasField(name)
             }
             run.progress(0.2, f"scoring {len(y):,} test rows: metrics, curves, importances")
             evaluation = logic.evaluate(model, x, y)
@@ -68,14 +66,14 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             lineage = logic.provenance(run.store, request.model.sha256, request.x_test.sha256)
             promote, reasons = logic.decide(evaluation, minimums, maximums)
             applied_minimums, applied_maximums, _ = logic.effective_thresholds(evaluation.task, minimums, maximums)
-            decision = evaluator_pb2.DECISION_PROMOTE if promote else evaluator_pb2.DECISION_RETRAIN
+            decision = Decision.PROMOTE if promote else Decision.RETRAIN
             report = {
                 "task_kind": evaluation.task,
                 "metrics": evaluation.metrics,
                 "thresholds": {"minimums": applied_minimums, "maximums": applied_maximums},
                 "importances": {"kind": evaluation.importance_kind, "values": evaluation.importances},
                 **{name: doc for name, doc in context.items() if isinstance(doc, dict)},
-                "decision": evaluator_pb2.Decision.Name(decision).removeprefix("DECISION_"),
+                "decision": decision,
                 "reasons": reasons,
                 "notes": evaluation.notes,
                 "test_rows": len(y),
@@ -91,13 +89,13 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
                 "provenance": {**lineage, "evaluator_version": VERSION},
             }
             return evaluator_pb2.EvaluateResponse(
-                metrics_report=run.put("metrics_report", to_json_bytes(report), JSON),
+                metrics_report=run.put_doc("metrics_report", report),
                 html_report=run.put("html_report", render_html(report).encode(), HTML),
                 metrics=evaluation.metrics,
-                decision=decision,
+                decision=decision.to_proto(),
                 reasons=[*reasons, *evaluation.notes],
                 confusion_matrix=[evaluator_pb2.ConfusionMatrixRow(counts=row) for row in evaluation.confusion_matrix],
-                task_kind=task_kind_value(evaluation.task),
+                task_kind=TaskKind(evaluation.task).to_proto(),
             )
 
         return await self.runtime.execute(job, work, evaluator_pb2.EvaluateResponse)
@@ -122,7 +120,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         def check_promoted() -> dict:
             store.get(request.model, "model")  # present and intact
             report = json_bytes_to_doc(store.get(request.metrics_report, "metrics_report"), "metrics_report")
-            if report.get("decision") != "PROMOTE":
+            if report.get("decision") != Decision.PROMOTE:
                 raise FailedPrecondition(
                     f"the metrics report says {str(report.get('decision'))[:20]!r}, not PROMOTE; only promoted "
                     "models are registered"

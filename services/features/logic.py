@@ -42,6 +42,7 @@ from sklearn.preprocessing import (
 from services.features.encoders import DatetimeParts, median_or_zero
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.runtime.formats import human_bytes
+from services.runtime.vocabulary import TaskKind
 
 SCALERS = {"standard": StandardScaler, "minmax": MinMaxScaler, "robust": RobustScaler, "none": None}
 IMPUTATIONS = ("median", "mean", "most_frequent")
@@ -108,7 +109,7 @@ def _encoder_for(levels: int, options: FeatureOptions, can_cross_fit: bool) -> s
 def _branches(
     roles: dict[str, str],
     train: pd.DataFrame,
-    task: str,
+    task: TaskKind,
     options: FeatureOptions,
     n_classes: int,
     max_fold_rows: int,
@@ -121,7 +122,7 @@ def _branches(
     groups: dict[str, list[str]] = {"numeric": [], "one_hot": [], "target": [], "ordinal": [], "datetime": []}
     entries: list[dict[str, Any]] = []
     width = 0
-    target_width = n_classes if task == "classification" and n_classes > 2 else 1
+    target_width = n_classes if task == TaskKind.CLASSIFICATION and n_classes > 2 else 1
     for column in columns:
         role = roles[column]
         entry: dict[str, Any] = {"name": column, "role": role, "missing_in_train": int(train[column].isna().sum())}
@@ -168,14 +169,14 @@ def _branches(
             raise FailedPrecondition(
                 f"target encoding of {', '.join(repr(c[:40]) for c in groups['target'][:5])} cross-fits over "
                 f"{TARGET_ENCODING_FOLDS} folds and needs at least {TARGET_ENCODING_FOLDS} train rows"
-                + (" in some class" if task == "classification" else "")
+                + (" in some class" if task == TaskKind.CLASSIFICATION else "")
                 + "; use one_hot or ordinal encoding, or more data"
             )
         # Cross-fitting folds, seeded: train rows are encoded by the other folds' statistics.
-        folds = (KFold if task == "regression" else StratifiedKFold)(
+        folds = (KFold if task == TaskKind.REGRESSION else StratifiedKFold)(
             TARGET_ENCODING_FOLDS, shuffle=True, random_state=options.seed
         )
-        target = TargetEncoder(target_type="continuous" if task == "regression" else "auto", cv=folds)
+        target = TargetEncoder(target_type="continuous" if task == TaskKind.REGRESSION else "auto", cv=folds)
         branches.append(
             ("target", Pipeline([*categorical(target).steps, ("scale", _scaler(options))]), groups["target"])
         )
@@ -203,7 +204,7 @@ MAX_FEATURE_COLUMNS = 100_000
 
 def build_pipeline(
     branches: list[tuple[str, Any, list[str]]],
-    task: str,
+    task: TaskKind,
     options: FeatureOptions,
     width: int,
     rows: int,
@@ -232,7 +233,7 @@ def build_pipeline(
         steps.append(("polynomial", PolynomialFeatures(degree=degree, include_bias=False)))
         steps.append(("rescale", _scaler(options)))
     if options.select_k_best:
-        score = f_classif if task == "classification" else f_regression
+        score = f_classif if task == TaskKind.CLASSIFICATION else f_regression
         steps.append(("select", SelectKBest(score_func=score, k=options.select_k_best)))
     return Pipeline(steps)
 
@@ -243,10 +244,10 @@ _OVERFLOW = (
 )
 
 
-def split_xy(frame: pd.DataFrame, target_column: str, task: str, what: str) -> tuple[pd.DataFrame, np.ndarray]:
+def split_xy(frame: pd.DataFrame, target_column: str, task: TaskKind, what: str) -> tuple[pd.DataFrame, np.ndarray]:
     if target_column not in frame.columns:
         raise FailedPrecondition(f"{what} has no target column {target_column!r}")
-    dtype = "int64" if task == "classification" else "float64"
+    dtype = "int64" if task == TaskKind.CLASSIFICATION else "float64"
     return frame.drop(columns=[target_column]), frame[target_column].to_numpy(dtype=dtype)
 
 
@@ -276,7 +277,7 @@ def engineer(
     train: pd.DataFrame,
     test: pd.DataFrame,
     target_column: str,
-    task: str,
+    task: TaskKind,
     roles: dict[str, str],
     class_names: list[str],
     options: FeatureOptions,
@@ -291,7 +292,9 @@ def engineer(
     unknown = [c for c in x_train.columns if c not in roles]
     if unknown:
         raise FailedPrecondition("train has columns without a role; pass splits written by preprocess")
-    max_fold_rows = int(np.bincount(y_train).max()) if task == "classification" and len(y_train) else len(y_train)
+    max_fold_rows = (
+        int(np.bincount(y_train).max()) if task == TaskKind.CLASSIFICATION and len(y_train) else len(y_train)
+    )
     branches, entries, width = _branches(roles, x_train, task, options, len(class_names), max_fold_rows)
     after = " after polynomial expansion" if options.polynomial_degree > 1 else ""
     # `width` is an upper bound (rare levels may be grouped); the exact check follows the fit.

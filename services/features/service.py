@@ -5,10 +5,9 @@ from __future__ import annotations
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
 from services.features import VERSION, logic
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.formats import JSON, SKOPS, model_to_skops, to_json_bytes
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
-from services.runtime.tasks import task_kind_value
+from services.runtime.vocabulary import TaskKind
 
 _SCALING = {
     features_pb2.SCALING_UNSPECIFIED: "standard",
@@ -108,10 +107,10 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
                 y_train=run.put_array("y_train", result.y_train),
                 x_test=run.put_array("x_test", result.x_test),
                 y_test=run.put_array("y_test", result.y_test),
-                transformer=run.put("transformer", model_to_skops(result.transformer), SKOPS),
-                feature_schema=run.put("feature_schema", to_json_bytes(result.schema), JSON),
+                transformer=run.put_model("transformer", result.transformer),
+                feature_schema=run.put_doc("feature_schema", result.schema),
                 feature_names=result.feature_names,
-                task_kind=task_kind_value(task),
+                task_kind=TaskKind(task).to_proto(),
                 missing_values_imputed=result.missing_values_imputed,
             )
 

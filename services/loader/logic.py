@@ -13,8 +13,6 @@ import pandas as pd
 from services.loader import sources
 from services.loader.profile import profile
 from services.loader.schema import (
-    CLASSIFICATION,
-    REGRESSION,
     ColumnDecision,
     TaskDecision,
     canonical_target,
@@ -26,15 +24,16 @@ from services.loader.schema import (
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, bounded
 from services.runtime.formats import human_bytes
 from services.runtime.settings import Settings
+from services.runtime.vocabulary import TaskKind
 
 # Each name's sklearn.datasets loader, by name: scikit-learn is imported on first use
 # (about 1 s), so the loader answers health before anyone asks for these.
 SKLEARN_DATASETS = {
-    "iris": ("load_iris", CLASSIFICATION),
-    "wine": ("load_wine", CLASSIFICATION),
-    "breast_cancer": ("load_breast_cancer", CLASSIFICATION),
-    "digits": ("load_digits", CLASSIFICATION),
-    "diabetes": ("load_diabetes", REGRESSION),
+    "iris": ("load_iris", TaskKind.CLASSIFICATION),
+    "wine": ("load_wine", TaskKind.CLASSIFICATION),
+    "breast_cancer": ("load_breast_cancer", TaskKind.CLASSIFICATION),
+    "digits": ("load_digits", TaskKind.CLASSIFICATION),
+    "diabetes": ("load_diabetes", TaskKind.REGRESSION),
 }
 
 
@@ -45,8 +44,8 @@ def _datasets():
 
 
 _SYNTHETIC_DEFAULTS = {
-    CLASSIFICATION: {"rows": 1000, "features": 20, "classes": 2, "seed": 0},
-    REGRESSION: {"rows": 1000, "features": 20, "noise": 10.0, "seed": 0},
+    TaskKind.CLASSIFICATION: {"rows": 1000, "features": 20, "classes": 2, "seed": 0},
+    TaskKind.REGRESSION: {"rows": 1000, "features": 20, "noise": 10.0, "seed": 0},
 }
 
 
@@ -135,7 +134,7 @@ def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, str]:
     if rows < 1 or features < 1:
         raise InvalidArgument("synthetic rows and features must be at least 1")
     _check_size(rows, features, max_bytes)
-    if source.name == CLASSIFICATION:
+    if source.name == TaskKind.CLASSIFICATION:
         classes = int(opts["classes"])
         if classes < 2:
             raise InvalidArgument(f"synthetic classes={classes}: a classification needs at least 2")
@@ -177,7 +176,7 @@ def _sklearn(source: Source) -> tuple[pd.DataFrame, str]:
     load = getattr(_datasets(), loader_name)
     bunch = load(as_frame=True)
     frame = bunch.frame.copy()
-    if task == CLASSIFICATION:
+    if task == TaskKind.CLASSIFICATION:
         # Store readable labels ("malignant", "benign") rather than codes.
         names = np.asarray(bunch.target_names).astype(str)
         frame["target"] = names[frame["target"].to_numpy()]
@@ -284,7 +283,7 @@ def load_dataset(
     else:
         decision = decide_task(raw_target, target_column)
     target = canonical_target(raw_target, target_column, decision.kind)
-    if decision.kind == CLASSIFICATION:
+    if decision.kind == TaskKind.CLASSIFICATION:
         distinct = target.dropna().unique()
         if len(distinct) < 2:
             raise FailedPrecondition(

@@ -32,9 +32,7 @@ import pandas as pd
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.roles import FEATURE_ROLES
-
-CLASSIFICATION = "classification"
-REGRESSION = "regression"
+from services.runtime.vocabulary import TaskKind
 
 # A whole-number target is taken as class labels only with at most this many
 # distinct values, each held by at least MIN_ROWS_PER_INFERRED_CLASS rows.
@@ -375,35 +373,35 @@ def decide_task(target: pd.Series, name: str) -> TaskDecision:
     present = target.dropna()
     how = "pass task_kind (--task regression) to train a regression instead"
     if pd.api.types.is_bool_dtype(target) or isinstance(target.dtype, pd.CategoricalDtype):
-        return TaskDecision(CLASSIFICATION, f"target {shown(name)} holds labels", False)
+        return TaskDecision(TaskKind.CLASSIFICATION, f"target {shown(name)} holds labels", False)
     numbers = present.astype("float64") if pd.api.types.is_numeric_dtype(target) else _text_as_numbers(present)
     if numbers is None:
-        return TaskDecision(CLASSIFICATION, f"target {shown(name)} holds text labels; {how}", False)
+        return TaskDecision(TaskKind.CLASSIFICATION, f"target {shown(name)} holds text labels; {how}", False)
     numbers = numbers[np.isfinite(numbers)]
     if numbers.empty:
         raise FailedPrecondition(f"target column {shown(name)} has no finite values")
     if not bool(np.all(np.mod(numbers, 1) == 0)):
-        return TaskDecision(REGRESSION, f"target {shown(name)} holds fractional numbers", False)
+        return TaskDecision(TaskKind.REGRESSION, f"target {shown(name)} holds fractional numbers", False)
     counts = numbers.value_counts()
     as_classes = "pass task_kind (--task classification) if they are class labels"
     if len(counts) == 2:
-        return TaskDecision(CLASSIFICATION, f"target {shown(name)} holds two distinct values; {how}", False)
+        return TaskDecision(TaskKind.CLASSIFICATION, f"target {shown(name)} holds two distinct values; {how}", False)
     if len(counts) > MAX_INFERRED_CLASSES:
         return TaskDecision(
-            REGRESSION,
+            TaskKind.REGRESSION,
             f"target {shown(name)} holds {len(counts)} distinct whole numbers, "
             f"more than {MAX_INFERRED_CLASSES} classes; {as_classes}",
             False,
         )
     if int(counts.min()) < MIN_ROWS_PER_INFERRED_CLASS:
         return TaskDecision(
-            REGRESSION,
+            TaskKind.REGRESSION,
             f"target {shown(name)} holds {len(counts)} distinct whole numbers and some have fewer "
             f"than {MIN_ROWS_PER_INFERRED_CLASS} rows, like a count; {as_classes}",
             False,
         )
     return TaskDecision(
-        CLASSIFICATION,
+        TaskKind.CLASSIFICATION,
         f"target {shown(name)} holds {len(counts)} distinct whole numbers, each with at least "
         f"{MIN_ROWS_PER_INFERRED_CLASS} rows; {how}",
         False,
@@ -413,7 +411,7 @@ def decide_task(target: pd.Series, name: str) -> TaskDecision:
 def canonical_target(target: pd.Series, name: str, task: str) -> pd.Series:
     """float64 for regression (infinite values stay, preprocess drops them as invalid);
     labels for classification: whole numbers as Int64 so classes sort 1, 2, 10 and read "1", else text."""
-    if task == REGRESSION:
+    if task == TaskKind.REGRESSION:
         if pd.api.types.is_bool_dtype(target) or isinstance(target.dtype, pd.CategoricalDtype):
             raise FailedPrecondition(f"regression needs a numeric target, but {shown(name)} holds labels")
         numbers = target.astype("float64") if pd.api.types.is_numeric_dtype(target) else _text_as_numbers(target)

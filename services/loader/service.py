@@ -8,12 +8,11 @@ import time
 
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from services.loader import VERSION, logic, sources
-from services.runtime.formats import JSON, to_json_bytes
 from services.runtime.roles import role_name, role_value
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.store import sha256_hex
-from services.runtime.tasks import task_kind_name, task_kind_value
+from services.runtime.vocabulary import TaskKind
 
 MAX_ROLE_OVERRIDES = 10_000
 MAX_COLUMN_NAME = 1_000
@@ -26,7 +25,7 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
 
     async def Load(self, request: loader_pb2.LoadRequest, context) -> loader_pb2.LoadResponse:
         source = logic.parse_source(request.source)
-        requested_task = task_kind_name(request.task_kind, "task_kind")
+        requested_task = TaskKind.from_proto(request.task_kind, "task_kind")
         require(
             len(request.column_roles) <= MAX_ROLE_OVERRIDES,
             f"column_roles has {len(request.column_roles)} entries; at most {MAX_ROLE_OVERRIDES} are accepted",
@@ -57,8 +56,8 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
             loaded = logic.load_dataset(source, request.target_column, requested_task, max_bytes, roles, data)
             run.progress(0.7, f"writing {len(loaded.frame):,} rows × {loaded.frame.shape[1]} columns")
             schema_doc = loaded.schema()
-            schema = run.put("schema", to_json_bytes(schema_doc), JSON)
-            profile = run.put("profile", to_json_bytes(loaded.profile), JSON)
+            schema = run.put_doc("schema", schema_doc)
+            profile = run.put_doc("profile", loaded.profile)
             metadata = {
                 "target_column": loaded.target_column,
                 "task_kind": loaded.task.kind,
@@ -74,7 +73,7 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
                 rows=len(loaded.frame),
                 feature_names=loaded.feature_names,
                 target_column=loaded.target_column,
-                task_kind=task_kind_value(loaded.task.kind),
+                task_kind=TaskKind(loaded.task.kind).to_proto(),
                 task_kind_reason=loaded.task.reason,
                 columns=[
                     loader_pb2.ColumnSummary(

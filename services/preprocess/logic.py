@@ -13,6 +13,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from services.runtime.errors import FailedPrecondition
+from services.runtime.vocabulary import TaskKind
 
 
 @dataclass
@@ -97,7 +98,7 @@ def repeated_rows(frame: pd.DataFrame) -> np.ndarray:
 def preprocess(
     frame: pd.DataFrame,
     target_column: str,
-    task: str,
+    task: TaskKind,
     test_fraction: float,
     seed: int,
     drop_duplicates: bool = False,
@@ -111,7 +112,7 @@ def preprocess(
 
     missing_target = target.isna().to_numpy()
     invalid_target = np.zeros(rows_in, dtype=bool)
-    if task == "regression":
+    if task == TaskKind.REGRESSION:
         values = target.to_numpy(dtype="float64", na_value=np.nan)
         invalid_target = ~missing_target & ~np.isfinite(values)
     frame = frame[~missing_target & ~invalid_target]
@@ -134,7 +135,7 @@ def preprocess(
 
     class_names: list[str] = []
     stratify = None
-    if task == "classification":
+    if task == TaskKind.CLASSIFICATION:
         classes = np.array(sorted(frame[target_column].unique(), key=_sort_key), dtype=object)
         class_names = [str(c) for c in classes]
         codes = {value: index for index, value in enumerate(classes)}

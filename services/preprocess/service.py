@@ -7,10 +7,9 @@ import math
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.preprocess import VERSION, logic
 from services.runtime.errors import FailedPrecondition
-from services.runtime.formats import JSON, to_json_bytes
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
-from services.runtime.tasks import task_kind_value
+from services.runtime.vocabulary import TaskKind
 
 DEFAULT_TEST_FRACTION = 0.2
 
@@ -64,7 +63,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
             return preprocess_pb2.PreprocessResponse(
                 train=train,
                 test=test,
-                split_report=run.put("split_report", to_json_bytes(report), JSON),
+                split_report=run.put_doc("split_report", report),
                 rows_in=prepared.rows_in,
                 missing_target_rows_removed=prepared.missing_target_rows_removed,
                 invalid_target_rows_removed=prepared.invalid_target_rows_removed,
@@ -75,7 +74,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
                 train_rows=len(prepared.train),
                 test_rows=len(prepared.test),
                 class_names=prepared.class_names,
-                task_kind=task_kind_value(meta["task_kind"]),
+                task_kind=TaskKind(meta["task_kind"]).to_proto(),
             )
 
         return await self.runtime.execute(job, work, preprocess_pb2.PreprocessResponse)

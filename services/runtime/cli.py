@@ -38,7 +38,7 @@ from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
 from services.runtime.settings import STAGES, Settings, SettingsError
 from services.runtime.store import ArtifactStore
 from services.runtime.summary import RunOutcome, local_path, render, stage_time
-from services.runtime.tasks import task_kind_name
+from services.runtime.vocabulary import TaskKind
 
 
 def _key_values(pairs: list[str], convert: Any, flag: str) -> dict[str, Any]:
@@ -327,7 +327,7 @@ def _outcome(run: PipelineRun, source: str, registered_as: str) -> RunOutcome:
     outcome: RunOutcome = {
         "run_id": run.run_id,
         "source": source,
-        "task_kind": task_kind_name(run.load.task_kind, "task_kind"),
+        "task_kind": TaskKind.from_proto(run.load.task_kind, "task_kind"),
         "decision": evaluator_pb2.Decision.Name(run.evaluate.decision).removeprefix("DECISION_"),
         "reasons": list(run.evaluate.reasons),
         "metrics": dict(run.evaluate.metrics),
@@ -351,7 +351,7 @@ def _summary(run: PipelineRun, registered_as: str) -> dict[str, Any]:
         "decision": evaluator_pb2.Decision.Name(evaluation.decision).removeprefix("DECISION_"),
         "reasons": list(evaluation.reasons),
         "metrics": dict(sorted(evaluation.metrics.items())),
-        "task_kind": task_kind_name(loaded.task_kind, "task_kind"),
+        "task_kind": TaskKind.from_proto(loaded.task_kind, "task_kind"),
         "task_kind_reason": loaded.task_kind_reason,
         "target_column": loaded.target_column,
         "columns": [{**_as_dict(c), "role": role_name(c.role, c.name)} for c in loaded.columns],
@@ -520,8 +520,8 @@ async def _run_pipeline(
 # tests/test_cli.py checks them against the loader's and the trainer's catalogues.
 HELP_SOURCES = ("breast_cancer", "diabetes", "digits", "iris", "wine")
 HELP_MODELS = {
-    "classification": ("logistic_regression", "random_forest", "hist_gradient_boosting", "sgd"),
-    "regression": ("ridge", "random_forest", "hist_gradient_boosting"),
+    TaskKind.CLASSIFICATION: ("logistic_regression", "random_forest", "hist_gradient_boosting", "sgd"),
+    TaskKind.REGRESSION: ("ridge", "random_forest", "hist_gradient_boosting"),
 }
 _RUN_EPILOG = f"""\
 sources:
@@ -529,8 +529,8 @@ sources:
   synthetic:KIND?OPTIONS  e.g. synthetic:classification?rows=1000&features=20&classes=2&seed=0
   PATH or URL             a CSV or Parquet table (give --target)
 models:
-  classification          {", ".join(HELP_MODELS["classification"])} (default: logistic_regression)
-  regression              {", ".join(HELP_MODELS["regression"])} (default: ridge)
+  classification          {", ".join(HELP_MODELS[TaskKind.CLASSIFICATION])} (default: logistic_regression)
+  regression              {", ".join(HELP_MODELS[TaskKind.REGRESSION])} (default: ridge)
 examples:
   mlmesh run --start-mesh
   mlmesh run --source data.csv --target price --model random_forest --hp n_estimators=300

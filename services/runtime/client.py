@@ -37,7 +37,7 @@ from services.runtime.roles import parse_role, role_value
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
 from services.runtime.security import call_metadata, open_channel
 from services.runtime.settings import STAGES, Settings
-from services.runtime.tasks import task_kind_value
+from services.runtime.vocabulary import TaskKind
 from services.runtime.watch import CALL_ID_METADATA
 
 STUBS = {
@@ -149,7 +149,7 @@ class PipelineConfig:
 
     source: str = "sklearn:breast_cancer"
     target_column: str = ""
-    task_kind: str = ""  # "", "classification" or "regression"
+    task_kind: str = ""  # "" (the loader infers it) or a TaskKind value
     column_roles: dict[str, str] = field(default_factory=dict)  # column -> role name
     model: str = ""  # "" trains the task kind's default: logistic_regression or ridge
     hyperparameters: dict[str, str] = field(default_factory=dict)
@@ -170,7 +170,7 @@ class PipelineConfig:
 
 # The choices each option takes; the CLI and the workflow both check against these.
 CHOICES = {
-    "task_kind": ("", "classification", "regression"),
+    "task_kind": ("", *TaskKind),
     "numeric_imputation": ("median", "mean", "most_frequent"),
     "categorical_encoding": ("auto", "one_hot", "target", "ordinal"),
     "scaling": ("standard", "minmax", "robust", "none"),
@@ -216,7 +216,7 @@ def load_request(config: PipelineConfig) -> loader_pb2.LoadRequest:
     return loader_pb2.LoadRequest(
         source=resolve_source(config.source),
         target_column=config.target_column,
-        task_kind=task_kind_value(checked("task_kind", config.task_kind)) if config.task_kind else 0,
+        task_kind=TaskKind(checked("task_kind", config.task_kind)).to_proto() if config.task_kind else 0,
         column_roles=_role_values(config.column_roles),
         force_recompute=config.force_recompute,
     )
@@ -265,6 +265,7 @@ def train_request(
         x_train=features.x_train,
         y_train=features.y_train,
         feature_schema=features.feature_schema,
+        task_kind=features.task_kind,
         model=model or config.model,
         hyperparameters=config.hyperparameters if hyperparameters is None else hyperparameters,
         seed=config.seed,

@@ -1,8 +1,10 @@
 """What every stage shares: the store, the memo, the worker threads, lineage.
 
-A stage servicer turns its request into a `Job` (validated inputs and
-canonical parameters) and hands `StageRuntime.execute` a function that does
-the work. The runtime then:
+Every handler has one shape: validate the request into a `Job` (inputs and
+canonical parameters), write the work as a function of a `Run`, and hand both
+to the runtime: `execute` for a unary answer, or `stream_operation` (and
+`start_operation`) for work that outlives its call, such as a fit. The
+runtime then:
 
 - derives the cache key from stage name and version, library versions,
   input digests and parameters;
@@ -23,7 +25,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,7 +41,7 @@ from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
 from services.runtime import formats, openlineage, tracing
 from services.runtime.errors import Cancelled, InvalidArgument, bounded
 from services.runtime.metrics import StageMetrics
-from services.runtime.operations import OperationRegistry
+from services.runtime.operations import Operation, OperationRegistry, operation_name, parse_operation_name
 from services.runtime.runs import execution_doc, new_run_id, record_execution, refs_in, summary_of
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore, canonical_json, ref_to_dict, sha256_hex
@@ -129,6 +131,14 @@ class Run:
         """A matrix or vector output, streamed to the store as .npy."""
         return self._output(name, self.store.put_streamed(formats.NPY, lambda sink: formats.write_npy(sink, array)))
 
+    def put_doc(self, name: str, doc: Any) -> ArtifactRef:
+        """A JSON document output (schemas, profiles, reports), in canonical form."""
+        return self._output(name, self.store.put(formats.to_json_bytes(doc), formats.JSON))
+
+    def put_model(self, name: str, model: Any) -> ArtifactRef:
+        """A fitted scikit-learn object output, as .skops (equal models give equal bytes)."""
+        return self._output(name, self.store.put(formats.model_to_skops(model), formats.SKOPS))
+
     def _output(self, name: str, ref: ArtifactRef) -> ArtifactRef:
         self.outputs[name] = ref
         return ref
@@ -143,6 +153,14 @@ class Run:
     def read_array(self, ref: ArtifactRef, field_name: str) -> np.ndarray:
         """An .npy input as a read-only array over its verified buffer: no second copy."""
         return formats.npy_to_array(self.store.get_buffer(ref, field_name), field_name)
+
+    def read_doc(self, ref: ArtifactRef, field_name: str) -> Any:
+        """A JSON document input, parsed; a file that is not JSON is the caller's FAILED_PRECONDITION."""
+        return formats.json_bytes_to_doc(self.read(ref, field_name), field_name)
+
+    def read_model(self, ref: ArtifactRef, field_name: str) -> Any:
+        """A .skops input, loaded with only the types skops trusts for our models."""
+        return formats.skops_to_model(self.read(ref, field_name), field_name)
 
     def check_cancelled(self) -> None:
         if self.cancelled.is_set():
@@ -570,6 +588,97 @@ class StageRuntime:
                     self.store, result.SerializeToString(), entry_fingerprint, dict(run.outputs), fingerprints
                 ),
             )
+
+
+# Builds a stage's progress message (its operation metadata, e.g. TrainProgress) from a
+# report, the seconds elapsed, the estimated seconds left, and the operation's name.
+ProgressMessage = Callable[[Progress, float, float, str], Message]
+
+
+class LongRunning:
+    """Work that outlives the call that asked for it, as a google.longrunning operation.
+
+    The operation is named after the job's cache key, so the same request joins the
+    operation already running. It belongs to the stage: a caller that leaves, or whose
+    deadline passes, does not stop it (CancelOperation or idleness does).
+    """
+
+    def __init__(self, runtime: StageRuntime, kind: str, progress_message: ProgressMessage):
+        self.runtime = runtime
+        self.kind = kind  # the operation names' prefix: operations/<kind>-<cache key>
+        self.progress_message = progress_message
+
+    def start(
+        self, job: Job, work: Callable[[Run], ResultT], result_type: type[ResultT], label: str
+    ) -> tuple[Operation, bool]:
+        """The operation computing `job`, and whether it was already running (joined)."""
+        runtime = self.runtime
+        runtime.check_inputs(job)
+        key = runtime.cache_key(job)
+        name = operation_name(self.kind, key)
+        running = runtime.operations.get(name)
+        joined = running is not None and not running.done
+
+        async def run(operation: Operation) -> ResultT:
+            started = time.monotonic()
+            first_fraction: float | None = None  # where this run started: 0, or a checkpoint
+
+            def on_progress(progress: Progress) -> None:
+                nonlocal first_fraction
+                # Progress goes to the service log as well as to the operation's followers.
+                log.info("%s: %.0f%% %s", label, progress.fraction * 100, progress.message)
+                elapsed = time.monotonic() - started
+                if first_fraction is None:
+                    first_fraction = progress.fraction
+                gained = progress.fraction - first_fraction
+                eta = elapsed * (1 - progress.fraction) / gained if gained > 0 else 0.0
+                operation.update(self.progress_message(progress, elapsed, eta, name))
+
+            # What GetOperation shows before the first step (not a progress event).
+            operation.metadata = self.progress_message(Progress(0.0, "waiting for a worker"), 0.0, 0.0, name)
+            try:
+                return await runtime.execute(job, work, result_type, on_progress=on_progress)
+            except asyncio.CancelledError:
+                # Cancelled (CancelOperation, idle): done only once the work has stopped and
+                # saved its checkpoint, so a follower never sees a half-stopped operation.
+                await runtime.settle(key)
+                raise
+
+        return runtime.operations.start(name, run), joined
+
+    async def stream(
+        self, job: Job, work: Callable[[Run], ResultT], result_type: type[ResultT], label: str
+    ) -> AsyncIterator[Message]:
+        """Start or join the operation, then yield each progress message and, last, the
+        result: what a server-streaming RPC sends. Ending the stream does not stop the work."""
+        started_at = datetime.now(UTC)
+        operation, joined = self.start(job, work, result_type, label)
+        sent = 0
+        while True:
+            finished = operation.done  # read first: every event of a done operation is in its history
+            while sent < len(operation.history):  # grows while we yield
+                yield operation.history[sent]
+                sent += 1
+            if finished:
+                break
+            await self.runtime.operations.wait(operation, 30.0)
+        result = result_type()
+        result.CopyFrom(operation.result())
+        if joined:
+            result.stage.cache_hit = True  # type: ignore[attr-defined]  # a joiner did not compute
+            await self.runtime.record_execution(job, result.stage.cache_key, result, True, started_at)  # type: ignore[attr-defined]
+        yield result
+
+    async def recall(self, name: str, result_type: type[ResultT], done_message: str) -> Operation | None:
+        """A finished operation this process does not hold (it restarted), found in the memo."""
+        kind, key = parse_operation_name(name)
+        if kind != self.kind:
+            return None
+        result = await self.runtime.recall(key, result_type)
+        if result is None:
+            return None
+        done = self.progress_message(Progress(1.0, done_message), 0.0, 0.0, name)
+        return self.runtime.operations.adopt_finished(name, result, done)
 
 
 def _then_return_memory(work: Callable[[Run], ResultT], run: Run) -> ResultT:

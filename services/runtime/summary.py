@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
+from services.runtime.vocabulary import TaskKind
+
 
 class StageTime(TypedDict):
     stage: str
@@ -37,7 +39,10 @@ class RunOutcome(TypedDict, total=False):
 
 
 # The metrics shown first, by task kind; the rest follow alphabetically.
-_LEADING = {"classification": ("accuracy", "roc_auc", "f1_macro"), "regression": ("r2", "rmse", "mae")}
+_LEADING = {
+    TaskKind.CLASSIFICATION: ("accuracy", "roc_auc", "f1_macro"),
+    TaskKind.REGRESSION: ("r2", "rmse", "mae"),
+}
 _WIDTH = 10
 
 

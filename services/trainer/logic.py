@@ -26,18 +26,19 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument, bounded
 from services.runtime.stage import Run
+from services.runtime.vocabulary import TaskKind
 from services.trainer.checkpoints import Checkpoints, Preempted
 
 # name -> (estimator class, defaults we choose over scikit-learn's)
-MODELS: dict[str, dict[str, tuple[type[BaseEstimator], dict[str, Any]]]] = {
-    "classification": {
+MODELS: dict[TaskKind, dict[str, tuple[type[BaseEstimator], dict[str, Any]]]] = {
+    TaskKind.CLASSIFICATION: {
         "logistic_regression": (LogisticRegression, {"max_iter": 1000}),
         "random_forest": (RandomForestClassifier, {}),
         "hist_gradient_boosting": (HistGradientBoostingClassifier, {}),
         # log_loss gives probabilities, which ROC AUC and log loss need.
         "sgd": (SGDClassifier, {"loss": "log_loss"}),
     },
-    "regression": {
+    TaskKind.REGRESSION: {
         "ridge": (Ridge, {}),
         "random_forest": (RandomForestRegressor, {}),
         "hist_gradient_boosting": (HistGradientBoostingRegressor, {}),
@@ -45,7 +46,7 @@ MODELS: dict[str, dict[str, tuple[type[BaseEstimator], dict[str, Any]]]] = {
 }
 
 # The model trained when a request names none.
-DEFAULT_MODELS = {"classification": "logistic_regression", "regression": "ridge"}
+DEFAULT_MODELS = {TaskKind.CLASSIFICATION: "logistic_regression", TaskKind.REGRESSION: "ridge"}
 
 # Estimators grown in steps with warm_start, and the parameter that counts the
 # steps. Only those whose stepped fit is exactly scikit-learn's single fit:
@@ -80,10 +81,10 @@ def literal(value: Any) -> str:
         return json.dumps(repr(value))
 
 
-def build_estimator(task: str, model: str, hyperparameters: dict[str, str], seed: int) -> BaseEstimator:
+def build_estimator(task: TaskKind, model: str, hyperparameters: dict[str, str], seed: int) -> BaseEstimator:
     catalogue = MODELS[task]
     if model not in catalogue:
-        other = "regression" if task == "classification" else "classification"
+        other = TaskKind.REGRESSION if task == TaskKind.CLASSIFICATION else TaskKind.CLASSIFICATION
         hint = f" ({model} is a {other} model)" if model in MODELS[other] else ""
         raise InvalidArgument(
             f"model {bounded(repr(model), 80)} is not available for {task}{hint}; choose one of {', '.join(sorted(catalogue))}"
@@ -147,10 +148,6 @@ class FeatureColumns:
             mask = np.zeros(len(self.names), dtype=bool)
             mask[self.categorical] = True
             estimator.set_params(categorical_features=mask)
-
-
-def task_of_target(y: np.ndarray) -> str:
-    return "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
 
 
 def check_fit_inputs(x: Any, y: np.ndarray) -> None:

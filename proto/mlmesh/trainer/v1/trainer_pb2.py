@@ -26,7 +26,7 @@ from google.longrunning import operations_pb2 as google_dot_longrunning_dot_oper
 from mlmesh.common.v1 import common_pb2 as mlmesh_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmlmesh/trainer/v1/trainer.proto\x12\x11mlmesh.trainer.v1\x1a#google/longrunning/operations.proto\x1a\x1dmlmesh/common/v1/common.proto\"\xe2\x02\n\x0cTrainRequest\x12.\n\x07x_train\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12.\n\x07y_train\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\r\n\x05model\x18\x03 \x01(\t\x12M\n\x0fhyperparameters\x18\x04 \x03(\x0b\x32\x34.mlmesh.trainer.v1.TrainRequest.HyperparametersEntry\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x17\n\x0f\x66orce_recompute\x18\x06 \x01(\x08\x12\x35\n\x0e\x66\x65\x61ture_schema\x18\x07 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\rTrainProgress\x12\x15\n\rfraction_done\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x07 \x01(\x03\x12\x16\n\x0eoperation_name\x18\x08 \x01(\t\"\xe1\x02\n\x0bTrainResult\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x02 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12-\n\ttask_kind\x18\x03 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12_\n\x19\x65\x66\x66\x65\x63tive_hyperparameters\x18\x04 \x03(\x0b\x32<.mlmesh.trainer.v1.TrainResult.EffectiveHyperparametersEntry\x12\x13\n\x0btrain_score\x18\x05 \x01(\x01\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x1a?\n\x1d\x45\x66\x66\x65\x63tiveHyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\rTrainResponse\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32 .mlmesh.trainer.v1.TrainProgressH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.mlmesh.trainer.v1.TrainResultH\x00\x42\x07\n\x05\x65vent2\xd0\x01\n\x0eTrainerService\x12p\n\rStartTraining\x12\x1f.mlmesh.trainer.v1.TrainRequest\x1a\x1d.google.longrunning.Operation\"\x1f\xca\x41\x1c\n\x0bTrainResult\x12\rTrainProgress\x12L\n\x05Train\x12\x1f.mlmesh.trainer.v1.TrainRequest\x1a .mlmesh.trainer.v1.TrainResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmlmesh/trainer/v1/trainer.proto\x12\x11mlmesh.trainer.v1\x1a#google/longrunning/operations.proto\x1a\x1dmlmesh/common/v1/common.proto\"\x91\x03\n\x0cTrainRequest\x12.\n\x07x_train\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12.\n\x07y_train\x18\x02 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12\r\n\x05model\x18\x03 \x01(\t\x12M\n\x0fhyperparameters\x18\x04 \x03(\x0b\x32\x34.mlmesh.trainer.v1.TrainRequest.HyperparametersEntry\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x17\n\x0f\x66orce_recompute\x18\x06 \x01(\x08\x12\x35\n\x0e\x66\x65\x61ture_schema\x18\x07 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12-\n\ttask_kind\x18\x08 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x1a\x36\n\x14HyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\rTrainProgress\x12\x15\n\rfraction_done\x18\x01 \x01(\x01\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x07 \x01(\x03\x12\x16\n\x0eoperation_name\x18\x08 \x01(\t\"\xe1\x02\n\x0bTrainResult\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.mlmesh.common.v1.ArtifactRef\x12*\n\x05stage\x18\x02 \x01(\x0b\x32\x1b.mlmesh.common.v1.StageInfo\x12-\n\ttask_kind\x18\x03 \x01(\x0e\x32\x1a.mlmesh.common.v1.TaskKind\x12_\n\x19\x65\x66\x66\x65\x63tive_hyperparameters\x18\x04 \x03(\x0b\x32<.mlmesh.trainer.v1.TrainResult.EffectiveHyperparametersEntry\x12\x13\n\x0btrain_score\x18\x05 \x01(\x01\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x1a?\n\x1d\x45\x66\x66\x65\x63tiveHyperparametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\rTrainResponse\x12\x34\n\x08progress\x18\x01 \x01(\x0b\x32 .mlmesh.trainer.v1.TrainProgressH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.mlmesh.trainer.v1.TrainResultH\x00\x42\x07\n\x05\x65vent2\xd0\x01\n\x0eTrainerService\x12p\n\rStartTraining\x12\x1f.mlmesh.trainer.v1.TrainRequest\x1a\x1d.google.longrunning.Operation\"\x1f\xca\x41\x1c\n\x0bTrainResult\x12\rTrainProgress\x12L\n\x05Train\x12\x1f.mlmesh.trainer.v1.TrainRequest\x1a .mlmesh.trainer.v1.TrainResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINERSERVICE'].methods_by_name['StartTraining']._loaded_options = None
   _globals['_TRAINERSERVICE'].methods_by_name['StartTraining']._serialized_options = b'\312A\034\n\013TrainResult\022\rTrainProgress'
   _globals['_TRAINREQUEST']._serialized_start=123
-  _globals['_TRAINREQUEST']._serialized_end=477
-  _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_start=423
-  _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_end=477
-  _globals['_TRAINPROGRESS']._serialized_start=480
-  _globals['_TRAINPROGRESS']._serialized_end=667
-  _globals['_TRAINRESULT']._serialized_start=670
-  _globals['_TRAINRESULT']._serialized_end=1023
-  _globals['_TRAINRESULT_EFFECTIVEHYPERPARAMETERSENTRY']._serialized_start=960
-  _globals['_TRAINRESULT_EFFECTIVEHYPERPARAMETERSENTRY']._serialized_end=1023
-  _globals['_TRAINRESPONSE']._serialized_start=1026
-  _globals['_TRAINRESPONSE']._serialized_end=1154
-  _globals['_TRAINERSERVICE']._serialized_start=1157
-  _globals['_TRAINERSERVICE']._serialized_end=1365
+  _globals['_TRAINREQUEST']._serialized_end=524
+  _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_start=470
+  _globals['_TRAINREQUEST_HYPERPARAMETERSENTRY']._serialized_end=524
+  _globals['_TRAINPROGRESS']._serialized_start=527
+  _globals['_TRAINPROGRESS']._serialized_end=714
+  _globals['_TRAINRESULT']._serialized_start=717
+  _globals['_TRAINRESULT']._serialized_end=1070
+  _globals['_TRAINRESULT_EFFECTIVEHYPERPARAMETERSENTRY']._serialized_start=1007
+  _globals['_TRAINRESULT_EFFECTIVEHYPERPARAMETERSENTRY']._serialized_end=1070
+  _globals['_TRAINRESPONSE']._serialized_start=1073
+  _globals['_TRAINRESPONSE']._serialized_end=1201
+  _globals['_TRAINERSERVICE']._serialized_start=1204
+  _globals['_TRAINERSERVICE']._serialized_end=1412
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainRequest(_message.Message):
-    __slots__ = ("x_train", "y_train", "model", "hyperparameters", "seed", "force_recompute", "feature_schema")
+    __slots__ = ("x_train", "y_train", "model", "hyperparameters", "seed", "force_recompute", "feature_schema", "task_kind")
     class HyperparametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class TrainRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     FORCE_RECOMPUTE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    TASK_KIND_FIELD_NUMBER: _ClassVar[int]
     x_train: _common_pb2.ArtifactRef
     y_train: _common_pb2.ArtifactRef
     model: str
@@ -31,7 +32,8 @@ class TrainRequest(_message.Message):
     seed: int
     force_recompute: bool
     feature_schema: _common_pb2.ArtifactRef
-    def __init__(self, x_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., y_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., model: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ..., force_recompute: _Optional[bool] = ..., feature_schema: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ...) -> None: ...
+    task_kind: _common_pb2.TaskKind
+    def __init__(self, x_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., y_train: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., model: _Optional[str] = ..., hyperparameters: _Optional[_Mapping[str, str]] = ..., seed: _Optional[int] = ..., force_recompute: _Optional[bool] = ..., feature_schema: _Optional[_Union[_common_pb2.ArtifactRef, _Mapping]] = ..., task_kind: _Optional[_Union[_common_pb2.TaskKind, str]] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("fraction_done", "message", "step", "total_steps", "elapsed_seconds", "eta_seconds", "resumed_from_step", "operation_name")
