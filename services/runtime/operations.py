@@ -32,7 +32,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.longrunning.operations_grpc_pb2 import OperationsServicer, add_OperationsServicer_to_server
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from google.rpc import status_pb2
+from google.rpc import status_pb2  # type: ignore[import-untyped]  # has .pyi files but no py.typed marker
 
 from services.runtime.errors import (
     Cancelled,
@@ -78,7 +78,8 @@ class Operation:
     """One piece of long work and what its followers may ask about it."""
 
     name: str
-    task: asyncio.Task[Message] | None = None
+    # A Task while it runs here; a result adopted from the memo is a plain done Future.
+    task: asyncio.Future[Message] | None = None
     metadata: Message | None = None
     # Every metadata update, so a progress stream misses none (warnings come last).
     history: list[Message] = field(default_factory=list)
@@ -128,7 +129,7 @@ class Operation:
         return proto
 
 
-def _error_of(task: asyncio.Task[Message], cancel_reason: str) -> status_pb2.Status | None:
+def _error_of(task: asyncio.Future[Message], cancel_reason: str) -> status_pb2.Status | None:
     if task.cancelled():
         return status_pb2.Status(
             code=grpc.StatusCode.CANCELLED.value[0],
@@ -178,7 +179,7 @@ class OperationRegistry:
         """A done operation for a result that came from elsewhere (the memo)."""
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         future.set_result(response)
-        operation = Operation(name=name, task=future, metadata=metadata, finished_at=time.monotonic())  # type: ignore[arg-type]
+        operation = Operation(name=name, task=future, metadata=metadata, finished_at=time.monotonic())
         self._operations[name] = operation
         self._forget_old()
         return operation
@@ -203,7 +204,7 @@ class OperationRegistry:
         """Until the operation finishes or its metadata changes, at most `timeout` seconds."""
         if operation.done:
             return
-        waiters = [asyncio.ensure_future(operation.changed.wait())]
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(operation.changed.wait())]
         if operation.task is not None:
             waiters.append(asyncio.ensure_future(asyncio.shield(operation.task)))
         try:
