@@ -237,7 +237,8 @@ def _zero_padding(npy: bytes) -> bytes:
     version = np.lib.format.read_magic(stream)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran_order, dtype = read_header(stream)
-    if dtype.names is None or dtype.itemsize == sum(dtype.fields[n][0].itemsize for n in dtype.names):
+    fields = dtype.fields  # None for an unstructured dtype, as its names are
+    if dtype.names is None or fields is None or dtype.itemsize == sum(fields[n][0].itemsize for n in dtype.names):
         return npy
     with _NPY_LOAD_LOCK:
         padded = np.load(io.BytesIO(npy), allow_pickle=False)

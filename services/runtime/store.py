@@ -322,7 +322,7 @@ class ArtifactStore:
         with self._reading(ref, field) as path, open(path, "rb", buffering=0) as handle:
             size = os.fstat(handle.fileno()).st_size
             # np.empty, not bytearray: pages are not zeroed first, only written once by the read.
-            view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
+            view = np.empty(size, dtype=np.uint8).data.cast("B")
             digest = hashlib.sha256()
             filled = 0
             while filled < size:
