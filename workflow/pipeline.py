@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import flytekit
 from flytekit import CronSchedule, Deck, LaunchPlan, task, workflow
@@ -57,10 +57,19 @@ from services.runtime.roles import role_name
 from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from services.runtime.summary import RunOutcome, local_path, render
+from services.runtime.summary import RunOutcome, StageTime, local_path, render
 from services.runtime.vocabulary import Decision, TaskKind
 
 T = TypeVar("T")
+
+
+class _StageReply(Protocol):
+    """What every stage's response has: how the call went (StageInfo)."""
+
+    stage: common_pb2.StageInfo
+
+
+Reply = TypeVar("Reply", bound=_StageReply)
 
 # pyflyte declares every bool input twice (--x/--no_x and --x/--no-x), and click
 # warns about the repeated --x on every run. The flags work; the warning is noise.
@@ -210,7 +219,7 @@ class PipelineResult:
             "registered_as": self.registered_as,
             "report_path": local_path(self.html_report.uri),
             "deck_path": self.deck,
-            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "stages": [StageTime(stage=s.stage, cache_hit=s.cache_hit, seconds=s.seconds) for s in self.stages],
             "seconds": self.seconds,
             **({"trace_id": tracing.trace_id_of(self.run_id)} if tracing.enabled() else {}),
         }
@@ -367,9 +376,9 @@ def _ctrl_c_cancels() -> Iterator[None]:
 async def _one(
     progress: PipelineProgress,
     stage: str,
-    rpc: Callable[[OnCallProgress], Awaitable[T]],
-    count: Callable[[T], int] = lambda _: 0,
-) -> T:
+    rpc: Callable[[OnCallProgress], Awaitable[Reply]],
+    count: Callable[[Reply], int] = lambda _: 0,
+) -> Reply:
     """One unary stage call, shown on the progress display with the stage's own reports."""
     with progress.stage(stage) as shown:
         reply = await rpc(shown.step)
@@ -381,16 +390,6 @@ def _stored_page(ref: ArtifactRef, what: str) -> bytes:
     """An artifact's bytes from the store, digest-checked (for decks)."""
     with tracing.run_task_span(run_id(), f"flyte.deck {what}"):
         return ArtifactStore(Settings.from_env().artifact_root).get(ref.proto(), what)
-
-
-def _task_kind(value: int) -> str:
-    kind = TaskKind.from_proto(value, "task_kind")
-    return kind.value if kind is not None else ""
-
-
-def _decision(value: int) -> str:
-    decision = Decision.from_proto(value)
-    return decision.value if decision is not None else ""
 
 
 # ---- the five stage tasks ----------------------------------------------------------------
@@ -415,7 +414,7 @@ def load(source: str, target_column: str, task_kind: str, column_roles: dict[str
     dataset = Dataset(
         dataset=ArtifactRef.of(reply.dataset),
         rows=reply.rows,
-        task_kind=_task_kind(reply.task_kind),
+        task_kind=TaskKind.text_of(reply.task_kind),
         task_kind_reason=reply.task_kind_reason,
         schema=ArtifactRef.of(reply.schema),
         profile=ArtifactRef.of(reply.profile),
@@ -487,10 +486,12 @@ def build_features(
         lambda c, shown: _one(shown, "features", lambda watch: c.build_features(request, watch)), "build_features"
     )
     return Features(
-        *(
-            ArtifactRef.of(getattr(reply, n))
-            for n in ("x_train", "y_train", "x_test", "y_test", "transformer", "feature_schema")
-        ),
+        x_train=ArtifactRef.of(reply.x_train),
+        y_train=ArtifactRef.of(reply.y_train),
+        x_test=ArtifactRef.of(reply.x_test),
+        y_test=ArtifactRef.of(reply.y_test),
+        transformer=ArtifactRef.of(reply.transformer),
+        feature_schema=ArtifactRef.of(reply.feature_schema),
         stage=StageTiming.of(reply.stage),
     )
 
@@ -571,10 +572,10 @@ async def _evaluate(
             ),
             shown.step,
         )
-        shown.done(stage_outcome("evaluator", reply.stage) + f", {_decision(reply.decision)}")
+        shown.done(stage_outcome("evaluator", reply.stage) + f", {Decision.text_of(reply.decision)}")
     return Evaluation(
         metrics=dict(reply.metrics),
-        decision=_decision(reply.decision),
+        decision=Decision.text_of(reply.decision),
         reasons=list(reply.reasons),
         metrics_report=ArtifactRef.of(reply.metrics_report),
         html_report=ArtifactRef.of(reply.html_report),
@@ -744,7 +745,7 @@ def training_pipeline(
 
 
 # What a sweep tries, and by which metric it picks, when the caller does not say.
-DEFAULT_CANDIDATES = {
+DEFAULT_CANDIDATES: dict[str, list[ModelCandidate]] = {
     TaskKind.CLASSIFICATION: [
         ModelCandidate("logistic_regression"),
         ModelCandidate("random_forest", {"n_estimators": "200"}),
@@ -757,7 +758,7 @@ DEFAULT_CANDIDATES = {
         ModelCandidate("hist_gradient_boosting"),
     ],
 }
-DEFAULT_METRICS = {TaskKind.CLASSIFICATION: "f1_macro", TaskKind.REGRESSION: "r2"}
+DEFAULT_METRICS: dict[str, str] = {TaskKind.CLASSIFICATION: "f1_macro", TaskKind.REGRESSION: "r2"}
 LOWER_IS_BETTER = frozenset({"log_loss", "mae", "rmse"})
 
 
@@ -827,11 +828,11 @@ class SweepChoice:
 @task(**_TASK_DEFAULTS)
 def pick_best(metric: str, dataset: Dataset, outcomes: list[CandidateOutcome]) -> SweepChoice:
     metric = metric or DEFAULT_METRICS[dataset.task_kind]
-    scored = [o.evaluation.metrics.get(metric) for o in outcomes]
-    if all(s is None for s in scored):
+    scored = {i: o.evaluation.metrics[metric] for i, o in enumerate(outcomes) if metric in o.evaluation.metrics}
+    if not scored:
         raise StageFailed(f"no candidate reported metric {metric[:40]!r}; choose one the evaluator computes")
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    best = max((i for i, s in enumerate(scored) if s is not None), key=lambda i: (sign * scored[i], -i))
+    best = max(scored, key=lambda i: (sign * scored[i], -i))
     return SweepChoice(best, outcomes[best].trained, outcomes[best].evaluation)
 
 

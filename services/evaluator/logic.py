@@ -92,7 +92,26 @@ def _scores(model: Any, x: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
+def evaluate(model: Any, test_matrix: np.ndarray, y: np.ndarray) -> Evaluation:
+    """Metrics, curves and importances of a fitted model on the test split."""
+    task = TaskKind.of_model(model)
+    _check_inputs(model, task, test_matrix, y)
+    names = getattr(model, "feature_names_in_", None)
+    # The model was fitted with its feature names; predicting with them keeps scikit-learn quiet.
+    x: Any = test_matrix if names is None else pd.DataFrame(test_matrix, columns=[str(n) for n in names], copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing predictions are refused below
+        predicted = model.predict(x)
+    importance_kind, importances = _importances(model, names, x.shape[1])
+    importance_notes: list[str] = []
+    if not importances:
+        importance_kind, importances, importance_notes = _permutation_importances(model, task, names, x, y)
+    if task == TaskKind.REGRESSION:
+        return _regression(y, predicted, importance_kind, importances, importance_notes)
+    return _classification(model, x, y, predicted, importance_kind, importances, importance_notes)
+
+
+def _check_inputs(model: Any, task: TaskKind, x: np.ndarray, y: np.ndarray) -> None:
+    """Refuse a test split that does not belong to this model, before predicting anything."""
     # Shape checks come first: a swapped or foreign ref must not surface as an internal error.
     expected = getattr(model, "n_features_in_", x.shape[1] if x.ndim == 2 else None)
     if x.ndim != 2 or x.shape[1] != expected:
@@ -106,7 +125,6 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
         )
     if len(x) != len(y):
         raise FailedPrecondition(f"x_test has {len(x)} rows but y_test has {len(y)}")
-    task = TaskKind.of_model(model)
     if task == TaskKind.CLASSIFICATION:
         if not np.issubdtype(y.dtype, np.integer):
             raise FailedPrecondition(
@@ -127,45 +145,49 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
         raise FailedPrecondition(
             "y_test holds missing or infinite targets; evaluate with the y_test the features stage returned"
         )
-    names = getattr(model, "feature_names_in_", None)
-    if names is not None:
-        # The model was fitted with its feature names; predicting with them keeps scikit-learn quiet.
-        x = pd.DataFrame(x, columns=[str(n) for n in names], copy=False)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflowing predictions are refused below
-        predicted = model.predict(x)
-    importance_kind, importances = _importances(model, names, x.shape[1])
-    importance_notes: list[str] = []
-    if not importances:
-        importance_kind, importances, importance_notes = _permutation_importances(model, task, names, x, y)
-    if task == TaskKind.REGRESSION:
-        with np.errstate(over="ignore", invalid="ignore"):
-            predicted = np.asarray(predicted, dtype="float64")
-        overflowed = int((~np.isfinite(predicted)).sum())
-        if overflowed:
-            raise FailedPrecondition(
-                f"the model predicts non-finite values for {overflowed} of {len(y)} test rows; "
-                "its inputs or coefficients are too large, so rescale the data"
-            )
-        shown = np.unique(np.linspace(0, len(y) - 1, min(len(y), MAX_PLOTTED_POINTS)).astype(int))
-        result = Evaluation(
-            task=TaskKind.REGRESSION,
-            metrics={
-                **({"r2": float(metrics.r2_score(y, predicted))} if len(y) > 1 else {}),
-                "mae": float(metrics.mean_absolute_error(y, predicted)),
-                "rmse": float(np.sqrt(metrics.mean_squared_error(y, predicted))),
-            },
-            predictions={"true": y[shown].tolist(), "predicted": predicted[shown].tolist()},
-            importances=importances,
-            importance_kind=importance_kind,
-            notes=importance_notes,
-        )
-        if "r2" not in result.metrics:
-            result.notes.append("r2 is undefined for a test split with fewer than two rows, so it is not reported")
-        result.residuals = _residuals(np.asarray(y, dtype="float64"), predicted)
-        if len(shown) < len(y):
-            result.notes.append(f"the predicted-vs-true plot shows {len(shown)} of {len(y)} test rows, evenly spaced")
-        return result
 
+
+def _regression(
+    y: np.ndarray, predicted: Any, importance_kind: str, importances: list[tuple[str, float]], notes: list[str]
+) -> Evaluation:
+    with np.errstate(over="ignore", invalid="ignore"):
+        predicted = np.asarray(predicted, dtype="float64")
+    overflowed = int((~np.isfinite(predicted)).sum())
+    if overflowed:
+        raise FailedPrecondition(
+            f"the model predicts non-finite values for {overflowed} of {len(y)} test rows; "
+            "its inputs or coefficients are too large, so rescale the data"
+        )
+    shown = np.unique(np.linspace(0, len(y) - 1, min(len(y), MAX_PLOTTED_POINTS)).astype(int))
+    result = Evaluation(
+        task=TaskKind.REGRESSION,
+        metrics={
+            **({"r2": float(metrics.r2_score(y, predicted))} if len(y) > 1 else {}),
+            "mae": float(metrics.mean_absolute_error(y, predicted)),
+            "rmse": float(np.sqrt(metrics.mean_squared_error(y, predicted))),
+        },
+        predictions={"true": y[shown].tolist(), "predicted": predicted[shown].tolist()},
+        importances=importances,
+        importance_kind=importance_kind,
+        notes=notes,
+    )
+    if "r2" not in result.metrics:
+        result.notes.append("r2 is undefined for a test split with fewer than two rows, so it is not reported")
+    result.residuals = _residuals(np.asarray(y, dtype="float64"), predicted)
+    if len(shown) < len(y):
+        result.notes.append(f"the predicted-vs-true plot shows {len(shown)} of {len(y)} test rows, evenly spaced")
+    return result
+
+
+def _classification(
+    model: Any,
+    x: Any,
+    y: np.ndarray,
+    predicted: Any,
+    importance_kind: str,
+    importances: list[tuple[str, float]],
+    notes: list[str],
+) -> Evaluation:
     labels = model.classes_
     result = Evaluation(
         task=TaskKind.CLASSIFICATION,
@@ -180,22 +202,28 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
         confusion_matrix=metrics.confusion_matrix(y, predicted, labels=labels).tolist(),
         importances=importances,
         importance_kind=importance_kind,
-        notes=importance_notes,
+        notes=notes,
     )
     result.per_class = _per_class(y, predicted, labels)
     if len(labels) > MAX_PER_CLASS:
         result.notes.append(f"the per-class table keeps the first {MAX_PER_CLASS} of {len(labels)} classes")
+    _add_probability_metrics(result, model, x, y, labels)
+    return result
+
+
+def _add_probability_metrics(result: Evaluation, model: Any, x: Any, y: np.ndarray, labels: np.ndarray) -> None:
+    """log_loss, calibration, roc_auc and the ROC and precision-recall curves, when the model gives probabilities."""
     proba = _scores(model, x)
     if proba is None:
         result.notes.append("the model gives no class probabilities, so roc_auc and log_loss are not reported")
-        return result
+        return
     proba = np.asarray(proba, dtype="float64")
     result.metrics["log_loss"] = float(metrics.log_loss(y, proba, labels=labels))
     result.calibration = _calibration(y, proba, labels)
     present = np.unique(y)
     if len(present) < 2:
         result.notes.append("the test split holds a single class, so roc_auc is undefined")
-        return result
+        return
     if len(labels) == 2:
         result.metrics["roc_auc"] = float(metrics.roc_auc_score(y, proba[:, 1]))
         positives = y == labels[1]
@@ -218,7 +246,6 @@ def evaluate(model: Any, x: np.ndarray, y: np.ndarray) -> Evaluation:
             if positives.any() and not positives.all():
                 result.roc_curves.append(_roc(positives, proba[:, index], int(labels[index])))
                 result.pr_curves.append(_pr(positives, proba[:, index], int(labels[index])))
-    return result
 
 
 def _thin(*columns: np.ndarray) -> list[list[float]]:
@@ -499,7 +526,7 @@ def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, A
     stages: dict[str, dict[str, Any]] = {}
     features_keys: dict[str, str] = {}
     try:
-        queue, seen = [("model", model_digest), ("x_test", x_test_digest)], set()
+        queue, seen = [("model", model_digest), ("x_test", x_test_digest)], set[str]()
         while queue and len(seen) < MAX_MANIFESTS_WALKED:
             origin, digest = queue.pop(0)
             if digest in seen:
@@ -527,7 +554,9 @@ def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, A
                     # Recorded by runtimes that write the producing run into manifests; absent otherwise.
                     **({"run_id": bounded(str(manifest["run_id"]), 128)} if manifest.get("run_id") else {}),
                 }
-            inputs = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+            inputs = manifest.get("inputs")
+            if not isinstance(inputs, dict):
+                inputs = {}
             for ref in inputs.values():
                 digest_in = ref.get("sha256") if isinstance(ref, dict) else None
                 if isinstance(digest_in, str):

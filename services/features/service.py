@@ -9,20 +9,20 @@ from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
 from services.runtime.vocabulary import TaskKind
 
-_SCALING = {
+_SCALING: dict[int, str] = {
     features_pb2.SCALING_UNSPECIFIED: "standard",
     features_pb2.SCALING_STANDARD: "standard",
     features_pb2.SCALING_MINMAX: "minmax",
     features_pb2.SCALING_ROBUST: "robust",
     features_pb2.SCALING_NONE: "none",
 }
-_IMPUTATION = {
+_IMPUTATION: dict[int, str] = {
     features_pb2.NUMERIC_IMPUTATION_UNSPECIFIED: "median",
     features_pb2.NUMERIC_IMPUTATION_MEDIAN: "median",
     features_pb2.NUMERIC_IMPUTATION_MEAN: "mean",
     features_pb2.NUMERIC_IMPUTATION_MOST_FREQUENT: "most_frequent",
 }
-_ENCODING = {
+_ENCODING: dict[int, str] = {
     features_pb2.CATEGORICAL_ENCODING_UNSPECIFIED: "auto",
     features_pb2.CATEGORICAL_ENCODING_ONE_HOT: "one_hot",
     features_pb2.CATEGORICAL_ENCODING_TARGET: "target",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -43,7 +45,7 @@ def _datasets():
     return datasets
 
 
-_SYNTHETIC_DEFAULTS = {
+_SYNTHETIC_DEFAULTS: dict[str, dict[str, float | int]] = {
     TaskKind.CLASSIFICATION: {"rows": 1000, "features": 20, "classes": 2, "seed": 0},
     TaskKind.REGRESSION: {"rows": 1000, "features": 20, "noise": 10.0, "seed": 0},
 }
@@ -128,7 +130,7 @@ def _check_size(rows: int, features: int, max_bytes: int) -> None:
         )
 
 
-def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, str]:
+def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, TaskKind]:
     opts = source.options
     rows, features, seed = int(opts["rows"]), int(opts["features"]), int(opts["seed"])
     if rows < 1 or features < 1:
@@ -168,10 +170,10 @@ def _synthetic(source: Source, max_bytes: int) -> tuple[pd.DataFrame, str]:
             raise InvalidArgument(f"cannot make that synthetic regression: {bounded(exc)}") from None
     frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(features)])
     frame["target"] = y
-    return frame, source.name
+    return frame, TaskKind(source.name)
 
 
-def _sklearn(source: Source) -> tuple[pd.DataFrame, str]:
+def _sklearn(source: Source) -> tuple[pd.DataFrame, TaskKind]:
     loader_name, task = SKLEARN_DATASETS[source.name]
     load = getattr(_datasets(), loader_name)
     bunch = load(as_frame=True)
@@ -183,7 +185,9 @@ def _sklearn(source: Source) -> tuple[pd.DataFrame, str]:
     return frame, task
 
 
-def _read_file(source: Source, max_bytes: int, text_columns: list[str] = (), data: bytes | None = None) -> pd.DataFrame:
+def _read_file(
+    source: Source, max_bytes: int, text_columns: Sequence[str] = (), data: bytes | None = None
+) -> pd.DataFrame:
     """The table as read; in CSV, `text_columns` stay text, so a declared-categorical "02134" keeps its zero."""
     if data is None:
         # A direct call (tests, benchmarks): the read policy of this process's environment.
@@ -192,7 +196,7 @@ def _read_file(source: Source, max_bytes: int, text_columns: list[str] = (), dat
     # No size check here: sources.py capped the read at MLMESH_MAX_DATASET_BYTES, on every path.
     try:
         if source.file_format == "csv":
-            compression = "gzip" if source.name.lower().endswith(".gz") else None
+            compression: Literal["gzip"] | None = "gzip" if source.name.lower().endswith(".gz") else None
             # low_memory=False reads each column whole, so its type does not depend on chunking.
             frame = pd.read_csv(
                 io.BytesIO(data),
@@ -237,7 +241,7 @@ class LoadedDataset:
 def load_dataset(
     source: Source,
     target_column: str,
-    requested_task: str | None,
+    requested_task: TaskKind | None,
     max_bytes: int,
     roles: dict[str, str] | None = None,
     data: bytes | None = None,
@@ -247,41 +251,11 @@ def load_dataset(
     `data` is a file source's bytes when the caller has read them already (the service
     does, through sources.py, to hash them for the cache key); otherwise they are read here.
     """
-    if source.kind == "sklearn":
-        frame, task = _sklearn(source)
-        target_column = target_column or "target"
-    elif source.kind == "synthetic":
-        frame, task = _synthetic(source, max_bytes)
-        target_column = target_column or "target"
-    else:
-        if not target_column:
-            raise InvalidArgument(f"target_column is required for file sources such as {shown(source.name)}")
-        declared_categorical = [name for name, role in (roles or {}).items() if role == "categorical"]
-        frame, task = _read_file(source, max_bytes, declared_categorical, data), ""
-
-    frame.columns = [str(c) for c in frame.columns]
-    if len(set(frame.columns)) != len(frame.columns):
-        raise FailedPrecondition("the dataset has two columns with the same name; rename one of them")
-    if target_column not in frame.columns:
-        raise InvalidArgument(
-            f"target column {shown(target_column)} is not in the dataset; its columns are: {column_list(frame.columns)}"
-        )
-    if len(frame) == 0:
-        raise FailedPrecondition(f"source {shown(source.name)} has no rows")
-    if len(frame.columns) < 2:
-        raise FailedPrecondition(f"source {shown(source.name)} has no feature columns besides the target")
-    _check_size(len(frame), len(frame.columns) - 1, max_bytes)
+    frame, target_column, source_task = _read_source(source, target_column, max_bytes, roles, data)
+    _check_table(frame, source, target_column, max_bytes)
     frame = frame.reset_index(drop=True)
-
     raw_target = frame[target_column]
-    if raw_target.notna().sum() == 0:
-        raise FailedPrecondition(f"target column {shown(target_column)} has no values")
-    if requested_task:
-        decision = TaskDecision(requested_task, f"{requested_task}, as requested", True)
-    elif task:
-        decision = TaskDecision(task, f"{task}, as defined by {source.kind}:{source.name}", False)
-    else:
-        decision = decide_task(raw_target, target_column)
+    decision = _decide_task(raw_target, source, target_column, requested_task, source_task)
     target = canonical_target(raw_target, target_column, decision.kind)
     if decision.kind == TaskKind.CLASSIFICATION:
         distinct = target.dropna().unique()
@@ -289,7 +263,6 @@ def load_dataset(
             raise FailedPrecondition(
                 f"classification needs at least two classes, but target {shown(target_column)} has {len(distinct)}"
             )
-
     features, columns, warnings = decide_columns(frame, target_column, roles or {})
     if features.shape[1] == 0:
         left_out = ", ".join(f"{shown(c.name)} ({c.role})" for c in columns[:10])
@@ -306,3 +279,52 @@ def load_dataset(
         warnings=warnings,
         profile=profile(frame, features, target, target_column, columns),
     )
+
+
+def _read_source(
+    source: Source, target_column: str, max_bytes: int, roles: dict[str, str] | None, data: bytes | None
+) -> tuple[pd.DataFrame, str, TaskKind | None]:
+    """The table, its target column, and the task kind the source itself defines (built-in sources)."""
+    if source.kind == "sklearn":
+        frame, task = _sklearn(source)
+        return frame, target_column or "target", task
+    if source.kind == "synthetic":
+        frame, task = _synthetic(source, max_bytes)
+        return frame, target_column or "target", task
+    if not target_column:
+        raise InvalidArgument(f"target_column is required for file sources such as {shown(source.name)}")
+    declared_categorical = [name for name, role in (roles or {}).items() if role == "categorical"]
+    return _read_file(source, max_bytes, declared_categorical, data), target_column, None
+
+
+def _check_table(frame: pd.DataFrame, source: Source, target_column: str, max_bytes: int) -> None:
+    """A table the rest of the pipeline can use: unique names, the target, rows, a feature, a size that fits."""
+    frame.columns = [str(c) for c in frame.columns]
+    if len(set(frame.columns)) != len(frame.columns):
+        raise FailedPrecondition("the dataset has two columns with the same name; rename one of them")
+    if target_column not in frame.columns:
+        raise InvalidArgument(
+            f"target column {shown(target_column)} is not in the dataset; its columns are: {column_list(frame.columns)}"
+        )
+    if len(frame) == 0:
+        raise FailedPrecondition(f"source {shown(source.name)} has no rows")
+    if len(frame.columns) < 2:
+        raise FailedPrecondition(f"source {shown(source.name)} has no feature columns besides the target")
+    _check_size(len(frame), len(frame.columns) - 1, max_bytes)
+    if frame[target_column].notna().sum() == 0:
+        raise FailedPrecondition(f"target column {shown(target_column)} has no values")
+
+
+def _decide_task(
+    raw_target: pd.Series,
+    source: Source,
+    target_column: str,
+    requested: TaskKind | None,
+    defined: TaskKind | None,
+) -> TaskDecision:
+    """The caller's kind wins; then the built-in source's; otherwise the target's values decide."""
+    if requested:
+        return TaskDecision(requested, f"{requested}, as requested", True)
+    if defined:
+        return TaskDecision(defined, f"{defined}, as defined by {source.kind}:{source.name}", False)
+    return decide_task(raw_target, target_column)

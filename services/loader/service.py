@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import cast
 
+from mlmesh.common.v1 import common_pb2
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from services.loader import VERSION, logic, sources
 from services.runtime.roles import role_name, role_value
@@ -78,7 +80,7 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
                 columns=[
                     loader_pb2.ColumnSummary(
                         name=c.name,
-                        role=role_value(c.role),
+                        role=cast(common_pb2.ColumnRole, role_value(c.role)),
                         reason=c.reason,
                         overridden=c.overridden,
                         source_dtype=c.source_dtype,

@@ -104,12 +104,32 @@ def preprocess(
     drop_duplicates: bool = False,
     drop_incomplete: bool = False,
 ) -> Prepared:
+    """Clean the rows, encode the target, and split: train and test, with what was dropped and why."""
     if target_column not in frame.columns:
         raise FailedPrecondition("the dataset has no target column; pass a dataset written by the loader")
+    frame, cleaning = _clean(frame, target_column, task, drop_duplicates, drop_incomplete)
+    frame, class_names, stratify = _encode_target(frame, target_column, task, test_fraction)
+    try:
+        train_index, test_index = train_test_split(
+            np.arange(len(frame)), test_size=test_fraction, random_state=seed, stratify=stratify
+        )
+    except ValueError as exc:
+        raise FailedPrecondition(f"cannot split the dataset: {exc}") from None
+    return Prepared(
+        train=frame.iloc[train_index].reset_index(drop=True),
+        test=frame.iloc[test_index].reset_index(drop=True),
+        class_names=class_names,
+        **cleaning,
+    )
+
+
+def _clean(
+    frame: pd.DataFrame, target_column: str, task: TaskKind, drop_duplicates: bool, drop_incomplete: bool
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows a model can learn from, and the counts of what was dropped (Prepared's fields)."""
     rows_in = len(frame)
     features = [c for c in frame.columns if c != target_column]
     target = frame[target_column]
-
     missing_target = target.isna().to_numpy()
     invalid_target = np.zeros(rows_in, dtype=bool)
     if task == TaskKind.REGRESSION:
@@ -132,48 +152,40 @@ def preprocess(
             f"invalid target: {int(invalid_target.sum())}, incomplete: {incomplete}, "
             f"duplicates dropped: {duplicates_found if drop_duplicates else 0}); at least 2 are needed for a split"
         )
+    return frame, {
+        "rows_in": rows_in,
+        "missing_target_rows_removed": int(missing_target.sum()),
+        "invalid_target_rows_removed": int(invalid_target.sum()),
+        "incomplete_rows_removed": incomplete,
+        "duplicate_rows_found": duplicates_found,
+        "duplicate_rows_removed": duplicates_found if drop_duplicates else 0,
+    }
 
-    class_names: list[str] = []
-    stratify = None
-    if task == TaskKind.CLASSIFICATION:
-        classes = np.array(sorted(frame[target_column].unique(), key=_sort_key), dtype=object)
-        class_names = [str(c) for c in classes]
-        codes = {value: index for index, value in enumerate(classes)}
-        y = frame[target_column].map(codes).astype("int64").to_numpy()
-        if len(classes) < 2:
-            raise FailedPrecondition("classification needs at least two classes after cleaning")
-        counts = np.bincount(y, minlength=len(classes))
-        rare = [class_names[i][:40] for i, n in enumerate(counts) if n < 2][:10]
-        if rare:
-            raise FailedPrecondition(
-                f"classes {rare} have fewer than 2 rows; a stratified split needs at least 2 per class. "
-                "Add data, remove those rows, or train a regression (task_kind)"
-            )
-        test_rows = int(np.ceil(test_fraction * len(frame)))
-        if test_rows < len(classes) or len(frame) - test_rows < len(classes):
-            raise FailedPrecondition(
-                f"test_fraction={test_fraction} on {len(frame)} rows cannot hold all {len(classes)} "
-                "classes in both splits; use a fraction closer to 0.5 or more data"
-            )
-        frame = frame.assign(**{target_column: y})
-        stratify = y
-    else:
-        frame = frame.assign(**{target_column: frame[target_column].to_numpy(dtype="float64")})
 
-    try:
-        train_index, test_index = train_test_split(
-            np.arange(len(frame)), test_size=test_fraction, random_state=seed, stratify=stratify
+def _encode_target(
+    frame: pd.DataFrame, target_column: str, task: TaskKind, test_fraction: float
+) -> tuple[pd.DataFrame, list[str], np.ndarray | None]:
+    """The target as the model sees it: class codes 0..k-1 in sorted label order (with the
+    labels, and the codes to stratify the split by), or float64 values for regression."""
+    if task == TaskKind.REGRESSION:
+        return frame.assign(**{target_column: frame[target_column].to_numpy(dtype="float64")}), [], None
+    classes = np.array(sorted(frame[target_column].unique(), key=_sort_key), dtype=object)
+    class_names = [str(c) for c in classes]
+    codes = {value: index for index, value in enumerate(classes)}
+    y = frame[target_column].map(codes).astype("int64").to_numpy()
+    if len(classes) < 2:
+        raise FailedPrecondition("classification needs at least two classes after cleaning")
+    counts = np.bincount(y, minlength=len(classes))
+    rare = [class_names[i][:40] for i, n in enumerate(counts) if n < 2][:10]
+    if rare:
+        raise FailedPrecondition(
+            f"classes {rare} have fewer than 2 rows; a stratified split needs at least 2 per class. "
+            "Add data, remove those rows, or train a regression (task_kind)"
         )
-    except ValueError as exc:
-        raise FailedPrecondition(f"cannot split the dataset: {exc}") from None
-    return Prepared(
-        train=frame.iloc[train_index].reset_index(drop=True),
-        test=frame.iloc[test_index].reset_index(drop=True),
-        rows_in=rows_in,
-        missing_target_rows_removed=int(missing_target.sum()),
-        invalid_target_rows_removed=int(invalid_target.sum()),
-        incomplete_rows_removed=incomplete,
-        duplicate_rows_found=duplicates_found,
-        duplicate_rows_removed=duplicates_found if drop_duplicates else 0,
-        class_names=class_names,
-    )
+    test_rows = int(np.ceil(test_fraction * len(frame)))
+    if test_rows < len(classes) or len(frame) - test_rows < len(classes):
+        raise FailedPrecondition(
+            f"test_fraction={test_fraction} on {len(frame)} rows cannot hold all {len(classes)} "
+            "classes in both splits; use a fraction closer to 0.5 or more data"
+        )
+    return frame.assign(**{target_column: y}), class_names, y

@@ -38,7 +38,7 @@ from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
 from services.runtime.settings import STAGES, Settings, SettingsError
 from services.runtime.store import ArtifactStore
 from services.runtime.summary import RunOutcome, local_path, render, stage_time
-from services.runtime.vocabulary import TaskKind
+from services.runtime.vocabulary import Decision, TaskKind
 
 
 def _key_values(pairs: list[str], convert: Any, flag: str) -> dict[str, Any]:
@@ -327,8 +327,8 @@ def _outcome(run: PipelineRun, source: str, registered_as: str) -> RunOutcome:
     outcome: RunOutcome = {
         "run_id": run.run_id,
         "source": source,
-        "task_kind": TaskKind.from_proto(run.load.task_kind, "task_kind"),
-        "decision": evaluator_pb2.Decision.Name(run.evaluate.decision).removeprefix("DECISION_"),
+        "task_kind": TaskKind.text_of(run.load.task_kind),
+        "decision": Decision.text_of(run.evaluate.decision),
         "reasons": list(run.evaluate.reasons),
         "metrics": dict(run.evaluate.metrics),
         "model_name": run.train.model_name,
@@ -348,10 +348,10 @@ def _summary(run: PipelineRun, registered_as: str) -> dict[str, Any]:
     evaluation, loaded, prepared = run.evaluate, run.load, run.preprocess
     return {
         "run_id": run.run_id,
-        "decision": evaluator_pb2.Decision.Name(evaluation.decision).removeprefix("DECISION_"),
+        "decision": Decision.text_of(evaluation.decision),
         "reasons": list(evaluation.reasons),
         "metrics": dict(sorted(evaluation.metrics.items())),
-        "task_kind": TaskKind.from_proto(loaded.task_kind, "task_kind"),
+        "task_kind": TaskKind.text_of(loaded.task_kind),
         "task_kind_reason": loaded.task_kind_reason,
         "target_column": loaded.target_column,
         "columns": [{**_as_dict(c), "role": role_name(c.role, c.name)} for c in loaded.columns],
@@ -490,7 +490,9 @@ async def _run_pipeline(
     """The five stages with progress on stderr, then the registry when the decision is PROMOTE."""
     # With OTEL_* set, the root of the run's trace: every stage call below is its child.
     with (
-        tracing.run_span(client.run_id, "mlmesh run", **{"mlmesh.source": config.source, "mlmesh.model": config.model}),
+        tracing.run_span(
+            client.run_id, "mlmesh run", None, **{"mlmesh.source": config.source, "mlmesh.model": config.model}
+        ),
         PipelineProgress(quiet=args.quiet) as progress,
     ):
         run = await client.run_pipeline(config, progress)

@@ -17,13 +17,13 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.longrunning import operations_grpc_pb2, operations_proto_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlmesh.common.v1 import progress_pb2, progress_pb2_grpc
+from mlmesh.common.v1 import common_pb2, progress_pb2, progress_pb2_grpc
 from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
@@ -204,9 +204,12 @@ def categorical_encoding_for(model: str, requested: str) -> str:
     return requested
 
 
-def _role_values(roles: dict[str, str]) -> dict[str, int]:
+def _role_values(roles: dict[str, str]) -> dict[str, common_pb2.ColumnRole]:
     try:
-        return {name: role_value(parse_role(role, f"role of {name[:40]!r}")) for name, role in roles.items()}
+        return {
+            name: cast(common_pb2.ColumnRole, role_value(parse_role(role, f"role of {name[:40]!r}")))
+            for name, role in roles.items()
+        }
     except InvalidArgument as exc:
         raise ConfigError(str(exc)) from None
 
@@ -216,7 +219,11 @@ def load_request(config: PipelineConfig) -> loader_pb2.LoadRequest:
     return loader_pb2.LoadRequest(
         source=resolve_source(config.source),
         target_column=config.target_column,
-        task_kind=TaskKind(checked("task_kind", config.task_kind)).to_proto() if config.task_kind else 0,
+        task_kind=(
+            TaskKind(checked("task_kind", config.task_kind)).to_proto()
+            if config.task_kind
+            else common_pb2.TASK_KIND_UNSPECIFIED
+        ),
         column_roles=_role_values(config.column_roles),
         force_recompute=config.force_recompute,
     )
@@ -240,11 +247,10 @@ def features_request(
     return features_pb2.BuildFeaturesRequest(
         train=train,
         test=test,
-        scaling=features_pb2.Scaling.Value(f"SCALING_{checked('scaling', config.scaling).upper()}"),
-        numeric_imputation=features_pb2.NumericImputation.Value(
-            f"NUMERIC_IMPUTATION_{checked('numeric_imputation', config.numeric_imputation).upper()}"
-        ),
-        categorical_encoding=features_pb2.CategoricalEncoding.Value(
+        # Enum fields take their value names; `checked` has vouched for each one.
+        scaling=f"SCALING_{checked('scaling', config.scaling).upper()}",
+        numeric_imputation=f"NUMERIC_IMPUTATION_{checked('numeric_imputation', config.numeric_imputation).upper()}",
+        categorical_encoding=(
             "CATEGORICAL_ENCODING_UNSPECIFIED" if encoding == "auto" else f"CATEGORICAL_ENCODING_{encoding.upper()}"
         ),
         missing_indicators=config.missing_indicators,

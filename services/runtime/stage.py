@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -327,7 +327,7 @@ class StageRuntime:
             result, cache_hit = await self._compute_once(key, job, work, result_type, on_progress)
 
         self.metrics.cache(cache_hit)
-        result.stage.CopyFrom(
+        stage_info(result).CopyFrom(
             StageInfo(
                 stage=self.name,
                 version=self.version,
@@ -385,7 +385,7 @@ class StageRuntime:
         """The memoized result for a cache key, marked as a hit, or None."""
         result = await self._recall_async(key, result_type)
         if result is not None:
-            result.stage.CopyFrom(StageInfo(stage=self.name, version=self.version, cache_hit=True, cache_key=key))
+            stage_info(result).CopyFrom(StageInfo(stage=self.name, version=self.version, cache_hit=True, cache_key=key))
         return result
 
     async def _recall_async(self, key: str, result_type: type[ResultT]) -> ResultT | None:
@@ -663,10 +663,10 @@ class LongRunning:
                 break
             await self.runtime.operations.wait(operation, 30.0)
         result = result_type()
-        result.CopyFrom(operation.result())
+        result.MergeFrom(cast(ResultT, operation.result()))
         if joined:
-            result.stage.cache_hit = True  # type: ignore[attr-defined]  # a joiner did not compute
-            await self.runtime.record_execution(job, result.stage.cache_key, result, True, started_at)  # type: ignore[attr-defined]
+            stage_info(result).cache_hit = True  # a caller that joined someone else's fit did not compute
+            await self.runtime.record_execution(job, stage_info(result).cache_key, result, True, started_at)
         yield result
 
     async def recall(self, name: str, result_type: type[ResultT], done_message: str) -> Operation | None:
@@ -718,6 +718,13 @@ def _glibc() -> Any:
 
 
 _LIBC = _glibc() if sys.platform == "linux" else None
+
+
+def stage_info(result: Message) -> StageInfo:
+    """A stage response's `stage` field: every stage's response message has one (see
+    proto/mlmesh/common/v1/common.proto), which protobuf's generic Message type cannot express."""
+    info: StageInfo = result.stage  # type: ignore[attr-defined]
+    return info
 
 
 def require(condition: bool, message: str) -> None:

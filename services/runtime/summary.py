@@ -39,7 +39,7 @@ class RunOutcome(TypedDict, total=False):
 
 
 # The metrics shown first, by task kind; the rest follow alphabetically.
-_LEADING = {
+_LEADING: dict[str, tuple[str, ...]] = {
     TaskKind.CLASSIFICATION: ("accuracy", "roc_auc", "f1_macro"),
     TaskKind.REGRESSION: ("r2", "rmse", "mae"),
 }

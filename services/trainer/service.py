@@ -48,10 +48,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         job = _job(request)
         events = self.fits.stream(job, functools.partial(_fit, request), trainer_pb2.TrainResult, _label(request))
         async for event in events:
-            if isinstance(event, trainer_pb2.TrainResult):
-                yield trainer_pb2.TrainResponse(result=event)
-            else:
+            if isinstance(event, trainer_pb2.TrainProgress):
                 yield trainer_pb2.TrainResponse(progress=event)
+            elif isinstance(event, trainer_pb2.TrainResult):
+                yield trainer_pb2.TrainResponse(result=event)
 
     async def recall_operation(self, name: str) -> Operation | None:
         return await self.fits.recall(name, trainer_pb2.TrainResult, "fit complete")
