@@ -235,6 +235,7 @@ def _infer_role(name: str, kind: str, values: pd.Series | None, distinct: int, p
     if kind == "categorical":
         return "categorical", f"a categorical column with {distinct} levels"
     if kind == "numeric":
+        assert values is not None, "only an unusable column has no canonical values"
         if _looks_like_key(name, values):
             return "identifier", "whole numbers, every one distinct, that look like a row key"
         return "numeric", "it holds numbers"
@@ -251,7 +252,7 @@ def _infer_role(name: str, kind: str, values: pd.Series | None, distinct: int, p
     return "categorical", f"text with {distinct} levels"
 
 
-def _convert_for_role(name: str, role: str, kind: str, raw: pd.Series, values: pd.Series | None) -> pd.Series:
+def _convert_for_role(name: str, role: str, kind: str, raw: pd.Series, values: pd.Series) -> pd.Series:
     """Canonical values for a role the caller chose; refuses what cannot be converted."""
     if role == "categorical":
         finite_numbers = kind == "numeric" and values.notna().sum() == raw.notna().sum()
@@ -260,7 +261,7 @@ def _convert_for_role(name: str, role: str, kind: str, raw: pd.Series, values: p
             # Parquet ("1"), so both formats give the same levels.
             return _as_text(values)
         # Other text keeps its spelling (a zip code "02134"); numbers and datetimes are written out.
-        return _as_text(raw if _is_text(raw) or kind == "boolean" or values is None else values)
+        return _as_text(raw if _is_text(raw) or kind == "boolean" else values)
     if role == "numeric":
         if kind in ("numeric", "boolean"):
             return values
@@ -337,11 +338,13 @@ def decide_columns(
             if role in FEATURE_ROLES:
                 if kind == "unusable":
                     raise FailedPrecondition(f"column {shown(name)} cannot be used as {role}: {unusable}")
+                assert values is not None, "only an unusable column has no canonical values"
                 values = _convert_for_role(name, role, kind, raw, values)
         else:
             role, reason = _infer_role(name, kind, values, distinct, present)
             reason, overridden = reason or unusable, False
         if role in FEATURE_ROLES:
+            assert values is not None, "an unusable column, the one without canonical values, gets no feature role"
             features[name] = values
             # Also when declared categorical or boolean, unless the text "inf" was kept as a level.
             if infinite and int(values.isna().sum()) > int(raw.isna().sum()):

@@ -309,7 +309,8 @@ def _capped(
     """read() until it returns b'', at most max_bytes in all, stopping when cancelled or late.
 
     The size known before reading may be missing (a streamed HTTP body) or stale (a growing file)."""
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+    total = 0
     while True:
         _check_time(cancelled, deadline)
         chunk = read()

@@ -32,7 +32,7 @@ from google.longrunning import operations_proto_pb2 as operations_pb2
 from google.longrunning.operations_grpc_pb2 import OperationsServicer, add_OperationsServicer_to_server
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
-from google.rpc import status_pb2  # type: ignore[import-untyped]  # has .pyi files but no py.typed marker
+from google.rpc import status_pb2
 
 from services.runtime.errors import (
     Cancelled,

@@ -55,7 +55,7 @@ class Checkpoints:
             problem = "its state file is missing"
         elif sha256_hex(data) != pointer.get("sha256"):
             problem = "its state does not match the digest it was saved with"
-        if not problem:
+        if not problem and data is not None:
             try:
                 estimator = skops_to_model(data, "checkpoint")
             except StageError as exc:
