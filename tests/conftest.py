@@ -1,24 +1,29 @@
-"""Shared fixtures: real servers on port 0, real channels, a private artifact store."""
+"""Shared fixtures: real servers on port 0, real channels, a private artifact store.
+
+Plain helper functions (status-code names, assert_serving, expect_error, ports, the pipeline run
+up to a stage) live in tests/helpers.py; import them from there.
+
+`@pytest.mark.stages("loader", "preprocess")` on a test or a module makes the `mesh` and `client`
+fixtures start only those stages (all five when a test has no such mark). A call to a stage that
+was not started fails at once with StageNotStarted, naming the stage and the mark to change.
+
+With CI=true a skipped test fails (see pytest_runtest_makereport below): in CI a skip would hide
+a check that never ran. Tests left out with `-m` are deselected, not skipped.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 import pytest_asyncio
 
 from services.runtime.client import MeshClient
-from services.runtime.launcher import LocalMesh
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
-
-__all__ = ["expect_error", "free_ports", "stage_spec", "start_local_mesh", "use_free_ports"]
-
+from tests.helpers import StartedStagesClient, quiet_ports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,24 +37,6 @@ def data_roots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLMESH_DATA_ROOTS", roots)
         yield roots
-
-
-def quiet_ports(count: int) -> list[int]:
-    """Free ports below the kernel's ephemeral range (32768 and up), so no client connection of
-    the session takes one while a stage is not listening on it."""
-    import random
-
-    chosen: list[int] = []
-    for port in random.sample(range(20000, 32000), 200):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        chosen.append(port)
-        if len(chosen) == count:
-            return chosen
-    raise RuntimeError("no free ports between 20000 and 32000")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -79,11 +66,28 @@ def settings(artifact_root: Path, data_roots: str) -> Settings:
     )
 
 
+def stages_to_start(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The stages named by the closest `stages` mark (the test's own, else its class's or module's),
+    in pipeline order; all five when there is none."""
+    marker = request.node.get_closest_marker("stages")
+    if marker is None:
+        return STAGES
+    unknown = sorted(set(marker.args) - set(STAGES))
+    if unknown or not marker.args:
+        pytest.fail(
+            f"{request.node.nodeid}: @pytest.mark.stages takes one or more of {', '.join(STAGES)}; got {marker.args!r}",
+            pytrace=False,
+        )
+    return tuple(name for name in STAGES if name in marker.args)
+
+
 @pytest_asyncio.fixture
-async def mesh(settings: Settings) -> AsyncIterator[dict[str, RunningStage]]:
-    """All five stages in this process, each on its own ephemeral port."""
-    running = {name: await start_stage(stage_spec(name), settings, port=0) for name in STAGES}
+async def mesh(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[dict[str, RunningStage]]:
+    """The test's stages (see stages_to_start) in this process, each on its own ephemeral port."""
+    running: dict[str, RunningStage] = {}
     try:
+        for name in stages_to_start(request):
+            running[name] = await start_stage(stage_spec(name), settings, port=0)
         yield running
     finally:
         for stage in running.values():
@@ -92,57 +96,45 @@ async def mesh(settings: Settings) -> AsyncIterator[dict[str, RunningStage]]:
 
 @pytest_asyncio.fixture
 async def client(mesh: dict[str, RunningStage], settings: Settings) -> AsyncIterator[MeshClient]:
-    async with MeshClient(settings, addresses={n: s.address for n, s in mesh.items()}) as mesh_client:
+    """A client of the mesh fixture's stages; a call to a stage it did not start raises StageNotStarted."""
+    async with StartedStagesClient(settings, mesh) as mesh_client:
         yield mesh_client
 
 
-async def expect_error(awaitable, code: grpc.StatusCode, *fragments: str) -> str:
-    """Await a call that must fail with `code`; its message must contain every fragment."""
-    from services.runtime.client import StageCallError
-
-    with pytest.raises(StageCallError) as caught:
-        await awaitable
-    error = caught.value
-    assert error.code == code, f"expected {code.name}, got {error.code.name}: {error.details}"
-    for fragment in fragments:
-        assert fragment in error.details, f"{fragment!r} not in {error.details!r}"
-    return error.details
+# ---- CI=true: a skip is a failure ------------------------------------------------------------------
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() == "true"
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
 
 
-def use_free_ports(env: dict[str, str]) -> dict[str, int]:
-    """Point `env` at a mesh of its own: free gRPC and metrics ports for every stage (so it never
-    collides with another mesh a test holds open), and clients at those ports. Returns the gRPC ports."""
-    ports = dict(zip(STAGES, free_ports(len(STAGES)), strict=True))
-    for (stage, port), metrics_port in zip(ports.items(), quiet_ports(len(STAGES)), strict=True):
-        env[f"MLMESH_{stage.upper()}_PORT"] = str(port)
-        env[f"MLMESH_{stage.upper()}_METRICS_PORT"] = str(metrics_port)
-        env.pop(f"MLMESH_{stage.upper()}_ADDRESS", None)
-    return ports
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """With CI=true a test that skips (in setup or in its body) is reported as failed, with the reason."""
+    outcome = yield
+    report = outcome.get_result()
+    if not (_in_ci() and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    report.outcome = "failed"
+    report.longrepr = f"{item.nodeid} was skipped, and CI=true makes a skip a failure: {reason}"
 
 
-def start_local_mesh(base: Path) -> tuple[LocalMesh, dict[str, str]]:
-    """`mlmesh up`'s LocalMesh on free ports, with a private artifact store, HOME and TMPDIR, and the
-    environment that points the CLI and pyflyte at it. Stage logs go to base/logs."""
-    env = {
-        **os.environ,
-        "MLMESH_ARTIFACT_ROOT": str(base / "artifacts"),
-        "MLMESH_GRACE_SECONDS": "1",
-        "HOME": str(base / "home"),  # Flyte's local cache lives under ~/.flyte
-        "TMPDIR": str(base / "tmp"),  # Flyte writes decks under the temp folder
-    }
-    for folder in ("home", "tmp"):
-        (base / folder).mkdir()
-    use_free_ports(env)
-    mesh = LocalMesh(Settings.from_env(env), env=env, log_dir=base / "logs")
-    asyncio.run(mesh.start())
-    return mesh, env
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The safety net for skips the hook above cannot turn into failures (a whole module skipped at
+    collection): with CI=true they fail the session, and pytest_terminal_summary names them."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped") if reporter is not None else None
+    if _in_ci() and skipped and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    if _in_ci() and skipped:
+        terminalreporter.section("CI=true: skipped tests are failures", sep="=", red=True, bold=True)
+        for report in skipped:
+            terminalreporter.line(f"skipped: {report.nodeid or report.fspath}: {_skip_reason(report)}", red=True)
