@@ -73,12 +73,7 @@ def chaos_mesh(tmp_path: Path):
     drain = threading.Thread(target=lambda: [up.output.append(line) for line in up.process.stdout], daemon=True)
     drain.start()
     yield up
-    up.process.terminate()
-    try:
-        up.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        up.process.kill()
-        up.process.wait()
+    up.stop()
 
 
 def test_pipelines_survive_random_sigkills_with_identical_results(chaos_mesh: UpProcess) -> None:

@@ -21,7 +21,7 @@ import pytest
 from services.runtime import cli
 from services.runtime.client import running_operations
 from services.runtime.settings import Settings
-from tests.conftest import start_local_mesh
+from tests.helpers import start_local_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, STAGES
-from tests.conftest import free_ports
+from tests.helpers import free_ports, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -734,10 +734,7 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
         "up --build --exit-code-from pipeline"
     )
     for script in (recipe, permissions):
-        made = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
-        )
-        assert made.returncode == 0, script + made.stderr
+        run_script(script, tmp_path, timeout=120)
     certs = tmp_path / "certs"
     tmp_path.chmod(0o755)
     certs.chmod(0o755)

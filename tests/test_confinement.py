@@ -35,21 +35,28 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from mlmesh.loader.v1 import loader_pb2
 from services.loader import sources
-from services.runtime.client import MeshClient, check_health
+from services.runtime.client import MeshClient
 from services.runtime.errors import NotFound, PermissionDenied, ResourceExhausted
-from services.runtime.server import RunningStage, start_stage
+from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings, SettingsError
-from tests.conftest import expect_error, free_ports, stage_spec
+from tests.helpers import (
+    DENIED,
+    EXHAUSTED,
+    FAILED,
+    INVALID,
+    LATE,
+    NOT_FOUND,
+    StartedStagesClient,
+    assert_serving,
+    expect_error,
+    free_ports,
+)
 from tests.test_mesh_processes import UpProcess, on_new_ports
 
 MARKER = "mlmesh-secret-7c1f9e"
 CAP = 64 * 1024  # MLMESH_MAX_DATASET_BYTES of the loaders here
 READ_SECONDS = 1.0  # MLMESH_SOURCE_READ_SECONDS of the `loader` fixture
 BIN = Path(sys.executable).parent
-
-DENIED, INVALID = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT
-NOT_FOUND, FAILED = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION
-EXHAUSTED, LATE = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED
 
 GOOD_CSV = (
     "a,b,label\n" + "".join(f"{(i * 3) % 13 + 0.5},{(i * 7) % 11},{'yes' if i % 2 else 'no'}\n" for i in range(60))
@@ -241,7 +248,7 @@ async def make_loader(world: World, servers: Servers, tmp_path: Path) -> AsyncIt
             }
         )
         stage = await start_stage(stage_spec("loader"), settings, port=0)
-        client = MeshClient(settings, addresses={"loader": stage.address})
+        client = StartedStagesClient(settings, {"loader": stage})
         await client.__aenter__()
         running.append((stage, client))
         return Loader(stage, client)
@@ -268,11 +275,6 @@ def load(source: str, target: str = "zz", force: bool = False) -> loader_pb2.Loa
     return loader_pb2.LoadRequest(source=source, target_column=target, force_recompute=force)
 
 
-async def assert_serving(loader: Loader) -> None:
-    assert await check_health(loader.stage.address) == "SERVING"
-    assert await check_health(loader.stage.address, loader.stage.spec.service_name) == "SERVING"
-
-
 async def refused(loader: Loader, source: str, code: grpc.StatusCode, *fragments: str, target: str = "zz") -> str:
     """The load fails with exactly `code`; a bounded message with no secret; the loader still serves."""
     details = await expect_error(loader.client.load(load(source, target)), code, *fragments)
@@ -280,7 +282,7 @@ async def refused(loader: Loader, source: str, code: grpc.StatusCode, *fragments
     assert MARKER not in details, details
     if code == DENIED:
         assert "MLMESH_DATA_ROOTS" in details, details
-    await assert_serving(loader)
+    await assert_serving(loader.stage)
     return details
 
 
@@ -459,7 +461,7 @@ async def test_the_callers_deadline_and_cancellation_stop_a_read(make_loader, wo
         reply = await stub.Load(load(f"{world.root}/good.csv", "label", force=True), timeout=10)
         assert reply.rows == 60
         assert time.monotonic() - started < 6, "the worker was held past the caller's deadline"
-        await assert_serving(loader)
+        await assert_serving(loader.stage)
 
     call = stub.Load(load(f"{servers.silent.url}/y.csv"), timeout=60)
     await asyncio.sleep(0.5)

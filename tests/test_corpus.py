@@ -26,8 +26,8 @@ import pandas as pd
 import pytest
 
 from tests import corpus
-from tests.conftest import start_local_mesh
 from tests.corpus import BY_NAME, FORMATS, TABLES, Table
+from tests.helpers import start_local_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -40,7 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.runtime.probe import default_address
 from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, STAGES
-from tests.conftest import free_ports
+from tests.helpers import free_ports, run_script, start_loader_process
 from tests.prometheus_bin import prometheus_binaries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1243,10 +1243,7 @@ def k8s_rollout(tmp_path_factory: pytest.TempPathFactory) -> K8sRollout:
     folder = tmp_path_factory.mktemp("k8s-rollout")
     (folder / "deploy").symlink_to(DEPLOY)  # the docs' paths are relative to the checkout
     readme_certs = next(b for b in readme_section_blocks("Securing the mesh") if "openssl req -x509" in b)
-    made = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", readme_certs], cwd=folder, capture_output=True, text=True, timeout=60
-    )
-    assert made.returncode == 0, made.stderr
+    run_script(readme_certs, folder, timeout=60)
     shim_dir = folder / "bin"
     shim_dir.mkdir()
     (shim_dir / "kubectl").write_text(f"#!{sys.executable}\n{KUBECTL_SHIM}")
@@ -1263,10 +1260,7 @@ def k8s_rollout(tmp_path_factory: pytest.TempPathFactory) -> K8sRollout:
     for block in doc_blocks("sh"):
         if re.search(r"\b(docker|pyflyte|port-forward|grpcurl)\b", block):
             continue
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env, capture_output=True, text=True, timeout=120
-        )
-        assert result.returncode == 0, f"{block}\n{result.stdout}\n{result.stderr}"
+        run_script(block, folder, env, timeout=120)
         ran.append(block)
     assert len(ran) == 4, "the certificate, the Secrets, the Flyte namespace and mutual TLS"
     state = json.loads((folder / "cluster.json").read_text())
@@ -1471,15 +1465,7 @@ def test_k8s_loader_pod_serves_tls_to_its_exec_probe_and_token_holders(k8s_rollo
         script = script.replace("localhost:50051", f"localhost:{pod.port}").replace(
             "127.0.0.1:50051", f"127.0.0.1:{pod.port}"
         )
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script],
-            cwd=k8s_rollout.folder,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        result = run_script(script, k8s_rollout.folder, {**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
         assert f"127.0.0.1:{pod.port}: SERVING" in result.stdout
         assert '"status": "SERVING"' in result.stdout and "mlmesh.loader.v1.LoaderService" in result.stdout
         anonymous = f"{BIN}/grpcurl -cacert certs/ca.pem localhost:{pod.port} list"
@@ -1565,26 +1551,9 @@ def probe(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def loader_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real loader, run as the image runs it: python -m services.loader."""
-    port, metrics_port = free_ports(2)
-    env = {
-        **os.environ,
-        "MLMESH_ARTIFACT_ROOT": str(tmp_path_factory.mktemp("probe-artifacts")),
-        "MLMESH_LOADER_PORT": str(port),
-        "MLMESH_LOADER_METRICS_PORT": str(metrics_port),  # never the default 9451 a local mesh may hold
-        "MLMESH_GRACE_SECONDS": "0.5",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.loader"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while probe("--address", f"127.0.0.1:{port}", "--timeout", "1").returncode != 0:
-        assert process.poll() is None and time.monotonic() < deadline, "the loader did not start"
-        time.sleep(0.3)
-    yield {"MLMESH_LOADER_PORT": str(port), "MLMESH_ARTIFACT_ROOT": env["MLMESH_ARTIFACT_ROOT"]}
+    artifacts = tmp_path_factory.mktemp("probe-artifacts")
+    process, port = start_loader_process(artifacts, grace_seconds=0.5, stdout=subprocess.DEVNULL)
+    yield {"MLMESH_LOADER_PORT": str(port), "MLMESH_ARTIFACT_ROOT": str(artifacts)}
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
@@ -19,7 +18,7 @@ from mlmesh.common.v1.common_pb2 import TaskKind
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from services.evaluator import logic
-from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, check_health
+from services.runtime.client import MeshClient, PipelineConfig, PipelineRun
 from services.runtime.client import evaluate_request as client_evaluate_request
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.formats import (
@@ -33,10 +32,8 @@ from services.runtime.formats import (
 )
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.conftest import expect_error
+from tests.helpers import FAILED, INVALID, assert_serving, evaluate_request, expect_error
 
-INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
-DATA_LOSS = grpc.StatusCode.DATA_LOSS
 PROMOTE, RETRAIN = evaluator_pb2.DECISION_PROMOTE, evaluator_pb2.DECISION_RETRAIN
 BINARY_SOURCE = "synthetic:classification?rows=400&features=8&classes=2&seed=3"
 
@@ -256,21 +253,6 @@ def test_threshold_names_and_values_are_checked() -> None:
 
 
 # ---- the real service ---------------------------------------------------------------------
-async def assert_serving(mesh) -> None:
-    assert await check_health(mesh["evaluator"].address) == "SERVING"
-
-
-def evaluate_request(run: PipelineRun, **kwargs) -> evaluator_pb2.EvaluateRequest:
-    fields = {
-        "model": run.train.model,
-        "x_test": run.features.x_test,
-        "y_test": run.features.y_test,
-        "class_names": run.preprocess.class_names,
-        **kwargs,
-    }
-    return evaluator_pb2.EvaluateRequest(**fields)
-
-
 def stored(settings: Settings, run: PipelineRun):
     store = ArtifactStore(settings.artifact_root)
     model = skops_to_model(store.get(run.train.model), "model")
@@ -427,7 +409,7 @@ async def test_report_is_deterministic(client: MeshClient) -> None:
 async def test_bad_thresholds(client: MeshClient, mesh, thresholds: dict, fragments: list[str]) -> None:
     run = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE))
     await expect_error(client.evaluate(evaluate_request(run, **thresholds)), INVALID, *fragments)
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
 
 @pytest.mark.asyncio
@@ -438,7 +420,7 @@ async def test_classification_threshold_on_a_regressor(client: MeshClient, mesh)
         INVALID,
         "threshold on 'accuracy' does not apply to a regression model",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
 
 @pytest.mark.asyncio
@@ -453,23 +435,23 @@ async def test_test_data_must_come_from_the_same_features_run(client: MeshClient
         "the model expects 8 features but x_test has shape (80, 44)",
         "same features run",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
     other = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE, test_fraction=0.5))
     await expect_error(
         client.evaluate(evaluate_request(run, y_test=other.features.y_test)), FAILED, "80 rows but y_test has 200"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
     # Swapped refs are the caller's mistake, not an internal error.
     await expect_error(
         client.evaluate(evaluate_request(run, x_test=run.features.y_test)), FAILED, "x_test has shape (80,)"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
     await expect_error(
         client.evaluate(evaluate_request(run, y_test=run.features.x_test)), FAILED, "y_test must be a vector"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
     three = await client.run_pipeline(PipelineConfig(source=BINARY_SOURCE.replace("classes=2", "classes=3")))
     await expect_error(
@@ -477,7 +459,7 @@ async def test_test_data_must_come_from_the_same_features_run(client: MeshClient
         FAILED,
         "y_test holds classes [2] the model was not trained on",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
     regression = await client.run_pipeline(
         PipelineConfig(source="synthetic:regression?rows=400&features=8&seed=3", model="ridge")
@@ -487,7 +469,7 @@ async def test_test_data_must_come_from_the_same_features_run(client: MeshClient
         FAILED,
         "classifier but y_test holds float64 values",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
 
 @pytest.mark.asyncio
@@ -497,14 +479,14 @@ async def test_missing_or_wrong_refs(client: MeshClient, mesh) -> None:
         request = evaluate_request(run)
         request.ClearField(name)
         await expect_error(client.evaluate(request), INVALID, f"{name} is required")
-        await assert_serving(mesh)
+        await assert_serving(mesh["evaluator"])
     await expect_error(
         client.evaluate(evaluate_request(run, model=run.features.x_test)), FAILED, "model", "not a readable .skops"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
     # A JSON artifact is not a model either.
     await expect_error(client.evaluate(evaluate_request(run, model=run.evaluate.metrics_report)), FAILED, "model")
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
 
 # ---- the HTML report ----------------------------------------------------------------------
@@ -586,7 +568,7 @@ async def test_a_profile_ref_of_the_wrong_shape_never_breaks_the_report(
         FAILED,
         "profile is not a readable JSON document",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])
 
 
 # ---- infinite values never make an internal error -------------------------------------------
@@ -616,4 +598,4 @@ async def test_infinite_test_data_is_a_failed_precondition(client: MeshClient, m
         FAILED,
         f"the model predicts non-finite values for {len(y)} of {len(y)} test rows",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["evaluator"])

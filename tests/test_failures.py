@@ -30,19 +30,14 @@ from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2
 from services.evaluator import registry
 from services.runtime import store as store_module
-from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, check_health
+from services.runtime.client import MeshClient, PipelineConfig, PipelineRun
 from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.conftest import expect_error
+from tests.helpers import StartedStagesClient, assert_serving, each_stage, expect_error
 
 IRIS = loader_pb2.LoadRequest(source="sklearn:iris")
-
-
-async def assert_serving(stage: RunningStage) -> None:
-    assert await check_health(stage.address) == "SERVING"
-    assert await check_health(stage.address, stage.spec.service_name) == "SERVING"
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -99,6 +94,7 @@ def fill_disk_for(monkeypatch: pytest.MonkeyPatch, folder: str, code: int = errn
         ("memo", errno.ENOSPC, "no space left on device"),
     ],
 )
+@pytest.mark.stages("loader")
 async def test_a_full_disk_is_resource_exhausted_and_leaves_no_partial_file(
     client: MeshClient,
     mesh: dict[str, RunningStage],
@@ -172,7 +168,7 @@ async def test_a_really_full_tmpfs_is_resource_exhausted(tmp_path: Path) -> None
                 while True:
                     ballast.write(b"\0" * 4096)
             os.truncate(root / "ballast", os.path.getsize(root / "ballast") - 4096)
-            async with MeshClient(settings, addresses={"loader": stage.address}) as client:
+            async with StartedStagesClient(settings, {"loader": stage}) as client:
                 await expect_error(
                     client.load(IRIS),
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -194,7 +190,7 @@ async def test_a_really_full_tmpfs_is_resource_exhausted(tmp_path: Path) -> None
 # ---- 2. control characters in a ref URI -----------------------------------------------------
 @pytest.mark.asyncio
 @pytest.mark.parametrize("bad", ["\x00", "\n", "\x1b[31m", "\x7f"])
-@pytest.mark.parametrize("stage", ["preprocess", "evaluator"])
+@pytest.mark.parametrize("stage", each_stage("preprocess", "evaluator"))
 async def test_control_characters_in_a_ref_uri_are_invalid_argument(
     client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, bad: str, stage: str
 ) -> None:
@@ -212,6 +208,7 @@ async def test_control_characters_in_a_ref_uri_are_invalid_argument(
 
 # ---- 3. a folder where an object belongs ----------------------------------------------------
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess")
 async def test_a_folder_named_by_a_ref_is_failed_precondition(
     client: MeshClient, mesh: dict[str, RunningStage], settings: Settings, artifact_root: Path
 ) -> None:
@@ -237,6 +234,7 @@ async def test_a_folder_named_by_a_ref_is_failed_precondition(
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_a_folder_in_the_way_of_a_write_is_failed_precondition(
     client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path
 ) -> None:
@@ -293,6 +291,7 @@ WRONG_MEMOS = {
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("case", sorted(WRONG_MEMOS))
+@pytest.mark.stages("loader")
 async def test_a_memo_entry_of_the_wrong_shape_is_a_miss_and_rewritten(
     client: MeshClient,
     mesh: dict[str, RunningStage],
@@ -314,6 +313,7 @@ async def test_a_memo_entry_of_the_wrong_shape_is_a_miss_and_rewritten(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("wrong", [[], {"stage": 3}, {"stage": "loader", "inputs": {"x": "y"}}])
+@pytest.mark.stages("loader")
 async def test_a_manifest_of_the_wrong_shape_is_rewritten(
     client: MeshClient,
     mesh: dict[str, RunningStage],
@@ -345,7 +345,7 @@ METHODS = {
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", each_stage())
 async def test_an_undecodable_request_is_invalid_argument_and_logged(
     mesh: dict[str, RunningStage], caplog: pytest.LogCaptureFixture, name: str
 ) -> None:
@@ -401,6 +401,7 @@ async def _logged_status(caplog: pytest.LogCaptureFixture, path: str) -> str:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
+@pytest.mark.stages("loader")
 async def test_cancelled_and_expired_calls_are_logged_with_their_status(
     mesh: dict[str, RunningStage], caplog: pytest.LogCaptureFixture, slow_load: None, how: str
 ) -> None:
@@ -425,6 +426,7 @@ async def test_cancelled_and_expired_calls_are_logged_with_their_status(
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_a_completed_call_is_still_logged_ok(
     client: MeshClient, mesh: dict[str, RunningStage], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -630,6 +632,7 @@ async def test_register_model_refuses_another_models_report(
 # ---- 9. the run id in the metadata is checked -------------------------------------------------
 @pytest.mark.asyncio
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "", "x" * 200, "a/b", ".hidden", "run id"])
+@pytest.mark.stages("loader")
 async def test_a_bad_run_id_in_the_metadata_is_invalid_argument(
     mesh: dict[str, RunningStage], settings: Settings, bad: str
 ) -> None:

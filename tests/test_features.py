@@ -4,27 +4,25 @@ from __future__ import annotations
 
 from math import comb
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
 
 from mlmesh.common.v1.common_pb2 import TaskKind
 from mlmesh.features.v1 import features_pb2
-from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from services.features import logic
-from services.runtime.client import MeshClient, check_health
+from services.runtime.client import MeshClient
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.runtime.formats import json_bytes_to_doc, npy_to_array, read_table, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.conftest import expect_error
+from tests.helpers import EXHAUSTED, FAILED, INVALID, assert_serving, expect_error, prepare
 
-INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
-EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 BIG = 2 * 1024**3
 SYNTH = "synthetic:classification?rows=400&features=8&classes=3&seed=1"
+# The service tests here load and preprocess a table, then build its features: three stages.
+pytestmark = pytest.mark.stages("loader", "preprocess", "features")
 
 
 def splits(seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -178,22 +176,13 @@ def test_missing_numbers_are_imputed_inside_the_transformer() -> None:
 
 
 # ---- the real service ---------------------------------------------------------------------
-async def prepare(client: MeshClient, source: str = SYNTH, **kwargs) -> preprocess_pb2.PreprocessResponse:
-    loaded = await client.load(loader_pb2.LoadRequest(source=source))
-    return await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset, seed=3, **kwargs))
-
-
 def build(prepared: preprocess_pb2.PreprocessResponse, **kwargs) -> features_pb2.BuildFeaturesRequest:
     return features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test, **kwargs)
 
 
-async def assert_serving(mesh) -> None:
-    assert await check_health(mesh["features"].address) == "SERVING"
-
-
 @pytest.mark.asyncio
 async def test_service_fits_scaler_on_train_split_only(client: MeshClient, settings: Settings) -> None:
-    prepared = await prepare(client)
+    prepared = await prepare(client, SYNTH, seed=3)
     reply = await client.build_features(build(prepared))
     assert reply.task_kind == TaskKind.TASK_KIND_CLASSIFICATION
     assert list(reply.feature_names) == [f"x{i}" for i in range(8)]
@@ -231,7 +220,7 @@ async def test_service_fits_scaler_on_train_split_only(client: MeshClient, setti
     ],
 )
 async def test_each_scaling_option(client: MeshClient, settings: Settings, scaling: int) -> None:
-    prepared = await prepare(client)
+    prepared = await prepare(client, SYNTH, seed=3)
     reply = await client.build_features(build(prepared, scaling=scaling))
     store = ArtifactStore(settings.artifact_root)
     x_train = npy_to_array(store.get(reply.x_train), "x_train")
@@ -252,7 +241,7 @@ async def test_each_scaling_option(client: MeshClient, settings: Settings, scali
 
 @pytest.mark.asyncio
 async def test_unspecified_scaling_is_standard(client: MeshClient) -> None:
-    prepared = await prepare(client)
+    prepared = await prepare(client, SYNTH, seed=3)
     standard = await client.build_features(build(prepared, scaling=features_pb2.SCALING_STANDARD))
     unspecified = await client.build_features(build(prepared))
     assert unspecified.stage.cache_hit and unspecified.stage.cache_key == standard.stage.cache_key
@@ -261,7 +250,7 @@ async def test_unspecified_scaling_is_standard(client: MeshClient) -> None:
 
 @pytest.mark.asyncio
 async def test_polynomial_degree_and_k_best_widths(client: MeshClient, settings: Settings) -> None:
-    prepared = await prepare(client)
+    prepared = await prepare(client, SYNTH, seed=3)
     store = ArtifactStore(settings.artifact_root)
     for degree, width in ((0, 8), (1, 8), (2, comb(10, 2) - 1), (3, comb(11, 3) - 1)):
         reply = await client.build_features(build(prepared, polynomial_degree=degree))
@@ -283,7 +272,7 @@ async def test_polynomial_degree_and_k_best_widths(client: MeshClient, settings:
 
 @pytest.mark.asyncio
 async def test_regression_targets_stay_float(client: MeshClient, settings: Settings) -> None:
-    prepared = await prepare(client, "synthetic:regression?rows=200&features=4&seed=2")
+    prepared = await prepare(client, "synthetic:regression?rows=200&features=4&seed=2", seed=3)
     reply = await client.build_features(build(prepared, select_k_best=2))
     assert reply.task_kind == TaskKind.TASK_KIND_REGRESSION and len(reply.feature_names) == 2
     y_train = npy_to_array(ArtifactStore(settings.artifact_root).get(reply.y_train), "y_train")
@@ -292,7 +281,7 @@ async def test_regression_targets_stay_float(client: MeshClient, settings: Setti
 
 @pytest.mark.asyncio
 async def test_features_are_deterministic(client: MeshClient) -> None:
-    prepared = await prepare(client)
+    prepared = await prepare(client, SYNTH, seed=3)
     first = await client.build_features(build(prepared, polynomial_degree=2, select_k_best=5, force_recompute=True))
     again = await client.build_features(build(prepared, polynomial_degree=2, select_k_best=5, force_recompute=True))
     assert not again.stage.cache_hit
@@ -322,38 +311,38 @@ async def test_features_are_deterministic(client: MeshClient) -> None:
     ],
 )
 async def test_bad_feature_options(client: MeshClient, mesh, kwargs: dict, fragments: list[str]) -> None:
-    prepared = await prepare(client)
+    prepared = await prepare(client, SYNTH, seed=3)
     await expect_error(client.build_features(build(prepared, **kwargs)), INVALID, *fragments)
-    await assert_serving(mesh)
+    await assert_serving(mesh["features"])
 
 
 @pytest.mark.asyncio
 async def test_bad_inputs(client: MeshClient, mesh) -> None:
-    prepared = await prepare(client)
+    prepared = await prepare(client, SYNTH, seed=3)
     await expect_error(
         client.build_features(features_pb2.BuildFeaturesRequest(test=prepared.test)), INVALID, "train is required"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["features"])
     await expect_error(
         client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train)), INVALID, "test is required"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["features"])
 
-    other = await prepare(client, "synthetic:classification?rows=100&features=5&seed=2")
+    other = await prepare(client, "synthetic:classification?rows=100&features=5&seed=2", seed=3)
     mixed = features_pb2.BuildFeaturesRequest(train=prepared.train, test=other.test)
     await expect_error(client.build_features(mixed), FAILED, "must both come from the same preprocess run")
-    await assert_serving(mesh)
+    await assert_serving(mesh["features"])
     swapped = features_pb2.BuildFeaturesRequest(train=prepared.test, test=prepared.train)
     await expect_error(
         client.build_features(swapped), FAILED, "the train and test refs preprocess returned, in that order"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["features"])
 
-    wide = await prepare(client, "synthetic:classification?rows=1000&features=60&seed=2")
+    wide = await prepare(client, "synthetic:classification?rows=1000&features=60&seed=2", seed=3)
     await expect_error(
         client.build_features(build(wide, polynomial_degree=4)),
         EXHAUSTED,
         "polynomial_degree=4 on 60 features",
         "lower the degree",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["features"])

@@ -11,7 +11,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import grpc
 import pytest
 import sklearn
 
@@ -26,7 +25,7 @@ from services.runtime.settings import Settings
 from services.runtime.stage import Job, StageRuntime
 from services.runtime.store import ArtifactStore, ref_to_dict
 from services.trainer import logic as trainer_logic
-from tests.conftest import expect_error
+from tests.helpers import DATA_LOSS, StartedStagesClient, expect_error, features_for
 
 
 @pytest.fixture
@@ -49,16 +48,6 @@ def object_path(ref: ArtifactRef) -> Path:
     return Path(ref.uri.removeprefix("file://"))
 
 
-async def features_for(
-    client: MeshClient, source: str = "sklearn:iris", **features_args
-) -> features_pb2.BuildFeaturesResponse:
-    loaded = await client.load(loader_pb2.LoadRequest(source=source))
-    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
-    return await client.build_features(
-        features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test, **features_args)
-    )
-
-
 @pytest.fixture
 def fit_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts real fits in the trainer (on its worker threads)."""
@@ -77,6 +66,7 @@ def fit_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 # ---- one computation per key -------------------------------------------------------------
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess", "features", "trainer")
 async def test_identical_concurrent_requests_compute_once(
     client: MeshClient,
     mesh: dict[str, RunningStage],
@@ -137,6 +127,7 @@ async def test_identical_concurrent_requests_compute_once(
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess", "features", "trainer")
 async def test_different_requests_do_not_share_a_computation(
     client: MeshClient, artifact_root: Path, fit_calls: list[int]
 ) -> None:
@@ -220,6 +211,7 @@ def test_cache_key_follows_params_and_input_digests_only(runtime: StageRuntime, 
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess", "features", "trainer")
 async def test_cache_key_over_grpc(client: MeshClient, fit_calls: list[int]) -> None:
     features = await features_for(client)
 
@@ -246,6 +238,7 @@ async def test_cache_key_over_grpc(client: MeshClient, fit_calls: list[int]) -> 
 
 # ---- no dangling refs ----------------------------------------------------------------------
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess", "features", "trainer")
 async def test_deleted_output_is_recomputed_not_served(
     client: MeshClient, artifact_root: Path, fit_calls: list[int]
 ) -> None:
@@ -264,6 +257,7 @@ async def test_deleted_output_is_recomputed_not_served(
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_an_output_rewritten_in_place_with_its_size_and_mtime_is_recomputed(
     client: MeshClient, artifact_root: Path
 ) -> None:
@@ -281,6 +275,7 @@ async def test_an_output_rewritten_in_place_with_its_size_and_mtime_is_recompute
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_an_output_merely_touched_is_still_a_hit(client: MeshClient) -> None:
     first = await client.load(loader_pb2.LoadRequest(source="sklearn:wine"))
     os.utime(object_path(first.dataset))  # new mtime and ctime, same bytes: re-hashed, still good
@@ -289,6 +284,7 @@ async def test_an_output_merely_touched_is_still_a_hit(client: MeshClient) -> No
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess")
 async def test_one_missing_output_of_several_is_enough_to_recompute(client: MeshClient) -> None:
     loaded = await client.load(loader_pb2.LoadRequest(source="sklearn:wine"))
     request = preprocess_pb2.PreprocessRequest(dataset=loaded.dataset)
@@ -302,6 +298,7 @@ async def test_one_missing_output_of_several_is_enough_to_recompute(client: Mesh
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_damaged_memo_entry_is_recomputed_and_rewritten(client: MeshClient, artifact_root: Path) -> None:
     request = loader_pb2.LoadRequest(source="sklearn:iris")
     first = await client.load(request)
@@ -314,6 +311,7 @@ async def test_damaged_memo_entry_is_recomputed_and_rewritten(client: MeshClient
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_hits_come_from_the_in_memory_index_and_still_see_every_change(
     client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -451,6 +449,7 @@ async def test_every_output_has_a_complete_manifest(client: MeshClient, artifact
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_recomputing_keeps_the_first_manifest(client: MeshClient, artifact_root: Path) -> None:
     store = ArtifactStore(str(artifact_root))
     first = await client.load(loader_pb2.LoadRequest(source="sklearn:iris"))
@@ -462,6 +461,7 @@ async def test_recomputing_keeps_the_first_manifest(client: MeshClient, artifact
 
 # ---- cancellation -------------------------------------------------------------------------
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_a_retry_after_everyone_cancelled_computes_afresh(
     client: MeshClient,
     mesh: dict[str, RunningStage],
@@ -512,6 +512,7 @@ async def test_a_retry_after_everyone_cancelled_computes_afresh(
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess", "features", "trainer")
 async def test_a_fit_goes_on_when_its_caller_leaves_and_a_retry_reattaches(
     client: MeshClient,
     mesh: dict[str, RunningStage],
@@ -561,6 +562,7 @@ async def test_a_fit_goes_on_when_its_caller_leaves_and_a_retry_reattaches(
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess", "features", "trainer")
 async def test_a_cache_hit_is_served_while_every_worker_is_busy(
     client: MeshClient,
     mesh: dict[str, RunningStage],
@@ -613,11 +615,12 @@ async def test_a_cache_hit_is_served_while_every_worker_is_busy(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("flag", ["--force", "--recompute"])
+@pytest.mark.stages("loader", "preprocess")
 async def test_data_loss_names_the_flag_of_the_front_end(
     mesh: dict[str, RunningStage], settings: Settings, flag: str
 ) -> None:
     # `mlmesh run` builds its client with recompute_flag="--force", the Flyte tasks with "--recompute".
-    async with MeshClient(settings, addresses={n: s.address for n, s in mesh.items()}, recompute_flag=flag) as client:
+    async with StartedStagesClient(settings, mesh, recompute_flag=flag) as client:
         loaded = await client.load(loader_pb2.LoadRequest(source="sklearn:wine"))
         path = object_path(loaded.dataset)
         data = bytearray(path.read_bytes())
@@ -625,7 +628,7 @@ async def test_data_loss_names_the_flag_of_the_front_end(
         path.write_bytes(bytes(data))
         details = await expect_error(
             client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset)),
-            grpc.StatusCode.DATA_LOSS,
+            DATA_LOSS,
             f"with {flag} (force_recompute=true)",
         )
         assert "corrupt or was replaced" in details

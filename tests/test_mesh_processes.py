@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from services.runtime.settings import DEFAULT_PORTS, STAGES
-from tests.conftest import free_ports, use_free_ports
+from tests.helpers import free_ports, run_script, use_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -165,10 +165,7 @@ def test_readme_grpcurl_commands_run_as_written(running_mesh: UpProcess, tmp_pat
     script = script.replace("G=.venv/bin/grpcurl", f"G={GRPCURL}")
     for stage, port in running_mesh.ports.items():
         script = script.replace(f"localhost:{DEFAULT_PORTS[stage]}", f"localhost:{port}")
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script(script, tmp_path)
     replies = json_objects(result.stdout[result.stdout.index('"status": "SERVING"') :].split("}", 1)[1])
     loads = [r for r in replies if "dataset" in r]
     houses = next(r for r in loads if r["target_column"] == "price")

@@ -39,7 +39,7 @@ from services.runtime import tracing
 from services.runtime.logs import json_formatter
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import DEFAULT_METRICS_PORTS, STAGES, Settings
-from tests.conftest import free_ports, use_free_ports
+from tests.helpers import free_ports, run_script, use_free_ports
 from tests.otlp_receiver import OtlpReceiver
 from tests.test_mesh_processes import UpProcess
 
@@ -577,15 +577,7 @@ def test_readme_observability_commands_run_as_written(mesh_up: Mesh) -> None:
         script = script.replace(f"127.0.0.1:{DEFAULT_METRICS_PORTS[stage]}", f"127.0.0.1:{mesh_up.metrics[stage]}")
     script = script.replace("http://127.0.0.1:4317", mesh_up.receiver.endpoint)
     roots_before = len([s for s in mesh_up.receiver.spans() if s["name"] == "flyte run"])
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        env=mesh_up.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script(script, ROOT, mesh_up.env)
     assert 'grpc_code="OK",grpc_method="Load"' in result.stdout and 'result="hit"' in result.stdout
     assert result.stdout.count("SERVING") == 5
     deadline = time.monotonic() + 20  # the pyflyte run's trace reached the collector

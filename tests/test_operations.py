@@ -24,23 +24,21 @@ import pytest_asyncio
 from google.longrunning import operations_grpc_pb2, operations_proto_pb2
 
 from mlmesh.features.v1 import features_pb2
-from mlmesh.loader.v1 import loader_pb2
-from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.runtime.client import MeshClient
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
 from services.runtime.store import ArtifactStore
 from services.trainer import logic as trainer_logic
+from tests.helpers import INVALID, NOT_FOUND, StartedStagesClient, features_for
 from tests.test_mesh_processes import GRPCURL, UpProcess, json_objects, mlmesh, on_new_ports, stage_pid
 
 FOREST = {"n_estimators": "60"}
 
 
-async def features_for(client: MeshClient, rows: int = 4000) -> features_pb2.BuildFeaturesResponse:
-    loaded = await client.load(loader_pb2.LoadRequest(source=f"synthetic:classification?rows={rows}&features=12"))
-    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset, seed=1))
-    return await client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test))
+def forest_data(rows: int = 4000) -> str:
+    """The table the fits here learn: large enough that a forest fit takes a moment."""
+    return f"synthetic:classification?rows={rows}&features=12"
 
 
 def forest_request(
@@ -68,7 +66,8 @@ def checkpoint_folders(artifact_root: Path) -> list[Path]:
 @pytest_asyncio.fixture
 async def quick_mesh(settings: Settings) -> AsyncIterator[tuple[dict[str, RunningStage], Settings]]:
     tuned = dataclasses.replace(settings, operation_idle_seconds=1.0, checkpoint_seconds=0.0)
-    stages = {name: await start_stage(stage_spec(name), tuned, port=0) for name in STAGES}
+    # The fits here need the stages up to the trainer; the evaluator is never called.
+    stages = {name: await start_stage(stage_spec(name), tuned, port=0) for name in STAGES[:4]}
     try:
         yield stages, dataclasses.replace(tuned, addresses={n: s.address for n, s in stages.items()})
     finally:
@@ -98,10 +97,11 @@ def slow_steps(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess", "features", "trainer")
 async def test_start_returns_at_once_and_wait_operation_returns_the_result(
     client: MeshClient, mesh: dict[str, RunningStage], artifact_root: Path
 ) -> None:
-    features = await features_for(client)
+    features = await features_for(client, forest_data(), seed=1)
     async with grpc.aio.insecure_channel(mesh["trainer"].address) as channel:
         trainer = trainer_pb2_grpc.TrainerServiceStub(channel)
         operations = operations_grpc_pb2.OperationsStub(channel)
@@ -139,12 +139,13 @@ async def test_start_returns_at_once_and_wait_operation_returns_the_result(
 @pytest.mark.parametrize(
     ("name", "code", "fragment"),
     [
-        ("", grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
-        ("operations/train-xyz", grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
-        ("operations/train-" + "a" * 5000, grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
-        ("operations/train-" + "0" * 64, grpc.StatusCode.NOT_FOUND, "send the same request again"),
+        ("", INVALID, "malformed"),
+        ("operations/train-xyz", INVALID, "malformed"),
+        ("operations/train-" + "a" * 5000, INVALID, "malformed"),
+        ("operations/train-" + "0" * 64, NOT_FOUND, "send the same request again"),
     ],
 )
+@pytest.mark.stages("trainer")
 async def test_bad_and_unknown_operation_names(mesh: dict[str, RunningStage], name: str, code, fragment: str) -> None:
     async with grpc.aio.insecure_channel(mesh["trainer"].address) as channel:
         operations = operations_grpc_pb2.OperationsStub(channel)
@@ -160,7 +161,7 @@ async def test_bad_and_unknown_operation_names(mesh: dict[str, RunningStage], na
             assert len(caught.value.details().encode()) <= 1024
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await operations.ListOperations(operations_proto_pb2.ListOperationsRequest(filter="name=x"), timeout=5)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "filter" in caught.value.details()
+        assert caught.value.code() == INVALID and "filter" in caught.value.details()
 
 
 @pytest.mark.asyncio
@@ -168,8 +169,8 @@ async def test_cancel_operation_stops_the_fit_and_the_same_request_resumes_from_
     quick_mesh, slow_steps: threading.Event, artifact_root: Path
 ) -> None:
     stages, settings = quick_mesh
-    async with MeshClient(settings) as client:
-        features = await features_for(client)
+    async with StartedStagesClient(settings, stages) as client:
+        features = await features_for(client, forest_data(), seed=1)
         async with grpc.aio.insecure_channel(stages["trainer"].address) as channel:
             trainer = trainer_pb2_grpc.TrainerServiceStub(channel)
             operations = operations_grpc_pb2.OperationsStub(channel)
@@ -207,8 +208,8 @@ async def test_a_fit_nobody_asks_about_is_stopped_after_the_idle_time(
 ) -> None:
     stages, settings = quick_mesh
     runtime = stages["trainer"].runtime
-    async with MeshClient(settings) as client:
-        features = await features_for(client)
+    async with StartedStagesClient(settings, stages) as client:
+        features = await features_for(client, forest_data(), seed=1)
         async with grpc.aio.insecure_channel(stages["trainer"].address) as channel:
             operation = await trainer_pb2_grpc.TrainerServiceStub(channel).StartTraining(
                 forest_request(features, trees=400), timeout=10
@@ -252,7 +253,7 @@ async def _kill_mid_fit(
     """Train a forest, hit the trainer with `how` once a checkpoint past 40% exists, and follow the fit to the end."""
     artifact_root = Path(up.env["MLMESH_ARTIFACT_ROOT"])
     async with MeshClient(_client_settings(up)) as client:
-        features = await features_for(client, rows=20000)
+        features = await features_for(client, forest_data(20000), seed=1)
         request = forest_request(features, trees=80)
         events: list[trainer_pb2.TrainProgress] = []
         hit = asyncio.Event()
@@ -283,7 +284,7 @@ async def test_a_sigkilled_trainer_resumes_from_its_checkpoint_to_the_identical_
     resumed = [e.resumed_from_step for e in events if e.resumed_from_step]
     assert resumed and resumed[0] >= saved_step > 0, (saved_step, resumed[:3])
     async with MeshClient(_client_settings(up)) as client:
-        features = await features_for(client, rows=20000)
+        features = await features_for(client, forest_data(20000), seed=1)
         uninterrupted = await client.train(forest_request(features, trees=80, force=True))
     assert result.model == uninterrupted.model, "the resumed model differs from an uninterrupted fit"
     assert checkpoint_folders(Path(up.env["MLMESH_ARTIFACT_ROOT"])) == []
@@ -324,7 +325,7 @@ def test_a_fit_longer_than_the_client_deadline_completes_by_reattaching(up: UpPr
 def test_status_shows_a_running_fit(up: UpProcess) -> None:
     async def start() -> str:
         async with MeshClient(_client_settings(up)) as client:
-            features = await features_for(client, rows=20000)
+            features = await features_for(client, forest_data(20000), seed=1)
             async with grpc.aio.insecure_channel(client.addresses["trainer"]) as channel:
                 operation = await trainer_pb2_grpc.TrainerServiceStub(channel).StartTraining(
                     forest_request(features, trees=400), timeout=10
@@ -354,7 +355,7 @@ def test_status_shows_a_running_fit(up: UpProcess) -> None:
 def test_grpcurl_starts_follows_and_reads_a_fit(up: UpProcess) -> None:
     async def features() -> features_pb2.BuildFeaturesResponse:
         async with MeshClient(_client_settings(up)) as client:
-            return await features_for(client)
+            return await features_for(client, forest_data(), seed=1)
 
     built = asyncio.run(features())
     trainer = f"localhost:{up.ports['trainer']}"

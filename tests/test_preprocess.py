@@ -8,28 +8,22 @@ import io
 import math
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pandas as pd
 import pytest
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, TaskKind
-from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from services.preprocess import logic
-from services.runtime.client import MeshClient, check_health
+from services.runtime.client import MeshClient
 from services.runtime.errors import FailedPrecondition
 from services.runtime.formats import NPY, PARQUET, array_to_npy, json_bytes_to_doc, read_table
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.conftest import expect_error
+from tests.helpers import FAILED, INVALID, NOT_FOUND, assert_serving, expect_error, load
 
-INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
-FAILED, DATA_LOSS = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS
-
-
-async def assert_serving(mesh) -> None:
-    assert await check_health(mesh["preprocess"].address) == "SERVING"
+# The service tests here load a table, then preprocess it: two stages.
+pytestmark = pytest.mark.stages("loader", "preprocess")
 
 
 def outlier_frame() -> pd.DataFrame:
@@ -239,10 +233,6 @@ def test_unsplittable_data_is_refused() -> None:
 
 
 # ---- the real service ---------------------------------------------------------------------
-async def load(client: MeshClient, source: str, target: str = "") -> loader_pb2.LoadResponse:
-    return await client.load(loader_pb2.LoadRequest(source=source, target_column=target))
-
-
 def request(dataset: ArtifactRef, **kwargs) -> preprocess_pb2.PreprocessRequest:
     return preprocess_pb2.PreprocessRequest(dataset=dataset, **kwargs)
 
@@ -345,18 +335,18 @@ async def test_bad_test_fraction(client: MeshClient, mesh, fraction: float) -> N
         INVALID,
         "test_fraction must be between 0 and 1",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
 
 @pytest.mark.asyncio
 async def test_bad_requests(client: MeshClient, mesh) -> None:
     loaded = await load(client, "sklearn:iris")
     await expect_error(client.preprocess(preprocess_pb2.PreprocessRequest()), INVALID, "dataset is required")
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
     await expect_error(client.preprocess(request(loaded.dataset, seed=-1)), INVALID, "seed", "-1")
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
     await expect_error(client.preprocess(request(loaded.dataset, seed=2**40)), INVALID, "seed", str(2**40))
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
 
 @pytest.mark.asyncio
@@ -370,28 +360,28 @@ async def test_bad_dataset_refs(client: MeshClient, mesh, settings: Settings) ->
         media_type=PARQUET,
     )
     await expect_error(client.preprocess(request(missing)), NOT_FOUND, "dataset", "not in the artifact store")
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
     bad_digest = ArtifactRef()
     bad_digest.CopyFrom(loaded.dataset)
     bad_digest.sha256 = "xyz"
     await expect_error(client.preprocess(request(bad_digest)), INVALID, "dataset.sha256")
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
     outside = ArtifactRef(uri="file:///etc/passwd", sha256=absent)
     await expect_error(client.preprocess(request(outside)), INVALID, "outside the store")
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
     store = ArtifactStore(settings.artifact_root)
     npy = store.put(array_to_npy(np.arange(4.0)), NPY)
     await expect_error(client.preprocess(request(npy)), FAILED, "not a readable table (Arrow IPC or Parquet file)")
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
     sink = io.BytesIO()
     pd.DataFrame({"a": [1.0, 2.0], "y": [0, 1]}).to_parquet(sink)
     foreign = store.put(sink.getvalue(), PARQUET)
     await expect_error(client.preprocess(request(foreign)), FAILED, "lacks mlmesh metadata")
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
 
 @pytest.mark.asyncio
@@ -401,13 +391,13 @@ async def test_unsplittable_datasets_over_the_service(client: MeshClient, mesh, 
     rare.write_text("x,y\n" + "".join(f"{i % 4},{'c' if i == 0 else 'ab'[i % 2]}\n" for i in range(21)))
     loaded = await load(client, str(rare), "y")
     await expect_error(client.preprocess(request(loaded.dataset)), FAILED, "['c']", "fewer than 2 rows")
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
     loaded = await load(client, "sklearn:iris")
     await expect_error(
         client.preprocess(request(loaded.dataset, test_fraction=0.01)), FAILED, "cannot hold all 3 classes"
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
     sparse = tmp_path / "sparse.csv"
     sparse.write_text("a,y\n1,1.5\n2,\n3,\n")
@@ -417,7 +407,7 @@ async def test_unsplittable_datasets_over_the_service(client: MeshClient, mesh, 
         FAILED,
         "only 1 usable rows remain of 3 (missing target: 2, invalid target: 0, incomplete: 0, duplicates dropped: 0)",
     )
-    await assert_serving(mesh)
+    await assert_serving(mesh["preprocess"])
 
 
 def test_repeated_rows_by_hashing_match_pandas_exactly() -> None:

@@ -77,6 +77,7 @@ def _grpcurl(address: str, body: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_watch_refuses_bad_ids_and_unknown_calls_with_honest_codes(mesh) -> None:
     address = mesh["loader"].address
     for bad in ("", "short", "a" * 65, "has space in it", "../../../etc", "é" * 10, "z" * 10_000):
@@ -88,6 +89,7 @@ async def test_watch_refuses_bad_ids_and_unknown_calls_with_honest_codes(mesh) -
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_two_watchers_of_one_call_both_see_it_end(mesh, client: MeshClient) -> None:
     stub = progress_pb2_grpc.ProgressServiceStub(client.channel("loader"))
     call_id = "two-watchers-0001"
@@ -105,6 +107,7 @@ async def test_two_watchers_of_one_call_both_see_it_end(mesh, client: MeshClient
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_a_bad_call_id_on_the_call_itself_is_invalid_argument(client: MeshClient) -> None:
     request = load_request(PipelineConfig(source="sklearn:iris"))
     with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -20,7 +20,7 @@ from services.runtime.formats import json_bytes_to_doc, read_table
 from services.runtime.roles import FEATURE_ROLES, ROLES, role_value
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.conftest import expect_error
+from tests.helpers import expect_error
 
 BIG = 2 * 1024**3
 INVALID, FAILED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
@@ -372,6 +372,7 @@ def load_request(path: Path, target: str = "label", **roles: int) -> loader_pb2.
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_every_role_can_be_set_over_the_service(client: MeshClient, settings: Settings, tmp_path: Path) -> None:
     frame = people().assign(answer=["yes", "no"] * 30)
     path = write(frame, tmp_path / "people.csv")
@@ -403,6 +404,7 @@ async def test_every_role_can_be_set_over_the_service(client: MeshClient, settin
 
 
 @pytest.mark.asyncio
+@pytest.mark.stages("loader")
 async def test_bad_overrides_over_the_service(client: MeshClient, tmp_path: Path) -> None:
     path = write(people(), tmp_path / "people.parquet")
     await expect_error(

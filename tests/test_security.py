@@ -30,7 +30,7 @@ from services.runtime.security import AuthInterceptor, load_tokens, open_channel
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings, SettingsError
 from tests.certs import Issued, Pki
-from tests.conftest import use_free_ports
+from tests.helpers import run_script, use_free_ports
 from tests.test_mesh_processes import UpProcess, readme_section_blocks
 
 BIN = Path(sys.executable).parent
@@ -531,10 +531,7 @@ def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> Non
         _block(blocks, "mlmesh status"),
     )
     assert up_block.strip() == ".venv/bin/mlmesh up"
-    made = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", make_certs], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
-    assert made.returncode == 0, made.stderr
+    run_script(make_certs, tmp_path, timeout=60)
     # The environment the settings block leaves behind, exactly.
     exported = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", settings + "\nenv -0"],
@@ -554,16 +551,7 @@ def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> Non
         script = clients.replace(".venv/bin/", f"{BIN}/")
         for stage, port in ports.items():
             script = script.replace(f"localhost:{50051 + STAGES.index(stage)}", f"localhost:{port}")
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", script],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        out = result.stdout
+        out = run_script(script, tmp_path, env).stdout
         assert out.count("SERVING") >= 6  # mlmesh status (5) and the probe
         assert "PROMOTE" in out and "mlmesh.loader.v1.LoaderService" in out and '"rows": "150"' in out
         # The same mesh refuses a caller without the token or the certificate.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import signal
 import socket
@@ -36,32 +35,24 @@ from services.runtime.formats import NPY, array_to_npy, npy_to_array
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
 from services.runtime.store import ArtifactStore
-from tests.conftest import expect_error
+from tests.helpers import (
+    NOT_SERVING,
+    SERVING,
+    Upstream,
+    assert_serving,
+    each_stage,
+    expect_error,
+    health_status,
+    start_loader_process,
+    upstream,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-async def health_status(address: str, service: str = "", timeout: float = 2.0) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout
-        )
-    return reply.status
-
-
-async def assert_serving(stage: RunningStage) -> None:
-    for service in ("", stage.spec.service_name):
-        status = await health_status(stage.address, service)
-        assert status == SERVING, (
-            f"{stage.spec.name} {service!r}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
-        )
 
 
 # ---- health ---------------------------------------------------------------------------------
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", STAGES)
+@pytest.mark.parametrize("name", each_stage())
 async def test_health_is_serving_for_server_and_service(mesh: dict[str, RunningStage], name: str) -> None:
     stage = mesh[name]
     assert stage.spec.service_name == f"mlmesh.{name}.v1.{name.capitalize()}Service"
@@ -121,7 +112,7 @@ async def _reflect(
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", STAGES)
+@pytest.mark.parametrize("name", each_stage())
 async def test_reflection_lists_and_describes_the_stage(mesh: dict[str, RunningStage], name: str) -> None:
     stage = mesh[name]
     listed = await _reflect(stage.address, reflection_pb2.ServerReflectionRequest(list_services=""))
@@ -183,18 +174,8 @@ async def test_a_taken_port_is_a_clear_start_error(settings: Settings) -> None:
 
 
 # ---- error hygiene -------------------------------------------------------------------------
-async def _pipeline_refs(client: MeshClient) -> dict[str, object]:
-    loaded = await client.load(loader_pb2.LoadRequest(source="sklearn:iris"))
-    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
-    features = await client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test))
-    trained = await client.train(
-        trainer_pb2.TrainRequest(x_train=features.x_train, y_train=features.y_train, model="logistic_regression")
-    )
-    return {"loaded": loaded, "prepared": prepared, "features": features, "trained": trained}
-
-
-def _stage_call(client: MeshClient, stage: str, refs: dict[str, object]):
-    loaded, prepared, features, trained = refs["loaded"], refs["prepared"], refs["features"], refs["trained"]
+def _stage_call(client: MeshClient, stage: str, refs: Upstream):
+    loaded, prepared, features, trained = refs.loaded, refs.prepared, refs.features, refs.trained
     if stage == "loader":
         return client.load(loader_pb2.LoadRequest(source="sklearn:iris", force_recompute=True))
     if stage == "preprocess":
@@ -230,7 +211,11 @@ BROKEN = [
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("name", "function"), BROKEN)
+@pytest.mark.parametrize(
+    ("name", "function"),
+    # the upstream run needs the stages up to the trainer; the evaluator only for its own case
+    [pytest.param(name, function, marks=pytest.mark.stages(*STAGES[:4], name)) for name, function in BROKEN],
+)
 async def test_unexpected_exception_is_internal_with_incident_and_no_detail(
     client: MeshClient,
     mesh: dict[str, RunningStage],
@@ -239,7 +224,7 @@ async def test_unexpected_exception_is_internal_with_incident_and_no_detail(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    refs = await _pipeline_refs(client)
+    refs = await upstream(client)
     logic = sys.modules[f"services.{name}.logic"]
 
     def broken(*args, **kwargs):
@@ -279,7 +264,7 @@ def _bad_request(client: MeshClient, stage: str):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", STAGES)
+@pytest.mark.parametrize("name", each_stage())
 async def test_bad_requests_are_invalid_argument_and_health_stays_serving(
     client: MeshClient, mesh: dict[str, RunningStage], name: str
 ) -> None:
@@ -302,7 +287,7 @@ def _oversized(stage: str, size: int):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", STAGES)
+@pytest.mark.parametrize("name", each_stage())
 async def test_request_over_the_message_limit_is_resource_exhausted(
     mesh: dict[str, RunningStage], settings: Settings, client: MeshClient, name: str
 ) -> None:
@@ -344,6 +329,7 @@ async def test_request_over_the_message_limit_is_resource_exhausted(
 
 # ---- responsiveness under load -------------------------------------------------------------
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess", "features", "trainer")
 async def test_health_answers_within_deadline_while_trainer_is_busy(
     client: MeshClient, mesh: dict[str, RunningStage]
 ) -> None:
@@ -454,8 +440,8 @@ async def test_infinite_values_are_refused_with_their_own_codes(
         "test_fraction must be between 0 and 1",
     )
 
-    refs = await _pipeline_refs(client)
-    features = refs["features"]
+    refs = await upstream(client)
+    features = refs.features
     store = ArtifactStore(settings.artifact_root)
     x_train = npy_to_array(store.get(features.x_train), "x_train").copy()  # decoded arrays are read-only views
     x_train[0, 0] = np.inf
@@ -490,7 +476,7 @@ async def test_infinite_values_are_refused_with_their_own_codes(
     await expect_error(
         client.evaluate(
             evaluator_pb2.EvaluateRequest(
-                model=refs["trained"].model,
+                model=refs.trained.model,
                 x_test=features.x_test,
                 y_test=features.y_test,
                 maximums={"log_loss": float("inf")},
@@ -504,37 +490,6 @@ async def test_infinite_values_are_refused_with_their_own_codes(
 
 
 # ---- the process: SIGTERM ------------------------------------------------------------------
-def start_loader_process(tmp_path: Path) -> tuple[subprocess.Popen, int]:
-    """`python -m services.loader` on a free port with a 1 s grace period, once it is SERVING."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "MLMESH_LOADER_PORT": str(port),
-        "MLMESH_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-        "MLMESH_GRACE_SECONDS": "1",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.loader"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    status = None
-    while status != SERVING:
-        assert process.poll() is None, f"loader exited early:\n{process.stdout.read()}"
-        assert time.monotonic() < deadline, "loader never reported SERVING"
-        try:
-            status = asyncio.run(health_status(f"127.0.0.1:{port}", "mlmesh.loader.v1.LoaderService", timeout=1))
-        except grpc.aio.AioRpcError:
-            time.sleep(0.05)
-    return process, port
-
-
 def stop_with_sigterm(process: subprocess.Popen) -> tuple[str, float]:
     process.send_signal(signal.SIGTERM)
     started = time.monotonic()
@@ -548,7 +503,7 @@ def stop_with_sigterm(process: subprocess.Popen) -> tuple[str, float]:
 
 
 def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
-    process, port = start_loader_process(tmp_path)
+    process, port = start_loader_process(tmp_path / "artifacts")
     output, elapsed = stop_with_sigterm(process)
     assert process.returncode == 0, output
     assert elapsed < 5, f"took {elapsed:.1f}s to stop"
@@ -558,7 +513,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
 
 
 def test_sigterm_ends_a_stage_whose_worker_is_busy_within_its_grace_period(tmp_path: Path) -> None:
-    process, port = start_loader_process(tmp_path)
+    process, port = start_loader_process(tmp_path / "artifacts")
     source = "synthetic:classification?rows=1000000&features=40&seed=5"  # about 10 s of loading
 
     def load() -> None:

@@ -29,7 +29,7 @@ from services.runtime.errors import DataLoss, InvalidArgument, NotFound, Resourc
 from services.runtime.formats import JSON, NPY, PARQUET, SKOPS, array_to_npy, npy_to_array
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.conftest import expect_error
+from tests.helpers import each_stage, expect_error
 
 DIGEST_OF_NOTHING_STORED = "0" * 64
 
@@ -397,6 +397,7 @@ def test_memory_root_verifies_digests_and_scopes_refs(memory_store: ArtifactStor
 
 # ---- the same failures over gRPC ------------------------------------------------------------
 @pytest.mark.asyncio
+@pytest.mark.stages("loader", "preprocess")
 async def test_tampered_dataset_gives_data_loss_then_force_recompute_repairs(client: MeshClient) -> None:
     loaded = await client.load(loader_pb2.LoadRequest(source="sklearn:iris"))
     flip_first_byte(local_path(loaded.dataset))
@@ -467,7 +468,7 @@ def _call_with_ref(client: MeshClient, stage: str, ref: ArtifactRef):
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("case", ["traversal", "s3", "http", "missing", "bad-sha", "empty-uri"])
-@pytest.mark.parametrize("stage", ["preprocess", "features", "trainer", "evaluator"])
+@pytest.mark.parametrize("stage", each_stage("preprocess", "features", "trainer", "evaluator"))
 async def test_bad_refs_over_grpc(client: MeshClient, settings: Settings, stage: str, case: str) -> None:
     ref, code, fragment = _bad_refs(settings)[case]
     details = await expect_error(_call_with_ref(client, stage, ref), code, fragment)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.runtime.settings import STAGES
-from tests.conftest import free_ports, start_local_mesh
+from tests.helpers import free_ports, run_script, start_local_mesh
 from tests.test_mesh_processes import write_house_prices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,15 +300,7 @@ def test_readme_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_
     write_house_prices(tmp_path)
     (tmp_path / "workflow").symlink_to(ROOT / "workflow")
     script = script.replace(".venv/bin/", f"{BIN}/")
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=tmp_path,
-        env=flyte_env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script(script, tmp_path, flyte_env, timeout=900)
     # Six summaries (a sweep ends with its winner's), two of them after a sweep's table.
     decisions = re.findall(r"^decision  (PROMOTE|RETRAIN)  \((.*)\)$", result.stdout, re.M)
     assert len(decisions) == 6 and result.stdout.count("\nsweep     ") == 2, result.stdout[-3000:]
