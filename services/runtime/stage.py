@@ -2,13 +2,14 @@
 
 Every handler has one shape: validate the request into a `Job` (inputs and
 canonical parameters), write the work as a function of a `Run`, and hand both
-to the runtime: `execute` for a unary answer, or `stream_operation` (and
-`start_operation`) for work that outlives its call, such as a fit. The
-runtime then:
+to the runtime: `execute` for a unary answer, or a `LongRunning`'s `stream`
+(and `start`) for work that outlives its call, such as a fit. The runtime
+then:
 
 - derives the cache key from stage name and version, library versions,
   input digests and parameters;
-- serves a stored response when the key was seen and its outputs still exist;
+- serves a stored response when the key was seen and its outputs still exist
+  (the memo, memo.py);
 - makes identical concurrent requests share one computation;
 - runs the work on a worker thread, so the event loop keeps answering
   health checks;
@@ -24,7 +25,6 @@ import logging
 import sys
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,12 +34,12 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 import pandas as pd
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, StageInfo
 from services.runtime import formats, openlineage, tracing
 from services.runtime.errors import Cancelled, InvalidArgument, bounded
+from services.runtime.memo import Memo
 from services.runtime.metrics import StageMetrics
 from services.runtime.operations import Operation, OperationRegistry, operation_name, parse_operation_name
 from services.runtime.runs import execution_doc, new_run_id, record_execution, refs_in, summary_of
@@ -167,35 +167,6 @@ class Run:
             raise Cancelled("every caller cancelled this request; the computation stopped")
 
 
-@dataclass(frozen=True)
-class _Remembered:
-    """A memo entry as the index keeps it: the response's wire bytes, and the file system
-    fingerprints that vouch for the entry's document and for each of its outputs."""
-
-    payload: bytes
-    entry_fingerprint: list[Any]
-    outputs: dict[str, ArtifactRef]
-    fingerprints: dict[str, Any]
-    # Each output's path in the store, resolved once: a hit then costs one stat per file.
-    paths: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def of(
-        cls,
-        store: ArtifactStore,
-        payload: bytes,
-        entry_fingerprint: list[Any],
-        outputs: dict[str, ArtifactRef],
-        fingerprints: dict[str, Any],
-    ) -> _Remembered:
-        paths = {name: store.resolve(ref.uri) for name, ref in outputs.items()}
-        return cls(payload, entry_fingerprint, outputs, fingerprints, paths)
-
-
-# Memo entries kept in memory per stage; older ones are read from the store again when asked.
-MEMO_INDEX_ENTRIES = 4096
-
-
 class _Flight:
     """One in-progress computation and the callers waiting on it."""
 
@@ -220,9 +191,7 @@ class StageRuntime:
         self._waiting_lock = threading.Lock()
         self.metrics.watch_queue(lambda: self._waiting)
         self._flights: dict[str, _Flight] = {}
-        # Memo entries seen by this process, newest last: a hit neither reads nor parses JSON.
-        self._memo_index: OrderedDict[str, _Remembered] = OrderedDict()
-        self._memo_lock = threading.Lock()  # the loop and store threads both use the index
+        self.memo = Memo(name, self.store)
         self.stopping = threading.Event()
         self.operations = OperationRegistry(settings.operation_idle_seconds)
         # Unary calls a caller is following (ProgressService.WatchCall).
@@ -321,7 +290,7 @@ class StageRuntime:
 
         result, cache_hit = None, False
         if not job.force_recompute:
-            result = await self._recall_async(key, result_type)
+            result = await self.memo.recall(key, result_type)
             cache_hit = result is not None
         if result is None:
             result, cache_hit = await self._compute_once(key, job, work, result_type, on_progress)
@@ -383,93 +352,9 @@ class StageRuntime:
 
     async def recall(self, key: str, result_type: type[ResultT]) -> ResultT | None:
         """The memoized result for a cache key, marked as a hit, or None."""
-        result = await self._recall_async(key, result_type)
+        result = await self.memo.recall(key, result_type)
         if result is not None:
             stage_info(result).CopyFrom(StageInfo(stage=self.name, version=self.version, cache_hit=True, cache_key=key))
-        return result
-
-    async def _recall_async(self, key: str, result_type: type[ResultT]) -> ResultT | None:
-        """On a local store, a hit the index vouches for is answered on the loop: a dict
-        lookup and a stat per file, no thread hop, no JSON. Anything else (an object
-        store's metadata calls, reading an entry, re-hashing an output) runs in a
-        thread, never on the stage's work threads, so a hit never queues behind fits."""
-        if self.store.is_local:
-            result = self._recall_indexed(key, result_type)
-            if result is not None:
-                return result
-        return await asyncio.to_thread(self._recall, key, result_type)
-
-    def _recall_indexed(self, key: str, result_type: type[ResultT]) -> ResultT | None:
-        with self._memo_lock:
-            remembered = self._memo_index.get(key)
-        if remembered is None:
-            return None
-        # The entry's document unchanged (not deleted, damaged or rewritten by another
-        # replica), and each output's fingerprint as it was when last verified.
-        unchanged = self.store.doc_fingerprint(self._memo_parts(key)) == remembered.entry_fingerprint and all(
-            remembered.fingerprints.get(name) is not None
-            and self.store.fingerprint_at(path) == remembered.fingerprints[name]
-            for name, path in remembered.paths.items()
-        )
-        with self._memo_lock:
-            if not unchanged:
-                self._memo_index.pop(key, None)
-                return None
-            if key in self._memo_index:
-                self._memo_index.move_to_end(key)
-        result = result_type()
-        result.ParseFromString(remembered.payload)
-        return result
-
-    def _index(self, key: str, remembered: _Remembered) -> None:
-        with self._memo_lock:
-            self._memo_index[key] = remembered
-            self._memo_index.move_to_end(key)
-            while len(self._memo_index) > MEMO_INDEX_ENTRIES:
-                self._memo_index.popitem(last=False)
-
-    # ---- memo ---------------------------------------------------------------------------
-    def _memo_parts(self, key: str) -> tuple[str, ...]:
-        return ("memo", self.name, f"{key}.json")
-
-    def _recall(self, key: str, result_type: type[ResultT]) -> ResultT | None:
-        """The memo entry for `key`, its outputs checked; read from the store unless the index vouches for it."""
-        indexed = self._recall_indexed(key, result_type)
-        if indexed is not None:
-            return indexed
-        # Fingerprint first: if the entry changes after it, the next hit sees the change.
-        entry_fingerprint = self.store.doc_fingerprint(self._memo_parts(key))
-        entry = self.store.read_doc(self._memo_parts(key))
-        if entry is None:
-            return None
-        try:
-            outputs = {name: ArtifactRef(**ref) for name, ref in entry["outputs"].items()}
-            fingerprints = entry.get("fingerprints") or {}
-            if not isinstance(fingerprints, dict):
-                raise TypeError("fingerprints is not an object")
-            result = result_type()
-            json_format.ParseDict(entry["result"], result, ignore_unknown_fields=True)
-        except (KeyError, TypeError, ValueError, AttributeError, json_format.ParseError) as exc:
-            # Valid JSON of the wrong shape (hand edits, an older layout): a miss, rewritten below.
-            log.warning(
-                "memo entry %s/%s has the wrong shape (%s); treating it as a miss and recomputing",
-                self.name,
-                key[:12],
-                bounded(f"{type(exc).__name__}: {exc}", 120),
-            )
-            return None
-        # An output must be there with its bytes: a matching fingerprint (taken when it was
-        # written) vouches for that without reading it; otherwise it is re-hashed.
-        for name, ref in outputs.items():
-            if not self.store.intact(ref, fingerprints.get(name)):
-                log.warning("memo entry %s/%s: output %s is gone or changed; recomputing", self.name, key[:12], name)
-                return None
-        # Outputs just re-hashed vouch for themselves from now on by their current fingerprint.
-        current = {name: self.store.fingerprint(ref) for name, ref in outputs.items()}
-        if entry_fingerprint is not None:
-            self._index(
-                key, _Remembered.of(self.store, result.SerializeToString(), entry_fingerprint, outputs, current)
-            )
         return result
 
     async def _compute_once(
@@ -572,22 +457,7 @@ class StageRuntime:
         for name, ref in run.outputs.items():
             self.store.write_manifest(ref.sha256, {**manifest_base, "output": name, "artifact": ref_to_dict(ref)})
         fingerprints = {name: self.store.fingerprint(ref) for name, ref in run.outputs.items()}
-        entry = {
-            "stage": self.name,
-            "cache_key": key,
-            "outputs": {name: ref_to_dict(ref) for name, ref in run.outputs.items()},
-            "fingerprints": fingerprints,
-            "result": json_format.MessageToDict(result, preserving_proto_field_name=True),
-        }
-        self.store.write_doc(self._memo_parts(key), entry)
-        entry_fingerprint = self.store.doc_fingerprint(self._memo_parts(key))
-        if entry_fingerprint is not None:
-            self._index(
-                key,
-                _Remembered.of(
-                    self.store, result.SerializeToString(), entry_fingerprint, dict(run.outputs), fingerprints
-                ),
-            )
+        self.memo.remember(key, result, run.outputs, fingerprints)
 
 
 # Builds a stage's progress message (its operation metadata, e.g. TrainProgress) from a
