@@ -109,6 +109,7 @@ class Rule:
 
 
 EXCLUDED = [
+    Rule(r"make test-fast\b", "runs the fast tier of this suite, this test included: recursion"),
     Rule(r"make test\b", "runs the whole test suite, this test included: recursion"),
     Rule(
         r"kubectl ",

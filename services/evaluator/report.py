@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from services.runtime.vocabulary import Decision, TaskKind
+
 # Tableau 10: distinct, colour-blind friendlier than the rainbow.
 _COLOURS = (
     "#4e79a7",
@@ -799,7 +801,7 @@ def render_html(report: dict[str, Any]) -> str:
     reasons = "".join(f"<li>{_text(r, 300)}</li>" for r in [*report["reasons"], *report.get("notes", [])])
     classes = [str(c) for c in (report.get("class_names") or [])]
     decision = str(report["decision"])
-    tone = "promote" if decision == "PROMOTE" else "retrain"
+    tone = "promote" if decision == Decision.PROMOTE else "retrain"
     shown_classes = ", ".join(" ".join(c.split())[:MAX_NAME] for c in classes[:50]) + (
         ", …" if len(classes) > 50 else ""
     )
@@ -813,7 +815,7 @@ def render_html(report: dict[str, Any]) -> str:
         _what_ran(report),
     ]
     charts = []
-    if report["task_kind"] == "classification":
+    if report["task_kind"] == TaskKind.CLASSIFICATION:
         if report.get("roc_curves"):
             svg, legend = roc_svg(report["roc_curves"], classes)
             charts.append(
@@ -867,7 +869,7 @@ def render_html(report: dict[str, Any]) -> str:
             charts.append(
                 _figure("Error distribution", histogram, caption=f"all {report['test_rows']} test rows; {summary}")
             )
-    if report["task_kind"] == "classification":
+    if report["task_kind"] == TaskKind.CLASSIFICATION:
         charts.append(per_class_table(report.get("per_class") or [], classes))
     importances = _importance_section(report.get("importances", {}))
     if importances:
