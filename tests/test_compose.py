@@ -65,7 +65,8 @@ APT_PACKAGES = {
     "debootstrap": "debootstrap",
 }
 
-pytestmark = pytest.mark.timeout(1800)
+# A Docker engine, and images built from Debian's and PyPI's packages.
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.docker, pytest.mark.network]
 
 FIGURES: dict[str, str] = {}
 

@@ -206,6 +206,7 @@ def compose_commands() -> list[list[str]]:
     return found
 
 
+@pytest.mark.docker  # runs the docker compose / docker-compose CLI
 def test_compose_tools_accept_the_file() -> None:
     """`config` needs no engine; it checks the file against each tool's own schema."""
     tools = compose_commands()
@@ -227,6 +228,7 @@ def test_compose_tools_accept_the_file() -> None:
         assert rendered["services"]["loader"]["environment"]["MLMESH_LOG_FORMAT"] == "text"
 
 
+@pytest.mark.docker  # runs the docker compose / docker-compose CLI
 def test_compose_tls_override_layers_security_over_every_service(tmp_path: Path) -> None:
     """deploy/docker-compose.tls.yml, merged by each tool: TLS settings added, nothing of the base lost."""
     tools = compose_commands()
@@ -283,6 +285,7 @@ def compose_service_names(tool: list[str], *profile: str) -> set[str]:
     return set(result.stdout.split())
 
 
+@pytest.mark.docker  # runs the docker compose / docker-compose CLI
 def test_compose_prometheus_only_under_the_observability_profile() -> None:
     services = compose_config()["services"]
     prometheus = services["prometheus"]
@@ -383,6 +386,7 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.network  # promtool: Debian's prometheus package, apt-get download when not cached
 def test_promtool_checks_the_scrape_config_and_the_rules(tmp_path: Path) -> None:
     config = promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
     assert config.returncode == 0, config.stdout + config.stderr
@@ -406,6 +410,7 @@ def alert_rules() -> dict[str, dict]:
     }
 
 
+@pytest.mark.network  # promtool: Debian's prometheus package, apt-get download when not cached
 def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
     """`promtool test rules` on synthetic series: what fires, and after how long."""
     rules = alert_rules()
@@ -515,6 +520,7 @@ def metrics_doc_section() -> str:
     return text.split("\n## Metrics, traces and logs\n", 1)[1].split("\n## ", 1)[0]
 
 
+@pytest.mark.network  # promtool: Debian's prometheus package, apt-get download when not cached
 def test_docs_promql_queries_parse_and_name_real_metrics(tmp_path: Path) -> None:
     """docs/deploy.md's PromQL examples: each parses (promtool checks them as recording rules)."""
     queries = [
@@ -1267,6 +1273,7 @@ def k8s_rollout(tmp_path_factory: pytest.TempPathFactory) -> K8sRollout:
     return K8sRollout(folder, state["secrets"], state["made"], state["log"])
 
 
+@pytest.mark.network  # k8s_rollout: apt-get install kubernetes-client when kubectl is missing
 def test_k8s_docs_commands_make_the_secrets_the_pods_mount(k8s_rollout: K8sRollout, tmp_path: Path) -> None:
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -1443,6 +1450,7 @@ def load(settings_env: dict[str, str], source: str) -> str:
     return f"OK {reply.rows}"
 
 
+@pytest.mark.network  # k8s_rollout: apt-get install kubernetes-client when kubectl is missing
 def test_k8s_loader_pod_serves_tls_to_its_exec_probe_and_token_holders(k8s_rollout: K8sRollout, tmp_path: Path) -> None:
     pod = StagePod("loader", tmp_path / "loader-pod", k8s_rollout.secrets, {})
     try:
@@ -1510,6 +1518,7 @@ def test_k8s_loader_pod_serves_tls_to_its_exec_probe_and_token_holders(k8s_rollo
         pod.stop()
 
 
+@pytest.mark.network  # k8s_rollout: apt-get install kubernetes-client when kubectl is missing
 def test_k8s_mutual_tls_as_the_docs_turn_it_on(k8s_rollout: K8sRollout, tmp_path: Path) -> None:
     pod = StagePod("evaluator", tmp_path / "evaluator-pod", k8s_rollout.secrets, mtls_config())
     loader = StagePod("loader", tmp_path / "loader-pod", k8s_rollout.secrets, mtls_config())
@@ -1651,6 +1660,7 @@ def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("flavour", list(FLAVOURS))
+@pytest.mark.network  # pip download from PyPI
 def test_every_image_dependency_has_an_aarch64_wheel(flavour: str, wheelhouse: Path) -> None:
     requirements = list(PROJECT["dependencies"])
     for extra in FLAVOURS[flavour]:

@@ -480,6 +480,7 @@ def test_status_shows_uptime_work_in_flight_and_cache_hits(mesh_up: Mesh) -> Non
     assert "0 operations" in trainer
 
 
+@pytest.mark.network  # Debian's prometheus package, apt-get download when not cached
 def test_a_real_prometheus_scrapes_the_mesh(mesh_up: Mesh, tmp_path: Path) -> None:
     from tests.prometheus_bin import prometheus_binaries
 
