@@ -267,6 +267,87 @@ async def test_regression_report_shows_residuals_and_permutation_importance(
     assert again.stage.cache_hit and again.html_report.sha256 == run.evaluate.html_report.sha256
 
 
+def chart(html: str, css_class: str) -> str:
+    """The page's <svg class="css_class"> chart, whole."""
+    found = re.findall(rf'<svg class="{css_class}"[^>]*>.*?</svg>', html, re.S)
+    assert len(found) == 1, f"{len(found)} {css_class} charts on the page"
+    return found[0]
+
+
+def dots(svg: str) -> np.ndarray:
+    """The (x, y) pixel position of every point a scatter chart draws (one `M x yh0` each)."""
+    return np.array([(float(x), float(y)) for x, y in re.findall(r"M(-?[\d.]+) (-?[\d.]+)h0", svg)])
+
+
+def assert_plots(pixels: np.ndarray, values: np.ndarray, what: str, upwards: bool = False) -> None:
+    """`pixels` place `values` on a linear axis, point by point, to the 0.1 px the SVG is written in.
+    Pixel y grows downwards, so a value axis drawn upwards has a negative slope."""
+    slope, intercept = np.polyfit(values, pixels, 1)
+    assert (slope < 0) == upwards, f"{what}: slope {slope}"
+    worst = np.abs(slope * values + intercept - pixels).max()
+    assert worst <= 0.1, f"{what}: a point is {worst:.2f} px off the line through the others"
+
+
+@pytest.mark.asyncio
+async def test_regression_page_plots_this_models_predictions_residuals_and_errors(
+    client: MeshClient, settings: Settings
+) -> None:
+    """Each regression chart holds the numbers of the stored model on the stored test split: one dot
+    per test row at (true, predicted) and (predicted, residual), the histogram's bars and the error
+    summary from the same residuals, the metrics as scikit-learn computes them."""
+    run = await client.run_pipeline(PipelineConfig(source="sklearn:diabetes", model="ridge"))
+    model, x, y, report, html = stored(settings, run)
+    predicted = model.predict(x)
+    residuals = y - predicted
+    page = Page(html)
+    assert report["task_kind"] == "regression"
+    for heading in ("Predicted vs true", "Residuals vs predicted", "Error distribution"):
+        assert heading in page.headings
+    assert not {"roc", "precision-recall", "calibration"} & set(page.svgs), "classification charts on a regression page"
+
+    # Predicted vs true: a dot per test row, x from the true value, y from the prediction.
+    scatter = dots(chart(html, "predicted-vs-true"))
+    assert len(scatter) == len(y) == report["test_rows"] > 50
+    assert_plots(scatter[:, 0], y, "predicted-vs-true x")
+    assert_plots(scatter[:, 1], predicted, "predicted-vs-true y", upwards=True)
+
+    # Residuals vs predicted: the same rows, x from the prediction, y from true - predicted.
+    spread = dots(chart(html, "residuals"))
+    assert len(spread) == len(y)
+    assert_plots(spread[:, 0], predicted, "residuals x")
+    assert_plots(spread[:, 1], residuals, "residuals y", upwards=True)
+
+    # Error distribution: the bars are numpy's histogram of these residuals, the caption their summary.
+    bars = re.findall(r"<title>(\d+) rows from (\S+) to (\S+)</title>", chart(html, "residual-histogram"))
+    counts = [int(count) for count, _, _ in bars]
+    assert counts == np.histogram(residuals, bins=len(counts))[0].tolist() and sum(counts) == len(y)
+    assert float(bars[0][1]) == pytest.approx(residuals.min(), rel=1e-3)
+    assert float(bars[-1][2]) == pytest.approx(residuals.max(), rel=1e-3)
+    caption = re.search(rf"all {len(y)} test rows; (mean .*?)</", html)
+    assert caption, "the error distribution's caption"
+    shown = {name: float(value) for name, value in re.findall(r"(mean|std|p05|p50|p95) (\S+?)(?:,|$)", caption[1])}
+    expected = {
+        "mean": residuals.mean(),
+        "std": residuals.std(),
+        **{f"p{q:02d}": np.percentile(residuals, q) for q in (5, 50, 95)},
+    }
+    assert shown.keys() == expected.keys()
+    for name, value in expected.items():
+        assert shown[name] == pytest.approx(value, rel=1e-3, abs=1e-3), name
+
+    # The metrics table and cards: scikit-learn's numbers for these predictions.
+    table = {row[0]: float(row[1]) for row in page.tables["metrics"][1:]}
+    assert table == pytest.approx(
+        {
+            "r2": metrics.r2_score(y, predicted),
+            "mae": metrics.mean_absolute_error(y, predicted),
+            "rmse": float(np.sqrt(metrics.mean_squared_error(y, predicted))),
+        },
+        abs=1e-4,
+    )
+    assert table["rmse"] > table["mae"] > 0 and 0 < table["r2"] < 1
+
+
 def test_permutation_importance_is_bounded_and_deterministic() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50_000, 4))
@@ -513,6 +594,7 @@ def png_pixels(data: bytes) -> np.ndarray:
 
 
 @pytest.mark.asyncio
+@pytest.mark.network  # Debian's chromium packages, apt-get download when not cached
 async def test_screenshot_of_the_report_is_not_blank(client: MeshClient, settings: Settings, tmp_path: Path) -> None:
     browser = chromium()  # skips with the reason, or fails under CI=true, when it cannot be had
     keep = os.environ.get("MLMESH_REPORT_SCREENSHOTS")
