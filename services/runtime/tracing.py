@@ -10,8 +10,8 @@ Configuration is the standard OTel environment, nothing mlmesh-specific:
   `OTEL_EXPORTER_OTLP_*` variables, the sampler comes from
   `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, batching from `OTEL_BSP_*`.
 
-Off means free: no OpenTelemetry module is imported, no interceptor is
-installed, and `span()` is a null context.
+Off means free: no OpenTelemetry module is imported, the stage interceptor
+makes no spans, and `span()` is a null context.
 
 A run's trace id is derived from its run id (the one `mlmesh lineage --run`
 takes), so every process of a run, whether the CLI, each Flyte task in its own
