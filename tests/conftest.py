@@ -61,8 +61,16 @@ def artifact_root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(artifact_root: Path, data_roots: str) -> Settings:
+    """The in-process stages' settings. Metrics are still counted, but not served over HTTP
+    (MLMESH_METRICS=off): stopping prometheus_client's HTTP server waits for its 0.5 s poll, half
+    a second per mesh. tests/test_observability.py turns the endpoint on for what it tests."""
     return Settings.from_env(
-        {"MLMESH_ARTIFACT_ROOT": str(artifact_root), "MLMESH_GRACE_SECONDS": "0.5", "MLMESH_DATA_ROOTS": data_roots}
+        {
+            "MLMESH_ARTIFACT_ROOT": str(artifact_root),
+            "MLMESH_GRACE_SECONDS": "0.5",
+            "MLMESH_DATA_ROOTS": data_roots,
+            "MLMESH_METRICS": "off",
+        }
     )
 
 

@@ -30,9 +30,15 @@ from tests.helpers import DATA_LOSS, StartedStagesClient, expect_error, features
 
 @pytest.fixture
 def settings(artifact_root: Path) -> Settings:
-    """Two workers per stage whatever the host, so the concurrency below is the same everywhere."""
+    """Two workers per stage whatever the host, so the concurrency below is the same everywhere.
+    Metrics unserved, as in conftest.py's settings."""
     return Settings.from_env(
-        {"MLMESH_ARTIFACT_ROOT": str(artifact_root), "MLMESH_GRACE_SECONDS": "0.5", "MLMESH_WORKER_THREADS": "2"}
+        {
+            "MLMESH_ARTIFACT_ROOT": str(artifact_root),
+            "MLMESH_GRACE_SECONDS": "0.5",
+            "MLMESH_WORKER_THREADS": "2",
+            "MLMESH_METRICS": "off",
+        }
     )
 
 

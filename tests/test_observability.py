@@ -73,6 +73,12 @@ def handled(samples: dict, method: str, code: str) -> float:
 
 
 # ---- one stage in this process, its /metrics over HTTP ------------------------------------
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """conftest.py's settings with /metrics served over HTTP, which this module reads."""
+    return dataclasses.replace(settings, metrics=True)
+
+
 @pytest_asyncio.fixture
 async def loader(settings: Settings) -> AsyncIterator[RunningStage]:
     limited = dataclasses.replace(settings, max_concurrent_rpcs=2, worker_threads=1)
