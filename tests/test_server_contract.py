@@ -42,6 +42,7 @@ from tests.helpers import (
     assert_serving,
     each_stage,
     expect_error,
+    features_for,
     health_status,
     start_loader_process,
     upstream,
@@ -333,9 +334,7 @@ async def test_request_over_the_message_limit_is_resource_exhausted(
 async def test_health_answers_within_deadline_while_trainer_is_busy(
     client: MeshClient, mesh: dict[str, RunningStage]
 ) -> None:
-    loaded = await client.load(loader_pb2.LoadRequest(source="synthetic:classification?rows=20000&features=30"))
-    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
-    features = await client.build_features(features_pb2.BuildFeaturesRequest(train=prepared.train, test=prepared.test))
+    features = await features_for(client, "synthetic:classification?rows=20000&features=30")
     trainer = mesh["trainer"]
     training = asyncio.ensure_future(
         client.train(

@@ -17,8 +17,6 @@ from sklearn.linear_model import LogisticRegression, Ridge, SGDClassifier
 
 from mlmesh.common.v1.common_pb2 import TaskKind
 from mlmesh.features.v1 import features_pb2
-from mlmesh.loader.v1 import loader_pb2
-from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.runtime import vocabulary
 from services.runtime.client import MeshClient
@@ -28,7 +26,7 @@ from services.runtime.settings import Settings
 from services.runtime.stage import Run
 from services.runtime.store import ArtifactStore
 from services.trainer import logic
-from tests.helpers import FAILED, INVALID, assert_serving, expect_error, features_for
+from tests.helpers import FAILED, INVALID, assert_serving, expect_error, features_for, prepare
 
 # The service tests here run the pipeline up to the trainer: the evaluator is never called.
 pytestmark = pytest.mark.stages("loader", "preprocess", "features", "trainer")
@@ -506,8 +504,7 @@ async def test_the_feature_schema_names_the_models_inputs(client: MeshClient, me
     assert not hasattr(skops_to_model(store.get(unnamed.model), "model"), "feature_names_in_")
     assert unnamed.model.sha256 != named.model.sha256
 
-    loaded = await client.load(loader_pb2.LoadRequest(source=CLASSIFICATION_SOURCE))
-    prepared = await client.preprocess(preprocess_pb2.PreprocessRequest(dataset=loaded.dataset))
+    prepared = await prepare(client, CLASSIFICATION_SOURCE)
     wrong_shape = trainer_pb2.TrainRequest(
         x_train=built.x_train, y_train=built.y_train, feature_schema=prepared.split_report, model="sgd"
     )
