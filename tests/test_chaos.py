@@ -24,6 +24,8 @@ import pytest
 from services.runtime.settings import STAGES
 from tests.test_mesh_processes import BIN, UpProcess, on_new_ports, stage_pid
 
+# Twenty pipelines against `mlmesh up` while stages are SIGKILLed: minutes.
+pytestmark = pytest.mark.slow
 PIPELINES = 20
 SEED = 20261124
 

@@ -548,6 +548,7 @@ def test_object_store_urls_are_read_through_fsspec_with_the_cap() -> None:
 
 
 # ---- through `mlmesh run` against `mlmesh up` ----------------------------------------------------
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_mlmesh_run_is_refused_outside_the_roots_and_trains_inside(world: World, tmp_path: Path) -> None:
     env = on_new_ports(
         {

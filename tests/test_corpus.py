@@ -29,6 +29,8 @@ from tests import corpus
 from tests.corpus import BY_NAME, FORMATS, TABLES, Table
 from tests.helpers import start_local_mesh
 
+# Every corpus table through `mlmesh run` and `pyflyte run` against real meshes: minutes.
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FEATURE_ROLES = {"numeric", "boolean", "categorical", "datetime"}

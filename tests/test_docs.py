@@ -85,6 +85,8 @@ from pathlib import Path
 
 import pytest
 
+# Every command of the docs in a copy of the checkout, meshes and pyflyte runs included: minutes.
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/deploy.md")
 SHELL_LANGUAGES = {"sh", "bash", "shell", "zsh", "console"}

@@ -661,6 +661,7 @@ async def _call(channel: grpc.aio.Channel, path: str, streaming: bool, body: Any
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(240)
+@pytest.mark.slow  # thousands of generated requests to every RPC
 async def test_fuzz_every_rpc(settings, mesh: dict[str, RunningStage], client: MeshClient, tmp_path: Path) -> None:
     csv_path = tmp_path / "small.csv"
     _small_csv(csv_path)

@@ -3,8 +3,6 @@ test calls, and the CI=true rule that a skipped test is a failure."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from mlmesh.loader.v1 import loader_pb2
@@ -15,7 +13,6 @@ from services.runtime.settings import STAGES
 from tests.helpers import StageNotStarted, assert_serving
 
 pytest_plugins = ("pytester",)
-REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- the stages mark --------------------------------------------------------------------------
@@ -48,10 +45,7 @@ async def test_a_call_to_a_stage_not_started_fails_at_once_naming_it(client: Mes
     assert "add 'preprocess' to the test's @pytest.mark.stages(...)" in message
 
 
-def test_an_unknown_stage_in_the_mark_is_an_error_naming_the_stages(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
+def test_an_unknown_stage_in_the_mark_is_an_error_naming_the_stages(pytester: pytest.Pytester) -> None:
     pytester.makeconftest("from tests.conftest import artifact_root, client, data_roots, mesh, settings\n")
     pytester.makepyfile(
         """
@@ -94,17 +88,17 @@ def test_deselected_by_marker():
 
 
 def run_inner(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    """pytest in a fresh process on pytester's folder, with this checkout importable and its markers."""
+    """pytest on pytester's folder, in this process (so this checkout's `tests` package imports), with
+    the markers it uses."""
     pytester.makeini(
         "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
         "markers =\n    slow: slow\n    stages(*names): stages\n"
     )
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider", *args)
 
 
 @pytest.fixture
-def ci_hooks(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
+def ci_hooks(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest(
         "from tests.conftest import pytest_runtest_makereport, pytest_sessionfinish, pytest_terminal_summary\n"
     )

@@ -301,6 +301,7 @@ def test_a_stage_whose_metrics_port_is_taken_refuses_to_start(tmp_path: Path) ->
     assert "MLMESH_LOADER_METRICS_PORT" in result.stderr and "MLMESH_METRICS=off" in result.stderr
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_up_refuses_a_taken_metrics_port_before_starting_anything(tmp_path: Path) -> None:
     import socket
 
@@ -392,6 +393,7 @@ def stage_server_spans(spans: list[dict]) -> dict[str, dict]:
     }
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_up_prints_where_each_stage_serves_metrics(mesh_up: Mesh) -> None:
     for stage in STAGES:
         line = next(line for line in mesh_up.banner if line.startswith(stage))
@@ -401,6 +403,7 @@ def test_up_prints_where_each_stage_serves_metrics(mesh_up: Mesh) -> None:
         )
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_pyflyte_run_is_one_trace_across_the_five_stages(mesh_up: Mesh) -> None:
     result = mesh_up.run(str(BIN / "pyflyte"), "run", "workflow/pipeline.py", "training_pipeline")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -437,6 +440,7 @@ def test_pyflyte_run_is_one_trace_across_the_five_stages(mesh_up: Mesh) -> None:
     assert all(line["span_id"] in by_id for line in calls)
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_mlmesh_run_is_one_trace_too(mesh_up: Mesh) -> None:
     result = mesh_up.run(str(BIN / "mlmesh"), "run", "--source", "sklearn:wine", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -451,6 +455,7 @@ def test_mlmesh_run_is_one_trace_too(mesh_up: Mesh) -> None:
         assert by_id[by_id[server["parent_id"]]["parent_id"]]["name"] == "mlmesh run"
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_every_log_line_is_json_with_the_call_fields(mesh_up: Mesh) -> None:
     failed = mesh_up.run(str(BIN / "mlmesh"), "run", "--source", "no-such-file.csv")
     assert failed.returncode != 0
@@ -474,6 +479,7 @@ def test_every_log_line_is_json_with_the_call_fields(mesh_up: Mesh) -> None:
     assert refused and all(c["error"] and "no-such-file.csv" in c["error"] for c in refused), refused
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_status_shows_uptime_work_in_flight_and_cache_hits(mesh_up: Mesh) -> None:
     mesh_up.run(str(BIN / "mlmesh"), "run", "--source", "sklearn:wine", "--json")  # all hits by now
     result = mesh_up.run(str(BIN / "mlmesh"), "status")
@@ -487,6 +493,7 @@ def test_status_shows_uptime_work_in_flight_and_cache_hits(mesh_up: Mesh) -> Non
 
 
 @pytest.mark.network  # Debian's prometheus package, apt-get download when not cached
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_a_real_prometheus_scrapes_the_mesh(mesh_up: Mesh, tmp_path: Path) -> None:
     from tests.prometheus_bin import prometheus_binaries
 
@@ -574,6 +581,7 @@ def test_a_real_prometheus_scrapes_the_mesh(mesh_up: Mesh, tmp_path: Path) -> No
             prometheus.wait()
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_readme_observability_commands_run_as_written(mesh_up: Mesh) -> None:
     text = (ROOT / "README.md").read_text()
     section = text.split("\n## Metrics, traces and logs\n", 1)[1].split("\n## ", 1)[0]

@@ -278,6 +278,7 @@ async def _kill_mid_fit(
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow  # `mlmesh up` child processes
 async def test_a_sigkilled_trainer_resumes_from_its_checkpoint_to_the_identical_model(up: UpProcess) -> None:
     result, events, saved_step, _ = await _kill_mid_fit(up, signal.SIGKILL)
     up.wait_for("trainer exited with status -9")
@@ -291,6 +292,7 @@ async def test_a_sigkilled_trainer_resumes_from_its_checkpoint_to_the_identical_
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow  # `mlmesh up` child processes
 async def test_sigterm_checkpoints_before_exit_and_the_next_trainer_resumes(up: UpProcess) -> None:
     result, events, saved_step, _ = await _kill_mid_fit(up, signal.SIGTERM)
     up.wait_for("trainer exited with status 0")  # within its grace period, checkpoint written
@@ -300,6 +302,7 @@ async def test_sigterm_checkpoints_before_exit_and_the_next_trainer_resumes(up: 
     assert ArtifactStore(up.env["MLMESH_ARTIFACT_ROOT"]).get(result.model)
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_a_fit_longer_than_the_client_deadline_completes_by_reattaching(up: UpProcess, tmp_path: Path) -> None:
     # Each call may take at most 2 s; the forest takes several times that.
     env = {**up.env, "MLMESH_RPC_TIMEOUT_SECONDS": "2"}
@@ -322,6 +325,7 @@ def test_a_fit_longer_than_the_client_deadline_completes_by_reattaching(up: UpPr
     assert json.loads(run.stdout)["decision"]
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_status_shows_a_running_fit(up: UpProcess) -> None:
     async def start() -> str:
         async with MeshClient(_client_settings(up)) as client:
@@ -352,6 +356,7 @@ def test_status_shows_a_running_fit(up: UpProcess) -> None:
     assert cancel.returncode == 0, cancel.stderr
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_grpcurl_starts_follows_and_reads_a_fit(up: UpProcess) -> None:
     async def features() -> features_pb2.BuildFeaturesResponse:
         async with MeshClient(_client_settings(up)) as client:

@@ -398,6 +398,7 @@ def secured_up(
     up.stop()
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_the_cli_and_probe_work_over_mtls_with_a_token(
     secured_up: tuple[UpProcess, dict[str, str]], material: Material
 ) -> None:
@@ -442,6 +443,7 @@ def test_the_cli_and_probe_work_over_mtls_with_a_token(
     assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_pyflyte_runs_the_workflow_over_mtls_with_a_token(
     secured_up: tuple[UpProcess, dict[str, str]],
     material: Material,
@@ -472,6 +474,7 @@ def test_pyflyte_runs_the_workflow_over_mtls_with_a_token(
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stdout + refused.stderr
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_real_grpcurl_over_mtls(secured_up: tuple[UpProcess, dict[str, str]], material: Material) -> None:
     up, _ = secured_up
     address = f"localhost:{up.ports['loader']}"
@@ -491,6 +494,7 @@ def test_real_grpcurl_over_mtls(secured_up: tuple[UpProcess, dict[str, str]], ma
     assert plaintext.returncode != 0
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_each_call_is_logged_with_its_caller(secured_up: tuple[UpProcess, dict[str, str]]) -> None:
     up, env = secured_up
     subprocess.run(
@@ -522,6 +526,7 @@ def _block(blocks: list[str], marker: str) -> str:
     return found
 
 
+@pytest.mark.slow  # `mlmesh up` child processes
 def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> None:
     blocks = readme_section_blocks("Securing the mesh")
     make_certs, settings, up_block, clients = (
