@@ -31,7 +31,7 @@ from services.runtime.interceptor import StageInterceptor
 from services.runtime.logs import configure_logging
 from services.runtime.operations import OPERATIONS_SERVICE, OperationsService, add_operations_service
 from services.runtime.security import server_credentials, server_interceptor
-from services.runtime.settings import LAUNCHER_PID, Settings, SettingsError
+from services.runtime.settings import LAUNCHER_PID, Settings, SettingsError, dialable_host
 from services.runtime.stage import StageRuntime
 from services.runtime.watch import SERVICE_NAME as PROGRESS_SERVICE
 from services.runtime.watch import ProgressServicer
@@ -85,11 +85,12 @@ class RunningStage:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{dialable_host(self.runtime.settings.bind_host)}:{self.port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else ""
+        host = dialable_host(self.runtime.settings.metrics_host)
+        return f"http://{host}:{self.metrics_port}/metrics" if self.metrics_port else ""
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
