@@ -33,7 +33,7 @@ from services.runtime.client import MeshClient, PipelineConfig, PipelineRun
 from services.runtime.formats import NPY, array_to_npy, json_bytes_to_doc, npy_to_array, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from services.runtime.vocabulary import TaskKind
+from services.runtime.vocabulary import Decision, TaskKind
 from tests.chromium_bin import chromium
 from tests.helpers import evaluate_request
 
@@ -495,41 +495,15 @@ def test_report_for_a_200k_row_split_stays_under_a_megabyte() -> None:
     evaluation = logic.evaluate(model, x, y)
     assert all(len(c["fpr"]) <= logic.MAX_CURVE_POINTS for c in evaluation.roc_curves)
     assert all(len(c["recall"]) <= logic.MAX_CURVE_POINTS for c in evaluation.pr_curves)
-    report = {
-        "task_kind": evaluation.task,
-        "metrics": evaluation.metrics,
-        "thresholds": {"minimums": {}, "maximums": {}},
-        "importances": {"kind": evaluation.importance_kind, "values": evaluation.importances},
-        "decision": "RETRAIN",
-        "reasons": [],
-        "notes": evaluation.notes,
-        "test_rows": len(y),
-        "class_names": ["a", "b", "c"],
-        "confusion_matrix": evaluation.confusion_matrix,
-        "roc_curves": evaluation.roc_curves,
-        "predictions": evaluation.predictions,
-        "pr_curves": evaluation.pr_curves,
-        "calibration": evaluation.calibration,
-        "per_class": evaluation.per_class,
-        "residuals": evaluation.residuals,
-    }
+    no_thresholds: dict[str, dict[str, float]] = {"minimums": {}, "maximums": {}}
+    report = logic.report_document(evaluation, Decision.RETRAIN, [], no_thresholds, ["a", "b", "c"])
     assert len(to_json_bytes(report)) < 1_000_000 and len(render_html(report).encode()) < 1_000_000
 
     regression_y = x @ np.arange(6.0) + rng.normal(size=len(x))
     from sklearn.linear_model import Ridge
 
     evaluation = logic.evaluate(Ridge().fit(x[:5000], regression_y[:5000]), x, regression_y)
-    report.update(
-        task_kind="regression",
-        metrics=evaluation.metrics,
-        predictions=evaluation.predictions,
-        residuals=evaluation.residuals,
-        class_names=[],
-        per_class=[],
-        roc_curves=[],
-        pr_curves=[],
-        calibration={},
-    )
+    report = logic.report_document(evaluation, Decision.RETRAIN, [], no_thresholds, [])
     assert len(to_json_bytes(report)) < 1_000_000 and len(render_html(report).encode()) < 1_000_000
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from sklearn import metrics
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument, bounded
-from services.runtime.vocabulary import TaskKind
+from services.runtime.vocabulary import Decision, TaskKind
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Evaluation:
     calibration: dict[str, Any] = field(default_factory=dict)
     per_class: list[dict[str, Any]] = field(default_factory=list)
     residuals: dict[str, Any] = field(default_factory=dict)
+    test_rows: int = 0
 
 
 def check_threshold_names(minimums: dict[str, float], maximums: dict[str, float]) -> None:
@@ -108,6 +109,41 @@ def evaluate(model: Any, test_matrix: np.ndarray, y: np.ndarray) -> Evaluation:
     if task == TaskKind.REGRESSION:
         return _regression(y, predicted, importance_kind, importances, importance_notes)
     return _classification(model, x, y, predicted, importance_kind, importances, importance_notes)
+
+
+def report_document(
+    evaluation: Evaluation,
+    decision: Decision,
+    reasons: list[str],
+    thresholds: dict[str, dict[str, float]],
+    class_names: list[str],
+    context: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The metrics report (JSON) the HTML page is rendered from. `context` adds the documents
+    the caller passed along (schema, profile, split report), each under its own key."""
+    return {
+        "task_kind": evaluation.task,
+        "metrics": evaluation.metrics,
+        "thresholds": thresholds,
+        "importances": {"kind": evaluation.importance_kind, "values": evaluation.importances},
+        **(context or {}),
+        "decision": decision,
+        "reasons": reasons,
+        "notes": evaluation.notes,
+        "test_rows": evaluation.test_rows,
+        "class_names": class_names,
+        "confusion_matrix": evaluation.confusion_matrix,
+        "roc_curves": evaluation.roc_curves,
+        "predictions": evaluation.predictions,
+        "pr_curves": evaluation.pr_curves,
+        "calibration": evaluation.calibration,
+        "per_class": evaluation.per_class,
+        "residuals": evaluation.residuals,
+        **({"model": model} if model is not None else {}),
+        **({"provenance": provenance} if provenance is not None else {}),
+    }
 
 
 def _check_inputs(model: Any, task: TaskKind, x: np.ndarray, y: np.ndarray) -> None:
@@ -161,6 +197,7 @@ def _regression(
     shown = np.unique(np.linspace(0, len(y) - 1, min(len(y), MAX_PLOTTED_POINTS)).astype(int))
     result = Evaluation(
         task=TaskKind.REGRESSION,
+        test_rows=len(y),
         metrics={
             **({"r2": float(metrics.r2_score(y, predicted))} if len(y) > 1 else {}),
             "mae": float(metrics.mean_absolute_error(y, predicted)),
@@ -191,6 +228,7 @@ def _classification(
     labels = model.classes_
     result = Evaluation(
         task=TaskKind.CLASSIFICATION,
+        test_rows=len(y),
         metrics={
             "accuracy": float(metrics.accuracy_score(y, predicted)),
             "precision_macro": float(

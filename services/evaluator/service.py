@@ -67,27 +67,16 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             promote, reasons = logic.decide(evaluation, minimums, maximums)
             applied_minimums, applied_maximums, _ = logic.effective_thresholds(evaluation.task, minimums, maximums)
             decision = Decision.PROMOTE if promote else Decision.RETRAIN
-            report = {
-                "task_kind": evaluation.task,
-                "metrics": evaluation.metrics,
-                "thresholds": {"minimums": applied_minimums, "maximums": applied_maximums},
-                "importances": {"kind": evaluation.importance_kind, "values": evaluation.importances},
-                **{name: doc for name, doc in context.items() if isinstance(doc, dict)},
-                "decision": decision,
-                "reasons": reasons,
-                "notes": evaluation.notes,
-                "test_rows": len(y),
-                "class_names": class_names,
-                "confusion_matrix": evaluation.confusion_matrix,
-                "roc_curves": evaluation.roc_curves,
-                "predictions": evaluation.predictions,
-                "pr_curves": evaluation.pr_curves,
-                "calibration": evaluation.calibration,
-                "per_class": evaluation.per_class,
-                "residuals": evaluation.residuals,
-                "model": {**logic.model_description(model), "features": int(x.shape[1])},
-                "provenance": {**lineage, "evaluator_version": VERSION},
-            }
+            report = logic.report_document(
+                evaluation,
+                decision,
+                reasons,
+                thresholds={"minimums": applied_minimums, "maximums": applied_maximums},
+                class_names=class_names,
+                context={name: doc for name, doc in context.items() if isinstance(doc, dict)},
+                model={**logic.model_description(model), "features": int(x.shape[1])},
+                provenance={**lineage, "evaluator_version": VERSION},
+            )
             return evaluator_pb2.EvaluateResponse(
                 metrics_report=run.put_doc("metrics_report", report),
                 html_report=run.put("html_report", render_html(report).encode(), HTML),
