@@ -42,6 +42,7 @@ def mlmesh(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.
     )
 
 
+@pytest.mark.slow  # a whole `mlmesh run` against the module's mesh
 def test_run_ends_with_the_summary_and_registers_a_promote(env: dict[str, str]) -> None:
     result = mlmesh(env, "run", "--source", "sklearn:wine", "--seed", "5")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -74,6 +75,7 @@ def test_run_ends_with_the_summary_and_registers_a_promote(env: dict[str, str]) 
     assert "iris-logistic_regression" not in mlmesh(env, "models").stdout
 
 
+@pytest.mark.slow  # a whole `mlmesh run` against the module's mesh
 def test_a_retrain_is_not_registered_and_says_why(env: dict[str, str]) -> None:
     result = mlmesh(env, "run", "--source", "sklearn:diabetes", "--min", "r2=0.99")
     assert result.returncode == 0, result.stderr
@@ -83,6 +85,7 @@ def test_a_retrain_is_not_registered_and_says_why(env: dict[str, str]) -> None:
     assert "not registered (only PROMOTE is)" in result.stdout and "registry:" not in result.stderr
 
 
+@pytest.mark.slow  # a whole `mlmesh run` against the module's mesh
 def test_a_stage_error_is_one_paragraph(env: dict[str, str], tmp_path: Path) -> None:
     missing = tmp_path / "absent.csv"
     result = mlmesh(env, "run", "--source", str(missing), "--target", "y")
@@ -112,6 +115,7 @@ def test_a_stage_error_is_one_paragraph(env: dict[str, str], tmp_path: Path) -> 
     assert "NOT_FOUND" in flyte.stderr and "the load task failed" in flyte.stderr
 
 
+@pytest.mark.slow  # pyflyte runs
 def test_pyflyte_takes_numbers_as_people_type_them(env: dict[str, str]) -> None:
     result = subprocess.run(
         [
@@ -181,6 +185,7 @@ def _interrupt(command: list[str], env: dict[str, str], log: Path) -> tuple[int,
     return code, log.read_text()
 
 
+@pytest.mark.slow  # a whole `mlmesh run` against the module's mesh
 def test_ctrl_c_stops_the_run_and_its_fit_with_one_line(env: dict[str, str], tmp_path: Path) -> None:
     code, stderr = _interrupt(
         [str(BIN / "mlmesh"), "run", "--source", "sklearn:digits", *SLOW_FIT], env, tmp_path / "run.err"
@@ -192,6 +197,7 @@ def test_ctrl_c_stops_the_run_and_its_fit_with_one_line(env: dict[str, str], tmp
     _wait_for(lambda: not _running_fits(env), 30, "the trainer to stop the fit")
 
 
+@pytest.mark.slow  # pyflyte runs
 def test_ctrl_c_under_pyflyte_and_with_mesh(tmp_path: Path) -> None:
     """`make run`'s shape: with-mesh starting its own mesh around pyflyte; Ctrl-C ends both quickly."""
     base = tmp_path / "own"
@@ -228,6 +234,7 @@ def test_ctrl_c_under_pyflyte_and_with_mesh(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # a whole `mlmesh run` against the module's mesh
 def test_a_closed_pipe_is_quiet(env: dict[str, str]) -> None:
     # `mlmesh runs | head -1` with more than one line: the reader leaves early.
     result = subprocess.run(

@@ -245,6 +245,7 @@ async def make_loader(world: World, servers: Servers, tmp_path: Path) -> AsyncIt
                 "MLMESH_MAX_DATASET_BYTES": str(CAP),
                 "MLMESH_SOURCE_CONNECT_SECONDS": "1",
                 "MLMESH_SOURCE_READ_SECONDS": str(read_seconds),
+                "MLMESH_METRICS": "off",  # unserved, as in conftest.py's settings
             }
         )
         stage = await start_stage(stage_spec("loader"), settings, port=0)

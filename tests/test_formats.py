@@ -114,6 +114,7 @@ def test_skops_zip_has_no_timestamps_or_object_ids() -> None:
         assert ids and max(ids) < 10_000, "array entries still carry id()-based names"
 
 
+@pytest.mark.slow  # two Python processes that import scikit-learn
 def test_skops_bytes_match_across_processes() -> None:
     in_process = " ".join(hashlib.sha256(model_to_skops(m)).hexdigest() for m in (_forest(), _pipeline()))
     processes = [
@@ -282,6 +283,7 @@ def test_arrow_round_trip_keeps_frame_and_metadata(compress: bool) -> None:
     assert meta == metadata
 
 
+@pytest.mark.slow  # 300,000 rows written and read three times
 def test_arrow_tables_span_batches_with_stable_types_and_bytes() -> None:
     """More rows than one record batch: a column whose first batch is all missing keeps the
     type the whole column has, categories survive, and equal frames give equal bytes."""

@@ -496,6 +496,7 @@ async def small_loader(artifact_root: Path, data_roots: str) -> AsyncIterator[tu
             "MLMESH_ARTIFACT_ROOT": str(artifact_root),
             "MLMESH_MAX_DATASET_BYTES": "20000",
             "MLMESH_DATA_ROOTS": data_roots,
+            "MLMESH_METRICS": "off",  # unserved, as in conftest.py's settings
         }
     )
     stage = await start_stage(stage_spec("loader"), settings, port=0)

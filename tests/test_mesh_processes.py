@@ -19,6 +19,8 @@ import pytest
 from services.runtime.settings import DEFAULT_PORTS, STAGES
 from tests.helpers import free_ports, run_script, use_free_ports
 
+# `mlmesh up` child processes, the CLI and grpcurl against them: minutes for the module.
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 GRPCURL = BIN / "grpcurl"

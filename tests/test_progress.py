@@ -78,6 +78,7 @@ def _grpcurl(address: str, body: dict) -> subprocess.CompletedProcess:
 
 @pytest.mark.asyncio
 @pytest.mark.stages("loader")
+@pytest.mark.slow  # eight grpcurl processes
 async def test_watch_refuses_bad_ids_and_unknown_calls_with_honest_codes(mesh) -> None:
     address = mesh["loader"].address
     for bad in ("", "short", "a" * 65, "has space in it", "../../../etc", "é" * 10, "z" * 10_000):

@@ -90,7 +90,7 @@ def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
 
 
 async def _start(names: tuple[str, ...], env: dict[str, str]) -> dict[str, RunningStage]:
-    settings = Settings.from_env(env)
+    settings = Settings.from_env({"MLMESH_METRICS": "off", **env})  # unserved, as in conftest.py's settings
     return {name: await start_stage(stage_spec(name), settings, port=0) for name in names}
 
 
@@ -141,6 +141,7 @@ async def test_a_tls_mesh_runs_the_pipeline_for_clients_that_trust_its_ca(
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow  # each refusal waits out gRPC's connection attempts: seconds
 async def test_plaintext_and_untrusting_clients_are_refused_with_what_to_set(
     material: Material,
     tls_mesh: dict[str, RunningStage],
@@ -154,6 +155,7 @@ async def test_plaintext_and_untrusting_clients_are_refused_with_what_to_set(
 
 
 @pytest.mark.asyncio
+@pytest.mark.slow  # each refusal waits out gRPC's connection attempts: seconds
 async def test_a_tls_client_of_a_plaintext_stage_is_told_so(material: Material, tmp_path: Path) -> None:
     stages = await _start(("loader",), {"MLMESH_ARTIFACT_ROOT": str(tmp_path / "a")})
     try:
@@ -184,6 +186,7 @@ async def test_a_stage_will_not_start_with_an_expired_or_unreadable_certificate(
 
 # ---- mTLS --------------------------------------------------------------------------------------
 @pytest.mark.asyncio
+@pytest.mark.slow  # each refusal waits out gRPC's connection attempts: seconds
 async def test_mtls_admits_only_certificates_of_the_client_ca(
     material: Material,
     tmp_path: Path,

@@ -511,6 +511,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
+@pytest.mark.slow  # a stage process, stopped mid-fit after its grace period
 def test_sigterm_ends_a_stage_whose_worker_is_busy_within_its_grace_period(tmp_path: Path) -> None:
     process, port = start_loader_process(tmp_path / "artifacts")
     source = "synthetic:classification?rows=1000000&features=40&seed=5"  # about 10 s of loading

@@ -529,9 +529,16 @@ async def test_the_feature_schema_names_the_models_inputs(client: MeshClient, me
 
 # ---- the model is exactly scikit-learn's --------------------------------------------------
 @pytest.mark.asyncio
-@pytest.mark.parametrize("rows", [2_000, 12_000])  # gradient boosting's early stopping switches on above 10,000
+# gradient boosting's early stopping switches on above 10,000 rows; those fits, and gradient boosting's
+# hundred rounds at any size, take seconds each: slow
+@pytest.mark.parametrize("rows", [2_000, pytest.param(12_000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
-    ("task", "model"), [(task, model) for task, catalogue in logic.MODELS.items() for model in sorted(catalogue)]
+    ("task", "model"),
+    [
+        pytest.param(task, model, marks=[pytest.mark.slow] if model == "hist_gradient_boosting" else [])
+        for task, catalogue in logic.MODELS.items()
+        for model in sorted(catalogue)
+    ],
 )
 async def test_the_stored_model_predicts_exactly_as_a_one_shot_fit(
     client: MeshClient, task: str, model: str, rows: int

@@ -19,6 +19,8 @@ from services.runtime.settings import STAGES
 from tests.helpers import free_ports, run_script, start_local_mesh
 from tests.test_mesh_processes import write_house_prices
 
+# `pyflyte run` of the whole workflow against `mlmesh up` meshes: ten seconds and more a test.
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
