@@ -85,8 +85,6 @@ from pathlib import Path
 
 import pytest
 
-# Every command of the docs in a copy of the checkout, meshes and pyflyte runs included: minutes.
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/deploy.md")
 SHELL_LANGUAGES = {"sh", "bash", "shell", "zsh", "console"}
@@ -824,6 +822,7 @@ def check(outcome: Outcome, workdir: Path) -> str | None:
 
 # ---- the test ---------------------------------------------------------------------------------
 @pytest.mark.timeout(900)
+@pytest.mark.slow  # every command of the docs in a copy of the checkout, meshes and pyflyte runs included: minutes
 def test_the_docs_commands_run_as_written(tmp_path: Path) -> None:
     if shutil.which("jq") is None:
         pytest.skip("README.md's grpcurl chain needs jq")
