@@ -192,6 +192,7 @@ def test_a_one_call_fit_reports_its_elapsed_time(monkeypatch: pytest.MonkeyPatch
     assert len(beats) >= 3 and events[-1] == (1.0, "fit complete")
 
 
+@pytest.mark.slow  # two 12,000-row gradient boosting fits
 def test_gradient_boosting_is_fitted_as_scikit_learn_fits_it() -> None:
     # Warm-started steps would re-bin and restart early stopping: a different model.
     from sklearn.datasets import make_classification
