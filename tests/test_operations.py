@@ -105,9 +105,8 @@ async def test_start_returns_at_once_and_wait_operation_returns_the_result(
     async with grpc.aio.insecure_channel(mesh["trainer"].address) as channel:
         trainer = trainer_pb2_grpc.TrainerServiceStub(channel)
         operations = operations_grpc_pb2.OperationsStub(channel)
-        started = time.monotonic()
         operation = await trainer.StartTraining(forest_request(features), timeout=10)
-        assert time.monotonic() - started < 2 and not operation.done
+        assert not operation.done  # it answered without waiting for the fit
         assert operation.name.startswith("operations/train-")
         # The same request joins the same operation.
         again = await trainer.StartTraining(forest_request(features), timeout=10)

@@ -112,7 +112,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             if report.get("decision") != Decision.PROMOTE:
                 raise FailedPrecondition(
                     f"the metrics report says {str(report.get('decision'))[:20]!r}, not PROMOTE; only promoted "
-                    "models are registered"
+                    "models are registered (the Evaluate reply's reasons say which threshold failed). Retrain "
+                    "(more data, another model or hyperparameters), or evaluate again with thresholds it meets "
+                    "(minimums/maximums)"
                 )
             # The report must be this model's: the evaluator's manifest names the model it scored.
             made = store.manifest(request.metrics_report.sha256) or {}

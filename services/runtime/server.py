@@ -103,7 +103,8 @@ class RunningStage:
         left = None if grace is None else max(0.0, grace - (asyncio.get_running_loop().time() - started))
         await self.server.stop(left)
         self.runtime.close()
-        self.runtime.metrics.close()
+        # Stopping the metrics HTTP server waits for its poll loop (up to half a second): off the loop.
+        await asyncio.to_thread(self.runtime.metrics.close)
 
 
 def _check_store_writable(runtime: StageRuntime) -> None:
