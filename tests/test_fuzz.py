@@ -446,6 +446,7 @@ def gen_train(g: Gen) -> trainer_pb2.TrainRequest:
         seed=g.seed(),
         force_recompute=g.chance(0.02),
         feature_schema=g.ref(prefix + "feature_schema") if g.chance(0.8) else None,
+        task_kind=g.enum(2),
     )
 
 

@@ -15,7 +15,7 @@ from sklearn.ensemble import (
 )
 from sklearn.linear_model import LogisticRegression, Ridge, SGDClassifier
 
-from mlmesh.common.v1.common_pb2 import TaskKind
+from mlmesh.common.v1.common_pb2 import ArtifactRef, TaskKind
 from mlmesh.features.v1 import features_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.runtime import vocabulary
@@ -461,6 +461,42 @@ async def test_models_must_suit_the_task(client: MeshClient, mesh) -> None:
     await expect_error(
         client.train(train_request(classes, "ridge")), INVALID, "not available for classification", "regression model"
     )
+    await assert_serving(mesh["trainer"])
+
+
+@pytest.mark.asyncio
+async def test_a_stated_task_kind_is_checked_before_the_data_and_against_it(client: MeshClient, mesh) -> None:
+    diabetes = await features_for(client, "sklearn:diabetes")  # a regression target
+    # A number no release defines.
+    unknown = train_request(diabetes, "ridge")
+    unknown.task_kind = 99  # type: ignore[assignment]
+    await expect_error(client.train(unknown), INVALID, "task_kind=99 is not a known TaskKind")
+    # With the kind stated, a model or hyperparameter of the other kind is refused before any
+    # data is read: these refs name nothing in the store, yet the answer is about the model.
+    nowhere = ArtifactRef(uri="file:///nowhere/x.npy", sha256="0" * 64)
+    for model, hyperparameters, fragment in (
+        ("ridge", {}, "model 'ridge' is not available for classification"),
+        ("random_forest", {"criterion": "squared_error"}, "'criterion'"),
+    ):
+        early = trainer_pb2.TrainRequest(
+            x_train=nowhere,
+            y_train=nowhere,
+            model=model,
+            hyperparameters=hyperparameters,
+            task_kind=TaskKind.TASK_KIND_CLASSIFICATION,
+        )
+        await expect_error(client.train(early), INVALID, fragment)
+    # A stated kind y_train disagrees with is refused, even where the same fit is in the memo.
+    quick = {"n_estimators": "10"}
+    unstated = await client.train(train_request(diabetes, "random_forest", quick))
+    assert unstated.task_kind == TaskKind.TASK_KIND_REGRESSION
+    wrong = train_request(diabetes, "random_forest", quick)
+    wrong.task_kind = TaskKind.TASK_KIND_CLASSIFICATION
+    await expect_error(client.train(wrong), FAILED, "task_kind is classification but y_train holds regression targets")
+    right = train_request(diabetes, "random_forest", quick)
+    right.task_kind = TaskKind.TASK_KIND_REGRESSION
+    stated = await client.train(right)
+    assert stated.task_kind == TaskKind.TASK_KIND_REGRESSION and stated.model == unstated.model
     await assert_serving(mesh["trainer"])
 
 

@@ -195,10 +195,11 @@ def fit(
                 total = 1
             else:
                 estimator, total = _fit_in_steps(estimator, counter, x, y, run, checkpoints)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             # Each value passed _validate_params, so this is a combination scikit-learn
             # refuses at fit time (penalty="l1" with the lbfgs solver, max_samples
-            # without bootstrap): the caller's to change, not an internal error.
+            # without bootstrap), or a value its range allows but its arithmetic does not
+            # (max_samples=10**400 overflows): the caller's to change, not an internal error.
             raise InvalidArgument(
                 f"{type(estimator).__name__} cannot be fitted with these hyperparameters: {bounded(exc, 300)}"
             ) from None
