@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from services.runtime.handlers import Continuation, MethodHandler, wrap_behaviour
+
 # Services that must answer however busy the stage is.
 # Watching a call's progress takes no slot: it would otherwise compete with the very call it
 # follows. Watches are bounded on their own (watch.py).
@@ -57,17 +59,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(ALWAYS_ADMITTED):
             return handler
-        # types-grpcio describes the sync server's handler: at runtime it is a namedtuple (it has
-        # _replace), and under grpc.aio a server-streaming behaviour is an async generator.
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(handler.unary_unary))  # type: ignore[attr-defined]
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(handler.unary_stream))  # type: ignore[attr-defined,arg-type]
-        return handler  # the stages define no client-streaming methods
+        return wrap_behaviour(handler, self._unary, self._stream)

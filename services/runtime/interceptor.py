@@ -14,6 +14,7 @@ import grpc
 
 from services.runtime import tracing
 from services.runtime.errors import InvalidArgument, StageError, bounded, status_message
+from services.runtime.handlers import Continuation, MethodHandler
 from services.runtime.metrics import StageMetrics
 from services.runtime.runs import RUN_ID_METADATA, check_run_id
 from services.runtime.stage import RpcRecord, current_rpc
@@ -231,10 +232,8 @@ class StageInterceptor(grpc.aio.ServerInterceptor):
         self._watch = watch or CallWatch()
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or not method.startswith(self._prefixes):

@@ -40,6 +40,7 @@ from typing import Any
 
 import grpc
 
+from services.runtime.handlers import Continuation, MethodHandler, wrap_behaviour
 from services.runtime.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -229,10 +230,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             )
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> MethodHandler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -256,16 +255,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return wrapped
 
         # Health's Watch and reflection are streams; the stages' own methods unary or server-streaming.
-        # types-grpcio describes the sync server's handler: at runtime it is a namedtuple (it has
-        # _replace), and under grpc.aio a response-streaming behaviour is an async generator. A handler
-        # has exactly one behaviour, so the last one left is stream_stream.
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=unary(handler.unary_unary))  # type: ignore[attr-defined]
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=unary(handler.stream_unary))  # type: ignore[attr-defined]
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))  # type: ignore[attr-defined,arg-type]
-        return handler._replace(stream_stream=streaming(handler.stream_stream))  # type: ignore[attr-defined,arg-type]
+        return wrap_behaviour(handler, unary, streaming)
 
 
 def server_interceptor(settings: Settings) -> AuthInterceptor | None:
