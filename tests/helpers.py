@@ -78,6 +78,21 @@ async def expect_error(awaitable, code: grpc.StatusCode, *fragments: str) -> str
     return error.details
 
 
+async def logged_rpc_line(caplog: pytest.LogCaptureFixture, path: str, seconds: float = 5.0) -> str:
+    """The access-log line the server wrote for `path`, waiting for it. A stage that aborts sends the
+    status first and logs after, so a client in the same event loop can see the error before the line.
+    The caller keeps mlmesh.rpc at INFO (caplog.set_level) until this returns."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for record in caplog.records:
+            message = record.getMessage()
+            if record.name == "mlmesh.rpc" and f"method={path} " in message:
+                return message
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no access-log line for {path} within {seconds:.0f} s")
+        await asyncio.sleep(0.02)
+
+
 # ---- starting fewer stages ---------------------------------------------------------------------
 def each_stage(*names: str) -> list:
     """Stage names (all five unless given) as parametrize values, each marked to start only that

@@ -35,7 +35,7 @@ from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.helpers import StartedStagesClient, assert_serving, each_stage, expect_error
+from tests.helpers import StartedStagesClient, assert_serving, each_stage, expect_error, logged_rpc_line
 
 IRIS = loader_pb2.LoadRequest(source="sklearn:iris")
 
@@ -390,13 +390,7 @@ def slow_load(monkeypatch: pytest.MonkeyPatch):
 
 
 async def _logged_status(caplog: pytest.LogCaptureFixture, path: str) -> str:
-    for _ in range(100):
-        for record in caplog.records:
-            message = record.getMessage()
-            if record.name == "mlmesh.rpc" and f"method={path} " in message:
-                return message.split("status=")[1].split()[0]
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no log line for {path}")
+    return (await logged_rpc_line(caplog, path)).split("status=")[1].split()[0]
 
 
 @pytest.mark.asyncio

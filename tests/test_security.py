@@ -30,7 +30,7 @@ from services.runtime.security import AuthInterceptor, load_tokens, open_channel
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings, SettingsError
 from tests.certs import Issued, Pki
-from tests.helpers import run_script, use_free_ports
+from tests.helpers import logged_rpc_line, run_script, use_free_ports
 from tests.test_mesh_processes import UpProcess, readme_section_blocks
 
 BIN = Path(sys.executable).parent
@@ -304,14 +304,15 @@ async def test_registering_a_model_needs_the_register_role(
         request = evaluator_pb2.RegisterModelRequest(
             name="iris", model=run.train.model, metrics_report=run.evaluate.metrics_report
         )
-        with caplog.at_level(logging.INFO, logger="mlmesh.rpc"), pytest.raises(StageCallError) as refused:
+        caplog.set_level(logging.INFO, logger="mlmesh.rpc")  # until the test ends: the line follows the status
+        with pytest.raises(StageCallError) as refused:
             await runner.register_model(request)
+        line = await logged_rpc_line(caplog, "/mlmesh.evaluator.v1.EvaluatorService/RegisterModel")
+    assert "status=PERMISSION_DENIED" in line and "caller=token:runner" in line, line
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert "token 'runner' may not call RegisterModel: it needs the role 'register'" in refused.value.details
     async with MeshClient(Settings.from_env(release_env), addresses=_addresses(token_mesh)) as release:
         assert (await release.register_model(request)).model_version.version == 1
-    lines = [r.getMessage() for r in caplog.records if "RegisterModel" in r.getMessage()]
-    assert any("status=PERMISSION_DENIED" in line and "caller=token:runner" in line for line in lines), lines
 
 
 @pytest.mark.asyncio
@@ -500,14 +501,15 @@ def test_real_grpcurl_over_mtls(secured_up: tuple[UpProcess, dict[str, str]], ma
 @pytest.mark.slow  # `mlmesh up` child processes
 def test_each_call_is_logged_with_its_caller(secured_up: tuple[UpProcess, dict[str, str]]) -> None:
     up, env = secured_up
-    subprocess.run(
-        [str(BIN / "mlmesh"), "run", "--source", "sklearn:wine", "--json", "--no-register"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=True,
-    )
+    mlmesh_run = [str(BIN / "mlmesh"), "run", "--source", "sklearn:wine", "--json"]
+    ran = subprocess.run([*mlmesh_run, "--no-register"], env=env, capture_output=True, text=True, timeout=180)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    # The same run asking to register: "runner" lacks the role, so RegisterModel is refused.
+    denied = subprocess.run(mlmesh_run, env=env, capture_output=True, text=True, timeout=180)
+    assert denied.returncode != 0 and "PERMISSION_DENIED" in denied.stderr, denied.stderr[-2000:]
+    anonymous = {k: v for k, v in env.items() if k != "MLMESH_AUTH_TOKEN"}
+    refused = subprocess.run(mlmesh_run, env=anonymous, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr[-2000:]
     up.stop()
     output = up.rest()
     calls = [line for line in output.splitlines() if " rpc method=/mlmesh." in line]
@@ -517,9 +519,7 @@ def test_each_call_is_logged_with_its_caller(secured_up: tuple[UpProcess, dict[s
         re.search(r"caller=token:(runner|release),cert:\S*pipeline-runner", line) for line in succeeded
     ), "\n".join(succeeded[-5:])
     assert any("caller=token:runner," in line for line in succeeded)
-    assert any(
-        "status=UNAUTHENTICATED" in line and "caller=cert:" in line for line in calls
-    )  # the earlier anonymous run
+    assert any("status=UNAUTHENTICATED" in line and "caller=cert:" in line for line in calls)  # the anonymous run
     assert any("status=PERMISSION_DENIED" in line and "caller=token:runner," in line for line in calls)  # RegisterModel
 
 
