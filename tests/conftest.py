@@ -23,6 +23,7 @@ import pytest_asyncio
 from services.runtime.client import MeshClient
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
+from tests.docker_harness import engine, images  # noqa: F401 - session fixtures of the Docker tests
 from tests.helpers import StartedStagesClient, quiet_ports
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,23 +1,17 @@
-"""deploy/docker-compose.yml on a real Docker engine.
+"""deploy/docker-compose.yml on a real Docker engine, with this machine's platform's images.
 
-What the harness does first (as root, the way CI runs):
-- installs Debian's docker.io, docker-compose and debootstrap if they are missing;
-- starts dockerd if no engine answers (overlay2, then vfs; without iptables if need be);
-- builds the local base image the images start from, since no registry is reachable:
-  `debootstrap --variant=minbase bookworm` with python3 and python3-venv, imported
-  with `docker import` as mlmesh-base:bookworm (kept for the next run);
-- builds both images with BuildKit, handing pip this machine's CA bundle as a
-  BuildKit secret and its index settings as build arguments.
+tests/docker_harness.py provides the engine (installed and started if need be), the local base
+image and the images built from deploy/Dockerfile; tests/test_compose_arm64.py runs the same stack
+from linux/arm64 images under emulation.
 
-Then the stack: all five healthy through gRPC health, grpcurl from the host on the
-published ports, the pipeline service to success, the `observability` profile's
-Prometheus (Debian's package, built on the same base) scraping all five and counting
-the pipeline's calls, a hung and a stopped service reported unhealthy, the pipeline
-failing with the stage's name, and `down -v`.
+Here: both image flavours, a stage serving read-only without privileges, then the stack: all five
+healthy through gRPC health, grpcurl from the host on the published ports, the pipeline service to
+success, the `observability` profile's Prometheus (Debian's package, built on the same base)
+scraping all five and counting the pipeline's calls, a hung and a stopped service reported
+unhealthy, the pipeline failing with the stage's name, `down -v`, and the TLS override.
 
-No engine and none can be started: the tests skip with the reason, except with
-CI=true, where that is a failure. Figures (image sizes, up-to-healthy, pipeline
-wall time) are printed at the end of the run.
+No engine and none can be started: the tests skip with the reason, except with CI=true, where
+that is a failure. Figures (image sizes, up-to-healthy, pipeline wall time) are printed at the end.
 """
 
 from __future__ import annotations
@@ -25,345 +19,42 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, STAGES
+from tests.docker_harness import (
+    BASE_IMAGE,
+    BIN,
+    COMPOSE_FILE,
+    FIGURES,
+    GRPCURL,
+    IMAGE_TAG,
+    OBSERVABILITY,
+    PIPELINE_IMAGE,
+    ROOT,
+    SERVICE_IMAGE,
+    Images,
+    Stack,
+    compose_stack,
+    grpcurl,
+    image_config,
+    print_figures,
+    published,
+    run,
+    tail,
+)
 from tests.helpers import free_ports, run_script
-
-ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILE = ROOT / "deploy" / "Dockerfile"
-COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
-PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
-BIN = Path(sys.executable).parent
-GRPCURL = BIN / "grpcurl"
-
-BASE_IMAGE = os.environ.get("MLMESH_TEST_BASE_IMAGE", "mlmesh-base:bookworm")
-IMAGE_TAG = "test"
-SERVICE_IMAGE = f"mlmesh-service:{IMAGE_TAG}"
-PIPELINE_IMAGE = f"mlmesh-pipeline:{IMAGE_TAG}"
-PROMETHEUS_IMAGE = f"mlmesh-prometheus:{IMAGE_TAG}"
-# The stack runs with the optional profile on: Prometheus scrapes the stages all along.
-OBSERVABILITY = ("--profile", "observability")
-TEST_LABEL = "org.mlmesh.test-image=1"
-DOCKERD_LOG = Path("/var/log/mlmesh-dockerd.log")
-APT_PACKAGES = {
-    "docker": "docker.io",
-    "dockerd": "docker.io",
-    "docker-compose": "docker-compose",
-    "debootstrap": "debootstrap",
-}
 
 # A Docker engine, and images built from Debian's and PyPI's packages.
 pytestmark = [pytest.mark.timeout(1800), pytest.mark.docker, pytest.mark.network]
-
-FIGURES: dict[str, str] = {}
-
-
-def unavailable(reason: str) -> None:
-    """Skip with a visible reason; in CI (CI=true) a skip is a failure."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"Docker engine tests cannot run: {reason} (CI=true: not skipping)")
-    pytest.skip(f"Docker engine tests cannot run: {reason}")
-
-
-def run(cmd: list[str], timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        err = (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        return subprocess.CompletedProcess(cmd, 124, out, err + f"\n(timed out after {timeout}s)")
-
-
-def tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-# ---- the engine ----------------------------------------------------------------------------
-def apt_install(packages: set[str]) -> None:
-    if not packages:
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        unavailable(f"{', '.join(sorted(packages))} missing, and apt-get as root is not available here")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    update = run(["apt-get", "update", "-q"], timeout=600, env=env)
-    install = run(["apt-get", "install", "-y", "-q", *sorted(packages)], timeout=900, env=env)
-    if install.returncode != 0:
-        unavailable(
-            f"apt-get install {' '.join(sorted(packages))} failed:\n{tail(update.stderr)}\n{tail(install.stderr)}"
-        )
-
-
-def engine_answers(docker: str) -> bool:
-    return run([docker, "info", "--format", "{{.ServerVersion}}"], timeout=30).returncode == 0
-
-
-def start_dockerd(docker: str) -> str:
-    """Start dockerd in the background; return how it was started."""
-    dockerd = shutil.which("dockerd")
-    if not dockerd:
-        unavailable("dockerd is not installed")
-    attempts = [
-        ["--storage-driver=overlay2"],
-        ["--storage-driver=vfs"],
-        ["--storage-driver=overlay2", "--iptables=false", "--ip-masq=false"],
-        ["--storage-driver=vfs", "--iptables=false", "--ip-masq=false", "--bridge=none"],
-    ]
-    errors = []
-    DOCKERD_LOG.parent.mkdir(parents=True, exist_ok=True)
-    for options in attempts:
-        with open(DOCKERD_LOG, "ab") as log:
-            log.write(f"\n==== mlmesh tests: dockerd {' '.join(options)} ====\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                [dockerd, *options],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            if engine_answers(docker):
-                return " ".join(options)
-            time.sleep(1)
-        if process.poll() is None:  # running but never answered: stop the one we started
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        log_tail = tail(DOCKERD_LOG.read_text(errors="replace"), 8)
-        errors.append(f"dockerd {' '.join(options)}: exit {process.returncode}\n{log_tail}")
-    unavailable("dockerd did not start:\n" + "\n".join(errors))
-    raise AssertionError("unreachable")
-
-
-def client_major(docker: str) -> int:
-    version = run([docker, "version", "--format", "{{.Client.Version}}"], timeout=30).stdout.strip()
-    match = re.match(r"(\d+)\.", version)
-    return int(match.group(1)) if match else 0
-
-
-@dataclass
-class Engine:
-    docker: str
-    build: list[str]  # a BuildKit build command; the tag, options and context follow
-    build_env: dict[str, str]
-    compose: list[str]
-    started: str  # how dockerd was started, or "already running"
-    host_network_builds: bool = False
-
-
-@pytest.fixture(scope="session")
-def engine() -> Engine:
-    bootstrap = os.environ.get("MLMESH_DOCKER_BOOTSTRAP", "1") != "0"  # 0: neither install nor start anything
-    missing = {pkg for tool, pkg in APT_PACKAGES.items() if not shutil.which(tool)}
-    if missing and not bootstrap:
-        unavailable(f"missing {', '.join(sorted(missing))} and MLMESH_DOCKER_BOOTSTRAP=0")
-    apt_install(missing)
-    docker = shutil.which("docker")
-    if not docker:
-        unavailable("no docker CLI after installing docker.io")
-    started = "already running"
-    if not engine_answers(docker):
-        if not bootstrap:
-            unavailable("no Docker engine answers, and MLMESH_DOCKER_BOOTSTRAP=0")
-        if os.geteuid() != 0:
-            unavailable("no Docker engine answers, and starting dockerd needs root")
-        started = start_dockerd(docker)
-
-    # BuildKit: buildx if present, else a pre-23 CLI (such as Debian's docker.io) with DOCKER_BUILDKIT=1.
-    if run([docker, "buildx", "version"], timeout=30).returncode == 0:
-        build, build_env = [docker, "buildx", "build", "--load"], {}
-    else:
-        candidates = [c for c in (docker, "/usr/bin/docker") if Path(c).exists()]
-        legacy = next((c for c in candidates if 0 < client_major(c) < 23), None)
-        if legacy is None:
-            unavailable(f"no BuildKit-capable docker CLI: {docker} has no buildx and is 23 or newer")
-        build, build_env = [legacy, "build", "--progress=plain"], {"DOCKER_BUILDKIT": "1"}
-
-    if run([docker, "compose", "version"], timeout=30).returncode == 0:
-        compose = [docker, "compose"]
-    elif shutil.which("docker-compose"):
-        compose = [shutil.which("docker-compose")]
-    else:
-        unavailable("neither `docker compose` nor docker-compose is installed")
-    engine = Engine(docker, build, build_env, compose, started, host_network_builds="iptables=false" in started)
-    versions = run(
-        [docker, "version", "--format", "server {{.Server.Version}}, client {{.Client.Version}}"], timeout=30
-    )
-    compose_version = run([*compose, "version", "--short"], timeout=30).stdout.strip()
-    FIGURES["engine"] = (
-        f"{versions.stdout.strip()}; dockerd: {started}; compose: {' '.join(compose)} {compose_version}; "
-        f"build: {' '.join(build)}"
-    )
-    return engine
-
-
-# ---- the base image ------------------------------------------------------------------------
-def debian_mirror() -> str:
-    """The Debian mirror apt on this machine uses for bookworm."""
-    sources = Path("/etc/apt/sources.list.d")
-    for path in sorted(sources.glob("*.sources")) if sources.is_dir() else []:
-        for block in path.read_text().split("\n\n"):
-            fields = dict(
-                (k.strip().lower(), v.strip())
-                for k, _, v in (
-                    line.partition(":") for line in block.splitlines() if ":" in line and not line.startswith("#")
-                )
-            )
-            if "deb" in fields.get("types", "").split() and "bookworm" in fields.get("suites", "").split():
-                return fields["uris"].split()[0]
-    for path in [Path("/etc/apt/sources.list"), *sorted(sources.glob("*.list"))]:
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                match = re.match(r"^\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+bookworm\s", line)
-                if match:
-                    return match.group(1)
-    return "http://deb.debian.org/debian"
-
-
-def ensure_base_image(engine: Engine) -> str:
-    if run([engine.docker, "image", "inspect", BASE_IMAGE], timeout=30).returncode == 0:
-        return "cached"
-    if BASE_IMAGE != "mlmesh-base:bookworm":
-        unavailable(f"MLMESH_TEST_BASE_IMAGE={BASE_IMAGE} does not exist")
-    apt_install({"debootstrap"} if not shutil.which("debootstrap") else set())
-    mirror = debian_mirror()
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="mlmesh-rootfs-", dir="/var/tmp") as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        boot = run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                "--include=python3,python3-venv,ca-certificates",
-                "bookworm",
-                str(rootfs),
-                mirror,
-            ],
-            timeout=1200,
-        )
-        if boot.returncode != 0:
-            pytest.fail(f"debootstrap from {mirror} failed:\n{tail(boot.stdout)}\n{tail(boot.stderr)}")
-        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for item in (rootfs / cache).glob("*"):
-                if item.is_file():
-                    item.unlink()
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            [engine.docker, "import", "--change", "ENV LANG=C.UTF-8", "--change", 'CMD ["python3"]', "-", BASE_IMAGE],
-            stdin=tar.stdout,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        tar.stdout.close()
-        tar.wait()
-        assert imported.returncode == 0, imported.stderr
-    return f"debootstrap from {mirror} and import: {time.monotonic() - started:.0f}s"
-
-
-# ---- the images ----------------------------------------------------------------------------
-def pip_settings() -> tuple[list[str], list[str]]:
-    """This machine's pip settings as build options: (secret options, build-arg options)."""
-    config: dict[str, str] = {}
-    listed = run([sys.executable, "-m", "pip", "config", "list"], timeout=60).stdout
-    for line in listed.splitlines():
-        key, _, value = line.partition("=")
-        config[key.split(".", 1)[-1]] = value.strip().strip("'\"")
-    ca = next(
-        (
-            c
-            for c in (
-                os.environ.get("PIP_CERT"),
-                config.get("cert"),
-                os.environ.get("REQUESTS_CA_BUNDLE"),
-                os.environ.get("SSL_CERT_FILE"),
-            )
-            if c and Path(c).is_file()
-        ),
-        None,
-    )
-    secrets = ["--secret", f"id=pip_ca,src={ca}"] if ca else []
-    args = []
-    for name, key in (
-        ("PIP_INDEX_URL", "index-url"),
-        ("PIP_EXTRA_INDEX_URL", "extra-index-url"),
-        ("PIP_TRUSTED_HOST", "trusted-host"),
-    ):
-        value = os.environ.get(name) or config.get(key)
-        if value:
-            args += ["--build-arg", f"{name}={value}"]
-    return secrets, args
-
-
-@dataclass
-class Images:
-    engine: Engine
-    sizes: dict[str, str] = field(default_factory=dict)
-
-
-@pytest.fixture(scope="session")
-def images(engine: Engine) -> Images:
-    FIGURES["base image"] = ensure_base_image(engine)
-    secrets, args = pip_settings()
-    network = ["--network=host"] if engine.host_network_builds else []
-    builds = [  # (name, tag, options, context)
-        ("pipeline", PIPELINE_IMAGE, ["-f", str(DOCKERFILE), "--target", "pipeline", *secrets, *args], ROOT),
-        ("service", SERVICE_IMAGE, ["-f", str(DOCKERFILE), "--target", "service", *secrets, *args], ROOT),
-        # Debian's prometheus from the base image's own apt sources; its folder is the whole context.
-        ("prometheus", PROMETHEUS_IMAGE, ["-f", str(PROMETHEUS_DIR / "Dockerfile")], PROMETHEUS_DIR),
-    ]
-    for name, tag, options, context in builds:
-        started = time.monotonic()
-        result = run(
-            [
-                *engine.build,
-                *options,
-                "-t",
-                tag,
-                "--build-arg",
-                f"BASE_IMAGE={BASE_IMAGE}",
-                "--label",
-                TEST_LABEL,
-                *network,
-                str(context),
-            ],
-            timeout=1500,
-            env={**os.environ, **engine.build_env},
-        )
-        assert result.returncode == 0, f"building {name} failed:\n{tail(result.stdout, 60)}\n{tail(result.stderr, 60)}"
-        FIGURES[f"build {name}"] = f"{time.monotonic() - started:.0f}s"
-    # The images these tags held before are now dangling: drop them, and only them.
-    run([engine.docker, "image", "prune", "-f", "--filter", f"label={TEST_LABEL}"], timeout=120)
-    listing = run([engine.docker, "image", "ls", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}"], timeout=60).stdout
-    built = Images(engine)
-    for line in listing.splitlines():
-        name, _, size = line.partition(" ")
-        if name in (SERVICE_IMAGE, PIPELINE_IMAGE, PROMETHEUS_IMAGE, BASE_IMAGE):
-            built.sizes[name] = size
-    FIGURES["image sizes"] = ", ".join(f"{k} {v}" for k, v in built.sizes.items())
-    return built
-
-
-def image_config(engine: Engine, image: str) -> dict:
-    result = run([engine.docker, "image", "inspect", image], timeout=60)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)[0]["Config"]
 
 
 def test_both_image_flavours(images: Images) -> None:
@@ -429,90 +120,10 @@ def test_stage_serves_read_only_without_privileges(images: Images) -> None:
 
 
 # ---- the stack -----------------------------------------------------------------------------
-@dataclass
-class Stack:
-    engine: Engine
-    project: str
-    env: dict[str, str]
-    ports: dict[str, int]
-    containers: dict[str, str] = field(default_factory=dict)
-
-    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return run(
-            [*self.engine.compose, "-p", self.project, "-f", str(COMPOSE_FILE), *args], timeout=timeout, env=self.env
-        )
-
-    def inspect(self, stage: str) -> dict:
-        result = run([self.engine.docker, "inspect", self.containers[stage]], timeout=60)
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)[0]["State"]
-
-    def health(self) -> dict[str, str]:
-        ids = [self.containers[s] for s in STAGES]
-        fmt = "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}"
-        result = run([self.engine.docker, "inspect", "--format", fmt, *ids], timeout=60)
-        lines = result.stdout.splitlines()
-        return {s: line for s, line in zip(STAGES, lines, strict=False)}
-
-    def logs(self) -> str:
-        return tail(self.compose("logs", "--no-color", "--tail", "30", timeout=120).stdout, 120)
-
-    def wait_for(self, wanted: dict[str, str], timeout: float) -> float:
-        started = time.monotonic()
-        state: dict[str, str] = {}
-        while time.monotonic() - started < timeout:
-            state = self.health()
-            if all(state.get(s, "").endswith(" " + w) for s, w in wanted.items()):
-                return time.monotonic() - started
-            if any(line.startswith("exited") for s, line in state.items() if wanted.get(s) == "healthy"):
-                break
-            time.sleep(0.5)
-        raise AssertionError(f"wanted {wanted}, have {state}\n{self.logs()}")
-
-
-def published(stack: Stack, stage: str) -> str:
-    return f"127.0.0.1:{stack.ports[stage]}"
-
-
 @pytest.fixture(scope="module")
-def stack(images: Images, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    engine = images.engine
-    # The stages' host ports, and Prometheus's (MLMESH_PROMETHEUS_HOST_PORT): never a fixed port.
-    ports = dict(zip([*STAGES, "prometheus"], free_ports(len(STAGES) + 1), strict=True))
-    # The loader's /data: a host folder holding one table, readable by the images' uid 10001.
-    data = Path(tempfile.mkdtemp(prefix="mlmesh-data-"))
-    data.chmod(0o755)
-    (data / "houses.csv").write_text(
-        "rooms,price\n" + "".join(f"{i % 7 + 1},{100 + 25 * (i % 7) + i % 3}\n" for i in range(60))
-    )
-    (data / "houses.csv").chmod(0o644)
-    env = {
-        **os.environ,
-        "BASE_IMAGE": BASE_IMAGE,
-        "MLMESH_IMAGE_TAG": IMAGE_TAG,
-        "MLMESH_PUBLISH_ADDRESS": "127.0.0.1",
-        "MLMESH_DATA_DIR": str(data),
-    }
-    env.update({f"MLMESH_{s.upper()}_HOST_PORT": str(p) for s, p in ports.items()})
-    env.pop("MLMESH_LOG_LEVEL", None)
-    stack = Stack(engine, f"mlmeshtest{uuid.uuid4().hex[:10]}", env, ports)
-    try:
-        started = time.monotonic()
-        up = stack.compose(*OBSERVABILITY, "up", "-d", "--no-build", *STAGES, "prometheus")
-        assert up.returncode == 0, up.stdout + up.stderr
-        for stage in STAGES:
-            ids = stack.compose("ps", "-q", stage, timeout=60).stdout.split()
-            assert len(ids) == 1, ids
-            stack.containers[stage] = ids[0]
-        stack.wait_for({s: "healthy" for s in STAGES}, timeout=240)
-        FIGURES["up -d to all five healthy"] = f"{time.monotonic() - started:.1f}s (compose up itself included)"
+def stack(images: Images) -> Iterator[Stack]:
+    with compose_stack(images, (*STAGES, "prometheus"), OBSERVABILITY) as stack:
         yield stack
-    finally:
-        # With the profile, so that its container and volume go too.
-        down = stack.compose(*OBSERVABILITY, "down", "-v", "--remove-orphans", timeout=180)
-        if down.returncode != 0:
-            print(down.stdout + down.stderr, file=sys.stderr)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def test_all_five_are_healthy_through_grpc_health(stack: Stack) -> None:
@@ -521,10 +132,6 @@ def test_all_five_are_healthy_through_grpc_health(stack: Stack) -> None:
         assert state["Status"] == "running" and state["Health"]["Status"] == "healthy"
         last = state["Health"]["Log"][-1]
         assert last["ExitCode"] == 0 and last["Output"].strip() == f"127.0.0.1:{DEFAULT_PORTS[stage]}: SERVING"
-
-
-def grpcurl(*args: str) -> subprocess.CompletedProcess:
-    return run([str(GRPCURL), "-plaintext", *args], timeout=60)
 
 
 def test_grpcurl_from_the_host(stack: Stack) -> None:
@@ -802,17 +409,6 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
 
 
 @pytest.fixture(scope="module", autouse=True)
-def print_figures(request: pytest.FixtureRequest) -> Iterator[None]:
+def figures(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    if not FIGURES:
-        return
-    lines = ["", "---- deploy figures ----", *(f"{k}: {v}" for k, v in FIGURES.items())]
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if capture is None or reporter is None:
-        print("\n".join(lines))
-        return
-    with capture.global_and_fixture_disabled():  # shown even when the tests pass
-        reporter.ensure_newline()
-        for line in lines:
-            reporter.write_line(line)
+    print_figures(request)
