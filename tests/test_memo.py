@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import threading
 import time
 from datetime import datetime
@@ -444,6 +445,9 @@ async def test_every_output_has_a_complete_manifest(client: MeshClient, artifact
             assert manifest["inputs"] == {k: ref_to_dict(v) for k, v in inputs.items()}
             assert isinstance(manifest["params"], dict)
             assert manifest["environment"]["scikit-learn"] == sklearn.__version__
+            assert manifest["environment"]["machine"] == {"AMD64": "x86_64", "arm64": "aarch64"}.get(
+                platform.machine(), platform.machine()
+            )
             created = datetime.fromisoformat(manifest["created_at"])
             assert created.tzinfo is not None
             assert isinstance(manifest["duration_seconds"], float) and 0 <= manifest["duration_seconds"] < 60

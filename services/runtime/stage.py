@@ -22,6 +22,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import platform
 import sys
 import threading
 import time
@@ -54,7 +55,23 @@ ResultT = TypeVar("ResultT", bound=Message)
 # Outputs depend on these libraries' numerics and file formats, so their
 # versions are part of every cache key: upgrading one never serves stale results.
 _FINGERPRINT_PACKAGES = ("numpy", "scikit-learn", "pandas", "pyarrow", "skops")
-ENVIRONMENT_FINGERPRINT = {name: package_version(name) for name in _FINGERPRINT_PACKAGES}
+
+
+def machine_architecture() -> str:
+    """The instruction set, under one name whatever the OS calls it (macOS says arm64, Windows AMD64)."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+# The instruction set is in every cache key too. numpy, OpenBLAS and scikit-learn's compiled code
+# take different SIMD paths on x86-64 and on Arm, so fits and statistics can differ in their last
+# bits (docs/deploy.md, "Axion", has the measured comparison). A store shared by x86 CI and Axion
+# machines then never answers one with what only the other would have computed; objects that do come
+# out byte-identical are still stored once, being content-addressed.
+ENVIRONMENT_FINGERPRINT = {
+    **{name: package_version(name) for name in _FINGERPRINT_PACKAGES},
+    "machine": machine_architecture(),
+}
 
 
 @dataclass
