@@ -10,6 +10,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from services.runtime.client import MeshClient
 from services.runtime.server import RunningStage
 from services.runtime.settings import STAGES
+from tests.docker_harness import ARM64, HOST, Platform, base_image, ensure_emulation
 from tests.helpers import StageNotStarted, assert_serving
 
 pytest_plugins = ("pytester",)
@@ -140,3 +141,28 @@ def test_with_ci_true_a_module_skipped_at_collection_fails_the_session(
     result.stdout.fnmatch_lines(
         ["*CI=true: skipped tests are failures*", "*skipped: *test_whole_module.py*no engine here*"]
     )
+
+
+# ---- the Docker harness: another platform's binaries ----------------------------------------------
+UNKNOWN = Platform("nosuch", "nosuch-machine", 0)  # no binfmt handler can exist for it
+
+
+def test_without_a_binfmt_handler_the_foreign_platform_tests_skip_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MLMESH_DOCKER_BOOTSTRAP", "0")  # register nothing: as on a machine that cannot
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no binfmt_misc handler for nosuch-machine binaries"):
+        ensure_emulation(UNKNOWN)
+
+
+def test_with_ci_true_a_missing_binfmt_handler_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLMESH_DOCKER_BOOTSTRAP", "0")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"nosuch-machine.*CI=true: not skipping"):
+        ensure_emulation(UNKNOWN)
+
+
+def test_this_machines_own_platform_needs_no_emulation() -> None:
+    assert ensure_emulation(HOST) == "native"
+    assert base_image(HOST) == "mlmesh-base:bookworm" and base_image(ARM64) == "mlmesh-base:bookworm-arm64"
