@@ -359,11 +359,14 @@ def mesh_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 
 def spans_of(receiver: OtlpReceiver, trace_id: str, until: int, timeout: float = 20) -> list[dict]:
-    """The spans of one trace, once at least `until` have arrived (exports are batched)."""
+    """The spans of one trace, once at least `until` have arrived and every parent named is among
+    them. Each process exports in batches, so a child can arrive a batch before its parent."""
     deadline = time.monotonic() + timeout
     while True:
         spans = [s for s in receiver.spans() if s["trace_id"] == trace_id]
-        if len(spans) >= until or time.monotonic() > deadline:
+        ids = {s["span_id"] for s in spans}
+        complete = all(not s["parent_id"] or s["parent_id"] in ids for s in spans)
+        if (len(spans) >= until and complete) or time.monotonic() > deadline:
             return spans
         time.sleep(0.2)
 
