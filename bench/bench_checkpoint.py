@@ -38,7 +38,7 @@ from mlmesh.features.v1 import features_pb2  # noqa: E402
 from mlmesh.loader.v1 import loader_pb2  # noqa: E402
 from mlmesh.preprocess.v1 import preprocess_pb2  # noqa: E402
 from mlmesh.trainer.v1 import trainer_pb2  # noqa: E402
-from services.runtime.client import MeshClient  # noqa: E402
+from services.client.mesh import MeshClient  # noqa: E402
 from services.runtime.server import stage_spec, start_stage  # noqa: E402
 from services.runtime.settings import STAGES, Settings  # noqa: E402
 from services.trainer import checkpoints  # noqa: E402

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.runtime.launcher import LocalMesh
+from services.cli.launcher import LocalMesh
 from services.runtime.settings import STAGES, Settings
 
 ROOT = Path(__file__).resolve().parents[1]

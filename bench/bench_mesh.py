@@ -23,11 +23,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlmesh.loader.v1 import loader_pb2
+from services.client.mesh import MeshClient, PipelineConfig
 from services.evaluator import logic as evaluator_logic
 from services.features import logic as features_logic
 from services.loader import logic as loader_logic
 from services.preprocess import logic as preprocess_logic
-from services.runtime.client import MeshClient, PipelineConfig
 from services.runtime.server import stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
 from services.runtime.stage import Run

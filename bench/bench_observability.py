@@ -28,7 +28,7 @@ in their in-memory metrics either way (services/runtime/interceptor.py), so `met
 `off` is the price of serving and scraping, not of counting.
 
 Each measurement is a subprocess (--child) with the configuration's environment. It starts
-five stage processes (services.runtime.launcher.LocalMesh) on free gRPC and metrics ports,
+five stage processes (services.cli.launcher.LocalMesh) on free gRPC and metrics ports,
 with a fresh artifact store, and then:
 
   pipeline  runs the pipeline once untimed on `synthetic:classification?rows=N&features=32`
@@ -193,8 +193,8 @@ class Scraper:
 
 # ---- child: one measurement in one configuration ------------------------------------------------
 async def child_measure(args: argparse.Namespace, settings: Any, pids: dict[str, int]) -> dict:
+    from services.client.mesh import MeshClient, PipelineConfig, load_request, preprocess_request
     from services.runtime import tracing
-    from services.runtime.client import MeshClient, PipelineConfig, load_request, preprocess_request
 
     source = synthetic_source(args.rows, args.features, args.seed)
     result: dict[str, Any] = {"tracing": tracing.enabled()}
@@ -261,8 +261,8 @@ async def child_measure(args: argparse.Namespace, settings: Any, pids: dict[str,
 
 
 def child_main(args: argparse.Namespace) -> int:
+    from services.cli.launcher import LocalMesh
     from services.runtime import tracing
-    from services.runtime.launcher import LocalMesh
     from services.runtime.settings import Settings
 
     # The client traces too when the environment says so, like `mlmesh run` (service "bench").

@@ -18,12 +18,12 @@ well over an hour, most of it in the plain-Flyte runs):
 `--prewarm` runs a tiny sklearn:iris pipeline on each mesh (and in the baseline) before
 the timed run, so that nothing done once per process (a lazy import, a first
 allocation) is timed; the launcher's fork server already imports scikit-learn and
-skops once for all stages (services/runtime/preload.py). `--health-model hist_gradient_boosting` loads the trainer
+skops once for all stages (services/cli/preload.py). `--health-model hist_gradient_boosting` loads the trainer
 with OpenMP threads instead of a forest's.
 
 Workload: `synthetic:classification?rows=N&features=32&classes=2&seed=1`, the default
 model (logistic_regression), split and model seed 1. Every mesh is five real stage
-processes (services.runtime.launcher.LocalMesh) on ephemeral ports with a fresh
+processes (services.cli.launcher.LocalMesh) on ephemeral ports with a fresh
 artifact store in a temporary folder, MLMESH_MAX_DATASET_BYTES = 64 GiB so large
 tables are accepted, and MLMESH_RPC_TIMEOUT_SECONDS = 7200 so a slow stage is not
 cut off. "Warm-started" means the processes answer SERVING before the clock starts.
@@ -206,7 +206,7 @@ def flyte_env(env: dict[str, str], base: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def mesh_running(base: Path) -> Iterator[tuple[Any, Any, dict[str, str]]]:
     """Five stage processes, SERVING, with a fresh store in `base`; stopped on the way out."""
-    from services.runtime.launcher import LocalMesh
+    from services.cli.launcher import LocalMesh
     from services.runtime.settings import Settings
 
     env = mesh_env(base)
@@ -341,7 +341,7 @@ def stage_artifacts(run: Any, root: str) -> dict[str, dict]:
 
 async def run_once(settings: Any, config: Any) -> Any:
     """One pipeline through a client of its own (the --prewarm run)."""
-    from services.runtime.client import MeshClient
+    from services.client.mesh import MeshClient
 
     async with MeshClient(settings) as client:
         return await client.run_pipeline(config)
@@ -349,7 +349,7 @@ async def run_once(settings: Any, config: Any) -> Any:
 
 def measure_mesh_pipeline(rows: int, args: argparse.Namespace) -> dict:
     """One cold-store pipeline on a warm-started mesh: times per stage and memory per stage."""
-    from services.runtime.client import MeshClient, PipelineConfig
+    from services.client.mesh import MeshClient, PipelineConfig
 
     config = PipelineConfig(source=synthetic_source(rows, args.features, args.seed), seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp, mesh_running(Path(tmp)) as (mesh, settings, _):
@@ -492,7 +492,7 @@ def measure_baseline(rows: int, args: argparse.Namespace) -> dict:
 # ---- 4. pyflyte on the mesh vs plain flytekit -------------------------------------------------------
 def measure_flyte_mesh(rows: int, args: argparse.Namespace) -> dict:
     """`pyflyte run` of the mesh's workflow against a warm mesh with a fresh store."""
-    from services.runtime.client import PipelineConfig
+    from services.client.mesh import PipelineConfig
 
     command = [
         str(BIN / "pyflyte"),
@@ -532,7 +532,7 @@ def measure_flyte_plain(rows: int, args: argparse.Namespace) -> dict:
 # ---- 5. cache-hit throughput ------------------------------------------------------------------------
 def measure_hits(args: argparse.Namespace) -> dict:
     from mlmesh.loader.v1 import loader_pb2
-    from services.runtime.client import MeshClient
+    from services.client.mesh import MeshClient
 
     request = loader_pb2.LoadRequest(source=HIT_SOURCE)
 
@@ -599,7 +599,7 @@ def measure_health(args: argparse.Namespace) -> dict:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from mlmesh.trainer.v1 import trainer_pb2
-    from services.runtime.client import (
+    from services.client.mesh import (
         MeshClient,
         PipelineConfig,
         features_request,
@@ -663,7 +663,7 @@ def measure_health(args: argparse.Namespace) -> dict:
 
 # ---- 7. mlmesh up until SERVING, and import times --------------------------------------------------
 def measure_start(args: argparse.Namespace) -> dict:
-    from services.runtime.client import check_health
+    from services.client.mesh import check_health
     from services.runtime.settings import Settings
 
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:

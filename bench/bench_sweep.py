@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.runtime.launcher import LocalMesh  # noqa: E402
+from services.cli.launcher import LocalMesh  # noqa: E402
 from services.runtime.settings import STAGES, Settings  # noqa: E402
 from tests.conftest import free_ports  # noqa: E402
 

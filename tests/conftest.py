@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.runtime.client import MeshClient
+from services.client.mesh import MeshClient
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
 from tests.docker_harness import engine, images  # noqa: F401 - session fixtures of the Docker tests

@@ -27,8 +27,8 @@ from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
-from services.runtime.client import MeshClient, PipelineRun, StageCallError
-from services.runtime.launcher import LocalMesh
+from services.cli.launcher import LocalMesh
+from services.client.mesh import MeshClient, PipelineRun, StageCallError
 from services.runtime.server import RunningStage
 from services.runtime.settings import STAGES, Settings
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime import cli
-from services.runtime.client import running_operations
+from services.cli import main as cli
+from services.client.mesh import running_operations
 from services.runtime.settings import Settings
 from tests.helpers import start_local_mesh
 

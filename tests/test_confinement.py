@@ -34,8 +34,8 @@ import pytest_asyncio
 from fsspec.implementations.memory import MemoryFileSystem
 
 from mlmesh.loader.v1 import loader_pb2
+from services.client.mesh import MeshClient
 from services.loader import sources
-from services.runtime.client import MeshClient
 from services.runtime.errors import NotFound, PermissionDenied, ResourceExhausted
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings, SettingsError

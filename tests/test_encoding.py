@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
 
+from services.client.mesh import MeshClient, PipelineConfig
 from services.features import logic
-from services.runtime.client import MeshClient, PipelineConfig
 from services.runtime.errors import FailedPrecondition
 from services.runtime.formats import json_bytes_to_doc, npy_to_array, read_table, skops_to_model
 from services.runtime.settings import Settings

@@ -17,9 +17,9 @@ from sklearn.preprocessing import StandardScaler
 from mlmesh.common.v1.common_pb2 import TaskKind
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
+from services.client.mesh import MeshClient, PipelineConfig, PipelineRun
+from services.client.mesh import evaluate_request as client_evaluate_request
 from services.evaluator import logic
-from services.runtime.client import MeshClient, PipelineConfig, PipelineRun
-from services.runtime.client import evaluate_request as client_evaluate_request
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.formats import (
     JSON,

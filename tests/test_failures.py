@@ -28,9 +28,9 @@ from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2
-from services.evaluator import registry
+from services.client.mesh import MeshClient, PipelineConfig, PipelineRun
+from services.runtime import registry
 from services.runtime import store as store_module
-from services.runtime.client import MeshClient, PipelineConfig, PipelineRun
 from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings

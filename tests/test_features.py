@@ -11,8 +11,8 @@ import pytest
 from mlmesh.common.v1.common_pb2 import TaskKind
 from mlmesh.features.v1 import features_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
+from services.client.mesh import MeshClient
 from services.features import logic
-from services.runtime.client import MeshClient
 from services.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.runtime.formats import json_bytes_to_doc, npy_to_array, read_table, skops_to_model
 from services.runtime.settings import Settings

@@ -33,8 +33,8 @@ from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
+from services.client.mesh import MeshClient, PipelineConfig
 from services.evaluator.logic import ALL_METRICS, CLASSIFICATION_METRICS
-from services.runtime.client import MeshClient, PipelineConfig
 from services.runtime.server import RunningStage
 from services.runtime.settings import STAGES
 

@@ -12,9 +12,9 @@ import pytest_asyncio
 
 from mlmesh.common.v1.common_pb2 import ColumnRole, TaskKind
 from mlmesh.loader.v1 import loader_pb2
+from services.client.mesh import MeshClient
 from services.loader import logic
 from services.runtime import vocabulary
-from services.runtime.client import MeshClient
 from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.runtime.formats import json_bytes_to_doc, read_table
 from services.runtime.server import RunningStage, stage_spec, start_stage

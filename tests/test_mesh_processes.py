@@ -477,7 +477,7 @@ def test_a_script_that_starts_a_mesh_is_not_run_again_inside_its_stages(
     script.write_text(
         "import asyncio, os\n"
         "print('script body ran', flush=True)\n"
-        "from services.runtime.launcher import LocalMesh\n"
+        "from services.cli.launcher import LocalMesh\n"
         "from services.runtime.settings import Settings\n"
         "async def main():\n"
         "    async with LocalMesh(Settings.from_env()):\n"

@@ -193,7 +193,7 @@ async def test_an_internal_error_logs_incident_and_traceback_as_json(
     assert "secret" not in call["error"] and call["duration_ms"] >= 0 and call["cache_hit"] is None
 
 
-@pytest.mark.parametrize("command", [["-m", "services.loader"], ["-m", "services.runtime.cli", "run"]])
+@pytest.mark.parametrize("command", [["-m", "services.loader"], ["-m", "services.cli.main", "run"]])
 def test_an_unknown_trace_exporter_stops_the_process_with_its_name(command: list[str], tmp_path: Path) -> None:
     env = {
         **os.environ,

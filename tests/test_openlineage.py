@@ -8,8 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from services.client.mesh import MeshClient, PipelineConfig
 from services.runtime import openlineage
-from services.runtime.client import MeshClient, PipelineConfig
 
 # The parts of the OpenLineage 2-0-2 RunEvent that every consumer relies on, restated as JSON Schema
 # (the published OpenLineage.json cannot be fetched offline): required fields, their formats and enums.

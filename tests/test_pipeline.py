@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlmesh.evaluator.v1 import evaluator_pb2
-from services.runtime.client import MeshClient, PipelineConfig
+from services.client.mesh import MeshClient, PipelineConfig
 from services.runtime.store import ArtifactStore
 
 

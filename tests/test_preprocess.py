@@ -14,8 +14,8 @@ import pytest
 
 from mlmesh.common.v1.common_pb2 import ArtifactRef, TaskKind
 from mlmesh.preprocess.v1 import preprocess_pb2
+from services.client.mesh import MeshClient
 from services.preprocess import logic
-from services.runtime.client import MeshClient
 from services.runtime.errors import FailedPrecondition
 from services.runtime.formats import NPY, PARQUET, array_to_npy, json_bytes_to_doc, read_table
 from services.runtime.settings import Settings

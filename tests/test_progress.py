@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from mlmesh.common.v1 import progress_pb2, progress_pb2_grpc
+from services.client.mesh import MeshClient, PipelineConfig, load_request
 from services.runtime import watch as watch_module
-from services.runtime.client import MeshClient, PipelineConfig, load_request
 from services.runtime.errors import NotFound, ResourceExhausted
 from services.runtime.watch import CallWatch
 
@@ -29,7 +29,7 @@ async def test_every_stage_reports_its_phases_to_a_watching_caller(client: MeshC
     config = PipelineConfig(source=BIG, model="sgd")
     loaded = await client.load(load_request(config), seen["loader"].append)
     assert loaded.rows == 200_000
-    from services.runtime.client import evaluate_request, features_request, preprocess_request, train_request
+    from services.client.mesh import evaluate_request, features_request, preprocess_request, train_request
 
     prepared = await client.preprocess(preprocess_request(config, loaded.dataset), seen["preprocess"].append)
     features = await client.build_features(

@@ -1,4 +1,4 @@
-"""The model registry (services/evaluator/registry.py) through the evaluator's RegisterModel RPC on a
+"""The model registry (services/runtime/registry.py) through the evaluator's RegisterModel RPC on a
 real mesh, read back as `mlmesh models` and registry.list_models show it."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from mlmesh.evaluator.v1 import evaluator_pb2
-from services.evaluator import registry
-from services.runtime.client import MeshClient, PipelineConfig, PipelineRun, register_request
+from services.client.mesh import MeshClient, PipelineConfig, PipelineRun, register_request
+from services.runtime import registry
 from services.runtime.formats import json_bytes_to_doc
 from services.runtime.server import RunningStage
 from services.runtime.settings import Settings

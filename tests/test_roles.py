@@ -13,8 +13,8 @@ import pytest
 
 from mlmesh.common.v1.common_pb2 import ColumnRole, TaskKind
 from mlmesh.loader.v1 import loader_pb2
+from services.client.mesh import MeshClient, PipelineConfig
 from services.loader import logic
-from services.runtime.client import MeshClient, PipelineConfig
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.formats import json_bytes_to_doc, read_table
 from services.runtime.roles import FEATURE_ROLES, ROLES, role_value

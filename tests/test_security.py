@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 
 from mlmesh.evaluator.v1 import evaluator_pb2
-from services.runtime.client import MeshClient, PipelineConfig, StageCallError, check_health, load_request
+from services.client.mesh import MeshClient, PipelineConfig, StageCallError, check_health, load_request
 from services.runtime.security import AuthInterceptor, load_tokens, open_channel
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings, SettingsError

@@ -30,7 +30,7 @@ from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
-from services.runtime.client import MeshClient, PipelineConfig
+from services.client.mesh import MeshClient, PipelineConfig
 from services.runtime.formats import NPY, array_to_npy, npy_to_array
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import STAGES, Settings
@@ -535,7 +535,7 @@ def test_sigterm_ends_a_stage_whose_worker_is_busy_within_its_grace_period(tmp_p
 @pytest.mark.asyncio
 async def test_garbage_in_the_table_fields_gets_an_honest_code(client: MeshClient, mesh, tmp_path: Path) -> None:
     """Random values in every field issue 8 added: never INTERNAL, UNAVAILABLE or UNKNOWN, and bounded messages."""
-    from services.runtime.client import StageCallError, features_request, load_request, preprocess_request
+    from services.client.mesh import StageCallError, features_request, load_request, preprocess_request
 
     rng = np.random.RandomState(12)
     table = tmp_path / "table.csv"

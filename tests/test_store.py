@@ -23,8 +23,8 @@ from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
+from services.client.mesh import MeshClient
 from services.runtime import store as store_module
-from services.runtime.client import MeshClient
 from services.runtime.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 from services.runtime.formats import JSON, NPY, PARQUET, SKOPS, array_to_npy, npy_to_array
 from services.runtime.settings import Settings

@@ -18,8 +18,8 @@ from sklearn.linear_model import LogisticRegression, Ridge, SGDClassifier
 from mlmesh.common.v1.common_pb2 import ArtifactRef, TaskKind
 from mlmesh.features.v1 import features_pb2
 from mlmesh.trainer.v1 import trainer_pb2
+from services.client.mesh import MeshClient
 from services.runtime import vocabulary
-from services.runtime.client import MeshClient
 from services.runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
 from services.runtime.formats import npy_to_array, skops_to_model
 from services.runtime.settings import Settings

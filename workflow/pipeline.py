@@ -35,9 +35,7 @@ from mlmesh.common.v1 import common_pb2
 from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
-from services.evaluator.report import deck_html, profile_page
-from services.runtime import tracing
-from services.runtime.client import (
+from services.client.mesh import (
     LINEAGE,
     ConfigError,
     MeshClient,
@@ -52,12 +50,14 @@ from services.runtime.client import (
     rows_dropped,
     train_request,
 )
-from services.runtime.progress import PipelineProgress, stage_outcome
+from services.client.progress import PipelineProgress, stage_outcome
+from services.client.summary import RunOutcome, StageTime, local_path, render
+from services.evaluator.report import deck_html, profile_page
+from services.runtime import tracing
 from services.runtime.roles import role_name
 from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from services.runtime.summary import RunOutcome, StageTime, local_path, render
 from services.runtime.vocabulary import Decision, TaskKind
 
 T = TypeVar("T")
@@ -394,7 +394,7 @@ def _stored_page(ref: ArtifactRef, what: str) -> bytes:
 
 # ---- the five stage tasks ----------------------------------------------------------------
 # Each task builds its request with the same helpers the mlmesh CLI uses
-# (services/runtime/client.py), so both entry points mean the same by each option.
+# (services/client/mesh.py), so both entry points mean the same by each option.
 #
 # The loader memoizes by file content, not by source name, since a file behind a
 # name can change.

@@ -6,8 +6,9 @@ import asyncio
 import re
 
 from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-from services.evaluator import VERSION, logic, registry
+from services.evaluator import VERSION, logic
 from services.evaluator.report import render_html
+from services.runtime import registry
 from services.runtime.errors import FailedPrecondition
 from services.runtime.formats import HTML, json_bytes_to_doc
 from services.runtime.server import StageSpec

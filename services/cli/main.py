@@ -15,9 +15,8 @@ import grpc
 from google.protobuf import json_format
 
 from mlmesh.evaluator.v1 import evaluator_pb2
-from services.runtime import runs as run_records
-from services.runtime import tracing
-from services.runtime.client import (
+from services.cli.launcher import LocalMesh, MeshStartError
+from services.client.mesh import (
     CHOICES,
     ConfigError,
     MeshClient,
@@ -30,14 +29,15 @@ from services.runtime.client import (
     rows_dropped,
     running_operations,
 )
+from services.client.progress import PipelineProgress
+from services.client.summary import RunOutcome, local_path, render, stage_time
+from services.runtime import runs as run_records
+from services.runtime import tracing
 from services.runtime.errors import StageError, bounded
-from services.runtime.launcher import LocalMesh, MeshStartError
 from services.runtime.metrics import metrics_url, read_vitals
-from services.runtime.progress import PipelineProgress
 from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
 from services.runtime.settings import STAGES, Settings, SettingsError
 from services.runtime.store import ArtifactStore
-from services.runtime.summary import RunOutcome, local_path, render, stage_time
 from services.runtime.vocabulary import Decision, TaskKind
 
 
@@ -273,7 +273,7 @@ def _print_chain(chain: list[dict[str, Any]]) -> None:
 
 # ---- models ---------------------------------------------------------------------------
 def _models(settings: Settings, args: argparse.Namespace) -> int:
-    from services.evaluator.registry import list_models
+    from services.runtime.registry import list_models
 
     documents = list_models(ArtifactStore(settings.artifact_root))
     if args.json:
@@ -323,7 +323,7 @@ def _as_dict(message: Any) -> dict[str, Any]:
 
 
 def _outcome(run: PipelineRun, source: str, registered_as: str) -> RunOutcome:
-    """What the run ends with on the terminal (services/runtime/summary.py)."""
+    """What the run ends with on the terminal (services/client/summary.py)."""
     outcome: RunOutcome = {
         "run_id": run.run_id,
         "source": source,

@@ -30,9 +30,9 @@ from mlmesh.features.v1 import features_pb2, features_pb2_grpc
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.client.progress import PipelineProgress, stage_outcome
 from services.runtime import tracing
 from services.runtime.errors import InvalidArgument
-from services.runtime.progress import PipelineProgress, stage_outcome
 from services.runtime.roles import parse_role, role_value
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
 from services.runtime.security import call_metadata, open_channel

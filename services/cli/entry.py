@@ -14,9 +14,9 @@ def main() -> int:
     # unless told otherwise; on a person's terminal those are noise. GRPC_VERBOSITY=INFO brings them back.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     if len(sys.argv) > 1 and sys.argv[1] in _STARTS_STAGES:
-        from services.runtime.forks import fork_context
+        from services.cli.forks import fork_context
 
         fork_context()
-    from services.runtime.cli import main as cli_main
+    from services.cli.main import main as cli_main
 
     return cli_main()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 from multiprocessing.context import ForkServerContext
 
-PRELOAD = "services.runtime.preload"
+PRELOAD = "services.cli.preload"
 
 
 def fork_context() -> ForkServerContext:

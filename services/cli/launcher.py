@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.runtime.client import check_health
-from services.runtime.forks import fork_context
+from services.cli.forks import fork_context
+from services.client.mesh import check_health
 from services.runtime.metrics import metrics_url
 from services.runtime.settings import LAUNCHER_PID, STAGES, Settings, dialable_host
 

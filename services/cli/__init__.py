@@ -1,0 +1,1 @@
+"""The `mlmesh` command line: starts and supervises a local mesh, runs pipelines, reads lineage."""
