@@ -31,11 +31,12 @@ test: $(STAMP) $(NODE_STAMP)
 test-fast: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -m "not docker and not slow and not network"
 
-## Lint, format check and types: what CI checks before the tests.
+## Lint, format check, types and the layer contract (pyproject's [tool.importlinter]): what CI checks before the tests.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 
 ## Apply the formatter and ruff's safe fixes.
 format: $(STAMP)

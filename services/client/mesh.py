@@ -25,13 +25,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlmesh.common.v1 import common_pb2, progress_pb2, progress_pb2_grpc
 from mlmesh.common.v1.common_pb2 import ArtifactRef
-from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
-from mlmesh.features.v1 import features_pb2, features_pb2_grpc
-from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
-from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
-from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from mlmesh.evaluator.v1 import evaluator_pb2
+from mlmesh.features.v1 import features_pb2
+from mlmesh.loader.v1 import loader_pb2
+from mlmesh.preprocess.v1 import preprocess_pb2
+from mlmesh.trainer.v1 import trainer_pb2
 from services.client.progress import PipelineProgress, stage_outcome
 from services.runtime import tracing
+from services.runtime.catalog import BY_NAME, CATALOG
 from services.runtime.errors import InvalidArgument
 from services.runtime.roles import parse_role, role_value
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
@@ -40,25 +41,8 @@ from services.runtime.settings import STAGES, Settings
 from services.runtime.vocabulary import TaskKind
 from services.runtime.watch import CALL_ID_METADATA
 
-STUBS = {
-    "loader": loader_pb2_grpc.LoaderServiceStub,
-    "preprocess": preprocess_pb2_grpc.PreprocessServiceStub,
-    "features": features_pb2_grpc.FeaturesServiceStub,
-    "trainer": trainer_pb2_grpc.TrainerServiceStub,
-    "evaluator": evaluator_pb2_grpc.EvaluatorServiceStub,
-}
-
 # Each stage's service, for naming calls (trace spans).
-SERVICES = {
-    stage: module.DESCRIPTOR.services_by_name[STUBS[stage].__name__.removesuffix("Stub")].full_name
-    for stage, module in (
-        ("loader", loader_pb2),
-        ("preprocess", preprocess_pb2),
-        ("features", features_pb2),
-        ("trainer", trainer_pb2),
-        ("evaluator", evaluator_pb2),
-    )
-}
+SERVICES = {entry.name: entry.full_service_name for entry in CATALOG}
 
 # Transient failures (a restarting service) are retried by gRPC itself, with backoff.
 RETRY_SERVICE_CONFIG = json.dumps(
@@ -398,7 +382,7 @@ class MeshClient:
         return self._channels[stage]
 
     def stub(self, stage: str) -> Any:
-        return STUBS[stage](self.channel(stage))
+        return BY_NAME[stage].stub(self.channel(stage))
 
     async def _unary(self, stage: str, method: str, request: Any, on_progress: OnCallProgress | None = None) -> Any:
         """One call, retried while the stage is unreachable; `on_progress` sees the stage's

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics
 
+from services.runtime.catalog import UPSTREAM_OF_EVALUATOR
 from services.runtime.errors import FailedPrecondition, InvalidArgument, bounded
 from services.runtime.vocabulary import Decision, TaskKind
 
@@ -504,7 +505,6 @@ def decide(evaluation: Evaluation, minimums: dict[str, float], maximums: dict[st
 
 
 # ---- what ran: the producing computations, from the store's manifests ---------------------------
-PIPELINE_STAGES = ("loader", "preprocess", "features", "trainer")
 MAX_MANIFESTS_WALKED = 64
 MAX_SHOWN_PARAMS = 40
 MAX_SHOWN_TEXT = 200
@@ -576,7 +576,7 @@ def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, A
             stage = manifest.get("stage")
             if stage == "features" and origin in ("model", "x_test") and origin not in features_keys:
                 features_keys[origin] = str(manifest.get("cache_key", ""))
-            if stage in PIPELINE_STAGES and stage not in stages:
+            if stage in UPSTREAM_OF_EVALUATOR and stage not in stages:
                 duration = manifest.get("duration_seconds")
                 params = shown_params(manifest.get("params"))
                 if stage == "loader" and "source" in params:
@@ -604,5 +604,5 @@ def provenance(store: Any, model_digest: str, x_test_digest: str) -> dict[str, A
     notes = []
     if len(set(features_keys.values())) > 1:
         notes.append("x_test comes from another features computation than the model's training data")
-    ordered = {name: stages[name] for name in PIPELINE_STAGES if name in stages}
+    ordered = {name: stages[name] for name in UPSTREAM_OF_EVALUATOR if name in stages}
     return {"stages": ordered, "notes": notes}

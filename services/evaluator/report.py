@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from services.runtime.catalog import UPSTREAM_OF_EVALUATOR
 from services.runtime.vocabulary import Decision, TaskKind
 
 # Tableau 10: distinct, colour-blind friendlier than the rainbow.
@@ -684,7 +685,7 @@ def _what_ran(report: dict[str, Any]) -> str:
             '<td colspan="2">this report (its time and duration are in its manifest)</td>'
             f'<td class="text">{_params_inline({k: v for k, v in (report.get("thresholds") or {}).items() if v})}</td></tr>'
         )
-    missing = [s for s in ("loader", "preprocess", "features", "trainer") if s not in stages] if provenance else []
+    missing = [s for s in UPSTREAM_OF_EVALUATOR if s not in stages] if provenance else []
     notes = [_text(n, 200) for n in provenance.get("notes", []) if isinstance(n, str)] if provenance else []
     if missing:
         notes.append(

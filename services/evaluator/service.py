@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 
+import grpc
+
 from mlmesh.evaluator.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.evaluator import VERSION, logic
 from services.evaluator.report import render_html
@@ -29,7 +31,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         self.runtime = runtime
         self._registry_lock = asyncio.Lock()  # one registry writer per process
 
-    async def Evaluate(self, request: evaluator_pb2.EvaluateRequest, context) -> evaluator_pb2.EvaluateResponse:
+    async def Evaluate(
+        self, request: evaluator_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
+    ) -> evaluator_pb2.EvaluateResponse:
         for name in ("model", "x_test", "y_test"):
             require(request.HasField(name), f"{name} is required: pass the ref the previous stage returned")
         minimums, maximums = dict(request.minimums), dict(request.maximums)
@@ -91,7 +95,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         return await self.runtime.execute(job, work, evaluator_pb2.EvaluateResponse)
 
     async def RegisterModel(
-        self, request: evaluator_pb2.RegisterModelRequest, context
+        self, request: evaluator_pb2.RegisterModelRequest, context: grpc.aio.ServicerContext
     ) -> evaluator_pb2.RegisterModelResponse:
         registry.check_name(request.name)
         for name in ("model", "metrics_report"):
@@ -152,4 +156,4 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         )
 
 
-SPEC = StageSpec.of("evaluator", VERSION, evaluator_pb2, evaluator_pb2_grpc, "EvaluatorService", EvaluatorServicer)
+SPEC = StageSpec.of("evaluator", VERSION, EvaluatorServicer)

@@ -7,6 +7,8 @@ name).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -42,7 +44,7 @@ class DatetimeParts(TransformerMixin, BaseEstimator):
     times of day), days since the earliest train value, and a missing flag (when
     train had missing values). Missing values take the train median."""
 
-    def fit(self, X, y=None):
+    def fit(self, X: Any, y: Any = None) -> DatetimeParts:
         frame = pd.DataFrame(X)
         self.feature_names_in_ = np.asarray([str(c) for c in frame.columns], dtype=object)
         self.n_features_in_ = frame.shape[1]
@@ -60,7 +62,7 @@ class DatetimeParts(TransformerMixin, BaseEstimator):
         self.has_missing_ = np.asarray(has_missing, dtype=bool)
         return self
 
-    def transform(self, X):
+    def transform(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "fill_seconds_")
         frame = pd.DataFrame(X)
         if frame.shape[1] != self.n_features_in_:
@@ -80,7 +82,7 @@ class DatetimeParts(TransformerMixin, BaseEstimator):
             blocks.append(np.column_stack([np.asarray(p, dtype="float64") for p in parts]))
         return np.hstack(blocks) if blocks else np.empty((len(frame), 0))
 
-    def get_feature_names_out(self, input_features=None):
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         check_is_fitted(self, "fill_seconds_")
         names = []
         for index, name in enumerate(self.feature_names_in_):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
 from services.features import VERSION, logic
 from services.runtime.errors import FailedPrecondition, InvalidArgument
@@ -43,7 +45,7 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         self.runtime = runtime
 
     async def BuildFeatures(
-        self, request: features_pb2.BuildFeaturesRequest, context
+        self, request: features_pb2.BuildFeaturesRequest, context: grpc.aio.ServicerContext
     ) -> features_pb2.BuildFeaturesResponse:
         require(request.HasField("train"), "train is required: pass the train ref preprocess returned")
         require(request.HasField("test"), "test is required: pass the test ref preprocess returned")
@@ -117,4 +119,4 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         return await self.runtime.execute(job, work, features_pb2.BuildFeaturesResponse)
 
 
-SPEC = StageSpec.of("features", VERSION, features_pb2, features_pb2_grpc, "FeaturesService", FeaturesServicer)
+SPEC = StageSpec.of("features", VERSION, FeaturesServicer)

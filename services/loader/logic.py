@@ -6,6 +6,7 @@ import io
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 from typing import Literal
 from urllib.parse import parse_qsl
 
@@ -39,7 +40,7 @@ SKLEARN_DATASETS = {
 }
 
 
-def _datasets():
+def _datasets() -> ModuleType:
     from sklearn import datasets
 
     return datasets

@@ -7,6 +7,8 @@ import threading
 import time
 from typing import cast
 
+import grpc
+
 from mlmesh.common.v1 import common_pb2
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from services.loader import VERSION, logic, sources
@@ -25,7 +27,7 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
         self.runtime = runtime
         self.policy = sources.SourcePolicy.from_settings(runtime.settings)
 
-    async def Load(self, request: loader_pb2.LoadRequest, context) -> loader_pb2.LoadResponse:
+    async def Load(self, request: loader_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> loader_pb2.LoadResponse:
         source = logic.parse_source(request.source)
         requested_task = TaskKind.from_proto(request.task_kind, "task_kind")
         require(
@@ -95,7 +97,7 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
 
         return await self.runtime.execute(job, work, loader_pb2.LoadResponse)
 
-    async def _read(self, source: logic.Source, context) -> tuple[bytes, str]:
+    async def _read(self, source: logic.Source, context: grpc.aio.ServicerContext) -> tuple[bytes, str]:
         """The file's bytes and their digest, read on a worker thread within MLMESH_DATA_ROOTS.
 
         The read stops (and frees its worker) when the caller goes away or its deadline
@@ -116,4 +118,4 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
             raise
 
 
-SPEC = StageSpec.of("loader", VERSION, loader_pb2, loader_pb2_grpc, "LoaderService", LoaderServicer)
+SPEC = StageSpec.of("loader", VERSION, LoaderServicer)

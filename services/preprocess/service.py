@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import grpc
+
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.preprocess import VERSION, logic
 from services.runtime.errors import FailedPrecondition
@@ -18,7 +20,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
     def __init__(self, runtime: StageRuntime):
         self.runtime = runtime
 
-    async def Preprocess(self, request: preprocess_pb2.PreprocessRequest, context) -> preprocess_pb2.PreprocessResponse:
+    async def Preprocess(
+        self, request: preprocess_pb2.PreprocessRequest, context: grpc.aio.ServicerContext
+    ) -> preprocess_pb2.PreprocessResponse:
         require(request.HasField("dataset"), "dataset is required: pass the ref the loader returned")
         fraction = request.test_fraction or DEFAULT_TEST_FRACTION
         require(
@@ -80,4 +84,4 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         return await self.runtime.execute(job, work, preprocess_pb2.PreprocessResponse)
 
 
-SPEC = StageSpec.of("preprocess", VERSION, preprocess_pb2, preprocess_pb2_grpc, "PreprocessService", PreprocessServicer)
+SPEC = StageSpec.of("preprocess", VERSION, PreprocessServicer)

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mlmesh.common.v1 import progress_pb2_grpc
 from services.runtime import tracing
 from services.runtime.admission import AdmissionInterceptor
+from services.runtime.catalog import BY_NAME
 from services.runtime.errors import StageError
 from services.runtime.interceptor import StageInterceptor
 from services.runtime.logs import configure_logging
@@ -57,18 +58,16 @@ class StageSpec:
         cls,
         name: str,
         version: str,
-        pb2: Any,
-        pb2_grpc: Any,
-        service: str,
         make_servicer: Callable[[StageRuntime], Any],
         long_running: bool = False,
     ) -> StageSpec:
-        """Build a spec from the generated modules, e.g. of("loader", "1.0.0", loader_pb2, loader_pb2_grpc, "LoaderService", ...)."""
+        """The spec of the stage `name` declares in the catalog, e.g. of("loader", "1.0.0", LoaderServicer)."""
+        entry = BY_NAME[name]
         return cls(
             name=name,
             version=version,
-            service_name=pb2.DESCRIPTOR.services_by_name[service].full_name,
-            add_servicer=getattr(pb2_grpc, f"add_{service}Servicer_to_server"),
+            service_name=entry.full_service_name,
+            add_servicer=getattr(entry.pb2_grpc(), f"add_{entry.service}Servicer_to_server"),
             make_servicer=make_servicer,
             long_running=long_running,
         )

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Pipeline order; also the default port of each stage (50051..50055).
-STAGES: tuple[str, ...] = ("loader", "preprocess", "features", "trainer", "evaluator")
+from services.runtime.catalog import STAGES
+
+# Each stage's default gRPC port, in catalog order from 50051 (loader) up.
 DEFAULT_PORTS: dict[str, int] = {name: 50051 + i for i, name in enumerate(STAGES)}
 # Where each stage serves Prometheus metrics over HTTP by default (9451..9455).
 DEFAULT_METRICS_PORTS: dict[str, int] = {name: 9451 + i for i, name in enumerate(STAGES)}

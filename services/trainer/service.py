@@ -150,6 +150,4 @@ def _fit(request: trainer_pb2.TrainRequest, run: Run) -> trainer_pb2.TrainResult
 # StartTraining waits this long for an operation that finishes at once (a memo hit).
 MEMO_HIT_WAIT_SECONDS = 0.2
 
-SPEC = StageSpec.of(
-    "trainer", VERSION, trainer_pb2, trainer_pb2_grpc, "TrainerService", TrainerServicer, long_running=True
-)
+SPEC = StageSpec.of("trainer", VERSION, TrainerServicer, long_running=True)
