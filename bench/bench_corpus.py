@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from services.cli.launcher import LocalMesh  # noqa: E402
 from services.runtime.settings import STAGES, Settings  # noqa: E402
 from tests import corpus  # noqa: E402
-from tests.test_mesh_processes import free_ports  # noqa: E402
+from tests.helpers import free_ports  # noqa: E402
 
 MLMESH = Path(sys.executable).parent / "mlmesh"
 SHORT = {

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.cli.launcher import LocalMesh  # noqa: E402
 from services.runtime.settings import STAGES, Settings  # noqa: E402
-from tests.conftest import free_ports  # noqa: E402
+from tests.helpers import free_ports  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CANDIDATES = json.dumps(

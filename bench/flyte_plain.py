@@ -64,8 +64,9 @@ class Matrices(NamedTuple):
 def load(rows: int, features: int, seed: int) -> Loaded:
     source = loader_logic.parse_source(synthetic_source(rows, features, seed))
     loaded = loader_logic.load_dataset(source, "", None, Settings.from_env().max_dataset_bytes)
-    roles = {c.name: c.role for c in loaded.columns}
-    return Loaded(loaded.frame, loaded.target_column, loaded.task.kind, roles)
+    roles = {c.name: str(c.role) for c in loaded.columns}
+    # Flyte checks a str output's exact type: the TaskKind member becomes its plain value.
+    return Loaded(loaded.frame, loaded.target_column, loaded.task.kind.value, roles)
 
 
 @task(cache=False)
