@@ -29,6 +29,7 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.cli.launcher import LocalMesh
 from services.client.mesh import MeshClient, PipelineRun, StageCallError
+from services.runtime.catalog import CATALOG
 from services.runtime.server import RunningStage
 from services.runtime.settings import STAGES, Settings
 
@@ -98,6 +99,34 @@ def each_stage(*names: str) -> list:
     """Stage names (all five unless given) as parametrize values, each marked to start only that
     stage: for a test, parametrized by stage, that calls nothing but the stage it is given."""
     return [pytest.param(name, marks=pytest.mark.stages(name)) for name in names or STAGES]
+
+
+def each_method() -> list:
+    """(stage, method, server_streaming) for every RPC of every stage's service, read from the
+    generated descriptors of the catalog (services/runtime/catalog.py), each marked to start only
+    its stage: a new stage or RPC is covered by the tests that use this without a table to edit."""
+    return [
+        pytest.param(entry.name, method.name, method.server_streaming, marks=pytest.mark.stages(entry.name))
+        for entry in CATALOG
+        for method in entry.pb2().DESCRIPTOR.services_by_name[entry.service].methods
+    ]
+
+
+def raw_call(channel: grpc.aio.Channel, path: str, server_streaming: bool, body: bytes, timeout: float = 10):
+    """An awaitable that sends `body` as the request of the RPC at `path`, bytes as they are (no
+    serializer, no client-side size check), and reads every reply."""
+
+    async def call() -> list[bytes]:
+        if not server_streaming:
+            return [
+                await channel.unary_unary(path, request_serializer=None, response_deserializer=None)(
+                    body, timeout=timeout
+                )
+            ]
+        stream = channel.unary_stream(path, request_serializer=None, response_deserializer=None)(body, timeout=timeout)
+        return [reply async for reply in stream]
+
+    return call()
 
 
 # ---- a client for the stages a test started ----------------------------------------------------

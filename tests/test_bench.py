@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from services.runtime.catalog import STAGES
+
 # The README's benchmark commands, end to end: minutes.
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def test_the_readme_quick_scale_benchmark_measures_every_figure_it_prints(tmp_pa
     figures = {figure["name"]: figure for figure in results["figures"]}
     ratio = figures["mesh pipeline / one process, 20,000 rows"]
     assert ratio["value"] > 0 and ratio["shown"] in done.stdout
-    for stage in ("loader", "preprocess", "features", "trainer", "evaluator"):
+    for stage in STAGES:
         peak = figures[f"peak RSS / largest artifact, {stage}, 20,000 rows"]
         assert peak["value"] > 0, peak
     assert results["hits"]["calls"] > 0 and results["hits"]["calls_per_second"] > 0

@@ -20,6 +20,7 @@ import pytest
 
 from services.cli import main as cli
 from services.client.mesh import running_operations
+from services.runtime.catalog import PIPELINE_STAGES
 from services.runtime.settings import Settings
 from tests.helpers import start_local_mesh
 
@@ -56,7 +57,7 @@ def test_run_ends_with_the_summary_and_registers_a_promote(env: dict[str, str]) 
         re.search(r"^stages    loader +\S+  computed$", out, re.M) and "0 of 5 answered from the stages' memos" in out
     )
     # Progress is on stderr, a line per stage (plain: this is not a terminal), and never on stdout.
-    for stage in ("loader", "preprocess", "features", "trainer", "evaluator"):
+    for stage in PIPELINE_STAGES:
         assert re.search(rf"^{stage}: computed in \d", result.stderr, re.M), result.stderr
     assert re.search(r"^loader: computed in [\d.]+s, 178 rows \([\d.]+k? rows/s\)$", result.stderr, re.M), result.stderr
     assert "registry: wine-logistic_regression v1" in result.stderr and "computed in" not in out

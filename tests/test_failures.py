@@ -35,7 +35,15 @@ from services.runtime.formats import SKOPS, model_to_skops, npy_to_array
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from tests.helpers import StartedStagesClient, assert_serving, each_stage, expect_error, logged_rpc_line
+from tests.helpers import (
+    StartedStagesClient,
+    assert_serving,
+    each_method,
+    each_stage,
+    expect_error,
+    logged_rpc_line,
+    raw_call,
+)
 
 IRIS = loader_pb2.LoadRequest(source="sklearn:iris")
 
@@ -335,33 +343,17 @@ async def test_a_manifest_of_the_wrong_shape_is_rewritten(
 
 
 # ---- 6. a request body that does not decode --------------------------------------------------
-METHODS = {
-    "loader": ("Load", "unary"),
-    "preprocess": ("Preprocess", "unary"),
-    "features": ("BuildFeatures", "unary"),
-    "trainer": ("Train", "stream"),
-    "evaluator": ("Evaluate", "unary"),
-}
-
-
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", each_stage())
+@pytest.mark.parametrize(("name", "method", "server_streaming"), each_method())
 async def test_an_undecodable_request_is_invalid_argument_and_logged(
-    mesh: dict[str, RunningStage], caplog: pytest.LogCaptureFixture, name: str
+    mesh: dict[str, RunningStage], caplog: pytest.LogCaptureFixture, name: str, method: str, server_streaming: bool
 ) -> None:
     stage = mesh[name]
-    method, kind = METHODS[name]
     path = f"/{stage.spec.service_name}/{method}"
     async with grpc.aio.insecure_channel(stage.address) as channel:
         with caplog.at_level(logging.INFO, logger="mlmesh.rpc"):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                if kind == "unary":
-                    call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
-                    await call(b"\xff\xff\xff\x07garbage", timeout=5)
-                else:
-                    call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
-                    async for _ in call(b"\xff\xff\xff\x07garbage", timeout=5):
-                        pass
+                await raw_call(channel, path, server_streaming, b"\xff\xff\xff\x07garbage", timeout=5)
             # The server writes its access-log line after the status has left, so the client
             # can see the error first; _logged_status waits for the line.
             status = await _logged_status(caplog, path)

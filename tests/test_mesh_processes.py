@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from services.runtime.catalog import PIPELINE_STAGES
 from services.runtime.settings import DEFAULT_PORTS, STAGES
 from tests.helpers import free_ports, run_script, use_free_ports
 
@@ -338,7 +339,7 @@ def test_up_stops_cleanly_on_sigterm(mesh_env: dict[str, str]) -> None:
     up.process.send_signal(signal.SIGTERM)
     output = up.rest()
     assert up.process.returncode == 0, output
-    assert "mesh stopped (loader=0, preprocess=0, features=0, trainer=0, evaluator=0)" in output
+    assert f"mesh stopped ({', '.join(f'{stage}=0' for stage in STAGES)})" in output
 
 
 @pytest.mark.parametrize("deleted", ["dataset", "transformer", "model"])
@@ -391,7 +392,7 @@ def test_each_run_has_its_own_exact_lineage(running_mesh: UpProcess, mesh_env: d
         graph = mlmesh(mesh_env, "lineage", "--run", run["run_id"], "--json")
         assert graph.returncode == 0, graph.stderr
         steps = json.loads(graph.stdout)
-        assert [s["stage"] for s in steps] == ["loader", "preprocess", "features", "trainer", "evaluator"]
+        assert [s["stage"] for s in steps] == list(PIPELINE_STAGES)
         assert all(s["run_id"] == run["run_id"] for s in steps)
         # Closed: every input of the run was an output of an earlier stage of the same run.
         made: set[str] = set()

@@ -10,6 +10,7 @@ import pytest
 
 from services.client.mesh import MeshClient, PipelineConfig
 from services.runtime import openlineage
+from services.runtime.catalog import PIPELINE_STAGES
 
 # The parts of the OpenLineage 2-0-2 RunEvent that every consumer relies on, restated as JSON Schema
 # (the published OpenLineage.json cannot be fetched offline): required fields, their formats and enums.
@@ -83,10 +84,8 @@ async def test_every_stage_call_is_exported_as_valid_openlineage_events(
     broken = json.loads(json.dumps(events[0]))
     broken["run"]["runId"], broken["eventTime"] = "not-a-uuid", "yesterday"
     assert len(list(checker.iter_errors(broken))) == 2
-    assert [e["eventType"] for e in events] == ["START", "COMPLETE"] * 5
-    assert [e["job"]["name"] for e in events[::2]] == [
-        f"mlmesh-test.{s}" for s in ("loader", "preprocess", "features", "trainer", "evaluator")
-    ]
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"] * len(PIPELINE_STAGES)
+    assert [e["job"]["name"] for e in events[::2]] == [f"mlmesh-test.{s}" for s in PIPELINE_STAGES]
     # One pipeline run is the parent of all five; each execution has its own run id.
     parents = {e["run"]["facets"]["parent"]["run"]["runId"] for e in events}
     assert parents == {openlineage.run_uuid(run.run_id)}

@@ -30,6 +30,7 @@ from mlmesh.evaluator.v1 import evaluator_pb2
 from services.client.mesh import MeshClient, PipelineConfig, PipelineRun
 from services.evaluator import logic
 from services.evaluator.report import deck_html, render_html
+from services.runtime.catalog import PIPELINE_STAGES
 from services.runtime.formats import NPY, array_to_npy, json_bytes_to_doc, npy_to_array, skops_to_model
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
@@ -39,7 +40,7 @@ from tests.helpers import evaluate_request
 
 PROMOTE, RETRAIN = evaluator_pb2.DECISION_PROMOTE, evaluator_pb2.DECISION_RETRAIN
 BINARY_SOURCE = "synthetic:classification?rows=400&features=8&classes=2&seed=3"
-STAGE_ROWS = ("loader", "preprocess", "features", "trainer", "evaluator")
+STAGE_ROWS = PIPELINE_STAGES
 
 
 # ---- reading the page ------------------------------------------------------------------------------
