@@ -23,13 +23,17 @@ $(NODE_STAMP): package.json package-lock.json
 run: $(STAMP)
 	$(BIN)/mlmesh with-mesh --log-dir artifacts/logs -- $(BIN)/pyflyte run workflow/pipeline.py training_pipeline
 
+# Both tiers run on one pytest-xdist worker per core; tests that need the Docker engine share one
+# worker (tests/conftest.py). Each run ends with its budget: test time per tier and the slowest tests.
+PYTEST_PARALLEL := -n auto --dist loadgroup
+
 ## Run the whole test suite.
 test: $(STAMP) $(NODE_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 ## The fast tier, for the edit-test loop: everything but Docker, slow end-to-end and network tests.
 test-fast: $(STAMP) $(NODE_STAMP)
-	$(BIN)/python -m pytest -m "not docker and not slow and not network"
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not docker and not slow and not network"
 
 ## Lint, format check, types and the layer contract (pyproject's [tool.importlinter]): what CI checks before the tests.
 lint: $(STAMP)

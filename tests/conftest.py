@@ -14,7 +14,7 @@ a check that never ran. Tests left out with `-m` are deselected, not skipped.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -110,6 +110,16 @@ async def client(mesh: dict[str, RunningStage], settings: Settings) -> AsyncIter
         yield mesh_client
 
 
+# ---- parallel workers (pytest-xdist) ----------------------------------------------------------------
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need a Docker engine share one worker (`--dist loadgroup`): the engine, the base
+    images and the image builds are session fixtures, built once on that worker, and two workers
+    building the same images at once would each pay for them."""
+    for item in items:
+        if item.get_closest_marker("docker") is not None:
+            item.add_marker(pytest.mark.xdist_group("docker"))
+
+
 # ---- CI=true: a skip is a failure ------------------------------------------------------------------
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() == "true"
@@ -141,7 +151,47 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# ---- the budget: where the suite's time goes -----------------------------------------------------
+TIERS = ("docker", "network", "slow")  # a test's tier is the first of these marks it has, else "fast"
+SLOWEST_SHOWN = 20
+
+
+def tier_of(keywords: Mapping[str, object]) -> str:
+    return next((tier for tier in TIERS if tier in keywords), "fast")
+
+
+def budget_lines(reports: list[pytest.TestReport]) -> list[str]:
+    """Test time per tier (setup, call and teardown summed over every worker) and the slowest
+    tests, so that growth shows in every run's output."""
+    per_test: dict[str, float] = {}
+    tiers: dict[str, float] = {}
+    counts: dict[str, set[str]] = {}
+    for report in reports:
+        tier = tier_of(report.keywords)
+        per_test[report.nodeid] = per_test.get(report.nodeid, 0.0) + report.duration
+        tiers[tier] = tiers.get(tier, 0.0) + report.duration
+        counts.setdefault(tier, set()).add(report.nodeid)
+    lines = ["test time per tier (summed over workers; a test's tier is its first mark of docker, network, slow):"]
+    for tier in ("fast", *TIERS):
+        if tier in tiers:
+            lines.append(f"  {tier:<8} {tiers[tier]:8.1f} s  {len(counts[tier]):4d} tests")
+    lines.append(f"the {SLOWEST_SHOWN} slowest tests (setup + call + teardown):")
+    for nodeid, seconds in sorted(per_test.items(), key=lambda item: -item[1])[:SLOWEST_SHOWN]:
+        lines.append(f"  {seconds:8.1f} s  {nodeid}")
+    return lines
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    reports = [
+        report
+        for outcome in ("passed", "failed", "error", "skipped")
+        for report in terminalreporter.stats.get(outcome, [])
+        if isinstance(report, pytest.TestReport)
+    ]
+    if reports and not hasattr(config, "workerinput"):  # the controller (or a run without xdist) reports
+        terminalreporter.section("budget", sep="=", bold=True)
+        for line in budget_lines(reports):
+            terminalreporter.line(line)
     skipped = terminalreporter.stats.get("skipped", [])
     if _in_ci() and skipped:
         terminalreporter.section("CI=true: skipped tests are failures", sep="=", red=True, bold=True)

@@ -215,11 +215,22 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def worker_port_range(start: int = 20000, stop: int = 32000) -> range:
+    """This test worker's share of [start, stop): pytest-xdist runs one session per worker
+    (PYTEST_XDIST_WORKER=gw0, gw1, ...), and two workers must never choose the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) if worker.isdigit() else 0
+    share = (stop - start) // max(count, 1)
+    return range(start + index * share, start + (index + 1) * share)
+
+
 def quiet_ports(count: int) -> list[int]:
     """Free ports below the kernel's ephemeral range (32768 and up), so no client connection of
-    the session takes one while a stage is not listening on it."""
+    the session takes one while a stage is not listening on it; from this test worker's share."""
     chosen: list[int] = []
-    for port in random.sample(range(20000, 32000), 200):
+    candidates = worker_port_range()
+    for port in random.sample(candidates, min(200, len(candidates))):
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
