@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.runtime.settings import STAGES  # noqa: E402
+from services.runtime.catalog import STAGES  # noqa: E402
 from tests.test_chaos import configs, outcome, run_pipeline  # noqa: E402
 from tests.test_mesh_processes import UpProcess, on_new_ports, stage_pid  # noqa: E402
 

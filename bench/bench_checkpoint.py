@@ -39,8 +39,9 @@ from mlmesh.loader.v1 import loader_pb2  # noqa: E402
 from mlmesh.preprocess.v1 import preprocess_pb2  # noqa: E402
 from mlmesh.trainer.v1 import trainer_pb2  # noqa: E402
 from services.client.mesh import MeshClient  # noqa: E402
+from services.runtime.catalog import STAGES  # noqa: E402
 from services.runtime.server import stage_spec, start_stage  # noqa: E402
-from services.runtime.settings import STAGES, Settings  # noqa: E402
+from services.runtime.settings import Settings  # noqa: E402
 from services.trainer import checkpoints  # noqa: E402
 
 

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from services.cli.launcher import LocalMesh
-from services.runtime.settings import STAGES, Settings
+from services.runtime.catalog import STAGES
+from services.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

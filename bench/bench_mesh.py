@@ -28,8 +28,9 @@ from services.evaluator import logic as evaluator_logic
 from services.features import logic as features_logic
 from services.loader import logic as loader_logic
 from services.preprocess import logic as preprocess_logic
+from services.runtime.catalog import STAGES
 from services.runtime.server import stage_spec, start_stage
-from services.runtime.settings import STAGES, Settings
+from services.runtime.settings import Settings
 from services.runtime.stage import Run
 from services.trainer import logic as trainer_logic
 

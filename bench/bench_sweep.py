@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.cli.launcher import LocalMesh  # noqa: E402
-from services.runtime.settings import STAGES, Settings  # noqa: E402
+from services.runtime.catalog import STAGES  # noqa: E402
+from services.runtime.settings import Settings  # noqa: E402
 from tests.helpers import free_ports  # noqa: E402
 
 BIN = Path(sys.executable).parent

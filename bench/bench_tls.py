@@ -65,9 +65,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from mlmesh.loader.v1 import loader_pb2  # noqa: E402
 from services.client.mesh import MeshClient, PipelineConfig  # noqa: E402
+from services.runtime.catalog import STAGES  # noqa: E402
 from services.runtime.security import call_metadata, open_channel  # noqa: E402
 from services.runtime.server import RunningStage, stage_spec, start_stage  # noqa: E402
-from services.runtime.settings import STAGES, Settings  # noqa: E402
+from services.runtime.settings import Settings  # noqa: E402
 from tests.certs import Pki  # noqa: E402
 
 CONFIGS = ("plaintext", "tls", "mtls+token")

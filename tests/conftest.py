@@ -21,8 +21,9 @@ import pytest
 import pytest_asyncio
 
 from services.client.mesh import MeshClient
+from services.runtime.catalog import STAGES
 from services.runtime.server import RunningStage, stage_spec, start_stage
-from services.runtime.settings import STAGES, Settings
+from services.runtime.settings import Settings
 from tests.docker_harness import engine, images  # noqa: F401 - session fixtures of the Docker tests
 from tests.helpers import StartedStagesClient, quiet_ports
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.settings import STAGES
+from services.runtime.catalog import STAGES
 from tests.helpers import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,9 +29,9 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.cli.launcher import LocalMesh
 from services.client.mesh import MeshClient, PipelineRun, StageCallError
-from services.runtime.catalog import CATALOG
+from services.runtime.catalog import CATALOG, STAGES
 from services.runtime.server import RunningStage
-from services.runtime.settings import STAGES, Settings
+from services.runtime.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.settings import STAGES
+from services.runtime.catalog import STAGES
 from tests.test_mesh_processes import BIN, UpProcess, on_new_ports, stage_pid
 
 # Twenty pipelines against `mlmesh up` while stages are SIGKILLed: minutes.

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, STAGES
+from services.runtime.catalog import STAGES
+from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 from tests.docker_harness import (
     BASE_IMAGE,
     BIN,

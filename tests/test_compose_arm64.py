@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.runtime.settings import DEFAULT_PORTS, STAGES
+from services.runtime.catalog import STAGES
+from services.runtime.settings import DEFAULT_PORTS
 from tests.docker_harness import (
     ARM64,
     FIGURES,

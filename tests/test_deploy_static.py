@@ -38,8 +38,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.runtime.catalog import STAGES
 from services.runtime.probe import default_address
-from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, STAGES
+from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 from tests.helpers import free_ports, run_script, start_loader_process
 from tests.prometheus_bin import prometheus_binaries
 

@@ -35,8 +35,8 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.client.mesh import MeshClient, PipelineConfig
 from services.evaluator.logic import ALL_METRICS, CLASSIFICATION_METRICS
+from services.runtime.catalog import STAGES
 from services.runtime.server import RunningStage
-from services.runtime.settings import STAGES
 
 SEED = 20260509
 PER_RPC = 500

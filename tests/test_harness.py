@@ -8,8 +8,8 @@ import pytest
 from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
 from services.client.mesh import MeshClient
+from services.runtime.catalog import STAGES
 from services.runtime.server import RunningStage
-from services.runtime.settings import STAGES
 from tests.docker_harness import ARM64, HOST, Platform, base_image, ensure_emulation
 from tests.helpers import StageNotStarted, assert_serving
 

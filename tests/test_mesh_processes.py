@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.catalog import PIPELINE_STAGES
-from services.runtime.settings import DEFAULT_PORTS, STAGES
+from services.runtime.catalog import PIPELINE_STAGES, STAGES
+from services.runtime.settings import DEFAULT_PORTS
 from tests.helpers import free_ports, run_script, use_free_ports
 
 # `mlmesh up` child processes, the CLI and grpcurl against them: minutes for the module.

@@ -36,9 +36,10 @@ from mlmesh.common.v1.common_pb2 import ArtifactRef
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.runtime import tracing
+from services.runtime.catalog import STAGES
 from services.runtime.logs import json_formatter
 from services.runtime.server import RunningStage, stage_spec, start_stage
-from services.runtime.settings import DEFAULT_METRICS_PORTS, STAGES, Settings
+from services.runtime.settings import DEFAULT_METRICS_PORTS, Settings
 from tests.helpers import free_ports, run_script, use_free_ports
 from tests.otlp_receiver import OtlpReceiver
 from tests.test_mesh_processes import UpProcess

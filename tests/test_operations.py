@@ -26,8 +26,9 @@ from google.longrunning import operations_grpc_pb2, operations_proto_pb2
 from mlmesh.features.v1 import features_pb2
 from mlmesh.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.client.mesh import MeshClient
+from services.runtime.catalog import STAGES
 from services.runtime.server import RunningStage, stage_spec, start_stage
-from services.runtime.settings import STAGES, Settings
+from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 from services.trainer import logic as trainer_logic
 from tests.helpers import INVALID, NOT_FOUND, StartedStagesClient, features_for

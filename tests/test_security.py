@@ -26,9 +26,10 @@ import pytest_asyncio
 
 from mlmesh.evaluator.v1 import evaluator_pb2
 from services.client.mesh import MeshClient, PipelineConfig, StageCallError, check_health, load_request
+from services.runtime.catalog import STAGES
 from services.runtime.security import AuthInterceptor, load_tokens, open_channel
 from services.runtime.server import RunningStage, stage_spec, start_stage
-from services.runtime.settings import STAGES, Settings, SettingsError
+from services.runtime.settings import Settings, SettingsError
 from tests.certs import Issued, Pki
 from tests.helpers import logged_rpc_line, run_script, use_free_ports
 from tests.test_mesh_processes import UpProcess, readme_section_blocks

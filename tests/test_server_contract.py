@@ -30,9 +30,10 @@ from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.client.mesh import MeshClient, PipelineConfig
+from services.runtime.catalog import STAGES
 from services.runtime.formats import NPY, array_to_npy, npy_to_array
 from services.runtime.server import RunningStage, stage_spec, start_stage
-from services.runtime.settings import STAGES, Settings
+from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 from tests.helpers import (
     NOT_SERVING,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.settings import DEFAULT_PORTS, STAGES, Settings, SettingsError, default_max_dataset_bytes
+from services.runtime.catalog import STAGES
+from services.runtime.settings import DEFAULT_PORTS, Settings, SettingsError, default_max_dataset_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from services.cli.forks import fork_context
 from services.client.mesh import check_health
+from services.runtime.catalog import STAGES
 from services.runtime.metrics import metrics_url
-from services.runtime.settings import LAUNCHER_PID, STAGES, Settings, dialable_host
+from services.runtime.settings import LAUNCHER_PID, Settings, dialable_host
 
 
 class MeshStartError(RuntimeError):
@@ -131,7 +132,7 @@ class Supervision:
     """What `mlmesh up` knows about one stage's restarts."""
 
     restarts: int = 0
-    recent: deque = field(default_factory=deque)  # monotonic times of restarts in the window
+    recent: deque[float] = field(default_factory=deque)  # monotonic times of restarts in the window
     due: float | None = None  # when the next restart may happen
     last_exit: int | None = None
 

@@ -33,10 +33,11 @@ from services.client.progress import PipelineProgress
 from services.client.summary import RunOutcome, local_path, render, stage_time
 from services.runtime import runs as run_records
 from services.runtime import tracing
+from services.runtime.catalog import STAGES
 from services.runtime.errors import StageError, bounded
 from services.runtime.metrics import metrics_url, read_vitals
 from services.runtime.roles import FEATURE_ROLES, ROLES, parse_role, role_name
-from services.runtime.settings import STAGES, Settings, SettingsError
+from services.runtime.settings import Settings, SettingsError
 from services.runtime.store import ArtifactStore
 from services.runtime.vocabulary import Decision, TaskKind
 

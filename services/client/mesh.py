@@ -32,12 +32,12 @@ from mlmesh.preprocess.v1 import preprocess_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.client.progress import PipelineProgress, stage_outcome
 from services.runtime import tracing
-from services.runtime.catalog import BY_NAME, CATALOG
+from services.runtime.catalog import BY_NAME, CATALOG, STAGES
 from services.runtime.errors import InvalidArgument
 from services.runtime.roles import parse_role, role_value
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
 from services.runtime.security import call_metadata, open_channel
-from services.runtime.settings import STAGES, Settings
+from services.runtime.settings import Settings
 from services.runtime.vocabulary import TaskKind
 from services.runtime.watch import CALL_ID_METADATA
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Any
 
 import grpc
 
@@ -32,7 +33,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         self._registry_lock = asyncio.Lock()  # one registry writer per process
 
     async def Evaluate(
-        self, request: evaluator_pb2.EvaluateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: evaluator_pb2.EvaluateRequest,
+        context: grpc.aio.ServicerContext[evaluator_pb2.EvaluateRequest, evaluator_pb2.EvaluateResponse],
     ) -> evaluator_pb2.EvaluateResponse:
         for name in ("model", "x_test", "y_test"):
             require(request.HasField(name), f"{name} is required: pass the ref the previous stage returned")
@@ -95,7 +98,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         return await self.runtime.execute(job, work, evaluator_pb2.EvaluateResponse)
 
     async def RegisterModel(
-        self, request: evaluator_pb2.RegisterModelRequest, context: grpc.aio.ServicerContext
+        self,
+        request: evaluator_pb2.RegisterModelRequest,
+        context: grpc.aio.ServicerContext[evaluator_pb2.RegisterModelRequest, evaluator_pb2.RegisterModelResponse],
     ) -> evaluator_pb2.RegisterModelResponse:
         registry.check_name(request.name)
         for name in ("model", "metrics_report"):
@@ -111,7 +116,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             )
         store = self.runtime.store
 
-        def check_promoted() -> dict:
+        def check_promoted() -> dict[str, Any]:
             store.get(request.model, "model")  # present and intact
             report = json_bytes_to_doc(store.get(request.metrics_report, "metrics_report"), "metrics_report")
             if report.get("decision") != Decision.PROMOTE:

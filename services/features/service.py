@@ -45,7 +45,9 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         self.runtime = runtime
 
     async def BuildFeatures(
-        self, request: features_pb2.BuildFeaturesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: features_pb2.BuildFeaturesRequest,
+        context: grpc.aio.ServicerContext[features_pb2.BuildFeaturesRequest, features_pb2.BuildFeaturesResponse],
     ) -> features_pb2.BuildFeaturesResponse:
         require(request.HasField("train"), "train is required: pass the train ref preprocess returned")
         require(request.HasField("test"), "test is required: pass the test ref preprocess returned")

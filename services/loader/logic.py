@@ -7,7 +7,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -220,13 +220,13 @@ class LoadedDataset:
     task: TaskDecision
     columns: list[ColumnDecision]
     warnings: list[str]
-    profile: dict
+    profile: dict[str, Any]
 
     @property
     def feature_names(self) -> list[str]:
         return [c for c in self.frame.columns if c != self.target_column]
 
-    def schema(self) -> dict:
+    def schema(self) -> dict[str, Any]:
         return {
             "target_column": self.target_column,
             "task_kind": self.task.kind,

@@ -27,7 +27,11 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
         self.runtime = runtime
         self.policy = sources.SourcePolicy.from_settings(runtime.settings)
 
-    async def Load(self, request: loader_pb2.LoadRequest, context: grpc.aio.ServicerContext) -> loader_pb2.LoadResponse:
+    async def Load(
+        self,
+        request: loader_pb2.LoadRequest,
+        context: grpc.aio.ServicerContext[loader_pb2.LoadRequest, loader_pb2.LoadResponse],
+    ) -> loader_pb2.LoadResponse:
         source = logic.parse_source(request.source)
         requested_task = TaskKind.from_proto(request.task_kind, "task_kind")
         require(
@@ -97,7 +101,9 @@ class LoaderServicer(loader_pb2_grpc.LoaderServiceServicer):
 
         return await self.runtime.execute(job, work, loader_pb2.LoadResponse)
 
-    async def _read(self, source: logic.Source, context: grpc.aio.ServicerContext) -> tuple[bytes, str]:
+    async def _read(
+        self, source: logic.Source, context: grpc.aio.ServicerContext[loader_pb2.LoadRequest, loader_pb2.LoadResponse]
+    ) -> tuple[bytes, str]:
         """The file's bytes and their digest, read on a worker thread within MLMESH_DATA_ROOTS.
 
         The read stops (and frees its worker) when the caller goes away or its deadline

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from services.runtime.errors import (
@@ -562,7 +563,7 @@ def _fetch_fsspec(url: str, policy: SourcePolicy, cancelled: threading.Event, de
         ) from None
 
 
-def _storage_options(scheme: str, policy: SourcePolicy) -> dict:
+def _storage_options(scheme: str, policy: SourcePolicy) -> dict[str, Any]:
     """The timeouts, where a driver takes them (s3fs through botocore)."""
     if scheme in ("s3", "s3a"):
         return {"config_kwargs": {"connect_timeout": policy.connect_seconds, "read_timeout": policy.read_seconds}}

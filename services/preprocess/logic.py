@@ -7,6 +7,7 @@ statistics, inside the fitted transformer, so the same rule applies to new data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ class Prepared:
     duplicate_rows_removed: int
     class_names: list[str]
 
-    def report(self, target_column: str, test_fraction: float, seed: int) -> dict:
+    def report(self, target_column: str, test_fraction: float, seed: int) -> dict[str, Any]:
         def balance(part: pd.DataFrame) -> dict[str, int]:
             counts = np.bincount(part[target_column].to_numpy(dtype="int64"), minlength=len(self.class_names))
             return {name: int(n) for name, n in zip(self.class_names, counts, strict=True)}

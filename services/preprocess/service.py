@@ -21,7 +21,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServiceServicer):
         self.runtime = runtime
 
     async def Preprocess(
-        self, request: preprocess_pb2.PreprocessRequest, context: grpc.aio.ServicerContext
+        self,
+        request: preprocess_pb2.PreprocessRequest,
+        context: grpc.aio.ServicerContext[preprocess_pb2.PreprocessRequest, preprocess_pb2.PreprocessResponse],
     ) -> preprocess_pb2.PreprocessResponse:
         require(request.HasField("dataset"), "dataset is required: pass the ref the loader returned")
         fraction = request.test_fraction or DEFAULT_TEST_FRACTION

@@ -27,7 +27,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.in_flight = 0
         self._on_reject = on_reject  # counts the rejection (mlmesh_rpcs_rejected_total)
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.in_flight >= self.limit:
             self._on_reject()
             await context.abort(
@@ -38,7 +38,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.in_flight += 1
 
     def _unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await self._admit(context)
             try:
                 return await behavior(request, context)
@@ -48,7 +48,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _stream(self, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await self._admit(context)
             try:
                 async for response in behavior(request, context):

@@ -30,7 +30,9 @@ class _Outcome:
         self.incident = ""
 
 
-async def _map_error(exc: BaseException, method: str, context: grpc.aio.ServicerContext, outcome: _Outcome) -> None:
+async def _map_error(
+    exc: BaseException, method: str, context: grpc.aio.ServicerContext[Any, Any], outcome: _Outcome
+) -> None:
     if isinstance(exc, StageError):
         outcome.code = exc.code
         # Messages quote caller input, bounded where they do; this is the backstop for all of them.
@@ -84,7 +86,7 @@ def _log(method: str, outcome: _Outcome, seconds: float, record: RpcRecord) -> N
     )
 
 
-def _details(context: grpc.aio.ServicerContext) -> str:
+def _details(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     try:
         return bounded(context.details() or "", 500)
     except Exception:  # noqa: BLE001 - a log detail must never fail the call
@@ -93,7 +95,7 @@ def _details(context: grpc.aio.ServicerContext) -> str:
 
 @contextlib.asynccontextmanager
 async def _rpc_scope(
-    method: str, context: grpc.aio.ServicerContext, metrics: StageMetrics, unary: bool, watch: CallWatch
+    method: str, context: grpc.aio.ServicerContext[Any, Any], metrics: StageMetrics, unary: bool, watch: CallWatch
 ) -> AsyncIterator[None]:
     """Around one RPC: expose its record to the handler, map errors, count, trace and log it."""
     started, outcome, record = time.perf_counter(), _Outcome(), RpcRecord()
@@ -148,14 +150,14 @@ def _run_id_of(metadata: Any) -> str:
     return ""
 
 
-def _is_cancelled(context: grpc.aio.ServicerContext) -> bool:
+def _is_cancelled(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
     try:
         return bool(context.cancelled())
     except Exception:  # noqa: BLE001 - a log detail must never fail the call
         return False
 
 
-def _cancellation_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _cancellation_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     try:
         remaining = context.time_remaining()
     except Exception:  # noqa: BLE001
@@ -187,7 +189,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-async def _refuse_undecodable(request: _Undecodable, method: str, context: grpc.aio.ServicerContext) -> None:
+async def _refuse_undecodable(request: _Undecodable, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     raise InvalidArgument(
         f"the request body for {method} is not a valid protobuf message "
         f"({bounded(request.error, 120)}); send the message the service's proto defines"
@@ -197,7 +199,7 @@ async def _refuse_undecodable(request: _Undecodable, method: str, context: grpc.
 def _wrap_unary(
     behavior: Callable[..., Awaitable[Any]], method: str, metrics: StageMetrics, watch: CallWatch
 ) -> Callable[..., Awaitable[Any]]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async with _rpc_scope(method, context, metrics, unary=True, watch=watch):
             if isinstance(request, _Undecodable):
                 await _refuse_undecodable(request, method, context)
@@ -209,7 +211,7 @@ def _wrap_unary(
 def _wrap_stream(
     behavior: Callable[..., AsyncIterator[Any]], method: str, metrics: StageMetrics, watch: CallWatch
 ) -> Callable[..., AsyncIterator[Any]]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         async with _rpc_scope(method, context, metrics, unary=False, watch=watch):
             if isinstance(request, _Undecodable):
                 await _refuse_undecodable(request, method, context)

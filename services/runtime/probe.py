@@ -23,7 +23,8 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from services.runtime.settings import STAGES, Settings, SettingsError, dialable_host
+from services.runtime.catalog import STAGES
+from services.runtime.settings import Settings, SettingsError, dialable_host
 
 UNHEALTHY = 1  # Docker: 0 healthy, 1 unhealthy (2 is reserved)
 

@@ -141,7 +141,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(pair)
 
 
-def certificate_identity(context: grpc.aio.ServicerContext) -> str:
+def certificate_identity(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The verified client certificate's subject ("cert:<common name>"), or "" without mTLS."""
     try:
         auth = context.auth_context() or {}
@@ -196,7 +196,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 found = token
         return found
 
-    async def _check(self, method: str, role: str | None, context: grpc.aio.ServicerContext) -> None:
+    async def _check(self, method: str, role: str | None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         caller = certificate_identity(context)
         _record_caller(caller)
         if role is None:
@@ -240,14 +240,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         check = self._check
 
         def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 await check(method, role, context)
                 return await behavior(request, context)
 
             return wrapped
 
         def streaming(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 await check(method, role, context)
                 async for response in behavior(request, context):
                     yield response

@@ -187,7 +187,7 @@ class Run:
 class _Flight:
     """One in-progress computation and the callers waiting on it."""
 
-    def __init__(self, task: asyncio.Task, cancelled: threading.Event):
+    def __init__(self, task: asyncio.Task[Any], cancelled: threading.Event):
         self.task = task
         self.cancelled = cancelled
         self.waiters = 0
@@ -411,7 +411,7 @@ class StageRuntime:
         # A caller that joined someone else's computation did not compute: a hit.
         return result, joined
 
-    def _landed(self, key: str, flight: _Flight, task: asyncio.Task) -> None:
+    def _landed(self, key: str, flight: _Flight, task: asyncio.Task[Any]) -> None:
         if self._flights.get(key) is flight:  # not a newer flight for the same key
             del self._flights[key]
         if not task.cancelled() and flight.waiters == 0:

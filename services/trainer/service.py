@@ -34,7 +34,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.fits = LongRunning(runtime, "train", _progress_message)
 
     async def StartTraining(
-        self, request: trainer_pb2.TrainRequest, context: grpc.aio.ServicerContext
+        self,
+        request: trainer_pb2.TrainRequest,
+        context: grpc.aio.ServicerContext[trainer_pb2.TrainRequest, operations_pb2.Operation],
     ) -> operations_pb2.Operation:
         job = _job(request)
         operation, _ = self.fits.start(job, functools.partial(_fit, request), trainer_pb2.TrainResult, _label(request))
@@ -43,7 +45,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return operation.to_proto()
 
     async def Train(
-        self, request: trainer_pb2.TrainRequest, context: grpc.aio.ServicerContext
+        self,
+        request: trainer_pb2.TrainRequest,
+        context: grpc.aio.ServicerContext[trainer_pb2.TrainRequest, trainer_pb2.TrainResponse],
     ) -> AsyncIterator[trainer_pb2.TrainResponse]:
         job = _job(request)
         events = self.fits.stream(job, functools.partial(_fit, request), trainer_pb2.TrainResult, _label(request))
