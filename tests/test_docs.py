@@ -1,4 +1,11 @@
-"""Every shell command of README.md and docs/deploy.md, run as written (issue 14, section 5).
+"""Every shell command of README.md and of every page in docs/, run as written (issue 14, section 5).
+
+Which docs
+    README.md, then every docs/*.md (a glob: a new page is covered as soon as it exists, and its
+    commands must be classified before this test passes). The pages run in name order, except
+    that a page whose commands use what another page's commands leave behind runs after that
+    page (RUNS_AFTER). README.md runs first: its `make run` registers the model that later
+    pages' `mlmesh models` list, and its runs fill the artifacts/ that PLACEHOLDERS read.
 
 What is run
     Every fenced block whose language is sh, bash, shell, zsh or console is split into
@@ -32,8 +39,8 @@ What is run
 How it is run
     - Sessions. Each section (the text under one heading) is one terminal: one bash, commands
       in order, shell variables carried from block to block, `set -o pipefail` (a failure in a
-      pipeline is not hidden by its last command). Sections run in document order, README.md
-      first (docs/deploy.md's certificate commands use README.md's certs/). Sections the docs
+      pipeline is not hidden by its last command). Sections run in document order, the docs
+      in the order above. Sections the docs
       say need a running mesh (NEEDS_MESH) get one: `.venv/bin/mlmesh up`, started by the test
       in the same working copy, stopped before any other section that runs commands (some
       start their own mesh). Where an excluded `docker run` would start Jaeger for a section
@@ -86,7 +93,32 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/deploy.md")
+
+# A page that needs what another page's commands leave behind: {page: the page it runs after}. The
+# pages are otherwise in name order. README.md always runs first, so docs/deploy.md finds the
+# certs/ that README.md's recipe makes (it signs certs/stage.csr again).
+RUNS_AFTER: dict[str, str] = {}
+
+
+def docs_in_order() -> tuple[str, ...]:
+    pages = sorted(path.relative_to(REPO).as_posix() for path in (REPO / "docs").glob("*.md"))
+    ordered: list[str] = []
+
+    def place(page: str, seen: tuple[str, ...] = ()) -> None:
+        assert page not in seen, f"RUNS_AFTER has a cycle: {[*seen, page]}"
+        if page in ordered:
+            return
+        before = RUNS_AFTER.get(page)
+        if before in pages:
+            place(before, (*seen, page))
+        ordered.append(page)
+
+    for page in pages:
+        place(page)
+    return ("README.md", *ordered)
+
+
+DOCS = docs_in_order()
 SHELL_LANGUAGES = {"sh", "bash", "shell", "zsh", "console"}
 
 
@@ -423,7 +455,10 @@ def delegated_evidence(command: Command) -> list[str]:
 def test_every_command_in_the_docs_is_classified() -> None:
     commands = doc_commands()
     classify(commands)
-    assert len(commands) > 50 and {c.doc for c in commands} == set(DOCS)
+    assert len(commands) > 50 and {"README.md", "docs/deploy.md"} <= {c.doc for c in commands} <= set(DOCS)
+    for page, before in RUNS_AFTER.items():
+        assert page in DOCS and before in DOCS, f"RUNS_AFTER names a page that is gone: {page} after {before}"
+        assert DOCS.index(before) < DOCS.index(page), f"RUNS_AFTER: {page} must run after {before}"
     problems = [
         f"{c.where}: no rule says how to test `{c.text}`: add it to RUN, EXCLUDED (with the reason) or "
         "DELEGATED in tests/test_docs.py"
