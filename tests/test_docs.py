@@ -95,9 +95,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # A page that needs what another page's commands leave behind: {page: the page it runs after}. The
-# pages are otherwise in name order. README.md always runs first, so docs/deploy.md finds the
-# certs/ that README.md's recipe makes (it signs certs/stage.csr again).
-RUNS_AFTER: dict[str, str] = {}
+# pages are otherwise in name order (README.md always runs first).
+RUNS_AFTER: dict[str, str] = {
+    "docs/deploy.md": "docs/security.md",  # signs again the certs/stage.csr that security.md's recipe makes
+}
 
 
 def docs_in_order() -> tuple[str, ...]:
@@ -163,7 +164,7 @@ EXCLUDED = [
     ),
     Rule(
         r"\.venv/bin/python bench/bench_scale\.py --rows 1000000\b",
-        "the README's figures at 1M and 10M rows, repeated: tens of minutes on 2 cores",
+        "docs/performance.md's figures at 1M and 10M rows, repeated: tens of minutes on 2 cores",
     ),
     Rule(
         r"(\.venv/bin/python -m services\.runtime\.probe|\$G -cacert certs/ca\.pem -H \"\$AUTH\") "
@@ -186,18 +187,17 @@ DELEGATED = [
         r"\.venv/bin/(pyflyte run workflow/pipeline\.py|mlmesh models)",
         "six pyflyte runs, two of them sweeps: a minute and more; that test runs the block from a folder "
         "with a data.csv and checks every result",
-        doc="README.md",
-        section="The Flyte workflow",
+        doc="docs/workflow.md",
+        section="Running the workflow",
         delegate="tests/test_workflow.py",
-        evidence='"\\n## The Flyte workflow\\n"',
+        evidence='"\\n## Running the workflow\\n"',
     ),
     Rule(
         r"(curl -s http://127\.0\.0\.1:945\d/metrics |\.venv/bin/mlmesh (status|with-mesh -- \.venv/bin/pyflyte run))",
         "needs an OTLP receiver at 127.0.0.1:4317; that test gives it one and checks the run's trace arrives",
-        doc="README.md",
-        section="Metrics, traces and logs",
+        doc="docs/observability.md",  # the whole page: that test runs its blocks together
         delegate="tests/test_observability.py",
-        evidence='"\\n## Metrics, traces and logs\\n"',
+        evidence='(ROOT / "docs" / "observability.md").read_text()',
     ),
 ]
 
@@ -220,10 +220,11 @@ RUN = [
 
 # Sections that say a mesh must be running, without starting one themselves.
 NEEDS_MESH = {
-    ("README.md", "grpcurl"): "With the mesh up (`mlmesh up`)",
+    ("docs/grpcurl.md", "One stage at a time"): "With the mesh up (`mlmesh up`)",
+    ("docs/grpcurl.md", "The whole chain by hand"): "on the same running mesh",
     (
-        "README.md",
-        "Deployment",
+        "docs/deploy.md",
+        "The short version",
     ): "grpcurl to compose's published ports: the default ports, which a local mesh serves too",
     ("docs/deploy.md", "The images"): "the probe asks a running stage",
     (
@@ -258,8 +259,8 @@ print("ready", flush=True)
 server.wait_for_termination()
 """
 
-# What a placeholder stands for, from the state the earlier commands left (README.md's
-# "Artifact store and formats" documents both folders).
+# What a placeholder stands for, from the state the earlier commands left (docs/store.md
+# documents both folders).
 PLACEHOLDERS = {
     "<run id>": "$(ls -t artifacts/runs | head -n 1)",
     "<sha256, 6+ digit prefix, or artifact URI>": "$(ls artifacts/manifests | head -n 1 | cut -c 1-12)",
@@ -549,8 +550,8 @@ def make_venv(dest: Path) -> None:
 
 
 def write_data_csv(folder: Path, rows: int = 400) -> None:
-    """The README's `data.csv` with a `price` target, a zip code stored as a number and a row id:
-    the user's own table, which the docs do not make."""
+    """The `data.csv` of docs/cli.md and docs/workflow.md, with a `price` target, a zip code stored
+    as a number and a row id: the user's own table, which the docs do not make."""
     import numpy as np
     import pandas as pd
 
@@ -864,7 +865,7 @@ def check(outcome: Outcome, workdir: Path) -> str | None:
 @pytest.mark.slow  # every command of the docs in a copy of the checkout, meshes and pyflyte runs included: minutes
 def test_the_docs_commands_run_as_written(tmp_path: Path) -> None:
     if shutil.which("jq") is None:
-        pytest.skip("README.md's grpcurl chain needs jq")
+        pytest.skip("docs/grpcurl.md's chain of calls needs jq")
     commands = doc_commands()
     classify(commands)
     unclassified = [c for c in commands if not c.kind]
