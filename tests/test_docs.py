@@ -4,7 +4,8 @@ Which docs
     README.md, then every docs/*.md (a glob: a new page is covered as soon as it exists, and its
     commands must be classified before this test passes). The pages run in name order, except
     that a page whose commands use what another page's commands leave behind runs after that
-    page (RUNS_AFTER). README.md runs first: its `make run` registers the model that later
+    page (RUNS_AFTER: docs/deploy.md after docs/security.md, whose recipe makes the certs/ that
+    deploy.md signs again). README.md runs first: its `make run` registers the model that later
     pages' `mlmesh models` list, and its runs fill the artifacts/ that PLACEHOLDERS read.
 
 What is run
@@ -40,8 +41,7 @@ How it is run
     - Sessions. Each section (the text under one heading) is one terminal: one bash, commands
       in order, shell variables carried from block to block, `set -o pipefail` (a failure in a
       pipeline is not hidden by its last command). Sections run in document order, the docs
-      in the order above. Sections the docs
-      say need a running mesh (NEEDS_MESH) get one: `.venv/bin/mlmesh up`, started by the test
+      in the order above. Sections the docs say need a running mesh (NEEDS_MESH) get one: `.venv/bin/mlmesh up`, started by the test
       in the same working copy, stopped before any other section that runs commands (some
       start their own mesh). Where an excluded `docker run` would start Jaeger for a section
       (NEEDS_COLLECTOR), an OTLP receiver of the test listens on 127.0.0.1:4317 instead, and
