@@ -1,4 +1,4 @@
-"""The benchmarks the README shows run, as the README shows them, and report real numbers.
+"""The benchmarks the docs show run, as docs/performance.md and docs/data.md show them, and report real numbers.
 
 Timings are not asserted (speed lives in the benchmarks, not in tests); what is
 checked is that each command works end to end and measures something.
@@ -16,7 +16,7 @@ import pytest
 
 from services.runtime.catalog import STAGES
 
-# The README's benchmark commands, end to end: minutes.
+# The docs' benchmark commands, end to end: minutes.
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python" if (REPO / ".venv" / "bin" / "python").exists() else Path(sys.executable)
@@ -30,7 +30,7 @@ def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 def test_the_readme_quick_scale_benchmark_measures_every_figure_it_prints(tmp_path: Path) -> None:
     report = tmp_path / "scale.json"
-    # The README's quick command, plus --json to read the numbers back.
+    # docs/performance.md's quick command, plus --json to read the numbers back.
     done = run_bench(
         "bench/bench_scale.py",
         "--rows",

@@ -307,7 +307,7 @@ def test_stopped_service_is_unhealthy_and_the_pipeline_names_it(stack: Stack) ->
 
 
 def test_up_brings_the_mesh_back_and_exits_with_the_pipeline_status(stack: Stack) -> None:
-    # The README's one command; it restarts the stopped trainer, waits for health, runs, and stops everything.
+    # docs/deploy.md's one command; it restarts the stopped trainer, waits for health, runs, and stops everything.
     started = time.monotonic()
     result = stack.compose("up", "--no-build", "--exit-code-from", "pipeline", timeout=900)
     FIGURES["up --exit-code-from pipeline (trainer restarted)"] = f"{time.monotonic() - started:.1f}s"
@@ -327,14 +327,14 @@ def test_down_removes_containers_and_the_volume(stack: Stack) -> None:
     assert not left.strip() and not volumes.strip(), (left, volumes)
 
 
-# ---- the same mesh with TLS, mTLS and tokens (README "Securing the mesh") ------------------------
+# ---- the same mesh with TLS, mTLS and tokens (docs/security.md) ----------------------------------
 TLS_COMPOSE_FILE = ROOT / "deploy" / "docker-compose.tls.yml"
 
 
 def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path) -> None:
-    from tests.test_mesh_processes import readme_section_blocks
+    from tests.test_mesh_processes import page_sh_blocks
 
-    blocks = readme_section_blocks("Securing the mesh")
+    blocks = page_sh_blocks("docs/security.md", "Transport security and identity")
     recipe = next(block for block in blocks if "openssl req -x509" in block)
     compose_block = next(block for block in blocks if "docker-compose.tls.yml" in block)
     permissions, up_line = [line.strip() for line in compose_block.splitlines() if line.strip()]
@@ -361,7 +361,7 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
     project = f"mlmeshtls{uuid.uuid4().hex[:10]}"
     compose = [*engine.compose, "-p", project, "-f", str(COMPOSE_FILE), "-f", str(TLS_COMPOSE_FILE)]
     try:
-        # The README's command; --no-build because the images were built above, under this test's tag.
+        # docs/security.md's command; --no-build because the images were built above, under this test's tag.
         started = time.monotonic()
         result = run([*compose, "up", "--no-build", "--exit-code-from", "pipeline"], timeout=900, env=env)
         FIGURES["TLS compose: up --exit-code-from pipeline"] = f"{time.monotonic() - started:.1f}s"

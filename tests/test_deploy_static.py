@@ -1218,7 +1218,7 @@ state_file.write_text(json.dumps(state))
 
 @dataclass
 class K8sRollout:
-    """docs/deploy.md's Kubernetes commands, run in `folder` with certs/ from README.md's recipe."""
+    """docs/deploy.md's Kubernetes commands, run in `folder` with certs/ from docs/security.md's recipe."""
 
     folder: Path
     secrets: dict[str, dict]  # "namespace/name": the Secret objects the cluster holds at the end
@@ -1245,12 +1245,14 @@ def k8s_rollout(tmp_path_factory: pytest.TempPathFactory) -> K8sRollout:
     real_kubectl = shutil.which("kubectl") or _install_debian_kubectl()
     if not real_kubectl:
         missing_tool("kubectl is not installed (apt-get install kubernetes-client)")
-    from tests.test_mesh_processes import readme_section_blocks
+    from tests.test_mesh_processes import page_sh_blocks
 
     folder = tmp_path_factory.mktemp("k8s-rollout")
     (folder / "deploy").symlink_to(DEPLOY)  # the docs' paths are relative to the checkout
-    readme_certs = next(b for b in readme_section_blocks("Securing the mesh") if "openssl req -x509" in b)
-    run_script(readme_certs, folder, timeout=60)
+    recipe = next(
+        b for b in page_sh_blocks("docs/security.md", "Transport security and identity") if "openssl req -x509" in b
+    )
+    run_script(recipe, folder, timeout=60)
     shim_dir = folder / "bin"
     shim_dir.mkdir()
     (shim_dir / "kubectl").write_text(f"#!{sys.executable}\n{KUBECTL_SHIM}")
@@ -1304,7 +1306,7 @@ def test_k8s_docs_commands_make_the_secrets_the_pods_mount(k8s_rollout: K8sRollo
     usages = set(certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages
     assert files["ca.crt"] == (k8s_rollout.folder / "certs" / "ca.pem").read_bytes()
-    # The same key as the README's stage certificate: the docs sign its request again, with more names.
+    # The same key as docs/security.md's stage certificate: the docs sign its request again, with more names.
     assert files["tls.key"] == (k8s_rollout.folder / "certs" / "stage.key").read_bytes()
     assert (
         certificate.public_key()

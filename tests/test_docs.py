@@ -1,4 +1,12 @@
-"""Every shell command of README.md and docs/deploy.md, run as written (issue 14, section 5).
+"""Every shell command of README.md and of every page in docs/, run as written (issue 14, section 5).
+
+Which docs
+    README.md, then every docs/*.md (a glob: a new page is covered as soon as it exists, and its
+    commands must be classified before this test passes). The pages run in name order, except
+    that a page whose commands use what another page's commands leave behind runs after that
+    page (RUNS_AFTER: docs/deploy.md after docs/security.md, whose recipe makes the certs/ that
+    deploy.md signs again). README.md runs first: its `make run` registers the model that later
+    pages' `mlmesh models` list, and its runs fill the artifacts/ that PLACEHOLDERS read.
 
 What is run
     Every fenced block whose language is sh, bash, shell, zsh or console is split into
@@ -32,9 +40,8 @@ What is run
 How it is run
     - Sessions. Each section (the text under one heading) is one terminal: one bash, commands
       in order, shell variables carried from block to block, `set -o pipefail` (a failure in a
-      pipeline is not hidden by its last command). Sections run in document order, README.md
-      first (docs/deploy.md's certificate commands use README.md's certs/). Sections the docs
-      say need a running mesh (NEEDS_MESH) get one: `.venv/bin/mlmesh up`, started by the test
+      pipeline is not hidden by its last command). Sections run in document order, the docs
+      in the order above. Sections the docs say need a running mesh (NEEDS_MESH) get one: `.venv/bin/mlmesh up`, started by the test
       in the same working copy, stopped before any other section that runs commands (some
       start their own mesh). Where an excluded `docker run` would start Jaeger for a section
       (NEEDS_COLLECTOR), an OTLP receiver of the test listens on 127.0.0.1:4317 instead, and
@@ -86,7 +93,33 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/deploy.md")
+
+# A page that needs what another page's commands leave behind: {page: the page it runs after}. The
+# pages are otherwise in name order (README.md always runs first).
+RUNS_AFTER: dict[str, str] = {
+    "docs/deploy.md": "docs/security.md",  # signs again the certs/stage.csr that security.md's recipe makes
+}
+
+
+def docs_in_order() -> tuple[str, ...]:
+    pages = sorted(path.relative_to(REPO).as_posix() for path in (REPO / "docs").glob("*.md"))
+    ordered: list[str] = []
+
+    def place(page: str, seen: tuple[str, ...] = ()) -> None:
+        assert page not in seen, f"RUNS_AFTER has a cycle: {[*seen, page]}"
+        if page in ordered:
+            return
+        before = RUNS_AFTER.get(page)
+        if before in pages:
+            place(before, (*seen, page))
+        ordered.append(page)
+
+    for page in pages:
+        place(page)
+    return ("README.md", *ordered)
+
+
+DOCS = docs_in_order()
 SHELL_LANGUAGES = {"sh", "bash", "shell", "zsh", "console"}
 
 
@@ -131,7 +164,7 @@ EXCLUDED = [
     ),
     Rule(
         r"\.venv/bin/python bench/bench_scale\.py --rows 1000000\b",
-        "the README's figures at 1M and 10M rows, repeated: tens of minutes on 2 cores",
+        "docs/performance.md's figures at 1M and 10M rows, repeated: tens of minutes on 2 cores",
     ),
     Rule(
         r"(\.venv/bin/python -m services\.runtime\.probe|\$G -cacert certs/ca\.pem -H \"\$AUTH\") "
@@ -154,18 +187,17 @@ DELEGATED = [
         r"\.venv/bin/(pyflyte run workflow/pipeline\.py|mlmesh models)",
         "six pyflyte runs, two of them sweeps: a minute and more; that test runs the block from a folder "
         "with a data.csv and checks every result",
-        doc="README.md",
-        section="The Flyte workflow",
+        doc="docs/workflow.md",
+        section="Running the workflow",
         delegate="tests/test_workflow.py",
-        evidence='"\\n## The Flyte workflow\\n"',
+        evidence='"\\n## Running the workflow\\n"',
     ),
     Rule(
         r"(curl -s http://127\.0\.0\.1:945\d/metrics |\.venv/bin/mlmesh (status|with-mesh -- \.venv/bin/pyflyte run))",
         "needs an OTLP receiver at 127.0.0.1:4317; that test gives it one and checks the run's trace arrives",
-        doc="README.md",
-        section="Metrics, traces and logs",
+        doc="docs/observability.md",  # the whole page: that test runs its blocks together
         delegate="tests/test_observability.py",
-        evidence='"\\n## Metrics, traces and logs\\n"',
+        evidence='(ROOT / "docs" / "observability.md").read_text()',
     ),
 ]
 
@@ -188,10 +220,11 @@ RUN = [
 
 # Sections that say a mesh must be running, without starting one themselves.
 NEEDS_MESH = {
-    ("README.md", "grpcurl"): "With the mesh up (`mlmesh up`)",
+    ("docs/grpcurl.md", "One stage at a time"): "With the mesh up (`mlmesh up`)",
+    ("docs/grpcurl.md", "The whole chain by hand"): "on the same running mesh",
     (
-        "README.md",
-        "Deployment",
+        "docs/deploy.md",
+        "The short version",
     ): "grpcurl to compose's published ports: the default ports, which a local mesh serves too",
     ("docs/deploy.md", "The images"): "the probe asks a running stage",
     (
@@ -226,8 +259,8 @@ print("ready", flush=True)
 server.wait_for_termination()
 """
 
-# What a placeholder stands for, from the state the earlier commands left (README.md's
-# "Artifact store and formats" documents both folders).
+# What a placeholder stands for, from the state the earlier commands left (docs/store.md
+# documents both folders).
 PLACEHOLDERS = {
     "<run id>": "$(ls -t artifacts/runs | head -n 1)",
     "<sha256, 6+ digit prefix, or artifact URI>": "$(ls artifacts/manifests | head -n 1 | cut -c 1-12)",
@@ -423,7 +456,10 @@ def delegated_evidence(command: Command) -> list[str]:
 def test_every_command_in_the_docs_is_classified() -> None:
     commands = doc_commands()
     classify(commands)
-    assert len(commands) > 50 and {c.doc for c in commands} == set(DOCS)
+    assert len(commands) > 50 and {"README.md", "docs/deploy.md"} <= {c.doc for c in commands} <= set(DOCS)
+    for page, before in RUNS_AFTER.items():
+        assert page in DOCS and before in DOCS, f"RUNS_AFTER names a page that is gone: {page} after {before}"
+        assert DOCS.index(before) < DOCS.index(page), f"RUNS_AFTER: {page} must run after {before}"
     problems = [
         f"{c.where}: no rule says how to test `{c.text}`: add it to RUN, EXCLUDED (with the reason) or "
         "DELEGATED in tests/test_docs.py"
@@ -514,8 +550,8 @@ def make_venv(dest: Path) -> None:
 
 
 def write_data_csv(folder: Path, rows: int = 400) -> None:
-    """The README's `data.csv` with a `price` target, a zip code stored as a number and a row id:
-    the user's own table, which the docs do not make."""
+    """The `data.csv` of docs/cli.md and docs/workflow.md, with a `price` target, a zip code stored
+    as a number and a row id: the user's own table, which the docs do not make."""
     import numpy as np
     import pandas as pd
 
@@ -829,7 +865,7 @@ def check(outcome: Outcome, workdir: Path) -> str | None:
 @pytest.mark.slow  # every command of the docs in a copy of the checkout, meshes and pyflyte runs included: minutes
 def test_the_docs_commands_run_as_written(tmp_path: Path) -> None:
     if shutil.which("jq") is None:
-        pytest.skip("README.md's grpcurl chain needs jq")
+        pytest.skip("docs/grpcurl.md's chain of calls needs jq")
     commands = doc_commands()
     classify(commands)
     unclassified = [c for c in commands if not c.kind]

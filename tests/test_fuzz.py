@@ -4,7 +4,7 @@ One real pipeline run (sklearn:iris) supplies valid refs; the generators mix the
 mutated refs, random enum numbers, boundary integers, random maps and hostile strings,
 and each method also gets raw bytes that are not (or only by chance are) its message.
 
-Every reply must be a status the README's Errors table allows for what was sent:
+Every reply must be a status docs/grpcurl.md's Errors table allows for what was sent:
 never INTERNAL, UNKNOWN or UNAVAILABLE (nothing here is transient), DATA_LOSS only when
 a ref pairs an existing object's URI with a digest those bytes do not have, and every
 message at most 1 KiB without echoing a long input. A summary of codes per RPC is

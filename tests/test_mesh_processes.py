@@ -155,15 +155,18 @@ def json_objects(text: str) -> list[dict]:
     return objects
 
 
-def readme_section_blocks(heading: str) -> list[str]:
-    """The ```sh blocks of one README section, as written."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.*?)```", section, re.S)
+def page_sh_blocks(doc: str, heading: str | None = None) -> list[str]:
+    """The ```sh blocks of a page of the docs (`doc`, from the repository root), as written: all of
+    them, or those of the section under `## heading` (its subsections included)."""
+    text = (ROOT / doc).read_text()
+    if heading is not None:
+        text = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", text, re.S)
 
 
-def test_readme_grpcurl_commands_run_as_written(running_mesh: UpProcess, tmp_path: Path) -> None:
-    script = "\n".join(readme_section_blocks("grpcurl"))
+def test_docs_grpcurl_commands_run_as_written(running_mesh: UpProcess, tmp_path: Path) -> None:
+    """Every block of docs/grpcurl.md, in one shell, against one mesh."""
+    script = "\n".join(page_sh_blocks("docs/grpcurl.md"))
     assert "TrainerService/Train" in script and "column_roles" in script
     script = script.replace("G=.venv/bin/grpcurl", f"G={GRPCURL}")
     for stage, port in running_mesh.ports.items():
@@ -191,7 +194,7 @@ def test_readme_grpcurl_commands_run_as_written(running_mesh: UpProcess, tmp_pat
 
 
 def write_house_prices(folder: Path, rows: int = 400) -> Path:
-    """A small table like the README's data.csv: a zip code stored as a number, a row id, a price."""
+    """A small table like the docs' data.csv: a zip code stored as a number, a row id, a price."""
     import numpy as np
     import pandas as pd
 
@@ -205,13 +208,13 @@ def write_house_prices(folder: Path, rows: int = 400) -> Path:
     return path
 
 
-def test_readme_mlmesh_run_commands_run_as_written(
+def test_docs_mlmesh_run_commands_run_as_written(
     running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path
 ) -> None:
     write_house_prices(tmp_path)
     lines = [
         line.split("  #")[0]
-        for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
+        for line in page_sh_blocks("docs/cli.md", "Running the mesh yourself")[0].splitlines()
         if line.startswith(".venv/bin/mlmesh run ")
     ]
     assert len(lines) == 3
@@ -424,10 +427,8 @@ def test_each_run_has_its_own_exact_lineage(running_mesh: UpProcess, mesh_env: d
     assert runs[2]["run_id"] in table.stdout and "5 cache hits" in table.stdout
 
 
-def test_readme_mlmesh_commands_run_as_written(
-    running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path
-) -> None:
-    """Every `.venv/bin/mlmesh` line of "Running the mesh yourself", its placeholders filled with real values."""
+def test_docs_mlmesh_commands_run_as_written(running_mesh: UpProcess, mesh_env: dict[str, str], tmp_path: Path) -> None:
+    """Every `.venv/bin/mlmesh` line of docs/cli.md's "Running the mesh yourself", its placeholders filled."""
     write_house_prices(tmp_path)
     done = json.loads(mlmesh(mesh_env, "run", "--json", "--source", "sklearn:iris").stdout)
     fill = {
@@ -437,7 +438,7 @@ def test_readme_mlmesh_commands_run_as_written(
     }
     lines = [
         line.split("  #")[0].strip()
-        for line in readme_section_blocks("Running the mesh yourself")[0].splitlines()
+        for line in page_sh_blocks("docs/cli.md", "Running the mesh yourself")[0].splitlines()
         if line.startswith(".venv/bin/mlmesh ")
     ]
     ran = set()

@@ -1,9 +1,9 @@
 """Transport security and identity (issue 11): TLS, mTLS, bearer tokens and roles, on real ports.
 
-Certificates are made at test time (tests/certs.py, or openssl where the README
-shows it). In-process stages cover each refusal and its code; `mlmesh up`
-child processes cover the CLI, the probe, the real grpcurl and the README's
-commands as written.
+Certificates are made at test time (tests/certs.py, or openssl where
+docs/security.md shows it). In-process stages cover each refusal and its code;
+`mlmesh up` child processes cover the CLI, the probe, the real grpcurl and
+docs/security.md's commands as written.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings, SettingsError
 from tests.certs import Issued, Pki
 from tests.helpers import logged_rpc_line, run_script, use_free_ports
-from tests.test_mesh_processes import UpProcess, readme_section_blocks
+from tests.test_mesh_processes import UpProcess, page_sh_blocks
 
 BIN = Path(sys.executable).parent
 GRPCURL = BIN / "grpcurl"
@@ -524,15 +524,15 @@ def test_each_call_is_logged_with_its_caller(secured_up: tuple[UpProcess, dict[s
     assert any("status=PERMISSION_DENIED" in line and "caller=token:runner," in line for line in calls)  # RegisterModel
 
 
-# ---- the README's "Securing the mesh", as written --------------------------------------------
+# ---- docs/security.md's "Transport security and identity", as written -------------------------
 def _block(blocks: list[str], marker: str) -> str:
     [found] = [block for block in blocks if marker in block]
     return found
 
 
 @pytest.mark.slow  # `mlmesh up` child processes
-def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> None:
-    blocks = readme_section_blocks("Securing the mesh")
+def test_docs_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> None:
+    blocks = page_sh_blocks("docs/security.md", "Transport security and identity")
     make_certs, settings, up_block, clients = (
         _block(blocks, "openssl req -x509"),
         _block(blocks, "export MLMESH_TLS_CERT"),
@@ -554,7 +554,7 @@ def test_readme_securing_the_mesh_commands_run_as_written(tmp_path: Path) -> Non
     assert len(Path(tmp_path, env["MLMESH_AUTH_TOKEN_FILE"]).read_text().strip()) == 64
     ports = use_free_ports(env)
     env.update(MLMESH_ARTIFACT_ROOT=str(tmp_path / "artifacts"), MLMESH_GRACE_SECONDS="1")
-    up = UpProcess(env, ports, cwd=tmp_path)  # the README's `.venv/bin/mlmesh up`, in the folder with certs/
+    up = UpProcess(env, ports, cwd=tmp_path)  # docs/security.md's `.venv/bin/mlmesh up`, in the folder with certs/
     try:
         up.wait_for("mesh is up")
         script = clients.replace(".venv/bin/", f"{BIN}/")

@@ -293,10 +293,10 @@ def test_roles_task_kind_and_deduplication_from_pyflyte(flyte_env: dict[str, str
     assert "unknown role 'postcode'" in re.sub(r"\s+", " ", wrong.stdout + wrong.stderr)
 
 
-def test_readme_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_path: Path) -> None:
-    """The README's pyflyte block, line for line, from a folder holding its data.csv."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## The Flyte workflow\n", 1)[1].split("\n## ", 1)[0]
+def test_docs_workflow_commands_run_as_written(flyte_env: dict[str, str], tmp_path: Path) -> None:
+    """docs/workflow.md's pyflyte block, line for line, from a folder holding its data.csv."""
+    text = (ROOT / "docs" / "workflow.md").read_text()
+    section = text.split("\n## Running the workflow\n", 1)[1].split("\n## ", 1)[0]
     script = re.findall(r"```sh\n(.*?)```", section, re.S)[0]
     assert script.count("pyflyte run") == 6 and "--source data.csv" in script
     write_house_prices(tmp_path)
