@@ -20,7 +20,7 @@ Configurations, each a mesh of its own with its own environment:
                    client making the calls both export every span (default sampler: all of them;
                    default batching, OTEL_BSP_*).
   metrics+tracing@10%  the same, sampling a tenth of the traces (OTEL_TRACES_SAMPLER=
-                   parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1), as the README suggests
+                   parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1), as docs/observability.md suggests
                    for a busy mesh: here each cache hit is a trace of its own, so a tenth of them.
 
 Note that MLMESH_METRICS=off only turns off the HTTP endpoint: the stages count every call
@@ -95,7 +95,7 @@ from bench_scale import (  # noqa: E402
 )
 
 CONFIGS = ("off", "metrics", "metrics+tracing", "metrics+tracing@10%")
-# The sampling the README suggests for a busy mesh: a tenth of the traces (runs, or lone calls).
+# The sampling docs/observability.md suggests for a busy mesh: a tenth of the traces (runs, or lone calls).
 SAMPLED = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 SECTIONS = ("pipeline", "hits")
 HIT_STAGES = ("loader", "preprocess")

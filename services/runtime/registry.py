@@ -11,7 +11,7 @@ copy of revision n is written before the current document is replaced, so a
 current document that is truncated, corrupt or missing while revisions exist
 is detected (DATA_LOSS, never a silent reset to version 1) and can be restored
 from the newest revision. Writes are serialised per process; several evaluator
-replicas writing one name at the same instant are not coordinated (see the README).
+replicas writing one name at the same instant are not coordinated (see docs/workflow.md, "Promotion").
 """
 
 from __future__ import annotations
