@@ -112,6 +112,9 @@ async def client(mesh: dict[str, RunningStage], settings: Settings) -> AsyncIter
 
 
 # ---- parallel workers (pytest-xdist) ----------------------------------------------------------------
+# tryfirst: xdist's own hook turns xdist_group marks into the groups it schedules by, so the mark
+# must be on the item before that hook runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that need a Docker engine share one worker (`--dist loadgroup`): the engine, the base
     images and the image builds are session fixtures, built once on that worker, and two workers

@@ -3,6 +3,8 @@ test calls, and the CI=true rule that a skipped test is a failure."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mlmesh.loader.v1 import loader_pb2
@@ -14,6 +16,7 @@ from tests.docker_harness import ARM64, HOST, Platform, base_image, ensure_emula
 from tests.helpers import StageNotStarted, assert_serving
 
 pytest_plugins = ("pytester",)
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- the stages mark --------------------------------------------------------------------------
@@ -141,6 +144,38 @@ def test_with_ci_true_a_module_skipped_at_collection_fails_the_session(
     result.stdout.fnmatch_lines(
         ["*CI=true: skipped tests are failures*", "*skipped: *test_whole_module.py*no engine here*"]
     )
+
+
+GROUPED = """
+import pytest
+
+@pytest.mark.docker
+@pytest.mark.parametrize("i", range(4))
+def test_in_docker(i):
+    pass
+
+@pytest.mark.parametrize("i", range(4))
+def test_anywhere(i):
+    pass
+"""
+
+
+# ---- parallel workers: the Docker tests share one ----------------------------------------------
+def test_under_xdist_the_docker_tests_all_run_on_one_worker(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make test` runs with `-n auto --dist loadgroup`; the Docker tests' engine and images are per
+    worker session fixtures, so they must all land on one worker. pytest 9.2 silently broke that
+    grouping (pytest-xdist issue 1386); this fails if a release does it again."""
+    pytester.makeconftest("from tests.conftest import pytest_collection_modifyitems\n")
+    pytester.makeini("[pytest]\nmarkers =\n    docker: docker\n")
+    for module in ("test_a", "test_b"):
+        pytester.makepyfile(**{module: GROUPED})
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the workers import this checkout's tests.conftest
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--dist", "loadgroup", "-v")
+    result.assert_outcomes(passed=16)
+    workers = {line.split("]")[0] for line in result.outlines if "PASSED" in line and "test_in_docker" in line}
+    assert len(workers) == 1, result.outlines
 
 
 # ---- the Docker harness: another platform's binaries ----------------------------------------------
