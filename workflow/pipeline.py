@@ -58,7 +58,14 @@ from services.runtime.roles import role_name
 from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
-from services.runtime.vocabulary import Decision, TaskKind
+from services.runtime.vocabulary import (
+    CategoricalEncoding,
+    Decision,
+    NumericImputation,
+    Scaling,
+    TaskKind,
+    TaskKindChoice,
+)
 
 T = TypeVar("T")
 
@@ -399,7 +406,9 @@ def _stored_page(ref: ArtifactRef, what: str) -> bytes:
 # The loader memoizes by file content, not by source name, since a file behind a
 # name can change.
 @task(enable_deck=True, **_TASK_DEFAULTS)
-def load(source: str, target_column: str, task_kind: str, column_roles: dict[str, str], recompute: bool) -> Dataset:
+def load(
+    source: str, target_column: str, task_kind: TaskKindChoice, column_roles: dict[str, str], recompute: bool
+) -> Dataset:
     config = PipelineConfig(
         source=source,
         target_column=target_column,
@@ -463,10 +472,10 @@ def build_features(
     splits: Splits,
     model: str,
     seed: int,
-    numeric_imputation: str,
+    numeric_imputation: NumericImputation,
     missing_indicators: bool,
-    categorical_encoding: str,
-    scaling: str,
+    categorical_encoding: CategoricalEncoding,
+    scaling: Scaling,
     polynomial_degree: int,
     select_k_best: int,
     recompute: bool,
@@ -681,7 +690,7 @@ def promote(
 def training_pipeline(
     source: str = "sklearn:breast_cancer",
     target_column: str = "",
-    task_kind: str = "",
+    task_kind: TaskKindChoice = TaskKindChoice.INFERRED,
     column_roles: dict[str, str] = {},  # noqa: B006 - Flyte defaults are literals
     model: str = "",  # "": logistic_regression for classification, ridge for regression
     hyperparameters: dict[str, HyperparameterValue] = {},  # noqa: B006
@@ -689,10 +698,10 @@ def training_pipeline(
     seed: int = 42,
     drop_duplicates: bool = False,
     drop_incomplete_rows: bool = False,
-    numeric_imputation: str = "median",
+    numeric_imputation: NumericImputation = NumericImputation.MEDIAN,
     missing_indicators: bool = False,
-    categorical_encoding: str = "auto",
-    scaling: str = "standard",
+    categorical_encoding: CategoricalEncoding = CategoricalEncoding.AUTO,
+    scaling: Scaling = Scaling.STANDARD,
     polynomial_degree: int = 0,
     select_k_best: int = 0,
     minimums: dict[str, Threshold] = {},  # noqa: B006
@@ -887,7 +896,7 @@ def comparison_page(metric: str, outcomes: list[CandidateOutcome], best: int) ->
 def sweep_pipeline(
     source: str = "sklearn:breast_cancer",
     target_column: str = "",
-    task_kind: str = "",
+    task_kind: TaskKindChoice = TaskKindChoice.INFERRED,
     column_roles: dict[str, str] = {},  # noqa: B006
     # Empty: the task kind's default candidates (see DEFAULT_CANDIDATES), e.g.
     # --candidates '[{"model": "ridge"}, {"model": "random_forest", "hyperparameters": {"max_depth": "8"}}]'
@@ -916,10 +925,10 @@ def sweep_pipeline(
         splits=splits,
         model="",
         seed=seed,
-        numeric_imputation="median",
+        numeric_imputation=NumericImputation.MEDIAN,
         missing_indicators=False,
-        categorical_encoding="auto",
-        scaling="standard",
+        categorical_encoding=CategoricalEncoding.AUTO,
+        scaling=Scaling.STANDARD,
         polynomial_degree=0,
         select_k_best=0,
         recompute=False,
