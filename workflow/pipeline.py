@@ -52,8 +52,8 @@ from services.client.mesh import (
 )
 from services.client.progress import PipelineProgress, stage_outcome
 from services.client.summary import RunOutcome, StageTime, local_path, render
-from services.evaluator.report import deck_html, profile_page
 from services.runtime import tracing
+from services.runtime.pages import deck_html, profile_page
 from services.runtime.roles import role_name
 from services.runtime.runs import new_run_id
 from services.runtime.settings import Settings
