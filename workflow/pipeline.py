@@ -27,7 +27,7 @@ from workflow.tasks import (
     train,
     train_candidates,
 )
-from workflow.values import HyperparameterValue, ModelCandidate, PipelineResult, SweepResult, Threshold
+from workflow.values import HyperparameterValue, ModelCandidate, PipelineResult, Prepared, SweepResult, Threshold
 
 # pyflyte declares every bool input twice (--x/--no_x and --x/--no-x), and click
 # warns about the repeated --x on every run. The flags work; the warning is noise.
@@ -35,6 +35,51 @@ warnings.filterwarnings("ignore", message=r"The parameter --\w+ is used more tha
 
 
 # ---- workflows -----------------------------------------------------------------------------
+@workflow
+def prepare(
+    source: str,
+    target_column: str,
+    task_kind: TaskKindChoice,
+    column_roles: dict[str, str],
+    test_fraction: float,
+    seed: int,
+    drop_duplicates: bool,
+    drop_incomplete_rows: bool,
+    model: str,
+    numeric_imputation: NumericImputation,
+    missing_indicators: bool,
+    categorical_encoding: CategoricalEncoding,
+    scaling: Scaling,
+    polynomial_degree: int,
+    select_k_best: int,
+    recompute: bool,
+) -> Prepared:
+    dataset = load(
+        source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles, recompute=recompute
+    )
+    splits = preprocess(
+        dataset=dataset,
+        test_fraction=test_fraction,
+        seed=seed,
+        drop_duplicates=drop_duplicates,
+        drop_incomplete_rows=drop_incomplete_rows,
+        recompute=recompute,
+    )
+    features = build_features(
+        splits=splits,
+        model=model,
+        seed=seed,
+        numeric_imputation=numeric_imputation,
+        missing_indicators=missing_indicators,
+        categorical_encoding=categorical_encoding,
+        scaling=scaling,
+        polynomial_degree=polynomial_degree,
+        select_k_best=select_k_best,
+        recompute=recompute,
+    )
+    return Prepared(dataset=dataset, splits=splits, features=features)
+
+
 # Empty minimums and maximums mean the evaluator's defaults for the task kind
 # (accuracy >= 0.9 for classification, r2 >= 0.3 for regression), as in the CLI.
 @workflow
@@ -60,21 +105,16 @@ def training_pipeline(
     registry_name: str = "",
     recompute: bool = False,
 ) -> PipelineResult:
-    dataset = load(
-        source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles, recompute=recompute
-    )
-    splits = preprocess(
-        dataset=dataset,
+    prepared = prepare(
+        source=source,
+        target_column=target_column,
+        task_kind=task_kind,
+        column_roles=column_roles,
         test_fraction=test_fraction,
         seed=seed,
         drop_duplicates=drop_duplicates,
         drop_incomplete_rows=drop_incomplete_rows,
-        recompute=recompute,
-    )
-    features = build_features(
-        splits=splits,
         model=model,
-        seed=seed,
         numeric_imputation=numeric_imputation,
         missing_indicators=missing_indicators,
         categorical_encoding=categorical_encoding,
@@ -83,12 +123,14 @@ def training_pipeline(
         select_k_best=select_k_best,
         recompute=recompute,
     )
-    trained = train(features=features, model=model, hyperparameters=hyperparameters, seed=seed, recompute=recompute)
+    trained = train(
+        features=prepared.features, model=model, hyperparameters=hyperparameters, seed=seed, recompute=recompute
+    )
     evaluation = evaluate(
         trained=trained,
-        features=features,
-        splits=splits,
-        dataset=dataset,
+        features=prepared.features,
+        splits=prepared.splits,
+        dataset=prepared.dataset,
         minimums=minimums,
         maximums=maximums,
         recompute=recompute,
@@ -98,9 +140,9 @@ def training_pipeline(
         source=source,
         trained=trained,
         evaluation=evaluation,
-        dataset=dataset,
-        splits=splits,
-        features=features,
+        dataset=prepared.dataset,
+        splits=prepared.splits,
+        features=prepared.features,
     )
 
 
@@ -121,22 +163,18 @@ def sweep_pipeline(
     minimums: dict[str, Threshold] = {},  # noqa: B006
     maximums: dict[str, Threshold] = {},  # noqa: B006
 ) -> SweepResult:
-    dataset = load(
-        source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles, recompute=False
-    )
-    splits = preprocess(
-        dataset=dataset,
+    # One feature build serves every candidate, so categorical columns get the general
+    # encoding (model=""), and the feature options are their defaults.
+    prepared = prepare(
+        source=source,
+        target_column=target_column,
+        task_kind=task_kind,
+        column_roles=column_roles,
         test_fraction=test_fraction,
         seed=seed,
         drop_duplicates=drop_duplicates,
         drop_incomplete_rows=False,
-        recompute=False,
-    )
-    # One feature build serves every candidate, so categorical columns get the general encoding.
-    features = build_features(
-        splits=splits,
         model="",
-        seed=seed,
         numeric_imputation=NumericImputation.MEDIAN,
         missing_indicators=False,
         categorical_encoding=CategoricalEncoding.AUTO,
@@ -147,25 +185,25 @@ def sweep_pipeline(
     )
     outcomes = train_candidates(
         candidates=candidates,
-        dataset=dataset,
-        splits=splits,
-        features=features,
+        dataset=prepared.dataset,
+        splits=prepared.splits,
+        features=prepared.features,
         seed=seed,
         minimums=minimums,
         maximums=maximums,
     )
-    choice = pick_best(metric=metric, dataset=dataset, outcomes=outcomes)
+    choice = pick_best(metric=metric, dataset=prepared.dataset, outcomes=outcomes)
     # Only the winner is registered (if it passes its thresholds).
     best = promote(
         registry_name="",
         source=source,
         trained=choice.trained,
         evaluation=choice.evaluation,
-        dataset=dataset,
-        splits=splits,
-        features=features,
+        dataset=prepared.dataset,
+        splits=prepared.splits,
+        features=prepared.features,
     )
-    return compare(metric=metric, dataset=dataset, outcomes=outcomes, choice=choice, best=best)
+    return compare(metric=metric, dataset=prepared.dataset, outcomes=outcomes, choice=choice, best=best)
 
 
 # ---- launch plans ----------------------------------------------------------------------------

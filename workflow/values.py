@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from mlmesh.common.v1 import common_pb2
 from services.client.summary import RunOutcome, StageTime, local_path, render
@@ -97,6 +98,14 @@ class Evaluation:
     metrics_report: ArtifactRef
     html_report: ArtifactRef
     stage: StageTiming = field(default_factory=StageTiming)
+
+
+class Prepared(NamedTuple):
+    """The `prepare` sub-workflow's outputs: the data both pipelines train on."""
+
+    dataset: Dataset
+    splits: Splits
+    features: Features
 
 
 @dataclass
