@@ -1,8 +1,19 @@
-"""The thin Flyte workflow: five tasks, one RPC each, passing artifact references.
+"""The thin Flyte workflow: two workflows over one sub-workflow and nine tasks, passing
+artifact references.
 
     pyflyte run workflow/pipeline.py training_pipeline
     pyflyte run workflow/pipeline.py sweep_pipeline
     pyflyte run --remote workflow/pipeline.py training_pipeline   # on a Flyte cluster
+    pyflyte run workflow/pipeline.py training_pipeline --help     # every input, explained
+
+Five tasks make one stage call each: load, preprocess, build_features, train and
+evaluate (workflow/tasks.py). promote registers a PROMOTE and assembles the result;
+the sweep trains and evaluates every candidate in one task, picks the best, and
+compares them on one page:
+
+    prepare:           load -> preprocess -> build_features
+    training_pipeline: prepare -> train -> evaluate -> promote
+    sweep_pipeline:    prepare -> train_candidates -> pick_best -> promote -> compare
 
 Nothing heavier than a reference, a metric or a reason ever passes through
 Flyte: datasets, matrices and models stay in the artifact store. The services
@@ -54,6 +65,30 @@ def prepare(
     select_k_best: int,
     recompute: bool,
 ) -> Prepared:
+    """Load the source, split it, and build the model inputs: the chain both pipelines train on.
+
+    :param source: What to train on: sklearn:NAME (breast_cancer, diabetes, digits, iris, wine),
+        synthetic:classification?rows=1000 (or synthetic:regression?...), or a CSV or Parquet file's path or URL.
+    :param target_column: The column to predict; required for files ("" takes a sklearn: or synthetic:
+        source's own target).
+    :param task_kind: classification or regression; "" (the default) lets the loader infer it from the target.
+    :param column_roles: Roles that override the inferred ones, e.g. {"zip": "categorical", "row_id": "ignore"};
+        roles: numeric, boolean, categorical, datetime, identifier, text, constant, ignore.
+    :param test_fraction: The share of rows held out for the evaluation.
+    :param seed: Seed of the split, of target encoding's cross-fitting and of the model.
+    :param drop_duplicates: Drop rows that repeat an earlier row exactly.
+    :param drop_incomplete_rows: Drop rows with a missing feature instead of imputing it.
+    :param model: The model the features are built for ("" for any): hist_gradient_boosting gets
+        native categories under categorical_encoding auto.
+    :param numeric_imputation: How missing numbers are filled in, from the train split's statistics.
+    :param missing_indicators: Add a 0/1 column per numeric column with gaps.
+    :param categorical_encoding: auto: one-hot for few levels, target encoding for many, native categories
+        for hist_gradient_boosting.
+    :param scaling: How numeric model inputs are rescaled (none leaves them as they are).
+    :param polynomial_degree: Add polynomial features up to this degree (at most 4); 0 or 1 adds none.
+    :param select_k_best: Keep the k best model inputs by a univariate score; 0 keeps all.
+    :param recompute: Every stage computes again instead of answering from its memo.
+    """
     dataset = load(
         source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles, recompute=recompute
     )
@@ -80,15 +115,13 @@ def prepare(
     return Prepared(dataset=dataset, splits=splits, features=features)
 
 
-# Empty minimums and maximums mean the evaluator's defaults for the task kind
-# (accuracy >= 0.9 for classification, r2 >= 0.3 for regression), as in the CLI.
 @workflow
 def training_pipeline(
     source: str = "sklearn:breast_cancer",
     target_column: str = "",
     task_kind: TaskKindChoice = TaskKindChoice.INFERRED,
     column_roles: dict[str, str] = {},  # noqa: B006 - Flyte defaults are literals
-    model: str = "",  # "": logistic_regression for classification, ridge for regression
+    model: str = "",
     hyperparameters: dict[str, HyperparameterValue] = {},  # noqa: B006
     test_fraction: float = 0.2,
     seed: int = 42,
@@ -105,6 +138,37 @@ def training_pipeline(
     registry_name: str = "",
     recompute: bool = False,
 ) -> PipelineResult:
+    """Train one model on the source, evaluate it against thresholds, and register it if it passes.
+
+    :param source: What to train on: sklearn:NAME (breast_cancer, diabetes, digits, iris, wine),
+        synthetic:classification?rows=1000 (or synthetic:regression?...), or a CSV or Parquet file's path or URL.
+    :param target_column: The column to predict; required for files ("" takes a sklearn: or synthetic:
+        source's own target).
+    :param task_kind: classification or regression; "" (the default) lets the loader infer it from the target.
+    :param column_roles: Roles that override the inferred ones, e.g. {"zip": "categorical", "row_id": "ignore"};
+        roles: numeric, boolean, categorical, datetime, identifier, text, constant, ignore.
+    :param model: The model to train: logistic_regression, random_forest, hist_gradient_boosting or sgd
+        for classification; ridge, random_forest or hist_gradient_boosting for regression.
+        "" trains logistic_regression or ridge.
+    :param hyperparameters: The model's hyperparameters, e.g. {"n_estimators": 300, "max_depth": 8};
+        numbers may be written as numbers or as text.
+    :param test_fraction: The share of rows held out for the evaluation.
+    :param seed: Seed of the split, of target encoding's cross-fitting and of the model.
+    :param drop_duplicates: Drop rows that repeat an earlier row exactly.
+    :param drop_incomplete_rows: Drop rows with a missing feature instead of imputing it.
+    :param numeric_imputation: How missing numbers are filled in, from the train split's statistics.
+    :param missing_indicators: Add a 0/1 column per numeric column with gaps.
+    :param categorical_encoding: auto: one-hot for few levels, target encoding for many, native categories
+        for hist_gradient_boosting.
+    :param scaling: How numeric model inputs are rescaled (none leaves them as they are).
+    :param polynomial_degree: Add polynomial features up to this degree (at most 4); 0 or 1 adds none.
+    :param select_k_best: Keep the k best model inputs by a univariate score; 0 keeps all.
+    :param minimums: The lowest acceptable metrics, e.g. {"accuracy": 0.95}. With neither minimums nor
+        maximums the task kind's default applies: accuracy >= 0.9, or r2 >= 0.3.
+    :param maximums: The highest acceptable metrics, e.g. {"rmse": 5000}.
+    :param registry_name: The name a PROMOTE is registered under; "" for <dataset>-<model>.
+    :param recompute: Every stage computes again instead of answering from its memo.
+    """
     prepared = prepare(
         source=source,
         target_column=target_column,
@@ -152,10 +216,7 @@ def sweep_pipeline(
     target_column: str = "",
     task_kind: TaskKindChoice = TaskKindChoice.INFERRED,
     column_roles: dict[str, str] = {},  # noqa: B006
-    # Empty: the task kind's default candidates (see DEFAULT_CANDIDATES), e.g.
-    # --candidates '[{"model": "ridge"}, {"model": "random_forest", "hyperparameters": {"max_depth": "8"}}]'
     candidates: list[ModelCandidate] = [],  # noqa: B006
-    # Empty: f1_macro for classification, r2 for regression. log_loss, mae and rmse are minimised.
     metric: str = "",
     test_fraction: float = 0.2,
     seed: int = 42,
@@ -163,6 +224,28 @@ def sweep_pipeline(
     minimums: dict[str, Threshold] = {},  # noqa: B006
     maximums: dict[str, Threshold] = {},  # noqa: B006
 ) -> SweepResult:
+    """Train several candidate models on one feature build, pick the best by a metric, and
+    register the winner if it passes its thresholds.
+
+    :param source: What to train on: sklearn:NAME (breast_cancer, diabetes, digits, iris, wine),
+        synthetic:classification?rows=1000 (or synthetic:regression?...), or a CSV or Parquet file's path or URL.
+    :param target_column: The column to predict; required for files ("" takes a sklearn: or synthetic:
+        source's own target).
+    :param task_kind: classification or regression; "" (the default) lets the loader infer it from the target.
+    :param column_roles: Roles that override the inferred ones, e.g. {"zip": "categorical", "row_id": "ignore"};
+        roles: numeric, boolean, categorical, datetime, identifier, text, constant, ignore.
+    :param candidates: The models to try, each with its hyperparameters, e.g. [{"model": "ridge"},
+        {"model": "random_forest", "hyperparameters": {"max_depth": "8"}}]. Empty: the task kind's
+        defaults (DEFAULT_CANDIDATES in workflow/tasks.py).
+    :param metric: The metric that picks the winner; "" for f1_macro (classification) or r2 (regression).
+        log_loss, mae and rmse are minimised, the others maximised.
+    :param test_fraction: The share of rows held out for the evaluation.
+    :param seed: Seed of the split, of target encoding's cross-fitting and of the models.
+    :param drop_duplicates: Drop rows that repeat an earlier row exactly.
+    :param minimums: The lowest acceptable metrics, e.g. {"accuracy": 0.95}. With neither minimums nor
+        maximums the task kind's default applies: accuracy >= 0.9, or r2 >= 0.3.
+    :param maximums: The highest acceptable metrics, e.g. {"rmse": 5000}.
+    """
     # One feature build serves every candidate, so categorical columns get the general
     # encoding (model=""), and the feature options are their defaults.
     prepared = prepare(
