@@ -267,3 +267,28 @@ def test_help_lists_match_the_catalogues() -> None:
 
     assert tuple(sorted(SKLEARN_DATASETS)) == cli.HELP_SOURCES
     assert {kind: tuple(models) for kind, models in MODELS.items()} == cli.HELP_MODELS
+
+
+def test_choices_are_the_enums_words_and_text_becomes_the_enum() -> None:
+    """The CLI's choices and the workflow's enum inputs come from the same enums, so they cannot diverge."""
+    from services.client.mesh import CHOICES, ConfigError, PipelineConfig
+    from services.runtime.vocabulary import CategoricalEncoding, NumericImputation, Scaling, TaskKindChoice
+
+    assert CHOICES == {
+        "task_kind": ("", "classification", "regression"),
+        "numeric_imputation": ("median", "mean", "most_frequent"),
+        "categorical_encoding": ("auto", "one_hot", "target", "ordinal"),
+        "scaling": ("standard", "minmax", "robust", "none"),
+    }
+    config = PipelineConfig(task_kind="regression", scaling="minmax", numeric_imputation="mean")
+    assert config.task_kind is TaskKindChoice.REGRESSION and config.scaling is Scaling.MINMAX
+    assert config.numeric_imputation is NumericImputation.MEAN
+    assert PipelineConfig().categorical_encoding is CategoricalEncoding.AUTO
+    assert PipelineConfig().task_kind is TaskKindChoice.INFERRED and PipelineConfig().task_kind == ""
+    with pytest.raises(ConfigError, match=r"scaling 'bogus' is not one of: standard, minmax, robust, none"):
+        PipelineConfig(scaling="bogus")
+    with pytest.raises(ConfigError, match=r"task_kind 'both' is not one of: \(infer\), classification, regression"):
+        PipelineConfig(task_kind="both")
+    args = cli.build_parser().parse_args(["run", "--task", "regression", "--impute", "most_frequent"])
+    assert cli.pipeline_config(args).task_kind is TaskKindChoice.REGRESSION
+    assert cli.pipeline_config(args).numeric_imputation is NumericImputation.MOST_FREQUENT

@@ -49,3 +49,27 @@ def test_buf_lint_passes(tmp_path: Path) -> None:
 def test_buf_format_is_clean() -> None:
     result = subprocess.run([_buf(), "format", "--diff", "--exit-code"], cwd=PROTO, capture_output=True, text=True)
     assert result.returncode == 0, "run `buf format -w proto`:\n" + result.stdout
+
+
+def test_every_choice_enum_names_exactly_its_proto_enum() -> None:
+    """The options' words (services/runtime/vocabulary.py) and the wire's values, both ways:
+    a value added to a .proto without its member (or the reverse) fails here."""
+    from mlmesh.common.v1 import common_pb2
+    from mlmesh.features.v1 import features_pb2
+    from services.runtime.vocabulary import CategoricalEncoding, NumericImputation, Scaling, TaskKindChoice
+
+    for kind, wire, prefix in (
+        (Scaling, features_pb2.Scaling, "SCALING_"),
+        (NumericImputation, features_pb2.NumericImputation, "NUMERIC_IMPUTATION_"),
+        (CategoricalEncoding, features_pb2.CategoricalEncoding, "CATEGORICAL_ENCODING_"),
+        (TaskKindChoice, common_pb2.TaskKind, "TASK_KIND_"),
+    ):
+        named = {value.name.removeprefix(prefix) for value in wire.DESCRIPTOR.values} - {"UNSPECIFIED"}
+        assert {m.name for m in kind} - {"AUTO", "INFERRED"} == named, kind
+        # Each member converts to a distinct wire value, and back to itself.
+        assert len({m.to_proto() for m in kind}) == len(kind), kind
+        if kind is not TaskKindChoice:
+            assert all(kind.from_proto(m.to_proto(), "field") is m for m in kind), kind
+    assert CategoricalEncoding.AUTO.to_proto() == features_pb2.CATEGORICAL_ENCODING_UNSPECIFIED
+    assert TaskKindChoice.INFERRED.to_proto() == common_pb2.TASK_KIND_UNSPECIFIED
+    assert Scaling.from_proto(features_pb2.SCALING_UNSPECIFIED, "scaling") is Scaling.STANDARD

@@ -29,9 +29,10 @@ from sklearn.linear_model import LogisticRegression
 from mlmesh.evaluator.v1 import evaluator_pb2
 from services.client.mesh import MeshClient, PipelineConfig, PipelineRun
 from services.evaluator import logic
-from services.evaluator.report import deck_html, render_html
+from services.evaluator.report import render_html
 from services.runtime.catalog import PIPELINE_STAGES
 from services.runtime.formats import NPY, array_to_npy, json_bytes_to_doc, npy_to_array, skops_to_model
+from services.runtime.pages import deck_html
 from services.runtime.settings import Settings
 from services.runtime.store import ArtifactStore
 from services.runtime.vocabulary import Decision, TaskKind

@@ -318,7 +318,7 @@ def test_pyflyte_package_needs_no_backend(tmp_path: Path, flyte_env: dict[str, s
     assert result.returncode == 0, result.stdout + result.stderr
     with tarfile.open(output) as archive:
         names = archive.getnames()
-        train_spec = archive.extractfile(next(n for n in names if n.endswith("workflow.pipeline.train_1.pb"))).read()
+        train_spec = archive.extractfile(next(n for n in names if n.endswith("workflow.tasks.train_1.pb"))).read()
     assert b"mlmesh-pipeline:latest" in train_spec  # tasks name the pipeline image
     for expected in ("training_pipeline", "sweep_pipeline", "training_pipeline_nightly", "training_pipeline_demo"):
         assert any(expected in n for n in names), f"{expected} missing from {names}"

@@ -17,7 +17,8 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from enum import StrEnum
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.longrunning import operations_grpc_pb2, operations_proto_pb2
@@ -38,7 +39,7 @@ from services.runtime.roles import parse_role, role_value
 from services.runtime.runs import RUN_ID_METADATA, new_run_id
 from services.runtime.security import call_metadata, open_channel
 from services.runtime.settings import Settings
-from services.runtime.vocabulary import TaskKind
+from services.runtime.vocabulary import CategoricalEncoding, NumericImputation, Scaling, TaskKindChoice
 from services.runtime.watch import CALL_ID_METADATA
 
 # Each stage's service, for naming calls (trace spans).
@@ -129,11 +130,15 @@ def channel_options(settings: Settings) -> list[tuple[str, Any]]:
 
 @dataclass
 class PipelineConfig:
-    """Every option of one pipeline run, in the words people type (CLI flags, pyflyte inputs)."""
+    """Every option of one pipeline run, in the words people type (CLI flags, pyflyte inputs).
+
+    The options with choices hold their enum (services/runtime/vocabulary.py); text given for
+    one is converted on construction, and a word that is not a choice is a ConfigError.
+    """
 
     source: str = "sklearn:breast_cancer"
     target_column: str = ""
-    task_kind: str = ""  # "" (the loader infers it) or a TaskKind value
+    task_kind: TaskKindChoice = TaskKindChoice.INFERRED  # "": the loader infers it
     column_roles: dict[str, str] = field(default_factory=dict)  # column -> role name
     model: str = ""  # "" trains the task kind's default: logistic_regression or ridge
     hyperparameters: dict[str, str] = field(default_factory=dict)
@@ -141,23 +146,32 @@ class PipelineConfig:
     seed: int = 42
     drop_duplicates: bool = False
     drop_incomplete_rows: bool = False
-    numeric_imputation: str = "median"
+    numeric_imputation: NumericImputation = NumericImputation.MEDIAN
     missing_indicators: bool = False
-    categorical_encoding: str = "auto"
-    scaling: str = "standard"
+    categorical_encoding: CategoricalEncoding = CategoricalEncoding.AUTO
+    scaling: Scaling = Scaling.STANDARD
     polynomial_degree: int = 0
     select_k_best: int = 0
     minimums: dict[str, float] = field(default_factory=dict)
     maximums: dict[str, float] = field(default_factory=dict)
     force_recompute: bool = False
 
+    def __post_init__(self) -> None:
+        for option, kind in OPTION_CHOICES.items():
+            setattr(self, option, _choice(option, kind, getattr(self, option)))
 
-# The choices each option takes; the CLI and the workflow both check against these.
-CHOICES = {
-    "task_kind": ("", *TaskKind),
-    "numeric_imputation": ("median", "mean", "most_frequent"),
-    "categorical_encoding": ("auto", "one_hot", "target", "ordinal"),
-    "scaling": ("standard", "minmax", "robust", "none"),
+
+# The options with choices, each an enum of services/runtime/vocabulary.py: the CLI's
+# flags, the workflow's inputs and the requests all take these, so they cannot diverge.
+OPTION_CHOICES: dict[str, type[StrEnum]] = {
+    "task_kind": TaskKindChoice,
+    "numeric_imputation": NumericImputation,
+    "categorical_encoding": CategoricalEncoding,
+    "scaling": Scaling,
+}
+# Each option's choices as the words people type, in the enum's order ("" first for task_kind).
+CHOICES: dict[str, tuple[str, ...]] = {
+    option: tuple(member.value for member in kind) for option, kind in OPTION_CHOICES.items()
 }
 
 
@@ -165,12 +179,17 @@ class ConfigError(ValueError):
     """An option a person typed is not one of its choices; the message says which are."""
 
 
-def checked(option: str, value: str) -> str:
-    if value not in CHOICES[option]:
+Choice = TypeVar("Choice", bound=StrEnum)
+
+
+def _choice(option: str, kind: type[Choice], value: object) -> Choice:
+    """`value` as the option's enum member (from the member itself or its word)."""
+    try:
+        return kind(str(value))
+    except ValueError:
         raise ConfigError(
-            f"{option} {value[:40]!r} is not one of: {', '.join(c or '(infer)' for c in CHOICES[option])}"
-        )
-    return value
+            f"{option} {str(value)[:40]!r} is not one of: {', '.join(c or '(infer)' for c in CHOICES[option])}"
+        ) from None
 
 
 def resolve_source(source: str) -> str:
@@ -181,10 +200,10 @@ def resolve_source(source: str) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
-def categorical_encoding_for(model: str, requested: str) -> str:
+def categorical_encoding_for(model: str, requested: CategoricalEncoding) -> CategoricalEncoding:
     """'auto' uses hist_gradient_boosting's native categorical support (ordinal codes) where it fits."""
-    if requested == "auto" and model == "hist_gradient_boosting":
-        return "ordinal"
+    if requested == CategoricalEncoding.AUTO and model == "hist_gradient_boosting":
+        return CategoricalEncoding.ORDINAL
     return requested
 
 
@@ -203,11 +222,7 @@ def load_request(config: PipelineConfig) -> loader_pb2.LoadRequest:
     return loader_pb2.LoadRequest(
         source=resolve_source(config.source),
         target_column=config.target_column,
-        task_kind=(
-            TaskKind(checked("task_kind", config.task_kind)).to_proto()
-            if config.task_kind
-            else common_pb2.TASK_KIND_UNSPECIFIED
-        ),
+        task_kind=config.task_kind.to_proto(),
         column_roles=_role_values(config.column_roles),
         force_recompute=config.force_recompute,
     )
@@ -227,16 +242,12 @@ def preprocess_request(config: PipelineConfig, dataset: ArtifactRef) -> preproce
 def features_request(
     config: PipelineConfig, train: ArtifactRef, test: ArtifactRef, model: str = ""
 ) -> features_pb2.BuildFeaturesRequest:
-    encoding = categorical_encoding_for(model, checked("categorical_encoding", config.categorical_encoding))
     return features_pb2.BuildFeaturesRequest(
         train=train,
         test=test,
-        # Enum fields take their value names; `checked` has vouched for each one.
-        scaling=f"SCALING_{checked('scaling', config.scaling).upper()}",
-        numeric_imputation=f"NUMERIC_IMPUTATION_{checked('numeric_imputation', config.numeric_imputation).upper()}",
-        categorical_encoding=(
-            "CATEGORICAL_ENCODING_UNSPECIFIED" if encoding == "auto" else f"CATEGORICAL_ENCODING_{encoding.upper()}"
-        ),
+        scaling=config.scaling.to_proto(),
+        numeric_imputation=config.numeric_imputation.to_proto(),
+        categorical_encoding=categorical_encoding_for(model, config.categorical_encoding).to_proto(),
         missing_indicators=config.missing_indicators,
         polynomial_degree=config.polynomial_degree,
         select_k_best=config.select_k_best,

@@ -6,38 +6,13 @@ import grpc
 
 from mlmesh.features.v1 import features_pb2, features_pb2_grpc
 from services.features import VERSION, logic
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import FailedPrecondition
 from services.runtime.server import StageSpec
 from services.runtime.stage import Job, Run, StageRuntime, require
-from services.runtime.vocabulary import TaskKind
+from services.runtime.vocabulary import CategoricalEncoding, NumericImputation, Scaling, TaskKind
 
-_SCALING: dict[int, str] = {
-    features_pb2.SCALING_UNSPECIFIED: "standard",
-    features_pb2.SCALING_STANDARD: "standard",
-    features_pb2.SCALING_MINMAX: "minmax",
-    features_pb2.SCALING_ROBUST: "robust",
-    features_pb2.SCALING_NONE: "none",
-}
-_IMPUTATION: dict[int, str] = {
-    features_pb2.NUMERIC_IMPUTATION_UNSPECIFIED: "median",
-    features_pb2.NUMERIC_IMPUTATION_MEDIAN: "median",
-    features_pb2.NUMERIC_IMPUTATION_MEAN: "mean",
-    features_pb2.NUMERIC_IMPUTATION_MOST_FREQUENT: "most_frequent",
-}
-_ENCODING: dict[int, str] = {
-    features_pb2.CATEGORICAL_ENCODING_UNSPECIFIED: "auto",
-    features_pb2.CATEGORICAL_ENCODING_ONE_HOT: "one_hot",
-    features_pb2.CATEGORICAL_ENCODING_TARGET: "target",
-    features_pb2.CATEGORICAL_ENCODING_ORDINAL: "ordinal",
-}
 MAX_ONE_HOT_LEVELS = 1_000
 MAX_MIN_LEVEL_COUNT = 1_000_000
-
-
-def _choice(table: dict[int, str], value: int, field: str, enum: str) -> str:
-    if value not in table:
-        raise InvalidArgument(f"{field}={value} is not a known {enum}")
-    return table[value]
 
 
 class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
@@ -70,14 +45,15 @@ class FeaturesServicer(features_pb2_grpc.FeaturesServiceServicer):
         )
         require(0 <= request.seed < 2**32, f"seed must be in [0, 2^32), got {request.seed}")
         options = logic.FeatureOptions(
-            scaling=_choice(_SCALING, request.scaling, "scaling", "Scaling"),
+            # The options' words, as the memo's cache key has always held them.
+            scaling=Scaling.from_proto(request.scaling, "scaling").value,
             polynomial_degree=degree if degree > 1 else 1,
             select_k_best=request.select_k_best,
-            imputation=_choice(_IMPUTATION, request.numeric_imputation, "numeric_imputation", "NumericImputation"),
+            imputation=NumericImputation.from_proto(request.numeric_imputation, "numeric_imputation").value,
             missing_indicators=request.missing_indicators,
-            categorical_encoding=_choice(
-                _ENCODING, request.categorical_encoding, "categorical_encoding", "CategoricalEncoding"
-            ),
+            categorical_encoding=CategoricalEncoding.from_proto(
+                request.categorical_encoding, "categorical_encoding"
+            ).value,
             max_one_hot_levels=request.max_one_hot_levels or logic.DEFAULT_MAX_ONE_HOT_LEVELS,
             min_level_count=request.min_level_count or logic.DEFAULT_MIN_LEVEL_COUNT,
             seed=request.seed,
