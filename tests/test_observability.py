@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -66,6 +66,18 @@ def value(samples: dict, name: str, **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels`."""
     wanted = set(labels.items())
     return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+async def scrape_until(url: str, settled: Callable[[dict[tuple[str, frozenset], float]], bool], timeout: float = 10):
+    """A scrape once `settled(samples)` holds (or the last one after `timeout`). A stage counts a
+    failed call after its status has left, so a client can see the error before the counter moves;
+    more so on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if settled(samples) or time.monotonic() > deadline:
+            return samples
+        await asyncio.sleep(0.05)
 
 
 def handled(samples: dict, method: str, code: str) -> float:
@@ -238,9 +250,10 @@ async def test_a_corrupt_artifact_counts_as_a_verification_failure(settings: Set
                     timeout=30,
                 )
         assert lost.value.code() == grpc.StatusCode.DATA_LOSS
-        samples = scrape(preprocess.metrics_url)
+        method = "/mlmesh.preprocess.v1.PreprocessService/Preprocess"
+        samples = await scrape_until(preprocess.metrics_url, lambda s: handled(s, method, "DATA_LOSS") > 0)
         assert value(samples, "mlmesh_store_verification_failures_total", stage="preprocess") == 1
-        assert handled(samples, "/mlmesh.preprocess.v1.PreprocessService/Preprocess", "DATA_LOSS") == 1
+        assert handled(samples, method, "DATA_LOSS") == 1
         assert value(scrape(loader.metrics_url), "mlmesh_store_verification_failures_total") == 0
     finally:
         await loader.stop(0.5)
