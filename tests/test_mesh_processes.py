@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -496,3 +497,20 @@ def test_a_script_that_starts_a_mesh_is_not_run_again_inside_its_stages(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("script body ran") == 1 and "mesh up" in done.stdout, done.stdout
+
+
+def test_a_mesh_starts_under_a_temp_folder_too_deep_for_a_unix_socket(mesh_env: dict[str, str]) -> None:
+    """The fork server listens on a Unix socket under TMPDIR, and such a path holds at most 107
+    bytes: a deep TMPDIR (a CI job's own folder) must not stop `mlmesh with-mesh` (or `up`)."""
+    with tempfile.TemporaryDirectory() as base:
+        deep = Path(base) / ("d" * 90)
+        deep.mkdir()
+        done = subprocess.run(
+            [str(BIN / "mlmesh"), "with-mesh", "--", sys.executable, "-c", "print('inside')"],
+            env=on_new_ports(mesh_env, TMPDIR=str(deep)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "inside" in done.stdout and "AF_UNIX" not in done.stderr
