@@ -116,12 +116,19 @@ async def client(mesh: dict[str, RunningStage], settings: Settings) -> AsyncIter
 # must be on the item before that hook runs.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that need a Docker engine share one worker (`--dist loadgroup`): the engine, the base
-    images and the image builds are session fixtures, built once on that worker, and two workers
-    building the same images at once would each pay for them."""
+    """Groups of tests that must share a worker (`--dist loadgroup`):
+
+    - every test that needs a Docker engine: the engine, the base images and the image builds are
+      session fixtures, built once on that worker; two workers would each build them;
+    - the slow tests of one module: they share the module's fixtures (a running mesh, the corpus's
+      tables and CLI runs), which a second worker would build, and run, again.
+
+    Fast tests go to whichever worker is free."""
     for item in items:
         if item.get_closest_marker("docker") is not None:
             item.add_marker(pytest.mark.xdist_group("docker"))
+        elif item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group(f"slow:{item.module.__name__ if item.module else item.path.name}"))
 
 
 # ---- CI=true: a skip is a failure ------------------------------------------------------------------

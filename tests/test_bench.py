@@ -55,9 +55,13 @@ def test_the_readme_quick_scale_benchmark_measures_every_figure_it_prints(tmp_pa
     assert "MET" in done.stdout or "MISSED" in done.stdout
 
 
-def test_the_readme_corpus_benchmark_prints_its_table() -> None:
-    done = run_bench("bench/bench_corpus.py", timeout=900)
-    assert "tables x 2 formats" in done.stdout and "high_cardinality" in done.stdout
+def test_the_corpus_benchmark_prints_its_table(tmp_path: Path) -> None:
+    # The docstring's two-table command: that every table trains as well as its baseline, in both
+    # formats, is tests/test_corpus.py's to prove; this proves the benchmark runs and prints its rows.
+    done = run_bench("bench/bench_corpus.py", "--tables", "penguins,fair", "--out", str(tmp_path), timeout=600)
+    assert "2 tables x 2 formats" in done.stdout, done.stdout[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| penguins") or line.startswith("| fair")]
+    assert len(rows) == 4, done.stdout[-2000:]
 
 
 def test_the_observability_benchmark_compares_metrics_and_tracing_against_neither(tmp_path: Path) -> None:

@@ -292,6 +292,9 @@ def test_stopped_service_is_unhealthy_and_the_pipeline_names_it(stack: Stack) ->
         "run",
         "--rm",
         "--no-deps",
+        # The wait for a restarting stage (120 s by default) is not what this checks.
+        "-e",
+        "MLMESH_RECONNECT_SECONDS=3",
         "pipeline",
         "run",
         "workflow/pipeline.py",

@@ -6,9 +6,12 @@ caller's folder) against one mesh; its score must be at least the hand-written
 scikit-learn baseline's on the same split, minus 0.01 (accuracy or R²; a table may
 document a larger allowance, with its reason, in tests/corpus.py). Both
 formats must give the same roles and the same score. Every table also trains
-through `pyflyte run`, against a second mesh with its own artifact store, so
-that run computes every stage itself instead of reading the CLI run's results
-from the services' memo; its metrics must equal the CLI run's.
+through `pyflyte run`, against the same mesh: its metrics must equal the CLI
+run's. What that proves is that the workflow asks the stages for the same work
+as the CLI (what each stage computes is proven by the CLI runs above). A stage
+the workflow asks exactly what the CLI asked answers from its memo; any request
+that differs, even in a parameter that changes nothing, is computed again and
+must still come out the same.
 """
 
 from __future__ import annotations
@@ -49,10 +52,9 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 
 
 @pytest.fixture(scope="module")
-def flyte_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    mesh, env = start_local_mesh(tmp_path_factory.mktemp("corpus-flyte"))
-    yield env
-    mesh.stop()
+def flyte_env(cli_env: dict[str, str]) -> dict[str, str]:
+    """The CLI's mesh and store (see the module docstring)."""
+    return cli_env
 
 
 class Corpus:

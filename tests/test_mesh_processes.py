@@ -238,7 +238,14 @@ def test_docs_mlmesh_run_commands_run_as_written(
 
 
 def test_stopped_stage_is_named_with_its_address(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:
-    env = {**mesh_env, "MLMESH_TRAINER_ADDRESS": f"localhost:{free_ports(1)[0]}", "MLMESH_RPC_TIMEOUT_SECONDS": "10"}
+    env = {
+        **mesh_env,
+        "MLMESH_TRAINER_ADDRESS": f"localhost:{free_ports(1)[0]}",
+        "MLMESH_RPC_TIMEOUT_SECONDS": "10",
+        # How long the client waits for a stage to come back is not what this checks: the default
+        # (120 s, for a restart) would only make the test wait.
+        "MLMESH_RECONNECT_SECONDS": "2",
+    }
     result = mlmesh(env, "run", "--force")
     assert result.returncode == 2
     assert "trainer at localhost:" in result.stderr and "UNAVAILABLE" in result.stderr

@@ -178,7 +178,13 @@ def test_a_deleted_object_is_recomputed_by_the_next_identical_run(flyte_env: dic
 
 def test_stopped_service_is_named_with_its_address(flyte_env: dict[str, str]) -> None:
     dead = f"localhost:{free_ports(1)[0]}"
-    env = {**flyte_env, "MLMESH_TRAINER_ADDRESS": dead, "MLMESH_RPC_TIMEOUT_SECONDS": "10"}
+    # MLMESH_RECONNECT_SECONDS: the wait for a restarting stage (120 s by default) is not what this checks.
+    env = {
+        **flyte_env,
+        "MLMESH_TRAINER_ADDRESS": dead,
+        "MLMESH_RPC_TIMEOUT_SECONDS": "10",
+        "MLMESH_RECONNECT_SECONDS": "2",
+    }
     result = pyflyte(env, "run", "workflow/pipeline.py", "training_pipeline", "--seed", "7")
     assert result.returncode != 0
     output = result.stdout + result.stderr
