@@ -24,7 +24,7 @@ from services.client.mesh import MeshClient
 from services.runtime.catalog import STAGES
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings
-from tests.docker_harness import engine, images  # noqa: F401 - session fixtures of the Docker tests
+from tests.docker_harness import FIGURES_FILE, engine, images  # noqa: F401 - session fixtures of the Docker tests
 from tests.helpers import StartedStagesClient, quiet_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +203,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.section("budget", sep="=", bold=True)
         for line in budget_lines(reports):
             terminalreporter.line(line)
+        figures = config._tmp_path_factory.getbasetemp() / FIGURES_FILE  # written by the Docker tests' workers
+        if figures.is_file():
+            terminalreporter.section("deploy figures", sep="=", bold=True)
+            for line in figures.read_text().splitlines():
+                terminalreporter.line(line)
     skipped = terminalreporter.stats.get("skipped", [])
     if _in_ci() and skipped:
         terminalreporter.section("CI=true: skipped tests are failures", sep="=", red=True, bold=True)

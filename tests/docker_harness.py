@@ -600,12 +600,22 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess:
     return run([str(GRPCURL), "-plaintext", *args], timeout=120)
 
 
+FIGURES_FILE = "deploy-figures.txt"
+
+
 def print_figures(request: pytest.FixtureRequest) -> None:
     """FIGURES on the terminal, even when the tests pass (a module's autouse fixture calls this)."""
     if not FIGURES:
         return
     lines = ["", "---- deploy figures ----", *(f"{k}: {v}" for k, v in FIGURES.items())]
     FIGURES.clear()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # A worker's terminal is not shown: the controller prints this file in its summary
+        # (tests/conftest.py). The workers' temp folders sit inside the controller's.
+        shared = request.getfixturevalue("tmp_path_factory").getbasetemp().parent / FIGURES_FILE
+        with shared.open("a") as out:
+            out.write("\n".join(lines[2:]) + "\n")
+        return
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if capture is None or reporter is None:
