@@ -192,13 +192,18 @@ def budget_lines(reports: list[pytest.TestReport]) -> list[str]:
     return lines
 
 
+# Every phase's report (setup, call, teardown), as the controller receives them from the workers:
+# the terminal's own stats keep only the call phase of a passing test, and a session fixture (an
+# image build, a mesh) costs its time in the setup of the first test that uses it.
+_PHASE_REPORTS: list[pytest.TestReport] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _PHASE_REPORTS.append(report)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    reports = [
-        report
-        for outcome in ("passed", "failed", "error", "skipped")
-        for report in terminalreporter.stats.get(outcome, [])
-        if isinstance(report, pytest.TestReport)
-    ]
+    reports = _PHASE_REPORTS
     if reports and not hasattr(config, "workerinput"):  # the controller (or a run without xdist) reports
         terminalreporter.section("budget", sep="=", bold=True)
         for line in budget_lines(reports):
