@@ -26,7 +26,8 @@ def test_the_pipelines_people_run_are_workflows_of_the_module() -> None:
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
 def test_every_input_has_its_own_help_on_the_command_line(name: str) -> None:
-    """Each input's help is its `:param name:` line of the workflow's docstring, shown beside its
+    """Each input's help is its `:param name:` line of the workflow's docstring (built from
+    workflow/inputs.py's INPUT_HELP), shown beside its
     option by the real `pyflyte run --help` (wide, so that every option is one line)."""
     inputs = list(WORKFLOWS[name].python_interface.inputs)
     descriptions = {k: v.description for k, v in WORKFLOWS[name].interface.inputs.items()}

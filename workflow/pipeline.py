@@ -27,6 +27,7 @@ import warnings
 from flytekit import CronSchedule, LaunchPlan, workflow
 
 from services.runtime.vocabulary import CategoricalEncoding, NumericImputation, Scaling, TaskKindChoice
+from workflow.inputs import explained, headline_only
 from workflow.tasks import (
     build_features,
     compare,
@@ -47,6 +48,13 @@ warnings.filterwarnings("ignore", message=r"The parameter --\w+ is used more tha
 
 # ---- workflows -----------------------------------------------------------------------------
 @workflow
+@explained(
+    "Load the source, split it, and build the model inputs: the chain both pipelines train on.",
+    model=(
+        'The model the features are built for ("" for any): hist_gradient_boosting gets native categories under '
+        "categorical_encoding auto."
+    ),
+)
 def prepare(
     source: str,
     target_column: str,
@@ -65,30 +73,6 @@ def prepare(
     select_k_best: int,
     recompute: bool,
 ) -> Prepared:
-    """Load the source, split it, and build the model inputs: the chain both pipelines train on.
-
-    :param source: What to train on: sklearn:NAME (breast_cancer, diabetes, digits, iris, wine),
-        synthetic:classification?rows=1000 (or synthetic:regression?...), or a CSV or Parquet file's path or URL.
-    :param target_column: The column to predict; required for files ("" takes a sklearn: or synthetic:
-        source's own target).
-    :param task_kind: classification or regression; "" (the default) lets the loader infer it from the target.
-    :param column_roles: Roles that override the inferred ones, e.g. {"zip": "categorical", "row_id": "ignore"};
-        roles: numeric, boolean, categorical, datetime, identifier, text, constant, ignore.
-    :param test_fraction: The share of rows held out for the evaluation.
-    :param seed: Seed of the split, of target encoding's cross-fitting and of the model.
-    :param drop_duplicates: Drop rows that repeat an earlier row exactly.
-    :param drop_incomplete_rows: Drop rows with a missing feature instead of imputing it.
-    :param model: The model the features are built for ("" for any): hist_gradient_boosting gets
-        native categories under categorical_encoding auto.
-    :param numeric_imputation: How missing numbers are filled in, from the train split's statistics.
-    :param missing_indicators: Add a 0/1 column per numeric column with gaps.
-    :param categorical_encoding: auto: one-hot for few levels, target encoding for many, native categories
-        for hist_gradient_boosting.
-    :param scaling: How numeric model inputs are rescaled (none leaves them as they are).
-    :param polynomial_degree: Add polynomial features up to this degree (at most 4); 0 or 1 adds none.
-    :param select_k_best: Keep the k best model inputs by a univariate score; 0 keeps all.
-    :param recompute: Every stage computes again instead of answering from its memo.
-    """
     dataset = load(
         source=source, target_column=target_column, task_kind=task_kind, column_roles=column_roles, recompute=recompute
     )
@@ -116,6 +100,9 @@ def prepare(
 
 
 @workflow
+@explained(
+    "Train one model on the source, evaluate it against thresholds, and register it if it passes.",
+)
 def training_pipeline(
     source: str = "sklearn:breast_cancer",
     target_column: str = "",
@@ -138,37 +125,6 @@ def training_pipeline(
     registry_name: str = "",
     recompute: bool = False,
 ) -> PipelineResult:
-    """Train one model on the source, evaluate it against thresholds, and register it if it passes.
-
-    :param source: What to train on: sklearn:NAME (breast_cancer, diabetes, digits, iris, wine),
-        synthetic:classification?rows=1000 (or synthetic:regression?...), or a CSV or Parquet file's path or URL.
-    :param target_column: The column to predict; required for files ("" takes a sklearn: or synthetic:
-        source's own target).
-    :param task_kind: classification or regression; "" (the default) lets the loader infer it from the target.
-    :param column_roles: Roles that override the inferred ones, e.g. {"zip": "categorical", "row_id": "ignore"};
-        roles: numeric, boolean, categorical, datetime, identifier, text, constant, ignore.
-    :param model: The model to train: logistic_regression, random_forest, hist_gradient_boosting or sgd
-        for classification; ridge, random_forest or hist_gradient_boosting for regression.
-        "" trains logistic_regression or ridge.
-    :param hyperparameters: The model's hyperparameters, e.g. {"n_estimators": 300, "max_depth": 8};
-        numbers may be written as numbers or as text.
-    :param test_fraction: The share of rows held out for the evaluation.
-    :param seed: Seed of the split, of target encoding's cross-fitting and of the model.
-    :param drop_duplicates: Drop rows that repeat an earlier row exactly.
-    :param drop_incomplete_rows: Drop rows with a missing feature instead of imputing it.
-    :param numeric_imputation: How missing numbers are filled in, from the train split's statistics.
-    :param missing_indicators: Add a 0/1 column per numeric column with gaps.
-    :param categorical_encoding: auto: one-hot for few levels, target encoding for many, native categories
-        for hist_gradient_boosting.
-    :param scaling: How numeric model inputs are rescaled (none leaves them as they are).
-    :param polynomial_degree: Add polynomial features up to this degree (at most 4); 0 or 1 adds none.
-    :param select_k_best: Keep the k best model inputs by a univariate score; 0 keeps all.
-    :param minimums: The lowest acceptable metrics, e.g. {"accuracy": 0.95}. With neither minimums nor
-        maximums the task kind's default applies: accuracy >= 0.9, or r2 >= 0.3.
-    :param maximums: The highest acceptable metrics, e.g. {"rmse": 5000}.
-    :param registry_name: The name a PROMOTE is registered under; "" for <dataset>-<model>.
-    :param recompute: Every stage computes again instead of answering from its memo.
-    """
     prepared = prepare(
         source=source,
         target_column=target_column,
@@ -211,6 +167,13 @@ def training_pipeline(
 
 
 @workflow
+@explained(
+    (
+        "Train several candidate models on one feature build, pick the best by a metric, and register the "
+        "winner if it passes its thresholds."
+    ),
+    seed="Seed of the split, of target encoding's cross-fitting and of the models.",
+)
 def sweep_pipeline(
     source: str = "sklearn:breast_cancer",
     target_column: str = "",
@@ -224,28 +187,6 @@ def sweep_pipeline(
     minimums: dict[str, Threshold] = {},  # noqa: B006
     maximums: dict[str, Threshold] = {},  # noqa: B006
 ) -> SweepResult:
-    """Train several candidate models on one feature build, pick the best by a metric, and
-    register the winner if it passes its thresholds.
-
-    :param source: What to train on: sklearn:NAME (breast_cancer, diabetes, digits, iris, wine),
-        synthetic:classification?rows=1000 (or synthetic:regression?...), or a CSV or Parquet file's path or URL.
-    :param target_column: The column to predict; required for files ("" takes a sklearn: or synthetic:
-        source's own target).
-    :param task_kind: classification or regression; "" (the default) lets the loader infer it from the target.
-    :param column_roles: Roles that override the inferred ones, e.g. {"zip": "categorical", "row_id": "ignore"};
-        roles: numeric, boolean, categorical, datetime, identifier, text, constant, ignore.
-    :param candidates: The models to try, each with its hyperparameters, e.g. [{"model": "ridge"},
-        {"model": "random_forest", "hyperparameters": {"max_depth": "8"}}]. Empty: the task kind's
-        defaults (DEFAULT_CANDIDATES in workflow/tasks.py).
-    :param metric: The metric that picks the winner; "" for f1_macro (classification) or r2 (regression).
-        log_loss, mae and rmse are minimised, the others maximised.
-    :param test_fraction: The share of rows held out for the evaluation.
-    :param seed: Seed of the split, of target encoding's cross-fitting and of the models.
-    :param drop_duplicates: Drop rows that repeat an earlier row exactly.
-    :param minimums: The lowest acceptable metrics, e.g. {"accuracy": 0.95}. With neither minimums nor
-        maximums the task kind's default applies: accuracy >= 0.9, or r2 >= 0.3.
-    :param maximums: The highest acceptable metrics, e.g. {"rmse": 5000}.
-    """
     # One feature build serves every candidate, so categorical columns get the general
     # encoding (model=""), and the feature options are their defaults.
     prepared = prepare(
@@ -287,6 +228,9 @@ def sweep_pipeline(
         features=prepared.features,
     )
     return compare(metric=metric, dataset=prepared.dataset, outcomes=outcomes, choice=choice, best=best)
+
+
+headline_only((prepare, training_pipeline, sweep_pipeline))
 
 
 # ---- launch plans ----------------------------------------------------------------------------
