@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.roles import FEATURE_ROLES
+from services.runtime.roles import FALSE_SPELLINGS, FEATURE_ROLES, ISO_DATE, TRUE_SPELLINGS
 from services.runtime.vocabulary import TaskKind
 
 # A whole-number target is taken as class labels only with at most this many
@@ -46,11 +46,11 @@ MIN_ROWS_FOR_CARDINALITY_RULES = 20
 TEXT_DISTINCT_RATIO = 0.5
 
 _ID_NAME = re.compile(r"(^|[^a-z])(id|ids|key|uuid|guid|index)$|^unnamed: ?0$|^row_?(id|number|num|no)$", re.IGNORECASE)
-_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$")
+_ISO_DATE = ISO_DATE
 # Whole numbers written with leading zeros are codes (zip codes, "007"), not quantities.
 _ZERO_PADDED = re.compile(r"^\s*-?0\d")
-_TRUE = {"true", "t", "yes", "y", "1"}
-_FALSE = {"false", "f", "no", "n", "0"}
+_TRUE = set(TRUE_SPELLINGS)
+_FALSE = set(FALSE_SPELLINGS)
 # Text read as boolean without being asked: only the unambiguous spellings.
 _INFERRED_BOOLEAN = {"true", "false"}
 MAX_REASON_NAME = 60

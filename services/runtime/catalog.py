@@ -52,6 +52,8 @@ CATALOG: tuple[StageEntry, ...] = (
     StageEntry("features", "mlmesh.features.v1.features", "FeaturesService"),
     StageEntry("trainer", "mlmesh.trainer.v1.trainer", "TrainerService"),
     StageEntry("evaluator", "mlmesh.evaluator.v1.evaluator", "EvaluatorService"),
+    # Not a step of training: it serves what the pipeline registered, over the Open Inference Protocol.
+    StageEntry("serving", "mlmesh.serving.v2.open_inference", "GRPCInferenceService", in_pipeline=False),
 )
 
 BY_NAME: dict[str, StageEntry] = {entry.name: entry for entry in CATALOG}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from mlmesh.common.v1.common_pb2 import ColumnRole
 from services.runtime.errors import InvalidArgument
 
@@ -17,6 +19,12 @@ ROLES: tuple[str, ...] = (
 )
 # Roles whose columns become model inputs; the others are left out with a reason.
 FEATURE_ROLES: tuple[str, ...] = ("numeric", "boolean", "categorical", "datetime")
+
+# How a text value reads as a datetime or a boolean, for the loader (training) and serving
+# (new rows) alike, so a value a model was trained on is read the same way when it is served.
+ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?)?(Z|[+-]\d{2}(:?\d{2})?)?$")
+TRUE_SPELLINGS = frozenset({"true", "t", "yes", "y", "1"})
+FALSE_SPELLINGS = frozenset({"false", "f", "no", "n", "0"})
 
 _VALUES = {name: ColumnRole.Value(f"COLUMN_ROLE_{name.upper()}") for name in ROLES}
 _NAMES = {value: name for name, value in _VALUES.items()}

@@ -174,6 +174,14 @@ class Settings:
     # A remote source (http, object stores) must connect and then send bytes within these.
     source_connect_seconds: float = 10.0
     source_read_seconds: float = 30.0
+    # The serving stage (see docs/serving.md): how often it reads the registry for new versions,
+    # how many rows one request and one shared batch may hold, how long a batch waits to fill,
+    # and whether levels a model never saw are refused ("reject") or encoded as its encoder does.
+    serving_poll_seconds: float = 2.0
+    serving_max_request_rows: int = 100_000
+    serving_max_batch_rows: int = 256
+    serving_max_batch_wait_ms: float = 0.0
+    serving_unseen_levels: str = "reject"
     # Transport security and identity (see services/runtime/security.py). Server side:
     tls_cert: str = ""  # this stage's certificate chain (PEM); with tls_key, the stage serves TLS only
     tls_key: str = ""
@@ -234,6 +242,11 @@ class Settings:
             data_roots=_data_roots(env),
             source_connect_seconds=_float(env, "MLMESH_SOURCE_CONNECT_SECONDS", 10.0, minimum=0.1),
             source_read_seconds=_float(env, "MLMESH_SOURCE_READ_SECONDS", 30.0, minimum=0.1),
+            serving_poll_seconds=_float(env, "MLMESH_SERVING_POLL_SECONDS", 2.0, minimum=0.05),
+            serving_max_request_rows=_int(env, "MLMESH_SERVING_MAX_REQUEST_ROWS", 100_000, minimum=1),
+            serving_max_batch_rows=_int(env, "MLMESH_SERVING_MAX_BATCH_ROWS", 256, minimum=1),
+            serving_max_batch_wait_ms=_float(env, "MLMESH_SERVING_MAX_BATCH_WAIT_MS", 0.0),
+            serving_unseen_levels=_choice(env, "MLMESH_SERVING_UNSEEN_LEVELS", "reject", ("reject", "encode")),
             **_security(env),
         )
 

@@ -1,0 +1,188 @@
+"""One registered model version, loaded for serving: its inputs, its transformer, its model.
+
+A registry entry names its model and, in its lineage, the artifacts training
+made on the way: the loader's schema (every column and its role), the features
+stage's schema (task, class names) and the fitted transformer. Serving loads
+them by digest (the store verifies every byte) and the model through skops'
+allow-list, exactly as the evaluator did, so a row is parsed, transformed and
+predicted the way the test split was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from services.runtime import formats
+from services.runtime.errors import FailedPrecondition, StageError
+from services.runtime.roles import FEATURE_ROLES
+from services.runtime.store import ArtifactStore, ref_from_dict
+from services.serving.columns import InputColumn, advertised_datatype, encoder_levels, rows_frame
+from services.serving.tensors import Column
+
+# The artifacts a version must record in its lineage to be served.
+NEEDED_LINEAGE = ("schema", "feature_schema", "transformer")
+PLATFORM = "mlmesh_sklearn"
+# Output names, and what each holds.
+PREDICTED = "predicted"  # class names (BYTES) or regression values (FP64), one per row
+PROBABILITIES = "probabilities"  # FP64 [rows, classes], classification models that give them
+CLASSES = "classes"  # BYTES [classes]: the class of each probabilities column
+
+
+@dataclass
+class Prediction:
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class ServedVersion:
+    name: str
+    version: int
+    model_sha256: str
+    registered_at: str
+    task: str
+    target_column: str
+    class_names: list[str]
+    inputs: list[InputColumn]
+    # Columns of the training table the model does not use: accepted in a request, and left out.
+    other_columns: frozenset[str]
+    transformer: Any
+    model: Any
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def classes(self) -> np.ndarray:
+        codes = getattr(self.model, "classes_", np.arange(len(self.class_names)))
+        return np.asarray([self.class_names[int(code)] for code in codes], dtype=object)
+
+    @property
+    def gives_probabilities(self) -> bool:
+        if self.task != "classification" or not hasattr(self.model, "predict_proba"):
+            return False
+        try:
+            getattr(self.model, "predict_proba")  # noqa: B009 - a property that raises for some losses
+        except AttributeError:
+            return False
+        return True
+
+    def outputs_metadata(self) -> list[tuple[str, str, list[int]]]:
+        if self.task != "classification":
+            return [(PREDICTED, "FP64", [-1])]
+        listed = [(PREDICTED, "BYTES", [-1])]
+        if self.gives_probabilities:
+            listed += [(PROBABILITIES, "FP64", [-1, len(self.classes)]), (CLASSES, "BYTES", [len(self.classes)])]
+        return listed
+
+    def frame(self, given: list[Column], rows: int, unseen: str) -> pd.DataFrame:
+        return rows_frame(self.inputs, self.other_columns, given, rows, unseen)
+
+    def predict(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Every output for the rows of `frame`: the evaluator's computation, row for row."""
+        with warnings.catch_warnings():
+            # Unseen levels make OneHotEncoder warn; they are encoded as it always does.
+            warnings.simplefilter("ignore", category=UserWarning)
+            matrix = np.ascontiguousarray(self.transformer.transform(frame), dtype="float64")
+        names = getattr(self.model, "feature_names_in_", None)
+        x: Any = matrix if names is None else pd.DataFrame(matrix, columns=[str(n) for n in names], copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            predicted = self.model.predict(x)
+        if self.task != "classification":
+            return {PREDICTED: np.asarray(predicted, dtype="float64")}
+        names_by_code = np.asarray(self.class_names, dtype=object)
+        outputs = {PREDICTED: names_by_code[np.asarray(predicted, dtype="int64")]}
+        if self.gives_probabilities:
+            outputs[PROBABILITIES] = np.asarray(self.model.predict_proba(x), dtype="float64")
+            outputs[CLASSES] = self.classes
+        return outputs
+
+    def warm_frame(self) -> pd.DataFrame:
+        """One row of missing values: every fitted imputer fills it, so it exercises the whole path."""
+        given = []
+        for column in self.inputs:
+            if column.role in ("numeric", "boolean"):
+                given.append(Column(column.name, "FP64", np.asarray([np.nan])))
+            else:
+                given.append(Column(column.name, "BYTES", np.asarray([b""], dtype=object)))
+        return self.frame(given, 1, "encode")
+
+
+def _doc(store: ArtifactStore, entry: dict[str, Any], name: str) -> dict[str, Any]:
+    document = formats.json_bytes_to_doc(store.get(ref_from_dict(entry["lineage"][name]), name), name)
+    if not isinstance(document, dict):
+        raise FailedPrecondition(f"the {name} of this version is not a JSON object")
+    return document
+
+
+def load_version(store: ArtifactStore, name: str, entry: dict[str, Any]) -> ServedVersion:
+    """Read, verify and assemble one registry entry; FailedPrecondition or DataLoss when it cannot serve."""
+    version = int(entry["version"])
+    lineage = entry.get("lineage") or {}
+    lacking = [needed for needed in NEEDED_LINEAGE if not isinstance(lineage.get(needed), dict)]
+    if lacking:
+        raise FailedPrecondition(
+            f"version {version} of {name!r} was registered without {', '.join(lacking)} in its lineage, so its rows "
+            "cannot be prepared as in training; register it with every ref the pipeline returned (mlmesh run does)"
+        )
+    schema = _doc(store, entry, "schema")
+    feature_schema = _doc(store, entry, "feature_schema")
+    transformer = formats.skops_to_model(store.get(ref_from_dict(lineage["transformer"]), "transformer"), "transformer")
+    model = formats.skops_to_model(store.get(ref_from_dict(entry["model"]), "model"), "model")
+    if not callable(getattr(model, "predict", None)) or not callable(getattr(transformer, "transform", None)):
+        raise FailedPrecondition(f"version {version} of {name!r} does not hold a fitted model and transformer")
+    try:
+        source_dtypes = {str(c["name"]): str(c.get("source_dtype", "")) for c in schema.get("columns", [])}
+        roles = {str(c["name"]): str(c["role"]) for c in feature_schema["columns"]}
+        target = str(feature_schema["target_column"])
+        task = str(feature_schema["task_kind"])
+        class_names = [str(c) for c in feature_schema.get("class_names", [])]
+    except (KeyError, TypeError) as exc:
+        raise FailedPrecondition(f"the feature schema of version {version} of {name!r} lacks {exc}") from None
+    levels = encoder_levels(transformer)
+    ordered = [str(c) for c in getattr(transformer, "feature_names_in_", list(roles))]
+    inputs = []
+    for column in ordered:
+        role = roles.get(column)
+        if role not in FEATURE_ROLES:
+            raise FailedPrecondition(f"the transformer of version {version} of {name!r} takes a column with no role")
+        inputs.append(
+            InputColumn(
+                name=column,
+                role=role,
+                datatype=advertised_datatype(role, source_dtypes.get(column, "")),
+                levels=levels.get(column) if role == "categorical" else None,
+            )
+        )
+    served = ServedVersion(
+        name=name,
+        version=version,
+        model_sha256=str(entry["model"]["sha256"]),
+        registered_at=str(entry.get("registered_at", "")),
+        task=task,
+        target_column=target,
+        class_names=class_names,
+        inputs=inputs,
+        other_columns=frozenset({target, *source_dtypes}) - set(ordered),
+        transformer=transformer,
+        model=model,
+        metrics={k: float(v) for k, v in (entry.get("metrics") or {}).items() if isinstance(v, (int, float))},
+    )
+    if task == "classification" and not class_names:
+        raise FailedPrecondition(f"version {version} of {name!r} is a classifier without class names")
+    # Warm it: the first prediction pays for lazy imports and caches, not a caller.
+    try:
+        served.predict(served.warm_frame())
+    except StageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model that cannot predict is not served
+        raise FailedPrecondition(
+            f"version {version} of {name!r} failed its warm-up prediction ({type(exc).__name__}); it is not served"
+        ) from None
+    return served
