@@ -5,6 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+CLIENTS := .venv-clients
+CLIENTS_STAMP := $(CLIENTS)/.installed
 
 .PHONY: run test test-fast lint format up proto clean
 
@@ -19,6 +21,12 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
+# Third-party gRPC clients (tritonclient) for the serving tests, in their own venv: see tests/clients/requirements.txt.
+$(CLIENTS_STAMP): tests/clients/requirements.txt
+	$(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/pip install --quiet -r tests/clients/requirements.txt
+	touch $(CLIENTS_STAMP)
+
 ## Start the mesh, run the Flyte workflow on sklearn:breast_cancer (metrics, decision), stop the mesh.
 run: $(STAMP)
 	$(BIN)/mlmesh with-mesh --log-dir artifacts/logs -- $(BIN)/pyflyte run workflow/pipeline.py training_pipeline
@@ -28,11 +36,11 @@ run: $(STAMP)
 PYTEST_PARALLEL := -n auto --dist loadgroup
 
 ## Run the whole test suite.
-test: $(STAMP) $(NODE_STAMP)
+test: $(STAMP) $(NODE_STAMP) $(CLIENTS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
 
 ## The fast tier, for the edit-test loop: everything but Docker, slow end-to-end and network tests.
-test-fast: $(STAMP) $(NODE_STAMP)
+test-fast: $(STAMP) $(NODE_STAMP) $(CLIENTS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not docker and not slow and not network"
 
 ## Lint, format check, types and the layer contract (pyproject's [tool.importlinter]): what CI checks before the tests.
@@ -56,4 +64,4 @@ proto: $(STAMP)
 	$(BIN)/python proto/generate.py
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) $(CLIENTS) artifacts .pytest_cache

@@ -46,10 +46,20 @@ from services.runtime.settings import Settings, SettingsError
 log = logging.getLogger(__name__)
 
 # Roles a token may hold. "pipeline" runs stages and follows fits; "register" adds models to
-# the registry (a promotion is a release decision, so it is a separate right); "admin" is both.
-ROLES = ("pipeline", "register", "admin")
-# The one method that needs more than "pipeline".
-REGISTER_METHODS = frozenset({"/mlmesh.evaluator.v1.EvaluatorService/RegisterModel"})
+# the registry and chooses what serving serves (both are release decisions, so a separate
+# right); "predict" only asks the serving stage for predictions and metadata, so an
+# application's token cannot run or read pipelines; "admin" is all of them. A pipeline may
+# also predict (the workflow's smoke request after a rollout).
+ROLES = ("pipeline", "register", "predict", "admin")
+SERVING_SERVICE = "/inference.GRPCInferenceService/"
+# The methods that need more than "pipeline".
+REGISTER_METHODS = frozenset(
+    {
+        "/mlmesh.evaluator.v1.EvaluatorService/RegisterModel",
+        f"{SERVING_SERVICE}RepositoryModelLoad",
+        f"{SERVING_SERVICE}RepositoryModelUnload",
+    }
+)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
 
@@ -65,6 +75,8 @@ class Token:
     digest: bytes  # sha256 of the token: the secret itself is not kept
 
     def allows(self, role: str) -> bool:
+        if role == "predict" and "pipeline" in self.roles:
+            return True
         return "admin" in self.roles or role in self.roles
 
 
@@ -103,7 +115,9 @@ def load_tokens(path: str) -> list[Token]:
 
 
 def required_role(method: str) -> str:
-    return "register" if method in REGISTER_METHODS else "pipeline"
+    if method in REGISTER_METHODS:
+        return "register"
+    return "predict" if method.startswith(SERVING_SERVICE) else "pipeline"
 
 
 def _read(path: str) -> bytes:
