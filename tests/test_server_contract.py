@@ -28,6 +28,7 @@ from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
 from mlmesh.preprocess.v1 import preprocess_pb2
+from mlmesh.serving.v2 import open_inference_pb2
 from mlmesh.trainer.v1 import trainer_pb2
 from services.client.mesh import MeshClient, PipelineConfig
 from services.runtime.catalog import STAGES
@@ -67,7 +68,9 @@ def _varint(value: int) -> bytes:
 @pytest.mark.parametrize("name", each_stage())
 async def test_health_is_serving_for_server_and_service(mesh: dict[str, RunningStage], name: str) -> None:
     stage = mesh[name]
-    assert stage.spec.service_name == f"mlmesh.{name}.v1.{name.capitalize()}Service"
+    # The serving stage speaks a standard protocol, whose service name its clients already call.
+    expected = "inference.GRPCInferenceService" if name == "serving" else f"mlmesh.{name}.v1.{name.capitalize()}Service"
+    assert stage.spec.service_name == expected
     await assert_serving(stage)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await health_status(stage.address, "mlmesh.nope.v1.NopeService")
@@ -272,6 +275,9 @@ def _bad_request(client: MeshClient, stage: str):
         return client.build_features(features_pb2.BuildFeaturesRequest()), "train is required"
     if stage == "trainer":
         return client.train(trainer_pb2.TrainRequest(model="random_forest")), "x_train is required"
+    if stage == "serving":
+        request = open_inference_pb2.ModelInferRequest(model_name="no such/model")
+        return client.infer(request), "model name"
     return client.evaluate(evaluator_pb2.EvaluateRequest()), "model is required"
 
 

@@ -24,7 +24,9 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "features": 50053,
         "trainer": 50054,
         "evaluator": 50055,
+        "serving": 50056,
     }
+    assert settings.metrics_ports["serving"] == 9456
     assert settings.ports == DEFAULT_PORTS and list(settings.ports) == list(STAGES)
     assert settings.addresses == {stage: f"127.0.0.1:{port}" for stage, port in settings.ports.items()}
     assert settings.artifact_root == str(tmp_path.resolve() / "artifacts")
@@ -37,6 +39,12 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.worker_threads == min(4, os.cpu_count() or 1)
     assert settings.max_dataset_bytes == default_max_dataset_bytes()
     assert settings.rpc_timeout_seconds == 600.0
+    assert (settings.serving_poll_seconds, settings.serving_max_batch_rows, settings.serving_max_batch_wait_ms) == (
+        2.0,
+        256,
+        0.0,
+    )
+    assert (settings.serving_max_request_rows, settings.serving_unseen_levels) == (100_000, "reject")
 
 
 def test_the_dataset_cap_follows_the_memory_limit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,8 +30,11 @@ from mlmesh.evaluator.v1 import evaluator_pb2
 from mlmesh.features.v1 import features_pb2
 from mlmesh.loader.v1 import loader_pb2
 from mlmesh.preprocess.v1 import preprocess_pb2
+from mlmesh.serving.v2 import open_inference_pb2
 from mlmesh.trainer.v1 import trainer_pb2
+from services.client import serving
 from services.client.progress import PipelineProgress, stage_outcome
+from services.client.serving import ServedAnswer
 from services.runtime import tracing
 from services.runtime.catalog import BY_NAME, CATALOG, STAGES
 from services.runtime.errors import InvalidArgument
@@ -547,6 +550,39 @@ class MeshClient:
 
     async def register_model(self, request: evaluator_pb2.RegisterModelRequest) -> evaluator_pb2.RegisterModelResponse:
         return await self._unary("evaluator", "RegisterModel", request)
+
+    # ---- serving (the Open Inference Protocol) ----------------------------------------
+    async def infer(self, request: open_inference_pb2.ModelInferRequest) -> open_inference_pb2.ModelInferResponse:
+        return await self._unary("serving", "ModelInfer", request)
+
+    async def model_metadata(self, name: str, version: str = "") -> open_inference_pb2.ModelMetadataResponse:
+        request = open_inference_pb2.ModelMetadataRequest(name=name, version=version)
+        return await self._unary("serving", "ModelMetadata", request)
+
+    async def served_models(self) -> list[open_inference_pb2.RepositoryIndexResponse.ModelIndex]:
+        reply = await self._unary("serving", "RepositoryIndex", open_inference_pb2.RepositoryIndexRequest())
+        return list(reply.models)
+
+    async def serve(self, name: str, version: int | None = None) -> None:
+        """Serving serves `name`: pinned to `version`, or (None) following its newest version."""
+        request = open_inference_pb2.RepositoryModelLoadRequest(model_name=name)
+        if version is not None:
+            request.parameters["version"].int64_param = version
+        await self._unary("serving", "RepositoryModelLoad", request)
+
+    async def unserve(self, name: str) -> None:
+        request = open_inference_pb2.RepositoryModelUnloadRequest(model_name=name)
+        await self._unary("serving", "RepositoryModelUnload", request)
+
+    async def roll_out(self, name: str) -> ServedAnswer:
+        """After a promotion: serving loads the newest version of `name` now (rather than at its
+        next poll), and one smoke request shows which version answers."""
+        await self.serve(name)
+        metadata = await self.model_metadata(name)
+        reply = await self.infer(serving.smoke_request(name, "", metadata))
+        predicted = serving.decode(reply).get("predicted")
+        shown = str(predicted[0]) if predicted is not None and len(predicted) else ""
+        return ServedAnswer(name=reply.model_name, version=reply.model_version, predicted=shown[:60])
 
     # ---- the whole pipeline -----------------------------------------------------------
     async def run_pipeline(self, config: PipelineConfig, progress: PipelineProgress | None = None) -> PipelineRun:
