@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import json_format
 
 from mlmesh.evaluator.v1 import evaluator_pb2
+from services.cli import serving as serving_commands
 from services.cli.launcher import LocalMesh, MeshStartError
 from services.client.mesh import (
     CHOICES,
@@ -460,7 +461,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         async with MeshClient(settings, recompute_flag="--force") as client:
             try:
-                run, registered_as = await _run_pipeline(client, config, args)
+                run, registered_as, served = await _run_pipeline(client, config, args)
             except asyncio.CancelledError:
                 # Ctrl-C: the stage calls in flight are cancelled with this task; a fit
                 # outlives its caller on purpose, so ask the trainer to stop it too.
@@ -474,8 +475,9 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         if mesh is not None:
             mesh.stop()
     outcome = _outcome(run, config.source, registered_as)
+    outcome["served"] = served
     if args.json:
-        print(json.dumps(_summary(run, registered_as), indent=2, sort_keys=True))
+        print(json.dumps({**_summary(run, registered_as), "served": served}, indent=2, sort_keys=True))
     else:
         _print_run(run, outcome)
     return 0
@@ -487,8 +489,9 @@ _INTERRUPTED: list[str] = []
 
 async def _run_pipeline(
     client: MeshClient, config: PipelineConfig, args: argparse.Namespace
-) -> tuple[PipelineRun, str]:
-    """The five stages with progress on stderr, then the registry when the decision is PROMOTE."""
+) -> tuple[PipelineRun, str, str]:
+    """The five stages with progress on stderr, then the registry when the decision is PROMOTE, then
+    serving. Returns the run, "name vN" when registered, and what serving answered ("" when not asked)."""
     # With OTEL_* set, the root of the run's trace: every stage call below is its child.
     with (
         tracing.run_span(
@@ -498,7 +501,7 @@ async def _run_pipeline(
     ):
         run = await client.run_pipeline(config, progress)
         if run.evaluate.decision != evaluator_pb2.DECISION_PROMOTE or not args.register:
-            return run, ""
+            return run, "", ""
         name = args.registry_name or default_registry_name(config.source, run.train.model_name)
         with progress.stage("registry") as shown:
             try:
@@ -516,7 +519,20 @@ async def _run_pipeline(
             shown.done(
                 f"{version.name} v{version.version}" + (" (already registered)" if reply.already_registered else "")
             )
-    return run, f"{version.name} v{version.version}"
+        served = await _roll_out(client, progress, version.name) if args.serve else ""
+    return run, f"{version.name} v{version.version}", served
+
+
+async def _roll_out(client: MeshClient, progress: PipelineProgress, name: str) -> str:
+    """Serving loads the new version now and answers one smoke request; "" when serving is not running."""
+    address = client.addresses["serving"]
+    health = await check_health(address, timeout=2.0, settings=client.settings)
+    if health != "SERVING":
+        return f"not yet: serving at {address} is {health.split(' (')[0].lower()}; it loads the version when it runs"
+    with progress.stage("serving") as shown:
+        answer = await client.roll_out(name)
+        shown.done(f"{answer.name} v{answer.version}")
+    return f"{answer.name} v{answer.version} at {address} (smoke request answered {answer.predicted!r})"
 
 
 # Listed in `mlmesh run --help` without importing scikit-learn (which takes seconds);
@@ -649,9 +665,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not register the model even when the decision is PROMOTE",
     )
+    run.add_argument(
+        "--no-serve",
+        dest="serve",
+        action="store_false",
+        help="do not ask the serving stage to serve a newly registered version now (it still will at its next poll)",
+    )
     run.add_argument("--force", action="store_true", help="recompute every stage")
     run.add_argument("--json", action="store_true", help="print the whole result as JSON on stdout")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    serving_commands.add_commands(commands)
     return parser
 
 
@@ -683,7 +706,14 @@ def _main(argv: list[str] | None) -> int:
         return _runs(settings, args)
     if args.command == "models":
         return _models(settings, args)
-    handler = {"up": _up, "status": _status, "run": _run, "with-mesh": _with_mesh}[args.command]
+    handler = {
+        "up": _up,
+        "status": _status,
+        "run": _run,
+        "with-mesh": _with_mesh,
+        "predict": serving_commands.predict,
+        "serving": serving_commands.serving_command,
+    }[args.command]
     if args.command == "run":
         try:
             tracing.configure("cli")

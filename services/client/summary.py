@@ -31,6 +31,7 @@ class RunOutcome(TypedDict, total=False):
     model_uri: str
     model_sha256: str
     registered_as: str  # "name vN", or "" when the model was not registered
+    served: str  # which version serving answered with after the rollout, or why not; "" when not asked
     report_path: str
     deck_path: str
     stages: list[StageTime]
@@ -89,6 +90,8 @@ def render(outcome: RunOutcome) -> str:
     if model:
         where = f"registered as {registered}" if registered else "not registered (only PROMOTE is)"
         lines += _field("model", [f"{model}  {where}", local_path(outcome.get("model_uri", ""))])
+    if outcome.get("served"):
+        lines += _field("served", [outcome["served"]])
     if outcome.get("report_path"):
         lines += _field("report", [outcome["report_path"]])
     if outcome.get("deck_path"):
