@@ -1,4 +1,4 @@
-"""The thin Flyte workflow: two workflows over one sub-workflow and nine tasks, passing
+"""The thin Flyte workflow: two workflows over one sub-workflow and ten tasks, passing
 artifact references.
 
     pyflyte run workflow/pipeline.py training_pipeline
@@ -7,13 +7,14 @@ artifact references.
     pyflyte run workflow/pipeline.py training_pipeline --help     # every input, explained
 
 Five tasks make one stage call each: load, preprocess, build_features, train and
-evaluate (workflow/tasks.py). promote registers a PROMOTE and assembles the result;
+evaluate (workflow/tasks.py). promote registers a PROMOTE and assembles the result,
+and serve has the serving stage load the registered version and answer a smoke request;
 the sweep trains and evaluates every candidate in one task, picks the best, and
 compares them on one page:
 
     prepare:           load -> preprocess -> build_features
-    training_pipeline: prepare -> train -> evaluate -> promote
-    sweep_pipeline:    prepare -> train_candidates -> pick_best -> promote -> compare
+    training_pipeline: prepare -> train -> evaluate -> promote -> serve
+    sweep_pipeline:    prepare -> train_candidates -> pick_best -> promote -> serve -> compare
 
 Nothing heavier than a reference, a metric or a reason ever passes through
 Flyte: datasets, matrices and models stay in the artifact store. The services
@@ -36,6 +37,7 @@ from workflow.tasks import (
     pick_best,
     preprocess,
     promote,
+    serve,
     train,
     train_candidates,
 )
@@ -155,7 +157,7 @@ def training_pipeline(
         maximums=maximums,
         recompute=recompute,
     )
-    return promote(
+    result = promote(
         registry_name=registry_name,
         source=source,
         trained=trained,
@@ -164,6 +166,7 @@ def training_pipeline(
         splits=prepared.splits,
         features=prepared.features,
     )
+    return serve(result=result)
 
 
 @workflow
@@ -218,14 +221,16 @@ def sweep_pipeline(
     )
     choice = pick_best(metric=metric, dataset=prepared.dataset, outcomes=outcomes)
     # Only the winner is registered (if it passes its thresholds).
-    best = promote(
-        registry_name="",
-        source=source,
-        trained=choice.trained,
-        evaluation=choice.evaluation,
-        dataset=prepared.dataset,
-        splits=prepared.splits,
-        features=prepared.features,
+    best = serve(
+        result=promote(
+            registry_name="",
+            source=source,
+            trained=choice.trained,
+            evaluation=choice.evaluation,
+            dataset=prepared.dataset,
+            splits=prepared.splits,
+            features=prepared.features,
+        )
     )
     return compare(metric=metric, dataset=prepared.dataset, outcomes=outcomes, choice=choice, best=best)
 

@@ -359,6 +359,20 @@ def promote(
     return result
 
 
+@task(**_TASK_DEFAULTS)
+def serve(result: PipelineResult) -> PipelineResult:
+    """After a PROMOTE: serving loads the registered version now and answers one smoke request."""
+    if not result.registered_as:
+        return result
+    name = result.registered_as.rsplit(" v", 1)[0]
+
+    async def roll_out(client: MeshClient, progress: PipelineProgress) -> str:
+        return await client.serve_promoted(name, progress)
+
+    result.served = call(roll_out, "serve")
+    return result
+
+
 # ---- the sweep ----------------------------------------------------------------------------
 # What a sweep tries, and by which metric it picks, when the caller does not say.
 DEFAULT_CANDIDATES: dict[str, list[ModelCandidate]] = {

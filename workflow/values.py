@@ -135,6 +135,8 @@ class PipelineResult:
     # The evaluate task's Flyte deck, when the run was local (on a cluster: the Flyte console).
     deck: str = ""
     seconds: float = 0.0
+    # After a PROMOTE, which version serving answered the smoke request with (or why not yet).
+    served: str = ""
 
     def outcome(self) -> RunOutcome:
         return {
@@ -148,6 +150,7 @@ class PipelineResult:
             "model_uri": self.model.uri,
             "model_sha256": self.model.sha256,
             "registered_as": self.registered_as,
+            "served": self.served,
             "report_path": local_path(self.html_report.uri),
             "deck_path": self.deck,
             "stages": [StageTime(stage=s.stage, cache_hit=s.cache_hit, seconds=s.seconds) for s in self.stages],

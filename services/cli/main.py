@@ -519,20 +519,8 @@ async def _run_pipeline(
             shown.done(
                 f"{version.name} v{version.version}" + (" (already registered)" if reply.already_registered else "")
             )
-        served = await _roll_out(client, progress, version.name) if args.serve else ""
+        served = await client.serve_promoted(version.name, progress) if args.serve else ""
     return run, f"{version.name} v{version.version}", served
-
-
-async def _roll_out(client: MeshClient, progress: PipelineProgress, name: str) -> str:
-    """Serving loads the new version now and answers one smoke request; "" when serving is not running."""
-    address = client.addresses["serving"]
-    health = await check_health(address, timeout=2.0, settings=client.settings)
-    if health != "SERVING":
-        return f"not yet: serving at {address} is {health.split(' (')[0].lower()}; it loads the version when it runs"
-    with progress.stage("serving") as shown:
-        answer = await client.roll_out(name)
-        shown.done(f"{answer.name} v{answer.version}")
-    return f"{answer.name} v{answer.version} at {address} (smoke request answered {answer.predicted!r})"
 
 
 # Listed in `mlmesh run --help` without importing scikit-learn (which takes seconds);

@@ -584,6 +584,21 @@ class MeshClient:
         shown = str(predicted[0]) if predicted is not None and len(predicted) else ""
         return ServedAnswer(name=reply.model_name, version=reply.model_version, predicted=shown[:60])
 
+    async def serve_promoted(self, name: str, progress: PipelineProgress) -> str:
+        """The end of a promotion, for `mlmesh run` and the workflow alike: serving loads the new
+        version now and answers one smoke request. Returns "<name> v<N> at <address> (...)", or why
+        not yet when serving is not running (it then loads the version at its first poll)."""
+        address = self.addresses["serving"]
+        health = await check_health(address, timeout=2.0, settings=self.settings)
+        if health != "SERVING":
+            return (
+                f"not yet: serving at {address} is {health.split(' (')[0].lower()}; it loads the version when it runs"
+            )
+        with progress.stage("serving") as shown:
+            answer = await self.roll_out(name)
+            shown.done(f"{answer.name} v{answer.version}")
+        return f"{answer.name} v{answer.version} at {address} (smoke request answered {answer.predicted!r})"
+
     # ---- the whole pipeline -----------------------------------------------------------
     async def run_pipeline(self, config: PipelineConfig, progress: PipelineProgress | None = None) -> PipelineRun:
         """The five stages in order; `progress` (if given) shows each one as it runs."""
