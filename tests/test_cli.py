@@ -61,6 +61,11 @@ def test_run_ends_with_the_summary_and_registers_a_promote(env: dict[str, str]) 
         assert re.search(rf"^{stage}: computed in \d", result.stderr, re.M), result.stderr
     assert re.search(r"^loader: computed in [\d.]+s, 178 rows \([\d.]+k? rows/s\)$", result.stderr, re.M), result.stderr
     assert "registry: wine-logistic_regression v1" in result.stderr and "computed in" not in out
+    # The promotion ends served: serving loaded the version now and answered a smoke request.
+    assert re.search(
+        r"^served    wine-logistic_regression v1 at 127\.0\.0\.1:\d+ \(smoke request answered 'class_\d'\)$", out, re.M
+    ), out
+    assert "serving: wine-logistic_regression v1" in result.stderr
 
     again = mlmesh(env, "run", "--source", "sklearn:wine", "--seed", "5", "--json", "--registry-name", "wine-prod")
     summary = json.loads(again.stdout)
@@ -292,3 +297,90 @@ def test_choices_are_the_enums_words_and_text_becomes_the_enum() -> None:
     args = cli.build_parser().parse_args(["run", "--task", "regression", "--impute", "most_frequent"])
     assert cli.pipeline_config(args).task_kind is TaskKindChoice.REGRESSION
     assert cli.pipeline_config(args).numeric_imputation is NumericImputation.MOST_FREQUENT
+
+
+def _write_customers(folder: Path, rows: int = 300) -> Path:
+    """A table with every kind of column serving reads: numbers with gaps, levels with gaps, a
+    boolean, dates, and an identifier and the target, which serving accepts and leaves out."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(
+        {
+            "customer_id": np.arange(5000, 5000 + rows),
+            "age": rng.integers(18, 80, rows),
+            "income": np.round(rng.normal(50_000, 15_000, rows), 2),
+            "plan": rng.choice(["basic", "plus", "pro"], rows),
+            "member": rng.choice([True, False], rows),
+            "signup": (pd.Timestamp("2021-01-01") + pd.to_timedelta(rng.integers(0, 900, rows), unit="D")).strftime(
+                "%Y-%m-%d"
+            ),
+        }
+    )
+    frame.loc[rng.choice(rows, 15), "income"] = np.nan
+    frame.loc[rng.choice(rows, 10), "plan"] = np.nan
+    score = frame.age / 80 + (frame.plan == "pro") * 0.8 + frame.member * 0.3 + rng.normal(0, 0.2, rows)
+    frame["churn"] = np.where(score > 1.0, "stay", "leave")
+    path = folder / "customers.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.slow  # two `mlmesh run`s, predictions and the serving commands against the module's mesh
+def test_predict_and_the_serving_commands(env: dict[str, str], tmp_path: Path) -> None:
+    import pandas as pd
+
+    table = _write_customers(tmp_path)
+    for model in ("logistic_regression", "random_forest"):
+        trained = mlmesh(
+            env, "run", "--source", str(table), "--target", "churn", "--model", model,
+            "--min", "accuracy=0.6", "--registry-name", "churn",
+        )  # fmt: skip
+        assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
+    assert "served    churn v2 at " in trained.stdout, trained.stdout
+
+    status = mlmesh(env, "serving", "status")
+    assert re.search(r"^  churn +v2 +READY +follows the newest version$", status.stdout, re.M), status.stdout
+
+    scored = tmp_path / "scored.parquet"
+    predicted = mlmesh(env, "predict", "--model", "churn", "--source", str(table), "--output", str(scored))
+    assert predicted.returncode == 0, predicted.stderr
+    assert predicted.stdout.strip() == f"300 predictions from churn v2 written to {scored}"
+    result = pd.read_parquet(scored)
+    assert list(result.columns[-4:]) == ["predicted", "probability_leave", "probability_stay", "model_version"]
+    assert set(result["predicted"]) <= {"leave", "stay"} and (result["model_version"] == 2).all()
+    assert (result["predicted"] == result["churn"]).mean() > 0.8  # the forest fits its own training rows
+    assert ((result["probability_leave"] + result["probability_stay"] - 1).abs() < 1e-12).all()
+    assert (result["predicted"] == result[["probability_leave", "probability_stay"]].idxmax(axis=1).str[12:]).all()
+
+    # A rollback is one command, and the version it pins answers; follow undoes it.
+    rolled = mlmesh(env, "serving", "rollback", "churn")
+    assert rolled.stdout.strip() == "churn: rolled back from version 2 to 1, pinned", rolled.stderr
+    old = tmp_path / "old.csv"
+    assert mlmesh(env, "predict", "--model", "churn", "--source", str(table), "--output", str(old)).returncode == 0
+    assert set(pd.read_csv(old)["model_version"]) == {1}
+    assert "pinned to version 1" in mlmesh(env, "serving", "status").stdout
+    assert mlmesh(env, "serving", "pin", "churn", "2").returncode == 0
+    assert mlmesh(env, "serving", "follow", "churn").stdout.strip() == (
+        "churn: serving the newest version (2) and each new one"
+    )
+    # Unloaded, the model refuses predictions with the reason and the way back.
+    assert mlmesh(env, "serving", "unload", "churn").returncode == 0
+    refused = mlmesh(env, "predict", "--model", "churn", "--source", str(table), "--output", str(old))
+    assert refused.returncode == 2 and "FAILED_PRECONDITION" in refused.stderr and "is unloaded" in refused.stderr
+    assert json.loads(mlmesh(env, "serving", "status", "--json").stdout)[0]["state"] in ("UNLOADED",)
+    assert mlmesh(env, "serving", "follow", "churn").returncode == 0
+
+    # What the caller gets wrong is said plainly.
+    missing = mlmesh(
+        env, "predict", "--model", "churn", "--source", str(scored.with_name("none.csv")), "--output", str(old)
+    )
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    pd.read_csv(table).drop(columns=["plan"]).to_csv(tmp_path / "partial.csv", index=False)
+    partial = mlmesh(
+        env, "predict", "--model", "churn", "--source", str(tmp_path / "partial.csv"), "--output", str(old)
+    )
+    assert partial.returncode == 2 and "lacks the model's input column(s) 'plan'" in partial.stderr
+    unknown = mlmesh(env, "predict", "--model", "nope", "--source", str(table), "--output", str(old))
+    assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr and "no model named 'nope'" in unknown.stderr

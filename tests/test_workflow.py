@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.settings import STAGES
+from services.runtime.catalog import PIPELINE_STAGES
 from tests.helpers import free_ports, run_script, start_local_mesh
 from tests.test_mesh_processes import write_house_prices
 
@@ -70,6 +70,11 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     accuracy = float(re.search(r"accuracy ([0-9.]+)", summary).group(1))
     assert accuracy >= 0.95
     assert "registered as breast_cancer-logistic_regression v1" in summary
+    # The workflow's last step rolled the version out: serving answered a smoke request with it.
+    assert re.search(
+        r"^served    breast_cancer-logistic_regression v1 at \S+ \(smoke request answered '\w+'\)$", summary, re.M
+    )
+    assert "serving: breast_cancer-logistic_regression v1" in first.stderr
     report = re.search(r"^report +(\S+)$", summary, re.M).group(1)
     assert Path(report).is_file() and b"mlmesh evaluation" in Path(report).read_bytes()
     assert Path(re.search(r"^deck +(\S+)$", summary, re.M).group(1)).is_file()
@@ -78,7 +83,7 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
         and "0 of 5 answered from the stages' memos" in summary
     )
     # Progress went to stderr, one line per stage (not a terminal here, so plain lines).
-    for stage in STAGES:
+    for stage in PIPELINE_STAGES:
         assert re.search(rf"^{stage}: computed in ", first.stderr, re.M), first.stderr
 
     decks = list(Path(flyte_env["TMPDIR"]).rglob("deck.html"))
@@ -104,7 +109,7 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
         "evaluator",
     ]
 
-    before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
+    before = {stage: len(rpc_lines(flyte_env, stage)) for stage in PIPELINE_STAGES}
     second = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline")
     assert second.returncode == 0, second.stderr
     result = result_of(second.stdout)
@@ -112,7 +117,7 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     assert result["model"]["sha256"].startswith(model) and result["task_kind"] == "classification"
     assert result["rows_dropped"] == {"missing_target": 0, "invalid_target": 0, "incomplete": 0, "duplicate": 0}
     assert [s["cache_hit"] for s in result["stages"]] == [True] * 5
-    after = {stage: rpc_lines(flyte_env, stage) for stage in STAGES}
+    after = {stage: rpc_lines(flyte_env, stage) for stage in PIPELINE_STAGES}
     # Every stage is asked again and answers from its memo, which checks its outputs still exist.
     for stage in ("loader", "preprocess", "features", "trainer"):
         assert len(after[stage]) == before[stage] + 1 and "cache_hit=true" in after[stage][-1], stage
@@ -133,10 +138,10 @@ def test_pyflyte_run_end_to_end_then_served_from_caches(flyte_env: dict[str, str
     assert len(_verified_refs(result_of(third.stdout))) >= 15
 
     # --recompute reaches every stage, and each one computes instead of answering from its memo.
-    before = {stage: len(rpc_lines(flyte_env, stage)) for stage in STAGES}
+    before = {stage: len(rpc_lines(flyte_env, stage)) for stage in PIPELINE_STAGES}
     fourth = pyflyte(flyte_env, "run", "workflow/pipeline.py", "training_pipeline", "--recompute")
     assert fourth.returncode == 0, fourth.stderr
-    for stage in STAGES:
+    for stage in PIPELINE_STAGES:
         new_calls = rpc_lines(flyte_env, stage)[before[stage] :]
         computed = [line for line in new_calls if "cache_hit=false" in line]
         assert computed, f"--recompute did not make {stage} compute: {new_calls}"
