@@ -209,6 +209,9 @@ RUN = [
     for pattern in (
         r"make run\b",
         r"make (lint|format)\b",
+        r"make \.venv-clients/\.installed$",  # tritonclient's venv: linked to this checkout's (see make_venv)
+        r"\.venv-clients/bin/python - <<'EOF'",
+        r"\.venv/bin/python -c ",
         r"\.venv/bin/(mlmesh|pyflyte|grpcurl) ",
         r"\.venv/bin/python -m services\.runtime\.probe\b",
         r"\$G ",  # G=.venv/bin/grpcurl
@@ -232,6 +235,8 @@ NEEDS_MESH = {
         "Calling a service with grpcurl from the host",
     ): "compose's published ports are the default ports",
     ("docs/deploy.md", "On one machine"): "With `.venv/bin/mlmesh up` running in another terminal",
+    ("docs/serving.md", "Calling it"): "With `.venv/bin/mlmesh up` running",
+    ("docs/serving.md", "Rollout, pinning and rollback"): "the same running mesh",
 }
 
 # Sections whose excluded `docker run` starts a trace collector (Jaeger) on 127.0.0.1:4317: an OTLP
@@ -274,6 +279,11 @@ EXPECT = [
     (r"mlmesh run ", r"(?i)decision|PROMOTE|REJECT"),
     (r"ProgressService/WatchCall", r"parsing, deciding column roles"),
     (r"mlmesh models", r"breast_cancer"),  # `make run` registered its model
+    (r"GRPCInferenceService/ModelInfer\s*$", r'"model_version": "\d+"'),
+    (r"(?s)GRPCInferenceService/ModelInfer.*@base64d", r"(?m)^\d+\n(benign|malignant)$"),  # the version, the class
+    (r"\.venv-clients/bin/python - <<'EOF'", r"version \d+"),  # tritonclient's answer names the version
+    (r"mlmesh serving status", r"READY"),
+    (r"mlmesh predict ", r"predictions from \S+ v\d+ written to "),
     (r"mlmesh lineage ", r"\S"),
     (
         r"grpcurl -plaintext localhost:50051 list|\$G -plaintext localhost:50051 list|\$G \$TLS localhost:50051 list",
@@ -357,6 +367,10 @@ def command_head(text: str) -> str | None:
 
 
 def _complete(text: str) -> bool:
+    # bash -n accepts an unterminated here-document (it only warns): a command with one runs to its end word.
+    for delimiter in re.findall(r"<<-?\s*['\"]?(\w+)['\"]?", text):
+        if not re.search(rf"^\s*{delimiter}$", text, re.M):
+            return False
     return subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True).returncode == 0
 
 
@@ -547,6 +561,11 @@ def make_venv(dest: Path) -> None:
         elif first.startswith(b"\x7fELF"):  # a native tool (ruff): nothing in it names the venv
             target.symlink_to(script)
     (dest / ".venv" / ".installed").touch()  # make's stamp: the venv is installed
+    # tritonclient's venv (make test makes it) is linked, not made: its stamp is newer than the
+    # copied requirements (copy2 keeps their time), so the docs' `make .venv-clients/.installed` has nothing to do.
+    clients = REPO / ".venv-clients"
+    if (clients / ".installed").is_file():
+        (dest / ".venv-clients").symlink_to(clients)
 
 
 def write_data_csv(folder: Path, rows: int = 400) -> None:
