@@ -96,6 +96,8 @@ class RunningStage:
         # Long work checkpoints at its next step and stops; give it the grace period.
         started = asyncio.get_running_loop().time()
         self.runtime.stopping.set()
+        for task in self.runtime.background:
+            task.cancel()
         running = [op.task for op in self.runtime.operations.in_flight() if op.task is not None]
         if running:
             await asyncio.wait(running, timeout=grace)

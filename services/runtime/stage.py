@@ -210,6 +210,8 @@ class StageRuntime:
         self._flights: dict[str, _Flight] = {}
         self.memo = Memo(name, self.store)
         self.stopping = threading.Event()
+        # Loops a stage runs beside its RPCs (serving's registry poll), cancelled when it stops.
+        self.background: list[asyncio.Task[None]] = []
         self.operations = OperationRegistry(settings.operation_idle_seconds)
         # Unary calls a caller is following (ProgressService.WatchCall).
         self.watch = CallWatch()

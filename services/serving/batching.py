@@ -36,7 +36,7 @@ class _Pending:
 class Batcher:
     def __init__(
         self,
-        compute: Callable[[pd.DataFrame], Awaitable[Outputs]],
+        compute: Callable[[list[pd.DataFrame]], Awaitable[Outputs]],
         max_rows: int,
         max_wait: float,
         on_batch: Callable[[int], None] = lambda rows: None,
@@ -79,7 +79,8 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         frames = [item.frame for item in batch]
         try:
-            outputs = await self._compute(frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True))
+            # The frames are joined where the prediction runs: off the event loop.
+            outputs = await self._compute(frames)
         except Exception as exc:  # noqa: BLE001 - handed to the callers below
             if len(batch) == 1:
                 if not batch[0].future.done():

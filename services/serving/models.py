@@ -84,6 +84,10 @@ class ServedVersion:
     def frame(self, given: list[Column], rows: int, unseen: str) -> pd.DataFrame:
         return rows_frame(self.inputs, self.other_columns, given, rows, unseen)
 
+    def predict_rows(self, frames: list[pd.DataFrame]) -> dict[str, np.ndarray]:
+        """Every output for the rows of several requests' frames, in order (one batch)."""
+        return self.predict(frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True))
+
     def predict(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Every output for the rows of `frame`: the evaluator's computation, row for row."""
         with warnings.catch_warnings():

@@ -120,8 +120,8 @@ class Repository:
         entry = self._entry(name, version)
         served: ServedVersion = await self.runtime.to_thread(load_version, self.store, name, entry)
 
-        async def compute(frame: Any) -> Outputs:
-            outputs: Outputs = await self.runtime.to_thread(served.predict, frame)
+        async def compute(frames: list[Any]) -> Outputs:
+            outputs: Outputs = await self.runtime.to_thread(served.predict_rows, frames)
             return outputs
 
         batcher = Batcher(

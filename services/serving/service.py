@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -22,13 +23,16 @@ from services.runtime.server import StageSpec
 from services.runtime.stage import StageRuntime
 from services.serving import VERSION
 from services.serving.columns import UNSEEN_POLICIES
-from services.serving.models import PLATFORM
+from services.serving.models import PLATFORM, ServedVersion
 from services.serving.repository import Repository, parse_version
 from services.serving.tensors import decode_inputs, encode_output, shown
 
 SERVER_NAME = "mlmesh"
 EXTENSIONS = ("model_repository",)
 MAX_PARAMETERS = 16
+MAX_ID_CHARACTERS = 256
+# Requests up to this size are read and answered on the event loop (a few hundred rows).
+INLINE_BYTES = 32 * 1024
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 REQUEST_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
@@ -88,7 +92,7 @@ class ServingServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.settings = runtime.settings
         self.metrics = ServingMetrics(runtime.metrics.registry)
         self.repository = Repository(runtime, self.metrics)
-        self._poller = asyncio.get_running_loop().create_task(self.repository.poll())
+        runtime.background.append(asyncio.get_running_loop().create_task(self.repository.poll()))
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -121,39 +125,30 @@ class ServingServicer(pb_grpc.GRPCInferenceServiceServicer):
         unseen = _string_parameter(request.parameters, "unseen_levels", self.settings.serving_unseen_levels)
         if unseen not in UNSEEN_POLICIES:
             raise InvalidArgument(f"parameter unseen_levels must be one of {', '.join(UNSEEN_POLICIES)}")
-        if len(request.id) > 256:
-            raise InvalidArgument("id is longer than 256 characters")
+        if len(request.id) > MAX_ID_CHARACTERS:
+            raise InvalidArgument(f"id is longer than {MAX_ID_CHARACTERS} characters")
         slot = await self.repository.slot(request.model_name, request.model_version)
         served = slot.served
         version = str(served.version)
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            columns, rows = decode_inputs(
-                request, self.settings.serving_max_request_rows, len(served.inputs) + len(served.other_columns)
+            # A small request is read on the loop (a thread hop costs more than the work);
+            # a large one on a worker, so health and other callers are never held up.
+            small = request.ByteSize() <= INLINE_BYTES
+            prepared = (
+                _prepare(served, request, unseen, self.settings.serving_max_request_rows)
+                if small
+                else await self.runtime.to_thread(
+                    _prepare, served, request, unseen, self.settings.serving_max_request_rows
+                )
             )
-            produced = {name for name, _, _ in served.outputs_metadata()}
-            wanted = [output.name for output in request.outputs]
-            for name in wanted:
-                if name not in produced:
-                    raise InvalidArgument(
-                        f"output {shown(name)} is not one this model gives; it gives {', '.join(sorted(produced))}"
-                    )
-            # Parsing is light next to a prediction, and runs per request so that a bad
-            # column fails its own caller only; the prediction is batched.
-            frame = served.frame(columns, rows, unseen) if rows else None
-            outputs = await slot.batcher.predict(frame) if frame is not None else {}
-            response = pb.ModelInferResponse(model_name=served.name, model_version=version, id=request.id)
-            response.parameters["model_sha256"].string_param = served.model_sha256
-            raw = bool(request.raw_input_contents)
-            for name in wanted or [name for name, _, _ in served.outputs_metadata()]:
-                if name not in outputs:
-                    continue
-                tensor, data = encode_output(name, outputs[name], raw)
-                response.outputs.append(tensor)
-                if raw:
-                    response.raw_output_contents.append(data)
-            self.metrics.rows.labels(served.name, version).inc(rows)
+            outputs = await slot.batcher.predict(prepared.frame) if prepared.rows else {}
+            if small:
+                response = _respond(served, request, prepared.wanted, outputs)
+            else:
+                response = await self.runtime.to_thread(_respond, served, request, prepared.wanted, outputs)
+            self.metrics.rows.labels(served.name, version).inc(prepared.rows)
             return response
         except StageError as exc:
             code = exc.code
@@ -205,6 +200,42 @@ class ServingServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(f"unknown parameter {shown(unknown[0])}; RepositoryModelUnload takes none")
         await self.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+
+@dataclass
+class _Prepared:
+    frame: Any  # the rows as the transformer takes them (a DataFrame); None for zero rows
+    rows: int
+    wanted: list[str]  # the outputs asked for, in order; empty: all
+
+
+def _prepare(served: ServedVersion, request: pb.ModelInferRequest, unseen: str, max_rows: int) -> _Prepared:
+    """Check and read a request's inputs and requested outputs (InvalidArgument names what is wrong)."""
+    columns, rows = decode_inputs(request, max_rows, len(served.inputs) + len(served.other_columns))
+    produced = [name for name, _, _ in served.outputs_metadata()]
+    wanted = [output.name for output in request.outputs]
+    for name in wanted:
+        if name not in produced:
+            raise InvalidArgument(f"output {shown(name)} is not one this model gives; it gives {', '.join(produced)}")
+    frame = served.frame(columns, rows, unseen) if rows else None
+    return _Prepared(frame, rows, wanted or produced)
+
+
+def _respond(
+    served: ServedVersion, request: pb.ModelInferRequest, wanted: list[str], outputs: dict[str, Any]
+) -> pb.ModelInferResponse:
+    """The response: the outputs asked for, raw when the inputs came raw, and who computed them."""
+    response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
+    response.parameters["model_sha256"].string_param = served.model_sha256
+    raw = bool(request.raw_input_contents)
+    for name in wanted:
+        if name not in outputs:
+            continue
+        tensor, data = encode_output(name, outputs[name], raw)
+        response.outputs.append(tensor)
+        if raw:
+            response.raw_output_contents.append(data)
+    return response
 
 
 def _check_repository(name: str) -> None:
