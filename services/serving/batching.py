@@ -20,23 +20,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 Outputs = dict[str, np.ndarray]
+Rows = dict[str, np.ndarray]  # one request's rows, by column
 # Row-indexed outputs (the same for every row, like the class list, are not split).
 PER_BATCH_OUTPUTS = ("classes",)
 
 
 @dataclass
 class _Pending:
-    frame: pd.DataFrame
+    rows: Rows
+    count: int
     future: asyncio.Future[Outputs]
 
 
 class Batcher:
     def __init__(
         self,
-        compute: Callable[[list[pd.DataFrame]], Awaitable[Outputs]],
+        compute: Callable[[list[Rows]], Awaitable[Outputs]],
         max_rows: int,
         max_wait: float,
         on_batch: Callable[[int], None] = lambda rows: None,
@@ -49,21 +50,22 @@ class Batcher:
         self._queued_rows = 0
         self._worker: asyncio.Task[None] | None = None
 
-    async def predict(self, frame: pd.DataFrame) -> Outputs:
+    async def predict(self, rows: Rows, count: int) -> Outputs:
+        """The outputs for one request's `count` rows, computed with whatever else is queued."""
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(frame, future))
-        self._queued_rows += len(frame)
+        self._queue.append(_Pending(rows, count, future))
+        self._queued_rows += count
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         return await future
 
     def _take(self) -> list[_Pending]:
         batch = [self._queue.popleft()]
-        rows = len(batch[0].frame)
-        while self._queue and rows + len(self._queue[0].frame) <= self.max_rows:
+        rows = batch[0].count
+        while self._queue and rows + self._queue[0].count <= self.max_rows:
             item = self._queue.popleft()
             batch.append(item)
-            rows += len(item.frame)
+            rows += item.count
         self._queued_rows -= rows
         # Callers that went away (a deadline, a cancel) need no rows computed.
         return [item for item in batch if not item.future.done()]
@@ -77,10 +79,9 @@ class Batcher:
                 await self._run(batch)
 
     async def _run(self, batch: list[_Pending]) -> None:
-        frames = [item.frame for item in batch]
         try:
-            # The frames are joined where the prediction runs: off the event loop.
-            outputs = await self._compute(frames)
+            # The requests' rows are joined where the prediction runs: off the event loop.
+            outputs = await self._compute([item.rows for item in batch])
         except Exception as exc:  # noqa: BLE001 - handed to the callers below
             if len(batch) == 1:
                 if not batch[0].future.done():
@@ -89,10 +90,10 @@ class Batcher:
             for item in batch:  # alone, each request gets its own result or its own error
                 await self._run([item])
             return
-        self._on_batch(sum(len(frame) for frame in frames))
+        self._on_batch(sum(item.count for item in batch))
         start = 0
         for item in batch:
-            stop = start + len(item.frame)
+            stop = start + item.count
             if not item.future.done():
                 item.future.set_result(
                     {

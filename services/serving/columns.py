@@ -204,10 +204,13 @@ def _datetimes(column: InputColumn, given: Column) -> pd.Series:
     return parsed.dt.tz_convert("UTC").dt.tz_localize(None).astype("datetime64[us]")
 
 
-def rows_frame(
+Rows = dict[str, np.ndarray]  # one request's columns, read: the values training had, by column name
+
+
+def read_rows(
     inputs: list[InputColumn], other_columns: frozenset[str], given: list[Column], rows: int, unseen: str
-) -> pd.DataFrame:
-    """The request's columns as the frame the fitted transformer takes, in training's column order."""
+) -> Rows:
+    """The request's columns, each read as training read it (InvalidArgument names what cannot be)."""
     by_name = {column.name: column for column in given}
     expected = {column.name for column in inputs}
     extra = [name for name in by_name if name not in expected and name not in other_columns]
@@ -235,8 +238,17 @@ def rows_frame(
         elif column.role == "boolean":
             data[column.name] = _booleans(column, value)
         elif column.role == "categorical":
-            # The loader's text columns are pandas' string dtype, missing values NaN.
-            data[column.name] = pd.Series(_levels(column, value, unseen), dtype="str")
+            data[column.name] = _levels(column, value, unseen)
         else:
             data[column.name] = _datetimes(column, value).to_numpy()
-    return pd.DataFrame(data, index=pd.RangeIndex(rows))
+    return data
+
+
+def batch_frame(inputs: list[InputColumn], parts: list[Rows]) -> pd.DataFrame:
+    """Several requests' rows, in order, as the one frame the fitted transformer takes: training's
+    column order and types (the loader's text columns are pandas' string dtype, missing values NaN)."""
+    data: dict[str, Any] = {}
+    for column in inputs:
+        values = parts[0][column.name] if len(parts) == 1 else np.concatenate([part[column.name] for part in parts])
+        data[column.name] = pd.Series(values, dtype="str") if column.role == "categorical" else values
+    return pd.DataFrame(data)

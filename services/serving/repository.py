@@ -120,8 +120,8 @@ class Repository:
         entry = self._entry(name, version)
         served: ServedVersion = await self.runtime.to_thread(load_version, self.store, name, entry)
 
-        async def compute(frames: list[Any]) -> Outputs:
-            outputs: Outputs = await self.runtime.to_thread(served.predict_rows, frames)
+        async def compute(parts: list[Any]) -> Outputs:
+            outputs: Outputs = await self.runtime.to_thread(served.predict_rows, parts)
             return outputs
 
         batcher = Batcher(

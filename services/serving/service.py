@@ -143,7 +143,7 @@ class ServingServicer(pb_grpc.GRPCInferenceServiceServicer):
                     _prepare, served, request, unseen, self.settings.serving_max_request_rows
                 )
             )
-            outputs = await slot.batcher.predict(prepared.frame) if prepared.rows else {}
+            outputs = await slot.batcher.predict(prepared.read, prepared.rows) if prepared.rows else {}
             if small:
                 response = _respond(served, request, prepared.wanted, outputs)
             else:
@@ -204,7 +204,7 @@ class ServingServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 @dataclass
 class _Prepared:
-    frame: Any  # the rows as the transformer takes them (a DataFrame); None for zero rows
+    read: Any  # the request's columns, read as training read them
     rows: int
     wanted: list[str]  # the outputs asked for, in order; empty: all
 
@@ -217,8 +217,7 @@ def _prepare(served: ServedVersion, request: pb.ModelInferRequest, unseen: str, 
     for name in wanted:
         if name not in produced:
             raise InvalidArgument(f"output {shown(name)} is not one this model gives; it gives {', '.join(produced)}")
-    frame = served.frame(columns, rows, unseen) if rows else None
-    return _Prepared(frame, rows, wanted or produced)
+    return _Prepared(served.read(columns, rows, unseen) if rows else {}, rows, wanted or produced)
 
 
 def _respond(
