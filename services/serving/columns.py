@@ -244,6 +244,24 @@ def read_rows(
     return data
 
 
+def check_magnitudes(inputs: list[InputColumn], read: Rows, given: list[Column], limit: float) -> None:
+    """Numbers beyond what the model computes in (tree models work in float32) are the caller's to fix."""
+    by_name = {column.name: column for column in given}
+    for column in inputs:
+        if column.role != "numeric":
+            continue
+        values = read[column.name]
+        beyond = np.flatnonzero(np.abs(np.nan_to_num(values, nan=0.0)) > limit)
+        if beyond.size:
+            raise _refuse(
+                column,
+                beyond,
+                by_name[column.name].values,
+                f"are beyond what this model computes in (float32, at most {limit:.3g} in size)",
+                "send values within that range",
+            )
+
+
 def batch_frame(inputs: list[InputColumn], parts: list[Rows]) -> pd.DataFrame:
     """Several requests' rows, in order, as the one frame the fitted transformer takes: training's
     column order and types (the loader's text columns are pandas' string dtype, missing values NaN)."""

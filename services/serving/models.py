@@ -19,10 +19,18 @@ import pandas as pd
 import sklearn
 
 from services.runtime import formats
-from services.runtime.errors import FailedPrecondition, StageError
+from services.runtime.errors import FailedPrecondition, InvalidArgument, StageError
 from services.runtime.roles import FEATURE_ROLES
 from services.runtime.store import ArtifactStore, ref_from_dict
-from services.serving.columns import InputColumn, Rows, advertised_datatype, batch_frame, encoder_levels, read_rows
+from services.serving.columns import (
+    InputColumn,
+    Rows,
+    advertised_datatype,
+    batch_frame,
+    check_magnitudes,
+    encoder_levels,
+    read_rows,
+)
 from services.serving.compiled import CompiledTransformer, compile_transformer
 from services.serving.tensors import Column
 
@@ -33,6 +41,9 @@ PLATFORM = "mlmesh_sklearn"
 PREDICTED = "predicted"  # class names (BYTES) or regression values (FP64), one per row
 PROBABILITIES = "probabilities"  # FP64 [rows, classes], classification models that give them
 CLASSES = "classes"  # BYTES [classes]: the class of each probabilities column
+# Models whose predictions cast inputs to float32 (scikit-learn's trees and forests).
+FLOAT32_MODULES = ("sklearn.tree.", "sklearn.ensemble._forest", "sklearn.ensemble._gb")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -85,8 +96,26 @@ class ServedVersion:
             listed += [(PROBABILITIES, "FP64", [-1, len(self.classes)]), (CLASSES, "BYTES", [len(self.classes)])]
         return listed
 
+    @property
+    def computes_in_float32(self) -> bool:
+        """Tree models (forests, single trees, gradient boosting) cast their inputs to float32."""
+        return type(self.model).__module__.startswith(FLOAT32_MODULES)
+
     def read(self, given: list[Column], rows: int, unseen: str) -> Rows:
-        return read_rows(self.inputs, self.other_columns, given, rows, unseen)
+        read = read_rows(self.inputs, self.other_columns, given, rows, unseen)
+        if self.computes_in_float32:
+            check_magnitudes(self.inputs, read, given, FLOAT32_MAX)
+        return read
+
+    def no_rows(self) -> dict[str, np.ndarray]:
+        """The outputs of a batch of zero rows: empty, with the shapes and types of any other."""
+        if self.task != "classification":
+            return {PREDICTED: np.empty(0, dtype="float64")}
+        outputs = {PREDICTED: np.empty(0, dtype=object)}
+        if self.gives_probabilities:
+            outputs[PROBABILITIES] = np.empty((0, len(self.classes)), dtype="float64")
+            outputs[CLASSES] = self.classes
+        return outputs
 
     def predict_rows(self, parts: list[Rows]) -> dict[str, np.ndarray]:
         """Every output for several requests' rows, in order: one batch."""
@@ -114,6 +143,11 @@ class ServedVersion:
     def predict_matrix(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
         """Every output for the transformed rows: what the evaluator computes on x_test (the
         same frame around the matrix, so the same arithmetic)."""
+        if self.computes_in_float32 and np.abs(matrix).max(initial=0.0) > FLOAT32_MAX:
+            raise InvalidArgument(
+                "after the fitted scaling, a value is beyond what this model computes in (float32, at most "
+                f"{FLOAT32_MAX:.3g} in size); send values closer to the training range"
+            )
         names = getattr(self.model, "feature_names_in_", None)
         x: Any = matrix if names is None else pd.DataFrame(matrix, columns=[str(n) for n in names], copy=False)
         with np.errstate(over="ignore", invalid="ignore"):

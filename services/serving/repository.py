@@ -82,6 +82,8 @@ class Repository:
         self.problems: dict[tuple[str, int], str] = {}  # versions that failed to load, and why
         self.loading: set[str] = set()
         self._load_lock = asyncio.Lock()
+        # Counts this replica's policy changes, so a poll that read the store before one never undoes it.
+        self._policy_epoch = 0
         self.first_pass = asyncio.Event()
 
     # ---- the registry and the policy, as stored ------------------------------------------
@@ -158,19 +160,28 @@ class Repository:
             )
 
     async def refresh(self) -> None:
-        """One poll: read the registry and the policy, and roll out what changed."""
-        self.documents, self.policy = await self.runtime.to_thread(self._read)
-        for name in list(self.current):
-            if self._wanted(name) is None:
-                self._drop(name)
-        for name in sorted(self.documents):
-            wanted = self._wanted(name)
-            slot = self.current.get(name)
-            if wanted is None or (slot and slot.served.version == wanted) or (name, wanted) in self.problems:
-                continue
+        """One poll: read the registry and the policy, and roll out what changed.
+
+        A load, pin or unload made here while the poll read the store is newer than what the poll
+        read: the poll then keeps this replica's policy (the epoch tells), and every decision is
+        taken again under the load lock, so a poll never undoes an operator's call."""
+        epoch = self._policy_epoch
+        documents, policy = await self.runtime.to_thread(self._read)
+        self.documents = documents
+        if epoch == self._policy_epoch:
+            self.policy = policy
+        for name in sorted(set(self.current) | set(self.documents)):
             async with self._load_lock:
                 if self.runtime.stopping.is_set():
                     return
+                wanted = self._wanted(name)
+                slot = self.current.get(name)
+                if wanted is None:
+                    if slot is not None:
+                        self._drop(name)
+                    continue
+                if (slot and slot.served.version == wanted) or (name, wanted) in self.problems:
+                    continue
                 with contextlib.suppress(StageError):  # recorded in problems; RepositoryIndex shows it
                     await self._roll_out(name, wanted)
         self.first_pass.set()
@@ -204,14 +215,14 @@ class Repository:
         """The loaded version a request names, loading an older version on demand."""
         self._known(name)
         version = parse_version(version_text)
+        if (self.policy.get(name) or {}).get("unloaded"):
+            raise FailedPrecondition(
+                f"model {name!r} is unloaded; load it with RepositoryModelLoad (mlmesh serving follow {name})"
+            )
         current = self.current.get(name)
         if version is None or (current and current.served.version == version):
             if current is not None:
                 return current
-            if (self.policy.get(name) or {}).get("unloaded"):
-                raise FailedPrecondition(
-                    f"model {name!r} is unloaded; load it with RepositoryModelLoad (mlmesh serving load {name})"
-                )
             wanted = self._wanted(name)
             if wanted is not None and (name, wanted) in self.problems:
                 raise FailedPrecondition(f"model {name!r} has no servable version: {self.problems[(name, wanted)]}")
@@ -230,6 +241,8 @@ class Repository:
     def ready(self, name: str, version_text: str) -> bool:
         self._known(name)
         version = parse_version(version_text)
+        if (self.policy.get(name) or {}).get("unloaded"):
+            return False
         current = self.current.get(name)
         if version is None:
             return current is not None
@@ -265,6 +278,8 @@ class Repository:
         return rows
 
     async def _set_policy(self, name: str, choice: dict[str, Any]) -> None:
+        """Record an operator's choice in the store and here (the caller holds the load lock)."""
+
         def write() -> None:
             stored = self.store.load_doc(POLICY) or {}
             kept = stored.get("models")
@@ -272,26 +287,30 @@ class Repository:
             models[name] = choice
             self.store.write_doc(POLICY, {"models": models})
 
-        async with self._load_lock:
-            await self.runtime.to_thread(write)
+        await self.runtime.to_thread(write)
         self.policy[name] = choice
+        self._policy_epoch += 1
 
     async def load(self, name: str, version: int | None) -> int:
-        """Serve `name` (pinned to `version`, or following the newest); returns the version now serving."""
-        self.documents, self.policy = await self.runtime.to_thread(self._read)
-        self._known(name)
-        if version is not None:
-            self._entry(name, version)  # NotFound for a version that does not exist
-        target = version if version is not None else int(self.documents[name]["versions"][-1]["version"])
-        current = self.current.get(name)
-        if current is None or current.served.version != target:
-            async with self._load_lock:
-                await self._roll_out(name, target)  # a failure leaves the policy and the current version as they were
-        await self._set_policy(name, {"pinned": version} if version is not None else {})
+        """Serve `name` (pinned to `version`, or following the newest); returns the version now serving.
+        A version that fails to load leaves the policy and the served version as they were."""
+        async with self._load_lock:
+            self.documents, self.policy = await self.runtime.to_thread(self._read)
+            self._policy_epoch += 1
+            self._known(name)
+            if version is not None:
+                self._entry(name, version)  # NotFound for a version that does not exist
+            target = version if version is not None else int(self.documents[name]["versions"][-1]["version"])
+            current = self.current.get(name)
+            if current is None or current.served.version != target:
+                await self._roll_out(name, target)
+            await self._set_policy(name, {"pinned": version} if version is not None else {})
         return target
 
     async def unload(self, name: str) -> None:
-        self.documents, self.policy = await self.runtime.to_thread(self._read)
-        self._known(name)
-        await self._set_policy(name, {"unloaded": True})
-        self._drop(name)
+        async with self._load_lock:
+            self.documents, self.policy = await self.runtime.to_thread(self._read)
+            self._policy_epoch += 1
+            self._known(name)
+            await self._set_policy(name, {"unloaded": True})
+            self._drop(name)

@@ -143,7 +143,7 @@ class ServingServicer(pb_grpc.GRPCInferenceServiceServicer):
                     _prepare, served, request, unseen, self.settings.serving_max_request_rows
                 )
             )
-            outputs = await slot.batcher.predict(prepared.read, prepared.rows) if prepared.rows else {}
+            outputs = await slot.batcher.predict(prepared.read, prepared.rows) if prepared.rows else served.no_rows()
             if small:
                 response = _respond(served, request, prepared.wanted, outputs)
             else:
@@ -184,6 +184,11 @@ class ServingServicer(pb_grpc.GRPCInferenceServiceServicer):
             if choice == "int64_param":
                 version = parse_version(str(value.int64_param))
             elif choice == "string_param":
+                if not value.string_param:
+                    raise InvalidArgument(
+                        'parameter version is empty; name a version such as "3", or leave the parameter out '
+                        "to follow the newest version"
+                    )
                 version = parse_version(value.string_param)
             else:
                 raise InvalidArgument('parameter version must be a number or a string such as "3"')
@@ -217,7 +222,8 @@ def _prepare(served: ServedVersion, request: pb.ModelInferRequest, unseen: str, 
     for name in wanted:
         if name not in produced:
             raise InvalidArgument(f"output {shown(name)} is not one this model gives; it gives {', '.join(produced)}")
-    return _Prepared(served.read(columns, rows, unseen) if rows else {}, rows, wanted or produced)
+    # Even an empty batch is checked column by column: its columns must be the model's.
+    return _Prepared(served.read(columns, rows, unseen), rows, wanted or produced)
 
 
 def _respond(

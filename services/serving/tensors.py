@@ -145,6 +145,8 @@ def _raw(tensor: Any, data: bytes, rows: int) -> np.ndarray:
             f"input {shown(tensor.name)}: raw contents of {len(data)} bytes do not hold {rows} {tensor.datatype} values "
             f"({rows * dtype.itemsize} bytes)"
         )
+    if tensor.datatype == "BOOL" and np.frombuffer(data, dtype=np.uint8).max(initial=0) > 1:
+        raise InvalidArgument(f"input {shown(tensor.name)}: raw BOOL bytes must each be 0 or 1")
     return np.frombuffer(data, dtype=dtype)
 
 
