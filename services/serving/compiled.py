@@ -51,33 +51,30 @@ def _frame(columns: Columns, names: list[str], kinds: dict[str, str]) -> pd.Data
     )
 
 
+def _centre_then_divide(centre: np.ndarray | None, spread: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:
+    """StandardScaler's and RobustScaler's transform: subtract, then divide, in place, as they do."""
+
+    def scale(x: np.ndarray) -> np.ndarray:
+        if centre is not None:
+            x -= centre
+        if spread is not None:
+            x /= spread
+        return x
+
+    return scale
+
+
 def _scale(scaler: Any) -> Callable[[np.ndarray], np.ndarray]:
     if scaler == "passthrough" or scaler is None:
         return lambda x: x
     if type(scaler) is StandardScaler:
-        mean = scaler.mean_ if scaler.with_mean else None
-        scale = scaler.scale_ if scaler.with_std else None
-
-        def standard(x: np.ndarray) -> np.ndarray:
-            if mean is not None:
-                x -= mean
-            if scale is not None:
-                x /= scale
-            return x
-
-        return standard
+        return _centre_then_divide(
+            scaler.mean_ if scaler.with_mean else None, scaler.scale_ if scaler.with_std else None
+        )
     if type(scaler) is RobustScaler:
-        center = scaler.center_ if scaler.with_centering else None
-        spread = scaler.scale_ if scaler.with_scaling else None
-
-        def robust(x: np.ndarray) -> np.ndarray:
-            if center is not None:
-                x -= center
-            if spread is not None:
-                x /= spread
-            return x
-
-        return robust
+        return _centre_then_divide(
+            scaler.center_ if scaler.with_centering else None, scaler.scale_ if scaler.with_scaling else None
+        )
     if type(scaler) is MinMaxScaler:
         low, high = scaler.feature_range
 
