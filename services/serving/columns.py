@@ -101,8 +101,11 @@ def _numbers(column: InputColumn, given: Column) -> np.ndarray:
         raise InvalidArgument(
             f"column {shown(column.name)} is numeric: send it as {column.datatype} (or another number type), not BYTES"
         )
-    numbers = given.values.astype("float64")
-    return np.where(np.isinf(numbers), np.nan, numbers)
+    numbers = given.values.astype("float64")  # always a new array: the request's buffer stays read-only
+    infinite = np.isinf(numbers)
+    if infinite.any():
+        numbers[infinite] = np.nan
+    return numbers
 
 
 def _booleans(column: InputColumn, given: Column) -> np.ndarray:

@@ -68,20 +68,23 @@ class Column:
 
 
 def _rows(tensor: Any, max_rows: int) -> int:
-    shape = list(tensor.shape)
+    # On every input of every request: the common case is checked first, and names are quoted only in refusals.
+    shape = tensor.shape
+    dimensions = len(shape)
+    rows = shape[0] if dimensions else -1
+    if 0 <= rows <= max_rows and (dimensions == 1 or (dimensions == 2 and shape[1] == 1)):
+        return int(rows)
     name = shown(tensor.name)
-    if not 1 <= len(shape) <= 2 or (len(shape) == 2 and shape[1] != 1):
+    if not 1 <= dimensions <= 2 or (dimensions == 2 and shape[1] != 1):
         raise InvalidArgument(
-            f"input {name} has shape {shape[:4]}; each input is one column, of shape [rows] or [rows, 1]"
+            f"input {name} has shape {list(shape)[:4]}; each input is one column, of shape [rows] or [rows, 1]"
         )
-    if shape[0] < 0:
-        raise InvalidArgument(f"input {name} has a negative dimension {shape[0]}; send the row count")
-    if shape[0] > max_rows:
-        raise ResourceExhausted(
-            f"input {name} has {shape[0]} rows; this server takes at most {max_rows} rows per request "
-            "(MLMESH_SERVING_MAX_REQUEST_ROWS); split the batch"
-        )
-    return int(shape[0])
+    if rows < 0:
+        raise InvalidArgument(f"input {name} has a negative dimension {rows}; send the row count")
+    raise ResourceExhausted(
+        f"input {name} has {rows} rows; this server takes at most {max_rows} rows per request "
+        "(MLMESH_SERVING_MAX_REQUEST_ROWS); split the batch"
+    )
 
 
 def _typed(tensor: Any, rows: int) -> np.ndarray:
@@ -166,12 +169,13 @@ def decode_inputs(request: pb.ModelInferRequest, max_rows: int, max_inputs: int)
     seen: set[str] = set()
     rows: int | None = None
     for position, tensor in enumerate(inputs):
-        if tensor.name in seen:
-            raise InvalidArgument(f"input {shown(tensor.name)} appears twice; send each column once")
-        seen.add(tensor.name)
-        if tensor.datatype not in DATATYPES:
+        name, datatype = tensor.name, tensor.datatype
+        if name in seen:
+            raise InvalidArgument(f"input {shown(name)} appears twice; send each column once")
+        seen.add(name)
+        if datatype not in DATATYPES:
             raise InvalidArgument(
-                f"input {shown(tensor.name)} has datatype {shown(tensor.datatype)}; the protocol's are {', '.join(DATATYPES)}"
+                f"input {shown(name)} has datatype {shown(datatype)}; the protocol's are {', '.join(DATATYPES)}"
             )
         count = _rows(tensor, max_rows)
         if rows is None:
@@ -182,7 +186,7 @@ def decode_inputs(request: pb.ModelInferRequest, max_rows: int, max_inputs: int)
                 "every column of a batch has one value per row"
             )
         values = _raw(tensor, raw[position], count) if raw else _typed(tensor, count)
-        columns.append(Column(tensor.name, tensor.datatype, values))
+        columns.append(Column(name, datatype, values))
     assert rows is not None, "there is at least one input"
     return columns, rows
 
