@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import dataclasses
 import json
 import random
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,10 +41,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlmesh.serving.v2 import open_inference_pb2 as pb
 from mlmesh.serving.v2 import open_inference_pb2_grpc as pb_grpc
 from services.client.mesh import MeshClient, PipelineConfig, PipelineRun, register_request
+from services.runtime import registry
 from services.runtime.catalog import STAGES
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings
-from services.runtime.store import ArtifactStore
+from services.runtime.store import ArtifactStore, ref_to_dict
+from services.serving.repository import POLICY
 from tests.helpers import StartedStagesClient
 from tests.serving_support import (
     Trained,
@@ -56,9 +60,11 @@ from tests.serving_support import (
     trained,
     write_mixed_csv,
 )
-from tests.test_observability import scrape, value
+from tests.test_observability import scrape
+from tests.test_observability import value as sample
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# One mesh and one set of trained models for the whole module: its tests share one xdist worker.
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("serving")]
 
 MAX_REQUEST_ROWS = 200  # MLMESH_SERVING_MAX_REQUEST_ROWS of this module's mesh: every test split fits
 CLASSIFY = {"accuracy": 0.0}  # thresholds every model meets, so each run is a PROMOTE and registered
@@ -94,6 +100,9 @@ SCRATCH = {
     "pinned": ["mixed-lr", "mixed-rf"],
     "fuzzed": ["iris-rf", "mixed-rf"],
     "guarded": ["mixed-rf"],
+    "unloaded": ["iris-rf"],
+    "raced": ["iris-rf"],
+    "raced-pin": ["mixed-lr", "mixed-rf"],
 }
 
 
@@ -332,8 +341,8 @@ async def test_concurrent_requests_really_share_batches(world: World) -> None:
     before = scrape(world.metrics_url)
     await asyncio.gather(*(world.infer(request_for(model, [row % model.rows])) for row in range(64)))
     after = scrape(world.metrics_url)
-    batches = value(after, "mlmesh_serving_batch_rows_count") - value(before, "mlmesh_serving_batch_rows_count")
-    rows = value(after, "mlmesh_serving_batch_rows_sum") - value(before, "mlmesh_serving_batch_rows_sum")
+    batches = sample(after, "mlmesh_serving_batch_rows_count") - sample(before, "mlmesh_serving_batch_rows_count")
+    rows = sample(after, "mlmesh_serving_batch_rows_sum") - sample(before, "mlmesh_serving_batch_rows_sum")
     assert rows == 64 and 1 <= batches < 64, (batches, rows)
 
 
@@ -524,3 +533,626 @@ def _named(model: Trained, name: str, rows: list[int], version: str = "") -> pb.
     request = request_for(model, rows, version=version)
     request.model_name = name
     return request
+
+
+# ---- bad input: each its honest code, the column named, nothing unbounded ------------------------
+INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+LONG_NAME = "n" * 1_000_000  # a 1 MB column name: a message may name it, never quote it whole
+
+
+def _base(world: World, rows: int = 3, raw: bool = False) -> pb.ModelInferRequest:
+    model = world.models["mixed-rf"]
+    return request_for(model, model.seen_rows[:rows], raw=raw, encode=False)
+
+
+def _input(request: pb.ModelInferRequest, name: str) -> Any:
+    return next(tensor for tensor in request.inputs if tensor.name == name)
+
+
+def _position(request: pb.ModelInferRequest, name: str) -> int:
+    return next(i for i, tensor in enumerate(request.inputs) if tensor.name == name)
+
+
+def _drop(request: pb.ModelInferRequest, name: str) -> pb.ModelInferRequest:
+    kept = [tensor for tensor in request.inputs if tensor.name != name]
+    del request.inputs[:]
+    request.inputs.extend(kept)
+    return request
+
+
+def _add(
+    request: pb.ModelInferRequest, name: str, datatype: str = "FP64", values: Any = (1.0, 2.0, 3.0), shape: Any = None
+) -> pb.ModelInferRequest:
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=list(shape or [len(values)]))
+    field = {"FP64": "fp64_contents", "BYTES": "bytes_contents", "INT64": "int64_contents", "BOOL": "bool_contents"}[
+        datatype
+    ]
+    getattr(tensor.contents, field).extend(values)
+    return request
+
+
+def _retype(request: pb.ModelInferRequest, name: str, datatype: str, **contents: Any) -> pb.ModelInferRequest:
+    tensor = _input(request, name)
+    tensor.datatype = datatype
+    tensor.ClearField("contents")
+    for field, values in contents.items():
+        getattr(tensor.contents, field).extend(values)
+    return request
+
+
+def _set_bytes(request: pb.ModelInferRequest, name: str, values: list[bytes]) -> pb.ModelInferRequest:
+    return _retype(request, name, "BYTES", bytes_contents=values)
+
+
+def _raw_set(request: pb.ModelInferRequest, name: str, data: bytes) -> pb.ModelInferRequest:
+    request.raw_input_contents[_position(request, name)] = data
+    return request
+
+
+def _rows(world: World, count: int) -> pb.ModelInferRequest:
+    model = world.models["mixed-rf"]
+    return request_for(model, [model.seen_rows[i % len(model.seen_rows)] for i in range(count)], encode=False)
+
+
+def _with(request: pb.ModelInferRequest, **fields: Any) -> pb.ModelInferRequest:
+    for key, value in fields.items():
+        setattr(request, key, value)
+    return request
+
+
+def _parameter(request: pb.ModelInferRequest, key: str, **choice: Any) -> pb.ModelInferRequest:
+    for field, value in choice.items():
+        setattr(request.parameters[key], field, value)
+    return request
+
+
+BAD_INPUTS = {
+    # columns
+    "missing column": (lambda w: _drop(_base(w), "cat"), INVALID, ("lacks 1 input column", "'cat'")),
+    "several missing columns": (
+        lambda w: _drop(_drop(_base(w), "cat"), "when"),
+        INVALID,
+        ("lacks 2", "'cat'", "'when'"),
+    ),
+    "extra column": (lambda w: _add(_base(w), "colour"), INVALID, ("'colour'", "not a column of the training table")),
+    "extra column, 1 MB name": (lambda w: _add(_base(w), LONG_NAME), INVALID, ("not a column", "...")),
+    "duplicated column": (lambda w: _add(_base(w), "num"), INVALID, ("'num'", "twice")),
+    "duplicated column, 1 MB name": (lambda w: _add(_add(_base(w), LONG_NAME), LONG_NAME), INVALID, ("twice",)),
+    "no inputs": (lambda w: _with(pb.ModelInferRequest(), model_name="mixed-rf"), INVALID, ("no inputs",)),
+    # datatypes
+    "number as BYTES": (lambda w: _set_bytes(_base(w), "num", [b"1", b"2", b"3"]), INVALID, ("'num'", "BYTES")),
+    "datetime as FP64": (
+        lambda w: _retype(_base(w), "when", "FP64", fp64_contents=[1.0, 2.0, 3.0]),
+        INVALID,
+        ("'when'", "ISO 8601"),
+    ),
+    "not a protocol datatype": (
+        lambda w: _retype(_base(w), "num", "FLOAT64", fp64_contents=[1.0, 2.0, 3.0]),
+        INVALID,
+        ("'num'", "'FLOAT64'"),
+    ),
+    "FP16 in typed contents": (
+        lambda w: _retype(_base(w), "num", "FP16", fp32_contents=[1.0, 2.0, 3.0]),
+        INVALID,
+        ("'num'", "raw_input_contents"),
+    ),
+    "values in another type's field": (
+        lambda w: _retype(_base(w), "num", "FP64", int64_contents=[1, 2, 3]),
+        INVALID,
+        ("'num'", "int64_contents"),
+    ),
+    "INT8 out of range": (
+        lambda w: _retype(_base(w), "count", "INT8", int_contents=[1, 300, 2]),
+        INVALID,
+        ("'count'", "INT8"),
+    ),
+    "boolean 2": (
+        lambda w: _retype(_base(w), "flag", "FP64", fp64_contents=[1.0, 2.0, 0.0]),
+        INVALID,
+        ("'flag'", "row 1"),
+    ),
+    "boolean maybe": (
+        lambda w: _set_bytes(_base(w), "flag", [b"true", b"maybe", b"no"]),
+        INVALID,
+        ("'flag'", "'maybe'"),
+    ),
+    # shapes
+    "shape [3, 2]": (lambda w: _with_shape(_base(w), "num", [3, 2]), INVALID, ("'num'", "[3, 2]", "one column")),
+    "shape [2, 2]": (lambda w: _with_shape(_base(w), "num", [2, 2]), INVALID, ("'num'", "[2, 2]")),
+    "shape []": (lambda w: _with_shape(_base(w), "num", []), INVALID, ("'num'", "shape")),
+    "negative rows": (lambda w: _with_shape(_base(w), "num", [-3]), INVALID, ("'num'", "negative")),
+    "mismatched rows": (lambda w: _with_shape(_base(w), "cat", [2], values=2), INVALID, ("'cat'", "2 rows", "have 3")),
+    "contents count is not the shape": (
+        lambda w: _with_shape(_base(w), "num", [4]),
+        INVALID,
+        ("'num'", "shape [4] but 3 values"),
+    ),
+    "shape [3, 1] is one column": (lambda w: _with_shape(_base(w), "num", [3, 1]), None, ()),
+    # values
+    "unseen category": (
+        lambda w: _set_bytes(_base(w), "cat", [b"red", b"purple", b"blue"]),
+        INVALID,
+        ("'cat'", "row 1: 'purple'", "unseen_levels=encode"),
+    ),
+    "unseen category, encoded": (
+        lambda w: _parameter(
+            _set_bytes(_base(w), "cat", [b"red", b"purple", b"blue"]), "unseen_levels", string_param="encode"
+        ),
+        None,
+        (),
+    ),
+    "unseen_levels not a policy": (
+        lambda w: _parameter(_base(w), "unseen_levels", string_param="ENCODE"),
+        INVALID,
+        ("unseen_levels",),
+    ),
+    "unseen_levels not a string": (
+        lambda w: _parameter(_base(w), "unseen_levels", bool_param=True),
+        INVALID,
+        ("unseen_levels", "string"),
+    ),
+    "unparseable datetime": (
+        lambda w: _set_bytes(_base(w), "when", [b"2024-01-02", b"yesterday", b""]),
+        INVALID,
+        ("'when'", "row 1: 'yesterday'", "ISO 8601"),
+    ),
+    "impossible date": (
+        lambda w: _set_bytes(_base(w), "when", [b"2024-13-45", b"2024-01-01", b""]),
+        INVALID,
+        ("'when'", "row 0"),
+    ),
+    "bad UTF-8": (
+        lambda w: _set_bytes(_base(w), "cat", [b"red", b"\xff\xfe", b"blue"]),
+        INVALID,
+        ("'cat'", "row 1", "UTF-8"),
+    ),
+    "a long bad value is cut short": (
+        lambda w: _set_bytes(_base(w), "cat", [b"x" * 100_000, b"red", b"blue"]),
+        INVALID,
+        ("'cat'", "row 0", "..."),
+    ),
+    "empty and NaN are missing": (
+        lambda w: _retype(
+            _set_bytes(_base(w), "cat", [b"", b"", b""]), "num", "FP64", fp64_contents=[float("nan")] * 3
+        ),
+        None,
+        (),
+    ),
+    "booleans as text and numbers as INT32": (
+        lambda w: _retype(
+            _set_bytes(_base(w), "flag", [b"true", b"False", b"1"]), "count", "INT32", int_contents=[1, 2, 3]
+        ),
+        None,
+        (),
+    ),
+    # sizes
+    "more rows than MLMESH_SERVING_MAX_REQUEST_ROWS": (
+        lambda w: _rows(w, MAX_REQUEST_ROWS + 1),
+        EXHAUSTED,
+        (f"at most {MAX_REQUEST_ROWS} rows", "split the batch"),
+    ),
+    "a huge row count claimed": (
+        lambda w: _with_shape(_base(w), "num", [2**62]),
+        EXHAUSTED,
+        ("'num'", f"at most {MAX_REQUEST_ROWS}"),
+    ),
+    "as many rows as allowed": (lambda w: _rows(w, MAX_REQUEST_ROWS), None, ()),
+    "over 4 MiB": (
+        lambda w: _set_bytes(_base(w), "cat", [b"x" * (5 << 20), b"", b""]),
+        EXHAUSTED,
+        ("larger than max",),
+    ),
+    "too many parameters": (lambda w: _many_parameters(_base(w), 17), INVALID, ("17 parameters",)),
+    "a long id": (lambda w: _with(_base(w), id="i" * 10_000), INVALID, ("id is longer",)),
+    # which model
+    "unknown model": (
+        lambda w: _with(_base(w), model_name="no-such-model"),
+        grpc.StatusCode.NOT_FOUND,
+        ("no-such-model", "RepositoryIndex"),
+    ),
+    "a model name no registry takes": (
+        lambda w: _with(_base(w), model_name="../../etc/passwd"),
+        INVALID,
+        ("model name",),
+    ),
+    "a 1 MB model name": (lambda w: _with(_base(w), model_name=LONG_NAME), INVALID, ("model name",)),
+    "version text": (lambda w: _with(_base(w), model_version="latest"), INVALID, ("model_version", "'latest'")),
+    "version zero": (lambda w: _with(_base(w), model_version="0"), INVALID, ("model_version",)),
+    "version negative": (lambda w: _with(_base(w), model_version="-1"), INVALID, ("model_version",)),
+    "version with a dot": (lambda w: _with(_base(w), model_version="1.0"), INVALID, ("model_version",)),
+    "version in other digits": (lambda w: _with(_base(w), model_version="\uff11"), INVALID, ("model_version",)),
+    "version too long": (lambda w: _with(_base(w), model_version="1" * 100_000), INVALID, ("model_version",)),
+    "version not registered": (
+        lambda w: _with(_base(w), model_version="7"),
+        grpc.StatusCode.NOT_FOUND,
+        ("no version 7", "1 to 1"),
+    ),
+    "unknown output": (lambda w: _requested(_base(w), "scores"), INVALID, ("'scores'", "predicted")),
+    "an output a regressor lacks": (
+        lambda w: _requested(_named(w.models["mixed-ridge"], "mixed-ridge", [0]), "probabilities"),
+        INVALID,
+        ("'probabilities'",),
+    ),
+    # raw contents
+    "raw contents count": (
+        lambda w: _raw_count(_base(w, raw=True), 2),
+        INVALID,
+        ("raw_input_contents has 2 entries for 7 inputs",),
+    ),
+    "raw byte length": (
+        lambda w: _raw_set(_base(w, raw=True), "num", b"\x00" * 20),
+        INVALID,
+        ("'num'", "20 bytes", "24 bytes"),
+    ),
+    "raw BYTES element overrun": (
+        lambda w: _raw_set(_base(w, raw=True), "cat", (1000).to_bytes(4, "little") + b"red"),
+        INVALID,
+        ("'cat'", "runs past the end"),
+    ),
+    "raw BYTES too few elements": (
+        lambda w: _raw_set(_base(w, raw=True), "cat", (3).to_bytes(4, "little") + b"red"),
+        INVALID,
+        ("'cat'", "hold 1 elements, not 3"),
+    ),
+    "raw BYTES too many elements": (
+        lambda w: _raw_set(_base(w, raw=True), "cat", b"".join((3).to_bytes(4, "little") + b"red" for _ in range(4))),
+        INVALID,
+        ("'cat'", "more than the 3"),
+    ),
+    "raw BYTES a truncated length": (lambda w: _raw_set(_base(w, raw=True), "cat", b"\x03\x00"), INVALID, ("'cat'",)),
+    "raw and typed at once": (
+        lambda w: _both(_base(w, raw=True), "num"),
+        INVALID,
+        ("'num'", "both contents and raw_input_contents"),
+    ),
+    "raw BOOL of 2": (lambda w: _raw_set(_base(w, raw=True), "flag", b"\x01\x02\x00"), INVALID, ("'flag'",)),
+}
+
+
+def _with_shape(
+    request: pb.ModelInferRequest, name: str, shape: list[int], values: int | None = None
+) -> pb.ModelInferRequest:
+    """`name`'s shape becomes `shape`; with `values`, its contents keep only that many values."""
+    tensor = _input(request, name)
+    del tensor.shape[:]
+    tensor.shape.extend(shape)
+    if values is not None:
+        for descriptor, _ in tensor.contents.ListFields():
+            del getattr(tensor.contents, descriptor.name)[values:]
+    return request
+
+
+def _many_parameters(request: pb.ModelInferRequest, count: int) -> pb.ModelInferRequest:
+    for index in range(count):
+        request.parameters[f"p{index}"].int64_param = index
+    return request
+
+
+def _requested(request: pb.ModelInferRequest, name: str) -> pb.ModelInferRequest:
+    request.outputs.add(name=name)
+    return request
+
+
+def _raw_count(request: pb.ModelInferRequest, count: int) -> pb.ModelInferRequest:
+    del request.raw_input_contents[count:]
+    return request
+
+
+def _both(request: pb.ModelInferRequest, name: str) -> pb.ModelInferRequest:
+    _input(request, name).contents.fp64_contents.extend([1.0, 2.0, 3.0])
+    return request
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+async def test_each_bad_input_gets_its_honest_code_and_names_the_column(world: World, case: str) -> None:
+    build, code, fragments = BAD_INPUTS[case]
+    request = build(world)
+    if code is None:  # the accepted neighbours of the refusals
+        response = await world.infer(request)
+        assert response.model_version == "1" and response.outputs
+        return
+    details = await refused(world, request, code, *fragments)
+    assert LONG_NAME[:MAX_ECHO] not in details and "x" * MAX_ECHO not in details and "1" * MAX_ECHO not in details
+    # Refused alone: the stage answers the next caller.
+    assert (await world.infer(_base(world))).model_version == "1"
+
+
+MAX_ECHO = 200
+
+
+# ---- the repository extension ----------------------------------------------------------------------
+def _load(name: str, **parameters: Any) -> pb.RepositoryModelLoadRequest:
+    request = pb.RepositoryModelLoadRequest(model_name=name)
+    for key, choice in parameters.items():
+        field, value = choice
+        setattr(request.parameters[key], field, value)
+    return request
+
+
+async def test_a_version_asked_by_number_answers_beside_the_served_one(world: World) -> None:
+    """ "pinned" serves version 2 (mixed-rf's model); version 1 (mixed-lr's) answers requests that name it."""
+    assert (await world.index())["pinned"].version == "2"
+    for version, recipe in (("1", "mixed-lr"), ("2", "mixed-rf"), ("", "mixed-rf")):
+        model = world.models[recipe]
+        rows = list(range(model.rows))
+        response = await world.infer(_named(model, "pinned", rows, version=version))
+        assert response.model_version == (version or "2")
+        assert_outputs_match(model, decode_response(response), rows, f"pinned version {version or 'served'}")
+    assert (await world.stub.ModelReady(pb.ModelReadyRequest(name="pinned", version="1"), timeout=5)).ready
+    assert (await world.index())["pinned"].version == "2", "answering version 1 by number rolls nothing back"
+
+
+async def test_repository_load_and_unload_refuse_what_they_cannot_do(world: World) -> None:
+    method = "RepositoryModelLoad"
+    await refused(world, _load("no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model", method=method)
+    await refused(
+        world, _load("pinned", version=("int64_param", 9)), grpc.StatusCode.NOT_FOUND, "no version 9", method=method
+    )
+    for bad in (0, -1, 2**63 - 1):
+        await refused(world, _load("pinned", version=("int64_param", bad)), INVALID, "model_version", method=method)
+    for bad in ("latest", "1.5", "v1", " 1"):
+        await refused(world, _load("pinned", version=("string_param", bad)), INVALID, "model_version", method=method)
+    await refused(world, _load("pinned", version=("bool_param", True)), INVALID, "version", method=method)
+    await refused(world, _load("pinned", version=("bytes_param", b"1")), INVALID, "version", method=method)
+    await refused(world, _load("pinned", config=("string_param", "{}")), INVALID, "'config'", method=method)
+    await refused(
+        world, _load("pinned", **{LONG_NAME: ("string_param", "x")}), INVALID, "unknown parameter", method=method
+    )
+    await refused(world, _with(_load("pinned"), repository_name="elsewhere"), INVALID, "'elsewhere'", method=method)
+    await refused(world, _load("../x"), INVALID, "model name", method=method)
+    await refused(world, _load(LONG_NAME), INVALID, "model name", method=method)
+    unload = "RepositoryModelUnload"
+    await refused(
+        world,
+        pb.RepositoryModelUnloadRequest(model_name="no-such-model"),
+        grpc.StatusCode.NOT_FOUND,
+        "no-such-model",
+        method=unload,
+    )
+    request = pb.RepositoryModelUnloadRequest(model_name="pinned")
+    request.parameters["cascade"].bool_param = True
+    await refused(world, request, INVALID, "'cascade'", method=unload)
+    await refused(
+        world, pb.RepositoryIndexRequest(repository_name=LONG_NAME), INVALID, "does not exist", method="RepositoryIndex"
+    )
+    # None of it moved the model; the repository name "registry" is the one repository.
+    assert (await world.index())["pinned"].version == "2"
+    reply = await world.stub.RepositoryIndex(
+        pb.RepositoryIndexRequest(repository_name="registry", ready=True), timeout=5
+    )
+    assert {m.state for m in reply.models} == {"READY"} and "pinned" in {m.name for m in reply.models}
+
+
+async def test_a_string_version_pins_and_no_version_follows_the_newest(world: World) -> None:
+    await world.stub.RepositoryModelLoad(_load("pinned", version=("string_param", "1")), timeout=30)
+    try:
+        assert (await world.index())["pinned"].reason == "pinned to version 1"
+        assert (await world.infer(_named(world.models["mixed-lr"], "pinned", [0]))).model_version == "1"
+    finally:
+        await world.stub.RepositoryModelLoad(_load("pinned"), timeout=30)
+    assert (await world.infer(_named(world.models["mixed-lr"], "pinned", [0]))).model_version == "2"
+
+
+async def test_an_unloaded_model_answers_no_request_until_it_is_loaded_again(world: World) -> None:
+    model = world.models["iris-rf"]
+    name = "unloaded"
+    await world.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=30)
+    try:
+        await asyncio.sleep(0.5)  # several polls (every 0.1 s): none serves it again
+        shown = (await world.index())[name]
+        assert (shown.state, shown.version) == ("UNLOADED", ""), shown
+        assert not (await world.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=5)).ready
+        assert not (await world.stub.ModelReady(pb.ModelReadyRequest(name=name, version="1"), timeout=5)).ready
+        await refused(
+            world, _named(model, name, [0]), grpc.StatusCode.FAILED_PRECONDITION, "unloaded", "RepositoryModelLoad"
+        )
+        await refused(
+            world,
+            pb.ModelMetadataRequest(name=name),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "unloaded",
+            method="ModelMetadata",
+        )
+    finally:
+        await world.stub.RepositoryModelLoad(_load(name), timeout=30)
+    assert (await world.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=5)).ready
+    response = await world.infer(_named(model, name, [0, 1]))
+    assert response.model_version == "1"
+    assert_outputs_match(model, decode_response(response), [0, 1], "loaded again")
+
+
+async def test_an_unloaded_model_answers_no_request_that_names_its_version(world: World) -> None:
+    """RepositoryModelUnload stops serving the name: naming a version must not load it back
+    behind the operator's back (and then report it ready)."""
+    model = world.models["iris-rf"]
+    name = "unloaded"
+    await world.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=30)
+    try:
+        await refused(world, _named(model, name, [0], version="1"), grpc.StatusCode.FAILED_PRECONDITION, "unloaded")
+        assert not (await world.stub.ModelReady(pb.ModelReadyRequest(name=name, version="1"), timeout=5)).ready
+        await refused(
+            world,
+            pb.ModelMetadataRequest(name=name, version="1"),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "unloaded",
+            method="ModelMetadata",
+        )
+    finally:
+        await world.stub.RepositoryModelLoad(_load(name), timeout=30)
+
+
+async def test_an_empty_version_parameter_is_refused_not_taken_as_follow_the_newest(world: World) -> None:
+    """A "version" parameter that names no version (a script's empty variable) must not silently
+    unpin: without the parameter the model follows the newest; with it, it names one version."""
+    await world.stub.RepositoryModelLoad(_load("pinned", version=("int64_param", 1)), timeout=30)
+    try:
+        await refused(
+            world, _load("pinned", version=("string_param", "")), INVALID, "version", method="RepositoryModelLoad"
+        )
+        assert (await world.index())["pinned"].reason == "pinned to version 1"
+    finally:
+        await world.stub.RepositoryModelLoad(_load("pinned"), timeout=30)
+
+
+def _corrupt(store: ArtifactStore, ref: Any) -> None:
+    """Overwrite an object's bytes in the store (same size, other bytes): bit rot, a bad copy."""
+    path = Path(store.resolve(ref.uri))
+    data = bytearray(path.read_bytes())
+    for index in range(0, len(data), max(1, len(data) // 64)):
+        data[index] ^= 0x5A
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
+async def test_a_version_with_corrupt_artifacts_never_replaces_the_served_one(world: World) -> None:
+    name = "guarded"
+    good = world.models["mixed-rf"]
+    before = scrape(world.metrics_url)
+    failures = sample(before, "mlmesh_serving_load_failures_total", model=name)
+    assert sample(before, "mlmesh_serving_live_version", model=name) == 1
+
+    # Version 2: its model is corrupted after it was registered. The evaluator reads a model's
+    # bytes before registering it, so the test writes the entry itself, with the same function.
+    run = await world.client.run_pipeline(
+        dataclasses.replace(_config(RECIPES["mixed-rf"], world.csv), hyperparameters={"n_estimators": "7"})
+    )
+    _corrupt(world.store, run.train.model)
+    entry = {
+        "model": ref_to_dict(run.train.model),
+        "metrics_report": ref_to_dict(run.evaluate.metrics_report),
+        "metrics": dict(run.evaluate.metrics),
+        "lineage": {key: ref_to_dict(ref) for key, ref in run.lineage().items()},
+    }
+    assert registry.register(world.store, name, entry)[0]["version"] == 2
+    reason = await _until_not_rolled_out(world, name, 2)
+    assert "model" in reason and "corrupt" in reason, reason
+
+    # Version 3: registered through the evaluator, whose lineage check reads sizes, not bytes; its
+    # transformer (a run of its own, minmax scaling) was corrupted before.
+    run = await world.client.run_pipeline(
+        dataclasses.replace(_config(RECIPES["mixed-rf"], world.csv), scaling="minmax")
+    )
+    _corrupt(world.store, run.features.transformer)
+    assert (await world.client.register_model(register_request(run, name))).model_version.version == 3
+    reason = await _until_not_rolled_out(world, name, 3)
+    assert "transformer" in reason and "corrupt" in reason, reason
+
+    # All along, version 1 answers every request, as the evaluator would.
+    rows = list(range(good.rows))
+    response = await world.infer(_named(good, name, rows))
+    assert response.model_version == "1"
+    assert_outputs_match(good, decode_response(response), rows, "the version kept")
+    await refused(world, _named(good, name, [0], version="2"), grpc.StatusCode.DATA_LOSS, "corrupt")
+    after = scrape(world.metrics_url)
+    assert sample(after, "mlmesh_serving_load_failures_total", model=name) == failures + 2
+    assert sample(after, "mlmesh_serving_live_version", model=name) == 1
+
+    # A good version 4 rolls out past them.
+    assert await world.register(name, "mixed-lr") == 4
+    await world.wait_served(name, 4)
+    assert (await world.infer(_named(world.models["mixed-lr"], name, [0]))).model_version == "4"
+
+
+async def _until_not_rolled_out(world: World, name: str, version: int, timeout: float = 30) -> str:
+    """RepositoryIndex's reason once it says `version` was not rolled out; meanwhile version 1 stays."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = (await world.index())[name]
+        assert (shown.state, shown.version) == ("READY", "1"), shown
+        if shown.reason.startswith(f"version {version} was not rolled out"):
+            assert_bounded(shown.reason)
+            return shown.reason
+        assert time.monotonic() < deadline, shown
+        await asyncio.sleep(0.05)
+
+
+async def test_metrics_count_requests_by_model_version_and_code(world: World) -> None:
+    model = world.models["iris-rf"]
+    labels = {"model": "iris-rf", "version": "1"}
+    before = scrape(world.metrics_url)
+    for _ in range(3):
+        await world.infer(request_for(model, [0, 1]))
+    await refused(world, _drop(request_for(model, [0]), model.inputs[0][0]), INVALID)
+    after = scrape(world.metrics_url)
+
+    def grew(name: str, **more: str) -> float:
+        return sample(after, name, **labels, **more) - sample(before, name, **labels, **more)
+
+    assert grew("mlmesh_serving_requests_total", code="OK") == 3
+    assert grew("mlmesh_serving_requests_total", code="INVALID_ARGUMENT") == 1
+    assert grew("mlmesh_serving_request_seconds_count") == 4
+    assert grew("mlmesh_serving_rows_total") == 6
+    assert sample(after, "mlmesh_serving_live_version", model="iris-rf") == 1
+    assert sample(after, "mlmesh_serving_batch_rows_count") > sample(before, "mlmesh_serving_batch_rows_count")
+
+
+# ---- a poll that read the registry before a repository call must not undo it -----------------------
+class HeldPolicyRead:
+    """Holds the serving poller's next read of serving/policy.json once it has read the file, until
+    released: a poll that started just before a repository call and ends just after it, made
+    certain instead of left to chance (the window is a few milliseconds of a 0.1 s poll)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.armed = False
+        self.read, self.released = threading.Event(), threading.Event()
+        original = ArtifactStore.load_doc
+
+        def load_doc(store: ArtifactStore, parts: tuple[str, ...]) -> Any:
+            document = original(store, parts)
+            if parts == POLICY and self.armed:
+                self.armed = False
+                self.read.set()
+                self.released.wait(10)
+            return document
+
+        monkeypatch.setattr(ArtifactStore, "load_doc", load_doc)
+
+    async def poller_has_read(self) -> None:
+        self.armed = True
+        assert await asyncio.to_thread(self.read.wait, 10), "the poller did not read the policy"
+
+
+async def _answers_only(world: World, request: pb.ModelInferRequest, version: str, seconds: float = 0.6) -> None:
+    """Every request for `seconds` (several polls) is answered, by `version`."""
+    deadline = time.monotonic() + seconds
+    seen = collections.Counter()
+    while time.monotonic() < deadline:
+        try:
+            seen[(await world.infer(request)).model_version] += 1
+        except grpc.aio.AioRpcError as error:
+            seen[error.code().name] += 1
+        await asyncio.sleep(0.01)
+    assert set(seen) == {version}, f"answers after the call returned: {dict(seen)}"
+
+
+async def test_a_load_is_not_undone_by_a_poll_that_read_the_policy_before_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, model = "raced", world.models["iris-rf"]
+    held = HeldPolicyRead(monkeypatch)
+    await world.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=30)
+    try:
+        await held.poller_has_read()  # the poll saw {"unloaded": true}
+        await world.stub.RepositoryModelLoad(_load(name), timeout=30)
+        assert (await world.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=5)).ready
+        held.released.set()
+        await _answers_only(world, _named(model, name, [0]), "1")
+    finally:
+        held.released.set()
+        await world.stub.RepositoryModelLoad(_load(name), timeout=30)
+
+
+async def test_a_pin_is_not_undone_by_a_poll_that_read_the_policy_before_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name, model = "raced-pin", world.models["mixed-lr"]
+    held = HeldPolicyRead(monkeypatch)
+    try:
+        await held.poller_has_read()  # the poll saw no pin: it wants version 2
+        await world.stub.RepositoryModelLoad(_load(name, version=("int64_param", 1)), timeout=30)
+        assert (await world.infer(_named(model, name, [0]))).model_version == "1"
+        held.released.set()
+        await _answers_only(world, _named(model, name, [0]), "1")
+    finally:
+        held.released.set()
+        await world.stub.RepositoryModelLoad(_load(name), timeout=30)
