@@ -49,6 +49,7 @@ from services.runtime.store import ArtifactStore, ref_to_dict
 from services.serving.repository import POLICY
 from tests.helpers import StartedStagesClient
 from tests.serving_support import (
+    MAX_DETAIL_BYTES,
     Trained,
     assert_bounded,
     assert_outputs_match,
@@ -60,6 +61,7 @@ from tests.serving_support import (
     trained,
     write_mixed_csv,
 )
+from tests.test_fuzz import Gen, raw_bodies
 from tests.test_observability import scrape
 from tests.test_observability import value as sample
 
@@ -701,6 +703,12 @@ BAD_INPUTS = {
         INVALID,
         ("'when'", "row 0"),
     ),
+    # Tree ensembles predict in float32: a finite number beyond its range is the caller's value to fix, not an internal error.
+    "a number too large for a tree model": (
+        lambda w: _retype(_base(w), "num", "FP64", fp64_contents=[1.0, 1e300, 2.0]),
+        INVALID,
+        ("'num'", "row 1"),
+    ),
     "bad UTF-8": (
         lambda w: _set_bytes(_base(w), "cat", [b"red", b"\xff\xfe", b"blue"]),
         INVALID,
@@ -1156,3 +1164,356 @@ async def test_a_pin_is_not_undone_by_a_poll_that_read_the_policy_before_it(
     finally:
         held.released.set()
         await world.stub.RepositoryModelLoad(_load(name), timeout=30)
+
+
+# ---- fuzz ----------------------------------------------------------------------------------------
+FUZZ_SEED = 20261207
+FUZZ_REQUESTS = 520  # per family: ModelInfer, and the repository with metadata and readiness
+FUZZ_CONCURRENCY = 8
+DATATYPES = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+CONTENT_FIELDS = [
+    "bool_contents",
+    "int_contents",
+    "int64_contents",
+    "uint_contents",
+    "uint64_contents",
+    "fp32_contents",
+    "fp64_contents",
+    "bytes_contents",
+]
+
+
+def _fuzz_value(g: Gen, field: str) -> Any:
+    r = g.r
+    if field == "bytes_contents":
+        return r.choice(
+            [
+                b"",
+                b"red",
+                b"blue",
+                b"2024-01-02",
+                b"2024-01-02T03:04:05+02:00",
+                b"true",
+                b"\xff\xfe",
+                b"\x00",
+                g.text().encode("utf-8", "surrogatepass"),
+                b"9" * 400,
+                b"1e400",
+                b"nan",
+                b"-0",
+                b"(missing)",
+            ]
+        )
+    if field == "bool_contents":
+        return r.random() < 0.5
+    if field in ("fp32_contents", "fp64_contents"):
+        return r.choice(
+            [
+                0.0,
+                -0.0,
+                1.0,
+                0.5,
+                3.0,
+                float("nan"),
+                float("inf"),
+                -float("inf"),
+                1e308,
+                -1e308,
+                5e-324,
+                r.uniform(-9, 9),
+            ]
+        )
+    if field == "int_contents":
+        return r.choice([0, 1, 2, -1, 255, 256, 2**31 - 1, -(2**31)])
+    if field == "uint_contents":
+        return r.choice([0, 1, 2, 255, 65536, 2**32 - 1])
+    if field == "uint64_contents":
+        return r.choice([0, 1, 2, 2**63, 2**64 - 1])
+    return r.choice([0, 1, 2, -1, 2**63 - 1, -(2**63), 10**12])
+
+
+def _fuzz_raw(g: Gen, rows: int) -> bytes:
+    r = g.r
+    kind = r.randrange(6)
+    if kind == 0:
+        return bytes(r.getrandbits(8) for _ in range(r.choice([0, 1, 3, rows * 8, rows * 8 + 1, 64])))
+    if kind == 1:  # BYTES elements, some lengths lying
+        out = b""
+        for _ in range(rows + r.choice([-1, 0, 0, 1])):
+            item = r.choice([b"red", b"", b"\xff", b"2024-01-01", b"x" * 50])
+            length = len(item) + r.choice([0, 0, 0, 1, -1, 2**31, 2**32 - 1]) if r.random() < 0.3 else len(item)
+            out += (length % 2**32).to_bytes(4, "little") + item
+        return out
+    if kind == 2:
+        return np.asarray([_fuzz_value(g, "fp64_contents") for _ in range(rows)], dtype="<f8").tobytes()
+    if kind == 3:
+        return np.asarray([r.choice([0, 1, 2, 255]) for _ in range(rows)], dtype="u1").tobytes()
+    if kind == 4:
+        return b"\x03\x00"
+    return np.asarray([r.choice([0, 1, -1, 2**62]) for _ in range(rows)], dtype="<i8").tobytes()
+
+
+def _fuzz_infer(g: Gen, world: World) -> pb.ModelInferRequest:
+    """A valid request of a served model, then 1-4 mutations of its names, types, shapes, values."""
+    r = g.r
+    model = world.models[r.choice(["mixed-rf", "mixed-lr", "iris-rf", "mixed-ridge"])]
+    rows = r.sample(range(model.rows), r.randint(1, 6))
+    request = request_for(model, rows, raw=r.random() < 0.3, encode=r.random() < 0.5)
+    raw = bool(request.raw_input_contents)
+    for _ in range(r.randint(1, 4)):
+        kind = r.randrange(16)
+        tensors = list(request.inputs)
+        target = r.choice(tensors) if tensors else None
+        if kind == 0 and tensors:
+            position = r.randrange(len(tensors))
+            del request.inputs[position]
+            if raw and position < len(request.raw_input_contents):
+                del request.raw_input_contents[position]
+        elif kind == 1 and target is not None:
+            request.inputs.add().CopyFrom(target)
+            if raw:
+                request.raw_input_contents.append(request.raw_input_contents[0] if request.raw_input_contents else b"")
+        elif kind == 2 and target is not None:
+            target.name = r.choice([g.text(), "", target.name.upper(), "row_id", "label", "score", "target"])
+        elif kind == 3 and target is not None:
+            target.datatype = r.choice([*DATATYPES, "", "STRING", "fp64", g.text()])
+        elif kind == 4 and target is not None:
+            del target.shape[:]
+            target.shape.extend(
+                r.choice(
+                    [
+                        [],
+                        [len(rows)],
+                        [len(rows), 1],
+                        [len(rows), 2],
+                        [1, len(rows)],
+                        [-1],
+                        [0],
+                        [2**62],
+                        [MAX_REQUEST_ROWS + 1],
+                        [len(rows) + 1],
+                        [len(rows), 1, 1],
+                    ]
+                )
+            )
+        elif kind == 5 and target is not None and not raw:
+            field = r.choice(CONTENT_FIELDS)
+            target.ClearField("contents")
+            getattr(target.contents, field).extend(
+                _fuzz_value(g, field) for _ in range(r.choice([len(rows), len(rows), 0, len(rows) + 1]))
+            )
+        elif kind == 6 and target is not None and not raw:
+            for descriptor, values in target.contents.ListFields():
+                if values:
+                    values[r.randrange(len(values))] = _fuzz_value(g, descriptor.name)
+        elif kind == 7 and raw and request.raw_input_contents:
+            request.raw_input_contents[r.randrange(len(request.raw_input_contents))] = _fuzz_raw(g, len(rows))
+        elif kind == 8:
+            if raw:
+                request.raw_input_contents.append(b"\x00" * 8) if r.random() < 0.5 else request.raw_input_contents.pop()
+            else:
+                request.raw_input_contents.extend(_fuzz_raw(g, len(rows)) for _ in range(r.choice([1, len(tensors)])))
+                raw = True
+        elif kind == 9:
+            request.model_name = r.choice(
+                [model.name, model.name, "no-such-model", "guarded", "unloaded", g.text(), "", "a" * 129]
+            )
+        elif kind == 10:
+            request.model_version = r.choice(["", "1", "2", "3", "0", "-1", "99", "1.0", "\uff11", g.text(), "9" * 30])
+        elif kind == 11:
+            key = r.choice(["unseen_levels", "unseen_levels", "priority", "timeout", g.text()])
+            choice = r.randrange(5)
+            if choice == 0:
+                request.parameters[key].string_param = r.choice(["encode", "reject", "ENCODE", "", g.text()])
+            elif choice == 1:
+                request.parameters[key].bool_param = True
+            elif choice == 2:
+                request.parameters[key].int64_param = r.choice([0, -1, 2**63 - 1])
+            elif choice == 3:
+                request.parameters[key].double_param = float("nan")
+            else:
+                request.parameters[key].uint64_param = 2**64 - 1
+        elif kind == 12:
+            request.outputs.add(name=r.choice(["predicted", "probabilities", "classes", "", g.text()]))
+        elif kind == 13:
+            request.id = r.choice(["", "x" * 256, "x" * 257, g.text()])
+        elif kind == 14 and target is not None:
+            target.parameters[r.choice(["binary_data_size", g.text()])].int64_param = r.randint(-5, 5)
+        elif kind == 15:
+            for index in range(r.choice([16, 17, 40])):
+                request.parameters[f"p{index}"].bool_param = True
+    return request
+
+
+def _fuzz_repository(g: Gen, world: World) -> tuple[str, Any]:
+    """A repository, metadata or readiness request: names real, unknown and hostile; versions and parameters anything."""
+    r = g.r
+    # Only "fuzzed" is loaded and unloaded; any name is asked about.
+    asked = r.choice([*RECIPES, *SCRATCH, "fuzzed", "fuzzed", "no-such-model", "", g.text(), "a" * 128, "../x"])
+    changed = r.choice(["fuzzed", "fuzzed", "fuzzed", "no-such-model", "", g.text(), "x/y"])
+    version = r.choice(["", "", "1", "2", "3", "0", "-1", "1.5", "\uff12", g.text(), "9" * 12])
+
+    def parameters(message: Any) -> None:
+        for _ in range(r.choice([0, 0, 1, 1, 2, 5])):
+            key = r.choice(["version", "version", "version", "unload_dependents", "config", g.text()])
+            choice = r.randrange(6)
+            if choice == 0:
+                message.parameters[key].int64_param = r.choice([1, 2, 2, 3, 0, -1, 2**63 - 1, 10**10])
+            elif choice == 1:
+                message.parameters[key].string_param = r.choice(["1", "2", "", "3", "01", " 2", "two", g.text()])
+            elif choice == 2:
+                message.parameters[key].bool_param = r.random() < 0.5
+            elif choice == 3:
+                message.parameters[key].bytes_param = r.choice([b"1", b"\xff", b""])
+            else:
+                message.ClearField("parameters") if r.random() < 0.5 else None
+
+    method = r.choice(
+        [
+            "RepositoryIndex",
+            "RepositoryModelLoad",
+            "RepositoryModelLoad",
+            "RepositoryModelUnload",
+            "ModelMetadata",
+            "ModelReady",
+        ]
+    )
+    if method == "RepositoryIndex":
+        return method, pb.RepositoryIndexRequest(
+            repository_name=r.choice(["", "", "registry", g.text()]), ready=r.random() < 0.5
+        )
+    if method == "RepositoryModelLoad":
+        message = pb.RepositoryModelLoadRequest(
+            model_name=changed, repository_name=r.choice(["", "", "", "registry", g.text()])
+        )
+        parameters(message)
+        return method, message
+    if method == "RepositoryModelUnload":
+        message = pb.RepositoryModelUnloadRequest(
+            model_name=changed, repository_name=r.choice(["", "", "registry", g.text()])
+        )
+        if r.random() < 0.3:
+            parameters(message)
+        return method, message
+    if method == "ModelMetadata":
+        return method, pb.ModelMetadataRequest(name=asked, version=version)
+    return method, pb.ModelReadyRequest(name=asked, version=version)
+
+
+async def _fuzz(
+    world: World, cases: list[tuple[str, Any, tuple[str, ...]]], allowed: set[grpc.StatusCode]
+) -> collections.Counter:
+    """Send every case (method, request, long inputs it holds); collect problems; return the codes."""
+    codes: collections.Counter = collections.Counter()
+    problems: list[str] = []
+    gate = asyncio.Semaphore(FUZZ_CONCURRENCY)
+
+    async def one(method: str, request: Any, longs: tuple[str, ...]) -> None:
+        async with gate:
+            try:
+                await getattr(world.stub, method)(request, timeout=30)
+                code, details = grpc.StatusCode.OK, ""
+            except grpc.aio.AioRpcError as error:
+                code, details = error.code(), error.details() or ""
+        codes[f"{method}:{code.name}"] += 1
+        shown = str(request)[:300]
+        if (
+            code in FORBIDDEN
+            or code == grpc.StatusCode.DEADLINE_EXCEEDED
+            or (code not in allowed and code != grpc.StatusCode.OK)
+        ):
+            problems.append(f"{method}: {code.name}: {details[:300]!r} for {shown!r}")
+        if len(details.encode()) > MAX_DETAIL_BYTES:
+            problems.append(f"{method}: a message of {len(details.encode())} bytes: {details[:200]!r}")
+        for text in longs:
+            if len(text) >= 500 and text[:500] in details:
+                problems.append(f"{method}: {code.name} message echoes a {len(text)}-character input")
+
+    await asyncio.gather(*(one(*case) for case in cases))
+    print("\nserving fuzz status codes:", dict(sorted(codes.items())))
+    assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:30])
+    return codes
+
+
+async def _still_healthy(world: World) -> None:
+    async with grpc.aio.insecure_channel(world.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert (await world.stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+    model = world.models["mixed-rf"]
+    response = await world.infer(request_for(model))
+    assert_outputs_match(model, decode_response(response), range(model.rows), "after the fuzz")
+
+
+async def test_fuzzed_infer_requests_never_get_internal_or_unknown(world: World) -> None:
+    g = Gen(FUZZ_SEED, {}, world.root, world.csv)
+    cases = []
+    for _ in range(FUZZ_REQUESTS):
+        g.start()
+        cases.append(("ModelInfer", _fuzz_infer(g, world), tuple(g.longs)))
+    # And bodies that are not (or only by chance are) a ModelInferRequest.
+    valid = request_for(world.models["iris-rf"], [0, 1]).SerializeToString()
+    bodies = [("ModelInfer", body, ()) for body in raw_bodies(random.Random(FUZZ_SEED), valid)]
+    codes = await _fuzz_raw_and_messages(world, cases, bodies)
+    assert codes["ModelInfer:OK"] >= 10, "some fuzzed requests are still valid"
+    await _still_healthy(world)
+
+
+async def _fuzz_raw_and_messages(world: World, cases: list, bodies: list) -> collections.Counter:
+    allowed = {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,  # "unloaded" and "guarded"'s corrupt versions
+        grpc.StatusCode.DATA_LOSS,  # "guarded" version 2, asked by number: its model is corrupt
+    }
+    codes = await _fuzz(world, cases, allowed)
+    async with grpc.aio.insecure_channel(world.address) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer", request_serializer=None, response_deserializer=None
+        )
+        for _, body, _ in bodies:
+            try:
+                await call(body, timeout=10)
+                codes["raw:OK"] += 1
+            except grpc.aio.AioRpcError as error:
+                assert error.code() not in FORBIDDEN, (error.code(), error.details(), body[:100])
+                codes[f"raw:{error.code().name}"] += 1
+    return codes
+
+
+async def test_fuzzed_repository_metadata_and_readiness_requests_never_get_internal_or_unknown(world: World) -> None:
+    g = Gen(FUZZ_SEED + 1, {}, world.root, world.csv)
+    cases = []
+    for _ in range(FUZZ_REQUESTS):
+        g.start()
+        method, request = _fuzz_repository(g, world)
+        cases.append((method, request, tuple(g.longs)))
+    allowed = {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,  # metadata of an unloaded model
+        grpc.StatusCode.UNAVAILABLE,  # metadata of "fuzzed" between an unload and a load's swap: "loading"
+    }
+    try:
+        codes = await _fuzz(world, cases, allowed)
+    finally:
+        await world.stub.RepositoryModelLoad(_load("fuzzed"), timeout=30)
+    for method in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "ModelMetadata", "ModelReady"):
+        assert codes[f"{method}:OK"] >= 5, f"too few valid {method} requests to judge: {codes}"
+    await world.wait_served("fuzzed", 2)
+    await _still_healthy(world)
