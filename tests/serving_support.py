@@ -311,9 +311,13 @@ async def run_async(*argv: str, timeout: float = 120, stdin: bytes | None = None
     return subprocess.CompletedProcess(list(argv), process.returncode or 0, out.decode(), err.decode())
 
 
-async def grpcurl(address: str, *args: str, data: Any = None) -> subprocess.CompletedProcess:
+async def grpcurl(
+    address: str, *args: str, data: Any = None, headers: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """The real grpcurl over plaintext, with reflection (no .proto files); `data` is sent as JSON."""
     argv = [str(GRPCURL), "-plaintext", "-format-error"]
+    for header in headers:
+        argv += ["-H", header]
     if data is not None:
         argv += ["-d", json.dumps(data)]
     return await run_async(*argv, address, *args, timeout=60)

@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import json
 import random
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -49,6 +50,7 @@ from services.runtime.store import ArtifactStore, ref_to_dict
 from services.serving.repository import POLICY
 from tests.helpers import StartedStagesClient
 from tests.serving_support import (
+    CLIENTS_PYTHON,
     MAX_DETAIL_BYTES,
     Trained,
     assert_bounded,
@@ -58,6 +60,7 @@ from tests.serving_support import (
     decode_response,
     grpcurl,
     request_for,
+    run_async,
     trained,
     write_mixed_csv,
 )
@@ -105,6 +108,7 @@ SCRATCH = {
     "unloaded": ["iris-rf"],
     "raced": ["iris-rf"],
     "raced-pin": ["mixed-lr", "mixed-rf"],
+    "secured": ["iris-rf"],
 }
 
 
@@ -1517,3 +1521,183 @@ async def test_fuzzed_repository_metadata_and_readiness_requests_never_get_inter
         assert codes[f"{method}:OK"] >= 5, f"too few valid {method} requests to judge: {codes}"
     await world.wait_served("fuzzed", 2)
     await _still_healthy(world)
+
+
+# ---- tokens and roles ------------------------------------------------------------------------------
+@dataclass
+class Secured:
+    """A serving stage and a loader that require bearer tokens, over the same artifact store (so the
+    same registry and models), and the tokens of each role."""
+
+    stages: dict[str, RunningStage]
+    tokens: dict[str, str]  # role name -> token
+
+    def stub(self, channel: grpc.aio.Channel) -> pb_grpc.GRPCInferenceServiceStub:
+        return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def secured(world: World, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Secured]:
+    folder = tmp_path_factory.mktemp("tokens")
+    tokens = {role: secrets.token_hex(32) for role in ("predict", "pipeline", "register", "release", "admin")}
+    roles = {"release": "pipeline,register"}
+    (folder / "tokens").write_text(
+        "".join(f"{name} {roles.get(name, name)} {token}\n" for name, token in tokens.items())
+    )
+    settings = dataclasses.replace(world.settings, auth_tokens_file=str(folder / "tokens"))
+    stages: dict[str, RunningStage] = {}
+    try:
+        for name in ("loader", "serving"):
+            stages[name] = await start_stage(stage_spec(name), settings, port=0)
+        yield Secured(stages, tokens)
+    finally:
+        for stage in stages.values():
+            await stage.stop(0.5)
+
+
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+async def _code(call: Any) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        assert_bounded(error.details() or "")
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+async def test_a_predict_token_predicts_and_may_do_nothing_else(world: World, secured: Secured) -> None:
+    from mlmesh.loader.v1 import loader_pb2, loader_pb2_grpc
+
+    model = world.models["iris-rf"]
+    infer = _named(model, "secured", [0, 1])
+    OK, DENIED = grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED
+    UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+    async with (
+        grpc.aio.insecure_channel(secured.stages["serving"].address) as serving,
+        grpc.aio.insecure_channel(secured.stages["loader"].address) as loader,
+    ):
+        stub = secured.stub(serving)
+        deadline = time.monotonic() + 30
+        while not (
+            await stub.ModelReady(
+                pb.ModelReadyRequest(name="secured"), metadata=_bearer(secured.tokens["predict"]), timeout=5
+            )
+        ).ready:
+            assert time.monotonic() < deadline, "the secured stage never served the model"
+            await asyncio.sleep(0.05)
+
+        async def codes(token: str) -> dict[str, grpc.StatusCode]:
+            metadata = _bearer(token)
+            return {
+                "ModelInfer": await _code(stub.ModelInfer(infer, metadata=metadata, timeout=10)),
+                "ModelMetadata": await _code(
+                    stub.ModelMetadata(pb.ModelMetadataRequest(name="secured"), metadata=metadata, timeout=10)
+                ),
+                "ServerReady": await _code(stub.ServerReady(pb.ServerReadyRequest(), metadata=metadata, timeout=10)),
+                "RepositoryIndex": await _code(
+                    stub.RepositoryIndex(pb.RepositoryIndexRequest(), metadata=metadata, timeout=10)
+                ),
+                "RepositoryModelLoad": await _code(
+                    stub.RepositoryModelLoad(_load("secured"), metadata=metadata, timeout=30)
+                ),
+                "RepositoryModelUnload": await _code(
+                    stub.RepositoryModelUnload(
+                        pb.RepositoryModelUnloadRequest(model_name="no-such-model"), metadata=metadata, timeout=10
+                    )
+                ),
+                "Load": await _code(
+                    loader_pb2_grpc.LoaderServiceStub(loader).Load(
+                        loader_pb2.LoadRequest(source="sklearn:nope"), metadata=metadata, timeout=10
+                    )
+                ),
+            }
+
+        # Unload of an unknown name gets past the role check to NOT_FOUND; Load of an unknown dataset to INVALID_ARGUMENT.
+        admitted = {"RepositoryModelUnload": grpc.StatusCode.NOT_FOUND, "Load": grpc.StatusCode.INVALID_ARGUMENT}
+        everything = {
+            method: admitted.get(method, OK)
+            for method in (
+                "ModelInfer",
+                "ModelMetadata",
+                "ServerReady",
+                "RepositoryIndex",
+                "RepositoryModelLoad",
+                "RepositoryModelUnload",
+                "Load",
+            )
+        }
+        assert await codes(secured.tokens["predict"]) == {
+            **everything, "RepositoryModelLoad": DENIED, "RepositoryModelUnload": DENIED, "Load": DENIED,
+        }  # fmt: skip
+        # Pipeline tokens may predict (the workflow's smoke request), not change what serving serves.
+        assert await codes(secured.tokens["pipeline"]) == {
+            **everything,
+            "RepositoryModelLoad": DENIED,
+            "RepositoryModelUnload": DENIED,
+        }
+        assert (await codes(secured.tokens["register"]))["RepositoryModelLoad"] == OK
+        assert await codes(secured.tokens["release"]) == everything
+        assert await codes(secured.tokens["admin"]) == everything
+        assert set((await codes("")).values()) == {UNAUTHENTICATED}
+        assert set((await codes("not-a-token-of-this-mesh-at-all")).values()) == {UNAUTHENTICATED}
+        # The refusal says which role the method needs.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.RepositoryModelLoad(_load("secured"), metadata=_bearer(secured.tokens["predict"]), timeout=10)
+        assert "may not call RepositoryModelLoad: it needs the role 'register'" in (caught.value.details() or "")
+        # Health stays open to probes without a token.
+        reply = await health_pb2_grpc.HealthStub(serving).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_tritonclient_and_grpcurl_carry_tokens(world: World, secured: Secured, tmp_path: Path) -> None:
+    address = secured.stages["serving"].address
+    script = tmp_path / "with_token.py"
+    script.write_text(
+        "import json, sys\n"
+        "import numpy as np\n"
+        "import tritonclient.grpc as g\n"
+        "from tritonclient.utils import InferenceServerException\n"
+        "address, token = sys.argv[1], sys.argv[2]\n"
+        "client = g.InferenceServerClient(address)\n"
+        "out = {}\n"
+        "for name, headers in (('none', None), ('token', {'authorization': f'Bearer {token}'})):\n"
+        "    try:\n"
+        "        out[name] = client.get_model_metadata('secured', headers=headers, as_json=True)['name']\n"
+        "    except InferenceServerException as error:\n"
+        "        out[name] = str(error.status())\n"
+        "    try:\n"
+        "        client.load_model('secured', headers=headers)\n"
+        "        out[name + '_load'] = 'OK'\n"
+        "    except InferenceServerException as error:\n"
+        "        out[name + '_load'] = str(error.status())\n"
+        "print(json.dumps(out))\n"
+    )
+    result = await run_async(str(CLIENTS_PYTHON), str(script), address, secured.tokens["predict"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "none": "StatusCode.UNAUTHENTICATED",
+        "none_load": "StatusCode.UNAUTHENTICATED",
+        "token": "secured",
+        "token_load": "StatusCode.PERMISSION_DENIED",
+    }
+    pin = {"model_name": "secured", "parameters": {"version": {"int64_param": 1}}}
+    try:
+        await _pin_with_grpcurl(address, pin, secured)
+    finally:  # the store, so the policy, is the module mesh's too
+        await world.stub.RepositoryModelLoad(_load("secured"), timeout=30)
+
+
+async def _pin_with_grpcurl(address: str, pin: dict[str, Any], secured: Secured) -> None:
+    for token, ok in ((secured.tokens["predict"], False), (secured.tokens["register"], True)):
+        loaded = await grpcurl(
+            address,
+            "inference.GRPCInferenceService/RepositoryModelLoad",
+            data=pin,
+            headers=(f"authorization: Bearer {token}",),
+        )
+        assert (loaded.returncode == 0) == ok, loaded.stdout + loaded.stderr
+        # -format-error: the status as JSON on stderr (code 7 is PERMISSION_DENIED).
+        assert ok or json.loads(loaded.stderr)["code"] == grpc.StatusCode.PERMISSION_DENIED.value[0], loaded.stderr
