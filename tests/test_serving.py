@@ -75,6 +75,7 @@ MAX_REQUEST_ROWS = 200  # MLMESH_SERVING_MAX_REQUEST_ROWS of this module's mesh:
 CLASSIFY = {"accuracy": 0.0}  # thresholds every model meets, so each run is a PROMOTE and registered
 REGRESS = {"rmse": 1e12}
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+CONCURRENT = 32
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,17 @@ class World:
 
     async def infer(self, request: pb.ModelInferRequest, timeout: float = 30) -> pb.ModelInferResponse:
         return await self.stub.ModelInfer(request, timeout=timeout)
+
+    async def infer_all(self, requests: list[pb.ModelInferRequest]) -> list[pb.ModelInferResponse]:
+        """Every request at once, at most CONCURRENT in flight: below the stage's admission limit
+        (MLMESH_MAX_CONCURRENT_RPCS, 64), which would refuse the rest with RESOURCE_EXHAUSTED."""
+        gate = asyncio.Semaphore(CONCURRENT)
+
+        async def one(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+            async with gate:
+                return await self.infer(request)
+
+        return await asyncio.gather(*(one(request) for request in requests))
 
 
 def _config(recipe: Recipe, csv: Path) -> PipelineConfig:
@@ -323,7 +335,7 @@ async def test_rows_alone_and_in_shared_batches_get_the_evaluators_predictions(w
     model = world.models[name]
     rnd = random.Random(name)
     # Every row on its own, all at once: the stage batches concurrent requests together.
-    alone = await asyncio.gather(*(world.infer(request_for(model, [row])) for row in range(model.rows)))
+    alone = await world.infer_all([request_for(model, [row]) for row in range(model.rows)])
     for row, response in enumerate(alone):
         assert_outputs_match(model, decode_response(response), [row], f"{name} row {row} alone")
     # Mixed batches: random slices of shuffled rows, concurrently, some raw, some with the other columns.
@@ -335,7 +347,7 @@ async def test_rows_alone_and_in_shared_batches_get_the_evaluators_predictions(w
         chunks.append(order[start : start + size])
         start += size
     requests = [request_for(model, chunk, raw=rnd.random() < 0.3) for chunk in chunks]
-    responses = await asyncio.gather(*(world.infer(request) for request in requests))
+    responses = await world.infer_all(requests)
     for chunk, response in zip(chunks, responses, strict=True):
         assert_outputs_match(model, decode_response(response), chunk, f"{name} rows {chunk}")
 
@@ -345,7 +357,7 @@ async def test_concurrent_requests_really_share_batches(world: World) -> None:
     requests (mlmesh_serving_batch_rows counts batches and their rows)."""
     model = world.models["mixed-rf"]
     before = scrape(world.metrics_url)
-    await asyncio.gather(*(world.infer(request_for(model, [row % model.rows])) for row in range(64)))
+    await world.infer_all([request_for(model, [row % model.rows]) for row in range(64)])
     after = scrape(world.metrics_url)
     batches = sample(after, "mlmesh_serving_batch_rows_count") - sample(before, "mlmesh_serving_batch_rows_count")
     rows = sample(after, "mlmesh_serving_batch_rows_sum") - sample(before, "mlmesh_serving_batch_rows_sum")
