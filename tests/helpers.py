@@ -253,11 +253,13 @@ def use_free_ports(env: dict[str, str]) -> dict[str, int]:
     return ports
 
 
-def start_local_mesh(base: Path) -> tuple[LocalMesh, dict[str, str]]:
+def start_local_mesh(base: Path, extra_env: Mapping[str, str] | None = None) -> tuple[LocalMesh, dict[str, str]]:
     """`mlmesh up`'s LocalMesh on free ports, with a private artifact store, HOME and TMPDIR, and the
-    environment that points the CLI and pyflyte at it. Stage logs go to base/logs."""
+    environment that points the CLI and pyflyte at it (with `extra_env` on top, for the stages and
+    clients alike). Stage logs go to base/logs."""
     env = {
         **os.environ,
+        **(extra_env or {}),
         "MLMESH_ARTIFACT_ROOT": str(base / "artifacts"),
         "MLMESH_GRACE_SECONDS": "1",
         "HOME": str(base / "home"),  # Flyte's local cache lives under ~/.flyte
