@@ -1713,3 +1713,43 @@ async def _pin_with_grpcurl(address: str, pin: dict[str, Any], secured: Secured)
         assert (loaded.returncode == 0) == ok, loaded.stdout + loaded.stderr
         # -format-error: the status as JSON on stderr (code 7 is PERMISSION_DENIED).
         assert ok or json.loads(loaded.stderr)["code"] == grpc.StatusCode.PERMISSION_DENIED.value[0], loaded.stderr
+
+
+# ---- edges of a batch ------------------------------------------------------------------------------
+def _empty(world: World) -> pb.ModelInferRequest:
+    model = world.models["mixed-rf"]
+    return request_for(model, [], encode=False)
+
+
+async def test_an_empty_batch_gets_empty_outputs(world: World) -> None:
+    """Zero rows is a batch like any other: every output, with zero rows (clients read outputs by name)."""
+    response = await world.infer(_empty(world))
+    shapes = {tensor.name: list(tensor.shape) for tensor in response.outputs}
+    assert shapes == {"predicted": [0], "probabilities": [0, 2], "classes": [2]}, shapes
+
+
+async def test_an_empty_batch_is_still_checked_column_by_column(world: World) -> None:
+    """No rows is no reason to take columns the model does not have, or to lack its columns."""
+    await refused(world, _add(_empty(world), "colour", values=()), INVALID, "'colour'")
+    await refused(world, _drop(_empty(world), "cat"), INVALID, "'cat'")
+    await refused(world, _retype(_empty(world), "when", "FP64"), INVALID, "'when'")
+
+
+async def test_the_same_instant_in_any_zone_and_booleans_in_any_spelling_give_the_same_answer(world: World) -> None:
+    model = world.models["mixed-rf"]
+    rows = model.seen_rows[:8]
+    reference = decode_response(await world.infer(request_for(model, rows, encode=False)))
+    request = request_for(model, rows, encode=False)
+    when = _input(request, "when")
+    shifted = [
+        (pd.Timestamp(value.decode()) + pd.Timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%S+02:00").encode()
+        if value
+        else b""
+        for value in when.contents.bytes_contents
+    ]
+    _set_bytes(request, "when", shifted)
+    flags = [bool(value) for value in _input(request, "flag").contents.bool_contents]
+    _set_bytes(request, "flag", [(b"yes" if flag else b"No") for flag in flags])
+    answer = decode_response(await world.infer(request))
+    assert list(answer["predicted"]) == list(reference["predicted"])
+    assert np.array_equal(answer["probabilities"], reference["probabilities"])
