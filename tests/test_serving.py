@@ -1561,6 +1561,14 @@ async def secured(world: World, tmp_path_factory: pytest.TempPathFactory) -> Asy
     try:
         for name in ("loader", "serving"):
             stages[name] = await start_stage(stage_spec(name), settings, port=0)
+        # Ready once its first look at the registry is done: every registered model is loaded.
+        async with grpc.aio.insecure_channel(stages["serving"].address) as channel:
+            stub, deadline = pb_grpc.GRPCInferenceServiceStub(channel), time.monotonic() + 30
+            while not (
+                await stub.ServerReady(pb.ServerReadyRequest(), metadata=_bearer(tokens["admin"]), timeout=5)
+            ).ready:
+                assert time.monotonic() < deadline, "the secured serving stage never became ready"
+                await asyncio.sleep(0.05)
         yield Secured(stages, tokens)
     finally:
         for stage in stages.values():
@@ -1592,14 +1600,10 @@ async def test_a_predict_token_predicts_and_may_do_nothing_else(world: World, se
         grpc.aio.insecure_channel(secured.stages["loader"].address) as loader,
     ):
         stub = secured.stub(serving)
-        deadline = time.monotonic() + 30
-        while not (
-            await stub.ModelReady(
-                pb.ModelReadyRequest(name="secured"), metadata=_bearer(secured.tokens["predict"]), timeout=5
-            )
-        ).ready:
-            assert time.monotonic() < deadline, "the secured stage never served the model"
-            await asyncio.sleep(0.05)
+        ready = await stub.ModelReady(
+            pb.ModelReadyRequest(name="secured"), metadata=_bearer(secured.tokens["predict"]), timeout=5
+        )
+        assert ready.ready, "a ready server has loaded every registered model"
 
         async def codes(token: str) -> dict[str, grpc.StatusCode]:
             metadata = _bearer(token)
