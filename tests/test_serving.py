@@ -1733,21 +1733,22 @@ async def test_an_empty_batch_is_still_checked_column_by_column(world: World) ->
     await refused(world, _retype(_empty(world), "when", "FP64"), INVALID, "'when'")
 
 
-async def test_a_number_beyond_float32_is_the_largest_number_to_a_tree_model(world: World) -> None:
-    """Tree ensembles compare in float32: a finite number beyond its range is neither an internal
-    error nor a missing value (as an infinite one is), but larger than any other: the answer of
-    float32's largest number, in either direction."""
-    model = world.models["mixed-rf"]
-    rows = model.seen_rows[:4]
-
-    def with_num(value: float) -> pb.ModelInferRequest:
-        return _retype(request_for(model, rows, encode=False), "num", "FP64", fp64_contents=[value] * len(rows))
-
-    for huge, largest in ((1e300, float(np.finfo(np.float32).max)), (-1e300, -float(np.finfo(np.float32).max))):
-        answer = decode_response(await world.infer(with_num(huge)))
-        reference = decode_response(await world.infer(with_num(largest)))
-        assert list(answer["predicted"]) == list(reference["predicted"])
-        assert np.array_equal(answer["probabilities"], reference["probabilities"])
+async def test_a_number_beyond_float32_is_refused_by_a_tree_model_and_its_largest_is_not(world: World) -> None:
+    """Tree ensembles compute in float32: a finite number beyond its range is the caller's value to
+    fix (INVALID_ARGUMENT with the column and row), never an internal error; a large number within
+    the range is served (num's spread is 2, so the fitted scaling keeps 1e38 in range). Linear
+    models compute in float64 and take it."""
+    large = 1e38
+    for name, huge, accepted in (("mixed-rf", 1e300, False), ("mixed-rf", -1e300, False), ("mixed-lr", 1e300, True)):
+        model = world.models[name]
+        rows = model.seen_rows[:3]
+        request = _retype(request_for(model, rows, encode=False), "num", "FP64", fp64_contents=[1.0, huge, 2.0])
+        if accepted:
+            assert (await world.infer(request)).model_version == "1"
+        else:
+            await refused(world, request, INVALID, "'num'", "row 1", "float32")
+        edge = _retype(request_for(model, rows, encode=False), "num", "FP64", fp64_contents=[1.0, large, -large])
+        assert (await world.infer(edge)).model_version == "1"
 
 
 async def test_the_same_instant_in_any_zone_and_booleans_in_any_spelling_give_the_same_answer(world: World) -> None:
