@@ -1769,3 +1769,36 @@ async def test_the_same_instant_in_any_zone_and_booleans_in_any_spelling_give_th
     answer = decode_response(await world.infer(request))
     assert list(answer["predicted"]) == list(reference["predicted"])
     assert np.array_equal(answer["probabilities"], reference["probabilities"])
+
+
+# ---- batch limits -------------------------------------------------------------------------------
+async def test_batches_hold_at_most_max_batch_rows_and_a_larger_request_runs_alone(world: World) -> None:
+    """A serving stage with MLMESH_SERVING_MAX_BATCH_ROWS=4 and a 20 ms wait to fill a batch, over the
+    same store: concurrent requests share batches of at most 4 rows; a 10-row request is one batch of
+    its own, never split; every answer is still the evaluator's."""
+    settings = dataclasses.replace(
+        world.settings, metrics=True, serving_max_batch_rows=4, serving_max_batch_wait_ms=20.0
+    )
+    stage = await start_stage(stage_spec("serving"), settings, port=0)
+    try:
+        async with grpc.aio.insecure_channel(stage.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            deadline = time.monotonic() + 30
+            while not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            model = world.models["diabetes-rf"]
+            chunks = [[row] for row in range(24)] + [[24, 25, 26], [27, 28, 29], [30, 31, 32]] + [list(range(40, 50))]
+            responses = await asyncio.gather(
+                *(stub.ModelInfer(request_for(model, chunk), timeout=30) for chunk in chunks)
+            )
+            for chunk, response in zip(chunks, responses, strict=True):
+                assert_outputs_match(model, decode_response(response), chunk, f"rows {chunk} in batches of 4")
+        samples = scrape(stage.metrics_url)
+    finally:
+        await stage.stop(0.5)
+    batches = sample(samples, "mlmesh_serving_batch_rows_count")
+    at_most_four = sample(samples, "mlmesh_serving_batch_rows_bucket", le="4.0")
+    assert sample(samples, "mlmesh_serving_batch_rows_sum") == 24 + 9 + 10  # every row once (a warm-up is no batch)
+    assert batches - at_most_four == 1, "only the 10-row request made a batch over 4 rows"
+    assert batches < len(chunks), "concurrent requests shared batches"
