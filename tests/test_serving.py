@@ -13,7 +13,12 @@ What it proves:
 - every malformed request gets its honest status code, names the column, and quotes nothing
   unbounded; fuzzed requests never get INTERNAL or UNKNOWN and leave the stage healthy;
 - the repository extension pins, follows, unloads and loads, and a version whose artifacts are
-  corrupt in the store never replaces the one being served.
+  corrupt in the store never replaces the one being served; a poll that read the store just
+  before a load, pin or unload never undoes it (made certain by holding the poll's read);
+- tokens: a predict token predicts and may do nothing else; register may load and unload;
+- batches hold at most MLMESH_SERVING_MAX_BATCH_ROWS rows, and never split a request.
+
+The module's mesh polls the registry every 0.1 s and takes at most MAX_REQUEST_ROWS rows a request.
 """
 
 from __future__ import annotations
@@ -888,7 +893,7 @@ def _load(name: str, **parameters: Any) -> pb.RepositoryModelLoadRequest:
 
 
 async def test_a_version_asked_by_number_answers_beside_the_served_one(world: World) -> None:
-    """ "pinned" serves version 2 (mixed-rf's model); version 1 (mixed-lr's) answers requests that name it."""
+    """The model "pinned" serves version 2 (mixed-rf's model); version 1 (mixed-lr's) answers requests naming it."""
     assert (await world.index())["pinned"].version == "2"
     for version, recipe in (("1", "mixed-lr"), ("2", "mixed-rf"), ("", "mixed-rf")):
         model = world.models[recipe]
