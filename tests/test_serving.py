@@ -264,11 +264,14 @@ async def test_liveness_readiness_and_server_metadata(world: World) -> None:
     assert (await stub.ModelReady(pb.ModelReadyRequest(name="mixed-rf"), timeout=5)).ready
     assert (await stub.ModelReady(pb.ModelReadyRequest(name="mixed-rf", version="1"), timeout=5)).ready
     assert not (await stub.ModelReady(pb.ModelReadyRequest(name="mixed-rf", version="2"), timeout=5)).ready
+    # A model nobody registered is not ready: clients ask this as a yes-or-no question
+    # (tritonclient's is_model_ready returns a bool), so it is no error. A malformed name or version is.
+    assert not (await stub.ModelReady(pb.ModelReadyRequest(name="no-such-model"), timeout=5)).ready
     await refused(
         world,
-        pb.ModelReadyRequest(name="no-such-model"),
-        grpc.StatusCode.NOT_FOUND,
-        "no-such-model",
+        pb.ModelReadyRequest(name="no such model"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "model name",
         method="ModelReady",
     )
     await refused(
@@ -426,7 +429,7 @@ async def test_tritonclient_sync_and_aio_speak_to_the_stage_unmodified(world: Wo
         assert got["server_live"] is True and got["server_ready"] is True, where
         assert got["server_metadata"]["extensions"] == ["model_repository"], where
         assert got["model_ready"] is True and got["model_ready_version_1"] is True, where
-        _error(got["model_ready_unknown"], "NOT_FOUND", "no-such-model")
+        assert got["model_ready_unknown"] is False, where
         metadata = got["model_metadata"]
         assert [(t["name"], t["datatype"]) for t in metadata["inputs"]] == model.inputs, where
         assert metadata["versions"] == ["1"] and metadata["platform"] == "mlmesh_sklearn", where
@@ -1074,6 +1077,72 @@ async def test_a_version_with_corrupt_artifacts_never_replaces_the_served_one(wo
     assert await world.register(name, "mixed-lr") == 4
     await world.wait_served(name, 4)
     assert (await world.infer(_named(world.models["mixed-lr"], name, [0]))).model_version == "4"
+
+
+async def test_a_replica_starting_on_a_damaged_newest_version_serves_the_last_good_one_and_retries_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that starts (a restart, a new pod) when the newest version is damaged serves the
+    newest version that passes every check instead of nothing; once the damage is repaired, the
+    version is tried again and rolls out."""
+    import services.serving.repository as repository
+
+    name, good = "fallback", world.models["mixed-rf"]
+    assert await world.register(name, "mixed-rf") == 1
+    run = await world.client.run_pipeline(
+        dataclasses.replace(_config(RECIPES["mixed-rf"], world.csv), hyperparameters={"n_estimators": "9"})
+    )
+    path = Path(world.store.resolve(run.train.model.uri))
+    intact = path.read_bytes()
+    _corrupt(world.store, run.train.model)
+    entry = {
+        "model": ref_to_dict(run.train.model),
+        "metrics_report": ref_to_dict(run.evaluate.metrics_report),
+        "metrics": dict(run.evaluate.metrics),
+        "lineage": {key: ref_to_dict(ref) for key, ref in run.lineage().items()},
+    }
+    assert registry.register(world.store, name, entry)[0]["version"] == 2
+
+    replica = await start_stage(stage_spec("serving"), world.settings, port=0)
+    try:
+        async with grpc.aio.insecure_channel(replica.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                shown = {
+                    m.name: m for m in (await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)).models
+                }
+                if shown.get(name) and shown[name].state == "READY":
+                    break
+                assert time.monotonic() < deadline, shown.get(name)
+                await asyncio.sleep(0.05)
+            assert shown[name].version == "1" and shown[name].reason.startswith("version 2 was not rolled out"), shown
+            assert "corrupt" in shown[name].reason
+            response = await stub.ModelInfer(_named(good, name, [0, 1]), timeout=30)
+            assert response.model_version == "1"
+
+            # Repaired: the next poll after the retry delay rolls version 2 out.
+            path.chmod(0o644)
+            path.write_bytes(intact)
+            monkeypatch.setattr(repository, "RETRY_FAILED_SECONDS", 0.0)
+            deadline = time.monotonic() + 30
+            while (await stub.ModelInfer(_named(good, name, [0]), timeout=30)).model_version != "2":
+                assert time.monotonic() < deadline, "the repaired version 2 was never tried again"
+                await asyncio.sleep(0.05)
+    finally:
+        await replica.stop(0)
+
+
+async def test_a_regression_that_overflows_is_the_callers_input_to_fix(world: World) -> None:
+    """A number so large that the model's answer is not finite is refused, as the evaluator refuses
+    a non-finite prediction, naming the row; the other rows of a batch were never at fault."""
+    model = world.models["diabetes-ridge"]
+    request = request_for(model, [0, 1, 2], encode=False)
+    tensor = next(t for t in request.inputs if t.datatype == "FP64")
+    tensor.contents.fp64_contents[1] = 1e308
+    details = await refused(world, request, INVALID, "not a finite number", "row 1")
+    assert "far outside the training range" in details
+    assert (await world.infer(request_for(model, [0, 2]))).model_version == "1"
 
 
 async def _until_not_rolled_out(world: World, name: str, version: int, timeout: float = 30) -> str:

@@ -164,11 +164,11 @@ class ServedVersion:
             x = pd.DataFrame(matrix, columns=[str(n) for n in names], copy=False)
         with np.errstate(over="ignore", invalid="ignore"):
             if self.task != "classification":
-                return {PREDICTED: np.asarray(self.model.predict(x), dtype="float64")}
+                return {PREDICTED: _finite(np.asarray(self.model.predict(x), dtype="float64"))}
             if not self.gives_probabilities:
                 codes = np.asarray(self.model.predict(x), dtype="int64")
                 return {PREDICTED: np.asarray(self.class_names, dtype=object)[codes]}
-            probabilities = np.asarray(self.model.predict_proba(x), dtype="float64")
+            probabilities = _finite(np.asarray(self.model.predict_proba(x), dtype="float64"))
             codes = self._codes(x, probabilities)
         return {
             PREDICTED: np.asarray(self.class_names, dtype=object)[codes],
@@ -203,6 +203,18 @@ class ServedVersion:
             else:
                 given.append(Column(column.name, "BYTES", np.asarray([b""], dtype=object)))
         return self.read(given, 1, "encode")
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """A prediction that overflowed (inputs far beyond the training range) is refused, as the
+    evaluator refuses one: it is the caller's input to fix, not an answer."""
+    if not np.all(np.isfinite(values)):
+        rows = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+        raise InvalidArgument(
+            f"the model's answer for {len(rows)} row(s) is not a finite number (row {int(rows[0])} first): "
+            "their values are far outside the training range; send values closer to it"
+        )
+    return values
 
 
 def _doc(store: ArtifactStore, entry: dict[str, Any], name: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,8 @@ POLICY = ("serving", "policy.json")
 # Versions other than the current one that a caller asked for by number, kept loaded (least recently used out).
 MAX_EXTRA_VERSIONS = 4
 READY, LOADING, UNAVAILABLE, UNLOADED = "READY", "LOADING", "UNAVAILABLE", "UNLOADED"
+# A version that failed its checks is tried again after this long (someone may have repaired it).
+RETRY_FAILED_SECONDS = 60.0
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Repository:
         self.policy: dict[str, dict[str, Any]] = {}
         self.documents: dict[str, dict[str, Any]] = {}
         self.problems: dict[tuple[str, int], str] = {}  # versions that failed to load, and why
+        self._failed_at: dict[tuple[str, int], float] = {}  # when, so that a repaired version is tried again
         self.loading: set[str] = set()
         self._load_lock = asyncio.Lock()
         # Counts this replica's policy changes, so a poll that read the store before one never undoes it.
@@ -141,6 +145,7 @@ class Repository:
             slot = await self._load(name, version)
         except StageError as exc:
             self.problems[(name, version)] = bounded(str(exc), 300)
+            self._failed_at[(name, version)] = time.monotonic()
             self.metrics.load_failures.labels(name).inc()
             log.warning("version %d of %s was not rolled out: %s", version, name, bounded(str(exc), 300))
             raise
@@ -180,11 +185,30 @@ class Repository:
                     if slot is not None:
                         self._drop(name)
                     continue
-                if (slot and slot.served.version == wanted) or (name, wanted) in self.problems:
+                if (slot and slot.served.version == wanted) or self._failed_recently(name, wanted):
                     continue
-                with contextlib.suppress(StageError):  # recorded in problems; RepositoryIndex shows it
+                try:
                     await self._roll_out(name, wanted)
+                except StageError:  # recorded in problems; RepositoryIndex shows it
+                    if slot is None and not (self.policy.get(name) or {}).get("pinned"):
+                        await self._fall_back(name, wanted)
         self.first_pass.set()
+
+    def _failed_recently(self, name: str, version: int) -> bool:
+        """A version that failed is tried again after RETRY_FAILED_SECONDS: its artifacts may be repaired."""
+        failed = self._failed_at.get((name, version))
+        return failed is not None and time.monotonic() - failed < RETRY_FAILED_SECONDS
+
+    async def _fall_back(self, name: str, failed: int) -> None:
+        """Nothing serves `name` and its newest version failed (a replica starting on a damaged
+        version): serve the newest earlier version that passes every check, and say why."""
+        for version in range(failed - 1, 0, -1):
+            if self._failed_recently(name, version):
+                continue
+            with contextlib.suppress(StageError):
+                await self._roll_out(name, version)
+                log.warning("%s serves version %d: version %d failed its checks", name, version, failed)
+                return
 
     async def poll(self) -> None:
         """Refresh every MLMESH_SERVING_POLL_SECONDS until the stage stops."""
@@ -239,8 +263,12 @@ class Repository:
         return self.extra[key]
 
     def ready(self, name: str, version_text: str) -> bool:
-        self._known(name)
+        """Whether `name` (at `version_text`) answers now. A name nobody registered is simply not
+        ready: clients ask this as a yes-or-no question. A malformed name or version is refused."""
+        registry.check_name(name)
         version = parse_version(version_text)
+        if name not in self.documents:
+            return False
         if (self.policy.get(name) or {}).get("unloaded"):
             return False
         current = self.current.get(name)
