@@ -133,6 +133,9 @@ def test_dockerfile_base_stages_user_entrypoint_and_healthcheck() -> None:
         assert "PYTHONUNBUFFERED=1" in env
         assert not any(kw == "FROM" and "--platform" in rest for kw, rest in stages[final])
 
+    # Every stage's gRPC port, the model server's included (docs/architecture.md, "How to add a stage").
+    exposed = {int(port) for ports in inherited("service", "EXPOSE") for port in ports.split()}
+    assert exposed == set(DEFAULT_PORTS.values()), "EXPOSE lists every stage's port"
     health_cmd = inherited("service", "HEALTHCHECK")[-1]
     probe = json.loads(health_cmd.split("CMD", 1)[1])
     assert probe[-2:] == ["-m", "services.runtime.probe"], "the health check is the gRPC probe"
