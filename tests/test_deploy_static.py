@@ -423,6 +423,7 @@ def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
         "MlmeshStageErrorRatioHigh",
         "MlmeshStageRejectingCalls",
         "MlmeshTargetsMissing",
+        *SERVING_ALERTS,
     }
     for rule in rules.values():
         assert rule["labels"]["severity"] in ("critical", "warning") and rule["annotations"]["summary"]
@@ -504,19 +505,117 @@ def test_alert_rules_fire_as_their_comments_say(tmp_path: Path) -> None:
     ]
     # No `up` series at all in the second test: MlmeshTargetsMissing's alert carries only job="mlmesh".
     tests[1]["alert_rule_test"][-1]["exp_alerts"] = [{"exp_labels": {"job": "mlmesh", "severity": "warning"}}]
-    # promtool compares annotations too, and they quote $value; what is tested here is when each
-    # rule fires and with which labels, so the copy under test has none (`check rules` parses them).
+    promtool_test_rules(tmp_path, tests)
+
+
+def promtool_test_rules(folder: Path, tests: list[dict]) -> None:
+    """`promtool test rules` of `tests` against alerts.yml. promtool compares annotations too, and
+    they quote $value; what is tested is when each rule fires and with which labels, so the copy
+    under test has none (`promtool check rules` parses them)."""
     groups = yaml.safe_load(ALERTS_FILE.read_text())
     for group in groups["groups"]:
         for rule in group["rules"]:
             rule.pop("annotations", None)
-    (tmp_path / ALERTS_FILE.name).write_text(yaml.safe_dump(groups, sort_keys=False))
-    (tmp_path / "alerts_test.yml").write_text(
+    (folder / ALERTS_FILE.name).write_text(yaml.safe_dump(groups, sort_keys=False))
+    (folder / "alerts_test.yml").write_text(
         yaml.safe_dump({"rule_files": [ALERTS_FILE.name], "evaluation_interval": "1m", "tests": tests}, sort_keys=False)
     )
-    result = promtool("test", "rules", "alerts_test.yml", cwd=tmp_path)
+    result = promtool("test", "rules", "alerts_test.yml", cwd=folder)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+
+
+SERVING_ALERTS = ("MlmeshServingRolloutFailed", "MlmeshServingErrorRatioHigh", "MlmeshServingLatencyHigh")
+
+
+@pytest.mark.network  # promtool: Debian's prometheus package, apt-get download when not cached
+def test_serving_alert_rules_fire_per_model_as_their_comments_say(tmp_path: Path) -> None:
+    """The serving group, on synthetic series of serving's own metrics from two replicas."""
+    rules = alert_rules()
+    for name in SERVING_ALERTS:
+        assert rules[name]["labels"]["severity"] == "warning" and 'job="mlmesh"' in rules[name]["expr"]
+    for metric in ("mlmesh_serving_load_failures_total", "mlmesh_serving_requests_total"):
+        assert metric in " ".join(rules[name]["expr"] for name in SERVING_ALERTS)
+    replicas = ("10.0.0.7:9456", "10.0.0.8:9456")
+
+    def series(metric: str, values: str, replica: int = 0, **labels: str) -> dict:
+        named = {"job": "mlmesh", "stage": "serving", "instance": replicas[replica], **labels}
+        return {"series": metric + "{" + ", ".join(f'{k}="{v}"' for k, v in named.items()) + "}", "values": values}
+
+    def requests(model: str, code: str, per_minute: int, replica: int = 0) -> dict:
+        return series(
+            "mlmesh_serving_requests_total", f"0+{per_minute}x40", replica, model=model, version="3", code=code
+        )
+
+    def histogram(model: str, per_minute: dict[str, int]) -> list[dict]:
+        """Cumulative buckets of mlmesh_serving_request_seconds: {le: requests a minute at or under it}."""
+        found = [
+            series("mlmesh_serving_request_seconds_bucket", f"0+{n}x40", model=model, version="3", le=le)
+            for le, n in per_minute.items()
+        ]
+        return [
+            *found,
+            series("mlmesh_serving_request_seconds_count", f"0+{per_minute['+Inf']}x40", model=model, version="3"),
+        ]
+
+    def fired(name: str, at: str, models: list[str]) -> dict:
+        alerts = [{"exp_labels": {"model": m, "severity": "warning"}} for m in models]
+        return {"eval_time": at, "alertname": name, "exp_alerts": alerts}
+
+    failures = "mlmesh_serving_load_failures_total"
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": [
+                # churn: replica 0 fails to roll out a version at minute 5 (its counter is born at 1),
+                # and the next version at minute 31 (the counter moves to 2).
+                series(failures, "_x5 1x25 2x10", model="churn"),
+                # fraud: both replicas refuse one version at minute 12: one alert, for the model.
+                series(failures, "_x12 1x28", 0, model="fraud"),
+                series(failures, "_x12 1x28", 1, model="fraud"),
+                # A counter that exists at 0 all along (never failed): nothing to say.
+                series(failures, "0x40", model="steady"),
+            ],
+            "alert_rule_test": [
+                fired("MlmeshServingRolloutFailed", "4m", []),
+                fired("MlmeshServingRolloutFailed", "6m", ["churn"]),
+                fired("MlmeshServingRolloutFailed", "14m", ["churn", "fraud"]),
+                fired("MlmeshServingRolloutFailed", "25m", ["fraud"]),  # churn's failure is 20 minutes old
+                fired("MlmeshServingRolloutFailed", "29m", []),
+                fired("MlmeshServingRolloutFailed", "33m", ["churn"]),  # its next version failed too
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": [
+                # churn: 20 INTERNAL in 210 predictions a minute over the two replicas (9.5%).
+                requests("churn", "OK", 100),
+                requests("churn", "INTERNAL", 10),
+                requests("churn", "OK", 90, replica=1),
+                requests("churn", "INTERNAL", 10, replica=1),
+                # fraud: its callers' mistakes and cancellations, far above 5%: not serving's fault.
+                requests("fraud", "OK", 10),
+                requests("fraud", "INVALID_ARGUMENT", 50),
+                requests("fraud", "CANCELLED", 50),
+                # steady: 1 UNAVAILABLE in 100 (1%), under the threshold.
+                requests("steady", "OK", 99),
+                requests("steady", "UNAVAILABLE", 1),
+                # Latency. churn: 100 requests a minute, 90 of them between 0.5 s and 1 s.
+                *histogram("churn", {"0.1": 0, "0.5": 10, "1": 100, "+Inf": 100}),
+                # quiet: as slow, but 3 requests a minute (one every 20 s): no percentile to page for.
+                *histogram("quiet", {"0.1": 0, "0.5": 0, "1": 3, "+Inf": 3}),
+                # fast: 100 requests a minute, 99 under 0.1 s, 1 between 0.1 s and 0.5 s.
+                *histogram("fast", {"0.1": 99, "0.5": 100, "1": 100, "+Inf": 100}),
+            ],
+            "alert_rule_test": [
+                fired("MlmeshServingErrorRatioHigh", "8m", []),  # pending: not yet 10 minutes
+                fired("MlmeshServingErrorRatioHigh", "20m", ["churn"]),
+                fired("MlmeshServingLatencyHigh", "8m", []),
+                fired("MlmeshServingLatencyHigh", "20m", ["churn"]),
+            ],
+        },
+    ]
+    promtool_test_rules(tmp_path, tests)
 
 
 def metrics_doc_section() -> str:
