@@ -38,7 +38,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.runtime.catalog import STAGES
+from services.runtime.catalog import PIPELINE_STAGES, STAGES
 from services.runtime.probe import default_address
 from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 from tests.helpers import free_ports, run_script, start_loader_process
@@ -679,6 +679,7 @@ K8S_PROBE_TIMING = {  # probe: (periodSeconds, failureThreshold), as with the na
 }
 K8S_NAMESPACE = "mlmesh"
 FLYTE_NAMESPACE = "flytesnacks-development"  # the Flyte project namespace of docs/deploy.md's examples
+SHOP_NAMESPACE = "shop"  # an application's namespace in docs/deploy.md's serving examples
 CLIENT_POD_LABEL = {"mlmesh.io/client": "true"}
 # Where the NetworkPolicy expects Prometheus, and the labels the Prometheus Operator gives its pods.
 MONITORING_NAMESPACE = "monitoring"
@@ -688,6 +689,9 @@ PROMETHEUS_POD = {
     "prometheus": "kube-prometheus-stack-prometheus",
 }
 CLIENT_NAMESPACE_LABEL = {"mlmesh.io/clients": "true"}
+# Applications that only ask the model server (serving) for predictions, and their namespaces.
+PREDICT_POD_LABEL = {"mlmesh.io/predict": "true"}
+PREDICT_NAMESPACE_LABEL = {"mlmesh.io/predict-clients": "true"}
 
 
 def k8s_documents() -> list[dict]:
@@ -987,6 +991,7 @@ def test_k8s_network_policies_admit_only_the_stages_and_labelled_clients() -> No
     other_ns = namespace_labels("default")
     flyte_pod = {**k8s_flyte_pod_template()["template"]["metadata"]["labels"], "execution-id": "a1b2"}
     monitoring_ns = namespace_labels(MONITORING_NAMESPACE)
+    shop_ns = namespace_labels(SHOP_NAMESPACE, PREDICT_NAMESPACE_LABEL)
     for stage, labels in pods.items():
         port = DEFAULT_PORTS[stage]
         assert labels["app.kubernetes.io/part-of"] == "mlmesh" and labels["app.kubernetes.io/component"] == stage
@@ -1011,17 +1016,30 @@ def test_k8s_network_policies_admit_only_the_stages_and_labelled_clients() -> No
         ) -> bool:
             return admitted(policies, labels, to_port, namespace, ns_labels, pod_labels)
 
+        # The training stages reach each other; the model server calls none and none calls it.
         for other in STAGES:
-            assert may(K8S_NAMESPACE, mlmesh_ns, pods[other]), f"{other} -> {stage}"
-        assert may(K8S_NAMESPACE, mlmesh_ns, {**CLIENT_POD_LABEL, "app": "debug"})
+            expected = stage in PIPELINE_STAGES and other in PIPELINE_STAGES
+            assert may(K8S_NAMESPACE, mlmesh_ns, pods[other]) == expected, f"{other} -> {stage}"
+        debug_pod = {**CLIENT_POD_LABEL, "app": "debug"}
+        assert may(K8S_NAMESPACE, mlmesh_ns, debug_pod)
         assert may(FLYTE_NAMESPACE, flyte_ns, flyte_pod), "a Flyte task pod with the PodTemplate's label"
         assert not may(K8S_NAMESPACE, mlmesh_ns, {"app": "debug"}), "an unlabelled pod of the namespace"
         assert not may(K8S_NAMESPACE, mlmesh_ns, {"app.kubernetes.io/part-of": "mlmesh"}), "not a stage"
         assert not may(FLYTE_NAMESPACE, flyte_ns, {"execution-id": "a1b2"}), "an unlabelled pod of a client namespace"
         assert not may("default", other_ns, CLIENT_POD_LABEL), "a labelled pod of another namespace"
         assert not may("default", other_ns, pods["trainer"]), "a stage's labels outside the namespace"
+        # Applications (mlmesh.io/predict) reach the model server only: from this namespace, or
+        # from a namespace labelled for them; both labels must hold.
+        serves = stage not in PIPELINE_STAGES
+        app = {**PREDICT_POD_LABEL, "app": "shop"}
+        assert may(K8S_NAMESPACE, mlmesh_ns, app) == serves, f"an application of the namespace -> {stage}"
+        assert may(SHOP_NAMESPACE, shop_ns, app) == serves, f"an application of a labelled namespace -> {stage}"
+        assert not may(SHOP_NAMESPACE, shop_ns, {"app": "shop"}), "an unlabelled pod of an application namespace"
+        assert not may("default", other_ns, app), "a labelled application in an unlabelled namespace"
+        assert not may(FLYTE_NAMESPACE, flyte_ns, app), "the Flyte namespaces' label is not the applications'"
         for other_port in {50050, 8080, *DEFAULT_PORTS.values(), *DEFAULT_METRICS_PORTS.values()} - {port}:
-            assert not may(K8S_NAMESPACE, mlmesh_ns, pods["evaluator"], other_port), f"{stage}: port {other_port}"
+            assert not may(K8S_NAMESPACE, mlmesh_ns, debug_pod, other_port), f"{stage}: port {other_port}"
+            assert not may(SHOP_NAMESPACE, shop_ns, app, other_port), f"{stage}: port {other_port}"
         # The metrics port: Prometheus's pods in the monitoring namespace, and only them, only there.
         assert may(MONITORING_NAMESPACE, monitoring_ns, PROMETHEUS_POD, metrics_port)
         assert not may(MONITORING_NAMESPACE, monitoring_ns, PROMETHEUS_POD, port), "Prometheus gets no gRPC"
@@ -1032,6 +1050,46 @@ def test_k8s_network_policies_admit_only_the_stages_and_labelled_clients() -> No
             assert not may(K8S_NAMESPACE, mlmesh_ns, pods[other], metrics_port), f"{other} -> {stage} metrics"
     # Any other pod of the namespace (the data claim's filler Job, a debugging pod) admits nothing.
     assert not admitted(policies, {"app": "job"}, 80, K8S_NAMESPACE, mlmesh_ns, pods["loader"])
+
+
+def test_k8s_serving_keeps_two_replicas_through_updates_drains_and_scaling() -> None:
+    """The model server is what applications call: at least two replicas (the autoscaler's
+    minimum, since it owns the count), a rolling update that never drops one, evictions one at
+    a time, replicas spread over nodes, and a pause before SIGTERM while endpoints update."""
+    deployment = k8s_kind("Deployment")["serving"]
+    spec, pod = deployment["spec"], deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert "replicas" not in spec, "the HorizontalPodAutoscaler owns the count; `kubectl apply` would reset it"
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    (autoscaler,) = k8s_kind("HorizontalPodAutoscaler").values()
+    assert autoscaler["apiVersion"] == "autoscaling/v2" and autoscaler["metadata"]["namespace"] == K8S_NAMESPACE
+    scaling = autoscaler["spec"]
+    assert scaling["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "serving"}
+    assert 2 <= scaling["minReplicas"] < scaling["maxReplicas"]
+    (metric,) = scaling["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    assert 0 < metric["resource"]["target"]["averageUtilization"] < 100
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"]["requests"]["cpu"], "utilization is a share of the CPU request"
+    (budget,) = k8s_kind("PodDisruptionBudget").values()
+    assert budget["apiVersion"] == "policy/v1" and budget["spec"]["minAvailable"] == 1
+    assert budget["metadata"]["namespace"] == K8S_NAMESPACE
+    assert selects(budget["spec"]["selector"], labels)
+    others = [
+        d["spec"]["template"]["metadata"]["labels"] for name, d in k8s_kind("Deployment").items() if name != "serving"
+    ]
+    assert not any(selects(budget["spec"]["selector"], other) for other in others), "serving's pods only"
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and selects(spread["labelSelector"], labels)
+    # The pause, then the stage's drain, both inside the pod's grace period.
+    pause = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "/opt/venv/bin/python" and pause[1] == "-c"
+    (paused,) = re.findall(r"time\.sleep\((\d+(?:\.\d+)?)\)", pause[2])
+    own = {e["name"]: e["value"] for e in container["env"]}.get("MLMESH_GRACE_SECONDS", GRACE_SECONDS)
+    assert pod["spec"]["terminationGracePeriodSeconds"] > float(paused) + float(own) + 5
+    # Its settings are the ConfigMap's, and clients in the cluster find it at the address it lists.
+    assert k8s_config()["MLMESH_SERVING_ADDRESS"] == f"serving.mlmesh.svc.cluster.local:{DEFAULT_PORTS['serving']}"
 
 
 def only_fields(obj: dict, allowed: set[str], where: str) -> None:

@@ -217,7 +217,7 @@ RUN = [
         r"\$G ",  # G=.venv/bin/grpcurl
         r"curl -s http://127\.0\.0\.1:\d+/",
         r"(mkdir|printf|openssl|awk|chmod|chgrp|echo|jq) ",
-        r"for stage in loader preprocess features trainer evaluator; do ",
+        r"for stage in loader preprocess features trainer evaluator serving; do ",
     )
 ]
 
