@@ -644,9 +644,15 @@ def test_docs_promql_queries_parse_and_name_real_metrics(tmp_path: Path) -> None
     (tmp_path / "docs.yml").write_text(yaml.safe_dump(rules))
     result = promtool("check", "rules", str(tmp_path / "docs.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
+    from prometheus_client import CollectorRegistry
+
     from services.runtime.metrics import StageMetrics
+    from services.serving.service import ServingMetrics
 
     exported = {m.name for m in StageMetrics("loader", "1", 4).registry.collect()}
+    serving = CollectorRegistry()  # serving's own series, next to every stage's
+    ServingMetrics(serving)
+    exported |= {m.name for m in serving.collect()}
     for query in queries:
         for name in re.findall(r"\b((?:grpc_server|mlmesh)_[a-z_]+)\b", query):
             base = re.sub(r"_(total|bucket|count|sum)$", "", name)
@@ -1320,7 +1326,17 @@ def test_k8s_docs_kubectl_commands_match_the_manifests() -> None:
                     assert selects(
                         peer["namespaceSelector"], namespace_labels(FLYTE_NAMESPACE, labelled[FLYTE_NAMESPACE])
                     )
-    assert labelled == {FLYTE_NAMESPACE: CLIENT_NAMESPACE_LABEL}
+    assert labelled == {FLYTE_NAMESPACE: CLIENT_NAMESPACE_LABEL, SHOP_NAMESPACE: PREDICT_NAMESPACE_LABEL}
+    # The application namespace the docs label is one serving-ingress admits applications from.
+    serving_peers = [
+        peer for rule in k8s_kind("NetworkPolicy")["serving-ingress"]["spec"]["ingress"] for peer in rule["from"]
+    ]
+    assert any(
+        "namespaceSelector" in peer
+        and selects(peer["namespaceSelector"], namespace_labels(SHOP_NAMESPACE, labelled[SHOP_NAMESPACE]))
+        and selects(peer["podSelector"], PREDICT_POD_LABEL)
+        for peer in serving_peers
+    )
     template = k8s_flyte_pod_template()
     spec = template["template"]["spec"]
     [volume] = spec["volumes"]
@@ -1431,7 +1447,7 @@ def k8s_rollout(tmp_path_factory: pytest.TempPathFactory) -> K8sRollout:
             continue
         run_script(block, folder, env, timeout=120)
         ran.append(block)
-    assert len(ran) == 4, "the certificate, the Secrets, the Flyte namespace and mutual TLS"
+    assert len(ran) == 5, "the certificate, the Secrets, the Flyte namespace, serving's clients and mutual TLS"
     state = json.loads((folder / "cluster.json").read_text())
     return K8sRollout(folder, state["secrets"], state["made"], state["log"])
 
@@ -1706,6 +1722,64 @@ def test_k8s_mutual_tls_as_the_docs_turn_it_on(k8s_rollout: K8sRollout, tmp_path
     finally:
         pod.stop()
         loader.stop()
+
+
+SERVING_DOC_BLOCK = "kubectl -n mlmesh port-forward svc/serving 50056:50056 &"
+
+
+@pytest.mark.network  # k8s_rollout: apt-get install kubernetes-client when kubectl is missing
+def test_k8s_serving_pod_answers_an_application_token_as_the_docs_show(k8s_rollout: K8sRollout, tmp_path: Path) -> None:
+    """docs/deploy.md's "Serving models": its grpcurl lines, with the recipe's `app` token (role
+    `predict`), against serving started with its pod's settings and Secrets; that token may not
+    change what is served, and a call without a token gets nothing."""
+    folder = k8s_rollout.folder
+    # The recipe's `app` line, in the Secret the pods mount: role predict only.
+    tokens = secret_files(k8s_rollout.secrets[f"{K8S_NAMESPACE}/mlmesh-tokens"])["tokens"].decode()
+    [(roles, token)] = [tuple(line.split()[1:]) for line in tokens.splitlines() if line.startswith("app ")]
+    assert roles == "predict"
+    pod = StagePod("serving", tmp_path / "serving-pod", k8s_rollout.secrets, {})
+    try:
+        pod.wait_serving()
+        for name in K8S_PROBE_TIMING:
+            result, _ = pod.probe(name)
+            assert result.returncode == 0 and result.stdout.strip() == f"127.0.0.1:{pod.port}: SERVING", result
+        [block] = [b for b in doc_blocks("sh") if SERVING_DOC_BLOCK in b]
+        clients = [line for line in block.splitlines() if line.startswith(("G=", "APP=", "$G "))]
+        assert len(clients) == 4
+        script = "\n".join(clients).replace(".venv/bin/", f"{BIN}/").replace("localhost:50056", f"localhost:{pod.port}")
+
+        def grpcurl(*args: str, token: str | None = token) -> subprocess.CompletedProcess:
+            auth = ["-H", f"authorization: Bearer {token}"] if token else []
+            # The schema from the .proto: reflection needs a token too (MLMESH_REFLECTION=token).
+            schema = ["-import-path", str(ROOT / "proto"), "-proto", "mlmesh/serving/v2/open_inference.proto"]
+            return subprocess.run(
+                [str(BIN / "grpcurl"), "-cacert", "certs/ca.pem", *schema, *auth, *args],
+                cwd=folder,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        # Ready once serving has read the (empty) registry, right after it answers health checks.
+        deadline = time.monotonic() + 20
+        while (
+            '"ready": true' not in grpcurl(f"localhost:{pod.port}", "inference.GRPCInferenceService/ServerReady").stdout
+        ):
+            assert time.monotonic() < deadline, "serving never said it was ready"
+            time.sleep(0.2)
+        result = run_script(script, folder, {**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+        assert result.stdout.count('"ready": true') == 1, result.stdout + result.stderr
+        unload = grpcurl(
+            "-d",
+            '{"model_name": "churn"}',
+            f"localhost:{pod.port}",
+            "inference.GRPCInferenceService/RepositoryModelUnload",
+        )
+        assert unload.returncode != 0 and "Code: PermissionDenied" in unload.stderr, unload.stderr
+        anonymous = grpcurl(f"localhost:{pod.port}", "inference.GRPCInferenceService/ServerReady", token=None)
+        assert anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr, anonymous.stderr
+    finally:
+        pod.stop()
 
 
 # ---- the probe ----------------------------------------------------------------------------

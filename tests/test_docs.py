@@ -184,6 +184,15 @@ EXCLUDED = [
 DELEGATED = [
     Rule(r"\.venv/bin/python bench/bench_scale\.py --rows 20000\b", "about a minute", delegate="tests/test_bench.py"),
     Rule(
+        r'\$G -cacert certs/ca\.pem -H "\$APP" ',
+        "serving in the cluster, through `kubectl port-forward`; that test runs the block's client lines "
+        "against a serving process with the pod's settings and Secrets",
+        doc="docs/deploy.md",
+        section="Serving models",
+        delegate="tests/test_deploy_static.py",
+        evidence='"kubectl -n mlmesh port-forward svc/serving 50056:50056 &"',
+    ),
+    Rule(
         r"\.venv/bin/(pyflyte run workflow/pipeline\.py|mlmesh models)",
         "six pyflyte runs, two of them sweeps: a minute and more; that test runs the block from a folder "
         "with a data.csv and checks every result",
@@ -237,6 +246,10 @@ NEEDS_MESH = {
     ("docs/deploy.md", "On one machine"): "With `.venv/bin/mlmesh up` running in another terminal",
     ("docs/serving.md", "Calling it"): "With `.venv/bin/mlmesh up` running",
     ("docs/serving.md", "Rollout, pinning and rollback"): "the same running mesh",
+    (
+        "docs/deploy.md",
+        "The model server",
+    ): "compose's published port 50056 is serving's default port, which a local mesh serves too",
 }
 
 # Sections whose excluded `docker run` starts a trace collector (Jaeger) on 127.0.0.1:4317: an OTLP
@@ -284,6 +297,8 @@ EXPECT = [
     (r"\.venv-clients/bin/python - <<'EOF'", r"version \d+"),  # tritonclient's answer names the version
     (r"mlmesh serving status", r"READY"),
     (r"mlmesh predict ", r"predictions from \S+ v\d+ written to "),
+    # deploy.md's RepositoryIndex: serving serves the model `make run` registered
+    (r"-d '\{\}' localhost:50056 inference\.GRPCInferenceService/RepositoryIndex", r"breast_cancer"),
     (r"mlmesh lineage ", r"\S"),
     (
         r"grpcurl -plaintext localhost:50051 list|\$G -plaintext localhost:50051 list|\$G \$TLS localhost:50051 list",
@@ -600,7 +615,7 @@ def user_environment(base: Path, workdir: Path) -> dict[str, str]:
     return env
 
 
-DEFAULT_PORTS = [*range(50051, 50056), *range(9451, 9456)]
+DEFAULT_PORTS = [*range(50051, 50057), *range(9451, 9457)]
 
 
 class Network:
