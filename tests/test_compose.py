@@ -4,11 +4,13 @@ tests/docker_harness.py provides the engine (installed and started if need be), 
 image and the images built from deploy/Dockerfile; tests/test_compose_arm64.py runs the same stack
 from linux/arm64 images under emulation.
 
-Here: both image flavours, a stage serving read-only without privileges, then the stack: all five
-healthy through gRPC health, grpcurl from the host on the published ports, the pipeline service to
-success, the `observability` profile's Prometheus (Debian's package, built on the same base)
-scraping all five and counting the pipeline's calls, a hung and a stopped service reported
-unhealthy, the pipeline failing with the stage's name, `down -v`, and the TLS override.
+Here: both image flavours, a stage serving read-only without privileges, then the stack: every
+stage healthy through gRPC health, grpcurl from the host on the published ports, the pipeline
+service to success, the serving stage answering the Open Inference Protocol for the model the
+pipeline promoted (grpcurl from the host), the `observability` profile's Prometheus (Debian's
+package, built on the same base) scraping all six and counting the pipeline's calls and the
+prediction, a hung and a stopped service reported unhealthy, the pipeline failing with the
+stage's name, `down -v`, and the TLS override, where a `predict` token gets predictions only.
 
 No engine and none can be started: the tests skip with the reason, except with CI=true, where
 that is a failure. Figures (image sizes, up-to-healthy, pipeline wall time) are printed at the end.
@@ -16,9 +18,11 @@ that is a failure. Figures (image sizes, up-to-healthy, pipeline wall time) are 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.catalog import STAGES
+from services.runtime.catalog import PIPELINE_STAGES, STAGES
 from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 from tests.docker_harness import (
     BASE_IMAGE,
@@ -127,7 +131,7 @@ def stack(images: Images) -> Iterator[Stack]:
         yield stack
 
 
-def test_all_five_are_healthy_through_grpc_health(stack: Stack) -> None:
+def test_every_stage_is_healthy_through_grpc_health(stack: Stack) -> None:
     for stage in STAGES:
         state = stack.inspect(stage)
         assert state["Status"] == "running" and state["Health"]["Status"] == "healthy"
@@ -163,7 +167,7 @@ def test_grpcurl_from_the_host(stack: Stack) -> None:
         assert check.returncode == 0 and "SERVING" in check.stdout, f"{stage}: {check.stderr}"
     env = {**os.environ, **{f"MLMESH_{s.upper()}_ADDRESS": published(stack, s) for s in STAGES}}
     status = run([str(BIN / "mlmesh"), "status"], env=env, timeout=60)
-    assert status.returncode == 0 and status.stdout.count("SERVING") == 5, status.stdout
+    assert status.returncode == 0 and status.stdout.count("SERVING") == len(STAGES), status.stdout
 
 
 def test_pipeline_service_runs_to_success(stack: Stack) -> None:
@@ -192,6 +196,68 @@ def test_pipeline_service_runs_to_success(stack: Stack) -> None:
     assert again.returncode == 0, tail(again.stdout, 40) + tail(again.stderr, 40)
 
 
+# What the compose pipeline registers (its defaults: sklearn:breast_cancer, logistic regression).
+MODEL = "breast_cancer-logistic_regression"
+INFERENCE = "inference.GRPCInferenceService"
+
+
+def inference(options: list[str], address: str, method: str, body: dict) -> subprocess.CompletedProcess:
+    """grpcurl from the host: one call of the Open Inference Protocol, with `options` (TLS, token)."""
+    return run([str(GRPCURL), *options, "-d", json.dumps(body), address, f"{INFERENCE}/{method}"], timeout=60)
+
+
+def ready_models(options: list[str], address: str, within: float = 30) -> dict[str, dict]:
+    """RepositoryIndex until MODEL is READY (while serving starts, reads the registry, loads the model)."""
+    started, seen = time.monotonic(), ""
+    while time.monotonic() - started < within:
+        index = inference(options, address, "RepositoryIndex", {})
+        seen = index.stdout + index.stderr
+        if index.returncode == 0:
+            models = {m["name"]: m for m in json.loads(index.stdout).get("models", [])}
+            if models.get(MODEL, {}).get("state") == "READY":
+                return models
+        time.sleep(0.5)
+    raise AssertionError(f"{MODEL} is not READY after {within:.0f} s; RepositoryIndex said: {seen}")
+
+
+def test_serving_answers_for_the_promoted_model_from_the_host(stack: Stack) -> None:
+    """The pipeline's PROMOTE (the test above) registered version 1; serving, polling the registry
+    in the shared volume, serves it without a restart, and grpcurl on the host's published port
+    gets its metadata and a prediction over the Open Inference Protocol (KServe V2)."""
+    from sklearn.datasets import load_breast_cancer
+
+    plaintext, serving = ["-plaintext"], published(stack, "serving")
+    models = ready_models(plaintext, serving)
+    assert models[MODEL]["version"] == "1", models
+    metadata = inference(plaintext, serving, "ModelMetadata", {"name": MODEL})
+    assert metadata.returncode == 0, metadata.stderr
+    described = json.loads(metadata.stdout)
+    assert described["name"] == MODEL and described["versions"] == ["1"], described
+    inputs = described["inputs"]
+    data = load_breast_cancer()
+    assert {i["name"] for i in inputs} == set(data.feature_names) and {i["datatype"] for i in inputs} == {"FP64"}
+    # The dataset's first row, a malignant tumour, one FP64 value per input that ModelMetadata lists.
+    row = dict(zip(data.feature_names, data.data[0].tolist(), strict=True))
+    request = {
+        "model_name": MODEL,
+        "id": "compose-1",
+        "inputs": [
+            {"name": i["name"], "datatype": "FP64", "shape": [1], "contents": {"fp64_contents": [row[i["name"]]]}}
+            for i in inputs
+        ],
+    }
+    reply = inference(plaintext, serving, "ModelInfer", request)
+    assert reply.returncode == 0, reply.stderr + stack.logs()
+    response = json.loads(reply.stdout)
+    assert (response["model_name"], response["model_version"], response["id"]) == (MODEL, "1", "compose-1")
+    outputs = {output["name"]: output for output in response["outputs"]}
+    predicted = [base64.b64decode(value).decode() for value in outputs["predicted"]["contents"]["bytes_contents"]]
+    assert predicted == [str(data.target_names[data.target[0]])] == ["malignant"], outputs
+    # A request without the inputs is the caller's mistake, named.
+    empty = inference(plaintext, serving, "ModelInfer", {"model_name": MODEL})
+    assert empty.returncode != 0 and "Code: InvalidArgument" in empty.stderr, empty.stderr
+
+
 def promql(stack: Stack, query: str) -> list[dict]:
     """An instant query over Prometheus's HTTP API, from the host on the published port."""
     url = f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/query?" + urllib.parse.urlencode({"query": query})
@@ -201,13 +267,16 @@ def promql(stack: Stack, query: str) -> list[dict]:
     return answer["data"]["result"]
 
 
-def test_prometheus_scrapes_the_five_stages_and_counts_the_pipeline(stack: Stack) -> None:
-    """The observability profile: after the pipeline runs (the test above), Prometheus has every stage
-    up and the loader's Load calls with grpc_code OK, from the stages' own /metrics."""
+def test_prometheus_scrapes_every_stage_and_counts_the_pipeline_and_the_prediction(stack: Stack) -> None:
+    """The observability profile: after the pipeline runs and serving answers (the tests above),
+    Prometheus has every stage up, the loader's Load calls with grpc_code OK and serving's
+    prediction for the model's version 1, from the stages' own /metrics."""
     wanted = {
         "up": 'up{job="mlmesh"} == 1',
         "loads": 'sum(grpc_server_handled_total{job="mlmesh", stage="loader", grpc_method="Load", grpc_code="OK"})',
         "hits": 'sum by (stage) (mlmesh_cache_requests_total{job="mlmesh", result="hit"})',
+        "predictions": f'mlmesh_serving_requests_total{{job="mlmesh", model="{MODEL}", version="1", code="OK"}}',
+        "live": f'mlmesh_serving_live_version{{job="mlmesh", stage="serving", model="{MODEL}"}}',
     }
     started, seen, last_error = time.monotonic(), {}, ""
     # A scrape every 5 s (deploy/prometheus/prometheus.yml): the numbers arrive within seconds.
@@ -224,18 +293,24 @@ def test_prometheus_scrapes_the_five_stages_and_counts_the_pipeline(stack: Stack
             len(seen["up"]) == len(STAGES)
             and seen["loads"]
             and float(seen["loads"][0]["value"][1]) >= 2
-            and hit_stages == set(STAGES)
+            and hit_stages == set(PIPELINE_STAGES)
+            and seen["predictions"]
         ):
             break
         time.sleep(1)
-    FIGURES["Prometheus: all five up and the loads counted after"] = f"{time.monotonic() - started:.1f}s"
+    FIGURES["Prometheus: every stage up and the calls counted after"] = f"{time.monotonic() - started:.1f}s"
     assert {r["metric"]["stage"] for r in seen.get("up", [])} == set(STAGES), (seen, last_error, stack.logs())
     assert {r["metric"]["instance"] for r in seen["up"]} == {f"{s}:{DEFAULT_METRICS_PORTS[s]}" for s in STAGES}
     # Two pipeline runs, one Load each, and the grpcurl Loads of test_grpcurl_from_the_host.
     assert seen["loads"] and float(seen["loads"][0]["value"][1]) >= 2, seen["loads"]
-    # The warm run was served from the caches: every stage counted hits; the stages' own `stage`
-    # label is kept (honor_labels), not doubled as exported_stage.
-    assert {r["metric"]["stage"] for r in seen["hits"] if float(r["value"][1]) > 0} == set(STAGES), seen["hits"]
+    # The warm run was served from the caches: every pipeline stage counted hits; the stages' own
+    # `stage` label is kept (honor_labels), not doubled as exported_stage.
+    hit_stages = {r["metric"]["stage"] for r in seen["hits"] if float(r["value"][1]) > 0}
+    assert hit_stages == set(PIPELINE_STAGES), seen["hits"]
+    # serving counted the prediction of test_serving_answers_for_the_promoted_model_from_the_host
+    # (and not the refused one), and serves version 1.
+    assert [float(r["value"][1]) for r in seen["predictions"]] == [1.0], seen["predictions"]
+    assert [float(r["value"][1]) for r in seen["live"]] == [1.0], seen["live"]
     assert not promql(stack, '{job="mlmesh", exported_stage!=""}')
     # The alert rules are loaded, and none fires on a healthy mesh.
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/rules", timeout=10) as response:
@@ -406,6 +481,28 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
         assert anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr
         assert run([str(GRPCURL), "-plaintext", loader, "list"], timeout=60).returncode != 0
         assert run([str(GRPCURL), "-cacert", str(certs / "ca.pem"), loader, "list"], timeout=60).returncode != 0
+
+        # serving, with the application's token of docs/security.md's recipe (`app`, role `predict`): it serves
+        # the model this mesh's pipeline promoted, and that token gets predictions only.
+        serving = f"127.0.0.1:{ports['serving']}"
+        [app_token] = [
+            line.split()[2] for line in (certs / "tokens").read_text().splitlines() if line.startswith("app ")
+        ]
+        app = [*tls, "-H", f"authorization: Bearer {app_token}"]
+        models = ready_models(app, serving)
+        assert models[MODEL]["version"] == "1", models
+        ready = inference(app, serving, "ModelReady", {"name": MODEL})
+        assert ready.returncode == 0 and json.loads(ready.stdout) == {"ready": True}, ready.stderr
+        unload = inference(app, serving, "RepositoryModelUnload", {"model_name": MODEL})  # needs `register`
+        assert unload.returncode != 0 and "Code: PermissionDenied" in unload.stderr, unload.stderr
+        on_loader = run(  # needs `pipeline`
+            [str(GRPCURL), *app, "-d", '{"source": "sklearn:iris"}', loader, "mlmesh.loader.v1.LoaderService/Load"],
+            timeout=60,
+        )
+        assert on_loader.returncode != 0 and "Code: PermissionDenied" in on_loader.stderr, on_loader.stderr
+        # Without a token: refused (reflection is open here, so the call itself is what is refused).
+        anonymous = inference(tls, serving, "ModelReady", {"name": MODEL})
+        assert anonymous.returncode != 0 and "Code: Unauthenticated" in anonymous.stderr, anonymous.stderr
     finally:
         down = run([*compose, "down", "-v", "--remove-orphans"], timeout=180, env=env)
         if down.returncode != 0:

@@ -5,7 +5,7 @@ an arm64 base image with `debootstrap --arch=arm64`, then the service and pipeli
 deploy/Dockerfile, unchanged, with BuildKit and `--platform linux/arm64`. Here:
 
 - the images say arm64, and their interpreter and native extensions are AArch64 ELF files;
-- deploy/docker-compose.yml runs the five stages from them: healthy through the images' own gRPC
+- deploy/docker-compose.yml runs the six stages from them: healthy through the images' own gRPC
   healthcheck, reached from the host by grpcurl;
 - the pipeline service runs `pyflyte run` to a decision;
 - the same run on this machine's own (x86-64) images, with the same inputs and seed, is compared
@@ -58,7 +58,7 @@ pytestmark = [pytest.mark.timeout(3600), pytest.mark.docker, pytest.mark.network
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 # Under emulation a stage takes a while to import scikit-learn and start serving, and each health
 # check (a new Python process importing grpcio) takes seconds of CPU: at compose's 5 s interval the
-# five checks alone would fill two cores and time out. docs/deploy.md gives the same settings.
+# six checks alone would fill two cores and time out. docs/deploy.md gives the same settings.
 HEALTHY_WITHIN = 600
 EMULATED_HEALTHCHECKS = {
     "MLMESH_HEALTHCHECK_INTERVAL": "20s",
@@ -160,7 +160,7 @@ def test_the_images_are_arm64_through_and_through(arm64_images: Images) -> None:
 
 
 # ---- the stack ---------------------------------------------------------------------------------
-def test_five_arm64_stages_are_healthy_and_answer_grpcurl(arm64_stack: Stack) -> None:
+def test_every_arm64_stage_is_healthy_and_answers_grpcurl(arm64_stack: Stack) -> None:
     for stage in STAGES:
         state = arm64_stack.inspect(stage)
         assert state["Status"] == "running" and state["Health"]["Status"] == "healthy", (stage, state)
