@@ -61,6 +61,17 @@ from tests.helpers import free_ports, run_script
 # A Docker engine, and images built from Debian's and PyPI's packages.
 pytestmark = [pytest.mark.timeout(1800), pytest.mark.docker, pytest.mark.network]
 
+# What the compose pipeline registers (its defaults: sklearn:breast_cancer, logistic regression).
+MODEL = "breast_cancer-logistic_regression"
+INFERENCE = "inference.GRPCInferenceService"
+# Run inside the serving container: the ModelInfer requests it answered for MODEL, from its own /metrics.
+SERVED_OK = (
+    "import urllib.request; from prometheus_client.parser import text_string_to_metric_families as parse; "
+    "text = urllib.request.urlopen('http://127.0.0.1:9456/metrics', timeout=10).read().decode(); "
+    "print(sum(s.value for f in parse(text) for s in f.samples if s.name == 'mlmesh_serving_requests_total' "
+    f"and s.labels.get('model') == '{MODEL}' and s.labels.get('code') == 'OK'))"
+)
+
 
 def test_both_image_flavours(images: Images) -> None:
     docker = images.engine.docker
@@ -178,6 +189,11 @@ def test_pipeline_service_runs_to_success(stack: Stack) -> None:
     assert (
         "decision  PROMOTE" in result.stdout and "registered as breast_cancer-logistic_regression v1" in result.stdout
     )
+    # The workflow's last task had serving load the version and answer a smoke request, over the
+    # compose network at the address the pipeline service is given (serving:50056).
+    assert re.search(rf"^served +{MODEL} v1 at serving:50056 \(smoke request answered ", result.stdout, re.M), (
+        result.stdout
+    )
     FIGURES["pipeline in compose, cold (compose run --rm)"] = f"{cold:.1f}s"
 
     # Reading the report, as docs/deploy.md says: it is in the store, next to the services.
@@ -194,11 +210,6 @@ def test_pipeline_service_runs_to_success(stack: Stack) -> None:
     again = stack.compose("run", "--rm", "pipeline", timeout=900)
     FIGURES["pipeline in compose, warm (service caches)"] = f"{time.monotonic() - started:.1f}s"
     assert again.returncode == 0, tail(again.stdout, 40) + tail(again.stderr, 40)
-
-
-# What the compose pipeline registers (its defaults: sklearn:breast_cancer, logistic regression).
-MODEL = "breast_cancer-logistic_regression"
-INFERENCE = "inference.GRPCInferenceService"
 
 
 def inference(options: list[str], address: str, method: str, body: dict) -> subprocess.CompletedProcess:
@@ -270,12 +281,19 @@ def promql(stack: Stack, query: str) -> list[dict]:
 def test_prometheus_scrapes_every_stage_and_counts_the_pipeline_and_the_prediction(stack: Stack) -> None:
     """The observability profile: after the pipeline runs and serving answers (the tests above),
     Prometheus has every stage up, the loader's Load calls with grpc_code OK and serving's
-    prediction for the model's version 1, from the stages' own /metrics."""
+    predictions for the model's version 1, from the stages' own /metrics."""
+    # What serving itself counted, read from its /metrics inside its container: the workflow's smoke
+    # request after each PROMOTE, and the prediction of test_serving_answers_for_the_promoted_model_from_the_host.
+    counted = stack.compose("exec", "-T", "serving", "python", "-c", SERVED_OK, timeout=120)
+    assert counted.returncode == 0, counted.stderr
+    served_ok = float(counted.stdout)
+    assert served_ok >= 1, counted.stdout
     wanted = {
         "up": 'up{job="mlmesh"} == 1',
         "loads": 'sum(grpc_server_handled_total{job="mlmesh", stage="loader", grpc_method="Load", grpc_code="OK"})',
         "hits": 'sum by (stage) (mlmesh_cache_requests_total{job="mlmesh", result="hit"})',
         "predictions": f'mlmesh_serving_requests_total{{job="mlmesh", model="{MODEL}", version="1", code="OK"}}',
+        "refused": f'mlmesh_serving_requests_total{{job="mlmesh", model="{MODEL}", code="INVALID_ARGUMENT"}}',
         "live": f'mlmesh_serving_live_version{{job="mlmesh", stage="serving", model="{MODEL}"}}',
     }
     started, seen, last_error = time.monotonic(), {}, ""
@@ -294,7 +312,7 @@ def test_prometheus_scrapes_every_stage_and_counts_the_pipeline_and_the_predicti
             and seen["loads"]
             and float(seen["loads"][0]["value"][1]) >= 2
             and hit_stages == set(PIPELINE_STAGES)
-            and seen["predictions"]
+            and [float(r["value"][1]) for r in seen["predictions"]] == [served_ok]
         ):
             break
         time.sleep(1)
@@ -307,9 +325,10 @@ def test_prometheus_scrapes_every_stage_and_counts_the_pipeline_and_the_predicti
     # `stage` label is kept (honor_labels), not doubled as exported_stage.
     hit_stages = {r["metric"]["stage"] for r in seen["hits"] if float(r["value"][1]) > 0}
     assert hit_stages == set(PIPELINE_STAGES), seen["hits"]
-    # serving counted the prediction of test_serving_answers_for_the_promoted_model_from_the_host
-    # (and not the refused one), and serves version 1.
-    assert [float(r["value"][1]) for r in seen["predictions"]] == [1.0], seen["predictions"]
+    # Prometheus has serving's count of answered predictions, and, apart, the one refused request
+    # (test_serving_answers_for_the_promoted_model_from_the_host's, without inputs); serving serves version 1.
+    assert [float(r["value"][1]) for r in seen["predictions"]] == [served_ok], (seen["predictions"], served_ok)
+    assert [float(r["value"][1]) for r in seen["refused"]] == [1.0], seen["refused"]
     assert [float(r["value"][1]) for r in seen["live"]] == [1.0], seen["live"]
     assert not promql(stack, '{job="mlmesh", exported_stage!=""}')
     # The alert rules are loaded, and none fires on a healthy mesh.
@@ -446,6 +465,11 @@ def test_tls_override_runs_the_pipeline_over_mtls(images: Images, tmp_path: Path
         stack_logs = tail(run([*compose, "logs", "--no-color", "--tail", "20"], timeout=120, env=env).stdout, 100)
         assert result.returncode == 0, tail(result.stdout, 60) + tail(result.stderr, 60) + stack_logs
         assert "decision  PROMOTE" in result.stdout
+        # The smoke request went to serving over TLS, with the workflow's token (pipeline,register).
+        # (`up` prefixes each line with the container's name.)
+        assert re.search(rf"\bserved +{MODEL} v1 at serving:50056 \(smoke request", result.stdout), tail(
+            result.stdout, 30
+        )
         logs = run([*compose, "logs", "--no-color", "loader"], timeout=120, env=env).stdout
         assert "mTLS, bearer tokens" in logs and re.search(r"caller=token:workflow,cert:\S*pipeline-runner", logs), (
             tail(logs)
