@@ -187,6 +187,8 @@ async def start_stage(spec: StageSpec, settings: Settings, port: int | None = No
         runtime.close()
         metrics.close()
         raise OSError(f"artifact store {settings.artifact_root} is not writable: {exc}") from exc
+    for event in runtime.before_serving:
+        await event.wait()
     for service in ("", spec.service_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return RunningStage(spec, server, bound, health_servicer, runtime, metrics_port)

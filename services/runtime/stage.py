@@ -212,6 +212,9 @@ class StageRuntime:
         self.stopping = threading.Event()
         # Loops a stage runs beside its RPCs (serving's registry poll), cancelled when it stops.
         self.background: list[asyncio.Task[None]] = []
+        # What must have happened before health says SERVING (serving's first look at the registry,
+        # so that an orchestrator routes no request to a replica still loading its models).
+        self.before_serving: list[asyncio.Event] = []
         self.operations = OperationRegistry(settings.operation_idle_seconds)
         # Unary calls a caller is following (ProgressService.WatchCall).
         self.watch = CallWatch()

@@ -173,6 +173,8 @@ class Repository:
         epoch = self._policy_epoch
         documents, policy = await self.runtime.to_thread(self._read)
         self.documents = documents
+        for name in documents:  # each model's failure count exists from 0, so increase() sees its first failure
+            self.metrics.load_failures.labels(name)
         if epoch == self._policy_epoch:
             self.policy = policy
         for name in sorted(set(self.current) | set(self.documents)):

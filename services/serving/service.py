@@ -93,6 +93,9 @@ class ServingServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = ServingMetrics(runtime.metrics.registry)
         self.repository = Repository(runtime, self.metrics)
         runtime.background.append(asyncio.get_running_loop().create_task(self.repository.poll()))
+        # Health says SERVING once every registered model has had its first load (or its failure):
+        # a new replica in a rolling update gets no request it would answer UNAVAILABLE.
+        runtime.before_serving.append(self.repository.first_pass)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
