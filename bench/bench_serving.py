@@ -327,16 +327,16 @@ def profile_bucket(frames: list[str]) -> str:
     names = [frame.split(" (")[0] for frame in frames[1:] if thread] or [f.split(" (")[0] for f in frames]
     has = set(names).__contains__
     if has("ServedVersion.predict"):
-        if has("Pipeline.transform") or has("ColumnTransformer.transform"):
-            return "predict: the transformer (ColumnTransformer: impute, scale)"
+        if has("Pipeline.transform") or has("ColumnTransformer.transform") or has("ArrayTransformer.transform"):
+            return "predict: the transformer (impute, scale)"
         if any(name.endswith("predict_proba") for name in names):
             return "predict: model.predict_proba"
         if any(name.endswith(".predict") and name != "ServedVersion.predict" for name in names):
             return "predict: model.predict"
         return "predict: the rest (array to DataFrame, warnings, class names)"
     if has("Batcher._run") and any("concat" in name for name in names):
-        return "batching: pd.concat of the requests' frames"
-    if has("rows_frame"):
+        return "batching: concatenating the requests' rows"
+    if has("rows_frame") or has("rows_columns"):
         if has("DataFrame.__init__"):
             return "parsing: one DataFrame per request (columns.py rows_frame)"
         return "parsing: the values (columns.py)"
