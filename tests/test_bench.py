@@ -131,6 +131,7 @@ def test_the_serving_benchmark_compares_mlmesh_with_mlserver_on_the_same_predict
     results = json.loads(report.read_text())
     # The three servers answered every request, with the same class for every row.
     assert results["predictions_agree"], (results["reference_disagreements"], results["wrong_answers"])
+    assert not any(results["failed_requests"].values()), results["failed_requests"]
     servers = {"mlmesh", "MLServer (defaults)", "MLServer (adaptive batching)"}
     assert set(results["summary"]) == servers
     cases = [case["name"] for case in results["cases"]]
