@@ -496,8 +496,7 @@ def main() -> int:
             f"load average before: {os.getloadavg()[0]:.2f}"
         )
         client = [str(CLIENTS / "bin" / "python"), str(ROOT / "bench" / "serving_client.py")]
-        subprocess.run([*client, str(work / "spec.json"), str(work / "measured.json")], check=True)
-        measured = json.loads((work / "measured.json").read_text())
+        measuring = subprocess.run([*client, str(work / "spec.json"), str(work / "measured.json")])
         mesh_died = up.process.poll()
         if mesh_died is not None:
             # Not ours to hide: something stopped `mlmesh up` (a signal from outside) during the runs.
@@ -506,6 +505,9 @@ def main() -> int:
                 f"mlmesh up exited ({mesh_died}) during the runs, so its figures are void; its output:\n"
                 + "".join(up.output)[-2000:]
             )
+        if measuring.returncode != 0:
+            raise SystemExit(f"the client failed (exit {measuring.returncode}); see its output above")
+        measured = json.loads((work / "measured.json").read_text())
 
         profile: list[tuple[str, float]] = []
         profile_error = ""

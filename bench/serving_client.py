@@ -228,6 +228,9 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
             for target in order:
                 await measure(target, requests, expected, case["concurrency"], spec["warmup_seconds"], parameters)
                 figures = await measure(target, requests, expected, case["concurrency"], spec["seconds"], parameters)
+                if figures["requests"] == 0:
+                    # A server that answers nothing has stopped: the rest of the runs would measure nothing.
+                    raise SystemExit(f"{target.label} answered no request: {figures['first_error']}")
                 runs[target.label][case["name"]].append(figures)
                 print(
                     f"run {number + 1}/{spec['runs']} {case['name']:<26} {target.label:<22} "
