@@ -324,39 +324,37 @@ def profile_bucket(frames: list[str]) -> str:
     """What one py-spy sample of mlmesh's serving process was doing. py-spy sees Python frames only:
     time in C under a frame (numpy, pandas' internals, gRPC's Cython and C core, uvloop) counts for it."""
     thread = frames[0] if frames and frames[0].startswith("thread (") else ""
-    names = [frame.split(" (")[0] for frame in frames[1:] if thread] or [f.split(" (")[0] for f in frames]
+    names = [frame.split(" (")[0] for frame in (frames[1:] if thread else frames)]
     has = set(names).__contains__
-    if has("ServedVersion.predict"):
-        if has("Pipeline.transform") or has("ColumnTransformer.transform") or has("ArrayTransformer.transform"):
+    if any(has(f"ServedVersion.{method}") for method in ("predict", "predict_rows", "predict_matrix")):
+        if any(name.endswith(".transform") and not name.startswith("ServedVersion") for name in names):
             return "predict: the transformer (impute, scale)"
         if any(name.endswith("predict_proba") for name in names):
             return "predict: model.predict_proba"
-        if any(name.endswith(".predict") and name != "ServedVersion.predict" for name in names):
+        if any(name.endswith(".predict") and not name.startswith("ServedVersion") for name in names):
             return "predict: model.predict"
-        return "predict: the rest (array to DataFrame, warnings, class names)"
-    if has("Batcher._run") and any("concat" in name for name in names):
-        return "batching: concatenating the requests' rows"
-    if has("rows_frame") or has("rows_columns"):
+        return "predict: the rest (joining the requests' rows, class names)"
+    if any(has(name) for name in ("rows_frame", "rows_columns", "read_rows", "check_magnitudes")):
         if has("DataFrame.__init__"):
-            return "parsing: one DataFrame per request (columns.py rows_frame)"
+            return "parsing: one DataFrame per request (columns.py)"
         return "parsing: the values (columns.py)"
     if has("decode_inputs"):
         return "decoding tensors (tensors.py decode_inputs)"
-    if has("encode_output"):
-        return "encoding outputs (tensors.py encode_output)"
+    if has("encode_output") or has("_respond"):
+        return "encoding the response (service.py _respond, tensors.py encode_output)"
     if any(name.startswith(("Batcher.", "Repository.")) for name in names):
         return "batching and the executor hand-off (batching.py, to_thread)"
     if any(name.startswith("Logger.") for name in names):
         return "the per-call log line (interceptor.py _log)"
     if has("ServingServicer.ModelInfer"):
-        return "ModelInfer itself (checks, response, prometheus counters)"
+        return "ModelInfer itself (checks, prometheus counters)"
     if any(
         name.startswith(("_rpc_scope", "AdmissionInterceptor", "StageInterceptor", "_wrap_unary")) for name in names
     ):
         return "interceptors (admission, rpc scope: metrics, tracing hook)"
     if "_poll_wrapper" in thread:
         return "gRPC's poller thread (C core)"
-    if "serving-work" in thread:
+    if "work" in thread:
         return "executor threads outside predict (queue, GIL hand-off)"
     if "MainThread" in thread:
         return "event loop: uvloop and gRPC's Cython/C core under it"
