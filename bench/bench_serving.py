@@ -1,8 +1,7 @@
 """mlmesh's serving stage against MLServer (mlserver-sklearn), side by side on this machine, one fitted pipeline.
 
-    .venv/bin/python bench/bench_serving.py                          # docs/performance.md's table: 3 runs of 10 s per case
-    .venv/bin/python bench/bench_serving.py --runs 1 --seconds 1 --warmup 0.5   # a quick look, about a minute
-    .venv/bin/python bench/bench_serving.py --profile 20             # and where mlmesh's serving CPU goes (py-spy)
+    .venv/bin/python bench/bench_serving.py --runs 1 --seconds 1 --warmup 0.5 --profile 3   # a quick look, about a minute
+    .venv/bin/python bench/bench_serving.py --profile 20   # docs/performance.md's table (3 runs of 10 s per case) and profile
 
 What it does, in order:
   1. MLServer and mlserver-sklearn 1.7.1 from PyPI in a venv of their own, kept in a cache folder
@@ -20,8 +19,8 @@ What it does, in order:
      pickle loadable and quiet outside mlmesh, neither changes a number: the imputer's strategy
      median_or_zero (an mlmesh function, which MLServer's venv cannot import) becomes "median",
      which transform never reads (it fills from the fitted statistics_); and the model's copy
-     forgets feature_names_in_, since a Pipeline hands it a bare array (mlmesh wraps the array in
-     a DataFrame with those names; without this, scikit-learn warns on every MLServer call).
+     forgets feature_names_in_, since a Pipeline hands it a bare array (without this, scikit-learn
+     warns on every MLServer call).
   4. bench/serving_client.py, in .venv-clients, drives the three servers with tritonclient's asyncio
      gRPC client and identical requests: one FP64 tensor of shape [rows] per column, as
      raw_input_contents, with the request parameter content_type "pd" (MLServer's pandas codec
