@@ -108,3 +108,50 @@ def test_the_observability_benchmark_compares_metrics_and_tracing_against_neithe
     sampled = summary["metrics+tracing@10%"]["spans"]
     assert 0 < sum(sampled.values()) < sum(spans.values()), (sampled, spans)
     assert "MET" in done.stdout or "MISSED" in done.stdout
+
+
+@pytest.mark.network  # MLServer's venv comes from PyPI the first time (then it stays in ~/.cache/mlmesh)
+def test_the_serving_benchmark_compares_mlmesh_with_mlserver_on_the_same_predictions(tmp_path: Path) -> None:
+    report = tmp_path / "serving.json"
+    # docs/performance.md's quick command, plus --json to read the numbers back.
+    done = run_bench(
+        "bench/bench_serving.py",
+        "--runs",
+        "1",
+        "--seconds",
+        "1",
+        "--warmup",
+        "0.5",
+        "--profile",
+        "3",
+        "--json",
+        str(report),
+        timeout=900,
+    )
+    results = json.loads(report.read_text())
+    # The three servers answered every request, with the same class for every row.
+    assert results["predictions_agree"], (results["reference_disagreements"], results["wrong_answers"])
+    assert not any(results["failed_requests"].values()), results["failed_requests"]
+    servers = {"mlmesh", "MLServer (defaults)", "MLServer (adaptive batching)"}
+    assert set(results["summary"]) == servers
+    cases = [case["name"] for case in results["cases"]]
+    assert cases == [
+        "batch 1, concurrency 1",
+        "batch 1, concurrency 16",
+        "batch 1, concurrency 64",
+        "batch 1,024, concurrency 1",
+    ]
+    for server in servers:
+        for case in cases:
+            figures = results["summary"][server][case]
+            assert figures["requests"] > 0 and figures["errors"] == 0, (server, case, figures)
+            assert 0 < figures["p50_ms"] <= figures["p99_ms"], (server, case, figures)
+            assert figures["server_cores"] > 0, (server, case, figures)
+            assert f"| {case} | {server} |" in done.stdout
+    assert results["summary"]["mlmesh"]["batch 1,024, concurrency 1"]["rows_per_second"] > 0
+    assert results["goal"]["ratio"] > 0 and ("MET" in done.stdout or "MISSED" in done.stdout)
+    # Where the serving stage's CPU went, by py-spy (unless the machine forbids ptrace, which it says).
+    assert results["profile"] or "py-spy failed" in done.stdout, done.stdout[-2000:]
+    if results["profile"]:
+        assert math.isclose(sum(results["profile"].values()), 1.0, rel_tol=1e-6)
+        assert any(label.startswith("predict: the transformer") for label in results["profile"])

@@ -167,6 +167,11 @@ EXCLUDED = [
         "docs/performance.md's figures at 1M and 10M rows, repeated: tens of minutes on 2 cores",
     ),
     Rule(
+        r"\.venv/bin/python bench/bench_serving\.py --profile 20\b",
+        "docs/performance.md's serving table: three servers, four cases, 3 runs of 10 s each and a profile, "
+        "about 10 minutes on 2 cores; tests/test_bench.py runs the same benchmark with the quick options",
+    ),
+    Rule(
         r"(\.venv/bin/python -m services\.runtime\.probe|\$G -cacert certs/ca\.pem -H \"\$AUTH\") "
         r"(--address )?(127\.0\.0\.1|localhost):50051\b",
         "a stage in the cluster, through `kubectl port-forward`",
@@ -191,6 +196,11 @@ DELEGATED = [
         section="Serving models",
         delegate="tests/test_deploy_static.py",
         evidence='"kubectl -n mlmesh port-forward svc/serving 50056:50056 &"',
+    ),
+    Rule(
+        r"\.venv/bin/python bench/bench_serving\.py --runs 1\b",
+        "about a minute, and a minute more the first time for MLServer's venv (from PyPI): a slow and network test",
+        delegate="tests/test_bench.py",
     ),
     Rule(
         r"\.venv/bin/(pyflyte run workflow/pipeline\.py|mlmesh models)",
