@@ -461,7 +461,7 @@ def test_docs_mlmesh_commands_run_as_written(running_mesh: UpProcess, mesh_env: 
         assert result.returncode == 0, line + "\n" + result.stdout[-2000:] + result.stderr[-2000:]
         assert result.stdout.strip() or command == "with-mesh", line
         ran.add(command)
-    assert ran == {"status", "run", "runs", "lineage", "models", "with-mesh"}
+    assert ran == {"status", "run", "runs", "lineage", "models", "serving", "with-mesh"}
 
 
 def test_output_cut_short_by_a_pipe_is_no_error(running_mesh: UpProcess, mesh_env: dict[str, str]) -> None:

@@ -26,7 +26,7 @@ import pytest_asyncio
 
 from mlmesh.evaluator.v1 import evaluator_pb2
 from services.client.mesh import MeshClient, PipelineConfig, StageCallError, check_health, load_request
-from services.runtime.catalog import STAGES
+from services.runtime.catalog import PIPELINE_STAGES, STAGES
 from services.runtime.security import AuthInterceptor, load_tokens, open_channel
 from services.runtime.server import RunningStage, stage_spec, start_stage
 from services.runtime.settings import Settings, SettingsError
@@ -423,7 +423,7 @@ def test_the_cli_and_probe_work_over_mtls_with_a_token(
     assert summary["metrics"]["accuracy"] >= 0.9
     # The run's lineage records who made each call.
     records = sorted((Path(env["MLMESH_ARTIFACT_ROOT"]) / "runs" / summary["run_id"]).glob("*.json"))
-    assert len(records) == 5
+    assert len(records) == len(PIPELINE_STAGES)
     assert all(json.loads(r.read_text())["caller"].startswith("token:runner,cert:") for r in records)
     probe = [sys.executable, "-m", "services.runtime.probe", "--stage", "trainer"]
     ok = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30)
@@ -436,7 +436,7 @@ def test_the_cli_and_probe_work_over_mtls_with_a_token(
     assert bad.returncode == 1 and "SERVING" not in bad.stdout.replace("NOT_SERVING", ""), bad.stdout
     # `mlmesh status` without the CA says what to set rather than only "unreachable".
     status = subprocess.run([str(BIN / "mlmesh"), "status"], env=untrusting, capture_output=True, text=True, timeout=60)
-    assert status.returncode == 1 and status.stdout.count("set MLMESH_TLS_CA") == 5, status.stdout
+    assert status.returncode == 1 and status.stdout.count("set MLMESH_TLS_CA") == len(STAGES), status.stdout
     anonymous = {k: v for k, v in env.items() if k != "MLMESH_AUTH_TOKEN"}
     refused = subprocess.run(
         [str(BIN / "mlmesh"), "run", "--source", "sklearn:iris"],

@@ -355,21 +355,22 @@ def promote(
         deck=_local_deck(),
         seconds=(datetime.now(UTC) - run_started()).total_seconds(),
     )
-    close_run_trace(decision=evaluation.decision)
     return result
 
 
 @task(**_TASK_DEFAULTS)
 def serve(result: PipelineResult) -> PipelineResult:
-    """After a PROMOTE: serving loads the registered version now and answers one smoke request."""
-    if not result.registered_as:
-        return result
-    name = result.registered_as.rsplit(" v", 1)[0]
+    """After a PROMOTE: serving loads the registered version now and answers one smoke request.
+    The run's last task: it closes the run's trace, and its time counts in the run's."""
+    if result.registered_as:
+        name = result.registered_as.rsplit(" v", 1)[0]
 
-    async def roll_out(client: MeshClient, progress: PipelineProgress) -> str:
-        return await client.serve_promoted(name, progress)
+        async def roll_out(client: MeshClient, progress: PipelineProgress) -> str:
+            return await client.serve_promoted(name, progress)
 
-    result.served = call(roll_out, "serve")
+        result.served = call(roll_out, "serve")
+    result.seconds = (datetime.now(UTC) - run_started()).total_seconds()
+    close_run_trace(decision=result.decision)
     return result
 
 
