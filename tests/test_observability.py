@@ -510,9 +510,12 @@ def test_status_shows_uptime_work_in_flight_and_cache_hits(mesh_up: Mesh) -> Non
         line = next(line for line in result.stdout.splitlines() if line.startswith(stage))
         assert "SERVING" in line and "restarts 0" in line and "calls in flight" in line, line
         assert re.search(r"up \d+m\d\ds", line), line
-        # The pipeline's stages answered the run from their memos; serving has no memo.
+        # The pipeline's stages answered the run from their memos; serving has none, and says
+        # how many models it serves (the run registered wine's, so at least that one).
         if stage in PIPELINE_STAGES:
             assert re.search(r"cache \d+/\d+ hits \(\d+%\)", line), line
+        else:
+            assert re.search(r"[1-9]\d* models? served \(mlmesh serving status\)", line), line
     trainer = next(line for line in result.stdout.splitlines() if line.startswith("trainer"))
     assert "0 operations" in trainer
 

@@ -149,6 +149,9 @@ async def _vitals(settings: Settings, stage: str, timeout: float) -> str:
         if looked_up
         else "cache unused"
     )
+    if stage == "serving":  # it has no memo: what it serves says more
+        served = int(vitals.get("models_served", 0))
+        cache = f"{served} model{'' if served == 1 else 's'} served (mlmesh serving status)"
     parts = [
         f"up {_duration(vitals['uptime_seconds'])}" if "uptime_seconds" in vitals else "",
         f"{vitals.get('rpcs_in_flight', 0):.0f} calls in flight",

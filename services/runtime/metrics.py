@@ -337,7 +337,8 @@ def metrics_url(host: str, port: int) -> str:
 
 def read_vitals(url: str, timeout: float) -> dict[str, float]:
     """The few numbers `mlmesh status` shows, from a stage's /metrics:
-    uptime_seconds, rpcs_in_flight, operations_active, cache_hits, cache_misses."""
+    uptime_seconds, rpcs_in_flight, operations_active, cache_hits, cache_misses, and for the
+    serving stage models_served (the models with a live version)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -355,4 +356,6 @@ def read_vitals(url: str, timeout: float) -> dict[str, float]:
                 vitals["operations_active"] = sample.value
             elif sample.name == "mlmesh_cache_requests_total":
                 vitals["cache_hits" if sample.labels.get("result") == "hit" else "cache_misses"] += sample.value
+            elif sample.name == "mlmesh_serving_live_version":
+                vitals["models_served"] = vitals.get("models_served", 0.0) + (sample.value > 0)
     return vitals
