@@ -5,7 +5,7 @@ little-endian bytes in `raw_input_contents` (tritonclient's way), never both.
 Every input here is one column: shape [n] or [n, 1], the same n for all. A
 BYTES element in raw form is its length as 4 little-endian bytes, then the bytes.
 
-Nothing a caller sent is echoed unbounded: names are cut to MAX_SHOWN_NAME.
+Nothing a caller sent is echoed unbounded: names are cut (errors.shown_name).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from mlmesh.serving.v2 import open_inference_pb2 as pb
-from services.runtime.errors import InvalidArgument, ResourceExhausted
+from services.runtime.errors import InvalidArgument, ResourceExhausted, shown_name
 
-MAX_SHOWN_NAME = 60
 # The numeric datatypes of the protocol, as numpy little-endian dtypes.
 NUMERIC_DTYPES: dict[str, str] = {
     "BOOL": "?",
@@ -54,8 +53,7 @@ CONTENTS_FIELD: dict[str, str] = {
 _LENGTH = struct.Struct("<I")
 
 
-def shown(name: str) -> str:
-    return repr(name if len(name) <= MAX_SHOWN_NAME else name[:MAX_SHOWN_NAME] + "...")
+shown = shown_name
 
 
 @dataclass
