@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument, shown_name
+from services.runtime.errors import FailedPrecondition, InvalidArgument
 from services.runtime.roles import FALSE_SPELLINGS, FEATURE_ROLES, ISO_DATE, TRUE_SPELLINGS
 from services.runtime.vocabulary import TaskKind
 
@@ -53,8 +53,12 @@ _TRUE = set(TRUE_SPELLINGS)
 _FALSE = set(FALSE_SPELLINGS)
 # Text read as boolean without being asked: only the unambiguous spellings.
 _INFERRED_BOOLEAN = {"true", "false"}
-# A column name as it appears in messages: quoted and bounded.
-shown = shown_name
+MAX_REASON_NAME = 60
+
+
+def shown(name: str) -> str:
+    """A column name as it appears in messages: quoted and bounded."""
+    return repr(name if len(name) <= MAX_REASON_NAME else name[:MAX_REASON_NAME] + "...")
 
 
 @dataclass

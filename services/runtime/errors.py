@@ -19,15 +19,6 @@ def bounded(detail: object, limit: int = MAX_DETAIL) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-# Names a caller chose (columns, inputs) are quoted in messages up to this many characters.
-MAX_SHOWN_NAME = 60
-
-
-def shown_name(name: str) -> str:
-    """A name as it appears in a status message: quoted, and cut to MAX_SHOWN_NAME characters."""
-    return repr(name if len(name) <= MAX_SHOWN_NAME else name[:MAX_SHOWN_NAME] + "...")
-
-
 # A status message travels in an HTTP/2 trailer and ends up in logs and terminals: at most 1 KiB.
 MAX_STATUS_BYTES = 1024
 

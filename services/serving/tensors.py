@@ -5,7 +5,7 @@ little-endian bytes in `raw_input_contents` (tritonclient's way), never both.
 Every input here is one column: shape [n] or [n, 1], the same n for all. A
 BYTES element in raw form is its length as 4 little-endian bytes, then the bytes.
 
-Nothing a caller sent is echoed unbounded: names are cut (errors.shown_name).
+Nothing a caller sent is echoed unbounded: names are cut to MAX_SHOWN_NAME.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from mlmesh.serving.v2 import open_inference_pb2 as pb
-from services.runtime.errors import InvalidArgument, ResourceExhausted, shown_name
+from services.runtime.errors import InvalidArgument, ResourceExhausted
 
+MAX_SHOWN_NAME = 60
 # The numeric datatypes of the protocol, as numpy little-endian dtypes.
 NUMERIC_DTYPES: dict[str, str] = {
     "BOOL": "?",
@@ -53,7 +54,8 @@ CONTENTS_FIELD: dict[str, str] = {
 _LENGTH = struct.Struct("<I")
 
 
-shown = shown_name
+def shown(name: str) -> str:
+    return repr(name if len(name) <= MAX_SHOWN_NAME else name[:MAX_SHOWN_NAME] + "...")
 
 
 @dataclass
